@@ -1,0 +1,53 @@
+"""DoRA (weight-decomposed low-rank adaptation) for SDXL in diffusers.
+
+``import dora_diffusion`` adds ``load_dora_weights``, ``set_dora_adapters``, ``fuse_dora`` and the rest of
+``dora_diffusion.pipeline`` as methods of every diffusers pipeline.
+"""
+
+__version__ = "0.1.0"
+
+from .config import AdapterConfig  # noqa: E402
+from .formats import AdapterFileError  # noqa: E402
+from .inject import add_adapter, find_targets, remove_adapter, trainable_parameters  # noqa: E402
+from .layers import AdaptedLayer, DoRAConv2d, DoRALinear  # noqa: E402
+from .pipeline import (  # noqa: E402
+    delete_dora_adapters,
+    disable_dora,
+    enable_dora,
+    fuse_dora,
+    get_active_dora_adapters,
+    get_dora_adapters,
+    install_pipeline_methods,
+    load_dora_weights,
+    save_adapter,
+    save_dora_weights,
+    set_dora_adapters,
+    unfuse_dora,
+    unload_dora_weights,
+)
+
+install_pipeline_methods()
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterFileError",
+    "AdaptedLayer",
+    "DoRAConv2d",
+    "DoRALinear",
+    "add_adapter",
+    "delete_dora_adapters",
+    "disable_dora",
+    "enable_dora",
+    "find_targets",
+    "fuse_dora",
+    "get_active_dora_adapters",
+    "get_dora_adapters",
+    "load_dora_weights",
+    "remove_adapter",
+    "save_adapter",
+    "save_dora_weights",
+    "set_dora_adapters",
+    "trainable_parameters",
+    "unfuse_dora",
+    "unload_dora_weights",
+]

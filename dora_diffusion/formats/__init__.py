@@ -1,0 +1,81 @@
+"""File dialects: detection from keys and shapes (never from the file name), parsing, name resolution."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .base import COMPONENTS, ModuleAdapter, ParsedAdapter, build_module
+from .diffusers import is_diffusers_key, parse_diffusers, to_diffusers
+from .safefile import (
+    DEFAULT_WEIGHT_NAME,
+    AdapterFileError,
+    check_tensors,
+    read_safetensors,
+    resolve_file,
+    write_safetensors,
+)
+
+__all__ = [
+    "COMPONENTS",
+    "DEFAULT_WEIGHT_NAME",
+    "AdapterFileError",
+    "ModuleAdapter",
+    "ParsedAdapter",
+    "build_module",
+    "check_tensors",
+    "detect_dialect",
+    "parse_state_dict",
+    "read_safetensors",
+    "resolve_file",
+    "resolver_for",
+    "to_diffusers",
+    "write_safetensors",
+]
+
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lycoris_")
+
+
+def detect_dialect(state_dict: dict[str, torch.Tensor]) -> str:
+    """``"diffusers"`` or ``"kohya"``, from the keys; raises if they fit neither."""
+    keys = list(state_dict)
+    if keys and all(k.startswith(_KOHYA_PREFIXES) for k in keys):
+        return "kohya"
+    if any(is_diffusers_key(k) for k in keys):
+        return "diffusers"
+    raise AdapterFileError(
+        f"unrecognised adapter keys, e.g. {keys[:3]}: neither diffusers/PEFT ('unet.….lora_A.weight') nor "
+        "kohya/LyCORIS ('lora_unet_….lora_down.weight')"
+    )
+
+
+def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> ParsedAdapter:
+    """Validate the tensors and read them in whichever dialect they are written."""
+    check_tensors(state_dict)
+    dialect = detect_dialect(state_dict)
+    if dialect == "kohya":
+        from .kohya import parse_kohya
+
+        return parse_kohya(state_dict, metadata or {})
+    return parse_diffusers(state_dict, metadata or {})
+
+
+def _resolve_diffusers(component: str, file_names: list[str], model_names: set[str]) -> dict[str, str]:
+    """Exact names, tolerating the ``text_model.`` wrapper that transformers 5 removed from CLIPTextModel."""
+    out = {}
+    for name in file_names:
+        for candidate in (name, name.removeprefix("text_model."), "text_model." + name):
+            if candidate in model_names:
+                out[name] = candidate
+                break
+    return out
+
+
+def resolver_for(dialect: str) -> Callable[[str, list[str], set[str]], dict[str, str]]:
+    """``resolve(component, file module names, model module names) -> {file name: model name}``."""
+    if dialect == "kohya":
+        from .kohya import resolve_kohya
+
+        return resolve_kohya
+    return _resolve_diffusers

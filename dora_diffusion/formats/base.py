@@ -1,0 +1,95 @@
+"""The in-memory form every file dialect is read into and written from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import NormAxis
+from ..layers import AdapterSpec
+from .safefile import AdapterFileError
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+@dataclass
+class ModuleAdapter:
+    """One module's adapter tensors, in file shapes: A (r, in[, kh, kw]), B (out, r[, 1, 1]), m 1-D."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    magnitude: torch.Tensor | None
+    alpha: float
+    norm_axis: NormAxis = "out"
+    use_rslora: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    @property
+    def use_dora(self) -> bool:
+        return self.magnitude is not None
+
+    @property
+    def is_conv(self) -> bool:
+        return self.a.dim() == 4
+
+    def spec(self) -> AdapterSpec:
+        return AdapterSpec(self.rank, self.alpha, self.use_dora, self.norm_axis, self.use_rslora)
+
+
+@dataclass
+class ParsedAdapter:
+    """An adapter file read into ``modules[component][file module name]``, with the keys it came from."""
+
+    dialect: str
+    modules: dict[str, dict[str, ModuleAdapter]] = field(default_factory=dict)
+    source_keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def num_modules(self) -> int:
+        return sum(len(v) for v in self.modules.values())
+
+
+def build_module(
+    where: str,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    magnitude: torch.Tensor | None,
+    alpha: float | None,
+    norm_axis: NormAxis = "out",
+    use_rslora: bool = False,
+) -> ModuleAdapter:
+    """Check one module's tensors for consistency and return them as a ``ModuleAdapter``.
+
+    ``where`` names the module in error messages (a key prefix of the file).
+    """
+    if a is None or b is None:
+        missing = "down/A" if a is None else "up/B"
+        raise AdapterFileError(f"adapter module {where!r} has no {missing} weight")
+    if a.dim() not in (2, 4) or b.dim() != a.dim():
+        raise AdapterFileError(
+            f"adapter module {where!r}: down/A {tuple(a.shape)} and up/B {tuple(b.shape)} are not a Linear (2-D) "
+            "or Conv2d (4-D) pair"
+        )
+    if b.shape[1] != a.shape[0] or (b.dim() == 4 and tuple(b.shape[2:]) != (1, 1)):
+        raise AdapterFileError(
+            f"adapter module {where!r}: ranks do not match, down/A has shape {tuple(a.shape)} and up/B "
+            f"{tuple(b.shape)}"
+        )
+    if a.shape[0] == 0:
+        raise AdapterFileError(f"adapter module {where!r} has rank 0")
+    rank = int(a.shape[0])
+    if alpha is None:
+        alpha = float(rank)
+    if magnitude is not None:
+        want = b.shape[0] if norm_axis == "out" else a.shape[1]
+        if magnitude.numel() != want:
+            raise AdapterFileError(
+                f"adapter module {where!r}: magnitude has shape {tuple(magnitude.shape)}, expected {want} values "
+                f"(one per {'output' if norm_axis == 'out' else 'input'} channel)"
+            )
+        magnitude = magnitude.reshape(want)
+    return ModuleAdapter(a, b, magnitude, float(alpha), norm_axis, use_rslora)

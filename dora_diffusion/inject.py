@@ -1,0 +1,184 @@
+"""Put adapter layers into a UNet or CLIP text encoder, and take them out again.
+
+Targets are a preset name, a list of module names (a name matches a module whose full name equals it
+or ends with ``"." + name``), or a regular expression that must match a full module name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .layers import AdaptedLayer, AdapterSpec, wrap
+
+UNET_PRESETS: dict[str, list[str]] = {
+    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
+}
+UNET_PRESETS["attn_ff"] = UNET_PRESETS["attn"] + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+UNET_PRESETS["all"] = UNET_PRESETS["attn_ff"] + [
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+]
+TEXT_ENCODER_PRESETS: dict[str, list[str]] = {
+    "attn": ["q_proj", "k_proj", "v_proj", "out_proj"],
+}
+TEXT_ENCODER_PRESETS["all"] = TEXT_ENCODER_PRESETS["attn"] + ["fc1", "fc2"]
+
+
+def is_text_encoder(model: nn.Module) -> bool:
+    """True for the CLIP text encoders (presets use their module names)."""
+    return type(model).__name__.startswith("CLIPText")
+
+
+def presets_for(model: nn.Module) -> dict[str, list[str]]:
+    """The preset table that applies to ``model``."""
+    return TEXT_ENCODER_PRESETS if is_text_encoder(model) else UNET_PRESETS
+
+
+def base_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module of ``model`` by full name, seen through adapter wrappers (a wrapper stands for its base)."""
+    out: dict[str, nn.Module] = {}
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in skip):
+            continue
+        if isinstance(module, AdaptedLayer):
+            out[name] = module.base_layer
+            skip.append(name + ".")
+        else:
+            out[name] = module
+    return out
+
+
+def find_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
+    """Full names of the Linear/Conv2d modules of ``model`` selected by ``targets``.
+
+    Raises ``ValueError`` if nothing matches, or if an explicit name matches a module that is neither
+    ``nn.Linear`` nor ``nn.Conv2d``.
+    """
+    presets = presets_for(model)
+    modules = base_modules(model)
+    if isinstance(targets, str) and targets in presets:
+        suffixes, explicit = presets[targets], False
+    elif isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as err:
+            raise ValueError(f"targets {targets!r} is neither a preset {sorted(presets)} nor a valid regex: {err}")
+        names = [n for n, m in modules.items() if n and pattern.fullmatch(n) and isinstance(m, (nn.Linear, nn.Conv2d))]
+        if not names:
+            raise ValueError(
+                f"regex {targets!r} matches no nn.Linear/nn.Conv2d module of {type(model).__name__}; "
+                f"presets are {sorted(presets)}"
+            )
+        return names
+    else:
+        suffixes, explicit = list(targets), True
+    names = []
+    for name, module in modules.items():
+        if not any(name == s or name.endswith("." + s) for s in suffixes):
+            continue
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            names.append(name)
+        elif explicit:
+            raise ValueError(f"target {name!r} is a {type(module).__name__}; only nn.Linear and nn.Conv2d can be adapted")
+    if not names:
+        raise ValueError(f"targets {targets!r} match no module of {type(model).__name__}; presets are {sorted(presets)}")
+    return names
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
+    """Every adapter wrapper in ``model``, by the full name of the module it wraps."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLayer)}
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def add_adapter_to_modules(
+    model: nn.Module,
+    adapter_name: str,
+    specs: dict[str, AdapterSpec],
+    dropout: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+) -> list[AdaptedLayer]:
+    """Add ``adapter_name`` with one ``AdapterSpec`` per module name; wraps modules as needed.
+
+    All-or-nothing: on any error the adapter is removed again and new wrappers are undone.
+    """
+    if adapter_name in adapter_names(model):
+        raise ValueError(f"adapter {adapter_name!r} already exists in {type(model).__name__}")
+    done: list[AdaptedLayer] = []
+    try:
+        for name, spec in specs.items():
+            module = model.get_submodule(name)
+            if not isinstance(module, AdaptedLayer):
+                module = wrap(module)
+                _set_submodule(model, name, module)
+            module.add_adapter(
+                adapter_name, spec.rank, spec.alpha, spec.use_dora, dropout, spec.use_rslora, spec.norm_axis, dtype
+            )
+            done.append(module)
+    except BaseException:
+        remove_adapter(model, adapter_name)
+        raise
+    return done
+
+
+def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> list[str]:
+    """Add a fresh (untrained) adapter to the modules of ``model`` selected by ``config.targets``.
+
+    Returns the adapted module names. The model's output is unchanged until the adapter is trained.
+    """
+    names = find_targets(model, config.targets)
+    specs = {
+        n: AdapterSpec(config.rank_for(n), config.alpha_for(n), config.use_dora, config.norm_axis, config.use_rslora)
+        for n in names
+    }
+    add_adapter_to_modules(model, adapter_name, specs, dropout=config.dropout)
+    return names
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters present anywhere in ``model``, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for layer in adapted_layers(model).values():
+        seen.update(dict.fromkeys(layer.specs))
+    return list(seen)
+
+
+def remove_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Delete one adapter; layers left with no adapter are replaced by their original module."""
+    for name, layer in adapted_layers(model).items():
+        if adapter_name in layer.specs:
+            layer.delete_adapter(adapter_name)
+        if not layer.specs:
+            _set_submodule(model, name, layer.base_layer)
+
+
+def remove_all(model: nn.Module) -> None:
+    """Unfuse and delete every adapter, restoring the original module objects."""
+    for name, layer in adapted_layers(model).items():
+        layer.unfuse()
+        _set_submodule(model, name, layer.base_layer)
+
+
+def trainable_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
+    """The A, B and magnitude parameters of ``adapter_name`` (what an optimizer should see)."""
+    params = []
+    for layer in adapted_layers(model).values():
+        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
+            if adapter_name in store:
+                params.append(store[adapter_name])
+    return params

@@ -1,0 +1,383 @@
+"""Pipeline-level adapter API, named after diffusers' LoRA methods.
+
+Each function takes the pipeline first; ``import dora_diffusion`` also installs them as methods of every
+diffusers pipeline (``pipe.load_dora_weights(...)``). A pipeline needs a ``unet``; ``text_encoder`` and
+``text_encoder_2`` are adapted when present.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .formats import (
+    COMPONENTS,
+    DEFAULT_WEIGHT_NAME,
+    AdapterFileError,
+    ModuleAdapter,
+    ParsedAdapter,
+    parse_state_dict,
+    read_safetensors,
+    resolve_file,
+    resolver_for,
+    to_diffusers,
+    write_safetensors,
+)
+from .inject import adapted_layers, add_adapter_to_modules, adapter_names, base_modules, remove_adapter, remove_all
+from .layers import AdaptedLayer
+
+logger = logging.getLogger(__name__)
+
+AdapterWeight = float | dict[str, float]
+
+
+def components(pipe) -> dict[str, nn.Module]:
+    """The adaptable models of ``pipe`` by component name (``unet``, ``text_encoder``, ``text_encoder_2``)."""
+    found = {c: getattr(pipe, c, None) for c in COMPONENTS}
+    found = {c: m for c, m in found.items() if isinstance(m, nn.Module)}
+    if "unet" not in found:
+        raise TypeError(f"{type(pipe).__name__} has no `unet`; DoRA adapters need an SDXL-style pipeline")
+    return found
+
+
+def _layers(pipe) -> list[AdaptedLayer]:
+    return [layer for model in components(pipe).values() for layer in adapted_layers(model).values()]
+
+
+def get_dora_adapters(pipe) -> list[str]:
+    """Names of the adapters loaded into ``pipe``, in load order."""
+    seen: dict[str, None] = {}
+    for model in components(pipe).values():
+        seen.update(dict.fromkeys(adapter_names(model)))
+    return list(seen)
+
+
+def get_active_dora_adapters(pipe) -> dict[str, float]:
+    """``{adapter: strength}`` of the adapters that currently run (UNet strengths)."""
+    active: dict[str, float] = {}
+    for comp, model in components(pipe).items():
+        for layer in adapted_layers(model).values():
+            for name, k in layer.active.items():
+                if comp == "unet" or name not in active:
+                    active[name] = k
+    return active
+
+
+def _plan(pipe, parsed: ParsedAdapter) -> tuple[dict[str, dict[str, ModuleAdapter]], list[str]]:
+    """Map every file module to a module of ``pipe``; return the plan and the keys that matched nothing."""
+    models = components(pipe)
+    resolve = resolver_for(parsed.dialect)
+    plan: dict[str, dict[str, ModuleAdapter]] = {}
+    unmatched: list[str] = []
+    for comp, mods in parsed.modules.items():
+        model = models.get(comp)
+        if model is None:
+            unmatched += [k for f in mods for k in parsed.source_keys.get((comp, f), [f"{comp}.{f}"])]
+            continue
+        modules = base_modules(model)
+        targets = {n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        mapping = resolve(comp, list(mods), targets)
+        for fname, ma in mods.items():
+            if fname not in mapping:
+                unmatched += parsed.source_keys.get((comp, fname), [f"{comp}.{fname}"])
+                continue
+            name = mapping[fname]
+            _check_fits(f"{type(pipe).__name__}.{comp}.{name}", modules[name], ma)
+            plan.setdefault(comp, {})[name] = ma
+    return plan, unmatched
+
+
+def _check_fits(where: str, module: nn.Module, ma: ModuleAdapter) -> None:
+    """Raise if the adapter tensors do not fit ``module``, naming both shapes."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        want_a, want_b = (ma.rank, module.in_channels, kh, kw), (module.out_channels, ma.rank, 1, 1)
+        n_in, n_out = module.in_channels, module.out_channels
+    else:
+        want_a, want_b = (ma.rank, module.in_features), (module.out_features, ma.rank)
+        n_in, n_out = module.in_features, module.out_features
+    kind = type(module).__name__
+    if tuple(ma.a.shape) != want_a or tuple(ma.b.shape) != want_b:
+        raise AdapterFileError(
+            f"shape mismatch at {where} ({kind} with weight {tuple(module.weight.shape)}): the adapter has "
+            f"down/A {tuple(ma.a.shape)} and up/B {tuple(ma.b.shape)}, this module needs {want_a} and {want_b}. "
+            "Was the adapter trained for a different base model?"
+        )
+    if ma.magnitude is not None:
+        want_m = n_out if ma.norm_axis == "out" else n_in
+        if ma.magnitude.numel() != want_m:
+            raise AdapterFileError(
+                f"shape mismatch at {where}: magnitude has {ma.magnitude.numel()} values, this {kind} needs {want_m}"
+            )
+
+
+def _new_adapter_name(pipe) -> str:
+    taken = set(get_dora_adapters(pipe))
+    i = 0
+    while f"default_{i}" in taken:
+        i += 1
+    return f"default_{i}"
+
+
+def _read(source, weight_name: str | None, **hub_kwargs) -> ParsedAdapter:
+    if isinstance(source, dict):
+        return parse_state_dict(dict(source), {})
+    path = resolve_file(source, weight_name, **hub_kwargs)
+    state_dict, metadata = read_safetensors(path)
+    try:
+        return parse_state_dict(state_dict, metadata)
+    except AdapterFileError as err:
+        raise AdapterFileError(f"{path}: {err}") from None
+
+
+def load_dora_weights(
+    pipe,
+    pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+    weight_name: str | None = None,
+    adapter_name: str | None = None,
+    strict: bool = True,
+    **hub_kwargs,
+) -> str:
+    """Load a DoRA or LoRA adapter (any supported dialect) into ``pipe`` and activate it at strength 1.
+
+    ``pretrained_model_name_or_path_or_dict`` is a .safetensors file, a directory holding one, a Hub repo id,
+    or a state dict. Adapters already active stay active (their deltas add up); use ``set_dora_adapters``
+    to choose. With ``strict=False`` modules that match nothing are skipped with a warning. A failed load
+    leaves ``pipe`` exactly as it was. Returns the adapter name (``default_N`` unless given).
+    """
+    parsed = _read(pretrained_model_name_or_path_or_dict, weight_name, **hub_kwargs)
+    if adapter_name is None:
+        adapter_name = _new_adapter_name(pipe)
+    elif adapter_name in get_dora_adapters(pipe):
+        raise ValueError(
+            f"adapter name {adapter_name!r} is already in use in {type(pipe).__name__}; "
+            "pick another or call delete_dora_adapters() first"
+        )
+    if not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
+    if any(layer.fused for layer in _layers(pipe)):
+        raise RuntimeError("adapters are fused into the weights; call unfuse_dora() before loading another")
+    plan, unmatched = _plan(pipe, parsed)
+    if not plan:
+        raise AdapterFileError(
+            f"no key of this {parsed.dialect} adapter matches a module of {type(pipe).__name__} "
+            f"({len(unmatched)} keys, e.g. {unmatched[:4]}). Is it an adapter for another base model "
+            "(SD 1.5, SD 2, Flux) rather than SDXL?"
+        )
+    if unmatched:
+        msg = (
+            f"{len(unmatched)} keys of this adapter match no module of {type(pipe).__name__}, "
+            f"e.g. {unmatched[:4]}"
+        )
+        if strict:
+            raise AdapterFileError(f"{msg}. Pass strict=False to load the {sum(map(len, plan.values()))} modules that match.")
+        logger.warning("%s; they were skipped (strict=False).", msg)
+    models = components(pipe)
+    disabled = any(layer.disabled for layer in _layers(pipe))
+    done: list[str] = []
+    try:
+        for comp, mods in plan.items():
+            done.append(comp)
+            layers = add_adapter_to_modules(models[comp], adapter_name, {n: ma.spec() for n, ma in mods.items()})
+            for layer, ma in zip(layers, mods.values()):
+                layer.load_adapter_tensors(adapter_name, ma.a, ma.b, ma.magnitude)
+    except BaseException:
+        for comp in done:
+            remove_adapter(models[comp], adapter_name)
+        raise
+    for layer in _layers(pipe):
+        layer.disabled = disabled
+    return adapter_name
+
+
+def set_dora_adapters(
+    pipe, adapter_names: str | list[str], adapter_weights: AdapterWeight | list[AdapterWeight] | None = None
+) -> None:
+    """Run exactly these adapters with these strengths (default 1.0); others are switched off.
+
+    A strength k gives ``W0 + k (W' - W0)``: 0 is the base model, 1 the trained adapter. A weight may be a
+    dict ``{"unet": 1.0, "text_encoder": 0.5, ...}`` to set components apart (missing ones: 1.0).
+    """
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    known = get_dora_adapters(pipe)
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ValueError(f"adapters {missing} are not loaded; loaded adapters: {known}")
+    if adapter_weights is None:
+        weights: list[AdapterWeight] = [1.0] * len(names)
+    elif isinstance(adapter_weights, (int, float, dict)):
+        weights = [adapter_weights] * len(names)
+    else:
+        weights = list(adapter_weights)
+    if len(weights) != len(names):
+        raise ValueError(f"got {len(weights)} adapter_weights for {len(names)} adapters")
+    for w in weights:
+        bad = set(w) - set(COMPONENTS) if isinstance(w, dict) else set()
+        if bad:
+            raise ValueError(f"unknown components {sorted(bad)} in adapter_weights; use {list(COMPONENTS)}")
+    _refuse_if_fused(pipe, "set_dora_adapters")
+    for comp, model in components(pipe).items():
+        per = {n: float(w.get(comp, 1.0) if isinstance(w, dict) else w) for n, w in zip(names, weights)}
+        for layer in adapted_layers(model).values():
+            layer.set_active(per)
+
+
+def _refuse_if_fused(pipe, what: str) -> None:
+    if any(layer.fused for layer in _layers(pipe)):
+        raise RuntimeError(f"adapters are fused into the weights; call unfuse_dora() before {what}()")
+
+
+def disable_dora(pipe) -> None:
+    """Run the base model exactly, keeping the adapters loaded."""
+    _refuse_if_fused(pipe, "disable_dora")
+    for layer in _layers(pipe):
+        layer.disabled = True
+
+
+def enable_dora(pipe) -> None:
+    """Undo ``disable_dora``."""
+    for layer in _layers(pipe):
+        layer.disabled = False
+
+
+def fuse_dora(pipe, adapter_names: list[str] | None = None, lora_scale: float = 1.0) -> None:
+    """Write ``W0 + sum_j k_j (W'_j - W0)`` into the base weights; inference then costs nothing extra.
+
+    ``k_j`` is the strength set by ``set_dora_adapters`` times ``lora_scale``; by default the active
+    adapters are fused. ``unfuse_dora`` restores the original weights bit for bit.
+    """
+    if adapter_names is not None:
+        known = get_dora_adapters(pipe)
+        missing = [n for n in adapter_names if n not in known]
+        if missing:
+            raise ValueError(f"adapters {missing} are not loaded; loaded adapters: {known}")
+    _refuse_if_fused(pipe, "fuse_dora")
+    try:
+        for layer in _layers(pipe):
+            names = list(layer.active) if adapter_names is None else adapter_names
+            layer.fuse({n: layer.active.get(n, 1.0) * lora_scale for n in names if n in layer.specs})
+    except BaseException:
+        unfuse_dora(pipe)
+        raise
+
+
+def unfuse_dora(pipe) -> None:
+    """Restore the base weights saved by ``fuse_dora``."""
+    for layer in _layers(pipe):
+        layer.unfuse()
+
+
+def delete_dora_adapters(pipe, adapter_names: str | list[str]) -> None:
+    """Remove adapters from ``pipe``; modules left with none get their original object back."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    known = get_dora_adapters(pipe)
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ValueError(f"adapters {missing} are not loaded; loaded adapters: {known}")
+    _refuse_if_fused(pipe, "delete_dora_adapters")
+    for model in components(pipe).values():
+        for name in names:
+            remove_adapter(model, name)
+
+
+def unload_dora_weights(pipe) -> None:
+    """Unfuse and remove every adapter, putting the original modules back."""
+    for model in components(pipe).values():
+        remove_all(model)
+
+
+def collect_adapter(models: dict[str, nn.Module], adapter_name: str) -> dict[str, dict[str, ModuleAdapter]]:
+    """The tensors of ``adapter_name`` per component and module, detached copies on the CPU."""
+    out: dict[str, dict[str, ModuleAdapter]] = {}
+    for comp, model in models.items():
+        for name, layer in adapted_layers(model).items():
+            if adapter_name not in layer.specs:
+                continue
+            spec = layer.specs[adapter_name]
+            mag = layer.lora_magnitude[adapter_name] if spec.use_dora else None
+            out.setdefault(comp, {})[name] = ModuleAdapter(
+                layer.lora_A[adapter_name].detach().float().cpu().clone(),
+                layer.lora_B[adapter_name].detach().float().cpu().clone(),
+                None if mag is None else mag.detach().float().cpu().clone(),
+                spec.alpha,
+                spec.norm_axis,
+                spec.use_rslora,
+            )
+    if not out:
+        raise ValueError(f"no module holds an adapter named {adapter_name!r}")
+    return out
+
+
+def save_adapter(
+    models: dict[str, nn.Module],
+    save_directory: str | os.PathLike,
+    adapter_name: str,
+    weight_name: str | None = None,
+    format: str = "diffusers",
+    metadata: dict | None = None,
+) -> Path:
+    """Write one adapter of ``models`` (component -> model) to ``save_directory/weight_name``."""
+    modules = collect_adapter(models, adapter_name)
+    info = {"library": "dora-diffusion", "version": __version__, "adapter_name": adapter_name, **(metadata or {})}
+    if format == "diffusers":
+        state_dict, header = to_diffusers(modules, info)
+    elif format == "kohya":
+        from .formats.kohya import to_kohya
+
+        state_dict, header = to_kohya(modules, info)
+    else:
+        raise ValueError(f"format must be 'diffusers' or 'kohya', got {format!r}")
+    return write_safetensors(state_dict, Path(save_directory) / (weight_name or DEFAULT_WEIGHT_NAME), header)
+
+
+def save_dora_weights(
+    pipe,
+    save_directory: str | os.PathLike,
+    adapter_name: str | None = None,
+    weight_name: str | None = None,
+    format: str = "diffusers",
+    is_main_process: bool = True,
+) -> Path | None:
+    """Save one loaded adapter (default: the only one) as ``pytorch_lora_weights.safetensors``.
+
+    ``format="diffusers"`` is also readable by diffusers' ``load_lora_weights``; ``format="kohya"``
+    by ComfyUI, A1111 and LyCORIS. The file is written atomically. Returns its path.
+    """
+    known = get_dora_adapters(pipe)
+    if adapter_name is None:
+        if len(known) != 1:
+            raise ValueError(f"pass adapter_name=; loaded adapters: {known}")
+        adapter_name = known[0]
+    elif adapter_name not in known:
+        raise ValueError(f"adapter {adapter_name!r} is not loaded; loaded adapters: {known}")
+    if not is_main_process:
+        return None
+    return save_adapter(components(pipe), save_directory, adapter_name, weight_name, format)
+
+
+PIPELINE_METHODS = (
+    load_dora_weights,
+    set_dora_adapters,
+    disable_dora,
+    enable_dora,
+    fuse_dora,
+    unfuse_dora,
+    unload_dora_weights,
+    delete_dora_adapters,
+    get_dora_adapters,
+    get_active_dora_adapters,
+    save_dora_weights,
+)
+
+
+def install_pipeline_methods() -> None:
+    """Add the functions above as methods of ``diffusers.DiffusionPipeline`` (idempotent)."""
+    from diffusers import DiffusionPipeline
+
+    for fn in PIPELINE_METHODS:
+        setattr(DiffusionPipeline, fn.__name__, fn)
