@@ -120,7 +120,7 @@ class AdaptedLayer(nn.Module):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.specs[name] = spec
         if use_dora:
-            self.lora_magnitude[name] = nn.Parameter(self._norm(name).to(dtype))
+            self.lora_magnitude[name] = nn.Parameter(self._norm(name).to(dtype, copy=True))
         self.active[name] = 1.0
 
     @torch.no_grad()

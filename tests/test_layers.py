@@ -1,0 +1,250 @@
+"""Layer math against a dense reference written in plain torch (DESIGN.md, "The math contract")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dora_diffusion.layers import DoRAConv2d, DoRALinear, wrap
+
+
+def make_base(kind: str, dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "linear":
+        base = nn.Linear(24, 12)
+    elif kind == "conv3x3":
+        base = nn.Conv2d(6, 10, 3, stride=2, padding=1)
+    elif kind == "conv_dilated":
+        base = nn.Conv2d(5, 7, (3, 2), stride=(1, 2), padding=(2, 1), dilation=2, bias=False)
+    else:
+        base = nn.Conv2d(8, 4, 1)
+    return base.to(dtype)
+
+
+def make_input(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    if isinstance(base, nn.Linear):
+        return torch.randn(3, 5, base.in_features, generator=g).to(dtype)
+    return torch.randn(2, base.in_channels, 9, 8, generator=g).to(dtype)
+
+
+def perturb(layer, name: str, seed: int = 2) -> None:
+    """Give an adapter non-trivial B and magnitude, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        b = layer.lora_B[name]
+        b.copy_(torch.randn(b.shape, generator=g) * 0.3)
+        if name in layer.lora_magnitude:
+            m = layer.lora_magnitude[name]
+            m.mul_(0.5 + torch.rand(m.shape, generator=g))
+
+
+def reference_weight(layer, name: str, w0: torch.Tensor) -> torch.Tensor:
+    """W' from the paper's formula, dense, fp32."""
+    spec = layer.specs[name]
+    r = spec.rank
+    ba = (layer.lora_B[name].detach().float().reshape(-1, r) @ layer.lora_A[name].detach().float().reshape(r, -1))
+    v = w0.float() + spec.scale * ba.view_as(w0)
+    if not spec.use_dora:
+        return v
+    m = layer.lora_magnitude[name].detach().float()
+    if spec.norm_axis == "out":
+        n = v.reshape(v.shape[0], -1).norm(dim=1)
+        return (m / n).view(-1, *[1] * (v.dim() - 1)) * v
+    n = v.transpose(0, 1).reshape(v.shape[1], -1).norm(dim=1)
+    return v * (m / n).view(1, -1, *[1] * (v.dim() - 2))
+
+
+def apply(base: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    b = None if base.bias is None else base.bias.float()
+    if isinstance(base, nn.Linear):
+        return F.linear(x.float(), w, b)
+    return F.conv2d(x.float(), w, b, base.stride, base.padding, base.dilation)
+
+
+CASES = [
+    (kind, rank, dora, dtype)
+    for kind in ("linear", "conv3x3", "conv_dilated", "conv1x1")
+    for rank in (1, 4, 32)  # 32 > min(d_in, d_out) for every layer here
+    for dora in (True, False)
+    for dtype in (torch.float32, torch.bfloat16)
+]
+
+
+@pytest.mark.parametrize("kind,rank,dora,dtype", CASES)
+def test_layer_table(kind: str, rank: int, dora: bool, dtype: torch.dtype) -> None:
+    base = make_base(kind, dtype)
+    x = make_input(base, dtype)
+    with torch.no_grad():
+        y_base = base(x)
+    w0 = base.weight.detach().clone()
+    layer = wrap(base)
+    layer.add_adapter("a", rank, alpha=rank / 2 + 1, use_dora=dora)
+    assert layer.lora_A["a"].dtype == torch.float32
+
+    # Untrained: the output is the base output, bit for bit, in the input dtype.
+    with torch.no_grad():
+        y0 = layer(x)
+    assert y0.dtype == dtype
+    assert torch.equal(y0, y_base)
+
+    # Trained: matches W' = m (W0 + s B A) / ||W0 + s B A|| applied densely.
+    perturb(layer, "a")
+    w_ref = reference_weight(layer, "a", w0)
+    with torch.no_grad():
+        y = layer(x)
+        y_ref = apply(base, x, w_ref)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert y.dtype == dtype
+    assert (y.float() - y_ref).abs().max().item() <= tol * max(1.0, y_ref.abs().max().item())
+    assert (y.float() - y_base.float()).abs().max().item() > 10 * tol  # the adapter does something
+
+    # Fused equals unfused; unfuse restores W0 bit for bit.
+    layer.fuse()
+    with torch.no_grad():
+        y_fused = layer(x)
+    assert (y_fused.float() - y.float()).abs().max().item() <= tol * max(1.0, y_ref.abs().max().item())
+    layer.unfuse()
+    assert torch.equal(layer.weight, w0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_gradients_match_detached_norm_reference(kind: str) -> None:
+    """dL/dA, dL/dB, dL/dm, dL/dx equal autograd through the dense formula with the norm detached."""
+    base = make_base(kind, torch.float32)
+    x = make_input(base, torch.float32).requires_grad_(True)
+    layer = wrap(base)
+    layer.add_adapter("a", 3, alpha=5.0)
+    perturb(layer, "a")
+    layer(x).square().sum().backward()
+
+    a = layer.lora_A["a"].detach().clone().requires_grad_(True)
+    b = layer.lora_B["a"].detach().clone().requires_grad_(True)
+    m = layer.lora_magnitude["a"].detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    w0 = base.weight.detach()
+    s = layer.specs["a"].scale
+    v = w0 + s * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).view_as(w0)
+    n = v.reshape(v.shape[0], -1).norm(dim=1).detach()  # paper section 4.3
+    w = (m / n).view(-1, *[1] * (v.dim() - 1)) * v
+    apply(base, x2, w).square().sum().backward()
+
+    for got, want in ((layer.lora_A["a"].grad, a.grad), (layer.lora_B["a"].grad, b.grad),
+                      (layer.lora_magnitude["a"].grad, m.grad), (x.grad, x2.grad)):  # fmt: skip
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+    assert base.weight.grad is None
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_strength_and_stacking(kind: str) -> None:
+    """W(k) = W0 + sum_j k_j (W'_j - W0); k = 0 is the base output exactly."""
+    base = make_base(kind, torch.float32)
+    x = make_input(base, torch.float32)
+    w0 = base.weight.detach().clone()
+    with torch.no_grad():
+        y_base = base(x)
+    layer = wrap(base)
+    layer.add_adapter("d", 4, use_dora=True)
+    layer.add_adapter("l", 2, alpha=4, use_dora=False)
+    perturb(layer, "d", 3)
+    perturb(layer, "l", 4)
+    wd, wl = reference_weight(layer, "d", w0), reference_weight(layer, "l", w0)
+    with torch.no_grad():
+        layer.set_active({"d": 0.0})
+        assert torch.equal(layer(x), y_base)
+        layer.set_active({"d": 0.5})
+        assert torch.allclose(layer(x), apply(base, x, w0 + 0.5 * (wd - w0)), atol=1e-5)
+        layer.set_active({"d": 0.7, "l": 1.3})
+        want = apply(base, x, w0 + 0.7 * (wd - w0) + 1.3 * (wl - w0))
+        assert torch.allclose(layer(x), want, atol=1e-5)
+        layer.fuse()
+        assert torch.allclose(layer(x), want, atol=1e-5)
+        layer.unfuse()
+        layer.disabled = True
+        assert torch.equal(layer(x), y_base)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_legacy_per_input_norm(kind: str) -> None:
+    base = make_base(kind, torch.float32)
+    x = make_input(base, torch.float32)
+    w0 = base.weight.detach().clone()
+    with torch.no_grad():
+        y_base = base(x)
+    layer = wrap(base)
+    layer.add_adapter("old", 4, alpha=2.0, norm_axis="in")
+    assert layer.lora_magnitude["old"].shape == (layer.in_features,)
+    with torch.no_grad():
+        assert (layer(x) - y_base).abs().max().item() <= 1e-6
+    perturb(layer, "old")
+    with torch.no_grad():
+        assert torch.allclose(layer(x), apply(base, x, reference_weight(layer, "old", w0)), atol=1e-5)
+
+
+def test_dropout_only_on_low_rank_path() -> None:
+    """With B = 0 dropout has nothing to drop: the output stays the base output in train mode."""
+    base = make_base("linear", torch.float32)
+    x = make_input(base, torch.float32)
+    layer = wrap(base)
+    layer.add_adapter("a", 4, dropout=0.9)
+    layer.train()
+    with torch.no_grad():
+        layer.lora_magnitude["a"].mul_(1.5)
+        assert torch.allclose(layer(x), 1.5 * (base(x) - base.bias) + base.bias, atol=1e-5)
+
+
+def test_fp16_unfuse_bit_exact_after_100_cycles() -> None:
+    base = make_base("conv3x3", torch.float16)
+    w0 = base.weight.detach().clone()
+    layer = wrap(base)
+    layer.add_adapter("a", 4)
+    perturb(layer, "a")
+    for _ in range(100):
+        layer.fuse()
+        assert not torch.equal(layer.weight, w0)
+        layer.unfuse()
+    assert torch.equal(layer.weight, w0)
+
+
+def test_norm_cache_follows_optimizer_steps() -> None:
+    """The cached norm is recomputed after A or B change in place, and only then."""
+    base = make_base("linear", torch.float32)
+    layer = wrap(base)
+    layer.add_adapter("a", 4)
+    perturb(layer, "a")
+    n1 = layer._norm("a")
+    assert layer._norm("a") is n1
+    opt = torch.optim.SGD(list(layer.parameters()), lr=0.1)
+    x = make_input(base, torch.float32)
+    layer(x).sum().backward()
+    opt.step()
+    n2 = layer._norm("a")
+    assert n2 is not n1
+    v = base.weight + layer.specs["a"].scale * layer.lora_B["a"] @ layer.lora_A["a"]
+    assert torch.allclose(n2, v.detach().norm(dim=1), rtol=1e-6)
+
+
+def test_zero_rows_give_no_nan() -> None:
+    base = make_base("linear", torch.float32)
+    with torch.no_grad():
+        base.weight[3].zero_()
+    x = make_input(base, torch.float32)
+    layer = wrap(base)
+    layer.add_adapter("a", 2)
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.isfinite(y).all() and torch.equal(y, base(x))
+
+
+def test_rejected_modules() -> None:
+    with pytest.raises(ValueError, match="groups=1 only, this Conv2d has groups=2"):
+        DoRAConv2d(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="padding_mode='zeros'"):
+        DoRAConv2d(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(TypeError, match="only nn.Linear and nn.Conv2d"):
+        wrap(nn.Embedding(4, 4))
+    layer = DoRALinear(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="contain no '.'"):
+        layer.add_adapter("a.b", 2)
