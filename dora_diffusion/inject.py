@@ -150,12 +150,18 @@ def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "de
     return names
 
 
+def ordered_adapter_names(layers: Iterable[AdaptedLayer]) -> list[str]:
+    """Names of the adapters on ``layers``, in the order they were first added."""
+    first: dict[str, int] = {}
+    for layer in layers:
+        for name, seq in layer.added.items():
+            first[name] = min(seq, first.get(name, seq))
+    return sorted(first, key=first.__getitem__)
+
+
 def adapter_names(model: nn.Module) -> list[str]:
-    """Names of the adapters present anywhere in ``model``, in order of first appearance."""
-    seen: dict[str, None] = {}
-    for layer in adapted_layers(model).values():
-        seen.update(dict.fromkeys(layer.specs))
-    return list(seen)
+    """Names of the adapters present anywhere in ``model``, in the order they were added."""
+    return ordered_adapter_names(adapted_layers(model).values())
 
 
 def remove_adapter(model: nn.Module, adapter_name: str) -> None:

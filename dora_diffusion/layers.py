@@ -17,6 +17,7 @@ Legacy per-input DoRA (``norm_axis="in"``) normalises columns: ``W' = (W0 + s B 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,10 @@ from torch import nn
 
 from .config import NormAxis, lora_scale
 from .norms import EPS, dense_col_norm, factored_row_norm, row_sq_norms
+
+
+_ADD_ORDER = itertools.count()
+"""Global sequence number of ``add_adapter`` calls, so adapters can be listed in the order they came."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class AdaptedLayer(nn.Module):
         self.lora_magnitude = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.specs: dict[str, AdapterSpec] = {}
+        self.added: dict[str, int] = {}
         self.active: dict[str, float] = {}
         self.disabled = False
         self.fused: dict[str, float] = {}
@@ -119,6 +125,7 @@ class AdaptedLayer(nn.Module):
         self.lora_B[name] = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.specs[name] = spec
+        self.added[name] = next(_ADD_ORDER)
         if use_dora:
             self.lora_magnitude[name] = nn.Parameter(self._norm(name).to(dtype, copy=True))
         self.active[name] = 1.0
@@ -151,6 +158,7 @@ class AdaptedLayer(nn.Module):
             if name in store:
                 del store[name]
         self.specs.pop(name, None)
+        self.added.pop(name, None)
         self.active.pop(name, None)
         self._norm_cache.pop(name, None)
 

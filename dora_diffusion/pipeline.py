@@ -28,7 +28,14 @@ from .formats import (
     to_diffusers,
     write_safetensors,
 )
-from .inject import adapted_layers, add_adapter_to_modules, adapter_names, base_modules, remove_adapter, remove_all
+from .inject import (
+    adapted_layers,
+    add_adapter_to_modules,
+    base_modules,
+    ordered_adapter_names,
+    remove_adapter,
+    remove_all,
+)
 from .layers import AdaptedLayer
 
 logger = logging.getLogger(__name__)
@@ -51,10 +58,7 @@ def _layers(pipe) -> list[AdaptedLayer]:
 
 def get_dora_adapters(pipe) -> list[str]:
     """Names of the adapters loaded into ``pipe``, in load order."""
-    seen: dict[str, None] = {}
-    for model in components(pipe).values():
-        seen.update(dict.fromkeys(adapter_names(model)))
-    return list(seen)
+    return ordered_adapter_names(_layers(pipe))
 
 
 def get_active_dora_adapters(pipe) -> dict[str, float]:

@@ -1,0 +1,116 @@
+"""Pipeline methods on the tiny SDXL pipeline: strength, disable, fuse, unload, several adapters."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+import dora_diffusion
+from conftest import make_adapter_file, max_diff, render
+from dora_diffusion.inject import adapted_layers
+
+
+def test_strength_disable_fuse_unload(tmp_path, pipe, base_images) -> None:
+    originals = {n: m for n, m in pipe.unet.named_modules()}
+    weights_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    name = pipe.load_dora_weights(make_adapter_file(tmp_path))
+    full = render(pipe)
+    assert max_diff(full, base_images) > 1e-3
+
+    pipe.set_dora_adapters(name, 0.0)
+    assert max_diff(render(pipe), base_images) == 0.0  # strength 0 is the base model exactly
+
+    pipe.set_dora_adapters(name, 0.5)
+    half = render(pipe)
+    assert max_diff(half, base_images) > 1e-4 and max_diff(half, full) > 1e-4
+    pipe.set_dora_adapters(name, 1.0)
+    pipe.fuse_dora(lora_scale=0.5)
+    assert max_diff(render(pipe), half) <= 1e-4  # weight 0.5 equals fusing at 0.5
+    pipe.unfuse_dora()
+    assert max_diff(render(pipe), full) == 0.0
+
+    pipe.set_dora_adapters(name, 0.5)
+    pipe.fuse_dora()
+    assert max_diff(render(pipe), half) <= 1e-4
+    pipe.unfuse_dora()
+
+    pipe.disable_dora()
+    assert max_diff(render(pipe), base_images) == 0.0
+    pipe.enable_dora()
+    assert max_diff(render(pipe), half) == 0.0
+
+    pipe.unload_dora_weights()
+    assert not any(adapted_layers(m) for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2))
+    assert all(originals[n] is m for n, m in pipe.unet.named_modules())  # original module objects are back
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in weights_before.items()) and after.keys() == weights_before.keys()
+    assert max_diff(render(pipe), base_images) == 0.0
+
+
+def test_two_adapters_and_same_file_twice(tmp_path, pipe, base_images) -> None:
+    f1 = make_adapter_file(tmp_path / "one", seed=1)
+    f2 = make_adapter_file(tmp_path / "two", seed=2, use_dora=False, targets="attn")
+    a = pipe.load_dora_weights(f1)
+    b = pipe.load_dora_weights(f2, adapter_name="lora")
+    c = pipe.load_dora_weights(f1)  # the same file again gets its own name
+    assert pipe.get_dora_adapters() == ["default_0", "lora", "default_1"] == [a, b, c]
+
+    pipe.set_dora_adapters(a)
+    only_a = render(pipe)
+    pipe.set_dora_adapters(c)
+    assert max_diff(render(pipe), only_a) == 0.0
+    pipe.set_dora_adapters(b)
+    only_b = render(pipe)
+    assert max_diff(only_b, only_a) > 1e-3
+    pipe.set_dora_adapters([a, b], [1.0, 1.0])
+    both = render(pipe)
+    assert max_diff(both, only_a) > 1e-4 and max_diff(both, only_b) > 1e-4
+    pipe.fuse_dora()
+    assert max_diff(render(pipe), both) <= 1e-4
+    pipe.unfuse_dora()
+
+    pipe.delete_dora_adapters([a, c])
+    assert pipe.get_dora_adapters() == ["lora"]
+    pipe.set_dora_adapters("lora")
+    assert max_diff(render(pipe), only_b) == 0.0
+
+
+def test_save_round_trip_is_bit_exact(tmp_path, pipe) -> None:
+    src = make_adapter_file(tmp_path / "src")
+    pipe.load_dora_weights(src)
+    out = pipe.save_dora_weights(tmp_path / "out")
+    a, b = load_file(src), load_file(out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("lora_magnitude_vector") and v.dim() == 4 for k, v in b.items())  # Conv2d (1,out,1,1)
+
+
+def test_plain_functions_and_state_dict_input(tmp_path, pipe) -> None:
+    sd = load_file(make_adapter_file(tmp_path))
+    name = dora_diffusion.load_dora_weights(pipe, sd, adapter_name="from_dict")
+    assert dora_diffusion.get_dora_adapters(pipe) == [name] == ["from_dict"]
+    assert dora_diffusion.get_active_dora_adapters(pipe) == {"from_dict": 1.0}
+    dora_diffusion.set_dora_adapters(pipe, "from_dict", {"unet": 0.5, "text_encoder": 0.0})
+    layers = adapted_layers(pipe.unet)
+    assert all(layer.active == {"from_dict": 0.5} for layer in layers.values())
+    assert all(layer.active == {"from_dict": 0.0} for layer in adapted_layers(pipe.text_encoder).values())
+    assert all(layer.active == {"from_dict": 1.0} for layer in adapted_layers(pipe.text_encoder_2).values())
+
+
+def test_text_encoder_keys_with_and_without_text_model(tmp_path, pipe) -> None:
+    """transformers 4 wrote `text_encoder.text_model.encoder…`, transformers 5 `text_encoder.encoder…`."""
+    sd = load_file(make_adapter_file(tmp_path))
+    has_wrapper = any(n.startswith("text_model.") for n, _ in pipe.text_encoder.named_modules())
+    renamed = {}
+    for k, v in sd.items():
+        if k.startswith("text_encoder.") and not has_wrapper:
+            k = k.replace("text_encoder.", "text_encoder.text_model.", 1)
+        elif k.startswith("text_encoder.text_model."):
+            k = k.replace("text_encoder.text_model.", "text_encoder.", 1)
+        renamed[k] = v
+    assert renamed.keys() != sd.keys()
+    pipe.load_dora_weights(sd, adapter_name="orig")
+    want = render(pipe)
+    pipe.unload_dora_weights()
+    pipe.load_dora_weights(renamed, adapter_name="renamed")
+    assert max_diff(render(pipe), want) == 0.0
