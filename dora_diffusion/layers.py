@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NormAxis, lora_scale
+from .dora_autograd import DoRAScaleFunction
 from .norms import EPS, dense_col_norm, factored_row_norm, row_sq_norms
 
 
@@ -63,6 +64,7 @@ class AdaptedLayer(nn.Module):
         self.added: dict[str, int] = {}
         self.active: dict[str, float] = {}
         self.disabled = False
+        self.lean_training = True
         self.fused: dict[str, float] = {}
         self._backup: torch.Tensor | None = None
         self._norm_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
@@ -85,9 +87,17 @@ class AdaptedLayer(nn.Module):
         """Shapes of (A, B) for an adapter of this rank, as stored in files."""
         raise NotImplementedError
 
-    def _lowrank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``B A x`` for this layer kind."""
+    def _down(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``A x`` for this layer kind (for a Conv2d: a conv with the base's geometry)."""
         raise NotImplementedError
+
+    def _up(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``B h`` for this layer kind (for a Conv2d: a 1x1 conv)."""
+        raise NotImplementedError
+
+    def _lowrank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``B A x``."""
+        return self._up(self._down(x, a), b)
 
     def _base_nobias(self, x: torch.Tensor) -> torch.Tensor:
         """``W0 x`` without bias."""
@@ -250,6 +260,10 @@ class AdaptedLayer(nn.Module):
         out_dtype = base_out.dtype if autocast else x.dtype
         if self.disabled or self.fused or not self.active:
             return base_out.to(out_dtype)
+        if self.lean_training and torch.is_grad_enabled() and len(self.active) == 1:
+            y = self._training_forward(x, base_out)
+            if y is not None:
+                return y.to(out_dtype)
         result = base_out
         base_coef = None  # sum_j k_j (g_j - 1), per output channel
         for name, k in self.active.items():
@@ -281,6 +295,21 @@ class AdaptedLayer(nn.Module):
             result = result + scaled
         return result.to(out_dtype)
 
+    def _training_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor | None:
+        """The training step of one DoRA adapter at strength 1, keeping no extra activation (see
+        ``dora_autograd``); None when that is not the situation."""
+        ((name, k),) = self.active.items()
+        spec = self.specs[name]
+        if k != 1.0 or not spec.use_dora or spec.norm_axis != "out":
+            return None
+        a, b, m = self.lora_A[name], self.lora_B[name], self.lora_magnitude[name]
+        if not (a.requires_grad or b.requires_grad or m.requires_grad):
+            return None
+        h = self._down(self.lora_dropout[name](x).to(a.dtype), a)  # (..., r)
+        g = self.dora_factor(name)
+        bias = self.base_layer.bias
+        return DoRAScaleFunction.apply(base_out, h, b, g, bias, spec.scale, isinstance(self, DoRAConv2d))
+
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={s.rank} alpha={s.alpha:g} {'dora' if s.use_dora else 'lora'}" for n, s in self.specs.items())
 
@@ -309,8 +338,11 @@ class DoRALinear(AdaptedLayer):
     def lora_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (rank, self.in_features), (self.out_features, rank)
 
-    def _lowrank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, a), b)  # (..., d_out)
+    def _down(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, a)  # (..., r)
+
+    def _up(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, b)  # (..., d_out)
 
     def _base_nobias(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
@@ -343,9 +375,11 @@ class DoRAConv2d(AdaptedLayer):
         kh, kw = self.base_layer.kernel_size
         return (rank, self.in_features, kh, kw), (self.out_features, rank, 1, 1)
 
-    def _lowrank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _down(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         c = self.base_layer
-        h = F.conv2d(x, a, None, c.stride, c.padding, c.dilation)  # (N, r, H', W')
+        return F.conv2d(x, a, None, c.stride, c.padding, c.dilation)  # (N, r, H', W')
+
+    def _up(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.conv2d(h, b)  # (N, d_out, H', W')
 
     def _base_nobias(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,127 @@
+"""The fast paths (factored norm, lean autograd function, norm cache) equal the straightforward formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dora_diffusion.layers import wrap
+from dora_diffusion.norms import factored_row_norm
+from test_layers import make_base, make_input, perturb
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,rank", [((12, 24), 4), ((12, 24), 40), ((7, 3 * 3 * 5), 64), ((1, 5), 3)])
+def test_factored_norm_equals_dense(shape, rank, dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(shape, generator=g).to(dtype)
+    a = torch.randn(rank, shape[1], generator=g)
+    b = torch.randn(shape[0], rank, generator=g) * 0.1
+    dense = (w0.double() + 0.7 * (b.double() @ a.double())).norm(dim=1)
+    fast = factored_row_norm(w0, a, b, 0.7)
+    assert fast.dtype == torch.float32
+    assert torch.allclose(fast.double(), dense, rtol=1e-5, atol=1e-6)
+
+
+def run_step(layer, x: torch.Tensor, lean: bool):
+    layer.lean_training = lean
+    for p in layer.parameters():
+        p.grad = None
+    xg = x.detach().clone().requires_grad_(True)
+    y = layer(xg)
+    (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    grads = [layer.lora_A["a"].grad, layer.lora_B["a"].grad, layer.lora_magnitude["a"].grad, xg.grad]
+    return y.detach(), [g.clone() for g in grads]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3", "conv_dilated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank", [2, 40])
+def test_lean_training_step_equals_plain_autograd(kind, dtype, rank) -> None:
+    base = make_base(kind, dtype)
+    x = make_input(base, dtype)
+    layer = wrap(base)
+    layer.add_adapter("a", rank, alpha=3.0)
+    perturb(layer, "a")
+    y_plain, g_plain = run_step(layer, x, lean=False)
+    y_lean, g_lean = run_step(layer, x, lean=True)
+    assert y_lean.dtype == y_plain.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (y_lean.float() - y_plain.float()).abs().max().item() <= tol * max(1.0, y_plain.abs().max().item())
+    for got, want in zip(g_lean, g_plain):
+        scale = max(1.0, want.abs().max().item())
+        assert (got.float() - want.float()).abs().max().item() <= tol * scale
+
+
+def test_lean_step_with_zero_magnitude_rows() -> None:
+    """Channels with g = 0 cannot recover (y - b) / g; the function keeps them exactly instead."""
+    base = make_base("linear", torch.float32)
+    x = make_input(base, torch.float32)
+    layer = wrap(base)
+    layer.add_adapter("a", 4)
+    perturb(layer, "a")
+    with torch.no_grad():
+        layer.lora_magnitude["a"][[0, 5]] = 0.0
+    y_plain, g_plain = run_step(layer, x, lean=False)
+    y_lean, g_lean = run_step(layer, x, lean=True)
+    assert torch.allclose(y_lean, y_plain, atol=1e-6)
+    assert g_plain[2][0].abs() > 0
+    for got, want in zip(g_lean, g_plain):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_lean_step_keeps_no_extra_activation() -> None:
+    """Saved for backward: DoRA keeps the same bytes as LoRA plus at most one N x d_out tensor."""
+    base = nn.Linear(64, 96)
+    x = torch.randn(8, 32, 64, requires_grad=True)
+
+    def saved_bytes(use_dora: bool) -> int:
+        layer = wrap(nn.Linear(64, 96).requires_grad_(False))
+        layer.base_layer.load_state_dict(base.state_dict())
+        layer.add_adapter("a", 4, use_dora=use_dora)
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor):
+            if not isinstance(t, nn.Parameter):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x).sum().backward()
+        return sum(storages.values())
+
+    extra = saved_bytes(True) - saved_bytes(False)
+    n_out = 8 * 32 * 96 * 4
+    assert 0 < extra <= n_out + 4096  # the output y (shared with the next layer in a real model) + small vectors
+
+
+def test_norm_computed_once_per_optimizer_step_under_accumulation_and_checkpointing(monkeypatch) -> None:
+    """Gradient accumulation micro-steps and checkpoint recomputation reuse the cached norm."""
+    import dora_diffusion.layers as layers_mod
+
+    calls = {"n": 0}
+    real = layers_mod.factored_row_norm
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layers_mod, "factored_row_norm", counting)
+    base = make_base("linear", torch.float32)
+    layer = wrap(base)
+    layer.add_adapter("a", 4)
+    perturb(layer, "a")
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    x = make_input(base, torch.float32)
+    calls["n"] = 0
+    for step in range(3):
+        for _micro in range(4):
+            y = torch.utils.checkpoint.checkpoint(layer, x.requires_grad_(True), use_reentrant=False)
+            y.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        assert calls["n"] == step + 1
+    # and the cached value is the norm of the current weights
+    v = base.weight + layer.specs["a"].scale * layer.lora_B["a"] @ layer.lora_A["a"]
+    assert torch.allclose(layer._norm("a"), v.detach().norm(dim=1), rtol=1e-6)
