@@ -1,15 +1,17 @@
-"""One autograd function for the DoRA training step (one adapter at strength 1, norm per output channel).
+"""Autograd functions for the DoRA training step (one adapter at strength 1, norm per output channel).
 
-    y = g * (base_out - b + s * B h) + b,      base_out = W0 x + b,  h = A dropout(x),  g = m / ||W0 + s B A||
+    y = g * (W0 x + s * B h) + b,      h = A dropout(x),  g = m / ||W0 + s B A||  (detached norm)
 
-Plain autograd would keep ``base_out`` (or ``B h``) alive for ``dL/dg``; this function keeps only its own
-output ``y`` (which the next layer usually keeps anyway) and recovers ``base_out - b + s B h = (y - b) / g``
-in the backward pass. Gradients, with ``gy = dL/dy``:
+Plain autograd keeps ``W0 x`` (or ``B h``) alive for ``dL/dg``. These functions keep only their output
+``y`` (which the next layer usually keeps anyway) and recover ``W0 x + s B h = (y - b) / g`` in the
+backward pass. With ``gy = dL/dy``:
 
-    dL/dbase_out = g * gy,   dL/dh = s (g * gy) B,   dL/dB = s (g * gy)^T h,   dL/dg = sum_N gy * (y - b) / g
+    dL/dx += W0^T (g * gy),   dL/dh = s (g * gy) B,   dL/dB = s (g * gy)^T h,   dL/dg = sum_N gy * (y - b) / g
 
-The scale by ``g`` is applied in fp32 whatever the activation dtype, so a bf16 forward does not round
-``g`` (which starts at exactly 1) to bf16.
+``DoRALinearFunction`` also does the base matmul itself, so the forward builds ``y`` in place (no
+N x d_out temporary beyond ``y``) and the backward works in row chunks (temporaries of at most
+``_CHUNK_ELEMENTS``). ``DoRAScaleFunction`` takes the base output as an input, for Conv2d and for base
+modules with hooks (e.g. accelerate offloading) that must be called as modules.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 _TINY = 1e-30
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def _channels(t: torch.Tensor, is_conv: bool) -> torch.Tensor:
@@ -29,8 +32,83 @@ def _sum_but_channel(t: torch.Tensor, is_conv: bool) -> torch.Tensor:
     return t.sum(dim=(0, 2, 3)) if is_conv else t.reshape(-1, t.shape[-1]).sum(dim=0)
 
 
+def _divisible(g: torch.Tensor) -> bool:
+    """True if ``(y - b) / g`` recovers the pre-scale output for every channel."""
+    return not bool((g.abs() < _TINY).any())
+
+
+def _grad_g(dot: torch.Tensor, gsum: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None, divisible: bool):
+    """``dL/dg`` from ``dot = sum gy * saved`` (saved = y, or the pre-scale output when not divisible)."""
+    if not divisible:
+        return dot
+    if bias is not None:
+        dot = dot - bias.float() * gsum
+    return dot / g
+
+
+class DoRALinearFunction(torch.autograd.Function):
+    """``y = g * (x W0^T + s h B^T) + b`` for a Linear, including the base matmul."""
+
+    @staticmethod
+    def forward(ctx, x, h, w0, bias, b, g, scale: float):  # type: ignore[override]
+        d_out = w0.shape[0]
+        cdt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else w0.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(cdt)
+            h2 = h.reshape(-1, h.shape[-1]).to(cdt)
+            y = x2 @ w0.to(cdt).t()  # (N, d_out)
+            y.addmm_(h2, b.to(cdt).t(), alpha=scale)  # W0 x + s B h, in place
+            divisible = _divisible(g)
+            kept = None if divisible else y.clone()
+            if bias is None:
+                y.mul_(g)
+            else:
+                torch.addcmul(bias.to(cdt), y, g, out=y)  # g * (.) + b in one pass
+        ctx.save_for_backward(h2, w0, bias, b, g, y if divisible else kept)
+        ctx.scale, ctx.divisible, ctx.cdt = scale, divisible, cdt
+        ctx.x_shape, ctx.x_dtype, ctx.h_shape, ctx.h_dtype = x.shape, x.dtype, h.shape, h.dtype
+        return y.view(*x.shape[:-1], d_out)
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        h2, w0, bias, b, g, saved = ctx.saved_tensors
+        cdt, scale = ctx.cdt, ctx.scale
+        need_x, need_h, need_b, need_g = (ctx.needs_input_grad[i] for i in (0, 1, 4, 5))
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        n, d_out = gy2.shape
+        grad_x = torch.empty(n, w0.shape[1], dtype=cdt, device=gy.device) if need_x else None
+        grad_h = torch.empty(n, h2.shape[1], dtype=cdt, device=gy.device) if need_h else None
+        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=gy.device) if need_b else None
+        dot = torch.zeros(d_out, dtype=torch.float32, device=gy.device)
+        gsum = torch.zeros(d_out, dtype=torch.float32, device=gy.device)
+        w0c, sb = w0.to(cdt), (b * scale).to(cdt)
+        step = max(1, _CHUNK_ELEMENTS // max(d_out, w0.shape[1]))
+        for i in range(0, n, step):
+            gc = gy2[i : i + step]
+            gyg = (gc * g).to(cdt)  # (chunk, d_out)
+            if need_x:
+                torch.mm(gyg, w0c, out=grad_x[i : i + step])
+            if need_h:
+                torch.mm(gyg, sb, out=grad_h[i : i + step])
+            if need_b:
+                grad_b.addmm_(gyg.t().float(), h2[i : i + step].float())
+            if need_g:
+                dot += (gc.float() * saved[i : i + step].float()).sum(dim=0)
+                gsum += gc.float().sum(dim=0)
+        grad_g = _grad_g(dot, gsum, g, bias, ctx.divisible) if need_g else None
+        return (
+            None if grad_x is None else grad_x.view(ctx.x_shape).to(ctx.x_dtype),
+            None if grad_h is None else grad_h.view(ctx.h_shape).to(ctx.h_dtype),
+            None,
+            None,
+            None if grad_b is None else (grad_b * scale).to(b.dtype),
+            grad_g,
+            None,
+        )
+
+
 class DoRAScaleFunction(torch.autograd.Function):
-    """``y = g * (base_out - bias + scale * B h) + bias`` keeping only ``y`` for backward."""
+    """``y = g * (base_out - bias + scale * B h) + bias`` given the base output; keeps only ``y``."""
 
     @staticmethod
     def forward(ctx, base_out, h, b, g, bias, scale: float, is_conv: bool):  # type: ignore[override]
@@ -40,8 +118,8 @@ class DoRAScaleFunction(torch.autograd.Function):
         bias32 = None if bias is None else _channels(bias.float(), is_conv)
         if bias32 is not None:
             combined.sub_(bias32)
-        divisible = not bool((g.abs() < _TINY).any())
-        kept = None if divisible else combined.clone()  # g has zeros: (y - b) / g is not recoverable
+        divisible = _divisible(g)
+        kept = None if divisible else combined.clone()
         y = combined.mul_(_channels(g, is_conv))
         if bias32 is not None:
             y.add_(bias32)
@@ -53,29 +131,25 @@ class DoRAScaleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
-        h, b, g, bias, kept = ctx.saved_tensors
+        h, b, g, bias, saved = ctx.saved_tensors
         is_conv, scale = ctx.is_conv, ctx.scale
         gy32 = gy.float()
         gyg = gy32 * _channels(g, is_conv)  # (..., d_out)
-        grad_base = gyg.to(ctx.base_dtype) if ctx.needs_input_grad[0] else None
         grad_g = None
         if ctx.needs_input_grad[3]:
-            dot = _sum_but_channel(gy32 * kept.float(), is_conv)  # sum gy * y  (or gy * combined)
-            if ctx.divisible:
-                if bias is not None:
-                    dot = dot - bias.float() * _sum_but_channel(gy32, is_conv)
-                dot = dot / g
-            grad_g = dot
+            dot = _sum_but_channel(gy32 * saved.float(), is_conv)
+            grad_g = _grad_g(dot, _sum_but_channel(gy32, is_conv), g, bias, ctx.divisible)
         grad_h = grad_b = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            gl = (gyg * scale).to(h.dtype)
+            gl = gyg.to(h.dtype)
             if ctx.needs_input_grad[1]:
-                bb = b.to(h.dtype)
-                grad_h = F.conv2d(gl, bb.transpose(0, 1)) if is_conv else gl @ bb
+                sb = (b * scale).to(h.dtype)
+                grad_h = F.conv2d(gl, sb.transpose(0, 1)) if is_conv else gl @ sb
             if ctx.needs_input_grad[2]:
                 if is_conv:
                     grad_b = torch.einsum("nohw,nrhw->or", gl, h)[:, :, None, None]
                 else:
                     grad_b = gl.reshape(-1, gl.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
-                grad_b = grad_b.to(ctx.b_dtype)
+                grad_b = (grad_b * scale).to(ctx.b_dtype)
+        grad_base = gyg.to(ctx.base_dtype) if ctx.needs_input_grad[0] else None
         return grad_base, grad_h, grad_b, grad_g, None, None, None

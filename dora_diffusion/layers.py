@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NormAxis, lora_scale
-from .dora_autograd import DoRAScaleFunction
+from .dora_autograd import DoRALinearFunction, DoRAScaleFunction
 from .norms import EPS, dense_col_norm, factored_row_norm, row_sq_norms
 
 
@@ -98,6 +98,13 @@ class AdaptedLayer(nn.Module):
     def _lowrank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``B A x``."""
         return self._up(self._down(x, a), b)
+
+    def _add_up(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> None:
+        """``y += B h`` in place."""
+        y.add_(self._up(h, b))
+
+    supports_direct = False
+    """True if the base matmul may be done here rather than by calling the base module."""
 
     def _base_nobias(self, x: torch.Tensor) -> torch.Tensor:
         """``W0 x`` without bias."""
@@ -255,23 +262,28 @@ class AdaptedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         autocast = torch.is_autocast_enabled(x.device.type)
+        out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         base_in = x if autocast or x.dtype == w.dtype else x.to(w.dtype)
-        base_out = self.base_layer(base_in)
-        out_dtype = base_out.dtype if autocast else x.dtype
-        if self.disabled or self.fused or not self.active:
-            return base_out.to(out_dtype)
-        if self.lean_training and torch.is_grad_enabled() and len(self.active) == 1:
-            y = self._training_forward(x, base_out)
+        running = {n: k for n, k in self.active.items() if k != 0.0}
+        if self.disabled or self.fused or not running:
+            return self.base_layer(base_in).to(out_dtype)
+        direct = self.supports_direct and not _has_hooks(self.base_layer)
+        specs = [self.specs[n] for n in running]
+        if self.lean_training and torch.is_grad_enabled() and len(running) == 1:
+            y = self._training_forward(x, base_in, direct)
             if y is not None:
                 return y.to(out_dtype)
+        if all(s.norm_axis == "out" for s in specs) and not _needs_autograd(self, running):
+            return self._inference_forward(x, base_in, running).to(out_dtype)
+        return self._general_forward(x, self.base_layer(base_in), running).to(out_dtype)
+
+    def _general_forward(self, x: torch.Tensor, base_out: torch.Tensor, running: dict[str, float]) -> torch.Tensor:
+        """Any mix of adapters, plain autograd: ``base_out + sum_j k_j [(g_j - 1) W0 x + s_j g_j B_j A_j x~]``."""
         result = base_out
         base_coef = None  # sum_j k_j (g_j - 1), per output channel
-        for name, k in self.active.items():
-            if k == 0.0:
-                continue
+        for name, k in running.items():
             spec = self.specs[name]
-            a = self.lora_A[name]
-            b = self.lora_B[name]
+            a, b = self.lora_A[name], self.lora_B[name]
             xd = self.lora_dropout[name](x).to(a.dtype)
             bshape = (-1,) + (1,) * (b.dim() - 1)
             if not spec.use_dora:
@@ -284,7 +296,8 @@ class AdaptedLayer(nn.Module):
                 c = self.dora_factor(name)  # per input channel
                 cview = c.view(-1, *([1] * (x.dim() - 2))) if x.dim() == 4 else c
                 term = self._lowrank(xd * cview, a, (k * spec.scale) * b)
-                term = term + k * self._base_nobias((x.to(a.dtype) * (cview - 1.0)).to(w.dtype)).to(term.dtype)
+                shifted = (x.to(a.dtype) * (cview - 1.0)).to(self.weight.dtype)
+                term = term + k * self._base_nobias(shifted).to(term.dtype)
             result = result + term
         if base_coef is not None:
             coef = self._channel_view(base_coef)
@@ -293,12 +306,41 @@ class AdaptedLayer(nn.Module):
             if bias is not None:
                 scaled = scaled - self._channel_view(base_coef * bias.float())
             result = result + scaled
-        return result.to(out_dtype)
+        return result
 
-    def _training_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor | None:
+    @torch.no_grad()
+    def _inference_forward(self, x: torch.Tensor, base_in: torch.Tensor, running: dict[str, float]) -> torch.Tensor:
+        """Per-output DoRA / LoRA without autograd, built in place on the base output:
+        ``y = (W0 x + b) * (1 + c) - b c + sum_j B'_j h_j`` with ``c = sum_j k_j (g_j - 1)``, ``B'_j = k_j s_j g_j B_j``.
+        """
+        y = self.base_layer(base_in)  # same op as the base module: bit-identical when c = 0 and B = 0
+        coef = None
+        terms = []
+        for name, k in running.items():
+            spec = self.specs[name]
+            a, b = self.lora_A[name], self.lora_B[name]
+            factor = torch.full((b.shape[0],), k * spec.scale, dtype=torch.float32, device=b.device)
+            if spec.use_dora:
+                g = self.dora_factor(name)
+                coef = k * (g - 1.0) if coef is None else coef + k * (g - 1.0)
+                factor = factor * g
+            h = self._down(self.lora_dropout[name](x).to(a.dtype), a)  # (..., r)
+            terms.append((h, factor.view((-1,) + (1,) * (b.dim() - 1)) * b))
+        if coef is not None:
+            bias = self.base_layer.bias
+            scale = self._channel_view(1.0 + coef)
+            if bias is None:
+                y.mul_(scale)
+            else:
+                torch.addcmul(self._channel_view(-(bias.float() * coef)), y, scale, out=y)
+        for h, bb in terms:
+            self._add_up(y, h.to(y.dtype), bb.to(y.dtype))
+        return y
+
+    def _training_forward(self, x: torch.Tensor, base_in: torch.Tensor, direct: bool) -> torch.Tensor | None:
         """The training step of one DoRA adapter at strength 1, keeping no extra activation (see
         ``dora_autograd``); None when that is not the situation."""
-        ((name, k),) = self.active.items()
+        ((name, k),) = ((n, k) for n, k in self.active.items() if k != 0.0)
         spec = self.specs[name]
         if k != 1.0 or not spec.use_dora or spec.norm_axis != "out":
             return None
@@ -308,10 +350,26 @@ class AdaptedLayer(nn.Module):
         h = self._down(self.lora_dropout[name](x).to(a.dtype), a)  # (..., r)
         g = self.dora_factor(name)
         bias = self.base_layer.bias
+        if direct:
+            return DoRALinearFunction.apply(base_in, h, self.weight, bias, b, g, spec.scale)
+        base_out = self.base_layer(base_in)
         return DoRAScaleFunction.apply(base_out, h, b, g, bias, spec.scale, isinstance(self, DoRAConv2d))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={s.rank} alpha={s.alpha:g} {'dora' if s.use_dora else 'lora'}" for n, s in self.specs.items())
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Modules with hooks (e.g. accelerate offloading) must be called, not bypassed with F.linear."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+
+
+def _needs_autograd(layer: AdaptedLayer, running: dict[str, float]) -> bool:
+    """True if gradients must flow to some running adapter's parameters."""
+    if not torch.is_grad_enabled():
+        return False
+    stores = (layer.lora_A, layer.lora_B, layer.lora_magnitude)
+    return any(n in st and st[n].requires_grad for n in running for st in stores)
 
 
 def _stale(t: torch.Tensor) -> bool:
@@ -343,6 +401,11 @@ class DoRALinear(AdaptedLayer):
 
     def _up(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.linear(h, b)  # (..., d_out)
+
+    supports_direct = True
+
+    def _add_up(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> None:
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t())  # no N x d_out temporary
 
     def _base_nobias(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
