@@ -189,25 +189,37 @@ class AdaptedLayer(nn.Module):
 
     def _w0_sq(self) -> torch.Tensor:
         w = self.weight
+        if torch.compiler.is_compiling():
+            return row_sq_norms(self._w0_2d())
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._sq_cache is None or self._sq_cache[0] != key or _stale(self._sq_cache[1]):
             self._sq_cache = (key, row_sq_norms(self._w0_2d()))
         return self._sq_cache[1]
 
     def _norm(self, name: str) -> torch.Tensor:
-        """Detached fp32 norm ``n`` of ``W0 + s B A``, (d_out,) or (in,) for legacy; cached on versions."""
+        """Detached fp32 norm ``n`` of ``W0 + s B A``, (d_out,) or (in,) for legacy.
+
+        Cached, keyed on the storage and version counters of A, B and W0, so it is recomputed once per
+        optimizer step (not per gradient-accumulation micro-step or checkpoint recompute). Under
+        ``torch.compile`` it is computed inside the graph instead.
+        """
+        if torch.compiler.is_compiling():
+            return self._compute_norm(name)
         a, b, w, spec = self.lora_A[name], self.lora_B[name], self.weight, self.specs[name]
         key = (a.data_ptr(), a._version, b.data_ptr(), b._version, w.data_ptr(), w._version, spec)
         hit = self._norm_cache.get(name)
         if hit is not None and hit[0] == key and not _stale(hit[1]):
             return hit[1]
-        r = spec.rank
-        if spec.norm_axis == "out":
-            n = factored_row_norm(self._w0_2d(), a.reshape(r, -1), b.reshape(-1, r), spec.scale, self._w0_sq())
-        else:
-            n = dense_col_norm(self._w0_2d(), a.reshape(r, -1), b.reshape(-1, r), spec.scale, self.in_features)
+        n = self._compute_norm(name)
         self._norm_cache[name] = (key, n)
         return n
+
+    def _compute_norm(self, name: str) -> torch.Tensor:
+        a, b, spec = self.lora_A[name], self.lora_B[name], self.specs[name]
+        r = spec.rank
+        if spec.norm_axis == "out":
+            return factored_row_norm(self._w0_2d(), a.reshape(r, -1), b.reshape(-1, r), spec.scale, self._w0_sq())
+        return dense_col_norm(self._w0_2d(), a.reshape(r, -1), b.reshape(-1, r), spec.scale, self.in_features)
 
     def dora_factor(self, name: str) -> torch.Tensor:
         """``g = m / max(n, eps)`` in fp32; gradients reach ``m`` only (the norm is detached)."""
@@ -269,11 +281,12 @@ class AdaptedLayer(nn.Module):
             return self.base_layer(base_in).to(out_dtype)
         direct = self.supports_direct and not _has_hooks(self.base_layer)
         specs = [self.specs[n] for n in running]
-        if self.lean_training and torch.is_grad_enabled() and len(running) == 1:
+        compiling = torch.compiler.is_compiling()  # inductor fuses the plain path; the custom functions would break graphs
+        if self.lean_training and not compiling and torch.is_grad_enabled() and len(running) == 1:
             y = self._training_forward(x, base_in, direct)
             if y is not None:
                 return y.to(out_dtype)
-        if all(s.norm_axis == "out" for s in specs) and not _needs_autograd(self, running):
+        if not compiling and all(s.norm_axis == "out" for s in specs) and not _needs_autograd(self, running):
             return self._inference_forward(x, base_in, running).to(out_dtype)
         return self._general_forward(x, self.base_layer(base_in), running).to(out_dtype)
 
