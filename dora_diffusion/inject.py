@@ -139,7 +139,9 @@ def add_adapter_to_modules(
 def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> list[str]:
     """Add a fresh (untrained) adapter to the modules of ``model`` selected by ``config.targets``.
 
-    Returns the adapted module names. The model's output is unchanged until the adapter is trained.
+    Like PEFT's injection, every parameter of ``model`` that is not an adapter parameter is frozen
+    (``requires_grad=False``). Returns the adapted module names. The model's output is unchanged until
+    the adapter is trained.
     """
     names = find_targets(model, config.targets)
     specs = {
@@ -147,6 +149,10 @@ def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "de
         for n in names
     }
     add_adapter_to_modules(model, adapter_name, specs, dropout=config.dropout)
+    adapter_params = {id(p) for layer in adapted_layers(model).values() for p in _adapter_params(layer)}
+    for p in model.parameters():
+        if id(p) not in adapter_params:
+            p.requires_grad_(False)
     return names
 
 
@@ -178,6 +184,10 @@ def remove_all(model: nn.Module) -> None:
     for name, layer in adapted_layers(model).items():
         layer.unfuse()
         _set_submodule(model, name, layer.base_layer)
+
+
+def _adapter_params(layer: AdaptedLayer) -> list[nn.Parameter]:
+    return [*layer.lora_A.values(), *layer.lora_B.values(), *layer.lora_magnitude.values()]
 
 
 def trainable_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
