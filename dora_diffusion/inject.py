@@ -46,13 +46,15 @@ def presets_for(model: nn.Module) -> dict[str, list[str]]:
 def base_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every module of ``model`` by full name, seen through adapter wrappers (a wrapper stands for its base)."""
     out: dict[str, nn.Module] = {}
-    skip: list[str] = []
+    wrappers: set[str] = set()
     for name, module in model.named_modules():
-        if any(name.startswith(p) for p in skip):
+        parent = name.rpartition(".")[0]
+        if name and parent in wrappers:
+            wrappers.add(name)  # inside a wrapper: skip it, and so its children too
             continue
         if isinstance(module, AdaptedLayer):
             out[name] = module.base_layer
-            skip.append(name + ".")
+            wrappers.add(name)
         else:
             out[name] = module
     return out

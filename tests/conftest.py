@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+torch.set_num_threads(1)  # tiny models gain nothing from threads, and 2 shared cores make them crawl
+
 import dora_diffusion  # noqa: F401  (installs the pipeline methods)
 from dora_diffusion.testing import TINY_RESOLUTION, build_tiny_sdxl_pipeline
 

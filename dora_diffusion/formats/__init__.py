@@ -34,7 +34,9 @@ __all__ = [
     "write_safetensors",
 ]
 
-_KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lycoris_")
+from .kohya import PREFIXES as _KOHYA_PREFIX_MAP  # noqa: E402
+
+_KOHYA_PREFIXES = tuple(_KOHYA_PREFIX_MAP)
 
 
 def detect_dialect(state_dict: dict[str, torch.Tensor]) -> str:

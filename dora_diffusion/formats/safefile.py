@@ -96,8 +96,10 @@ def check_tensors(state_dict: dict[str, torch.Tensor]) -> None:
     for key, t in state_dict.items():
         if not isinstance(t, torch.Tensor):
             raise AdapterFileError(f"adapter key {key!r} holds a {type(t).__name__}, not a tensor")
-        if not t.is_floating_point():
-            raise AdapterFileError(f"adapter key {key!r} has dtype {t.dtype}; adapter tensors must be floating point")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise AdapterFileError(
+                f"adapter key {key!r} has dtype {t.dtype}; adapter tensors must be fp16, bf16, fp32 or fp64"
+            )
         if not torch.isfinite(t).all():
             raise AdapterFileError(f"adapter key {key!r} contains NaN or inf values; the file is broken")
 

@@ -1,0 +1,228 @@
+"""The ``dora-diffusion`` command: ``convert`` and ``inspect`` adapter files without loading a model.
+
+Each subcommand is a pair of functions: ``add_<name>_parser(subparsers)`` declares its arguments and sets
+``func`` to ``run_<name>(args) -> int``. Add a subcommand by writing the pair and listing the first in
+``SUBCOMMANDS``. Errors a user can fix print one line to stderr and give exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from . import __version__
+from .formats import (
+    COMPONENTS,
+    AdapterFileError,
+    ModuleAdapter,
+    ParsedAdapter,
+    parse_state_dict,
+    read_safetensors,
+    resolve_file,
+    to_diffusers,
+    write_safetensors,
+)
+from .formats.kohya import PREFIXES, key_prefix, to_kohya, to_sdxl_names, unet_naming
+
+PROG = "dora-diffusion"
+
+LEGACY_TO_DIFFUSERS = (
+    "{path} holds per-input (legacy LyCORIS < 3.2 / OneTrainer) DoRA: its magnitude rescales input columns, "
+    "W' = (W0 + sBA) diag(m/||column||), while the diffusers/PEFT format can only rescale output rows. There is "
+    "no lossless conversion; keep it as a kohya file (--to kohya) or load it directly with pipe.load_dora_weights()"
+)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_adapter(path: str | Path) -> tuple[Path, ParsedAdapter]:
+    """Read a local adapter file (or a directory holding one) in any supported dialect."""
+    path = Path(path)
+    if not path.exists():
+        raise AdapterFileError(f"{path} does not exist")
+    path = resolve_file(path)
+    state_dict, metadata = read_safetensors(path)
+    try:
+        return path, parse_state_dict(state_dict, metadata)
+    except AdapterFileError as err:
+        raise AdapterFileError(f"{path}: {err}") from None
+
+
+def model_named(parsed: ParsedAdapter) -> dict[str, dict[str, ModuleAdapter]]:
+    """The modules of ``parsed`` keyed by diffusers module names (kohya names are mapped onto SDXL base)."""
+    if parsed.dialect == "kohya":
+        return to_sdxl_names(parsed)
+    return parsed.modules
+
+
+# ---------------------------------------------------------------------------------------------- convert
+
+
+def convert_file(src: str | Path, dst: str | Path, to: str, overwrite: bool = False) -> Path:
+    """Rewrite the adapter ``src`` as ``dst`` in the ``to`` dialect (``"diffusers"`` or ``"kohya"``), losslessly.
+
+    Per-output DoRA and LoRA convert both ways with the same tensors; legacy per-input DoRA has no diffusers form.
+    """
+    if to not in ("diffusers", "kohya"):
+        raise ValueError(f"--to must be 'diffusers' or 'kohya', got {to!r}")
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    src, parsed = read_adapter(src)
+    modules = model_named(parsed)
+    info = {"library": "dora-diffusion", "version": __version__, "adapter_name": dst.stem}
+    info["converted_from"] = parsed.dialect
+    carried = {k: v for k, v in parsed.metadata.items() if k.startswith(("ss_", "modelspec."))}  # training info
+    if to == "diffusers":
+        if any(m.use_dora and m.norm_axis == "in" for mods in modules.values() for m in mods.values()):
+            raise AdapterFileError(LEGACY_TO_DIFFUSERS.format(path=src))
+        state_dict, header = to_diffusers(modules, {**info, "source_metadata": carried} if carried else info)
+    else:
+        state_dict, header = to_kohya(modules, {**carried, **info})
+    return write_safetensors(state_dict, dst, header)
+
+
+def add_convert_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="rewrite an adapter file in the diffusers or kohya dialect",
+        description="Convert an SDXL DoRA/LoRA file between the diffusers/PEFT and kohya/LyCORIS dialects "
+        "(no model is loaded; kohya UNet names are written in SGM form).",
+    )
+    p.add_argument("input", help="adapter .safetensors file (or a directory holding one)")
+    p.add_argument("output", help="where to write the converted .safetensors file")
+    p.add_argument("--to", required=True, choices=("diffusers", "kohya"), help="dialect to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    out = convert_file(args.input, args.output, args.to, args.overwrite)
+    print(f"wrote {out} ({args.to})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+
+_CONTEXT_DIMS = {2048: "SDXL", 768: "SD 1.x", 1024: "SD 2.x"}
+
+
+_SHOWN_METADATA = ("ss_network_module", "ss_network_args", "ss_base_model_version", "modelspec.architecture",
+                   "ss_output_name")  # fmt: skip
+_AXIS_LABELS = {"out": "DoRA, per-output norm", "in": "DoRA, per-input norm (legacy LyCORIS < 3.2 / OneTrainer)"}
+
+
+def _counts(values: Iterable) -> str:
+    """``"4 (361 modules), 2 (1 module)"``: each value with how often it occurs, most common first."""
+    parts = []
+    for value, n in sorted(Counter(values).items(), key=lambda item: (-item[1], str(item[0]))):
+        shown = f"{value:g}" if isinstance(value, (int, float)) else str(value)
+        parts.append(f"{shown} ({n} module{'' if n == 1 else 's'})")
+    return ", ".join(parts)
+
+
+def _likely_base(parsed: ParsedAdapter) -> str:
+    """A best guess from the UNet's cross-attention width, else the file's metadata, else a second text encoder."""
+    for name, m in parsed.modules.get("unet", {}).items():
+        if name.endswith(("attn2_to_k", "attn2.to_k")):
+            dim = int(m.a.shape[1])
+            if dim in _CONTEXT_DIMS:
+                return f"{_CONTEXT_DIMS[dim]} (UNet cross-attention width {dim})"
+            return f"unknown: UNet cross-attention width {dim} (SDXL 2048, SD 1.x 768, SD 2.x 1024)"
+    hint = parsed.metadata.get("ss_base_model_version") or parsed.metadata.get("modelspec.architecture")
+    if hint:
+        return f"{hint} (from the file's metadata)"
+    if "text_encoder_2" in parsed.modules:
+        return "SDXL (has a second text encoder)"
+    return "unknown"
+
+
+def describe(parsed: ParsedAdapter) -> dict[str, str]:
+    """What ``inspect`` prints: dialect, DoRA/LoRA and norm axis, ranks, alphas, module and parameter counts."""
+    mods = [m for comp in parsed.modules.values() for m in comp.values()]
+    dialect = parsed.dialect
+    if dialect == "kohya":
+        used = {key_prefix(keys[0]) for keys in parsed.source_keys.values()}
+        details = [p for p in PREFIXES if p in used]
+        if "unet" in parsed.modules:
+            details.append(f"UNet names: {unet_naming(parsed.modules['unet'])}")
+        dialect = f"kohya/LyCORIS ({', '.join(details)})"
+    kinds = Counter(_AXIS_LABELS[m.norm_axis] if m.use_dora else "LoRA" for m in mods)
+    adapter = next(iter(kinds)) if len(kinds) == 1 else "mixed: " + _counts(kinds.elements())
+    per_comp = []
+    for comp, cm in sorted(parsed.modules.items(), key=lambda item: COMPONENTS.index(item[0])):
+        n_conv = sum(1 for m in cm.values() if m.is_conv)
+        per_comp.append(f"{comp} {len(cm)} (Linear {len(cm) - n_conv}, Conv2d {n_conv})")
+    params = sum(m.a.numel() + m.b.numel() + (0 if m.magnitude is None else m.magnitude.numel()) for m in mods)
+    alphas = _counts([m.alpha for m in mods])
+    if any(m.use_rslora for m in mods):
+        alphas += " (rsLoRA: scale alpha/sqrt(rank))"
+    out = {
+        "dialect": dialect,
+        "adapter": adapter,
+        "rank": _counts([m.rank for m in mods]),
+        "alpha": alphas,
+        "modules": "; ".join(per_comp),
+        "parameters": f"{params:,}",
+        "base model": _likely_base(parsed),
+    }
+    meta = [f"{k}={parsed.metadata[k]}" for k in _SHOWN_METADATA if k in parsed.metadata]
+    if meta:
+        out["metadata"] = "; ".join(meta)
+    return out
+
+
+def add_inspect_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "inspect",
+        help="describe an adapter file",
+        description="Print an adapter file's dialect, DoRA/LoRA and norm axis, ranks, alphas, module counts per "
+        "component (Linear vs Conv2d), parameter count and likely base model.",
+    )
+    p.add_argument("file", help="adapter .safetensors file (or a directory holding one)")
+    p.set_defaults(func=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    path, parsed = read_adapter(args.file)
+    rows = {"file": str(path), **describe(parsed)}
+    width = max(map(len, rows)) + 1
+    for key, value in rows.items():
+        print(f"{key + ':':<{width}} {value}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+SUBCOMMANDS = [add_convert_parser, add_inspect_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="DoRA adapters for SDXL: file tools.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``dora-diffusion`` with ``argv`` (default: the process arguments); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, usage errors (argparse already printed)
+        return int(exit_.code or 0)
+    try:
+        return args.func(args)
+    except (AdapterFileError, ValueError, OSError) as err:
+        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
