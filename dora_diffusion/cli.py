@@ -2,7 +2,7 @@
 
 Each subcommand is a pair of functions: ``add_<name>_parser(subparsers)`` declares its arguments and sets
 ``func`` to ``run_<name>(args) -> int``. Add a subcommand by writing the pair and listing the first in
-``SUBCOMMANDS``. Errors a user can fix print one line to stderr and give exit status 1.
+``SUBCOMMANDS``. Errors a user can fix print one line to stderr and give a non-zero exit status (1 for a bad file, 2 for bad arguments).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .formats import (
     to_diffusers,
     write_safetensors,
 )
+from .analysis import add_analyze_parser
 from .formats.kohya import PREFIXES, key_prefix, to_kohya, to_sdxl_names, unet_naming
 
 PROG = "dora-diffusion"
@@ -198,11 +199,11 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- entry point
 
-SUBCOMMANDS = [add_convert_parser, add_inspect_parser]
+SUBCOMMANDS = [add_convert_parser, add_inspect_parser, add_analyze_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="DoRA adapters for SDXL: file tools.")
+    parser = argparse.ArgumentParser(prog=PROG, description="DoRA adapters for SDXL: convert and inspect adapter files, analyze what they changed.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:

@@ -179,3 +179,23 @@ def test_inspect_legacy_mixed_and_sdxl_sized(tmp_path, capsys) -> None:
     assert info["base model"] == "SDXL (UNet cross-attention width 2048)"
     assert info["adapter"] == "mixed: DoRA, per-output norm (1 module), LoRA (1 module)"
     assert info["alpha"] == "8 (2 modules)"  # no alpha key: alpha = rank
+
+
+def test_cli_analyze_end_to_end(tmp_path) -> None:
+    """`dora-diffusion analyze` through main(): a CSV with one row per module and a PNG that opens."""
+    import csv
+
+    from PIL import Image
+
+    from conftest import make_adapter_file
+    from dora_diffusion.cli import main
+    from dora_diffusion.testing import save_tiny_sdxl_pipeline
+
+    base = save_tiny_sdxl_pipeline(tmp_path / "base")
+    adapter = make_adapter_file(tmp_path / "dora", seed=4, targets="attn", text=False)
+    assert main(["analyze", "--base", str(base), str(adapter), "--out", str(tmp_path / "out")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "out" / "analysis.csv")))
+    assert len(rows) > 0 and all(float(r["delta_M"]) >= 0 and float(r["delta_D"]) >= 0 for r in rows)
+    with Image.open(tmp_path / "out" / "analysis.png") as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+    assert main(["analyze", "--base", str(tmp_path / "missing"), str(adapter)]) == 2
