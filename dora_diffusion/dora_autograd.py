@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 _TINY = 1e-30
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def _channels(t: torch.Tensor, is_conv: bool) -> torch.Tensor:

@@ -1,0 +1,16 @@
+"""DreamBooth training of DoRA / LoRA adapters for SDXL (``train_dreambooth_dora.py``).
+
+``main(argv)`` runs the whole script and returns the output folder; ``parse_args(argv)`` only parses.
+Modules: ``args`` (flags), ``data`` (reading images and captions), ``dataset`` (crops, micro-conditioning,
+batch order), ``prior`` (class images), ``models`` (SDXL components, adapters), ``loss``, ``optim``,
+``checkpoint``, ``rundir`` (output folder rules), ``validation``, ``summary``, ``model_card``, ``hub``,
+``loop`` (the run).
+"""
+
+from .args import parse_args
+from .checkpoint import list_checkpoints
+from .data import DatasetError
+from .loop import TrainingError, main, train
+from .rundir import OutputDirError
+
+__all__ = ["DatasetError", "OutputDirError", "TrainingError", "list_checkpoints", "main", "parse_args", "train"]

@@ -1,0 +1,291 @@
+"""Command-line flags of ``train_dreambooth_dora.py``: parsing, checks, and the defaults that depend on the machine.
+
+Flag names follow diffusers' ``train_dreambooth_lora_sdxl_advanced.py`` wherever the two scripts share a meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+"""The default base model."""
+SDXL_FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
+"""The VAE used with ``SDXL_BASE`` by default: SDXL's own VAE overflows in fp16."""
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+OPTIONAL_PACKAGES = {
+    "adamw8bit": ("bitsandbytes", "bitsandbytes"),
+    "prodigy": ("prodigyopt", "prodigyopt"),
+    "wandb": ("wandb", "wandb"),
+    "tensorboard": ("tensorboard", "tensorboard"),
+}
+"""What an option needs: option value -> (module to import, pip package)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (every flag with its default and a one-line help)."""
+    p = argparse.ArgumentParser(
+        prog="train_dreambooth_dora.py",
+        description="DreamBooth DoRA (or LoRA) adapters for SDXL. "
+        "Example: accelerate launch train_dreambooth_dora.py --dataset linoyts/3d_icon",
+    )
+    add = p.add_argument
+
+    g = p.add_argument_group("model")
+    add = g.add_argument
+    add("--pretrained_model_name_or_path", default=SDXL_BASE, help="SDXL base: Hub id or local diffusers directory.")
+    add(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help=f"VAE to train and validate with. Default: {SDXL_FP16_FIX_VAE} when the base is {SDXL_BASE}, "
+        "otherwise the base's own vae. 'none' always uses the base's own vae.",
+    )
+    add("--revision", default=None, help="Hub revision of the base model.")
+    add("--variant", default=None, help="Weight variant of the base model files, e.g. fp16.")
+    add("--cache_dir", default=None, help="Where downloaded models and datasets are cached.")
+
+    g = p.add_argument_group("data")
+    add = g.add_argument
+    add(
+        "--dataset",
+        "--dataset_name",
+        "--instance_data_dir",
+        dest="dataset",
+        required=True,
+        help="Hub dataset id, or a local folder: an imagefolder with metadata.jsonl/.csv, images with same-name "
+        ".txt captions, or images only (then give --instance_prompt).",
+    )
+    add("--dataset_config_name", default=None, help="Config name of a Hub dataset.")
+    add("--image_column", default="image", help="Dataset column holding the images.")
+    add("--caption_column", default=None, help="Dataset column holding the captions (default: detect prompt/text/caption).")
+    add("--instance_prompt", default=None, help="Caption for images that have none; also the trigger words in the model card.")
+    add("--repeats", type=int, default=1, help="How many times each image appears in one epoch.")
+    add("--resolution", type=int, default=1024, help="Square training resolution in pixels (a multiple of 8).")
+    add("--center_crop", action="store_true", help="Crop the centre after resizing (default: a random crop).")
+    add("--random_flip", action="store_true", help="Flip half of the images horizontally.")
+    add("--dataloader_num_workers", type=int, default=0, help="Worker processes that prepare images.")
+
+    g = p.add_argument_group("prior preservation")
+    add = g.add_argument
+    add("--with_prior_preservation", action="store_true", help="Add a prior-preservation loss on class images.")
+    add("--class_prompt", default=None, help="Prompt of the class images, e.g. 'a 3d icon'.")
+    add("--class_data_dir", default=None, help="Folder of class images; missing ones are generated with the base model.")
+    add("--num_class_images", type=int, default=100, help="Number of class images to use (and generate if missing).")
+    add("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
+    add("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
+    add("--prior_generation_steps", type=int, default=30, help="Denoising steps per generated class image.")
+
+    g = p.add_argument_group("adapter")
+    add = g.add_argument
+    add("--adapter", choices=("dora", "lora"), default="dora", help="DoRA (magnitude + direction) or plain LoRA.")
+    add("--rank", type=int, default=8, help="Rank r of the low-rank update.")
+    add("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha / rank (default alpha = rank).")
+    add("--dropout", type=float, default=0.0, help="Dropout on the input of the low-rank path.")
+    add("--rslora", action="store_true", help="Scale by alpha / sqrt(rank) (rank-stabilised LoRA).")
+    add(
+        "--unet_targets",
+        default="attn",
+        help="UNet modules to adapt: a preset (attn, attn_ff, all), comma-separated module names, or re:<regex>.",
+    )
+    add("--train_text_encoder", action="store_true", help="Also adapt both CLIP text encoders.")
+    add("--text_encoder_targets", default="attn", help="Text-encoder modules: a preset (attn, all), names, or re:<regex>.")
+    add("--text_encoder_lr", type=float, default=5e-6, help="Learning rate of the text-encoder adapters.")
+
+    g = p.add_argument_group("optimisation")
+    add = g.add_argument
+    add("--optimizer", choices=("adamw", "adamw8bit", "prodigy"), default="adamw", type=str.lower, help="Optimizer.")
+    add("--learning_rate", type=float, default=1e-4, help="Learning rate of the UNet adapter (prodigy: use 1.0).")
+    add("--scale_lr", action="store_true", help="Multiply the learning rates by batch size x accumulation x processes.")
+    add("--adam_beta1", type=float, default=0.9)
+    add("--adam_beta2", type=float, default=0.999)
+    add("--adam_epsilon", type=float, default=1e-8)
+    add("--adam_weight_decay", type=float, default=1e-4, help="Weight decay of A and B (never of the magnitudes).")
+    add("--prodigy_beta3", type=float, default=None, help="Prodigy beta3 (default: sqrt(beta2)).")
+    on_off(g, "prodigy_decouple", True, "Prodigy: AdamW-style decoupled weight decay.")
+    on_off(g, "prodigy_use_bias_correction", True, "Prodigy: Adam's bias correction.")
+    on_off(g, "prodigy_safeguard_warmup", True, "Prodigy: safeguard the step-size estimate during warm-up.")
+    add("--lr_scheduler", choices=SCHEDULERS, default="constant", help="Learning-rate schedule.")
+    add("--lr_warmup_steps", type=int, default=0, help="Linear warm-up steps (schedules other than 'constant').")
+    add("--lr_num_cycles", type=int, default=1, help="Restarts of cosine_with_restarts.")
+    add("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    add("--train_batch_size", type=int, default=1, help="Images per process per micro-batch.")
+    add("--gradient_accumulation_steps", type=int, default=4, help="Micro-batches per optimizer step.")
+    add("--max_train_steps", type=int, default=None, help="Optimizer steps (default 500, or --num_train_epochs).")
+    add("--num_train_epochs", type=int, default=None, help="Train this many epochs when --max_train_steps is not given.")
+    add("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is usual).")
+    add("--noise_offset", type=float, default=0.0, help="Noise offset (0.05-0.1 helps very dark/bright images).")
+    add("--cache_latents", action="store_true", help="Encode every image with the VAE once, before training.")
+    add("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: bf16 where supported, else fp16; no on CPU.")
+    on_off(g, "gradient_checkpointing", True, "Recompute activations in the backward pass to save memory.")
+    add("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere GPUs.")
+    add("--seed", type=int, default=0, help="Seed of everything random (data order, crops, noise, validation).")
+
+    g = p.add_argument_group("validation and logging")
+    add = g.add_argument
+    add("--validation_prompt", default=None, help="Prompt rendered during and after training.")
+    add("--num_validation_images", type=int, default=4, help="Images per validation (seeds seed, seed+1, ...).")
+    add("--validation_steps", type=int, default=None, help="Validate every N steps (always once at the end).")
+    add("--validation_inference_steps", type=int, default=25, help="Denoising steps of validation images.")
+    add("--validation_guidance_scale", type=float, default=5.0, help="Guidance scale of validation images.")
+    add("--report_to", choices=("tensorboard", "wandb", "none"), default=None, help="Tracker (default: tensorboard if installed).")
+    add("--logging_dir", default="logs", help="Tracker directory, relative to output_dir.")
+
+    g = p.add_argument_group("checkpoints and output")
+    add = g.add_argument
+    add("--output_dir", default=None, help="Default: <dataset name>-sdxl-<adapter> in the current directory.")
+    add("--overwrite_output_dir", action="store_true", help="Replace a previous run in output_dir.")
+    add("--checkpointing_steps", type=int, default=250, help="Save a resumable checkpoint every N steps (0: never).")
+    add("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory.")
+    add("--export_kohya", action="store_true", help="Also write <name>_kohya.safetensors for ComfyUI / A1111.")
+    add("--push_to_hub", action="store_true", help="Upload output_dir to the Hugging Face Hub at the end.")
+    add("--hub_model_id", default=None, help="Hub repo id (default: the output_dir name under your account).")
+    add("--hub_token", default=None, help="Hub token (default: the one saved by `hf auth login`).")
+    add("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p
+
+
+def on_off(group, name: str, default: bool, help: str) -> None:
+    """``--name`` / ``--no_name`` (underscores, like every other flag here)."""
+    group.add_argument(f"--{name}", dest=name, action="store_true", default=default, help=f"{help} Default {'on' if default else 'off'}; --no_{name} turns it off.")
+    group.add_argument(f"--no_{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the flags; defaults that need no machine knowledge are resolved here.
+
+    Errors exit with argparse's usage message, naming the flag.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.max_train_steps is None and args.num_train_epochs is None:
+        args.max_train_steps = 500
+    if args.alpha is None:
+        args.alpha = float(args.rank)
+    args.pretrained_vae_model_name_or_path = resolve_vae(
+        args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path
+    )
+    if args.output_dir is None:
+        args.output_dir = default_output_dir(args.dataset, args.adapter)
+    if args.report_to is None:
+        args.report_to = "tensorboard" if _installed("tensorboard") else "none"
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` naming the first flag whose value cannot work."""
+    if args.resolution <= 0 or args.resolution % 8:
+        raise ValueError(
+            f"--resolution {args.resolution} is not a positive multiple of 8; SDXL's VAE downsamples by 8 "
+            "(use e.g. 1024, 768 or 512)"
+        )
+    positive = ("rank", "repeats", "train_batch_size", "gradient_accumulation_steps", "num_validation_images")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("max_train_steps", "num_train_epochs", "validation_steps", "checkpoints_total_limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        raise ValueError("--overwrite_output_dir and --resume_from_checkpoint contradict each other; pass one")
+    if args.checkpointing_steps < 0:
+        raise ValueError(f"--checkpointing_steps must be >= 0, got {args.checkpointing_steps}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.alpha is not None and args.alpha <= 0:
+        raise ValueError(f"--alpha must be positive, got {args.alpha}")
+    if args.with_prior_preservation:
+        missing = [f"--{n}" for n in ("class_prompt", "class_data_dir") if not getattr(args, n)]
+        if missing:
+            raise ValueError(f"--with_prior_preservation needs {' and '.join(missing)}")
+        if args.num_class_images < 1:
+            raise ValueError(f"--num_class_images must be at least 1, got {args.num_class_images}")
+    if args.export_kohya and not _installed("dora_diffusion.formats.kohya"):
+        raise ValueError("--export_kohya needs dora_diffusion.formats.kohya, which this install does not have")
+    for option in (args.optimizer, args.report_to):
+        if option in OPTIONAL_PACKAGES:
+            module, package = OPTIONAL_PACKAGES[option]
+            if not _installed(module):
+                flag = "--optimizer" if option == args.optimizer else "--report_to"
+                raise ValueError(f"{flag} {option} needs the optional package {package}: pip install {package}")
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def resolve_vae(base: str, vae: str | None) -> str | None:
+    """The VAE to load, or None for the base's own.
+
+    Rule: with no ``--pretrained_vae_model_name_or_path``, the fp16-fix VAE replaces SDXL base's VAE only
+    when the base is the Hub id ``stabilityai/stable-diffusion-xl-base-1.0``; any other base (a local
+    directory, a fine-tune) keeps its own vae. ``none`` always keeps the base's vae.
+    """
+    if vae is None:
+        return SDXL_FP16_FIX_VAE if base.rstrip("/") == SDXL_BASE else None
+    if vae.lower() == "none":
+        return None
+    return vae
+
+
+def default_output_dir(dataset: str, adapter: str) -> str:
+    """``<last part of the dataset name>-sdxl-<adapter>``: ``linoyts/3d_icon`` -> ``3d_icon-sdxl-dora``."""
+    name = Path(dataset.rstrip("/\\")).name or "dataset"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "dataset"
+    return f"{name}-sdxl-{adapter}"
+
+
+def resolve_mixed_precision(requested: str | None, device_type: str) -> str:
+    """``--mixed_precision``, or the default: bf16 on a GPU that supports it, fp16 on other GPUs, no on CPU."""
+    if requested is not None:
+        return requested
+    if device_type == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device_type in ("mps", "xpu", "npu"):
+        return "fp16"
+    return "no"
+
+
+def parse_targets(value: str) -> str | list[str]:
+    """A ``--*_targets`` value as ``AdapterConfig.targets``: preset name, list of names, or regex."""
+    value = value.strip()
+    if value in ("attn", "attn_ff", "all"):
+        return value
+    if value.startswith("re:"):
+        return value[3:]
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise ValueError("empty target list")
+    return names
+
+
+RUN_KEYS = (
+    "pretrained_model_name_or_path",
+    "pretrained_vae_model_name_or_path",
+    "dataset",
+    "adapter",
+    "rank",
+    "alpha",
+    "rslora",
+    "unet_targets",
+    "train_text_encoder",
+    "text_encoder_targets",
+)
+"""Settings that define the adapter being trained: a checkpoint made with other values cannot be resumed."""
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """The flags worth recording in ``training_args.json`` and the model card (JSON-serialisable)."""
+    skip = {"hub_token", "local_rank", "overwrite_output_dir", "resume_from_checkpoint"}
+    return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in sorted(vars(args).items()) if k not in skip}

@@ -1,0 +1,163 @@
+"""Resumable checkpoints ``output_dir/checkpoint-N/``, written atomically.
+
+A checkpoint is first written to a hidden temporary folder next to it and then renamed into place, so a
+crash mid-save leaves the previous checkpoints untouched and never a half-written ``checkpoint-N``.
+
+Contents: ``adapter_state.safetensors`` (the trained parameters, fp32, by parameter name),
+``optimizer.pt``, ``lr_scheduler.pt``, ``grad_scaler.pt`` (fp16 only), ``training_state.json``
+(written last) and ``pytorch_lora_weights.safetensors``, loadable with ``pipe.load_dora_weights(checkpoint)``.
+RNG states are not stored: every micro-batch reseeds from ``(seed, micro-batch, process)``, so the
+random stream after a resume is the uninterrupted run's by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "training_state.json"
+TMP_PREFIX = ".tmp-checkpoint-"
+
+
+@dataclass
+class TrainingState:
+    """Counters that place a checkpoint in the run."""
+
+    global_step: int
+    micro_batch: int
+    """Global micro-batches consumed (the data position)."""
+    num_processes: int
+    train_batch_size: int
+    gradient_accumulation_steps: int
+    seed: int
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest (lowest step) first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = CHECKPOINT_RE.match(child.name)
+        if m and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(m.group(1)), child))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(output_dir: str | os.PathLike, value: str | None) -> Path | None:
+    """The checkpoint ``--resume_from_checkpoint`` names: ``latest`` (None if there is none yet) or a path
+    (absolute, or a name inside ``output_dir``)."""
+    if value is None:
+        return None
+    if value == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(value)
+    for candidate in (path, Path(output_dir) / path):
+        if candidate.is_dir():
+            if not (candidate / STATE_FILE).is_file():
+                raise FileNotFoundError(f"--resume_from_checkpoint {value}: {candidate} is not a complete checkpoint")
+            return candidate
+    raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint (looked in {Path(output_dir)})")
+
+
+def remove_stale_temporaries(output_dir: str | os.PathLike) -> None:
+    """Delete half-written checkpoints left by a crash."""
+    root = Path(output_dir)
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith(TMP_PREFIX) and child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    state: TrainingState,
+    named_params: list[tuple[str, nn.Parameter]],
+    optimizer,
+    lr_scheduler,
+    grad_scaler=None,
+    write_weights=None,
+    total_limit: int | None = None,
+) -> Path:
+    """Write ``checkpoint-<global_step>`` atomically; then keep only the newest ``total_limit`` checkpoints.
+
+    ``write_weights(directory)`` adds the loadable adapter file. Call on the main process only.
+    """
+    root = Path(output_dir)
+    final = root / f"checkpoint-{state.global_step}"
+    tmp = root / f"{TMP_PREFIX}{state.global_step}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        params = {name: p.detach().float().cpu().contiguous() for name, p in named_params}
+        save_file(params, tmp / "adapter_state.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+        if grad_scaler is not None:
+            torch.save(grad_scaler.state_dict(), tmp / "grad_scaler.pt")
+        if write_weights is not None:
+            write_weights(tmp)
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
+        for f in tmp.iterdir():
+            _fsync(f)
+        if final.exists():  # a checkpoint of an earlier attempt at the same step: swap it out
+            old = root / f"{TMP_PREFIX}old-{state.global_step}-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if total_limit is not None:
+        for stale in list_checkpoints(root)[:-total_limit]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    named_params: list[tuple[str, nn.Parameter]],
+    optimizer,
+    lr_scheduler,
+    grad_scaler=None,
+) -> TrainingState:
+    """Restore parameters, optimizer, schedule and counters from ``path``; every process calls this."""
+    path = Path(path)
+    state = TrainingState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+    saved = load_file(path / "adapter_state.safetensors")
+    names = [n for n, _ in named_params]
+    missing, unexpected = sorted(set(names) - set(saved)), sorted(set(saved) - set(names))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not match this run's adapter ({len(missing)} parameters missing, e.g. "
+            f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); was it made with other "
+            "--adapter/--rank/--unet_targets/--train_text_encoder settings?"
+        )
+    with torch.no_grad():
+        for name, p in named_params:
+            if saved[name].shape != p.shape:
+                raise ValueError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, expected {tuple(p.shape)}")
+            p.copy_(saved[name])
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
+    if grad_scaler is not None and (path / "grad_scaler.pt").is_file():
+        grad_scaler.load_state_dict(torch.load(path / "grad_scaler.pt", weights_only=True))
+    return state

@@ -1,0 +1,193 @@
+"""Training samples: resize + crop + flip with SDXL micro-conditioning, and the order micro-batches come in.
+
+Everything random here is a pure function of ``(seed, index)``: a sample's crop and flip are drawn once per
+dataset item (each ``--repeats`` copy draws its own, as in diffusers), and the order of epoch ``e`` is a
+permutation seeded by ``(seed, e)``. So cached latents equal fresh ones and a resumed run sees exactly the
+micro-batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import Record
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (``numpy.random.SeedSequence``)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+# stream ids for derive_seed, so different uses never share a seed
+AUGMENT, CLASS_AUGMENT, EPOCH_ORDER, STEP_NOISE, CLASS_GENERATION, ADAPTER_INIT = range(6)
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """Where a sample comes from: resize to ``resized`` (w, h), crop ``resolution`` at (top, left), maybe flip."""
+
+    original_size: tuple[int, int]
+    """(height, width) of the image before resizing."""
+    resized: tuple[int, int]
+    """(width, height) after resizing the short side to the resolution."""
+    top: int
+    left: int
+    flip: bool
+    resolution: int
+
+    @property
+    def crop_top_left(self) -> tuple[int, int]:
+        """(top, left) of the crop in the image the model sees: after a flip, left counts from the flipped side."""
+        width = self.resized[0]
+        left = width - self.resolution - self.left if self.flip else self.left
+        return self.top, left
+
+    def time_ids(self) -> torch.Tensor:
+        """SDXL's micro-conditioning: original size, crop top-left, target size, (6,) float32."""
+        values = (*self.original_size, *self.crop_top_left, self.resolution, self.resolution)
+        return torch.tensor(values, dtype=torch.float32)
+
+
+def plan_crop(size: tuple[int, int], resolution: int, center_crop: bool, random_flip: bool, seed: int) -> CropPlan:
+    """The resize/crop/flip of an image of ``size`` (w, h), drawn from ``seed``."""
+    w, h = size
+    scale = resolution / min(w, h)
+    rw, rh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    rng = random.Random(seed)
+    if center_crop:
+        top, left = int(round((rh - resolution) / 2)), int(round((rw - resolution) / 2))
+    else:
+        top, left = rng.randint(0, rh - resolution), rng.randint(0, rw - resolution)
+    flip = random_flip and rng.random() < 0.5
+    return CropPlan((h, w), (rw, rh), top, left, flip, resolution)
+
+
+def apply_crop(image: Image.Image, plan: CropPlan) -> torch.Tensor:
+    """Resize (Lanczos), crop and flip ``image``; pixels in [-1, 1], (3, res, res) float32."""
+    if image.size != plan.resized:
+        image = image.resize(plan.resized, Image.Resampling.LANCZOS)
+    r = plan.resolution
+    image = image.crop((plan.left, plan.top, plan.left + r, plan.top + r))
+    if plan.flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (res, res, 3)
+    return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class DreamBoothDataset(torch.utils.data.Dataset):
+    """Instance images (``len(records) * repeats`` items), each paired with class image ``i % len(class_records)``.
+
+    ``dataset[i]`` is a dict with ``index``, ``caption``, ``time_ids`` and ``pixels`` (omitted when
+    ``with_pixels`` is False, i.e. when latents are cached), plus the same keys prefixed ``class_`` with
+    prior preservation.
+    """
+
+    def __init__(
+        self,
+        records: list[Record],
+        resolution: int,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        repeats: int = 1,
+        seed: int = 0,
+        class_records: list[Record] | None = None,
+        class_prompt: str | None = None,
+    ) -> None:
+        if not records:
+            raise ValueError("DreamBoothDataset needs at least one image")
+        self.records = records
+        self.repeats = repeats
+        self.class_records = class_records or []
+        self.class_prompt = class_prompt
+        self.with_pixels = True
+        self.plans = [
+            plan_crop(records[i % len(records)].image.size, resolution, center_crop, random_flip, derive_seed(seed, AUGMENT, i))
+            for i in range(len(records) * repeats)
+        ]
+        self.class_plans = [
+            plan_crop(r.image.size, resolution, center_crop, random_flip, derive_seed(seed, CLASS_AUGMENT, i))
+            for i, r in enumerate(self.class_records)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def class_index(self, index: int) -> int:
+        return index % len(self.class_records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index % len(self.records)]
+        item = {"index": index, "caption": record.caption, "time_ids": self.plans[index].time_ids()}
+        if self.with_pixels:
+            item["pixels"] = apply_crop(record.image, self.plans[index])
+        if self.class_records:
+            c = self.class_index(index)
+            item.update(class_index=c, class_caption=self.class_prompt, class_time_ids=self.class_plans[c].time_ids())
+            if self.with_pixels:
+                item["class_pixels"] = apply_crop(self.class_records[c].image, self.class_plans[c])
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack a micro-batch; class samples (prior preservation) come after the instance samples."""
+    batch = {
+        "index": torch.tensor([it["index"] for it in items]),
+        "captions": [it["caption"] for it in items],
+        "time_ids": torch.stack([it["time_ids"] for it in items]),
+    }
+    if "pixels" in items[0]:
+        batch["pixels"] = torch.stack([it["pixels"] for it in items])
+    if "class_caption" in items[0]:
+        batch["class_index"] = torch.tensor([it["class_index"] for it in items])
+        batch["captions"] += [it["class_caption"] for it in items]
+        batch["time_ids"] = torch.cat([batch["time_ids"], torch.stack([it["class_time_ids"] for it in items])])
+        if "pixels" in batch:
+            batch["pixels"] = torch.cat([batch["pixels"], torch.stack([it["class_pixels"] for it in items])])
+    return batch
+
+
+class MicroBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Endless micro-batches of dataset indices for one process, starting at global micro-batch ``start``.
+
+    Epoch ``e`` is a permutation seeded by ``(seed, e)``, padded by wrapping around so every process gets
+    full batches; global micro-batch ``j`` of the epoch holds ``batch_size * num_processes`` indices and
+    process ``rank`` takes its slice.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, num_processes: int, rank: int, seed: int, start: int = 0) -> None:
+        self.num_items, self.batch_size, self.num_processes, self.rank = num_items, batch_size, num_processes, rank
+        self.seed, self.start = seed, start
+        self.per_epoch = -(-num_items // (batch_size * num_processes))
+        """Micro-batches per epoch (ceil)."""
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, EPOCH_ORDER, epoch))
+        order = torch.randperm(self.num_items, generator=g).tolist()
+        need = self.per_epoch * self.batch_size * self.num_processes
+        while len(order) < need:
+            order += order[: need - len(order)]
+        return order
+
+    def _take(self, order: list[int], pos: int) -> list[int]:
+        first = (pos * self.num_processes + self.rank) * self.batch_size
+        return order[first : first + self.batch_size]
+
+    def batch(self, j: int) -> list[int]:
+        """Indices of global micro-batch ``j`` for this process."""
+        epoch, pos = divmod(j, self.per_epoch)
+        return self._take(self.epoch_order(epoch), pos)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        j = self.start
+        while True:
+            epoch, pos = divmod(j, self.per_epoch)
+            order = self.epoch_order(epoch)  # once per epoch
+            for p in range(pos, self.per_epoch):
+                yield self._take(order, p)
+            j = (epoch + 1) * self.per_epoch

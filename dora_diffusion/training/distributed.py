@@ -1,0 +1,73 @@
+"""Several processes: the Accelerator, and keeping every process's copy of the adapter identical.
+
+Every process holds the whole (frozen) model; after each optimizer step's micro-batches the adapter
+gradients (a few MB) are averaged with one all-reduce. No DDP wrapper is needed, so parameters without a
+gradient (text_encoder's last layer, whose output SDXL does not use) and accumulation need no special care.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .args import resolve_mixed_precision
+
+
+def make_accelerator(args: argparse.Namespace, output_dir: Path):
+    """An ``accelerate.Accelerator`` for this run; resolves ``args.mixed_precision`` on the device.
+
+    Launched as several processes on a machine without CUDA (``accelerate launch --multi_gpu
+    --num_processes 2``, ``torchrun``), it asks accelerate for a gloo group on the CPU: without
+    ``cpu=True`` accelerate would let every process train alone.
+    """
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1
+    cpu = launched and not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    args.mixed_precision = resolve_mixed_precision(args.mixed_precision, state.device.type)
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != args.mixed_precision and state.num_processes == 1:
+        # a second in-process run (tests, the Gradio demo) with another precision
+        AcceleratorState._reset_state()
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=project,
+    )
+
+
+def average_gradients(params: list[nn.Parameter], accelerator) -> None:
+    """All-reduce (mean) the gradients of ``params`` across processes in one flat buffer."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if accelerator.num_processes == 1 or not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    flat = accelerator.reduce(flat, reduction="mean")
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def broadcast_parameters(params: list[nn.Parameter]) -> None:
+    """Make every process start from the main process's adapter (initial or resumed)."""
+    from accelerate.utils import broadcast
+
+    with torch.no_grad():
+        flat = broadcast(torch._utils._flatten_dense_tensors([p.data for p in params]), from_process=0)
+        for p, synced in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.data for p in params])):
+            p.copy_(synced)
+
+
+def adapters_in_sync(params: list[nn.Parameter], accelerator) -> bool:
+    """True if every process holds the same adapter (compared through one checksum per process)."""
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+    gathered = accelerator.gather(checksum)
+    return bool(torch.all(gathered == gathered[0]))

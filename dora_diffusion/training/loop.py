@@ -1,0 +1,363 @@
+"""DreamBooth training of a DoRA (or LoRA) adapter on SDXL: from parsed flags to a finished output folder.
+
+Several processes: see ``distributed.py``. Randomness: before micro-batch ``j`` every process reseeds torch from ``(seed, j, process)``; crops, flips
+and the data order are functions of the seed too (``dataset.py``). A resumed run therefore draws the
+same noise, timesteps, dropout masks and images as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..pipeline import save_adapter
+from .args import parse_args, run_settings
+from .checkpoint import (
+    TrainingState,
+    list_checkpoints,
+    load_checkpoint,
+    remove_stale_temporaries,
+    resolve_resume,
+    save_checkpoint,
+)
+from .data import load_records, trigger_words
+from .dataset import ADAPTER_INIT, STEP_NOISE, DreamBoothDataset, MicroBatchSampler, collate, derive_seed
+from .distributed import adapters_in_sync, average_gradients, broadcast_parameters, make_accelerator
+from .encode import LatentSource, PromptSource
+from .hub import create_hub_repo, upload_run
+from .loss import denoising_loss, sample_noise, target_for
+from .model_card import model_card, write_model_card
+from .models import (
+    ADAPTER_NAME,
+    Components,
+    add_training_adapters,
+    count_parameters,
+    enable_checkpointing,
+    load_components,
+    named_trainable,
+    vae_dtype,
+)
+from .optim import build_lr_scheduler, build_optimizer, param_groups
+from .prior import existing_class_images, generate_class_images, load_class_records
+from .rundir import SETTINGS_FILE, check_output_dir, clear_run, write_json_atomic
+from .steplog import StepLog
+from .summary import summary
+from .validation import log_images, render, save_images, validation_pipeline
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingError(RuntimeError):
+    """Training had to stop (e.g. the loss became NaN); the message says what is left on disk."""
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Run ``train_dreambooth_dora.py`` with ``argv`` (default: ``sys.argv[1:]``); returns the output folder."""
+    return train(parse_args(argv))
+
+
+@contextlib.contextmanager
+def on_device(modules: list[nn.Module], device: torch.device, offload: bool) -> Iterator[None]:
+    """Move offloaded modules to ``device`` for the block and back to the CPU after it."""
+    if offload:
+        for m in modules:
+            m.to(device)
+    try:
+        yield
+    finally:
+        if offload:
+            for m in modules:
+                m.to("cpu")
+
+
+def _show_logs(main_process: bool) -> None:
+    """Show dora_diffusion's INFO messages on the main process (others: errors only), leaving other loggers be."""
+    package = logging.getLogger("dora_diffusion")
+    if not main_process:
+        package.setLevel(logging.ERROR)
+        return
+    if package.level == logging.NOTSET:
+        package.setLevel(logging.INFO)
+    if not package.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+
+
+def _tracker_config(settings: dict) -> dict:
+    """Tracker hyper-parameters: scalars only (tensorboard refuses None and lists)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in settings.items()}
+
+
+def micro_batch_loss(
+    batch: dict,
+    components: Components,
+    latents: LatentSource,
+    prompts: PromptSource,
+    args: argparse.Namespace,
+    autocast,
+) -> torch.Tensor:
+    """The loss of one micro-batch (instance samples, then class samples with prior preservation)."""
+    unet, scheduler = components.unet, components.noise_scheduler
+    device = latents.device
+    z = latents.latents(batch)  # (N, 4, h, w)
+    noise = sample_noise(z, args.noise_offset)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (z.shape[0],), device=device)
+    noisy = scheduler.add_noise(z, noise, timesteps)
+    with autocast():
+        hidden, pooled = prompts.embeddings(batch["captions"])
+        pred = unet(
+            noisy,
+            timesteps,
+            encoder_hidden_states=hidden,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"].to(device)},
+        ).sample
+    target = target_for(scheduler, z, noise, timesteps)
+    num_class = len(batch["class_index"]) if "class_index" in batch else 0
+    return denoising_loss(pred, target, timesteps, scheduler, args.snr_gamma, num_class, args.prior_loss_weight)
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Train with parsed flags (see ``args.py``); returns the output folder.
+
+    The caller's torch RNG state is restored afterwards.
+    """
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args, output_dir)
+    device = accelerator.device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(derive_seed(args.seed, ADAPTER_INIT))  # the same initial adapter on every process
+        return _train(args, accelerator, output_dir)
+
+
+def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
+    main_process = accelerator.is_main_process
+    _show_logs(main_process)
+    device = accelerator.device
+    settings = {**run_settings(args), "num_processes": accelerator.num_processes}
+
+    # ---- data and output folder: fail fast, before any model is loaded
+    with accelerator.main_process_first():
+        loaded = load_records(
+            args.dataset, args.image_column, args.caption_column, args.instance_prompt, args.dataset_config_name, args.cache_dir
+        )
+    triggers = trigger_words([r.caption for r in loaded.records])
+    resume_path = resolve_resume(output_dir, args.resume_from_checkpoint)
+    check_output_dir(output_dir, settings, args.resume_from_checkpoint is not None, args.overwrite_output_dir)
+    num_items = len(loaded.records) * args.repeats
+    per_epoch = -(-num_items // (args.train_batch_size * accelerator.num_processes))
+    max_steps = args.max_train_steps or args.num_train_epochs * math.ceil(per_epoch / args.gradient_accumulation_steps)
+    args.max_train_steps = settings["max_train_steps"] = max_steps
+    accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes to it
+    if main_process:
+        if args.overwrite_output_dir:
+            clear_run(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(output_dir)
+        write_json_atomic(output_dir / SETTINGS_FILE, settings)
+        print(summary(args, loaded, triggers, accelerator.num_processes, resume_path, per_epoch), flush=True)
+    accelerator.wait_for_everyone()
+
+    # ---- models
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    with accelerator.main_process_first():
+        components = load_components(args)
+    weight_dtype = DTYPES[args.mixed_precision]
+    offload = device.type != "cpu"
+    text_offload = offload and not args.train_text_encoder
+    # nn.Module.to: diffusers' ModelMixin.to warns about "modules to keep in float32" even when there are none
+    nn.Module.to(components.unet, device, weight_dtype)
+    for te in (components.text_encoder, components.text_encoder_2):
+        te.to(device, dtype=weight_dtype)
+    nn.Module.to(components.vae, device, vae_dtype(components.vae, weight_dtype))
+    autocast = accelerator.autocast
+
+    class_records = None
+    if args.with_prior_preservation:
+        class_dir = Path(args.class_data_dir)
+        missing = args.num_class_images - len(existing_class_images(class_dir))
+        if missing > 0 and main_process:
+            logger.info("generating %d class images of %r in %s", missing, args.class_prompt, class_dir)
+            pipe = validation_pipeline(components, components.unet, device)
+            generate_class_images(
+                pipe, class_dir, args.class_prompt, missing, args.resolution, args.seed,
+                args.sample_batch_size, args.prior_generation_steps, autocast,
+            )  # fmt: skip
+            del pipe
+        accelerator.wait_for_everyone()
+        class_records = load_class_records(class_dir, args.class_prompt, args.num_class_images)
+
+    models = add_training_adapters(components, args)
+    named = named_trainable(models)
+    params = [p for _, p in named]
+    counted = count_parameters(models)
+    accelerator.print(counted, flush=True)
+    accelerator.print(f"training target: {components.noise_scheduler.config.prediction_type} (the scheduler config's)", flush=True)
+    if args.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            for te in (components.text_encoder, components.text_encoder_2):
+                enable_checkpointing(te)
+    for model in models.values():
+        model.train()
+
+    # ---- data pipeline
+    dataset = DreamBoothDataset(
+        loaded.records, args.resolution, args.center_crop, args.random_flip, args.repeats, args.seed,
+        class_records, args.class_prompt,
+    )  # fmt: skip
+    latents = LatentSource(components.vae, device, next(components.vae.parameters()).dtype)
+    prompts = PromptSource(components, device, trained=args.train_text_encoder)
+    if not args.train_text_encoder:
+        prompts.fill_cache([r.caption for r in loaded.records] + ([args.class_prompt] if class_records else []))
+        if text_offload:
+            components.text_encoder.to("cpu"), components.text_encoder_2.to("cpu")
+    if args.cache_latents:
+        latents.fill_cache(dataset)
+        if offload:
+            components.vae.to("cpu")
+
+    # ---- optimisation
+    lr_scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes if args.scale_lr else 1
+    optimizer = build_optimizer(param_groups(named, args, lr_scale), args)
+    lr_scheduler = build_lr_scheduler(optimizer, args, max_steps)
+    optimizer = accelerator.prepare(optimizer)
+    start_step, start_micro = 0, 0
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, named, optimizer, lr_scheduler, accelerator.scaler)
+        start_step, start_micro = state.global_step, state.micro_batch
+        layout = (accelerator.num_processes, args.train_batch_size, args.gradient_accumulation_steps, args.seed)
+        if layout != (state.num_processes, state.train_batch_size, state.gradient_accumulation_steps, state.seed):
+            logger.warning("resuming with another processes/batch/accumulation/seed layout: data order will differ")
+        accelerator.print(f"resumed from {resume_path} at step {start_step}", flush=True)
+    elif args.resume_from_checkpoint is not None:
+        accelerator.print(f"no checkpoint in {output_dir} yet; starting a new run", flush=True)
+
+    if accelerator.num_processes > 1:
+        broadcast_parameters(params)
+
+    if args.report_to != "none" and main_process:
+        accelerator.init_trackers("dora-dreambooth", config=_tracker_config(settings))
+
+    def write_weights(directory: Path, weight_name: str | None = None, format: str = "diffusers") -> Path:
+        meta = {"base_model": args.pretrained_model_name_or_path, "trigger_words": triggers, "training": {
+            k: settings[k] for k in ("adapter", "rank", "alpha", "resolution", "max_train_steps", "unet_targets",
+                                      "train_text_encoder", "text_encoder_targets", "seed")}}  # fmt: skip
+        return save_adapter(models, directory, ADAPTER_NAME, weight_name=weight_name, format=format, metadata=meta)
+
+    validated: dict[int, list[Path]] = {}
+
+    def validate(step: int) -> None:
+        if main_process:
+            pipe = validation_pipeline(components, components.unet, device)
+            movable = [components.text_encoder, components.text_encoder_2] if text_offload else []
+            movable += [components.vae] if args.cache_latents and offload else []
+            with on_device(movable, device, bool(movable)):
+                images = render(
+                    pipe, args.validation_prompt, args.num_validation_images, args.seed, args.resolution,
+                    args.validation_inference_steps, args.validation_guidance_scale, autocast,
+                )  # fmt: skip
+            validated[step] = save_images(images, output_dir, step)
+            log_images(accelerator.trackers, images, args.validation_prompt, step)
+        accelerator.wait_for_everyone()
+
+    # ---- the loop
+    from tqdm.auto import tqdm
+
+    sampler = MicroBatchSampler(
+        len(dataset), args.train_batch_size, accelerator.num_processes, accelerator.process_index, args.seed, start_micro
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.dataloader_num_workers
+    )
+    batches = iter(loader)
+    ga = args.gradient_accumulation_steps
+    step_log = StepLog(output_dir, start_step) if main_process else None
+    progress = tqdm(total=max_steps, initial=start_step, desc="steps", disable=not main_process, dynamic_ncols=True)
+    micro = start_micro
+    for step in range(start_step, max_steps):
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(ga):
+            torch.manual_seed(derive_seed(args.seed, STEP_NOISE, micro, accelerator.process_index))
+            batch = next(batches)
+            loss = micro_batch_loss(batch, components, latents, prompts, args, autocast)
+            accelerator.backward(loss / ga)
+            loss_sum += loss.detach()
+            micro += 1
+        average_gradients(params, accelerator)
+        mean_loss = accelerator.reduce(loss_sum / ga, reduction="mean") if accelerator.num_processes > 1 else loss_sum / ga
+        value = float(mean_loss)
+        if not math.isfinite(value):
+            if step_log is not None:
+                step_log.write(step + 1, value, lr_scheduler.get_last_lr()[0])
+            progress.close()
+            accelerator.end_training()
+            kept = list_checkpoints(output_dir)
+            raise TrainingError(
+                f"the loss became {value} at step {step + 1}; training stopped and nothing was saved for this step. "
+                + (f"The last checkpoint, {kept[-1]}, is intact: " if kept else "No checkpoint was written yet: ")
+                + "lower --learning_rate, keep --max_grad_norm, try --mixed_precision bf16, then "
+                + ("--resume_from_checkpoint latest." if kept else "start again.")
+            )
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        if not optimizer.step_was_skipped:
+            lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        global_step = step + 1
+        lr = lr_scheduler.get_last_lr()[0]
+        progress.update(1)
+        progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+        accelerator.log({"loss": value, "lr": lr}, step=global_step)
+        if step_log is not None:
+            step_log.write(global_step, value, lr)
+
+        if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+            if main_process:
+                state = TrainingState(
+                    global_step, micro, accelerator.num_processes, args.train_batch_size, ga, args.seed
+                )
+                save_checkpoint(
+                    output_dir, state, named, optimizer, lr_scheduler, accelerator.scaler, write_weights,
+                    args.checkpoints_total_limit,
+                )  # fmt: skip
+            accelerator.wait_for_everyone()
+        if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
+            validate(global_step)
+    progress.close()
+
+    # ---- outputs
+    if accelerator.num_processes > 1 and not adapters_in_sync(params, accelerator):
+        raise TrainingError(f"the {accelerator.num_processes} processes ended with different adapters; nothing was saved")
+    accelerator.wait_for_everyone()
+    if main_process:
+        write_weights(output_dir)
+        if args.export_kohya:
+            write_weights(output_dir, f"{output_dir.resolve().name}_kohya.safetensors", "kohya")
+    if args.validation_prompt and max_steps not in validated:
+        validate(max_steps)
+    if main_process:
+        repo_id = str(output_dir)
+        if args.push_to_hub:
+            repo_id = create_hub_repo(args.hub_model_id or output_dir.name, args.hub_token)
+        images = [str(p.relative_to(output_dir).as_posix()) for p in validated.get(max_steps, [])]
+        write_model_card(output_dir, model_card(settings, repo_id, triggers, images, str(counted)))
+        if args.push_to_hub:
+            upload_run(output_dir, repo_id, args.hub_token)
+            print(f"uploaded to https://huggingface.co/{repo_id}", flush=True)
+        print(f"saved {output_dir / 'pytorch_lora_weights.safetensors'}", flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return output_dir

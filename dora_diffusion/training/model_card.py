@@ -1,0 +1,129 @@
+"""The ``README.md`` model card of a trained adapter (Hugging Face Hub format, YAML front matter)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .args import SDXL_BASE
+
+CARD_SETTINGS = (
+    ("adapter", "adapter"),
+    ("rank", "rank"),
+    ("alpha", "alpha"),
+    ("rslora", "rsLoRA"),
+    ("dropout", "dropout"),
+    ("unet_targets", "UNet targets"),
+    ("train_text_encoder", "text encoders trained"),
+    ("text_encoder_targets", "text-encoder targets"),
+    ("optimizer", "optimizer"),
+    ("learning_rate", "learning rate"),
+    ("text_encoder_lr", "text-encoder learning rate"),
+    ("lr_scheduler", "lr schedule"),
+    ("lr_warmup_steps", "warm-up steps"),
+    ("max_train_steps", "steps"),
+    ("train_batch_size", "batch size per process"),
+    ("gradient_accumulation_steps", "gradient accumulation"),
+    ("num_processes", "processes"),
+    ("resolution", "resolution"),
+    ("mixed_precision", "mixed precision"),
+    ("snr_gamma", "Min-SNR gamma"),
+    ("noise_offset", "noise offset"),
+    ("with_prior_preservation", "prior preservation"),
+    ("seed", "seed"),
+    ("pretrained_vae_model_name_or_path", "VAE"),
+    ("dataset", "dataset"),
+)
+
+
+def _yaml(value: str) -> str:
+    """A YAML scalar (JSON strings are valid YAML)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def model_card(
+    settings: dict,
+    repo_id: str,
+    trigger_words: list[str],
+    validation_images: list[str],
+    parameter_summary: str,
+) -> str:
+    """The card text. ``repo_id`` is what the snippet loads (a Hub id or the output folder);
+    ``validation_images`` are paths relative to the card."""
+    base = settings["pretrained_model_name_or_path"]
+    kind = settings["adapter"]
+    label = "DoRA" if kind == "dora" else "LoRA"
+    prompt = settings.get("validation_prompt") or settings.get("instance_prompt") or " ".join(trigger_words) or "a photo"
+    front = ["---", "library_name: diffusers"]
+    if not Path(base).exists():  # a Hub id; a local folder means nothing on the Hub
+        front.insert(1, f"base_model: {_yaml(base)}")
+    if base == SDXL_BASE:
+        front.append("license: openrail++")
+    if settings.get("instance_prompt"):
+        front.append(f"instance_prompt: {_yaml(settings['instance_prompt'])}")
+    front += ["tags:", *(f"- {t}" for t in ("text-to-image", "diffusers", "stable-diffusion-xl", kind, "dora-diffusion", "template:sd-lora"))]
+    if validation_images:
+        front.append("widget:")
+        for path in validation_images:
+            front += [f"- text: {_yaml(prompt)}", "  output:", f"    url: {_yaml(path)}"]
+    front.append("---")
+
+    title = f"SDXL {label} adapter: {Path(repo_id).name}"
+    triggers = (
+        "Trigger words: " + ", ".join(f"`{w}`" for w in trigger_words) + " (use them in the prompt)."
+        if trigger_words
+        else "No trigger word was detected in the captions; prompt as the training captions do."
+    )
+    te_note = (
+        "The text encoders were trained too. diffusers' own `load_lora_weights` drops text-encoder DoRA "
+        "magnitudes under transformers 5, so load it with dora-diffusion as above."
+        if settings.get("train_text_encoder") and kind == "dora"
+        else "diffusers' own `pipe.load_lora_weights(...)` reads this file too."
+    )
+    rows = ["| setting | value |", "|---|---|"]
+    text_encoder_keys = ("text_encoder_targets", "text_encoder_lr")
+    for key, name in CARD_SETTINGS:
+        if key in text_encoder_keys and not settings.get("train_text_encoder"):
+            continue
+        if key in ("adapter", "rank", "seed") or settings.get(key) not in (None, False, "", 0, 0.0):
+            rows.append(f"| {name} | `{settings.get(key)}` |")
+    gallery = "\n".join(f"![validation image {i}]({p})" for i, p in enumerate(validation_images))
+    body = f"""
+# {title}
+
+A {label} adapter for `{base}`, trained with DreamBooth by dora-diffusion's `train_dreambooth_dora.py`.
+
+{triggers}
+
+## Use it
+
+```python
+import torch
+import dora_diffusion  # adds load_dora_weights and friends to diffusers pipelines
+from diffusers import StableDiffusionXLPipeline
+
+pipe = StableDiffusionXLPipeline.from_pretrained({base!r}, torch_dtype=torch.float16).to("cuda")
+pipe.load_dora_weights({repo_id!r})
+image = pipe({prompt!r}, num_inference_steps=30).images[0]
+image.save("out.png")
+```
+
+{te_note} The weights are `pytorch_lora_weights.safetensors` (diffusers/PEFT layout).
+
+## Validation images
+
+{("Prompt: `" + prompt + "`" + chr(10) + chr(10) + gallery) if validation_images else "No validation prompt was given."}
+
+## Training settings
+
+{parameter_summary}
+
+{chr(10).join(rows)}
+"""
+    return "\n".join(front) + "\n" + body
+
+
+def write_model_card(output_dir: str | Path, text: str) -> Path:
+    path = Path(output_dir) / "README.md"
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,172 @@
+"""The SDXL components a DreamBooth run needs, SDXL prompt encoding, and the adapters put on them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig
+from ..inject import add_adapter, adapted_layers, trainable_parameters
+from .args import parse_targets
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+"""Name of the adapter being trained (it is the only one)."""
+
+
+@dataclass
+class Components:
+    """Tokenizers, text encoders, VAE, UNet and the training noise scheduler of an SDXL model."""
+
+    tokenizer: object
+    tokenizer_2: object
+    text_encoder: nn.Module
+    text_encoder_2: nn.Module
+    vae: nn.Module
+    unet: nn.Module
+    noise_scheduler: object
+
+    def adaptable(self, train_text_encoder: bool) -> dict[str, nn.Module]:
+        """Component name -> model for the models that carry the trained adapter."""
+        models = {"unet": self.unet}
+        if train_text_encoder:
+            models.update(text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2)
+        return models
+
+
+def load_components(args: argparse.Namespace) -> Components:
+    """Load the base model (Hub id or local diffusers folder) and the chosen VAE, all frozen, in fp32 on the CPU."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    base = args.pretrained_model_name_or_path
+    hub = {"revision": args.revision, "cache_dir": args.cache_dir}
+    tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", use_fast=False, **hub)
+    tokenizer_2 = AutoTokenizer.from_pretrained(base, subfolder="tokenizer_2", use_fast=False, **hub)
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant, **hub)
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+        base, subfolder="text_encoder_2", variant=args.variant, **hub
+    )
+    if args.pretrained_vae_model_name_or_path is None:
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, **hub)
+    else:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **hub)
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **hub)
+    prediction = noise_scheduler.config.prediction_type
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ValueError(f"{base}: scheduler prediction_type {prediction!r} is not supported (epsilon, v_prediction)")
+    for model in (text_encoder, text_encoder_2, vae, unet):
+        model.requires_grad_(False)
+        model.eval()
+    return Components(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, noise_scheduler)
+
+
+def vae_dtype(vae: nn.Module, weight_dtype: torch.dtype) -> torch.dtype:
+    """fp32 for a VAE that overflows in fp16 (``force_upcast``), else ``weight_dtype``."""
+    if weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return torch.float32
+    return weight_dtype
+
+
+def add_training_adapters(components: Components, args: argparse.Namespace) -> dict[str, nn.Module]:
+    """Put a fresh ``ADAPTER_NAME`` adapter on the UNet (and the text encoders); returns the adapted models.
+
+    Call after the base weights have their training dtype, so the magnitudes start at exactly ``||W0||``
+    of the weights the forward pass uses. Adapter parameters are fp32 whatever the base dtype.
+    """
+    def config(targets: str) -> AdapterConfig:
+        return AdapterConfig(
+            rank=args.rank,
+            alpha=args.alpha,
+            use_dora=args.adapter == "dora",
+            dropout=args.dropout,
+            use_rslora=args.rslora,
+            targets=parse_targets(targets),
+        )
+
+    models = components.adaptable(args.train_text_encoder)
+    for name, model in models.items():
+        targets = args.unet_targets if name == "unet" else args.text_encoder_targets
+        try:
+            add_adapter(model, config(targets), ADAPTER_NAME)
+        except ValueError as err:
+            flag = "--unet_targets" if name == "unet" else "--text_encoder_targets"
+            raise ValueError(f"{flag} {targets!r}: {err}") from None
+    return models
+
+
+def enable_checkpointing(text_encoder: nn.Module) -> None:
+    """Non-reentrant activation checkpointing for a transformers model (gradients reach the adapters inside)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5
+        text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def named_trainable(models: dict[str, nn.Module]) -> list[tuple[str, nn.Parameter]]:
+    """``(component.parameter name, parameter)`` of the trained adapter, in a fixed order (checkpoint keys)."""
+    out = []
+    for comp, model in models.items():
+        wanted = {id(p) for p in trainable_parameters(model, ADAPTER_NAME)}
+        out += [(f"{comp}.{n}", p) for n, p in model.named_parameters() if id(p) in wanted]
+    return out
+
+
+@dataclass
+class ParameterCount:
+    """Trainable parameters split into the low-rank factors and the DoRA magnitude vectors."""
+
+    lowrank: int
+    magnitude: int
+    layers: int
+
+    @property
+    def total(self) -> int:
+        return self.lowrank + self.magnitude
+
+    def __str__(self) -> str:
+        return (
+            f"trainable parameters: {self.total:,} = {self.lowrank:,} low-rank (A, B) + {self.magnitude:,} magnitude "
+            f"in {self.layers} layers"
+        )
+
+
+def count_parameters(models: dict[str, nn.Module]) -> ParameterCount:
+    """Count the trained adapter's parameters."""
+    lowrank = magnitude = layers = 0
+    for model in models.values():
+        for layer in adapted_layers(model).values():
+            if ADAPTER_NAME not in layer.specs:
+                continue
+            layers += 1
+            lowrank += layer.lora_A[ADAPTER_NAME].numel() + layer.lora_B[ADAPTER_NAME].numel()
+            if ADAPTER_NAME in layer.lora_magnitude:
+                magnitude += layer.lora_magnitude[ADAPTER_NAME].numel()
+    return ParameterCount(lowrank, magnitude, layers)
+
+
+def encode_prompts(
+    components: Components, prompts: list[str], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL prompt embeddings: penultimate hidden states of both CLIP encoders concatenated, (N, 77, d1 + d2),
+    and text_encoder_2's pooled projection, (N, proj). Gradients flow when the encoders are trained."""
+    hidden = []
+    pooled = None
+    for tokenizer, encoder in (
+        (components.tokenizer, components.text_encoder),
+        (components.tokenizer_2, components.text_encoder_2),
+    ):
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])  # (N, 77, d)
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
+    return torch.cat(hidden, dim=-1), pooled

@@ -1,0 +1,73 @@
+"""The one-screen summary of resolved settings printed when training starts."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import lora_scale
+from .data import LoadedDataset
+
+
+def summary(
+    args: argparse.Namespace,
+    data: LoadedDataset,
+    triggers: list[str],
+    num_processes: int,
+    resume: Path | None,
+    micro_batches_per_epoch: int,
+) -> str:
+    """Aligned ``label  value`` lines, about 20 of them."""
+    kind = "DoRA" if args.adapter == "dora" else "LoRA"
+    scale = lora_scale(args.rank, args.alpha, args.rslora)
+    captions = f"captions from {data.caption_column!r}" if data.caption_column else (
+        "captions from .txt files" if data.source == "txt-captions" else f"instance prompt {args.instance_prompt!r}"
+    )
+    targets = f"UNet {args.unet_targets!r}" + (f" + both text encoders {args.text_encoder_targets!r}" if args.train_text_encoder else "")
+    lr = f"lr {args.learning_rate:g}" + (f" (text encoders {args.text_encoder_lr:g})" if args.train_text_encoder else "")
+    per_step = args.train_batch_size * args.gradient_accumulation_steps * num_processes
+    epochs = args.max_train_steps * args.gradient_accumulation_steps / micro_batches_per_epoch
+    crop = "centre crop" if args.center_crop else "random crop"
+    loss = [f"{'noise offset ' + format(args.noise_offset, 'g') if args.noise_offset else 'no noise offset'}"]
+    loss.append(f"Min-SNR gamma {args.snr_gamma:g}" if args.snr_gamma else "no Min-SNR")
+    if args.with_prior_preservation:
+        loss.append(f"prior preservation x{args.prior_loss_weight:g} ({args.num_class_images} x {args.class_prompt!r})")
+    validation = "none (no --validation_prompt)"
+    if args.validation_prompt:
+        when = f"every {args.validation_steps} steps and at the end" if args.validation_steps else "at the end"
+        validation = f"{args.num_validation_images} x {args.validation_prompt!r}, {when}"
+    checkpoints = f"every {args.checkpointing_steps} steps" if args.checkpointing_steps else "off"
+    if args.checkpointing_steps and args.checkpoints_total_limit:
+        checkpoints += f", keep {args.checkpoints_total_limit}"
+    rows = [
+        ("base model", args.pretrained_model_name_or_path),
+        ("VAE", args.pretrained_vae_model_name_or_path or "the base model's own"),
+        ("dataset", f"{args.dataset} ({data.source}, {len(data.records)} images, {captions}"
+         + (f", {len(data.skipped)} unreadable skipped" if data.skipped else "") + ")"),
+        ("trigger words", ", ".join(triggers) or "none found in the captions"),
+        ("images", f"{args.resolution}px, {crop}{', random flip' if args.random_flip else ''}, repeats {args.repeats}"),
+        ("adapter", f"{kind} rank {args.rank}, alpha {args.alpha:g} (scale {scale:g}{', rsLoRA' if args.rslora else ''}), "
+         f"dropout {args.dropout:g} on {targets}"),
+        ("optimizer", f"{args.optimizer} {lr}, weight decay {args.adam_weight_decay:g} (not on magnitudes), "
+         f"{args.lr_scheduler} schedule, {args.lr_warmup_steps} warm-up steps, clip {args.max_grad_norm:g}"),
+        ("batch", f"{args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x {num_processes} "
+         f"process{'es' if num_processes > 1 else ''} = {per_step} images per step"),
+        ("steps", f"{args.max_train_steps} ({epochs:.1f} epochs of {len(data.records) * args.repeats} images)"),
+        ("precision", f"{args.mixed_precision} (adapter parameters fp32), gradient checkpointing "
+         f"{'on' if args.gradient_checkpointing else 'off'}{', TF32' if args.allow_tf32 else ''}"),
+        ("latents / text", f"{'cached' if args.cache_latents else 'encoded every step'} / "
+         f"{'encoded every step (trained)' if args.train_text_encoder else 'precomputed'}"),
+        ("loss", ", ".join(loss)),
+        ("seed", str(args.seed)),
+        ("validation", validation),
+        ("checkpoints", checkpoints + (f"; resuming from {resume}" if resume else "")),
+        ("output", f"{args.output_dir}{' (overwriting)' if args.overwrite_output_dir else ''}"),
+        ("tracker", args.report_to + ("" if args.report_to == "none" else f" in {Path(args.output_dir) / args.logging_dir}")),
+    ]
+    if args.push_to_hub:
+        rows.append(("hub", f"push to {args.hub_model_id or Path(args.output_dir).name}"))
+    if args.export_kohya:
+        rows.append(("extra output", "kohya/ComfyUI file <output name>_kohya.safetensors"))
+    width = max(len(k) for k, _ in rows)
+    title = f"DreamBooth {kind} training for SDXL"
+    return "\n".join([title, "-" * len(title), *(f"{k.ljust(width)}  {v}" for k, v in rows)])

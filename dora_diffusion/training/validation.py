@@ -1,0 +1,89 @@
+"""Validation images during and after training: fixed seeds, saved to ``validation/step-N/``, sent to trackers."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .models import Components
+
+
+def validation_pipeline(components: Components, unet, device: torch.device):
+    """A ``StableDiffusionXLPipeline`` around the models being trained (no copy), with DPM-Solver++."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        text_encoder_2=components.text_encoder_2,
+        tokenizer=components.tokenizer,
+        tokenizer_2=components.tokenizer_2,
+        unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render(
+    pipe,
+    prompt: str,
+    num_images: int,
+    seed: int,
+    resolution: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    autocast=None,
+) -> list[Image.Image]:
+    """Image ``i`` uses a generator seeded ``seed + i``, so successive validations are comparable."""
+    device = pipe.unet.device
+    images = []
+    models = [m for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2) if m is not None]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        with torch.no_grad(), (autocast or contextlib.nullcontext)():
+            for i in range(num_images):
+                generator = torch.Generator(device=device).manual_seed(seed + i)
+                images += pipe(
+                    prompt,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    height=resolution,
+                    width=resolution,
+                    generator=generator,
+                ).images
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    return images
+
+
+def save_images(images: list[Image.Image], output_dir: Path, step: int) -> list[Path]:
+    """Write ``output_dir/validation/step-<step>/<i>.png``; returns the paths."""
+    folder = Path(output_dir) / "validation" / f"step-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"{i:02d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def log_images(trackers, images: list[Image.Image], prompt: str, step: int) -> None:
+    """Send the images to tensorboard (one NHWC grid per step) or wandb."""
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            stacked = np.stack([np.asarray(im) for im in images])  # (N, H, W, 3) uint8
+            tracker.writer.add_images("validation", stacked, step, dataformats="NHWC")
+            tracker.writer.flush()
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=f"{i}: {prompt}") for i, im in enumerate(images)]}, step=step)

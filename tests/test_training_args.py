@@ -1,0 +1,108 @@
+"""Flags of train_dreambooth_dora.py: the headline defaults, the VAE rule, and errors that name the flag."""
+
+from __future__ import annotations
+
+import pytest
+
+from dora_diffusion.training import args as targs
+from dora_diffusion.training import parse_args
+
+
+def test_headline_defaults():
+    a = parse_args(["--dataset", "linoyts/3d_icon"])
+    assert a.pretrained_model_name_or_path == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert a.pretrained_vae_model_name_or_path == "madebyollin/sdxl-vae-fp16-fix"
+    assert (a.resolution, a.adapter, a.rank, a.alpha, a.unet_targets) == (1024, "dora", 8, 8.0, "attn")
+    assert (a.optimizer, a.learning_rate, a.train_batch_size, a.gradient_accumulation_steps) == ("adamw", 1e-4, 1, 4)
+    assert (a.max_train_steps, a.gradient_checkpointing, a.seed) == (500, True, 0)
+    assert a.output_dir == "3d_icon-sdxl-dora"
+    assert a.caption_column is None  # detected from the dataset's columns
+    assert a.mixed_precision is None  # resolved on the device (test below)
+    assert a.report_to == ("tensorboard" if targs._installed("tensorboard") else "none")
+
+
+@pytest.mark.parametrize("flag", ["--dataset", "--dataset_name", "--instance_data_dir"])
+def test_dataset_aliases(flag):
+    assert parse_args([flag, "./photos"]).dataset == "./photos"
+
+
+def test_output_dir_and_alpha_follow_other_flags():
+    a = parse_args(["--dataset", "/data/my dogs/", "--adapter", "lora", "--rank", "16"])
+    assert a.output_dir == "my-dogs-sdxl-lora"
+    assert a.alpha == 16.0
+    assert parse_args(["--dataset", "x", "--num_train_epochs", "3"]).max_train_steps is None  # from epochs later
+
+
+@pytest.mark.parametrize(
+    ("base", "vae", "expected"),
+    [
+        ("stabilityai/stable-diffusion-xl-base-1.0", None, "madebyollin/sdxl-vae-fp16-fix"),
+        ("/models/tiny-sdxl", None, None),  # a local base keeps its own vae
+        ("someone/sdxl-finetune", None, None),
+        ("stabilityai/stable-diffusion-xl-base-1.0", "none", None),
+        ("stabilityai/stable-diffusion-xl-base-1.0", "None", None),
+        ("/models/tiny-sdxl", "my/vae", "my/vae"),
+    ],
+)
+def test_vae_rule(base, vae, expected):
+    assert targs.resolve_vae(base, vae) == expected
+
+
+def test_mixed_precision_default(monkeypatch):
+    assert targs.resolve_mixed_precision(None, "cpu") == "no"
+    assert targs.resolve_mixed_precision("fp16", "cpu") == "fp16"
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda: True)
+    assert targs.resolve_mixed_precision(None, "cuda") == "bf16"
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda: False)
+    assert targs.resolve_mixed_precision(None, "cuda") == "fp16"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--resolution", "1001"], "--resolution 1001 is not a positive multiple of 8"),
+        (["--resolution", "0"], "--resolution 0 is not a positive multiple of 8"),
+        (["--rank", "0"], "--rank must be at least 1"),
+        (["--dropout", "1.0"], "--dropout must be in [0, 1)"),
+        (["--with_prior_preservation"], "--with_prior_preservation needs --class_prompt and --class_data_dir"),
+        (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "contradict each other"),
+    ],
+)
+def test_bad_flags_name_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", "x", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_dataset_is_required(capsys):
+    with pytest.raises(SystemExit):
+        parse_args([])
+    assert "--dataset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "package"), [(["--optimizer", "prodigy"], "prodigyopt"), (["--optimizer", "adamw8bit"], "bitsandbytes"), (["--report_to", "wandb"], "wandb")])
+def test_missing_optional_package_is_a_clear_error(flags, package, monkeypatch, capsys):
+    monkeypatch.setattr(targs, "_installed", lambda module: False)
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", "x", *flags])
+    assert f"needs the optional package {package}: pip install {package}" in capsys.readouterr().err
+
+
+def test_report_to_defaults_to_none_without_tensorboard(monkeypatch):
+    monkeypatch.setattr(targs, "_installed", lambda module: False)
+    assert parse_args(["--dataset", "x"]).report_to == "none"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("attn", "attn"), ("attn_ff", "attn_ff"), ("to_q,to_v", ["to_q", "to_v"]), ("to_q", ["to_q"]), ("re:.*attn2.*to_k", ".*attn2.*to_k")],
+)
+def test_targets(value, expected):
+    assert targs.parse_targets(value) == expected
+
+
+def test_on_off_flags():
+    assert parse_args(["--dataset", "x", "--no_gradient_checkpointing"]).gradient_checkpointing is False
+    assert parse_args(["--dataset", "x", "--gradient_checkpointing"]).gradient_checkpointing is True
+    assert parse_args(["--dataset", "x", "--no_prodigy_decouple"]).prodigy_decouple is False
+

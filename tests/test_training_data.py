@@ -1,0 +1,243 @@
+"""Reading DreamBooth data: sources, captions, image modes, unreadable files, crops and micro-conditioning, order."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dora_diffusion.testing import make_toy_imagefolder, make_toy_images
+from dora_diffusion.training.data import DatasetError, load_records, looks_like_hub_id, to_rgb, trigger_words
+from dora_diffusion.training.dataset import (
+    DreamBoothDataset,
+    MicroBatchSampler,
+    apply_crop,
+    collate,
+    plan_crop,
+)
+
+
+def _write_folder(path, n, captions=None, size=32):
+    path.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(make_toy_images(n, size=size)):
+        im.save(path / f"{i:02d}.png")
+        if captions is not None and captions[i] is not None:
+            (path / f"{i:02d}.txt").write_text(captions[i] + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- sources and captions
+def test_imagefolder_with_metadata(tmp_path):
+    folder = make_toy_imagefolder(tmp_path / "d", n=3, size=32)
+    data = load_records(str(folder), cache_dir=str(tmp_path / "cache"))
+    assert (data.source, data.caption_column, len(data.records)) == ("imagefolder", "prompt", 3)
+    assert [r.caption for r in data.records] == ["a photo of TOK toy", "a photo of TOK toy, close-up", "a photo of TOK toy, plain background"]
+    assert data.records[0].image.mode == "RGB" and data.records[0].image.size == (32, 32)
+
+
+def test_imagefolder_with_metadata_csv(tmp_path):
+    folder = make_toy_imagefolder(tmp_path / "d", n=2, size=16, caption_column="text")
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    (folder / "metadata.jsonl").unlink()
+    (folder / "metadata.csv").write_text("file_name,text\n" + "".join(f'{r["file_name"]},"{r["text"]}"\n' for r in rows))
+    data = load_records(str(folder), cache_dir=str(tmp_path / "c"))
+    assert (data.caption_column, [r.caption for r in data.records]) == ("text", [r["text"] for r in rows])
+
+
+@pytest.mark.parametrize("column", ["prompt", "text", "caption"])
+def test_caption_column_is_detected(tmp_path, column):
+    folder = make_toy_imagefolder(tmp_path / "d", n=2, size=16, caption_column=column)
+    assert load_records(str(folder), cache_dir=str(tmp_path / "c")).caption_column == column
+
+
+def test_missing_caption_column_lists_the_columns(tmp_path):
+    folder = make_toy_imagefolder(tmp_path / "d", n=2, size=16, caption_column="description")
+    with pytest.raises(DatasetError, match=r"no caption column .*columns found: \['image', 'description'\]"):
+        load_records(str(folder), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DatasetError, match=r"--caption_column 'nope' is not a column .*\['image', 'description'\]"):
+        load_records(str(folder), caption_column="nope", cache_dir=str(tmp_path / "c"))
+    # an explicit column, or one prompt for all, works
+    assert load_records(str(folder), caption_column="description", cache_dir=str(tmp_path / "c")).records[0].caption.startswith("a photo")
+    assert {r.caption for r in load_records(str(folder), instance_prompt="TOK toy", cache_dir=str(tmp_path / "c")).records} == {"TOK toy"}
+
+
+def test_missing_image_column(tmp_path):
+    folder = make_toy_imagefolder(tmp_path / "d", n=2, size=16)
+    with pytest.raises(DatasetError, match=r"--image_column 'img' is not a column .*\['image', 'prompt'\]"):
+        load_records(str(folder), image_column="img", cache_dir=str(tmp_path / "c"))
+
+
+def test_txt_captions_and_images_only(tmp_path):
+    data = load_records(str(_write_folder(tmp_path / "t", 2, ["TOK dog on grass", "TOK dog asleep"])))
+    assert (data.source, [r.caption for r in data.records]) == ("txt-captions", ["TOK dog on grass", "TOK dog asleep"])
+    # a missing .txt falls back to the instance prompt
+    data = load_records(str(_write_folder(tmp_path / "m", 2, ["TOK cat", None])), instance_prompt="a TOK cat")
+    assert [r.caption for r in data.records] == ["TOK cat", "a TOK cat"]
+    data = load_records(str(_write_folder(tmp_path / "i", 3)), instance_prompt="a photo of TOK")
+    assert (data.source, len(data.records), data.records[2].caption) == ("images-only", 3, "a photo of TOK")
+    with pytest.raises(DatasetError, match="no captions .*pass --instance_prompt"):
+        load_records(str(tmp_path / "i"))
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    folder = _write_folder(tmp_path / "d", 3)
+    (folder / "01.png").write_bytes(b"not an image")
+    (folder / "zz.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    data = load_records(str(folder), instance_prompt="TOK")
+    assert [r.name for r in data.records] == ["00.png", "02.png"]
+    assert sorted(data.skipped) == ["01.png", "zz.jpg"]
+    # through datasets (imagefolder with metadata) too
+    meta = make_toy_imagefolder(tmp_path / "m", n=3, size=16)
+    (meta / "0001.png").write_bytes(b"garbage")
+    data = load_records(str(meta), cache_dir=str(tmp_path / "c"))
+    assert (len(data.records), data.skipped) == (2, ["0001.png"])
+
+
+def test_no_readable_image_is_an_error(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"nope")
+    with pytest.raises(DatasetError, match="none of the 1 images .* could be read"):
+        load_records(str(folder), instance_prompt="TOK")
+
+
+@pytest.mark.parametrize("kind", ["empty", "missing", "file", "no-images"])
+def test_empty_or_missing_dataset(tmp_path, kind):
+    path = tmp_path / "x"
+    if kind == "empty":
+        path.mkdir()
+    elif kind == "file":
+        path.write_text("hello")
+    elif kind == "no-images":
+        path.mkdir()
+        (path / "notes.md").write_text("hi")
+    expected = {"empty": "holds no images", "missing": "no such folder", "file": "got a file", "no-images": "holds no images"}
+    with pytest.raises(DatasetError, match=expected[kind]):
+        load_records(str(path) if kind != "missing" else "./x/does-not-exist", instance_prompt="TOK")
+
+
+def test_empty_imagefolder(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "metadata.jsonl").write_text("")
+    with pytest.raises(DatasetError, match="holds no images"):
+        load_records(str(folder), cache_dir=str(tmp_path / "c"))
+
+
+def test_hub_dataset_path(monkeypatch):
+    """A Hub id goes to datasets.load_dataset (replaced here: no network), split 'train', images decoded by us."""
+    import datasets
+
+    table = datasets.Dataset.from_dict(
+        {"image": make_toy_images(2, size=16), "prompt": ["3d icon of TOK", "TOK, 3d icon"]},
+        features=datasets.Features({"image": datasets.Image(), "prompt": datasets.Value("string")}),
+    )
+    calls = []
+
+    def fake_load_dataset(name, config=None, cache_dir=None):
+        calls.append((name, config))
+        return datasets.DatasetDict({"train": table})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = load_records("linoyts/3d_icon")
+    assert calls == [("linoyts/3d_icon", None)]
+    assert (data.source, data.caption_column, len(data.records)) == ("hub", "prompt", 2)
+    assert trigger_words([r.caption for r in data.records]) == ["TOK"]
+    assert looks_like_hub_id("linoyts/3d_icon") and not looks_like_hub_id("./3d_icon") and not looks_like_hub_id("a/b/c")
+
+
+# ---------------------------------------------------------------- image modes
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), (0, 0, 255))
+    image.putpixel((0, 0), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display = rotate 90 degrees clockwise
+    path = tmp_path / "rot.png"
+    image.save(path, exif=exif)
+    with Image.open(path) as raw:
+        upright = to_rgb(raw)
+    assert upright.size == (20, 40)
+    assert upright.getpixel((19, 0))[0] > 200  # the red top-left corner went to the top-right
+
+
+def test_modes_become_rgb():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)  # composited on white, not black
+    assert to_rgb(Image.new("LA", (4, 4), (10, 255))).getpixel((0, 0)) == (10, 10, 10)
+    assert to_rgb(Image.new("L", (4, 4), 77)).getpixel((0, 0)) == (77, 77, 77)
+    palette = Image.new("P", (4, 4), 3)
+    palette.putpalette([0, 0, 0] * 3 + [10, 20, 30] + [0, 0, 0] * 252)
+    assert to_rgb(palette).getpixel((0, 0)) == (10, 20, 30)
+    assert to_rgb(Image.new("CMYK", (4, 4), (0, 0, 0, 0))).mode == "RGB"
+    deep = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert to_rgb(deep).getpixel((0, 0)) == (255, 255, 255)
+
+
+# ---------------------------------------------------------------- crops and micro-conditioning
+@pytest.mark.parametrize("flip", [False, True])
+def test_micro_conditioning_describes_the_real_crop(flip):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8))  # w=100, h=60
+    for seed in range(20):
+        plan = plan_crop(image.size, 32, center_crop=False, random_flip=True, seed=seed)
+        if plan.flip == flip:
+            break
+    assert plan.flip == flip
+    resized = image.resize(plan.resized, Image.Resampling.LANCZOS)
+    assert plan.resized == (53, 32)
+    seen = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else resized
+    top, left = plan.crop_top_left
+    expected = np.asarray(seen.crop((left, top, left + 32, top + 32)), dtype=np.float32) / 127.5 - 1
+    pixels = apply_crop(image, plan)
+    assert pixels.shape == (3, 32, 32)
+    torch.testing.assert_close(pixels.permute(1, 2, 0), torch.from_numpy(expected))
+    assert plan.time_ids().tolist() == [60.0, 100.0, float(top), float(left), 32.0, 32.0]
+
+
+def test_center_crop_and_determinism():
+    plan = plan_crop((100, 60), 32, center_crop=True, random_flip=False, seed=5)
+    assert (plan.top, plan.left, plan.flip) == (0, 10, False)  # (53 - 32) / 2 = 10.5 -> 10
+    assert plan_crop((100, 60), 32, False, True, seed=7) == plan_crop((100, 60), 32, False, True, seed=7)
+
+
+def test_dataset_repeats_and_prior_pairs():
+    records = [r for r in load_records_stub(3)]
+    classes = [r for r in load_records_stub(2, "a toy")]
+    ds = DreamBoothDataset(records, 16, repeats=2, seed=1, random_flip=True, class_records=classes, class_prompt="a toy")
+    assert len(ds) == 6
+    batch = collate([ds[4], ds[5]])
+    assert batch["captions"] == ["c1", "c2", "a toy", "a toy"]
+    assert batch["pixels"].shape == (4, 3, 16, 16) and batch["time_ids"].shape == (4, 6)
+    assert batch["class_index"].tolist() == [0, 1]
+    ds.with_pixels = False
+    assert "pixels" not in collate([ds[0]])
+
+
+def load_records_stub(n, caption=None):
+    from dora_diffusion.training.data import Record
+
+    return [Record(im, caption or f"c{i}", f"{i}") for i, im in enumerate(make_toy_images(n, size=24))]
+
+
+def test_micro_batch_order():
+    a = MicroBatchSampler(num_items=5, batch_size=2, num_processes=2, rank=0, seed=3)
+    b = MicroBatchSampler(num_items=5, batch_size=2, num_processes=2, rank=1, seed=3)
+    assert a.per_epoch == 2  # ceil(5 / 4)
+    first_epoch = [i for j in range(2) for i in a.batch(j) + b.batch(j)]
+    assert len(first_epoch) == 8 and set(first_epoch) == {0, 1, 2, 3, 4}
+    assert a.batch(2) != a.batch(0) or a.batch(3) != a.batch(1)  # a new permutation per epoch
+    it = iter(a)
+    stream = [next(it) for _ in range(7)]
+    assert stream == [a.batch(j) for j in range(7)]
+    resumed = iter(MicroBatchSampler(5, 2, 2, 0, 3, start=3))
+    assert [next(resumed) for _ in range(4)] == stream[3:7]
+
+
+def test_trigger_words():
+    assert trigger_words(["a TOK icon of a cat", "TOK, 3d icon of A dog"]) == ["TOK"]
+    assert trigger_words(["<s0><s1> dog", "a <s0><s1> dog"]) == ["<s0><s1>"]
+    assert trigger_words(["a dog", "a cat"]) == []
+

@@ -1,0 +1,456 @@
+"""train_dreambooth_dora end to end on the tiny SDXL pipeline (CPU, 64 px, 2-4 steps).
+
+The tiny pipeline is saved to a temporary folder and trained on a 3-image toy imagefolder through the real
+code paths (``from_pretrained`` on a local folder, ``datasets.load_dataset`` on a local imagefolder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import dora_diffusion  # noqa: F401
+from conftest import max_diff, render
+from diffusers import DDPMScheduler
+
+from dora_diffusion.inject import adapted_layers
+from dora_diffusion.layers import AdaptedLayer
+from dora_diffusion.testing import build_tiny_sdxl_pipeline, make_toy_imagefolder, save_tiny_sdxl_pipeline
+from dora_diffusion.training import DatasetError, OutputDirError, TrainingError, list_checkpoints, main
+from dora_diffusion.training import loop as training_loop
+from dora_diffusion.training.models import ADAPTER_NAME, Components, add_training_adapters, named_trainable
+from dora_diffusion.training.optim import param_groups
+from dora_diffusion.training.steplog import read_step_log
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dreambooth")
+    save_tiny_sdxl_pipeline(root / "model")
+    make_toy_imagefolder(root / "data", n=3)
+    return root
+
+
+def argv(work: Path, output: str, *extra: str, steps: int = 4) -> list[str]:
+    """Flags shared by the runs: random flips and dropout (so RNG matters), warm-up (so the schedule state
+    matters), accumulation over an epoch boundary (3 images, 2 per step)."""
+    return [
+        "--pretrained_model_name_or_path", str(work / "model"),
+        "--dataset", str(work / "data"),
+        "--output_dir", str(work / output),
+        "--cache_dir", str(work / "cache"),
+        "--resolution", "64",
+        "--rank", "4",
+        "--dropout", "0.1",
+        "--random_flip",
+        "--learning_rate", "1e-3",
+        "--lr_scheduler", "constant_with_warmup",
+        "--lr_warmup_steps", "3",
+        "--gradient_accumulation_steps", "2",
+        "--max_train_steps", str(steps),
+        "--checkpointing_steps", "2",
+        "--report_to", "none",
+        *extra,
+    ]  # fmt: skip
+
+
+def run(args: list[str]) -> tuple[Path, str]:
+    """``main(args)`` with its stdout captured."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        path = main(args)
+    return path, out.getvalue()
+
+
+VALIDATION = ["--validation_prompt", "a photo of TOK toy", "--num_validation_images", "2", "--validation_inference_steps", "2"]
+
+
+def _kohya_available() -> bool:
+    try:
+        import dora_diffusion.formats.kohya  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def dora_run(work):
+    kohya = ["--export_kohya"] if _kohya_available() else []
+    return run(argv(work, "dora", *VALIDATION, *kohya))
+
+
+@pytest.fixture(scope="module")
+def lora_run(work):
+    """LoRA with cached latents, validation every 2 steps, tensorboard if installed, and a (fake) Hub push."""
+    calls = []
+
+    def fake_create(repo_id, token=None):
+        calls.append(("create", repo_id, token))
+        return "me/" + repo_id.split("/")[-1]
+
+    def fake_upload(output_dir, repo_id, token=None):
+        calls.append(("upload", Path(output_dir), repo_id, sorted(os.listdir(output_dir))))
+
+    tracker = "tensorboard" if _installed("tensorboard") else "none"
+    extra = ["--adapter", "lora", "--cache_latents", "--no_gradient_checkpointing", "--validation_steps", "2", "--push_to_hub", "--hub_model_id", "tiny-lora"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training_loop, "create_hub_repo", fake_create)
+        mp.setattr(training_loop, "upload_run", fake_upload)
+        path, out = run(argv(work, "lora", *VALIDATION, *extra, "--report_to", tracker))
+    return path, out, calls, tracker
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def render_with(adapter_dir: Path, weight_name: str | None = None):
+    pipe = build_tiny_sdxl_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_dora_weights(adapter_dir, weight_name=weight_name)
+    return render(pipe)
+
+
+def param_name_to_file_key(name: str) -> str:
+    """``unet.<module>.lora_A.default`` (checkpoint) -> ``unet.<module>.lora_A.weight`` (diffusers file)."""
+    return (
+        name.replace(".lora_A.default", ".lora_A.weight")
+        .replace(".lora_B.default", ".lora_B.weight")
+        .replace(".lora_magnitude.default", ".lora_magnitude_vector")
+    )
+
+
+# ---------------------------------------------------------------- the training step
+def _args(**kw) -> argparse.Namespace:
+    base = dict(rank=4, alpha=4.0, adapter="dora", dropout=0.0, rslora=False, unet_targets="attn",
+                text_encoder_targets="attn", train_text_encoder=False, learning_rate=1e-4, text_encoder_lr=5e-6,
+                optimizer="adamw", adam_weight_decay=1e-2)  # fmt: skip
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_training_step_uses_the_detached_norm_dora_layers(monkeypatch):
+    """Every adapted UNet layer takes the lean DoRA autograd path; the norm carries no gradient;
+    gradients reach B and m (A gets none while B = 0, as the math says)."""
+    pipe = build_tiny_sdxl_pipeline()
+    comps = Components(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.unet,
+                       DDPMScheduler.from_config(pipe.scheduler.config))  # fmt: skip
+    comps.unet.requires_grad_(False)
+    models = add_training_adapters(comps, _args())
+    layers = adapted_layers(comps.unet)
+    calls = []
+    real = AdaptedLayer._training_forward
+
+    def spy(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(AdaptedLayer, "_training_forward", spy)
+    comps.unet.train()
+    pred = comps.unet(torch.randn(1, 4, 8, 8), torch.tensor([500]), encoder_hidden_states=torch.randn(1, 77, 80),
+                      added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}).sample  # fmt: skip
+    pred.pow(2).mean().backward()
+    assert len(calls) == len(layers) and all(calls)  # one lean DoRA step per adapted layer
+    layer = next(iter(layers.values()))
+    assert not layer._norm(ADAPTER_NAME).requires_grad
+    named = dict(named_trainable(models))
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for n, p in named.items() if "lora_B" in n or "magnitude" in n)
+    assert all(p.grad.abs().max() == 0 for n, p in named.items() if "lora_A" in n)
+
+
+def test_adapters_are_fp32_on_a_bf16_base():
+    pipe = build_tiny_sdxl_pipeline(dtype=torch.bfloat16)
+    comps = Components(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.unet, None)
+    for m in (comps.unet, comps.text_encoder, comps.text_encoder_2):
+        m.requires_grad_(False)
+    named = named_trainable(add_training_adapters(comps, _args(train_text_encoder=True)))
+    assert named and {p.dtype for _, p in named} == {torch.float32}
+    assert {p.dtype for p in comps.unet.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+def test_magnitudes_get_no_weight_decay():
+    pipe = build_tiny_sdxl_pipeline()
+    comps = Components(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.unet, None)
+    for m in (comps.unet, comps.text_encoder, comps.text_encoder_2):
+        m.requires_grad_(False)
+    named = named_trainable(add_training_adapters(comps, _args(train_text_encoder=True)))
+    groups = {g["name"]: g for g in param_groups(named, _args(train_text_encoder=True))}
+    assert set(groups) == {"unet.lowrank", "unet.magnitude", "text_encoders.lowrank", "text_encoders.magnitude"}
+    assert (groups["unet.magnitude"]["weight_decay"], groups["unet.lowrank"]["weight_decay"]) == (0.0, 1e-2)
+    assert (groups["unet.lowrank"]["lr"], groups["text_encoders.lowrank"]["lr"]) == (1e-4, 5e-6)
+    assert sum(len(g["params"]) for g in groups.values()) == len(named)
+
+
+# ---------------------------------------------------------------- DoRA
+def test_dora_trains_and_loads(dora_run, base_images):
+    out, stdout = dora_run
+    weights = load_file(out / WEIGHTS)
+    assert any(k.endswith("lora_magnitude_vector") for k in weights)
+    assert all(k.startswith("unet.") for k in weights)
+    # the file holds exactly the trained parameters of the last step
+    state = load_file(out / "checkpoint-4" / "adapter_state.safetensors")
+    assert {param_name_to_file_key(k) for k in state} == set(weights)
+    for name, tensor in state.items():
+        assert torch.equal(weights[param_name_to_file_key(name)], tensor), name
+    # loaded into a fresh pipeline, it changes the images
+    assert max_diff(render_with(out), base_images) > 1e-3
+    # intermediate checkpoints load too
+    assert max_diff(render_with(out / "checkpoint-2"), base_images) > 0
+
+
+def test_dora_loss_curve_is_finite(dora_run):
+    out, _ = dora_run
+    rows = read_step_log(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])  # warm-up of 3 steps
+
+
+def test_parameter_count_is_lora_plus_magnitudes(dora_run, lora_run):
+    pattern = r"trainable parameters: ([\d,]+) = ([\d,]+) low-rank \(A, B\) \+ ([\d,]+) magnitude in (\d+) layers"
+    dora = [int(g.replace(",", "")) for g in re.search(pattern, dora_run[1]).groups()]
+    lora = [int(g.replace(",", "")) for g in re.search(pattern, lora_run[1]).groups()]
+    unet = build_tiny_sdxl_pipeline().unet
+    targets = [m for n, m in unet.named_modules() if n.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+    rank = 4
+    assert lora == [sum(rank * (m.in_features + m.out_features) for m in targets), dora[1], 0, len(targets)]
+    assert dora[0] == lora[0] + sum(m.out_features for m in targets)
+    assert dora[2] == sum(m.out_features for m in targets)
+
+
+def test_summary_is_printed(dora_run):
+    _, stdout = dora_run
+    head = stdout.split("trainable parameters")[0]
+    for expected in ("DreamBooth DoRA training for SDXL", "the base model's own", "3 images, captions from 'prompt'",
+                     "trigger words   TOK", "DoRA rank 4, alpha 4", "1 x 2 accumulation x 1 process = 2 images per step",
+                     "gradient checkpointing on"):  # fmt: skip
+        assert expected in head
+    assert len(head.splitlines()) <= 25
+
+
+def test_validation_images_and_model_card(dora_run):
+    out, _ = dora_run
+    images = sorted((out / "validation" / "step-4").iterdir())
+    assert [p.name for p in images] == ["00.png", "01.png"]
+    assert Image.open(images[0]).size == (64, 64)
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers\n")  # no base_model: the base is a local folder
+    assert f"A DoRA adapter for `{out.parent / 'model'}`" in card
+    for expected in ("Trigger words: `TOK`", "pipe.load_dora_weights(", "![validation image 0](validation/step-4/00.png)",
+                     "| rank | `4` |", "| adapter | `dora` |", "- dora\n", "url: \"validation/step-4/01.png\""):  # fmt: skip
+        assert expected in card
+
+
+def test_kohya_export(dora_run, base_images):
+    pytest.importorskip("dora_diffusion.formats.kohya", reason="dora_diffusion/formats/kohya.py is not there yet")
+    out, _ = dora_run
+    kohya = out / "dora_kohya.safetensors"
+    keys = list(load_file(kohya))
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.endswith(".dora_scale") for k in keys)
+    assert max_diff(render_with(out, "dora_kohya.safetensors"), render_with(out)) < 1e-4
+
+
+def test_resume_gives_identical_tensors(work, dora_run):
+    """4 steps straight == 2 steps, then --resume_from_checkpoint latest for 2 more."""
+    run(argv(work, "resumed", steps=2))
+    assert [p.name for p in list_checkpoints(work / "resumed")] == ["checkpoint-2"]
+    _, stdout = run(argv(work, "resumed", "--resume_from_checkpoint", "latest", steps=4))
+    assert "resumed from" in stdout and "at step 2" in stdout
+    straight, resumed = load_file(dora_run[0] / WEIGHTS), load_file(work / "resumed" / WEIGHTS)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    assert [r["step"] for r in read_step_log(work / "resumed")] == [1, 2, 3, 4]
+
+
+def test_output_dir_of_another_run_is_refused(work, dora_run):
+    with pytest.raises(OutputDirError, match="already holds an earlier run"):
+        main(argv(work, "dora"))
+    with pytest.raises(OutputDirError, match=r"different settings \(rank: 4 -> 8, alpha: 4.0 -> 8.0\)"):
+        main(argv(work, "dora") + ["--rank", "8"])
+    with pytest.raises(OutputDirError, match=r"cannot resume .*adapter: 'dora' -> 'lora'"):
+        main(argv(work, "dora") + ["--adapter", "lora", "--resume_from_checkpoint", "latest"])
+
+
+# ---------------------------------------------------------------- LoRA, text encoders
+def test_lora_trains_and_loads(lora_run, base_images):
+    out, _, _, _ = lora_run
+    weights = load_file(out / WEIGHTS)
+    assert weights and not any("magnitude" in k for k in weights)
+    with safe_open(str(out / WEIGHTS), "pt") as f:
+        assert '"unet.use_dora": false' in f.metadata()["lora_adapter_metadata"]
+    assert max_diff(render_with(out), base_images) > 1e-3
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-2", "step-4"]
+
+
+def test_validation_images_are_comparable_across_steps(lora_run):
+    """Same seeds at every validation: the images change only because the adapter did."""
+    out, _, _, _ = lora_run
+    a = [torch.tensor(list(Image.open(out / "validation" / s / "00.png").getdata())) for s in ("step-2", "step-4")]
+    b = torch.tensor(list(Image.open(out / "validation" / "step-4" / "01.png").getdata()))
+    # two seeds differ a lot; one seed two steps apart differs little
+    assert (a[0] - a[1]).abs().float().mean() < (a[1] - b).abs().float().mean()
+
+
+def test_push_to_hub_uploads_the_finished_folder(lora_run):
+    out, _, calls, _ = lora_run
+    assert calls[0] == ("create", "tiny-lora", None)
+    kind, folder, repo, files = calls[1]
+    assert (kind, folder, repo) == ("upload", out, "me/tiny-lora")
+    assert {WEIGHTS, "README.md", "validation"} <= set(files)
+    assert "pipe.load_dora_weights('me/tiny-lora')" in (out / "README.md").read_text()
+
+
+def test_tensorboard_tracker(lora_run):
+    out, _, _, tracker = lora_run
+    if tracker != "tensorboard":
+        pytest.skip("tensorboard is not installed (optional)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [p.parent for p in (out / "logs").rglob("events.out.tfevents.*")]
+    acc = EventAccumulator(str(events[0]), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+    assert sorted({e.step for e in acc.Images(acc.Tags()["images"][0])}) == [2, 4]
+
+
+def test_text_encoder_training(work, base_images):
+    out, _ = run(
+        argv(work, "te", "--train_text_encoder", "--text_encoder_lr", "1e-3", "--checkpointing_steps", "0", steps=2)
+    )
+    weights = load_file(out / WEIGHTS)
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
+        assert any(k.startswith(comp + ".") and k.endswith("lora_magnitude_vector") for k in weights), comp
+    first_b = [v for k, v in weights.items() if k.startswith("text_encoder.") and ".layers.0." in k and "lora_B" in k]
+    assert first_b and all(b.abs().max() > 0 for b in first_b)  # the text encoders did train
+    images = render_with(out)
+    assert max_diff(images, base_images) > 1e-3
+    pipe = build_tiny_sdxl_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    unet_only = {k: v for k, v in weights.items() if k.startswith("unet.")}
+    pipe.load_dora_weights(unet_only)
+    assert max_diff(render(pipe), images) > 1e-5  # the text-encoder part matters
+
+
+# ---------------------------------------------------------------- prior preservation
+def test_prior_preservation_generates_missing_class_images(work):
+    """Also: a v-prediction base (scheduler config), bf16 mixed precision, Min-SNR and noise offset."""
+    import json
+    import shutil
+
+    shutil.copytree(work / "model", work / "model_v")
+    config_file = work / "model_v" / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "v_prediction"}))
+    class_dir = work / "class"
+    class_dir.mkdir()
+    make_toy_imagefolder(work / "one_class", n=1)
+    (work / "one_class" / "0000.png").rename(class_dir / "existing.png")
+    flags = ["--with_prior_preservation", "--class_prompt", "a toy", "--class_data_dir", str(class_dir),
+             "--num_class_images", "3", "--sample_batch_size", "2", "--prior_generation_steps", "2",
+             "--checkpointing_steps", "0", "--gradient_accumulation_steps", "1", "--no_gradient_checkpointing"]  # fmt: skip
+    flags += ["--pretrained_model_name_or_path", str(work / "model_v"), "--mixed_precision", "bf16",
+              "--snr_gamma", "5", "--noise_offset", "0.05"]  # fmt: skip
+    out, stdout = run(argv(work, "prior", *flags, steps=2))
+    assert "training target: v_prediction" in stdout and "precision       bf16 (adapter parameters fp32)" in stdout
+    assert all(math.isfinite(r["loss"]) for r in read_step_log(out))
+    made = sorted(p.name for p in class_dir.iterdir())
+    assert len(made) == 3 and "existing.png" in made
+    assert all(Image.open(class_dir / n).size == (64, 64) for n in made)
+    assert "prior preservation x1 (3 x 'a toy')" in stdout
+    assert len(read_step_log(out)) == 2 and (out / WEIGHTS).is_file()
+
+
+# ---------------------------------------------------------------- bad input
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(work, monkeypatch):
+    real = training_loop.denoising_loss
+    calls = {"n": 0}
+
+    def nan_on_third_step(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(training_loop, "denoising_loss", nan_on_third_step)
+    flags = ["--gradient_accumulation_steps", "1", "--checkpointing_steps", "1", "--no_gradient_checkpointing"]
+    with pytest.raises(TrainingError, match=r"the loss became nan at step 3.*checkpoint-2, is intact.*--resume_from_checkpoint latest"):
+        run(argv(work, "nan", *flags, steps=4))
+    out = work / "nan"
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / WEIGHTS).exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    rows = read_step_log(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and math.isnan(rows[-1]["loss"])
+    # the intact checkpoint resumes (the NaN came from the patched loss, now gone)
+    monkeypatch.setattr(training_loop, "denoising_loss", real)
+    run(argv(work, "nan", *flags, "--resume_from_checkpoint", "latest", steps=3))
+    assert (out / WEIGHTS).is_file()
+
+
+def test_bad_dataset_fails_before_loading_models(work, monkeypatch):
+    def no_models(args):
+        raise AssertionError("models were loaded")
+
+    monkeypatch.setattr(training_loop, "load_components", no_models)
+    folder = make_toy_imagefolder(work / "nocaptions", n=2, caption_column="description")
+    with pytest.raises(DatasetError, match=r"columns found: \['image', 'description'\]"):
+        main(argv(work, "bad1") + ["--dataset", str(folder)])
+    with pytest.raises(DatasetError, match="no such folder"):
+        main(argv(work, "bad2") + ["--dataset", str(work / "missing")])
+    assert not (work / "bad1").exists() and not (work / "bad2").exists()
+
+
+def test_script_reports_errors_without_a_traceback(work, monkeypatch, capsys):
+    """The top-level script turns dataset / output-folder / training errors into one line and exit code 1."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["train_dreambooth_dora.py", *argv(work, "bad3"), "--dataset", str(work / "missing")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "train_dreambooth_dora.py"), run_name="__main__")
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --dataset") and "no such folder" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- several processes
+def test_two_processes(work):
+    """``accelerate launch --multi_gpu --num_processes 2`` on a machine without CUDA: two CPU processes (gloo).
+
+    (``accelerate launch --cpu --num_processes 2`` starts a single process in accelerate 1.x unless
+    mpirun is configured.)
+    """
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(REPO / "train_dreambooth_dora.py"),
+        *argv(work, "ddp", "--gradient_accumulation_steps", "1", "--checkpointing_steps", "2", steps=2),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 x 1 accumulation x 2 processes = 2 images per step" in proc.stdout
+    assert proc.stdout.count("DreamBooth DoRA training for SDXL") == 1  # only the main process prints
+    out = work / "ddp"
+    found = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.safetensors"))
+    assert found == ["checkpoint-2/adapter_state.safetensors", "checkpoint-2/pytorch_lora_weights.safetensors", WEIGHTS]
+    assert [r["step"] for r in read_step_log(out)] == [1, 2]  # one writer
+    pipe = build_tiny_sdxl_pipeline(seed=0)
+    pipe.load_dora_weights(out)

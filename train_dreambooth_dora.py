@@ -1,0 +1,18 @@
+#!/usr/bin/env python
+"""DreamBooth DoRA (or LoRA) training for SDXL.
+
+    accelerate launch train_dreambooth_dora.py --dataset linoyts/3d_icon
+
+All flags: ``python train_dreambooth_dora.py --help``. The logic lives in ``dora_diffusion.training``.
+"""
+
+import sys
+
+from dora_diffusion.training import DatasetError, OutputDirError, TrainingError, main
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DatasetError, OutputDirError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
