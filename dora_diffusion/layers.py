@@ -292,6 +292,14 @@ class AdaptedLayer(nn.Module):
 
     def _general_forward(self, x: torch.Tensor, base_out: torch.Tensor, running: dict[str, float]) -> torch.Tensor:
         """Any mix of adapters, plain autograd: ``base_out + sum_j k_j [(g_j - 1) W0 x + s_j g_j B_j A_j x~]``."""
+        if self.supports_direct and not any(self.specs[n].use_dora for n in running):
+            # Plain LoRA on a Linear: add each B' h into the base output in place (autograd-safe: the base
+            # matmul does not need its output for backward), no N x d_out temporaries.
+            for name, k in running.items():
+                a, b = self.lora_A[name], self.lora_B[name]
+                h = self._down(self.lora_dropout[name](x).to(a.dtype), a)
+                self._add_up(base_out, h.to(base_out.dtype), ((k * self.specs[name].scale) * b).to(base_out.dtype))
+            return base_out
         result = base_out
         base_coef = None  # sum_j k_j (g_j - 1), per output channel
         for name, k in running.items():

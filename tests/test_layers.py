@@ -248,3 +248,21 @@ def test_rejected_modules() -> None:
     layer = DoRALinear(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="contain no '.'"):
         layer.add_adapter("a.b", 2)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_lora_gradients_match_dense_reference(kind: str) -> None:
+    base = make_base(kind, torch.float32)
+    x = make_input(base, torch.float32).requires_grad_(True)
+    layer = wrap(base)
+    layer.add_adapter("l", 3, alpha=5.0, use_dora=False)
+    perturb(layer, "l")
+    layer(x).square().sum().backward()
+    a = layer.lora_A["l"].detach().clone().requires_grad_(True)
+    b = layer.lora_B["l"].detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    w0 = base.weight.detach()
+    w = w0 + layer.specs["l"].scale * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).view_as(w0)
+    apply(base, x2, w).square().sum().backward()
+    for got, want in ((layer.lora_A["l"].grad, a.grad), (layer.lora_B["l"].grad, b.grad), (x.grad, x2.grad)):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
