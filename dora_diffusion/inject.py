@@ -114,9 +114,11 @@ def add_adapter_to_modules(
     specs: dict[str, AdapterSpec],
     dropout: float = 0.0,
     dtype: torch.dtype = torch.float32,
+    init: bool = True,
 ) -> list[AdaptedLayer]:
     """Add ``adapter_name`` with one ``AdapterSpec`` per module name; wraps modules as needed.
 
+    ``init=False`` leaves the tensors unset, for a caller that fills them (loading a file).
     All-or-nothing: on any error the adapter is removed again and new wrappers are undone.
     """
     if adapter_name in adapter_names(model):
@@ -129,7 +131,7 @@ def add_adapter_to_modules(
                 module = wrap(module)
                 _set_submodule(model, name, module)
             module.add_adapter(
-                adapter_name, spec.rank, spec.alpha, spec.use_dora, dropout, spec.use_rslora, spec.norm_axis, dtype
+                adapter_name, spec.rank, spec.alpha, spec.use_dora, dropout, spec.use_rslora, spec.norm_axis, dtype, init
             )
             done.append(module)
     except BaseException:

@@ -125,8 +125,12 @@ class AdaptedLayer(nn.Module):
         use_rslora: bool = False,
         norm_axis: NormAxis = "out",
         dtype: torch.dtype = torch.float32,
+        init: bool = True,
     ) -> None:
-        """Add an untrained adapter: A Kaiming-uniform, B = 0, m = ||W0||, so the output is unchanged."""
+        """Add an untrained adapter: A Kaiming-uniform, B = 0, m = ||W0||, so the output is unchanged.
+
+        ``init=False`` only allocates the tensors (for ``load_adapter_tensors`` to fill): no pass over W0.
+        """
         if not name or "." in name:
             raise ValueError(f"adapter name {name!r} must be non-empty and contain no '.'")
         if name in self.specs:
@@ -137,14 +141,17 @@ class AdaptedLayer(nn.Module):
         a_shape, b_shape = self.lora_shapes(spec.rank)
         device = self.weight.device
         a = torch.empty(a_shape, dtype=dtype, device=device)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.specs[name] = spec
         self.added[name] = next(_ADD_ORDER)
         if use_dora:
-            self.lora_magnitude[name] = nn.Parameter(self._norm(name).to(dtype, copy=True))
+            n_mag = self.out_features if norm_axis == "out" else self.in_features
+            mag = self._norm(name).to(dtype, copy=True) if init else torch.empty(n_mag, dtype=dtype, device=device)
+            self.lora_magnitude[name] = nn.Parameter(mag)
         self.active[name] = 1.0
 
     @torch.no_grad()

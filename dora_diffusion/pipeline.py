@@ -187,7 +187,8 @@ def load_dora_weights(
     try:
         for comp, mods in plan.items():
             done.append(comp)
-            layers = add_adapter_to_modules(models[comp], adapter_name, {n: ma.spec() for n, ma in mods.items()})
+            specs = {n: ma.spec() for n, ma in mods.items()}
+            layers = add_adapter_to_modules(models[comp], adapter_name, specs, init=False)
             for layer, ma in zip(layers, mods.values()):
                 layer.load_adapter_tensors(adapter_name, ma.a, ma.b, ma.magnitude)
     except BaseException:
