@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Compare DoRA and LoRA adapters side by side at fixed seeds, in the browser (Gradio).
+
+    python app.py --base stabilityai/stable-diffusion-xl-base-1.0 --adapter dora=runs/dora --adapter lora=runs/lora
+    python app.py --demo        # offline on the CPU: tiny pipeline, tiny DoRA and LoRA trained on toy images
+
+The page is built by ``dora_diffusion.app_ui``; planning, rendering and infotext live in ``dora_diffusion.compare``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="app.py", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--base",
+        "--pretrained_model_name_or_path",
+        dest="base",
+        default=None,
+        help="SDXL base model: Hub id or local diffusers directory.",
+    )
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="An adapter to load at start (repeatable): a .safetensors file, a directory holding one, or a Hub "
+        "repo id, in any dialect load_dora_weights reads. NAME is its column; without 'NAME=' it comes from PATH.",
+    )
+    p.add_argument("--demo", action="store_true", help="Offline CPU demo: tiny base model plus a tiny DoRA and LoRA.")
+    p.add_argument(
+        "--cache_dir", default=None, help="Cache of --demo's model and adapters (default ~/.cache/dora-diffusion/demo)."
+    )
+    p.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1: this machine only).")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="Also open a public gradio.live link.")
+    p.add_argument("--device", default=None, help="cuda, cpu, mps... (default: cuda if available, else cpu).")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        default="auto",
+        help="Weights dtype (auto: float16 on a GPU, float32 on the CPU).",
+    )
+    p.add_argument("--variant", default=None, help="Weight variant of the base model files, e.g. fp16.")
+    p.add_argument("--max_cells", type=int, default=64, help="Most images one grid may hold.")
+    p.add_argument("--num_threads", type=int, default=None, help="Torch CPU threads (default: torch's; --demo: 1).")
+    args = p.parse_args(argv)
+    if not args.demo and not args.base:
+        p.error("give --base MODEL (with --adapter NAME=PATH ...), or --demo")
+    if args.demo and args.base:
+        p.error("--demo builds its own tiny base model; drop --base")
+    if args.demo and args.adapter:
+        p.error("--demo loads its own two adapters; add more from the page")
+    if args.demo and args.device not in (None, "cpu"):
+        p.error("--demo runs the tiny pipeline on the CPU; drop --device")
+    if args.max_cells < 1:
+        p.error(f"--max_cells must be at least 1, got {args.max_cells}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    from dora_diffusion import AdapterFileError
+    from dora_diffusion.app_ui import analysis_tab, build_ui
+    from dora_diffusion.compare import CompareError, Comparer, GenerationSettings, load_base_pipeline, parse_adapter_arg
+
+    threads = args.num_threads if args.num_threads is not None else (1 if args.demo else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    if args.demo:
+        from dora_diffusion import demo
+
+        assets = demo.prepare_demo(args.cache_dir)
+        comparer = demo.demo_comparer(assets)
+        prompt, steps, seeds = demo.PROMPT, demo.STEPS, demo.SEEDS
+    else:
+        try:
+            pipe = load_base_pipeline(args.base, args.device, args.dtype, args.variant)
+        except (OSError, ValueError) as err:
+            sys.exit(f"app.py: error: --base {args.base}: {err}")
+        comparer = Comparer(pipe, args.base, args.max_cells, args.variant)
+        try:
+            for text in args.adapter:
+                name, source = parse_adapter_arg(text)
+                comparer.add_adapter(source, name)
+        except (CompareError, AdapterFileError, OSError, ValueError) as err:
+            sys.exit(f"app.py: error: --adapter {text}: {err}")
+        prompt, steps, seeds = "", 25, "0-3"
+    comparer.max_cells = args.max_cells
+    side = comparer.default_size
+    settings = GenerationSettings(prompt, num_inference_steps=steps, width=side, height=side)
+    build_ui(comparer, settings, seeds, extra_tabs={"Analysis": analysis_tab}).launch(server_name=args.host, server_port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""The offline CPU demo: a tiny DoRA and a tiny LoRA, trained on toy images, side by side with the base model.
+
+    python -m dora_diffusion.demo      # writes the grid PNG and prints where it is (no server)
+    python app.py --demo               # the comparison page with both adapters loaded
+
+No Hub and no GPU: the base model is the tiny SDXL-architecture pipeline of ``dora_diffusion.testing``
+(random weights), the data are toy images of a red disc, and both adapters are trained by
+``dora_diffusion.training.main`` (the code of ``train_dreambooth_dora.py``) for a few steps. Everything is
+cached in ``--cache_dir`` (default ``~/.cache/dora-diffusion/demo``), keyed by the recipe, so a second run
+reuses it. With random base weights the images are coloured noise: the demo shows the mechanics (one seed
+per row, the adapter the only difference between columns), not image quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .compare import (
+    CompareError,
+    Comparer,
+    GenerationSettings,
+    grid_infotext,
+    load_base_pipeline,
+    parse_seeds,
+    save_png,
+)
+from .formats import DEFAULT_WEIGHT_NAME
+from .testing import TINY_RESOLUTION, make_toy_imagefolder, save_tiny_sdxl_pipeline
+
+PROMPT = "a photo of TOK toy"
+SEEDS = "0-3"
+STEPS = 8
+"""Denoising steps of the demo grid."""
+TRAIN_STEPS = 40
+N_IMAGES = 4
+TRAIN_FLAGS = (
+    "--resolution", str(TINY_RESOLUTION),
+    "--rank", "4",
+    "--learning_rate", "5e-3",
+    "--gradient_accumulation_steps", "1",
+    "--checkpointing_steps", "0",
+    "--no_gradient_checkpointing",
+    "--mixed_precision", "no",
+    "--report_to", "none",
+    "--seed", "0",
+)  # fmt: skip
+"""Training flags shared by both demo adapters (besides paths, ``--adapter`` and ``--max_train_steps``)."""
+
+
+@dataclass(frozen=True)
+class DemoAssets:
+    """The cached demo: the tiny base model folder and the two adapter folders by column name."""
+
+    root: Path
+    model_dir: Path
+    adapters: dict[str, Path]
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/dora-diffusion/demo``, or ``~/.cache/dora-diffusion/demo``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dora-diffusion" / "demo"
+
+
+def _recipe_key(train_steps: int) -> str:
+    """Short hash of everything that shapes the cached files: a changed recipe gets a fresh folder."""
+    recipe = {"version": __version__, "flags": TRAIN_FLAGS, "steps": train_steps, "images": N_IMAGES}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _build_once(path: Path, make: Callable[[Path], object]) -> Path:
+    """``make(path)`` unless ``path`` exists; built under a temporary name and renamed, so never half-written."""
+    if path.exists():
+        return path
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def prepare_demo(
+    cache_dir: str | os.PathLike | None = None,
+    train_steps: int = TRAIN_STEPS,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> DemoAssets:
+    """Build (or reuse from ``cache_dir``) the tiny base model, toy images, and the DoRA and LoRA adapters."""
+    from .training import main as train
+
+    root = Path(cache_dir or default_cache_dir()).expanduser().resolve() / f"recipe-{_recipe_key(train_steps)}"
+    if force:
+        shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    model_dir = _build_once(root / "tiny-sdxl", save_tiny_sdxl_pipeline)
+    data_dir = _build_once(root / "toy-images", lambda p: make_toy_imagefolder(p, n=N_IMAGES))
+    adapters = {}
+    for kind in ("dora", "lora"):
+        out = root / kind
+        if (out / DEFAULT_WEIGHT_NAME).is_file():
+            log(f"reusing the demo {kind} adapter: {out}")
+        else:
+            log(f"training the demo {kind} adapter ({train_steps} steps on {N_IMAGES} toy images) ...")
+            start = time.perf_counter()
+            train([
+                "--pretrained_model_name_or_path", str(model_dir),
+                "--dataset", str(data_dir),
+                "--output_dir", str(out),
+                "--overwrite_output_dir",
+                "--adapter", kind,
+                "--max_train_steps", str(train_steps),
+                *TRAIN_FLAGS,
+            ])  # fmt: skip
+            log(f"trained the demo {kind} adapter in {time.perf_counter() - start:.0f} s: {out}")
+        adapters[kind] = out
+    return DemoAssets(root, model_dir, adapters)
+
+
+def demo_comparer(assets: DemoAssets) -> Comparer:
+    """The tiny base pipeline (read back from its folder) with both demo adapters loaded."""
+    pipe = load_base_pipeline(str(assets.model_dir), device="cpu")
+    comparer = Comparer(pipe, str(assets.model_dir))
+    for name, path in assets.adapters.items():
+        comparer.add_adapter(str(path), name)
+    return comparer
+
+
+def render_demo_grid(
+    comparer: Comparer,
+    output: str | os.PathLike,
+    seeds: str = SEEDS,
+    steps: int = STEPS,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Render base | dora | lora at strength 1 for ``seeds``; write the grid PNG (with its parameters) to ``output``."""
+    settings = GenerationSettings(
+        PROMPT, num_inference_steps=steps, guidance_scale=5.0, width=TINY_RESOLUTION, height=TINY_RESOLUTION
+    )
+    plan = comparer.plan(settings, seeds, {a.name: 1.0 for a in comparer.adapters}, include_base=True)
+    results = []
+    for result in comparer.render(plan):
+        results.append(result)
+        log(f"cell {len(results)} of {len(plan)}: {result.caption}")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return save_png(comparer.grid(plan, results), output, grid_infotext(plan, comparer.model))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m dora_diffusion.demo",
+        description="Offline CPU demo: train a tiny DoRA and a tiny LoRA on toy images (or reuse them from the "
+        "cache) and write a base | DoRA | LoRA grid PNG. `python app.py --demo` opens the same in the browser.",
+    )
+    p.add_argument(
+        "--cache_dir", default=None, help=f"Where the demo model and adapters are kept (default {default_cache_dir()})."
+    )
+    p.add_argument("--output", default=None, help="Grid PNG to write (default: <cache_dir>/.../dora_vs_lora_grid.png).")
+    p.add_argument("--seeds", default=SEEDS, help="Seeds, one row each: '0, 7, 42' or '0-3'.")
+    p.add_argument("--steps", type=int, default=STEPS, help="Denoising steps per image.")
+    p.add_argument("--train_steps", type=int, default=TRAIN_STEPS, help="Training steps per adapter.")
+    p.add_argument("--force", action="store_true", help="Rebuild the cached model and retrain both adapters.")
+    p.add_argument(
+        "--num_threads",
+        type=int,
+        default=1,
+        help="Torch CPU threads. The tiny models gain nothing from more, and on a busy machine idle OpenMP threads "
+        "spinning can make them far slower (0: torch's default).",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Run the demo end to end; print and return the path of the grid PNG."""
+    args = parse_args(argv)
+    parse_seeds(args.seeds)  # a malformed list fails now, not after training
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    start = time.perf_counter()
+    assets = prepare_demo(args.cache_dir, args.train_steps, args.force)
+    comparer = demo_comparer(assets)
+    output = Path(args.output) if args.output else assets.root / "dora_vs_lora_grid.png"
+    path = render_demo_grid(comparer, output, args.seeds, args.steps)
+    print(
+        f"\nDemo finished in {time.perf_counter() - start:.0f} s. Side-by-side grid (rows: seeds; columns: "
+        f"base model, DoRA, LoRA):\n{path.resolve()}"
+    )
+    return path
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except CompareError as err:  # e.g. a malformed --seeds
+        sys.exit(f"python -m dora_diffusion.demo: error: {err}")
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,352 @@
+"""The comparison page end to end: served on 127.0.0.1 with the tiny pipeline and two adapters, called with
+gradio_client; plus the offline demo's cache.
+
+The server runs in this process (``launch(prevent_thread_lock=True)``) so tests can compare its pixels with a
+pipeline of their own and watch the Comparer; ``test_app_browser.py`` starts ``python app.py`` for real.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_adapter_file
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+import dora_diffusion.compare as compare
+from dora_diffusion.app_ui import analysis_tab, build_ui
+from dora_diffusion.compare import Comparer, GenerationSettings, load_base_pipeline, parse_infotext
+from dora_diffusion.testing import save_tiny_sdxl_pipeline
+
+PROMPT = "a photo of TOK toy"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("app")
+    return {
+        "model": save_tiny_sdxl_pipeline(root / "model"),
+        "dora": make_adapter_file(root / "dora", seed=1),
+        "lora": make_adapter_file(root / "lora", seed=2, use_dora=False),
+        "extra": make_adapter_file(root / "extra", seed=3, targets="attn", text=False),
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def app(files):
+    """(client, comparer, url): the page on a free 127.0.0.1 port; always shut down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine two OpenMP threads can be many times slower
+    comparer = Comparer(load_base_pipeline(str(files["model"]), device="cpu"), str(files["model"]))
+    comparer.add_adapter(str(files["dora"]), "dora")
+    comparer.add_adapter(str(files["lora"]), "lora")
+    ui = build_ui(
+        comparer,
+        GenerationSettings(PROMPT, num_inference_steps=2, width=64, height=64),
+        seeds="0-1",
+        extra_tabs={"Analysis": analysis_tab},
+    )
+    for attempt in range(5):
+        port = free_port()
+        try:
+            ui.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+            break
+        except OSError:
+            if attempt == 4:
+                raise
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        yield Client(url, verbose=False), comparer, url
+    finally:
+        ui.close()
+        torch.set_num_threads(threads)
+
+
+def generate(client, seeds="0", adapters=None, include_base=True, steps=2, scheduler="Default", negative=""):
+    adapters = {"dora": 1.0, "lora": 1.0} if adapters is None else adapters
+    return client.predict(
+        PROMPT, negative, seeds, steps, 5.0, 64, 64, scheduler, include_base, adapters, api_name="/generate"
+    )
+
+
+def pixels(item: dict) -> np.ndarray:
+    return np.asarray(Image.open(item["image"]).convert("RGB")).astype(np.int16)
+
+
+def by_caption(gallery: list[dict]) -> dict[str, np.ndarray]:
+    return {item["caption"]: pixels(item) for item in gallery}
+
+
+def test_grid_has_one_image_per_seed_and_column(app):
+    client, _, _ = app
+    gallery, grid_path, info, snippet = generate(client, seeds="0, 7", adapters={"dora": 1.0, "lora": 0.5})
+    assert [g["caption"] for g in gallery] == [
+        "base · — · seed 0", "dora · 1.00 · seed 0", "lora · 0.50 · seed 0",
+        "base · — · seed 7", "dora · 1.00 · seed 7", "lora · 0.50 · seed 7",
+    ]  # fmt: skip
+    for item in gallery:  # every image carries its parameters
+        label, strength, seed = item["caption"].split(" · ")
+        p = parse_infotext(Image.open(item["image"]).info["parameters"])
+        assert (p["Prompt"], p["Seed"], p["Steps"], p["Size"]) == (PROMPT, seed.removeprefix("seed "), "2", "64x64")
+        assert p.get("Adapter", "base") == label
+        if label != "base":
+            assert float(p["Adapter strength"]) == float(strength)
+    grid = Image.open(grid_path)
+    g = parse_infotext(grid.info["parameters"])
+    assert (g["Seeds"], g["Columns"]) == ("0, 7", "base, dora 1, lora 0.5")
+    assert grid.size[0] > 3 * 256 and grid.size[1] > 2 * 256  # 64 px cells zoomed to 256, plus legends
+    assert parse_infotext(info)["Adapter"] == "dora"  # the first adapter cell is shown first
+    assert "pipe.set_dora_adapters('dora', adapter_weights=1.0)" in snippet
+
+
+def test_same_request_gives_identical_pixels(app):
+    client, _, _ = app
+    first = by_caption(generate(client, seeds="3")[0])
+    second = by_caption(generate(client, seeds="3")[0])
+    assert first.keys() == second.keys()
+    for caption in first:
+        assert np.array_equal(first[caption], second[caption]), caption
+
+
+def test_columns_base_strength_zero_and_adapters(app, files):
+    client, _, _ = app
+    images = by_caption(generate(client, seeds="4")[0])
+    base, dora, lora = images["base · — · seed 4"], images["dora · 1.00 · seed 4"], images["lora · 1.00 · seed 4"]
+
+    # the base column is the pipeline with its adapters disabled, and the plain base model
+    pipe = load_base_pipeline(str(files["model"]), device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+
+    def render():
+        out = pipe(
+            PROMPT,
+            num_inference_steps=2,
+            guidance_scale=5.0,
+            width=64,
+            height=64,
+            generator=torch.Generator("cpu").manual_seed(4),
+        )
+        return np.asarray(out.images[0]).astype(np.int16)
+
+    plain = render()
+    pipe.load_dora_weights(str(files["dora"]), adapter_name="dora")
+    pipe.load_dora_weights(str(files["lora"]), adapter_name="lora")
+    pipe.disable_dora()
+    assert np.array_equal(base, render())
+    assert np.array_equal(base, plain)
+
+    # strength 0 is the base model exactly, for DoRA and LoRA
+    zero = by_caption(generate(client, seeds="4", adapters={"dora": 0.0, "lora": 0.0})[0])
+    assert np.array_equal(zero["dora · 0.00 · seed 4"], base)
+    assert np.array_equal(zero["lora · 0.00 · seed 4"], base)
+
+    # the adapter columns differ from each other and from the base
+    for a, b in ((dora, base), (lora, base), (dora, lora)):
+        assert np.abs(a - b).mean() > 1.0
+
+
+def test_adapters_load_once_and_columns_switch_with_set_dora_adapters(app, monkeypatch):
+    client, _, _ = app
+    calls = {"load": 0, "set": []}
+    load, set_ = compare.load_dora_weights, compare.set_dora_adapters
+    monkeypatch.setattr(
+        compare, "load_dora_weights", lambda *a, **k: (calls.__setitem__("load", calls["load"] + 1), load(*a, **k))[1]
+    )
+    monkeypatch.setattr(
+        compare, "set_dora_adapters", lambda pipe, n, w: (calls["set"].append((n, w)), set_(pipe, n, w))[1]
+    )
+    generate(client, seeds="0", adapters={"dora": 1.0, "lora": 0.5})
+    assert calls["load"] == 0
+    assert calls["set"] == [("dora", 1.0), ("lora", 0.5)]
+
+
+def test_progress_reports_cells_and_steps(app):
+    client, _, _ = app
+    job = client.submit(PROMPT, "", "0", 3, 5.0, 64, 64, "Default", True, {"dora": 1.0}, api_name="/generate")
+    descriptions = set()
+    while not job.done():
+        for update in job.status().progress_data or []:
+            if update.desc:
+                descriptions.add(update.desc)
+        time.sleep(0.02)
+    job.result()
+    assert descriptions, "no progress update arrived"
+    assert descriptions <= {f"cell {k} of 2 · step {s} of 3" for k in (1, 2) for s in (1, 2, 3)} | {"cell 1 of 2"}
+    assert len(descriptions) >= 2
+
+
+def test_one_job_at_a_time(app, monkeypatch):
+    client, comparer, url = app
+    running, most = 0, 0
+    lock = threading.Lock()
+    render_cell = comparer.render_cell
+
+    def counting(*args, **kwargs):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            return render_cell(*args, **kwargs)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(comparer, "render_cell", counting)
+    jobs = [
+        Client(url, verbose=False).submit(
+            PROMPT, "", "0", 2, 5.0, 64, 64, "Default", True, {"dora": 1.0}, api_name="/generate"
+        )
+        for _ in range(2)
+    ]
+    results = [job.result(timeout=120) for job in jobs]
+    assert all(len(r[0]) == 2 for r in results)
+    assert most == 1
+
+
+def test_cancel_stops_a_running_grid_and_the_app_keeps_serving(app):
+    client, _, _ = app
+    job = client.submit(
+        PROMPT, "", "0-9", 20, 5.0, 64, 64, "Default", True, {"dora": 1.0, "lora": 1.0}, api_name="/generate"
+    )
+
+    def cells_done() -> int:
+        return max((len(o[0]) for o in job.outputs() if isinstance(o[0], list)), default=0)
+
+    deadline = time.time() + 60
+    while not cells_done() and time.time() < deadline:
+        time.sleep(0.05)
+    assert cells_done(), "no cell finished within 60 s"
+    job.cancel()
+    start = time.time()
+    gallery = generate(client, seeds="0", adapters={"dora": 1.0})[0]
+    assert len(gallery) == 2
+    assert time.time() - start < 20  # not behind the remaining 29 cells x 20 steps
+    assert cells_done() < 30 and not any(isinstance(o[1], str) for o in job.outputs())  # no grid PNG
+    deadline = time.time() + 10
+    while any(t.name == "dora-diffusion-grid" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "dora-diffusion-grid" for t in threading.enumerate()), "the cancelled grid still renders"
+
+
+@pytest.mark.parametrize(
+    "seeds, adapters, message",
+    [
+        ("0-x", {"dora": 1.0}, "'0-x' is not a seed"),
+        ("7-3", {"dora": 1.0}, "counts down"),
+        ("0-40", {"dora": 1.0, "lora": 1.0}, "41 seeds x 3 columns = 123 images, more than the limit of 64"),
+        ("0", {"nope": 1.0}, r"adapters \['nope'\] are not loaded"),
+        ("0", {"dora": 3.0}, "strength of 'dora' must be a number from 0 to 2"),
+        ("0", ["dora"], r"adapters must be a \{name: strength\} mapping, got list"),
+    ],
+)
+def test_bad_requests_are_errors_and_the_app_keeps_serving(app, seeds, adapters, message):
+    client, _, _ = app
+    with pytest.raises(AppError, match=message):
+        generate(client, seeds=seeds, adapters=adapters)
+    assert len(generate(client, seeds="1", adapters={"lora": 1.0}, include_base=False)[0]) == 1
+
+
+def test_bad_adapters_are_errors_and_a_good_one_loads(app, files, tmp_path):
+    client, comparer, _ = app
+    add = lambda source="", upload=None, name="": client.predict(source, upload, name, api_name="/add_adapter")  # noqa: E731
+    with pytest.raises(AppError, match="is not an existing file or directory"):
+        add(str(tmp_path / "missing.safetensors"))
+    mismatched = tmp_path / "sd15.safetensors"
+    from safetensors.torch import save_file
+
+    key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{key}.lora_A.weight": torch.zeros(4, 320), f"{key}.lora_B.weight": torch.zeros(320, 4)}, mismatched)
+    with pytest.raises(AppError, match="shape mismatch"):
+        add(str(mismatched))
+    text = tmp_path / "notes.safetensors"
+    text.write_text("these are my notes, not tensors")
+    with pytest.raises(AppError):
+        add(upload=handle_file(str(text)))
+    with pytest.raises(AppError, match="not both"):
+        add(str(files["extra"]), handle_file(str(files["extra"])))
+    assert [a.name for a in comparer.adapters] == ["dora", "lora"]
+
+    status, *slots = add(upload=handle_file(str(files["extra"])))
+    assert status.startswith("Loaded **pytorch_lora_weights**: DoRA · rank 4")
+    assert [a.name for a in comparer.adapters] == ["dora", "lora", "pytorch_lora_weights"]
+    gallery = generate(client, seeds="2", adapters={"pytorch_lora_weights": 1.0})[0]
+    assert [g["caption"] for g in gallery] == ["base · — · seed 2", "pytorch_lora_weights · 1.00 · seed 2"]
+    assert np.abs(pixels(gallery[0]) - pixels(gallery[1])).mean() > 1.0
+
+
+def test_restore_fills_the_form_from_a_png(app, tmp_path):
+    client, _, _ = app
+    gallery = generate(client, seeds="5", adapters={"lora": 0.35}, steps=3, scheduler="Euler a", negative="blurry")[0]
+    values = client.predict(handle_file(gallery[1]["image"]), api_name="/restore")
+    prompt, negative, seeds, steps, guidance, width, height, scheduler, base, *slots = values
+    assert (prompt, negative, seeds, steps, guidance, width, height, scheduler) == (
+        PROMPT,
+        "blurry",
+        "5",
+        3,
+        5.0,
+        64,
+        64,
+        "Euler a",
+    )
+    checks, strengths = slots[: len(slots) // 2], slots[len(slots) // 2 :]
+    assert checks[1] is True and strengths[1] == 0.35  # the lora slot
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(AppError, match="Invalid file type.*image"):  # refused by the upload's file_types
+        client.predict(handle_file(str(tmp_path / "notes.txt")), api_name="/restore")
+    (tmp_path / "fake.png").write_text("hello")
+    with pytest.raises(AppError, match="fake.png is not an image"):
+        client.predict(handle_file(str(tmp_path / "fake.png")), api_name="/restore")
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    with pytest.raises(AppError, match="plain.png carries no generation parameters"):
+        client.predict(handle_file(str(tmp_path / "plain.png")), api_name="/restore")
+
+
+# ------------------------------------------------------------------------------------------------ the demo
+
+
+def test_demo_trains_once_then_reuses_its_cache(tmp_path, monkeypatch, capsys):
+    from dora_diffusion import demo
+
+    threads = torch.get_num_threads()
+    try:
+        out = demo.main(["--cache_dir", str(tmp_path), "--train_steps", "1", "--steps", "1", "--seeds", "0"])
+        first = np.asarray(Image.open(out))
+        assert "Side-by-side grid" in capsys.readouterr().out
+        params = parse_infotext(Image.open(out).info["parameters"])
+        assert (params["Seeds"], params["Columns"]) == ("0", "base, dora 1, lora 1")
+
+        def no_training(argv):
+            raise AssertionError("the second run trained again")
+
+        monkeypatch.setattr("dora_diffusion.training.main", no_training)
+        again = demo.main(["--cache_dir", str(tmp_path), "--train_steps", "1", "--steps", "1", "--seeds", "0"])
+        assert again == out and np.array_equal(np.asarray(Image.open(again)), first)
+        assert "reusing the demo dora adapter" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_analysis_tab_plots_the_loaded_adapters(app):
+    """The Analysis tab: a PNG that opens and a summary naming both adapters with their Pearson r."""
+    client, comparer, _ = app
+    image_path, summary = client.predict(api_name="/analysis")
+    with Image.open(image_path) as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+    for name in comparer.pipe.get_dora_adapters():
+        assert name in summary

@@ -1,0 +1,159 @@
+"""The page in a real browser: Debian's chromium, driven by Playwright, against ``python app.py``.
+
+Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``) and the ``playwright`` package (``pip install
+playwright``; no browser download: Playwright drives the system chromium through ``executable_path``). The
+test is skipped, naming what is missing, only when one of the two is absent. ``DORA_CHROMIUM`` points to
+another chromium binary; ``DORA_SCREENSHOT_DIR`` keeps the screenshots (default: pytest's tmp_path).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import make_adapter_file
+
+from dora_diffusion.testing import save_tiny_sdxl_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("DORA_CHROMIUM", "/usr/bin/chromium")
+# the flags of a headless chromium on a machine with a closed network (no background connections)
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+PROMPT = "a photo of TOK toy on a table"
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install playwright); it drives Debian's chromium"
+)
+if not Path(CHROMIUM).is_file():
+    pytest.skip(
+        f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium)", allow_module_level=True
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``python app.py --base <tiny model> --adapter dora=... --adapter lora=...`` on a free 127.0.0.1 port."""
+    root = tmp_path_factory.mktemp("browser")
+    model = save_tiny_sdxl_pipeline(root / "model")
+    dora = make_adapter_file(root / "dora", seed=1)
+    lora = make_adapter_file(root / "lora", seed=2, use_dora=False)
+    port = _free_port()
+    log = open(root / "app.log", "w")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, str(REPO / "app.py"), "--base", str(model), "--adapter", f"dora={dora}",
+           "--adapter", f"lora={lora}", "--port", str(port), "--num_threads", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited with {proc.returncode}:\n{(root / 'app.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"app.py did not answer on {url} within 120 s:\n{(root / 'app.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def page(server):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(server)
+            page.wait_for_selector("#generate")
+            yield page
+        finally:
+            browser.close()
+
+
+def _screenshot(page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
+    keep = os.environ.get("DORA_SCREENSHOT_DIR")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(keep) / name)
+    print(f"screenshot: {path}")
+    return path
+
+
+def test_generate_a_grid_in_the_browser(page, tmp_path):
+    expect = sync_api.expect
+    prompt, seeds = page.locator("#prompt textarea"), page.locator("#seeds textarea")
+    prompt.fill(PROMPT)
+    page.locator("#steps input[type=number]").fill("2")
+
+    # a malformed seed list: an error on the page, and nothing typed is lost
+    seeds.fill("0-x")
+    page.click("#generate")
+    error = page.locator(".toast-body.error")
+    expect(error).to_contain_text("'0-x' is not a seed")
+    page.wait_for_timeout(500)  # the toast fades in
+    _screenshot(page, tmp_path, "app_error.png")
+    assert prompt.input_value() == PROMPT and seeds.input_value() == "0-x"
+    assert page.locator("#steps input[type=number]").input_value() == "2"
+    error.get_by_label("Close").click()
+    expect(error).to_have_count(0)
+
+    # Stop cancels a long grid (30 cells x 30 steps); the page then serves the next request at once
+    seeds.fill("0-9")
+    page.locator("#steps input[type=number]").fill("30")
+    page.click("#generate")
+    page.wait_for_selector("#gallery img")
+    page.click("#stop")
+    page.wait_for_timeout(1500)  # a person's pause; a click in the same instant would be cancelled too
+    shown = page.locator("#gallery img").count()
+    page.wait_for_timeout(1500)
+    assert page.locator("#gallery img").count() == shown < 30  # no cell arrives after Stop
+    page.locator("#steps input[type=number]").fill("2")
+
+    seeds.fill("0-1")
+    start = time.time()
+    page.click("#generate")
+    page.wait_for_selector("#grid-file a")  # the grid PNG comes last
+    assert time.time() - start < 45
+    expect(page.locator("#gallery img")).to_have_count(6)
+    for caption in ("base · — · seed 0", "dora · 1.00 · seed 0", "lora · 1.00 · seed 1"):
+        expect(page.locator("#gallery").get_by_text(caption)).to_be_visible()
+    assert page.locator("#grid-file a").first.get_attribute("href").endswith("/grid.png")
+    expect(page.locator("#snippet")).to_contain_text("adapter_name='dora'")
+    shot = _screenshot(page, tmp_path, "app_grid.png")
+    assert shot.stat().st_size > 20_000
+
+    # choosing a cell shows its parameters and snippet
+    page.locator("#gallery").get_by_text("lora · 1.00 · seed 1").click()
+    expect(page.locator("#snippet")).to_contain_text("adapter_name='lora'")
+    expect(page.locator("#snippet")).to_contain_text("manual_seed(1)")

@@ -1,0 +1,432 @@
+"""dora_diffusion.compare: seeds, grid plans, captions, infotext, the grid PNG, and rendering on the tiny pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_adapter_file
+from PIL import Image
+
+from dora_diffusion import AdapterFileError
+from dora_diffusion.compare import (
+    MAX_SEED,
+    SCHEDULERS,
+    Cell,
+    Column,
+    CompareError,
+    Comparer,
+    GenerationSettings,
+    caption,
+    check_adapter_name,
+    compose_grid,
+    default_adapter_name,
+    grid_infotext,
+    infotext,
+    load_base_pipeline,
+    parse_adapter_arg,
+    parse_infotext,
+    parse_seeds,
+    plan_grid,
+    read_parameters,
+    reproduce_snippet,
+    restore_cell,
+    save_png,
+)
+from dora_diffusion.testing import TINY_RESOLUTION, save_tiny_sdxl_pipeline
+
+TINY = GenerationSettings("a photo of TOK toy", num_inference_steps=2, width=TINY_RESOLUTION, height=TINY_RESOLUTION)
+
+
+# ------------------------------------------------------------------------------------------------ seeds
+
+
+@pytest.mark.parametrize(
+    "text, seeds",
+    [
+        ("0, 7, 42", [0, 7, 42]),
+        ("0-3", [0, 1, 2, 3]),
+        ("0-3, 10", [0, 1, 2, 3, 10]),
+        ("5", [5]),
+        ("3-3", [3]),
+        ("  1 2\t3 ", [1, 2, 3]),
+        ("0 - 2,9", [0, 1, 2, 9]),
+        ("42,7,0", [42, 7, 0]),  # order kept: rows appear as listed
+        (str(MAX_SEED), [MAX_SEED]),
+    ],
+)
+def test_parse_seeds(text, seeds):
+    assert parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "at least one seed"),
+        (" , ", "at least one seed"),
+        ("a", "'a' is not a seed"),
+        ("-1", "'-1' is not a seed"),
+        ("1.5", "'1.5' is not a seed"),
+        ("²", "'²' is not a seed"),
+        ("0-3-5", "'0-3-5' is not a seed"),
+        ("3-1", "counts down; write '1-3'"),
+        ("1, 1", "seed 1 is listed twice"),
+        ("0-3, 2", "seed 2 is listed twice"),
+        (str(MAX_SEED + 1), "larger than 18446744073709551615"),
+    ],
+)
+def test_parse_seeds_rejects(text, message):
+    with pytest.raises(CompareError, match=message):
+        parse_seeds(text)
+
+
+def test_parse_seeds_counts_a_huge_range_without_expanding_it():
+    with pytest.raises(CompareError, match="1000000000001 seeds are more than the limit of 64"):
+        parse_seeds("0-1000000000000", max_count=64)
+    assert parse_seeds("0-63", max_count=64) == list(range(64))
+
+
+# ------------------------------------------------------------------------------------------------ names
+
+
+@pytest.mark.parametrize("name", ["dora", "my-lora_v2", "Ä1", "x" * 64])
+def test_check_adapter_name_accepts(name):
+    assert check_adapter_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name, taken, message",
+    [
+        ("", (), "must be 1 to 64"),
+        ("a.b", (), "must be 1 to 64"),
+        ("a b", (), "must be 1 to 64"),
+        ("a,b", (), "must be 1 to 64"),
+        ("dora\n", (), "must be 1 to 64"),
+        ("x" * 65, (), "must be 1 to 64"),
+        ("base", (), "reserved for the base-model column"),
+        ("dora", ("dora",), "already loaded"),
+    ],
+)
+def test_check_adapter_name_rejects(name, taken, message):
+    with pytest.raises(CompareError, match=message):
+        check_adapter_name(name, taken)
+
+
+@pytest.mark.parametrize(
+    "source, taken, name",
+    [
+        ("runs/my_dora/", (), "my_dora"),
+        ("runs/my_dora/pytorch_lora_weights.safetensors", (), "my_dora"),
+        ("pytorch_lora_weights.safetensors", (), "pytorch_lora_weights"),
+        ("/tmp/gradio/abc/style v1.2.safetensors", (), "style_v1_2"),
+        ("user/sdxl-dora", ("sdxl-dora",), "sdxl-dora_2"),
+        ("user/sdxl-dora", ("sdxl-dora", "sdxl-dora_2"), "sdxl-dora_3"),
+        ("out/base", (), "adapter"),
+    ],
+)
+def test_default_adapter_name(source, taken, name):
+    assert default_adapter_name(source, taken) == name
+
+
+def test_parse_adapter_arg(tmp_path):
+    assert parse_adapter_arg("dora=runs/a") == ("dora", "runs/a")
+    assert parse_adapter_arg("dora=runs/x=y") == ("dora", "runs/x=y")
+    assert parse_adapter_arg("runs/a") == (None, "runs/a")
+    odd = tmp_path / "run=3"
+    odd.mkdir()
+    assert parse_adapter_arg(str(odd)) == (None, str(odd))  # an existing path holding '=' is a path
+    with pytest.raises(CompareError, match="no path after '='"):
+        parse_adapter_arg("dora=")
+    with pytest.raises(CompareError, match="must be 1 to 64"):
+        parse_adapter_arg("my.dora=runs/a")
+
+
+# ------------------------------------------------------------------------------------------------ settings and plans
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_inference_steps": 0}, "steps must be from 1 to 150"),
+        ({"num_inference_steps": 151}, "steps must be from 1 to 150"),
+        ({"num_inference_steps": 2.5}, "steps must be a whole number"),
+        ({"num_inference_steps": None}, "steps must be a number, got None"),
+        ({"width": "64"}, "width must be a number, got '64'"),
+        ({"guidance_scale": float("nan")}, "guidance scale must be a number, got nan"),
+        ({"guidance_scale": -0.5}, "guidance scale must be from 0 to 30"),
+        ({"width": 100}, "width must be a multiple of 8"),
+        ({"height": 56}, "height must be a multiple of 8 from 64"),
+        ({"height": 2056}, "height must be a multiple of 8 from 64 to 2048"),
+        ({"scheduler": "LMS"}, "unknown scheduler 'LMS'"),
+    ],
+)
+def test_settings_rejects(change, message):
+    kwargs = {"prompt": "p", **change}
+    with pytest.raises(CompareError, match=message):
+        GenerationSettings(**kwargs)
+
+
+def test_settings_take_slider_floats():
+    s = GenerationSettings("p", num_inference_steps=2.0, width=64.0, height=128.0, guidance_scale=5)
+    assert (s.num_inference_steps, s.width, s.height, s.guidance_scale) == (2, 64, 128, 5.0)
+    assert all(type(v) is int for v in (s.num_inference_steps, s.width, s.height))
+
+
+def test_plan_grid_columns_follow_load_order_and_cells_are_row_major():
+    plan = plan_grid(TINY, [7, 0], {"lora": 0.5, "dora": 1.0}, True, ["dora", "x", "lora"])
+    assert [c.label for c in plan.columns] == ["base", "dora", "lora"]
+    assert [c.strength for c in plan.columns] == [0.0, 1.0, 0.5]
+    assert len(plan) == 6
+    assert [(c.row, c.col, c.seed, c.column.label) for c in plan.cells] == [
+        (0, 0, 7, "base"), (0, 1, 7, "dora"), (0, 2, 7, "lora"),
+        (1, 0, 0, "base"), (1, 1, 0, "dora"), (1, 2, 0, "lora"),
+    ]  # fmt: skip
+
+
+def test_plan_grid_without_base():
+    plan = plan_grid(TINY, [1], {"dora": 0.0}, False, ["dora"])
+    assert plan.columns == (Column("dora", 0.0),)
+
+
+@pytest.mark.parametrize(
+    "seeds, adapters, include_base, message",
+    [
+        ([0], {"nope": 1.0}, True, r"adapters \['nope'\] are not loaded; loaded adapters: \['dora', 'lora'\]"),
+        ([0], {"dora": 2.5}, True, "strength of 'dora' must be a number from 0 to 2"),
+        ([0], {"dora": -0.1}, True, "strength of 'dora' must be a number from 0 to 2"),
+        ([0], {"dora": "1"}, True, "strength of 'dora' must be a number"),
+        ([0], {}, False, "tick at least one adapter or the base model"),
+        ([], {"dora": 1.0}, True, "at least one seed"),
+        (
+            list(range(22)),
+            {"dora": 1.0, "lora": 1.0},
+            True,
+            "22 seeds x 3 columns = 66 images, more than the limit of 64",
+        ),
+    ],
+)
+def test_plan_grid_rejects(seeds, adapters, include_base, message):
+    with pytest.raises(CompareError, match=message):
+        plan_grid(TINY, seeds, adapters, include_base, ["dora", "lora"])
+
+
+def test_plan_grid_allows_exactly_the_limit():
+    assert len(plan_grid(TINY, list(range(32)), {"dora": 1.0}, True, ["dora"], max_cells=64)) == 64
+    with pytest.raises(CompareError, match="more than the limit of 63"):
+        plan_grid(TINY, list(range(32)), {"dora": 1.0}, True, ["dora"], max_cells=63)
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+def test_captions():
+    assert caption(Cell(0, 1, 42, Column("dora", 1.0))) == "dora · 1.00 · seed 42"
+    assert caption(Cell(0, 2, 42, Column("lora", 0.25))) == "lora · 0.25 · seed 42"
+    assert caption(Cell(3, 0, 7, Column(None))) == "base · — · seed 7"
+
+
+def test_infotext_is_a1111_parameters_plus_adapter():
+    s = GenerationSettings("a photo of TOK toy", "blurry", 25, 7.5, 1024, 768, "DPM++ 2M Karras")
+    text = infotext(s, Cell(0, 1, 42, Column("dora", 0.8)), "stabilityai/stable-diffusion-xl-base-1.0", "runs/dora")
+    assert text == (
+        "a photo of TOK toy\n"
+        "Negative prompt: blurry\n"
+        "Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 1024x768, "
+        "Model: stabilityai/stable-diffusion-xl-base-1.0, Adapter: dora, Adapter strength: 0.8, "
+        "Adapter source: runs/dora, Version: dora-diffusion 0.1.0"
+    )
+    base = infotext(TINY, Cell(0, 0, 3, Column(None)), "tiny")
+    assert base == (
+        "a photo of TOK toy\n"
+        "Steps: 2, Sampler: Default, CFG scale: 5, Seed: 3, Size: 64x64, Model: tiny, Version: dora-diffusion 0.1.0"
+    )
+
+
+def test_infotext_round_trip_with_quoting():
+    s = GenerationSettings("line one, with comma\nline two: colon", "bad, ugly", 30, 5.0, 64, 128, "Euler a")
+    cell = Cell(0, 1, 123456789012, Column("my-lora", 1.25))
+    text = infotext(s, cell, 'C:\\models\\sdxl, "v1"', "D:\\x, y.safetensors")
+    assert 'Model: "C:\\\\models\\\\sdxl, \\"v1\\""' in text  # A1111 quotes values holding , : or "
+    p = parse_infotext(text)
+    assert p["Prompt"] == s.prompt
+    assert p["Negative prompt"] == "bad, ugly"
+    assert p["Model"] == 'C:\\models\\sdxl, "v1"'
+    assert p["Adapter source"] == "D:\\x, y.safetensors"
+    restored = restore_cell(text)
+    assert restored.settings == s
+    assert (restored.seed, restored.adapter, restored.strength) == (123456789012, "my-lora", 1.25)
+
+
+def test_restore_cell_of_base_and_errors():
+    r = restore_cell(infotext(TINY, Cell(0, 0, 9, Column(None)), "tiny"))
+    assert (r.settings, r.seed, r.adapter, r.model) == (TINY, 9, None, "tiny")
+    with pytest.raises(CompareError, match="have no CFG scale, Seed"):
+        restore_cell("a prompt\nSteps: 20, Sampler: Euler, Size: 64x64")
+    with pytest.raises(CompareError, match="unreadable generation parameters"):
+        restore_cell("a prompt\nSteps: many, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64")
+
+
+def test_grid_infotext_lists_seeds_and_columns():
+    plan = plan_grid(TINY, [0, 7], {"dora": 1.0, "lora": 0.5}, True, ["dora", "lora"])
+    p = parse_infotext(grid_infotext(plan, "tiny"))
+    assert p["Seeds"] == "0, 7"
+    assert p["Columns"] == "base, dora 1, lora 0.5"
+    assert (p["Steps"], p["Size"], p["Prompt"]) == ("2", "64x64", "a photo of TOK toy")
+
+
+def test_reproduce_snippet_text():
+    s = GenerationSettings("a cat", "", 20, 6.0, 1024, 1024, "DPM++ 2M Karras")
+    code = reproduce_snippet(
+        s, Cell(0, 1, 7, Column("dora", 0.75)), "stabilityai/sdxl", "runs/dora", "cuda", torch.float16
+    )
+    compile(code, "snippet", "exec")
+    assert "from diffusers import StableDiffusionXLPipeline, DPMSolverMultistepScheduler\n" in code
+    assert "from_pretrained('stabilityai/sdxl', " in code and "=torch.float16).to('cuda')" in code
+    scheduler = "DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type='dpmsolver++', "
+    assert scheduler + "use_karras_sigmas=True)" in code
+    assert "pipe.load_dora_weights('runs/dora', adapter_name='dora')\n" in code
+    assert "pipe.set_dora_adapters('dora', adapter_weights=0.75)\n" in code
+    assert "generator=torch.Generator('cuda').manual_seed(7)," in code
+    assert "negative_prompt" not in code  # an empty negative prompt is passed as None, so it is left out
+    base = reproduce_snippet(TINY, Cell(0, 0, 3, Column(None)), "tiny")
+    assert "load_dora_weights" not in base and "scheduler" not in base
+    assert "image.save('base_seed3.png')" in base
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+def _solid(colour, size=(16, 12)):
+    return Image.new("RGB", size, colour)
+
+
+@pytest.mark.parametrize("zoom", [1, 3])
+def test_compose_grid_places_cells_under_their_legends(zoom):
+    colours = [[(255, 0, 0), (0, 255, 0), (0, 0, 255)], [(255, 255, 0), (0, 255, 255), (255, 0, 255)]]
+    images = [[_solid(c) for c in row] for row in colours]
+    cols = [["base model"], ["dora", "strength 1.00"], ["lora", "strength 0.50"]]
+    grid = np.asarray(compose_grid(images, ["seed 0", "seed 7"], cols, title="a photo of TOK toy", zoom=zoom))
+    boxes = {}
+    for r, row in enumerate(colours):
+        for c, colour in enumerate(row):
+            ys, xs = np.nonzero(np.all(grid == colour, axis=-1))
+            boxes[r, c] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            assert (xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()) == (16 * zoom, 12 * zoom)
+            assert len(xs) == 16 * 12 * zoom * zoom  # the whole block, copied exactly, once
+    assert boxes[0, 0][0] < boxes[0, 1][0] < boxes[0, 2][0]
+    assert boxes[0, 1][0] == boxes[1, 1][0] and boxes[0, 0][1] < boxes[1, 0][1]
+    dark = np.all(grid < 100, axis=-1)
+    top = boxes[0, 0][1]
+    for c in range(3):  # a legend above every column, between the title and the first row
+        x0, _, x1, _ = boxes[0, c]
+        assert dark[top // 2 : top, x0:x1].any()
+    for r in range(2):  # a legend left of every row
+        _, y0, _, y1 = boxes[r, 0]
+        assert dark[y0:y1, : boxes[0, 0][0]].any()
+    assert dark[: top // 3].any()  # the title
+
+
+def test_compose_grid_widens_a_column_for_a_long_legend():
+    images = [[_solid((255, 0, 0), (8, 8)), _solid((0, 0, 255), (8, 8))]]
+    grid = np.asarray(compose_grid(images, ["seed 0"], [["a"], ["a-very-long-adapter-name"]]))
+    red = np.nonzero(np.all(grid == (255, 0, 0), axis=-1))[1]
+    blue = np.nonzero(np.all(grid == (0, 0, 255), axis=-1))[1]
+    top = np.nonzero(np.all(grid == (0, 0, 255), axis=-1))[0].min()
+    legend = np.nonzero(np.any(np.all(grid[:top] < 100, axis=-1), axis=0))[0]
+    legend = legend[legend > red.max() + 8]  # the long legend, right of the first column
+    assert legend.max() - legend.min() > 100  # not clipped to the 8 px image
+    assert abs((legend.min() + legend.max()) / 2 - (blue.min() + blue.max()) / 2) <= 2  # image centred under it
+    assert legend.max() < grid.shape[1] - 1
+
+
+def test_compose_grid_rejects_mismatches():
+    with pytest.raises(ValueError, match="need 1 row labels and 2 column labels"):
+        compose_grid([[_solid(0), _solid(0)]], ["seed 0"], [["a"]])
+    with pytest.raises(ValueError, match=r"image \[0\]\[1\] is 8x8, the first is 16x12"):
+        compose_grid([[_solid(0), _solid(0, (8, 8))]], ["seed 0"], [["a"], ["b"]])
+
+
+def test_png_parameters_round_trip_and_bad_files(tmp_path):
+    path = save_png(_solid((1, 2, 3)), tmp_path / "cell.png", "a prompt\nSteps: 2, Sampler: Euler, CFG scale: 5")
+    assert read_parameters(path) == "a prompt\nSteps: 2, Sampler: Euler, CFG scale: 5"
+    assert np.asarray(Image.open(path)).tolist() == np.asarray(_solid((1, 2, 3))).tolist()
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(CompareError, match="notes.png is not an image"):
+        read_parameters(tmp_path / "notes.png")
+    _solid(0).save(tmp_path / "plain.png")
+    with pytest.raises(CompareError, match="plain.png carries no generation parameters"):
+        read_parameters(tmp_path / "plain.png")
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A Comparer on the tiny pipeline read from disk, with a DoRA and a LoRA loaded (one torch thread: on a
+    shared 2-core machine two OpenMP threads can be many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("compare")
+    model = save_tiny_sdxl_pipeline(root / "model")
+    dora = make_adapter_file(root / "dora", seed=1)
+    lora = make_adapter_file(root / "lora", seed=2, use_dora=False)
+    comparer = Comparer(load_base_pipeline(str(model), device="cpu"), str(model))
+    comparer.add_adapter(str(dora), "dora")
+    comparer.add_adapter(str(lora))
+    yield comparer
+    torch.set_num_threads(threads)
+
+
+def test_comparer_describes_adapters(bench):
+    assert [(a.name, a.kind, a.ranks) for a in bench.adapters] == [("dora", "DoRA", (2, 4)), ("lora", "LoRA", (2, 4))]
+    assert bench.default_size == TINY_RESOLUTION
+
+
+def test_comparer_refuses_bad_adapters_and_keeps_serving(bench, tmp_path):
+    with pytest.raises(AdapterFileError, match="is not an existing file or directory"):
+        bench.add_adapter(str(tmp_path / "missing.safetensors"))
+    with pytest.raises(CompareError, match="already loaded"):
+        bench.add_adapter(str(tmp_path), "dora")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(AdapterFileError):
+        bench.add_adapter(str(junk))
+    assert [a.name for a in bench.adapters] == ["dora", "lora"]
+
+
+def test_snippet_reproduces_the_cell(bench, tmp_path, monkeypatch):
+    settings = GenerationSettings("a photo of TOK toy", "blurry", 2, 4.0, 64, 64, "Euler a")
+    plan = bench.plan(settings, "5", {"dora": 0.7}, include_base=False)
+    (result,) = bench.render(plan)
+    monkeypatch.chdir(tmp_path)
+    exec(bench.snippet(plan, plan.cells[0]), {})
+    again = Image.open(tmp_path / "dora_seed5.png")
+    assert np.array_equal(np.asarray(again), np.asarray(result.image))
+
+
+def test_render_stops_between_steps_and_leaves_no_state(bench):
+    plan = bench.plan(TINY, "0-2", {"dora": 1.0}, include_base=True)
+    steps: list[tuple[int, int]] = []
+    results = list(bench.render(plan, on_step=lambda k, s: steps.append((k, s)), should_stop=lambda: len(steps) >= 3))
+    assert [r.caption for r in results] == ["base · — · seed 0"]  # the interrupted second cell is not yielded
+    assert steps == [(0, 1), (0, 2), (1, 1)]
+    full = list(bench.render(plan))
+    assert [r.caption for r in full][:2] == ["base · — · seed 0", "dora · 1.00 · seed 0"]
+    assert np.array_equal(np.asarray(full[0].image), np.asarray(results[0].image))
+    grid = bench.grid(plan, full)
+    assert grid.size[0] > 2 * 256 and grid.size[1] > 3 * 256  # 64 px cells zoomed x4
+    with pytest.raises(ValueError, match="needs all 6 cells, got 1"):
+        bench.grid(plan, results)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_scheduler_renders_the_same_pixels_twice(bench, name):
+    cls_name, overrides = SCHEDULERS[name]
+    scheduler = bench._scheduler(name)
+    assert type(scheduler).__name__ == (cls_name or "EulerDiscreteScheduler")  # the tiny model ships Euler
+    assert all(scheduler.config[k] == v for k, v in overrides.items())
+    settings = GenerationSettings("a photo of TOK toy", num_inference_steps=2, width=64, height=64, scheduler=name)
+    plan = bench.plan(settings, "1", {"dora": 1.0}, include_base=False)
+    first, again = list(bench.render(plan)), list(bench.render(plan))
+    assert np.array_equal(np.asarray(first[0].image), np.asarray(again[0].image))
