@@ -2,10 +2,13 @@
 
 Workloads: a stack of diffusers ``BasicTransformerBlock`` at SDXL dims (1280 channels, 20 heads,
 cross-attention dim 2048, 1024 tokens) and a ``ResnetBlock2D`` with 1280-channel 3x3 convs at 32x32.
-Variants: base, ours LoRA, ours DoRA (unfused / fused), PEFT LoRA, PEFT DoRA. Each training step is
+Variants: base, ours LoRA, ours DoRA (unfused / fused), PEFT LoRA, PEFT DoRA, and for the transformer
+stack ours DoRA under the other two ``set_recompute`` modes (``none``: keep every output for dL/dm;
+``all``: recompute W0 x on every layer whose output nothing else keeps). Each training step is
 forward + backward + an in-place update of the adapter weights (so cached norms are invalidated as in
-real training). Timings are medians of interleaved repeats; memory is the peak resident memory of one
-training step above what was resident before it.
+real training). Timings are medians of interleaved repeats with the allocator's defaults; memory is the
+peak resident memory of one training step above what was resident before it, measured first, in a fresh
+child process whose allocator returns freed blocks at once.
 
     python benchmarks/bench_layers.py                       # the full table (ranks 4/16/64, attn/attn_ff/all)
     python benchmarks/bench_layers.py --quick               # rank 16, attn_ff only (the issue's headline case)
@@ -16,7 +19,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import interleaved_times, machine_line, peak_bytes, pin_malloc  # noqa: E402
 
 from dora_diffusion import AdapterConfig, add_adapter  # noqa: E402
-from dora_diffusion.inject import adapted_layers  # noqa: E402
+from dora_diffusion.inject import adapted_layers, set_recompute  # noqa: E402
 
 PEFT_TARGETS = {
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -116,17 +121,44 @@ def infer(m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         m(*inputs)
 
 
-def bench_case(wl: str, targets: str, rank: int, args) -> dict:
+def build_case(wl: str, targets: str, rank: int, args) -> tuple[dict[str, nn.Module], tuple[torch.Tensor, ...]]:
+    """The variants of one case; for the transformer stack also ours DoRA under the other recompute modes."""
     base, inputs = workload(wl, args.blocks, args.tokens)
     variants = make_variants(base, targets, rank)
+    if wl == "transformer":
+        for mode in ("none", "all"):
+            variants[f"dora_{mode}"] = copy.deepcopy(variants["dora"])
+            set_recompute(variants[f"dora_{mode}"], mode)
+    return variants, inputs
+
+
+def measure_memory(wl: str, targets: str, rank: int, args) -> dict[str, int]:
+    """Peak resident bytes of one training step per variant (call in a process after ``pin_malloc``)."""
+    variants, inputs = build_case(wl, targets, rank, args)
+    return {k: peak_bytes(lambda m=m: train_step(m, inputs)) for k, m in variants.items()}
+
+
+def measure_times(wl: str, targets: str, rank: int, args) -> dict:
+    variants, inputs = build_case(wl, targets, rank, args)
     fused = copy.deepcopy(variants["dora"])
     for layer in adapted_layers(fused).values():
         layer.fuse()
-    train = interleaved_times({k: (lambda m=m: train_step(m, inputs)) for k, m in variants.items()}, args.repeats)
+    raw_train: dict[str, list[float]] = {}
+    raw_infer: dict[str, list[float]] = {}
+    train = interleaved_times({k: (lambda m=m: train_step(m, inputs)) for k, m in variants.items()}, args.repeats, raw=raw_train)
     inf_models = dict(variants, dora_fused=fused)
-    inference = interleaved_times({k: (lambda m=m: infer(m, inputs)) for k, m in inf_models.items()}, args.repeats)
-    memory = {k: peak_bytes(lambda m=m: train_step(m, inputs)) for k, m in variants.items()}
-    return {"workload": wl, "targets": targets, "rank": rank, "train_s": train, "infer_s": inference, "peak_bytes": memory}
+    inference = interleaved_times({k: (lambda m=m: infer(m, inputs)) for k, m in inf_models.items()}, args.repeats, raw=raw_infer)
+    return {"workload": wl, "targets": targets, "rank": rank, "train_s": train, "infer_s": inference,
+            "raw_train_s": raw_train, "raw_infer_s": raw_infer}  # fmt: skip
+
+
+def memory_in_subprocess(argv: list[str]) -> list[dict[str, int]]:
+    """Run the memory phase in a fresh process, so the timing phase keeps the allocator's defaults."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "memory.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--memory_only", "--json", str(out)]
+        subprocess.run(cmd, check=True)
+        return json.loads(out.read_text())
 
 
 def ratios(r: dict) -> dict[str, float]:
@@ -141,6 +173,7 @@ def ratios(r: dict) -> dict[str, float]:
         "infer fused/base": i["dora_fused"] / i["base"],
         "peak dora/lora": mem["dora"] / mem["lora"],
         "peak peft_dora/dora": mem["peft_dora"] / mem["dora"],
+        **{f"{q} {v}/lora": d[f"dora_{v}"] / d["lora"] for v in ("none", "all") if f"dora_{v}" in t for q, d in (("train", t), ("peak", mem))},
     }
 
 
@@ -152,21 +185,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, help="also write the raw numbers here")
+    ap.add_argument("--memory_only", action="store_true", help=argparse.SUPPRESS)  # the child process
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
-    pin_malloc()
     torch.set_grad_enabled(True)
     if args.quick:
         cases = [("transformer", "attn_ff", 16)]
     else:
         cases = [("transformer", t, r) for t in ("attn", "attn_ff") for r in args.ranks]
         cases += [("resnet", "all", r) for r in args.ranks]
+    if args.memory_only:
+        pin_malloc()
+        memory = [measure_memory(*case, args) for case in cases]
+        args.json.write_text(json.dumps(memory))
+        return 0
+    child_argv = [a for i, a in enumerate(argv) if a != "--json" and (i == 0 or argv[i - 1] != "--json")]
+    memories = memory_in_subprocess(child_argv)
     print(machine_line())
     print(f"transformer stack: {args.blocks} blocks x {args.tokens} tokens; resnet: 1280 ch at 32x32; "
           f"median of {args.repeats} interleaved repeats; fp32 CPU\n")  # fmt: skip
     results = []
     header = None
-    for wl, targets, rank in cases:
-        r = bench_case(wl, targets, rank, args)
+    for (wl, targets, rank), memory in zip(cases, memories):
+        r = {**measure_times(wl, targets, rank, args), "peak_bytes": memory}
         results.append(r)
         rat = ratios(r)
         if header is None:

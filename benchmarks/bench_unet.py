@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import interleaved_times, machine_line  # noqa: E402
+from common import interleaved_times, machine_line, peak_bytes  # noqa: E402
 
 import dora_diffusion  # noqa: E402
 from dora_diffusion import AdapterConfig, add_adapter, trainable_parameters  # noqa: E402
@@ -110,7 +110,14 @@ def bench_training(unet, args, dtype) -> dict[str, float]:
         sync(args.device)
 
     ours = interleaved_times({"dora": lambda: run("dora"), "lora": lambda: run("lora")}, args.repeats)
+    print(f"training step s: dora {ours['dora']:.3f}  lora {ours['lora']:.3f}  dora/lora {ours['dora'] / ours['lora']:.3f}", flush=True)
+    if args.device == "cpu":
+        peak = {k: peak_bytes(lambda k=k: run(k), repeats=1) for k in ("dora", "lora")}
+        print(f"peak MB above resident: dora {peak['dora'] / 2**20:.0f}  lora {peak['lora'] / 2**20:.0f}  "
+              f"dora/lora {peak['dora'] / peak['lora']:.3f}", flush=True)  # fmt: skip
     remove_all(unet)
+    if args.skip_peft:
+        return ours
 
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -175,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--load_repeats", type=int, default=3)
     ap.add_argument("--skip_training", action="store_true")
+    ap.add_argument("--skip_peft", action="store_true", help="time only ours (PEFT's fp32 phase needs ~20 GB on CPU)")
     args = ap.parse_args(argv)
     assert dora_diffusion  # the pipeline methods are installed on import
     print(machine_line())
@@ -184,9 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         unet = build_unet(args.device, DTYPES[args.dtype])
         t = bench_training(unet, args, DTYPES[args.dtype])
         del unet
-        print("training step s:", {k: round(v, 3) for k, v in t.items()})
-        print(f"  dora/lora {t['dora'] / t['lora']:.3f}   peft_dora/dora {t['peft_dora'] / t['dora']:.3f}   "
-              f"peft_dora/peft_lora {t['peft_dora'] / t['peft_lora']:.3f}   peft_lora/lora {t['peft_lora'] / t['lora']:.3f}")  # fmt: skip
+        if "peft_dora" in t:
+            print("training step s:", {k: round(v, 3) for k, v in t.items()})
+            print(f"  dora/lora {t['dora'] / t['lora']:.3f}   peft_dora/dora {t['peft_dora'] / t['dora']:.3f}   "
+                  f"peft_dora/peft_lora {t['peft_dora'] / t['peft_lora']:.3f}   peft_lora/lora {t['peft_lora'] / t['lora']:.3f}")  # fmt: skip
     load = bench_loading(args)
     print("adapter load s:", {k: round(v, 3) for k, v in load.items()})
     print(f"  load_dora_weights / load_lora_weights {load['load_dora_weights'] / load['diffusers load_lora_weights']:.3f}")

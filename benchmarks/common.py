@@ -12,9 +12,15 @@ import torch
 
 
 def pin_malloc() -> None:
-    """Make glibc return freed blocks >= 64 KiB to the OS at once, so resident memory tracks live tensors."""
+    """Make glibc return freed blocks >= 64 KiB to the OS at once, so resident memory tracks live tensors.
+
+    For memory measurements only, in a fresh process: it makes every large allocation a fresh mmap (page
+    faults on each step), which would distort timings.
+    """
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 131072)  # M_TRIM_THRESHOLD
     except OSError:
         pass
 
@@ -40,17 +46,26 @@ def peak_bytes(fn: Callable[[], object], repeats: int = 3) -> int:
     return int(statistics.median(out))
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved round-robin so drift hits all alike."""
+def interleaved_times(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, raw: dict[str, list[float]] | None = None
+) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved round-robin (starting one later each
+    round) so drift and order effects hit all alike. ``raw`` receives every timing.
+
+    Run it with the allocator's defaults (not after ``pin_malloc``): that is what users get.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t0)
+    if raw is not None:
+        raw.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

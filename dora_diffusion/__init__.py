@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from .config import AdapterConfig  # noqa: E402
 from .formats import AdapterFileError  # noqa: E402
-from .inject import add_adapter, find_targets, remove_adapter, trainable_parameters  # noqa: E402
+from .inject import add_adapter, find_targets, remove_adapter, set_recompute, trainable_parameters  # noqa: E402
 from .layers import AdaptedLayer, DoRAConv2d, DoRALinear  # noqa: E402
 from .pipeline import (  # noqa: E402
     delete_dora_adapters,
@@ -47,6 +47,7 @@ __all__ = [
     "save_adapter",
     "save_dora_weights",
     "set_dora_adapters",
+    "set_recompute",
     "trainable_parameters",
     "unfuse_dora",
     "unload_dora_weights",

@@ -10,7 +10,9 @@ backward pass. With ``gy = dL/dy``:
 
 ``DoRALinearFunction`` also does the base matmul itself, so the forward builds ``y`` in place (no
 N x d_out temporary beyond ``y``) and the backward works in row chunks (temporaries of at most
-``_CHUNK_ELEMENTS``). ``DoRAScaleFunction`` takes the base output as an input, for Conv2d and for base
+``_CHUNK_ELEMENTS``). With ``recompute=True`` it keeps the input ``x`` instead of ``y`` and recomputes
+``W0 x + s B h`` chunk by chunk in the backward (one extra ``N x d_in x d_out`` matmul): no extra memory at
+all when ``x`` is kept anyway (by ``A``'s own backward) and nothing downstream keeps ``y``. ``DoRAScaleFunction`` takes the base output as an input, for Conv2d and for base
 modules with hooks (e.g. accelerate offloading) that must be called as modules.
 """
 
@@ -50,7 +52,7 @@ class DoRALinearFunction(torch.autograd.Function):
     """``y = g * (x W0^T + s h B^T) + b`` for a Linear, including the base matmul."""
 
     @staticmethod
-    def forward(ctx, x, h, w0, bias, b, g, scale: float):  # type: ignore[override]
+    def forward(ctx, x, h, w0, bias, b, g, scale: float, recompute: bool = False):  # type: ignore[override]
         d_out = w0.shape[0]
         cdt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else w0.dtype
         with torch.autocast(x.device.type, enabled=False):
@@ -58,14 +60,14 @@ class DoRALinearFunction(torch.autograd.Function):
             h2 = h.reshape(-1, h.shape[-1]).to(cdt)
             y = x2 @ w0.to(cdt).t()  # (N, d_out)
             y.addmm_(h2, b.to(cdt).t(), alpha=scale)  # W0 x + s B h, in place
-            divisible = _divisible(g)
+            divisible = recompute or _divisible(g)
             kept = None if divisible else y.clone()
             if bias is None:
                 y.mul_(g)
             else:
                 torch.addcmul(bias.to(cdt), y, g, out=y)  # g * (.) + b in one pass
-        ctx.save_for_backward(h2, w0, bias, b, g, y if divisible else kept)
-        ctx.scale, ctx.divisible, ctx.cdt = scale, divisible, cdt
+        ctx.save_for_backward(h2, w0, bias, b, g, x2 if recompute else y if divisible else kept)
+        ctx.scale, ctx.divisible, ctx.cdt, ctx.recompute = scale, divisible, cdt, recompute
         ctx.x_shape, ctx.x_dtype, ctx.h_shape, ctx.h_dtype = x.shape, x.dtype, h.shape, h.dtype
         return y.view(*x.shape[:-1], d_out)
 
@@ -82,7 +84,9 @@ class DoRALinearFunction(torch.autograd.Function):
         dot = torch.zeros(d_out, dtype=torch.float32, device=gy.device)
         gsum = torch.zeros(d_out, dtype=torch.float32, device=gy.device)
         w0c, sb = w0.to(cdt), (b * scale).to(cdt)
-        step = max(1, _CHUNK_ELEMENTS // max(d_out, w0.shape[1]))
+        most = max(1, _CHUNK_ELEMENTS // max(d_out, w0.shape[1]))
+        chunks = max(1, -(-n // most))
+        step = max(1, -(-n // chunks))  # equal chunks of at most `most` rows (no small remainder matmul)
         for i in range(0, n, step):
             gc = gy2[i : i + step]
             gyg = (gc * g).to(cdt)  # (chunk, d_out)
@@ -92,10 +96,19 @@ class DoRALinearFunction(torch.autograd.Function):
                 torch.mm(gyg, sb, out=grad_h[i : i + step])
             if need_b:
                 grad_b.addmm_(gyg.t().float(), h2[i : i + step].float())
-            if need_g:
+            if need_g and ctx.recompute:  # saved = x: rebuild W0 x + s B h for these rows
+                z = torch.mm(saved[i : i + step], w0c.t())
+                z.addmm_(h2[i : i + step], sb.t())
+                dot += (gc.float() * z.float()).sum(dim=0)
+            elif need_g:
                 dot += (gc.float() * saved[i : i + step].float()).sum(dim=0)
                 gsum += gc.float().sum(dim=0)
-        grad_g = _grad_g(dot, gsum, g, bias, ctx.divisible) if need_g else None
+        if not need_g:
+            grad_g = None
+        elif ctx.recompute:
+            grad_g = dot
+        else:
+            grad_g = _grad_g(dot, gsum, g, bias, ctx.divisible)
         return (
             None if grad_x is None else grad_x.view(ctx.x_shape).to(ctx.x_dtype),
             None if grad_h is None else grad_h.view(ctx.h_shape).to(ctx.h_dtype),
@@ -103,6 +116,7 @@ class DoRALinearFunction(torch.autograd.Function):
             None,
             None if grad_b is None else (grad_b * scale).to(b.dtype),
             grad_g,
+            None,
             None,
         )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -31,6 +32,38 @@ TEXT_ENCODER_PRESETS: dict[str, list[str]] = {
     "attn": ["q_proj", "k_proj", "v_proj", "out_proj"],
 }
 TEXT_ENCODER_PRESETS["all"] = TEXT_ENCODER_PRESETS["attn"] + ["fc1", "fc2"]
+
+RECOMPUTE_SUFFIXES: tuple[str, ...] = ("to_out.0", "proj_out", "ff.net.2", "out_proj", "fc2")
+"""Linear layers whose output in diffusers/transformers only feeds a residual add, which keeps nothing
+for its backward. Every other layer's output is kept by the next op anyway (attention keeps q/k/v, GEGLU
+and GELU keep their input, LayerNorm keeps ``proj_in``'s output)."""
+
+RecomputeMode = Literal["none", "cheap", "all"]
+
+
+def _recomputes(name: str, layer: AdaptedLayer, mode: RecomputeMode) -> bool:
+    if mode not in ("none", "cheap", "all"):
+        raise ValueError(f"recompute mode must be 'none', 'cheap' or 'all', got {mode!r}")
+    unshared = any(name == s or name.endswith("." + s) for s in RECOMPUTE_SUFFIXES)
+    return unshared and (mode == "all" or (mode == "cheap" and layer.in_features <= layer.out_features))
+
+
+def set_recompute(model: nn.Module, mode: RecomputeMode = "cheap") -> None:
+    """Choose what the DoRA training step on each adapted Linear keeps for ``dL/dm``.
+
+    ``dL/dm`` needs ``sum_N dL/dy * (W0 x + s B h)``. Keeping the output ``y`` costs an ``N x d_out``
+    activation unless the next op keeps it anyway; recomputing ``W0 x`` from the input (kept anyway for
+    ``dL/dA``) costs one ``N x d_in x d_out`` matmul in the backward and no memory. Only the layers in
+    ``RECOMPUTE_SUFFIXES`` are candidates.
+
+    - ``none``: keep ``y`` everywhere (fastest; right with gradient checkpointing, where activations
+      live for one block only).
+    - ``cheap`` (default): recompute where ``d_in <= d_out`` (SDXL: ``to_out.0``, ``proj_out``), so the
+      matmul costs no more than the layer's own forward.
+    - ``all``: recompute on every candidate (also ``ff.net.2``, ``fc2``): least memory.
+    """
+    for name, layer in adapted_layers(model).items():
+        layer.recompute_output = _recomputes(name, layer, mode)
 
 
 def is_text_encoder(model: nn.Module) -> bool:
@@ -129,6 +162,7 @@ def add_adapter_to_modules(
             module = model.get_submodule(name)
             if not isinstance(module, AdaptedLayer):
                 module = wrap(module)
+                module.recompute_output = _recomputes(name, module, "cheap")
                 _set_submodule(model, name, module)
             module.add_adapter(
                 adapter_name, spec.rank, spec.alpha, spec.use_dora, dropout, spec.use_rslora, spec.norm_axis, dtype, init

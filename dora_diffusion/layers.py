@@ -65,6 +65,10 @@ class AdaptedLayer(nn.Module):
         self.active: dict[str, float] = {}
         self.disabled = False
         self.lean_training = True
+        self.recompute_output = False
+        """Lean DoRA step on a Linear: keep ``x`` (already kept for ``A``'s gradient) instead of the output
+        ``y``, and recompute ``W0 x + s B h`` in the backward. Worth it only when nothing downstream keeps
+        ``y``; ``inject.set_recompute`` sets it by module name."""
         self.fused: dict[str, float] = {}
         self._backup: torch.Tensor | None = None
         self._norm_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
@@ -375,11 +379,18 @@ class AdaptedLayer(nn.Module):
         a, b, m = self.lora_A[name], self.lora_B[name], self.lora_magnitude[name]
         if not (a.requires_grad or b.requires_grad or m.requires_grad):
             return None
-        h = self._down(self.lora_dropout[name](x).to(a.dtype), a)  # (..., r)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        xd = self.lora_dropout[name](x)
+        if not autocast:  # under autocast F.linear casts by itself; an upcast here would be kept as a copy
+            xd = xd.to(a.dtype)
+        h = self._down(xd, a)  # (..., r); autograd keeps xd (or its autocast copy) for dL/dA
         g = self.dora_factor(name)
         bias = self.base_layer.bias
         if direct:
-            return DoRALinearFunction.apply(base_in, h, self.weight, bias, b, g, spec.scale)
+            # recompute only when the input we keep is the very tensor A's backward keeps: no extra memory
+            cdt = torch.get_autocast_dtype(x.device.type) if autocast else self.weight.dtype
+            recompute = self.recompute_output and xd is x and base_in is x and x.dtype == cdt
+            return DoRALinearFunction.apply(base_in, h, self.weight, bias, b, g, spec.scale, recompute)
         base_out = self.base_layer(base_in)
         return DoRAScaleFunction.apply(base_out, h, b, g, bias, spec.scale, isinstance(self, DoRAConv2d))
 

@@ -93,3 +93,30 @@ def test_rank_and_alpha_patterns() -> None:
     other = next(layer for n, layer in layers.items() if n != special)
     assert other.specs["p"].rank == 4 and other.specs["p"].scale == 2.0
     assert torch.equal(layers[special].lora_B["p"], torch.zeros(layers[special].out_features, 2))
+
+
+def test_recompute_modes_pick_layers_by_name_and_shape(tiny) -> None:
+    """Only layers whose output feeds a residual add recompute W0 x; 'cheap' only where d_in <= d_out."""
+    from dora_diffusion import set_recompute
+
+    unet = build_tiny_sdxl_pipeline().unet
+    add_adapter(unet, AdapterConfig(rank=2, targets="attn_ff"), "a")
+    layers = adapted_layers(unet)
+
+    suffixes = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+
+    def chosen() -> set[str]:
+        return {s for n, layer in layers.items() if layer.recompute_output for s in suffixes if n.endswith("." + s)}
+
+    assert chosen() == {"to_out.0", "proj_out"}  # the default ('cheap'): ff.net.2 is 4x wider at its input
+    assert all(layers[n].in_features <= layers[n].out_features for n in layers if layers[n].recompute_output)
+    set_recompute(unet, "all")
+    assert chosen() == {"to_out.0", "proj_out", "ff.net.2"}
+    set_recompute(unet, "none")
+    assert chosen() == set()
+    with pytest.raises(ValueError, match="recompute mode"):
+        set_recompute(unet, "some")
+    te = build_tiny_sdxl_pipeline().text_encoder
+    add_adapter(te, AdapterConfig(rank=2, targets="all"), "a")
+    set_recompute(te, "all")
+    assert {n.rsplit(".", 1)[-1] for n, layer in adapted_layers(te).items() if layer.recompute_output} == {"out_proj", "fc2"}

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..inject import set_recompute
 from ..pipeline import save_adapter
 from .args import parse_args, run_settings
 from .checkpoint import (
@@ -209,6 +210,8 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
         if args.train_text_encoder:
             for te in (components.text_encoder, components.text_encoder_2):
                 enable_checkpointing(te)
+        for model in models.values():  # activations live for one block only: keep outputs, skip recomputing W0 x
+            set_recompute(model, "none")
     for model in models.values():
         model.train()
 
