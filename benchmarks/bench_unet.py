@@ -29,7 +29,7 @@ from common import interleaved_times, machine_line, peak_bytes  # noqa: E402
 
 import dora_diffusion  # noqa: E402
 from dora_diffusion import AdapterConfig, add_adapter, trainable_parameters  # noqa: E402
-from dora_diffusion.inject import adapted_layers, remove_all  # noqa: E402
+from dora_diffusion.inject import adapted_layers, remove_all, set_recompute  # noqa: E402
 
 SDXL_UNET = dict(
     sample_size=128,
@@ -101,6 +101,7 @@ def bench_training(unet, args, dtype) -> dict[str, float]:
     for name, use_dora in (("dora", True), ("lora", False)):
         add_adapter(unet, AdapterConfig(rank=args.rank, use_dora=use_dora, targets=args.targets), name)
         perturb_b(trainable_parameters(unet, name))
+    set_recompute(unet, "none")  # as train_dreambooth_dora.py does under gradient checkpointing
     layers = list(adapted_layers(unet).values())
 
     def run(name: str):
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--load_repeats", type=int, default=3)
     ap.add_argument("--skip_training", action="store_true")
+    ap.add_argument("--skip_loading", action="store_true", help="skip the adapter-loading comparison")
     ap.add_argument("--skip_peft", action="store_true", help="time only ours (PEFT's fp32 phase needs ~20 GB on CPU)")
     args = ap.parse_args(argv)
     assert dora_diffusion  # the pipeline methods are installed on import
@@ -196,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             print("training step s:", {k: round(v, 3) for k, v in t.items()})
             print(f"  dora/lora {t['dora'] / t['lora']:.3f}   peft_dora/dora {t['peft_dora'] / t['dora']:.3f}   "
                   f"peft_dora/peft_lora {t['peft_dora'] / t['peft_lora']:.3f}   peft_lora/lora {t['peft_lora'] / t['lora']:.3f}")  # fmt: skip
+    if args.skip_loading:
+        return 0
     load = bench_loading(args)
     print("adapter load s:", {k: round(v, 3) for k, v in load.items()})
     print(f"  load_dora_weights / load_lora_weights {load['load_dora_weights'] / load['diffusers load_lora_weights']:.3f}")
