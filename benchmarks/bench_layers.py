@@ -173,7 +173,12 @@ def ratios(r: dict) -> dict[str, float]:
         "infer fused/base": i["dora_fused"] / i["base"],
         "peak dora/lora": mem["dora"] / mem["lora"],
         "peak peft_dora/dora": mem["peft_dora"] / mem["dora"],
-        **{f"{q} {v}/lora": d[f"dora_{v}"] / d["lora"] for v in ("none", "all") if f"dora_{v}" in t for q, d in (("train", t), ("peak", mem))},
+        **{
+            f"{what} {mode}/lora": d[f"dora_{mode}"] / d["lora"]
+            for mode in ("none", "all")
+            if f"dora_{mode}" in t  # transformer cases only
+            for what, d in (("train", t), ("peak", mem))
+        },
     }
 
 
@@ -199,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         memory = [measure_memory(*case, args) for case in cases]
         args.json.write_text(json.dumps(memory))
         return 0
-    child_argv = [a for i, a in enumerate(argv) if a != "--json" and (i == 0 or argv[i - 1] != "--json")]
-    memories = memory_in_subprocess(child_argv)
+    memories = memory_in_subprocess(argv)  # the child's own --json comes last, so argparse uses it
     print(machine_line())
     print(f"transformer stack: {args.blocks} blocks x {args.tokens} tokens; resnet: 1280 ch at 32x32; "
           f"median of {args.repeats} interleaved repeats; fp32 CPU\n")  # fmt: skip

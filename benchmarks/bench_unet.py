@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import interleaved_times, machine_line, peak_bytes  # noqa: E402
+from common import interleaved_times, machine_line  # noqa: E402
 
 import dora_diffusion  # noqa: E402
 from dora_diffusion import AdapterConfig, add_adapter, trainable_parameters  # noqa: E402
@@ -112,10 +112,6 @@ def bench_training(unet, args, dtype) -> dict[str, float]:
 
     ours = interleaved_times({"dora": lambda: run("dora"), "lora": lambda: run("lora")}, args.repeats)
     print(f"training step s: dora {ours['dora']:.3f}  lora {ours['lora']:.3f}  dora/lora {ours['dora'] / ours['lora']:.3f}", flush=True)
-    if args.device == "cpu":
-        peak = {k: peak_bytes(lambda k=k: run(k), repeats=1) for k in ("dora", "lora")}
-        print(f"peak MB above resident: dora {peak['dora'] / 2**20:.0f}  lora {peak['lora'] / 2**20:.0f}  "
-              f"dora/lora {peak['dora'] / peak['lora']:.3f}", flush=True)  # fmt: skip
     remove_all(unet)
     if args.skip_peft:
         return ours

@@ -42,8 +42,6 @@ RecomputeMode = Literal["none", "cheap", "all"]
 
 
 def _recomputes(name: str, layer: AdaptedLayer, mode: RecomputeMode) -> bool:
-    if mode not in ("none", "cheap", "all"):
-        raise ValueError(f"recompute mode must be 'none', 'cheap' or 'all', got {mode!r}")
     unshared = any(name == s or name.endswith("." + s) for s in RECOMPUTE_SUFFIXES)
     return unshared and (mode == "all" or (mode == "cheap" and layer.in_features <= layer.out_features))
 
@@ -62,6 +60,8 @@ def set_recompute(model: nn.Module, mode: RecomputeMode = "cheap") -> None:
       matmul costs no more than the layer's own forward.
     - ``all``: recompute on every candidate (also ``ff.net.2``, ``fc2``): least memory.
     """
+    if mode not in ("none", "cheap", "all"):
+        raise ValueError(f"recompute mode must be 'none', 'cheap' or 'all', got {mode!r}")
     for name, layer in adapted_layers(model).items():
         layer.recompute_output = _recomputes(name, layer, mode)
 

@@ -294,7 +294,7 @@ class AdaptedLayer(nn.Module):
         specs = [self.specs[n] for n in running]
         compiling = torch.compiler.is_compiling()  # inductor fuses the plain path; the custom functions would break graphs
         if self.lean_training and not compiling and torch.is_grad_enabled() and len(running) == 1:
-            y = self._training_forward(x, base_in, direct)
+            y = self._training_forward(x, base_in, direct, autocast)
             if y is not None:
                 return y.to(out_dtype)
         if not compiling and all(s.norm_axis == "out" for s in specs) and not _needs_autograd(self, running):
@@ -369,7 +369,7 @@ class AdaptedLayer(nn.Module):
             self._add_up(y, h.to(y.dtype), bb.to(y.dtype))
         return y
 
-    def _training_forward(self, x: torch.Tensor, base_in: torch.Tensor, direct: bool) -> torch.Tensor | None:
+    def _training_forward(self, x: torch.Tensor, base_in: torch.Tensor, direct: bool, autocast: bool) -> torch.Tensor | None:
         """The training step of one DoRA adapter at strength 1, keeping no extra activation (see
         ``dora_autograd``); None when that is not the situation."""
         ((name, k),) = ((n, k) for n, k in self.active.items() if k != 0.0)
@@ -379,7 +379,6 @@ class AdaptedLayer(nn.Module):
         a, b, m = self.lora_A[name], self.lora_B[name], self.lora_magnitude[name]
         if not (a.requires_grad or b.requires_grad or m.requires_grad):
             return None
-        autocast = torch.is_autocast_enabled(x.device.type)
         xd = self.lora_dropout[name](x)
         if not autocast:  # under autocast F.linear casts by itself; an upcast here would be kept as a copy
             xd = xd.to(a.dtype)
@@ -387,9 +386,11 @@ class AdaptedLayer(nn.Module):
         g = self.dora_factor(name)
         bias = self.base_layer.bias
         if direct:
-            # recompute only when the input we keep is the very tensor A's backward keeps: no extra memory
-            cdt = torch.get_autocast_dtype(x.device.type) if autocast else self.weight.dtype
-            recompute = self.recompute_output and xd is x and base_in is x and x.dtype == cdt
+            # recompute only when the input we keep is the very tensor A's backward keeps: no extra memory.
+            # (`base_in is x` already means x has the weight dtype; under autocast x must have the autocast dtype.)
+            recompute = self.recompute_output and xd is x and base_in is x
+            if recompute and autocast:
+                recompute = x.dtype == torch.get_autocast_dtype(x.device.type)
             return DoRALinearFunction.apply(base_in, h, self.weight, bias, b, g, spec.scale, recompute)
         base_out = self.base_layer(base_in)
         return DoRAScaleFunction.apply(base_out, h, b, g, bias, spec.scale, isinstance(self, DoRAConv2d))
