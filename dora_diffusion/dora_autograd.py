@@ -9,8 +9,8 @@ backward pass. With ``gy = dL/dy``:
     dL/dx += W0^T (g * gy),   dL/dh = s (g * gy) B,   dL/dB = s (g * gy)^T h,   dL/dg = sum_N gy * (y - b) / g
 
 ``DoRALinearFunction`` also does the base matmul itself, so the forward builds ``y`` in place (no
-N x d_out temporary beyond ``y``) and the backward works in row chunks (temporaries of at most
-``_CHUNK_ELEMENTS``). With ``recompute=True`` it keeps the input ``x`` instead of ``y`` and recomputes
+N x d_out temporary beyond ``y``) and the backward works in blocks of rows and output channels (temporaries of at most
+about ``_CHUNK_ELEMENTS``, each block of ``W0`` read once). With ``recompute=True`` it keeps the input ``x`` instead of ``y`` and recomputes
 ``W0 x + s B h`` chunk by chunk in the backward (one extra ``N x d_in x d_out`` matmul): no extra memory at
 all when ``x`` is kept anyway (by ``A``'s own backward) and nothing downstream keeps ``y``. ``DoRAScaleFunction`` takes the base output as an input, for Conv2d and for base
 modules with hooks (e.g. accelerate offloading) that must be called as modules.
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 _TINY = 1e-30
 _CHUNK_ELEMENTS = 1 << 20
+_MIN_COLS = 256  # narrower channel blocks make the backward matmuls inefficient
 
 
 def _channels(t: torch.Tensor, is_conv: bool) -> torch.Tensor:
@@ -46,6 +47,28 @@ def _grad_g(dot: torch.Tensor, gsum: torch.Tensor, g: torch.Tensor, bias: torch.
     if bias is not None:
         dot = dot - bias.float() * gsum
     return dot / g
+
+
+def _blocks(n: int, d_out: int, exact_sum: bool) -> tuple[int, int]:
+    """Rows and output channels per backward block, so a block's temporaries hold at most about
+    ``_CHUNK_ELEMENTS`` values. Splitting the channels reads each block of ``W0`` once (splitting the rows
+    re-reads all of ``W0`` per block); it needs ``grad_x`` summed over channel blocks, so only when that sum
+    is exact enough (fp32). Blocks are of equal size, with no small remainder matmul."""
+    cols = d_out
+    if exact_sum and n * d_out > _CHUNK_ELEMENTS:
+        cols = min(d_out, max(_MIN_COLS, _CHUNK_ELEMENTS // n))
+    cols = -(-d_out // -(-d_out // cols))
+    rows = max(1, _CHUNK_ELEMENTS // cols)
+    rows = -(-n // -(-n // rows))
+    return rows, cols
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``out = a @ b`` on the first channel block, ``out += a @ b`` after."""
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
 
 
 class DoRALinearFunction(torch.autograd.Function):
@@ -84,25 +107,28 @@ class DoRALinearFunction(torch.autograd.Function):
         dot = torch.zeros(d_out, dtype=torch.float32, device=gy.device)
         gsum = torch.zeros(d_out, dtype=torch.float32, device=gy.device)
         w0c, sb = w0.to(cdt), (b * scale).to(cdt)
-        most = max(1, _CHUNK_ELEMENTS // max(d_out, w0.shape[1]))
-        chunks = max(1, -(-n // most))
-        step = max(1, -(-n // chunks))  # equal chunks of at most `most` rows (no small remainder matmul)
-        for i in range(0, n, step):
-            gc = gy2[i : i + step]
-            gyg = (gc * g).to(cdt)  # (chunk, d_out)
-            if need_x:
-                torch.mm(gyg, w0c, out=grad_x[i : i + step])
-            if need_h:
-                torch.mm(gyg, sb, out=grad_h[i : i + step])
-            if need_b:
-                grad_b.addmm_(gyg.t().float(), h2[i : i + step].float())
-            if need_g and ctx.recompute:  # saved = x: rebuild W0 x + s B h for these rows
-                z = torch.mm(saved[i : i + step], w0c.t())
-                z.addmm_(h2[i : i + step], sb.t())
-                dot += (gc.float() * z.float()).sum(dim=0)
-            elif need_g:
-                dot += (gc.float() * saved[i : i + step].float()).sum(dim=0)
-                gsum += gc.float().sum(dim=0)
+        rows, cols = _blocks(n, d_out, exact_sum=cdt == torch.float32)
+        for j in range(0, d_out, cols):  # output channels outermost: each block of W0 is read once
+            jj = slice(j, j + cols)
+            w0j, sbj, gj = w0c[jj], sb[jj], g[jj]
+            for i in range(0, n, rows):
+                ii = slice(i, i + rows)
+                gc = gy2[ii, jj]
+                gyg = (gc * gj).to(cdt)  # (rows, cols)
+                if need_x:
+                    _mm_into(grad_x[ii], gyg, w0j, first=j == 0)
+                if need_h:
+                    _mm_into(grad_h[ii], gyg, sbj, first=j == 0)
+                if need_b:
+                    grad_b[jj].addmm_(gyg.t().float(), h2[ii].float())
+                if need_g and ctx.recompute:  # saved = x: rebuild W0 x + s B h for this block
+                    z = torch.mm(saved[ii], w0j.t())
+                    z.addmm_(h2[ii], sbj.t())
+                    dot[jj] += (gc.float() * z.float()).sum(dim=0)
+                elif need_g:
+                    dot[jj] += (gc.float() * saved[ii, jj].float()).sum(dim=0)
+                    if bias is not None and ctx.divisible:  # for the bias term of (y - b) / g
+                        gsum[jj] += gc.float().sum(dim=0)
         if not need_g:
             grad_g = None
         elif ctx.recompute:

@@ -114,6 +114,10 @@ class AdaptedLayer(nn.Module):
         """``W0 x`` without bias."""
         raise NotImplementedError
 
+    def _lora_training_forward(self, x: torch.Tensor, base_in: torch.Tensor, running: dict[str, float]) -> torch.Tensor:
+        """Plain LoRA with autograd, doing the base matmul here (only if ``supports_direct``)."""
+        raise NotImplementedError
+
     def _channel_view(self, v: torch.Tensor) -> torch.Tensor:
         """Reshape a per-output-channel vector to broadcast against the output."""
         raise NotImplementedError
@@ -299,6 +303,8 @@ class AdaptedLayer(nn.Module):
                 return y.to(out_dtype)
         if not compiling and all(s.norm_axis == "out" for s in specs) and not _needs_autograd(self, running):
             return self._inference_forward(x, base_in, running).to(out_dtype)
+        if direct and not any(s.use_dora for s in specs):
+            return self._lora_training_forward(x, base_in, running).to(out_dtype)
         return self._general_forward(x, self.base_layer(base_in), running).to(out_dtype)
 
     def _general_forward(self, x: torch.Tensor, base_out: torch.Tensor, running: dict[str, float]) -> torch.Tensor:
@@ -445,7 +451,18 @@ class DoRALinear(AdaptedLayer):
     supports_direct = True
 
     def _add_up(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> None:
-        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t())  # no N x d_out temporary
+        h2 = h.reshape(-1, h.shape[-1])
+        if y.dim() == 2:  # in place on y itself: see _lora_training_forward
+            y.addmm_(h2, b.t())
+        else:
+            y.view(-1, y.shape[-1]).addmm_(h2, b.t())  # no N x d_out temporary
+
+    def _lora_training_forward(self, x: torch.Tensor, base_in: torch.Tensor, running: dict[str, float]) -> torch.Tensor:
+        """LoRA with autograd, built in place on a 2-D base output. (``F.linear`` of a 3-D input with bias
+        returns a view; autograd undoes an in-place op on a view with two full copies of the output gradient
+        in the backward.)"""
+        y = F.linear(base_in.reshape(-1, base_in.shape[-1]), self.weight, self.base_layer.bias)
+        return self._general_forward(x, y, running).view(*base_in.shape[:-1], y.shape[-1])
 
     def _base_nobias(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)

@@ -77,6 +77,43 @@ def test_recompute_step_equals_plain_autograd(bias, dtype, rank) -> None:
         assert (got.float() - want.float()).abs().max().item() <= tol * max(1.0, want.abs().max().item())
 
 
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_backward_equals_plain_autograd(recompute, dtype, monkeypatch) -> None:
+    """With a tiny block budget the Linear backward runs in several blocks of rows and of channels
+    (channel blocks only in fp32, where grad_x is summed over them); the result is unchanged."""
+    import dora_diffusion.dora_autograd as autograd_mod
+
+    monkeypatch.setattr(autograd_mod, "_CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(autograd_mod, "_MIN_COLS", 5)
+    rows, cols = autograd_mod._blocks(21, 12, exact_sum=dtype == torch.float32)
+    assert rows < 21 and (cols < 12) == (dtype == torch.float32)
+    torch.manual_seed(0)
+    base = nn.Linear(24, 12).to(dtype)
+    x = torch.randn(3, 7, 24).to(dtype)
+    layer = wrap(base)
+    layer.add_adapter("a", 4, alpha=3.0)
+    perturb(layer, "a")
+    y_plain, g_plain = run_step(layer, x, lean=False)
+    y_lean, g_lean = run_step(layer, x, lean=True, recompute=recompute)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (y_lean.float() - y_plain.float()).abs().max().item() <= tol * max(1.0, y_plain.abs().max().item())
+    for got, want in zip(g_lean, g_plain):
+        assert (got.float() - want.float()).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("n,d_out", [(1024, 10240), (1024, 1280), (4096, 1280), (77, 1280), (1, 7), (300000, 4)])
+def test_backward_blocks_cover_and_stay_small(n, d_out) -> None:
+    from dora_diffusion.dora_autograd import _CHUNK_ELEMENTS, _MIN_COLS, _blocks
+
+    rows, cols = _blocks(n, d_out, exact_sum=True)
+    assert 1 <= rows <= n and 1 <= cols <= d_out
+    assert rows * cols <= max(_CHUNK_ELEMENTS, _MIN_COLS)  # the temporaries of one block
+    assert cols == d_out or cols >= _MIN_COLS * 0.5  # equal blocks may round the width down a little
+    if n * d_out <= _CHUNK_ELEMENTS:
+        assert (rows, cols) == (n, d_out)  # small layers: one block
+
 def test_lean_step_with_zero_magnitude_rows() -> None:
     """Channels with g = 0 cannot recover (y - b) / g; the function keeps them exactly instead."""
     base = make_base("linear", torch.float32)
