@@ -63,6 +63,11 @@ def _blocks(n: int, d_out: int, exact_sum: bool) -> tuple[int, int]:
     return rows, cols
 
 
+def _block(buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A contiguous view of the front of a flat buffer, shaped like ``like``."""
+    return buf[: like.numel()].view(like.shape)
+
+
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
     """``out = a @ b`` on the first channel block, ``out += a @ b`` after."""
     if first:
@@ -108,27 +113,36 @@ class DoRALinearFunction(torch.autograd.Function):
         gsum = torch.zeros(d_out, dtype=torch.float32, device=gy.device)
         w0c, sb = w0.to(cdt), (b * scale).to(cdt)
         rows, cols = _blocks(n, d_out, exact_sum=cdt == torch.float32)
+        # Block temporaries live in two buffers allocated once: a fresh multi-MB tensor per block costs
+        # more (page faults) than the elementwise work on it.
+        gyg_buf = torch.empty(rows * cols, dtype=cdt, device=gy.device)
+        prod_buf = torch.empty(rows * cols, dtype=torch.float32, device=gy.device) if need_g else None
         for j in range(0, d_out, cols):  # output channels outermost: each block of W0 is read once
             jj = slice(j, j + cols)
             w0j, sbj, gj = w0c[jj], sb[jj], g[jj]
             for i in range(0, n, rows):
                 ii = slice(i, i + rows)
                 gc = gy2[ii, jj]
-                gyg = (gc * gj).to(cdt)  # (rows, cols)
+                gyg = torch.mul(gc, gj, out=_block(gyg_buf, gc))  # g * gy, (rows, cols)
                 if need_x:
                     _mm_into(grad_x[ii], gyg, w0j, first=j == 0)
                 if need_h:
                     _mm_into(grad_h[ii], gyg, sbj, first=j == 0)
                 if need_b:
                     grad_b[jj].addmm_(gyg.t().float(), h2[ii].float())
-                if need_g and ctx.recompute:  # saved = x: rebuild W0 x + s B h for this block
-                    z = torch.mm(saved[ii], w0j.t())
-                    z.addmm_(h2[ii], sbj.t())
-                    dot[jj] += (gc.float() * z.float()).sum(dim=0)
-                elif need_g:
-                    dot[jj] += (gc.float() * saved[ii, jj].float()).sum(dim=0)
+                if not need_g:
+                    continue
+                if ctx.recompute:  # saved = x: rebuild W0 x + s B h for this block
+                    z = torch.mm(saved[ii], w0j.t(), out=_block(prod_buf, gc) if cdt == torch.float32 else None)
+                    other = z.addmm_(h2[ii], sbj.t())
+                else:
+                    other = saved[ii, jj]
                     if bias is not None and ctx.divisible:  # for the bias term of (y - b) / g
                         gsum[jj] += gc.float().sum(dim=0)
+                if gc.dtype == other.dtype == torch.float32:
+                    dot[jj] += torch.mul(gc, other, out=_block(prod_buf, gc)).sum(dim=0)
+                else:
+                    dot[jj] += (gc.float() * other.float()).sum(dim=0)
         if not need_g:
             grad_g = None
         elif ctx.recompute:
