@@ -1,4 +1,4 @@
-"""One adapted Linear at a time, at the SDXL shapes of a 1280-channel transformer block: the training
+"""One adapted Linear at a time (the training step of ``bench_layers.py``), at the SDXL shapes of a 1280-channel transformer block: the training
 step of ours DoRA (keeping its output, mode ``none``; and recomputing ``W0 x``, mode ``cheap``/``all``)
 against ours LoRA, CPU fp32, interleaved in one process. Shows where the DoRA overhead of
 ``bench_layers.py`` comes from, layer by layer.
@@ -19,6 +19,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_layers import train_step  # noqa: E402
 from common import interleaved_times, machine_line  # noqa: E402
 
 from dora_diffusion.layers import wrap  # noqa: E402
@@ -45,17 +46,6 @@ def variants(base: nn.Linear, rank: int) -> dict[str, nn.Module]:
     return out
 
 
-def train_step(layer: nn.Module, x: torch.Tensor) -> None:
-    xg = x.detach().requires_grad_(True)
-    y = layer(xg)
-    y.backward(torch.ones_like(y))
-    with torch.no_grad():
-        for p in layer.parameters():
-            if p.requires_grad:
-                p.add_(p.grad, alpha=-1e-6)  # an optimizer step: the cached norm is recomputed
-                p.grad = None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rank", type=int, default=16)
@@ -69,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         base = nn.Linear(d_in, d_out, bias=bias).requires_grad_(False)
         x = torch.randn(1, tokens, d_in)
-        fns = {k: (lambda m=m: train_step(m, x)) for k, m in variants(base, args.rank).items()}
+        fns = {k: (lambda m=m: train_step(m, (x,))) for k, m in variants(base, args.rank).items()}
         t = interleaved_times(fns, args.repeats, warmup=2)
         print(f"{name} | {d_in} | {d_out} | {tokens} | {t['lora'] * 1e3:.1f} | "
               f"{t['dora_keep_y'] / t['lora']:.3f} | {t['dora_recompute'] / t['lora']:.3f}", flush=True)  # fmt: skip

@@ -9,11 +9,13 @@ backward pass. With ``gy = dL/dy``:
     dL/dx += W0^T (g * gy),   dL/dh = s (g * gy) B,   dL/dB = s (g * gy)^T h,   dL/dg = sum_N gy * (y - b) / g
 
 ``DoRALinearFunction`` also does the base matmul itself, so the forward builds ``y`` in place (no
-N x d_out temporary beyond ``y``) and the backward works in blocks of rows and output channels (temporaries of at most
-about ``_CHUNK_ELEMENTS``, each block of ``W0`` read once). With ``recompute=True`` it keeps the input ``x`` instead of ``y`` and recomputes
-``W0 x + s B h`` chunk by chunk in the backward (one extra ``N x d_in x d_out`` matmul): no extra memory at
-all when ``x`` is kept anyway (by ``A``'s own backward) and nothing downstream keeps ``y``. ``DoRAScaleFunction`` takes the base output as an input, for Conv2d and for base
-modules with hooks (e.g. accelerate offloading) that must be called as modules.
+N x d_out temporary beyond ``y``), and the backward works in blocks of rows and output channels
+(temporaries of about ``_CHUNK_ELEMENTS`` at most, each block of ``W0`` read once). With
+``recompute=True`` it keeps the input ``x`` instead of ``y`` and recomputes ``W0 x + s B h`` block by
+block in the backward (one extra ``N x d_in x d_out`` matmul): no extra memory at all when ``x`` is kept
+anyway (by ``A``'s own backward) and nothing downstream keeps ``y``. ``DoRAScaleFunction`` takes the base
+output as an input, for Conv2d and for base modules with hooks (e.g. accelerate offloading) that must be
+called as modules.
 """
 
 from __future__ import annotations
@@ -56,11 +58,14 @@ def _blocks(n: int, d_out: int, exact_sum: bool) -> tuple[int, int]:
     is exact enough (fp32). Blocks are of equal size, with no small remainder matmul."""
     cols = d_out
     if exact_sum and n * d_out > _CHUNK_ELEMENTS:
-        cols = min(d_out, max(_MIN_COLS, _CHUNK_ELEMENTS // n))
-    cols = -(-d_out // -(-d_out // cols))
-    rows = max(1, _CHUNK_ELEMENTS // cols)
-    rows = -(-n // -(-n // rows))
-    return rows, cols
+        cols = _even_split(d_out, max(_MIN_COLS, _CHUNK_ELEMENTS // n))
+    return _even_split(n, max(1, _CHUNK_ELEMENTS // cols)), cols
+
+
+def _even_split(total: int, most: int) -> int:
+    """The size of ``ceil(total / most)`` equal parts of ``total`` (each at most ``most``)."""
+    parts = -(-total // min(most, total))
+    return -(-total // parts)
 
 
 def _block(buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
