@@ -63,6 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from dora_diffusion.extras import MissingExtraError, require
+
+    try:
+        require("app", "app.py")
+        if args.demo:
+            require("train", "app.py --demo (it trains its adapters)", ("accelerate",))
+    except MissingExtraError as err:
+        sys.exit(f"app.py: error: {err}")
     import torch
 
     from dora_diffusion import AdapterFileError

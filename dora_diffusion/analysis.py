@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .extras import require
 from .formats import COMPONENTS, DEFAULT_WEIGHT_NAME, AdapterFileError, read_safetensors, resolve_file
 from .inject import adapted_layers
 from .pipeline import components, delete_dora_adapters, get_dora_adapters, load_dora_weights
@@ -291,7 +292,7 @@ def write_csv(rows: Iterable[Row], path: str | os.PathLike) -> Path:
 
 
 def _colors(n: int) -> list:
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # plot() checked the extra
 
     if n <= 10:
         return [colormaps["tab10"](i) for i in range(n)]
@@ -307,6 +308,7 @@ def plot(rows: Iterable[Row], path: str | os.PathLike, title: str | None = None)
     (circle UNet, triangle text_encoder, square text_encoder_2). Uses matplotlib's Agg canvas, not pyplot, so it
     needs no display and is safe to call from several threads.
     """
+    require("analysis", "the analysis plot")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D

@@ -26,6 +26,7 @@ from .formats import (
     write_safetensors,
 )
 from .analysis import add_analyze_parser
+from .extras import MissingExtraError
 from .formats.kohya import PREFIXES, key_prefix, to_kohya, to_sdxl_names, unet_naming
 
 PROG = "dora-diffusion"
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         return args.func(args)
-    except (AdapterFileError, ValueError, OSError) as err:
+    except (AdapterFileError, MissingExtraError, ValueError, OSError) as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 1
 

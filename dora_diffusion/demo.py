@@ -36,6 +36,7 @@ from .compare import (
     parse_seeds,
     save_png,
 )
+from .extras import MissingExtraError, require
 from .formats import DEFAULT_WEIGHT_NAME
 from .testing import TINY_RESOLUTION, make_toy_imagefolder, save_tiny_sdxl_pipeline
 
@@ -184,6 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     """Run the demo end to end; print and return the path of the grid PNG."""
     args = parse_args(argv)
+    require("train", "the demo (it trains its adapters)", ("accelerate",))
     parse_seeds(args.seeds)  # a malformed list fails now, not after training
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> Path:
 if __name__ == "__main__":
     try:
         main()
-    except CompareError as err:  # e.g. a malformed --seeds
+    except (CompareError, MissingExtraError) as err:  # e.g. a malformed --seeds
         sys.exit(f"python -m dora_diffusion.demo: error: {err}")
     except KeyboardInterrupt:
         sys.exit(130)

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..extras import require
+
 logger = logging.getLogger(__name__)
 
 CAPTION_COLUMNS = ("prompt", "text", "caption")
@@ -158,6 +160,7 @@ def _from_datasets(
     cache_dir: str | None,
 ) -> LoadedDataset:
     """A Hub dataset or a local imagefolder, read through ``datasets``; images decoded here (bad ones skipped)."""
+    require("train", f"--dataset {name}", ("datasets",))
     import datasets
 
     try:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..extras import require
 from ..inject import set_recompute
 from ..pipeline import save_adapter
 from .args import parse_args, run_settings
@@ -132,6 +133,7 @@ def train(args: argparse.Namespace) -> Path:
 
     The caller's torch RNG state is restored afterwards.
     """
+    require("train", "training", ("accelerate",))
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir)
     device = accelerator.device
