@@ -3,8 +3,8 @@
 
     make test-latest            # or: python3 requirements/test_latest.py [--venv DIR] [-- PYTEST ARGS]
 
-1. A fresh venv gets torch 2.13.0 (the CPU build; the newest torch from PyPI is a multi-GB CUDA build) and
-   ``-e .[test]`` at the newest releases the ranges in pyproject.toml allow, then runs the suite.
+1. A fresh venv gets ``-e .[test]`` at the newest releases the ranges in pyproject.toml allow, torch excepted (held
+   at 2.13.0, the CPU build: newer torch from PyPI is a multi-GB CUDA build), then runs the suite.
 2. Every package whose version differs from requirements/lock.txt is a suspect. For each suspect, the script
    installs the locked version of that package alone, reruns the failing tests, and restores the newest: a test
    that passes with the locked version was broken by that release.
@@ -66,8 +66,10 @@ def main() -> int:
     run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     py, pip = str(venv / "bin" / "python"), [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     run([*pip, "--upgrade", "pip"], check=True)
-    run([*pip, "torch==2.13.0"], check=True)
-    run([*pip, "--upgrade", "--upgrade-strategy", "eager", "-e", ".[test]"], check=True)
+    # torch stays at the CPU build: newer releases from PyPI are multi-GB CUDA builds (eager upgrades would take one)
+    hold_torch = venv / "torch-constraint.txt"
+    hold_torch.write_text("torch==2.13.0\n")
+    run([*pip, "--upgrade", "--upgrade-strategy", "eager", "-c", str(hold_torch), "-e", ".[test]"], check=True)
     newest = read_pins(run([py, "-m", "pip", "freeze"], capture_output=True, check=True).stdout)
     locked = read_pins((ROOT / "requirements" / "lock.txt").read_text())
     changed = {n: (locked[n], v) for n, v in newest.items() if n in locked and locked[n] != v}
@@ -85,7 +87,7 @@ def main() -> int:
         if not remaining:
             break
         old, new = changed[name]
-        if run([*pip, f"{name}=={old}"]).returncode != 0:
+        if run([*pip, "-c", str(hold_torch), f"{name}=={old}"]).returncode != 0:
             print(f"  {name}: the locked {old} does not install beside the newest rest; skipped")
             continue
         still = failing_tests(py, junit, remaining, args.pytest_args)
@@ -93,7 +95,7 @@ def main() -> int:
         if fixed:
             blame[f"{name} {new} (locked {old})"] = fixed
             remaining = still
-        run([*pip, f"{name}=={new}"], check=True)
+        run([*pip, "-c", str(hold_torch), f"{name}=={new}"], check=True)
     print("\n=== which upstream release broke which tests ===")
     for culprit, tests in blame.items():
         print(f"{culprit}:")
