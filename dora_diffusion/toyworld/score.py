@@ -1,0 +1,291 @@
+"""Score generated toy-world images the way DreamBooth's paper scores photos: CLIP-T, DINO / CLIP-I, language drift.
+
+The reader (``reader.py``) reads each image; the prompt is parsed with the world's words. For images ``x_i`` with
+prompts ``p_i`` (i = 1..N) and an optional subject ``S`` (trigger ``t``, shape ``s``, colour ``c``, decoration ``d``):
+
+- ``prompt_fidelity = mean_i F_i``, ``F_i = (1 / |C_i|) sum_{k in C_i} [check k holds]`` (like CLIP-T), where the
+  checks ``C_i`` are what ``p_i`` names: its background (``argmax background == named``) and, per named object,
+  ``pair(shape, colour) > 0.5`` when both are named (a trigger names its subject's shape and colour), else
+  ``shape > 0.5`` or ``colour > 0.5``, and ``decoration > 0.5`` when one is named ("with a ring", "with dots").
+- ``subject_fidelity = mean_{i : t in p_i} cos(e(x_i), mean_j e(r_j))`` (like DINO / CLIP-I), ``e`` the reader's
+  unit object embedding, ``r_1..r_6`` the rendered ``instance_scenes(S, 6, seed=0)``. 1 is the subject; about 1/2
+  an object that has its (shape, colour) but not its decoration, or its decoration but another shape or colour.
+- ``prior_preservation = mean_{i : t not in p_i} shape_s(x_i) * (1 - decoration_d(x_i))``: the probability that the
+  class is drawn plain, as the base model draws it (1: no language drift; 0: the class took the subject's look).
+
+Validate the scorer: ``python -m dora_diffusion.toyworld.score --validate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import random
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from .subjects import SUBJECTS, Subject, instance_caption, instance_scenes
+from .world import BACKGROUNDS, COLOURS, DECORATIONS, RESOLUTION, SHAPES, Scene, Thing, caption, render, scenes
+
+if TYPE_CHECKING:
+    from .reader import Reading
+
+_DECORATION_WORDS = {"ring": "ring", "rings": "ring", "dots": "dotted", "dotted": "dotted", "plain": "plain"}
+_TRIGGERS = {s.trigger: s for s in SUBJECTS.values()}
+
+
+@dataclass(frozen=True)
+class NamedObject:
+    """One object a prompt names; ``None`` where the prompt does not say."""
+
+    shape: str | None = None
+    colour: str | None = None
+    decoration: str | None = None
+    subject: Subject | None = None
+
+
+@dataclass(frozen=True)
+class Named:
+    """What a prompt names in the world's words: a background (or ``None``) and objects."""
+
+    background: str | None
+    objects: tuple[NamedObject, ...]
+
+
+def parse_prompt(prompt: str) -> Named:
+    """The world's words in ``prompt``: ``"... on a <background> background"`` and objects split on ``"and"``.
+
+    Words outside the vocabulary are ignored; a trigger word (``"sks"``) names its subject's shape and colour.
+    """
+    words = re.findall(r"[a-z]+", prompt.lower())
+    background, cut = None, len(words)
+    if "background" in words:
+        at = len(words) - 1 - words[::-1].index("background")
+        before = words[:at]
+        cut = len(before) - 1 - before[::-1].index("on") if "on" in before else max(at - 1, 0)
+        background = next((w for w in words[cut:at] if w in BACKGROUNDS), None)
+    objects, chunk = [], []
+    for w in [*words[:cut], "and"]:
+        if w != "and":
+            chunk.append(w)
+            continue
+        subject = next((_TRIGGERS[x] for x in chunk if x in _TRIGGERS), None)
+        obj = NamedObject(
+            shape=subject.shape if subject else next((x for x in chunk if x in SHAPES), None),
+            colour=subject.colour if subject else next((x for x in chunk if x in COLOURS), None),
+            decoration=None if subject else next((_DECORATION_WORDS[x] for x in chunk if x in _DECORATION_WORDS), None),
+            subject=subject,
+        )
+        if obj != NamedObject():
+            objects.append(obj)
+        chunk = []
+    return Named(background, tuple(objects))
+
+
+def images_to_tensor(images: Sequence[Image.Image] | np.ndarray) -> torch.Tensor:
+    """PIL images or an (N, H, W, 3) uint8 / float-in-[0, 1] array -> (N, 3, 64, 64) float in [0, 1]."""
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"image arrays must be (N, H, W, 3), got shape {images.shape}")
+        if images.dtype != np.uint8:
+            lo, hi = float(images.min()), float(images.max())
+            if lo < -0.01 or hi > 1.01:
+                raise ValueError(
+                    f"float images must lie in [0, 1] (output_type='np'), got values in [{lo:.3f}, {hi:.3f}]"
+                )
+            images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+        images = [Image.fromarray(a) for a in images]
+    rows = []
+    for im in images:
+        if not isinstance(im, Image.Image):
+            raise TypeError(f"images must be PIL images or one numpy array, got an item of type {type(im).__name__}")
+        im = im.convert("RGB")
+        if im.size != (RESOLUTION, RESOLUTION):
+            im = im.resize((RESOLUTION, RESOLUTION), Image.Resampling.LANCZOS)
+        rows.append(np.asarray(im, dtype=np.uint8))
+    if not rows:
+        raise ValueError("no images to score")
+    return torch.from_numpy(np.stack(rows)).permute(0, 3, 1, 2).float() / 255  # (N, 3, 64, 64)
+
+
+@functools.lru_cache(maxsize=None)
+def _subject_reference(name: str) -> torch.Tensor:
+    """Mean reader embedding of the subject's six reference instances (seed 0), shape (51,)."""
+    from .reader import load_reader
+
+    refs = images_to_tensor([render(s) for s in instance_scenes(name, 6, seed=0)])
+    return load_reader().embed(refs).mean(0)
+
+
+def _checks(named: Named, r: Reading, i: int) -> list[bool]:
+    """The checks of image ``i`` against what its prompt names (module docstring), each True if the reader agrees."""
+    from .reader import pair_index
+
+    checks = []
+    if named.background is not None:
+        checks.append(int(r.background[i].argmax()) == list(BACKGROUNDS).index(named.background))
+    for o in named.objects:
+        if o.shape and o.colour:
+            checks.append(float(r.pair[i, pair_index(o.shape, o.colour)]) > 0.5)
+        elif o.shape:
+            checks.append(float(r.shape[i, SHAPES.index(o.shape)]) > 0.5)
+        elif o.colour:
+            checks.append(float(r.colour[i, list(COLOURS).index(o.colour)]) > 0.5)
+        if o.decoration:
+            checks.append(float(r.decoration[i, DECORATIONS.index(o.decoration)]) > 0.5)
+    return checks
+
+
+def score(
+    images: Sequence[Image.Image] | np.ndarray, prompts: Sequence[str], subject: Subject | str | None = None
+) -> dict:
+    """Score ``images`` against the ``prompts`` they were generated from (see the module docstring for the math).
+
+    Returns ``n``, ``prompt_fidelity`` and ``per_image_prompt_fidelity``; with ``subject`` also
+    ``subject_fidelity`` (over the ``n_subject`` images whose prompt holds the trigger; ``None`` if none) and
+    ``prior_preservation`` (over the ``n_class`` other images; ``None`` if none), with per-image lists of both
+    over every image (``per_image_subject_fidelity``, ``per_image_prior_preservation``).
+    """
+    from .reader import load_reader
+
+    x = images_to_tensor(images)
+    prompts = list(prompts)
+    if len(prompts) != len(x):
+        raise ValueError(f"got {len(x)} images but {len(prompts)} prompts; give one prompt per image")
+    if isinstance(subject, str):
+        if subject not in SUBJECTS:
+            raise ValueError(f"unknown subject {subject!r}; one of {sorted(SUBJECTS)}")
+        subject = SUBJECTS[subject]
+    reader = load_reader()
+    r = reader.read(x)
+
+    per_prompt = []
+    for i, prompt in enumerate(prompts):
+        checks = _checks(parse_prompt(prompt), r, i)
+        if not checks:
+            raise ValueError(
+                f"prompt {prompt!r} names no background, shape or colour of the toy world; nothing to check"
+            )
+        per_prompt.append(sum(checks) / len(checks))
+    out: dict = {"n": len(x), "prompt_fidelity": float(np.mean(per_prompt)), "per_image_prompt_fidelity": per_prompt}
+    if subject is None:
+        return out
+
+    has_trigger = [subject.trigger in re.findall(r"[a-z]+", p.lower()) for p in prompts]
+    sim = (reader.embed(x) @ _subject_reference(subject.name)).tolist()  # (N,): mean cosine to the references
+    shape = r.shape[:, SHAPES.index(subject.shape)]  # (N,)
+    plain = (shape * (1 - r.decoration[:, DECORATIONS.index(subject.decoration)])).tolist()
+    subject_sims = [s for s, t in zip(sim, has_trigger) if t]
+    class_plain = [p for p, t in zip(plain, has_trigger) if not t]
+    out.update(
+        n_subject=len(subject_sims),
+        subject_fidelity=float(np.mean(subject_sims)) if subject_sims else None,
+        per_image_subject_fidelity=sim,
+        n_class=len(class_plain),
+        prior_preservation=float(np.mean(class_plain)) if class_plain else None,
+        per_image_prior_preservation=plain,
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def _restyle(scene: Scene, decoration: str | None = None, colour: str | None = None) -> Scene:
+    """``scene`` with every object's decoration and / or colour replaced."""
+    return Scene(scene.background, tuple(
+        Thing(t.shape, colour or t.colour, t.x, t.y, t.size, decoration or t.decoration) for t in scene.things
+    ))
+
+
+def _blur_jpeg(image: Image.Image) -> Image.Image:
+    """``image`` degraded in ways the reader was not trained on: gaussian blur (radius 1) and JPEG at quality 40."""
+    buffer = io.BytesIO()
+    image.filter(ImageFilter.GaussianBlur(1.0)).save(buffer, format="JPEG", quality=40)
+    return Image.open(buffer).convert("RGB")
+
+
+def validation_figures(n_world: int = 200, seed: int = 7) -> dict[str, float]:
+    """The scorer's figures on images whose truth is known (seeds other than the reader's training data).
+
+    ``world_*``: ``n_world`` train-split scenes and ``n_world`` heldout-split scenes (one object each:
+    ``sample_scene`` cannot draw two heldout objects) against their own captions, also blurred and
+    JPEG-compressed, and against the captions of other scenes (``chance``); ``noise`` (64 images) and
+    ``tiny_pipeline`` (8 images of the random tiny SDXL pipeline) against world captions. Per subject
+    ``<name>_*``: subject_fidelity of its ``instances`` (seed 1), of the same scenes drawn ``plain`` or in
+    ``another_colour``, and of plain world scenes of its shape (``same_shape``), all with instance prompts;
+    prior_preservation of class images drawn plain (``class_plain``) or with its decoration (``class_decorated``).
+    """
+    world = scenes("train", n_world, seed) + scenes("heldout", n_world, seed, two_objects=0.0)
+    images, prompts = [render(s) for s in world], [caption(s) for s in world]
+    order = list(range(len(world)))
+    random.Random(seed).shuffle(order)
+    mismatched = [""] * len(world)
+    for k, i in enumerate(order):  # a derangement: every image gets another scene's caption
+        mismatched[i] = prompts[order[(k + 1) % len(order)]]
+    noise = np.random.default_rng(seed).integers(0, 256, (64, RESOLUTION, RESOLUTION, 3), dtype=np.uint8)
+
+    from ..testing import build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    generated = pipe(prompts[:8], num_inference_steps=2, height=RESOLUTION, width=RESOLUTION,
+                     generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    def fidelity(imgs: Sequence[Image.Image] | np.ndarray, texts: list[str]) -> float:
+        return score(imgs, texts)["prompt_fidelity"]
+
+    figures = {
+        "world_own_captions": fidelity(images, prompts),
+        "world_train_own_captions": fidelity(images[:n_world], prompts[:n_world]),
+        "world_heldout_own_captions": fidelity(images[n_world:], prompts[n_world:]),
+        "world_blurred_jpeg_own_captions": fidelity([_blur_jpeg(im) for im in images], prompts),
+        "chance_mismatched_captions": fidelity(images, mismatched),
+        "noise": fidelity(noise, prompts[:64]),
+        "tiny_pipeline": fidelity(generated, prompts[:8]),
+    }
+    pool = scenes("train", 40 * n_world, seed + 1, two_objects=0.0)
+    for subject in SUBJECTS.values():
+        inst = instance_scenes(subject, 6, seed=1)
+        other = next(c for c in COLOURS if c not in (subject.colour, "white"))
+        same_shape = [s for s in pool if s.things[0].shape == subject.shape][:48]
+
+        def instance_score(batch: list[Scene]) -> dict:
+            return score([render(s) for s in batch], [instance_caption(subject, s) for s in batch], subject)
+
+        def class_score(batch: list[Scene]) -> float:
+            class_prompts = [f"{subject.class_prompt} on a {s.background} background" for s in batch]
+            return score([render(s) for s in batch], class_prompts, subject)["prior_preservation"]
+
+        name = subject.name
+        figures[f"{name}_instances"] = instance_score(inst)["subject_fidelity"]
+        figures[f"{name}_plain"] = instance_score([_restyle(s, decoration="plain") for s in inst])["subject_fidelity"]
+        recoloured = [_restyle(s, colour=other) for s in inst]
+        figures[f"{name}_another_colour"] = instance_score(recoloured)["subject_fidelity"]
+        figures[f"{name}_same_shape"] = instance_score(same_shape)["subject_fidelity"]
+        figures[f"{name}_instance_prompt_fidelity"] = instance_score(inst)["prompt_fidelity"]
+        figures[f"{name}_class_plain"] = class_score(same_shape)
+        decorated = [_restyle(s, decoration=subject.decoration) for s in same_shape]
+        figures[f"{name}_class_decorated"] = class_score(decorated)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="The toy-world scorer.")
+    parser.add_argument("--validate", action="store_true", help="print the scorer's figures on known images")
+    args = parser.parse_args()
+    if not args.validate:
+        parser.error("nothing to do; pass --validate (score() is the library entry point)")
+    torch.set_num_threads(1)
+    for name, value in validation_figures().items():
+        print(f"{name:40s} {value:.3f}")
+
+
+if __name__ == "__main__":
+    main()
