@@ -102,26 +102,45 @@ def _text_config(tokenizer: CLIPTokenizer, hidden_size: int, num_layers: int, hi
     )
 
 
-def _tiny_unet() -> UNet2DConditionModel:
-    """SDXL's UNet layout (3 down blocks, the first without attention, text_time conditioning), few channels."""
+def sdxl_unet(
+    sample_size: int, block_out_channels: tuple[int, int, int], text_dims: tuple[int, int], time_embed_dim: int,
+    projection_dim: int, **sizes,
+) -> UNet2DConditionModel:
+    """SDXL's UNet layout (3 down blocks, the first without attention, text_time conditioning) at the given sizes.
+
+    ``text_dims``: the two text encoders' hidden sizes, concatenated into the cross-attention dim. ``sizes``:
+    ``layers_per_block``, ``transformer_layers_per_block``, ``attention_head_dim``, ``norm_num_groups``.
+    """
     return UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 8,  # latent side: the VAE downscales by 8
+        sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         mid_block_type="UNetMidBlock2DCrossAttn",
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64),
+        block_out_channels=block_out_channels,
+        cross_attention_dim=sum(text_dims),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        # 6 micro-conditioning numbers (original size, crop corner, target size) plus text_encoder_2's pooled output
+        projection_class_embeddings_input_dim=6 * time_embed_dim + projection_dim,
+        **sizes,
+    )
+
+
+def _tiny_unet() -> UNet2DConditionModel:
+    """SDXL's UNet layout with few channels."""
+    return sdxl_unet(
+        TINY_RESOLUTION // 8,  # latent side: the VAE downscales by 8
+        (32, 64, 64),
+        (_TEXT_ENCODER_HIDDEN, _TEXT_ENCODER_2_HIDDEN),
+        _ADDITION_TIME_EMBED_DIM,
+        _PROJECTION_DIM,
         layers_per_block=2,
         transformer_layers_per_block=(1, 2, 3),  # down_blocks.0 has no attention
         attention_head_dim=(2, 4, 4),  # diffusers' name for the number of heads, as in SDXL's config
         norm_num_groups=8,
-        cross_attention_dim=_TEXT_ENCODER_HIDDEN + _TEXT_ENCODER_2_HIDDEN,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=_ADDITION_TIME_EMBED_DIM,
-        # 6 micro-conditioning numbers (original size, crop corner, target size) plus text_encoder_2's pooled output
-        projection_class_embeddings_input_dim=6 * _ADDITION_TIME_EMBED_DIM + _PROJECTION_DIM,
     )
 
 

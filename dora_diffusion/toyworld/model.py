@@ -22,7 +22,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from ..testing import MODEL_MAX_LENGTH, _byte_level_vocab, _sdxl_scheduler, _text_config
+from ..testing import MODEL_MAX_LENGTH, _byte_level_vocab, _sdxl_scheduler, _text_config, sdxl_unet
 from .world import BACKGROUNDS, COLOURS, SHAPES
 
 WORDS = (
@@ -79,23 +79,12 @@ def build_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
 
 
 def build_unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 128),
+    return sdxl_unet(
+        16, (32, 64, 128), (_TEXT_HIDDEN, _TEXT_HIDDEN), _TIME_EMBED_DIM, _PROJECTION_DIM,
         layers_per_block=1,
         transformer_layers_per_block=(1, 1, 1),
         attention_head_dim=(1, 2, 4),  # diffusers' name for the number of heads, as in SDXL's config
         norm_num_groups=16,
-        cross_attention_dim=2 * _TEXT_HIDDEN,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=_TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=6 * _TIME_EMBED_DIM + _PROJECTION_DIM,
     )
 
 
