@@ -2,7 +2,7 @@
 """Compare DoRA and LoRA adapters side by side at fixed seeds, in the browser (Gradio).
 
     python app.py --base stabilityai/stable-diffusion-xl-base-1.0 --adapter dora=runs/dora --adapter lora=runs/lora
-    python app.py --demo        # offline on the CPU: tiny pipeline, tiny DoRA and LoRA trained on toy images
+    python app.py --demo        # offline on the CPU: the toy world's model, a DoRA and a LoRA trained on a subject
 
 The page is built by ``dora_diffusion.app_ui``; planning, rendering and infotext live in ``dora_diffusion.compare``.
 """
@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="An adapter to load at start (repeatable): a .safetensors file, a directory holding one, or a Hub "
         "repo id, in any dialect load_dora_weights reads. NAME is its column; without 'NAME=' it comes from PATH.",
     )
-    p.add_argument("--demo", action="store_true", help="Offline CPU demo: tiny base model plus a tiny DoRA and LoRA.")
+    p.add_argument("--demo", action="store_true", help="Offline CPU demo: the toy world's base model plus a DoRA and a LoRA trained on its ring-star subject.")
     p.add_argument(
         "--cache_dir", default=None, help="Cache of --demo's model and adapters (default ~/.cache/dora-diffusion/demo)."
     )
@@ -51,11 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.demo and not args.base:
         p.error("give --base MODEL (with --adapter NAME=PATH ...), or --demo")
     if args.demo and args.base:
-        p.error("--demo builds its own tiny base model; drop --base")
+        p.error("--demo uses the toy world's base model; drop --base")
     if args.demo and args.adapter:
         p.error("--demo loads its own two adapters; add more from the page")
     if args.demo and args.device not in (None, "cpu"):
-        p.error("--demo runs the tiny pipeline on the CPU; drop --device")
+        p.error("--demo runs the toy world's pipeline on the CPU; drop --device")
     if args.max_cells < 1:
         p.error(f"--max_cells must be at least 1, got {args.max_cells}")
     return args
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
 
         assets = demo.prepare_demo(args.cache_dir)
         comparer = demo.demo_comparer(assets)
-        prompt, steps, seeds = demo.PROMPT, demo.STEPS, demo.SEEDS
+        prompt, steps, seeds, guidance = demo.PROMPT, demo.STEPS, demo.SEEDS, demo.GUIDANCE
     else:
         try:
             pipe = load_base_pipeline(args.base, args.device, args.dtype, args.variant)
@@ -98,10 +98,10 @@ def main(argv: list[str] | None = None) -> None:
                 comparer.add_adapter(source, name)
         except (CompareError, AdapterFileError, OSError, ValueError) as err:
             sys.exit(f"app.py: error: --adapter {text}: {err}")
-        prompt, steps, seeds = "", 25, "0-3"
+        prompt, steps, seeds, guidance = "", 25, "0-3", 5.0
     comparer.max_cells = args.max_cells
     side = comparer.default_size
-    settings = GenerationSettings(prompt, num_inference_steps=steps, width=side, height=side)
+    settings = GenerationSettings(prompt, num_inference_steps=steps, guidance_scale=guidance, width=side, height=side)
     build_ui(comparer, settings, seeds, extra_tabs={"Analysis": analysis_tab}).launch(server_name=args.host, server_port=args.port, share=args.share)
 
 

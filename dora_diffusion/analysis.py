@@ -28,11 +28,12 @@ import argparse
 import csv
 import math
 import os
+import re
 import sys
 import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -54,9 +55,11 @@ __all__ = [
     "analyze_pipeline",
     "channel_changes",
     "decompose",
+    "file_method",
     "fit_line",
     "format_summary",
     "plot",
+    "pool_checkpoints",
     "run_analyze",
     "summarize",
     "summary_markdown",
@@ -123,7 +126,8 @@ class Row:
     delta_M: float
     delta_D: float
     method: str
-    """``DoRA`` or ``LoRA``."""
+    """``DoRA`` or ``LoRA``, or what the file's ``dora_diffusion`` metadata names under ``method`` (e.g. ``FT``
+    for a full fine-tuning written as a full-rank LoRA)."""
 
 
 def _method(use_dora: bool) -> str:
@@ -499,6 +503,32 @@ def _error(message: str) -> int:
     return 2
 
 
+def file_method(path: str | os.PathLike) -> str | None:
+    """The ``method`` an adapter file's own metadata names (``dora_diffusion`` header key), if any."""
+    import json
+
+    from .formats.diffusers import OWN_METADATA_KEY
+
+    _, metadata = read_safetensors(path)
+    try:
+        method = json.loads(metadata.get(OWN_METADATA_KEY, "{}")).get("method")
+    except (ValueError, AttributeError):
+        return None
+    return str(method) if method else None
+
+
+_CHECKPOINT_LABEL = re.compile(r"^(?P<run>.+)/checkpoint-\d+$")
+
+
+def pool_checkpoints(rows: Sequence[Row]) -> list[Row]:
+    """``rows`` with each ``RUN/checkpoint-N`` label replaced by ``RUN``: one group per training run, all its steps
+    together, as the paper's Figure 2 plots them. Returns ``rows`` unchanged (the same list) if none is such."""
+    runs = [_CHECKPOINT_LABEL.match(r.adapter) for r in rows]
+    if not any(runs):
+        return rows if isinstance(rows, list) else list(rows)
+    return [replace(r, adapter=m.group("run")) if m else r for r, m in zip(rows, runs)]
+
+
 def run_analyze(args: argparse.Namespace) -> int:
     """Analyse every adapter against ``--base``; print the summary, write ``analysis.csv`` and ``analysis.png``.
 
@@ -519,12 +549,18 @@ def run_analyze(args: argparse.Namespace) -> int:
             load_dora_weights(pipe, path, adapter_name=name)
         except (AdapterFileError, ValueError) as err:
             return _error(f"adapter {path} does not fit {args.base}: {err}")
-        rows += analyze_pipeline(pipe, [name])
+        found = analyze_pipeline(pipe, [name])
+        method = file_method(path)
+        rows += [replace(r, method=method) for r in found] if method else found
         delete_dora_adapters(pipe, name)
     out = Path(args.out)
     print(format_summary(summarize(rows)))
+    pooled = pool_checkpoints(rows)
+    if pooled is not rows:
+        print("\nper training run, all its checkpoints together (as the paper's Figure 2):")
+        print(format_summary(summarize(pooled)))
     csv_path = write_csv(rows, out / "analysis.csv")
-    png_path = plot(rows, out / "analysis.png", args.title)
+    png_path = plot(pooled, out / "analysis.png", args.title)
     print(f"wrote {csv_path} ({len(rows)} rows)")
     print(f"wrote {png_path}")
     return 0

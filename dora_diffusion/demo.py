@@ -1,14 +1,15 @@
-"""The offline CPU demo: a tiny DoRA and a tiny LoRA, trained on toy images, side by side with the base model.
+"""The offline CPU demo: a DoRA and a LoRA trained on a toy-world subject, side by side with the base model.
 
-    python -m dora_diffusion.demo      # writes the grid PNG and prints where it is (no server)
+    python -m dora_diffusion.demo      # writes the grid PNG, prints where it is and each column's scores
     python app.py --demo               # the comparison page with both adapters loaded
 
-No Hub and no GPU: the base model is the tiny SDXL-architecture pipeline of ``dora_diffusion.testing``
-(random weights), the data are toy images of a red disc, and both adapters are trained by
-``dora_diffusion.training.main`` (the code of ``train_dreambooth_dora.py``) for a few steps. Everything is
-cached in ``--cache_dir`` (default ``~/.cache/dora-diffusion/demo``), keyed by the recipe, so a second run
-reuses it. With random base weights the images are coloured noise: the demo shows the mechanics (one seed
-per row, the adapter the only difference between columns), not image quality.
+No Hub and no GPU: the base model is the toy world's pretrained SDXL-architecture pipeline shipped in the
+package (``dora_diffusion.toyworld``), which draws simple scenes but has never seen the subject (a yellow star
+with a white ring, trigger "sks"). Both adapters are trained on the subject's six instance images by
+``dora_diffusion.training.main`` (the code of ``train_dreambooth_dora.py``). Everything is cached in
+``--cache_dir`` (default ``~/.cache/dora-diffusion/demo``), keyed by the recipe and the base weights, so a
+second run reuses it. Each column is scored by ``toyworld.score``: subject fidelity (like DINO against the
+instance images) and prompt fidelity (like CLIP-T).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,11 @@ import torch
 
 from . import __version__
 from .compare import (
+    CellResult,
     CompareError,
     Comparer,
     GenerationSettings,
+    GridPlan,
     grid_infotext,
     load_base_pipeline,
     parse_seeds,
@@ -38,19 +41,24 @@ from .compare import (
 )
 from .extras import MissingExtraError, require
 from .formats import DEFAULT_WEIGHT_NAME
-from .testing import TINY_RESOLUTION, make_toy_imagefolder, save_tiny_sdxl_pipeline
+from .toyworld import PIPELINE_DIR, RESOLUTION, SUBJECTS, make_subject_dataset, score
 
-PROMPT = "a photo of TOK toy"
+SUBJECT = SUBJECTS["ring_star"]
+PROMPT = f"{SUBJECT.instance_prompt} on a green background"
+"""The grid's prompt: the subject on a background none of its instance images has."""
 SEEDS = "0-3"
-STEPS = 8
+STEPS = 20
 """Denoising steps of the demo grid."""
-TRAIN_STEPS = 40
-N_IMAGES = 4
+GUIDANCE = 4.0
+TRAIN_STEPS = 150
+N_IMAGES = 6
 TRAIN_FLAGS = (
-    "--resolution", str(TINY_RESOLUTION),
+    "--resolution", str(RESOLUTION),
     "--rank", "4",
-    "--learning_rate", "5e-3",
+    "--learning_rate", "2e-3",
+    "--train_batch_size", "4",
     "--gradient_accumulation_steps", "1",
+    "--cache_latents",
     "--checkpointing_steps", "0",
     "--no_gradient_checkpointing",
     "--mixed_precision", "no",
@@ -62,7 +70,7 @@ TRAIN_FLAGS = (
 
 @dataclass(frozen=True)
 class DemoAssets:
-    """The cached demo: the tiny base model folder and the two adapter folders by column name."""
+    """The cached demo: the base model folder and the two adapter folders by column name."""
 
     root: Path
     model_dir: Path
@@ -74,9 +82,25 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dora-diffusion" / "demo"
 
 
-def _recipe_key(train_steps: int) -> str:
+def _weights_digest(model_dir: Path) -> str:
+    """SHA-256 over the base model's safetensors files (new shipped weights get freshly trained adapters)."""
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.rglob("*.safetensors")):
+        digest.update(path.relative_to(model_dir).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _recipe_key(train_steps: int, model_dir: Path = PIPELINE_DIR) -> str:
     """Short hash of everything that shapes the cached files: a changed recipe gets a fresh folder."""
-    recipe = {"version": __version__, "flags": TRAIN_FLAGS, "steps": train_steps, "images": N_IMAGES}
+    recipe = {
+        "version": __version__,
+        "flags": TRAIN_FLAGS,
+        "steps": train_steps,
+        "subject": SUBJECT.name,
+        "images": N_IMAGES,
+        "base": _weights_digest(model_dir),
+    }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -97,22 +121,22 @@ def prepare_demo(
     force: bool = False,
     log: Callable[[str], None] = print,
 ) -> DemoAssets:
-    """Build (or reuse from ``cache_dir``) the tiny base model, toy images, and the DoRA and LoRA adapters."""
+    """Write (or reuse from ``cache_dir``) the subject's images and train (or reuse) the DoRA and LoRA adapters."""
     from .training import main as train
 
     root = Path(cache_dir or default_cache_dir()).expanduser().resolve() / f"recipe-{_recipe_key(train_steps)}"
     if force:
         shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-    model_dir = _build_once(root / "tiny-sdxl", save_tiny_sdxl_pipeline)
-    data_dir = _build_once(root / "toy-images", lambda p: make_toy_imagefolder(p, n=N_IMAGES))
+    model_dir = PIPELINE_DIR
+    data_dir = _build_once(root / f"subject-{SUBJECT.name}", lambda p: make_subject_dataset(p, SUBJECT, n=N_IMAGES))
     adapters = {}
     for kind in ("dora", "lora"):
         out = root / kind
         if (out / DEFAULT_WEIGHT_NAME).is_file():
             log(f"reusing the demo {kind} adapter: {out}")
         else:
-            log(f"training the demo {kind} adapter ({train_steps} steps on {N_IMAGES} toy images) ...")
+            log(f"training the demo {kind} adapter ({train_steps} steps on {N_IMAGES} images of {SUBJECT.name}) ...")
             start = time.perf_counter()
             train([
                 "--pretrained_model_name_or_path", str(model_dir),
@@ -129,7 +153,7 @@ def prepare_demo(
 
 
 def demo_comparer(assets: DemoAssets) -> Comparer:
-    """The tiny base pipeline (read back from its folder) with both demo adapters loaded."""
+    """The toy world's base pipeline (float32 on the CPU) with both demo adapters loaded."""
     pipe = load_base_pipeline(str(assets.model_dir), device="cpu")
     comparer = Comparer(pipe, str(assets.model_dir))
     for name, path in assets.adapters.items():
@@ -144,25 +168,43 @@ def render_demo_grid(
     steps: int = STEPS,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Render base | dora | lora at strength 1 for ``seeds``; write the grid PNG (with its parameters) to ``output``."""
+    """Render base | dora | lora at strength 1 for ``seeds``; write the grid PNG (with its parameters) to ``output``.
+
+    Logs each column's scores (``column_scores``).
+    """
     settings = GenerationSettings(
-        PROMPT, num_inference_steps=steps, guidance_scale=5.0, width=TINY_RESOLUTION, height=TINY_RESOLUTION
+        PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, width=RESOLUTION, height=RESOLUTION
     )
     plan = comparer.plan(settings, seeds, {a.name: 1.0 for a in comparer.adapters}, include_base=True)
     results = []
     for result in comparer.render(plan):
         results.append(result)
         log(f"cell {len(results)} of {len(plan)}: {result.caption}")
+    for label, figures in column_scores(plan, results).items():
+        log(
+            f"{label:>8}: subject fidelity {figures['subject_fidelity']:.2f}, "
+            f"prompt fidelity {figures['prompt_fidelity']:.2f}  (toyworld.score over {figures['n']} images)"
+        )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     return save_png(comparer.grid(plan, results), output, grid_infotext(plan, comparer.model))
 
 
+def column_scores(plan: GridPlan, results: Sequence[CellResult]) -> dict[str, dict]:
+    """``toyworld.score`` of each column's images against the grid's prompt, by column label."""
+    out = {}
+    for column in plan.columns:
+        images = [r.image for r in results if r.cell.column == column]
+        out[column.label] = score(images, [plan.settings.prompt] * len(images), SUBJECT)
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m dora_diffusion.demo",
-        description="Offline CPU demo: train a tiny DoRA and a tiny LoRA on toy images (or reuse them from the "
-        "cache) and write a base | DoRA | LoRA grid PNG. `python app.py --demo` opens the same in the browser.",
+        description="Offline CPU demo: train a DoRA and a LoRA on a toy-world subject (or reuse them from the "
+        "cache) and write a base | DoRA | LoRA grid PNG with each column's scores. `python app.py --demo` opens "
+        "the same in the browser.",
     )
     p.add_argument(
         "--cache_dir", default=None, help=f"Where the demo model and adapters are kept (default {default_cache_dir()})."
@@ -176,7 +218,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num_threads",
         type=int,
         default=1,
-        help="Torch CPU threads. The tiny models gain nothing from more, and on a busy machine idle OpenMP threads "
+        help="Torch CPU threads. The toy models gain little from more, and on a busy machine idle OpenMP threads "
         "spinning can make them far slower (0: torch's default).",
     )
     return p.parse_args(argv)
