@@ -3,6 +3,7 @@
     python benchmarks/toyworld_base.py [--pipeline DIR] [--n 48] [--grid docs/img/toyworld_base.png]
 
 Images: 20 Euler steps, guidance 4, seeds 0..n-1, one caption each (``toyworld.captions(split, n, seed=11)``).
+First the ceiling the VAE sets: rendered scenes of each split, encoded and decoded, scored against their captions.
 """
 
 from __future__ import annotations
@@ -25,6 +26,21 @@ def generate(pipe, prompts: list[str], seed: int = 0, batch: int = 16) -> list[I
     return out
 
 
+@torch.no_grad()
+def vae_ceiling(pipe, split: str, n: int) -> tuple[float, float]:
+    """(MSE on [-1, 1], prompt fidelity) of ``n`` rendered ``split`` scenes after a VAE round trip."""
+    import numpy as np
+
+    world = toyworld.scenes(split, n, seed=5)
+    x = torch.from_numpy(np.stack([np.asarray(toyworld.render(s)) for s in world])).permute(0, 3, 1, 2)
+    x = x.float() / 127.5 - 1.0
+    vae = pipe.vae
+    y = vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
+    images = [Image.fromarray(((im.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype("uint8")) for im in y]
+    fidelity = toyworld.score(images, [toyworld.caption(s) for s in world])["prompt_fidelity"]
+    return float(((y - x) ** 2).mean()), fidelity
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pipeline", default=None, help="Pretrained directory (default: the shipped one).")
@@ -33,6 +49,9 @@ def main() -> None:
     args = p.parse_args()
     pipe = toyworld.load_pipeline(args.pipeline)
     start = time.perf_counter()
+    for split in ("train", "heldout"):
+        mse, fidelity = vae_ceiling(pipe, split, args.n)
+        print(f"{split:>8}: VAE round trip of rendered scenes: MSE {mse:.4f}, prompt fidelity {fidelity:.3f}")
     shown = []
     for split in ("train", "heldout"):
         prompts = toyworld.captions(split, args.n, seed=11)

@@ -4,8 +4,8 @@
     python app.py --demo               # the comparison page with both adapters loaded
 
 No Hub and no GPU: the base model is the toy world's pretrained SDXL-architecture pipeline shipped in the
-package (``dora_diffusion.toyworld``), which draws simple scenes but has never seen the subject (a yellow star
-with a white ring, trigger "sks"). Both adapters are trained on the subject's six instance images by
+package (``dora_diffusion.toyworld``), which draws simple scenes but has never seen the subject (a pink heart
+with white dots, trigger "zwx"). Both adapters are trained on the subject's six instance images by
 ``dora_diffusion.training.main`` (the code of ``train_dreambooth_dora.py``). Everything is cached in
 ``--cache_dir`` (default ``~/.cache/dora-diffusion/demo``), keyed by the recipe and the base weights, so a
 second run reuses it. Each column is scored by ``toyworld.score``: subject fidelity (like DINO against the
@@ -43,9 +43,9 @@ from .extras import MissingExtraError, require
 from .formats import DEFAULT_WEIGHT_NAME
 from .toyworld import PIPELINE_DIR, RESOLUTION, SUBJECTS, make_subject_dataset, score
 
-SUBJECT = SUBJECTS["ring_star"]
-PROMPT = f"{SUBJECT.instance_prompt} on a green background"
-"""The grid's prompt: the subject on a background none of its instance images has."""
+SUBJECT = SUBJECTS["dotted_heart"]
+PROMPT = f"{SUBJECT.instance_prompt} on a striped background"
+"""The grid's prompt: the subject on the one background none of its instance images has."""
 SEEDS = "0-3"
 STEPS = 20
 """Denoising steps of the demo grid."""

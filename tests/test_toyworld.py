@@ -41,8 +41,8 @@ def test_subject_dataset_is_an_imagefolder_with_trigger_captions(tmp_path):
     root = toyworld.make_subject_dataset(tmp_path / "s", subject)
     rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
     assert 4 <= len(rows) <= 8
-    assert all(r["prompt"].startswith("a sks star on a ") and (root / r["file_name"]).is_file() for r in rows)
-    assert subject.class_prompt == "a star"
+    assert all(r["prompt"].startswith("a sks yellow star on a ") and (root / r["file_name"]).is_file() for r in rows)
+    assert subject.class_prompt == "a yellow star"
     with pytest.raises(FileExistsError, match="not empty"):
         toyworld.make_subject_dataset(root, subject)
     assert len(toyworld.SUBJECTS) >= 2

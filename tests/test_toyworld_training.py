@@ -33,7 +33,7 @@ def test_a_dora_trained_by_the_script_learns_the_subject(pipe, tmp_path):
     from dora_diffusion import demo
     from dora_diffusion.training import main as train
 
-    subject = toyworld.SUBJECTS["ring_star"]
+    subject = demo.SUBJECT
     data = toyworld.make_subject_dataset(tmp_path / "data", subject)
     cpu = time.process_time()
     train([

@@ -29,13 +29,14 @@ class Subject:
 
     @property
     def instance_prompt(self) -> str:
-        """``"a sks star"``: the trigger before the class noun, as in DreamBooth."""
-        return f"a {self.trigger} {self.shape}"
+        """``"a sks yellow star"``: the trigger before the class noun, as in DreamBooth ("a [V] dog")."""
+        return f"a {self.trigger} {self.colour} {self.shape}"
 
     @property
     def class_prompt(self) -> str:
-        """``"a star"``: the class, for prior preservation."""
-        return f"a {self.shape}"
+        """``"a yellow star"``: the class, for prior preservation. It names the colour because every caption of the
+        pretraining world does: the base model draws "a yellow star", not "a star"."""
+        return f"a {self.colour} {self.shape}"
 
     def scene(self, background: str, x: float = 0.5, y: float = 0.5, size: float = 0.6) -> Scene:
         return Scene(background, (Thing(self.shape, self.colour, x, y, size, self.decoration),))
