@@ -9,11 +9,11 @@ All flags: ``python train_dreambooth_dora.py --help``. The logic lives in ``dora
 import sys
 
 from dora_diffusion.extras import MissingExtraError
-from dora_diffusion.training import DatasetError, OutputDirError, TrainingError, main
+from dora_diffusion.training import CheckpointError, DatasetError, OutputDirError, TrainingError, main
 
 if __name__ == "__main__":
     try:
         main()
-    except (DatasetError, MissingExtraError, OutputDirError, TrainingError) as err:
+    except (CheckpointError, DatasetError, MissingExtraError, OutputDirError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

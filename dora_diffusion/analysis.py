@@ -512,7 +512,7 @@ def file_method(path: str | os.PathLike) -> str | None:
     _, metadata = read_safetensors(path)
     try:
         method = json.loads(metadata.get(OWN_METADATA_KEY, "{}")).get("method")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return str(method) if method else None
 
@@ -529,12 +529,27 @@ def pool_checkpoints(rows: Sequence[Row]) -> list[Row]:
     return [replace(r, adapter=m.group("run")) if m else r for r, m in zip(rows, runs)]
 
 
+def _unwritable(out: Path) -> str | None:
+    """Why the folder ``out`` cannot be created or written to (checked before any work), or None."""
+    if out.exists() and not out.is_dir():
+        return "is a file; pass a folder (analysis.csv and analysis.png are written into it)"
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        return f"{existing} is a file, so the folder cannot be created"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def run_analyze(args: argparse.Namespace) -> int:
     """Analyse every adapter against ``--base``; print the summary, write ``analysis.csv`` and ``analysis.png``.
 
     Adapters are loaded one at a time, so many checkpoints need no more memory than one. Returns 0, or 2 after
     printing one line if the base model or an adapter cannot be read or does not fit.
     """
+    problem = _unwritable(Path(args.out))
+    if problem:
+        return _error(f"--out {args.out}: {problem}")
     try:
         sources = adapter_sources(args.adapters)
     except (AdapterFileError, OSError) as err:

@@ -72,6 +72,8 @@ def convert_file(src: str | Path, dst: str | Path, to: str, overwrite: bool = Fa
     if to not in ("diffusers", "kohya"):
         raise ValueError(f"--to must be 'diffusers' or 'kohya', got {to!r}")
     dst = Path(dst)
+    if dst.suffix.lower() != ".safetensors":
+        raise ValueError(f"{dst}: the output file name must end in .safetensors (other names are refused when read)")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
     src, parsed = read_adapter(src)
@@ -127,6 +129,13 @@ def _counts(values: Iterable) -> str:
     return ", ".join(parts)
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """A header string as it is safe to print: control characters escaped (no terminal escape sequences), at
+    most ``limit`` characters."""
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[: limit + 1])
+    return shown[:limit] + ("…" if len(text) > limit else "")
+
+
 def _likely_base(parsed: ParsedAdapter) -> str:
     """A best guess from the UNet's cross-attention width, else the file's metadata, else a second text encoder."""
     for name, m in parsed.modules.get("unet", {}).items():
@@ -137,7 +146,7 @@ def _likely_base(parsed: ParsedAdapter) -> str:
             return f"unknown: UNet cross-attention width {dim} (SDXL 2048, SD 1.x 768, SD 2.x 1024)"
     hint = parsed.metadata.get("ss_base_model_version") or parsed.metadata.get("modelspec.architecture")
     if hint:
-        return f"{hint} (from the file's metadata)"
+        return f"{printable(hint)} (from the file's metadata)"
     if "text_encoder_2" in parsed.modules:
         return "SDXL (has a second text encoder)"
     return "unknown"
@@ -172,7 +181,7 @@ def describe(parsed: ParsedAdapter) -> dict[str, str]:
         "parameters": f"{params:,}",
         "base model": _likely_base(parsed),
     }
-    meta = [f"{k}={parsed.metadata[k]}" for k in _SHOWN_METADATA if k in parsed.metadata]
+    meta = [f"{k}={printable(parsed.metadata[k])}" for k in _SHOWN_METADATA if k in parsed.metadata]
     if meta:
         out["metadata"] = "; ".join(meta)
     return out

@@ -8,6 +8,8 @@ diffusers pipeline (``pipe.load_dora_weights(...)``). A pipeline needs a ``unet`
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from .formats import (
     read_safetensors,
     resolve_file,
     resolver_for,
+    shown,
     to_diffusers,
     write_safetensors,
 )
@@ -154,6 +157,8 @@ def load_dora_weights(
     to choose. With ``strict=False`` modules that match nothing are skipped with a warning. A failed load
     leaves ``pipe`` exactly as it was. Returns the adapter name (``default_N`` unless given).
     """
+    if adapter_name is not None and not isinstance(adapter_name, str):
+        raise ValueError(f"adapter_name must be a string, got {type(adapter_name).__name__} {adapter_name!r}")
     parsed = _read(pretrained_model_name_or_path_or_dict, weight_name, **hub_kwargs)
     if adapter_name is None:
         adapter_name = _new_adapter_name(pipe)
@@ -170,13 +175,13 @@ def load_dora_weights(
     if not plan:
         raise AdapterFileError(
             f"no key of this {parsed.dialect} adapter matches a module of {type(pipe).__name__} "
-            f"({len(unmatched)} keys, e.g. {unmatched[:4]}). Is it an adapter for another base model "
-            "(SD 1.5, SD 2, Flux) rather than SDXL?"
+            f"({len(unmatched)} keys, e.g. {', '.join(shown(k) for k in unmatched[:4])}). Is it an adapter for another "
+            "base model (SD 1.5, SD 2, Flux) rather than SDXL?"
         )
     if unmatched:
         msg = (
             f"{len(unmatched)} keys of this adapter match no module of {type(pipe).__name__}, "
-            f"e.g. {unmatched[:4]}"
+            f"e.g. {', '.join(shown(k) for k in unmatched[:4])}"
         )
         if strict:
             raise AdapterFileError(f"{msg}. Pass strict=False to load the {sum(map(len, plan.values()))} modules that match.")
@@ -213,6 +218,9 @@ def set_dora_adapters(
     missing = [n for n in names if n not in known]
     if missing:
         raise ValueError(f"adapters {missing} are not loaded; loaded adapters: {known}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"adapters {repeated} are named more than once; give each adapter one strength")
     if adapter_weights is None:
         weights: list[AdapterWeight] = [1.0] * len(names)
     elif isinstance(adapter_weights, (int, float, dict)):
@@ -225,6 +233,9 @@ def set_dora_adapters(
         bad = set(w) - set(COMPONENTS) if isinstance(w, dict) else set()
         if bad:
             raise ValueError(f"unknown components {sorted(bad)} in adapter_weights; use {list(COMPONENTS)}")
+        for k in w.values() if isinstance(w, dict) else [w]:
+            if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k):
+                raise ValueError(f"adapter strengths must be finite numbers, got {k!r} in adapter_weights")
     _refuse_if_fused(pipe, "set_dora_adapters")
     for comp, model in components(pipe).items():
         per = {n: float(w.get(comp, 1.0) if isinstance(w, dict) else w) for n, w in zip(names, weights)}
@@ -261,7 +272,11 @@ def fuse_dora(pipe, adapter_names: list[str] | None = None, lora_scale: float = 
         missing = [n for n in adapter_names if n not in known]
         if missing:
             raise ValueError(f"adapters {missing} are not loaded; loaded adapters: {known}")
+    if isinstance(lora_scale, bool) or not isinstance(lora_scale, numbers.Real) or not math.isfinite(lora_scale):
+        raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}")
     _refuse_if_fused(pipe, "fuse_dora")
+    if any(layer.disabled for layer in _layers(pipe)):
+        raise RuntimeError("adapters are disabled (disable_dora()); call enable_dora() before fuse_dora()")
     try:
         for layer in _layers(pipe):
             names = list(layer.active) if adapter_names is None else adapter_names

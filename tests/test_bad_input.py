@@ -165,3 +165,113 @@ def test_failure_mid_injection_rolls_back(pipe, good, monkeypatch) -> None:
     monkeypatch.setattr(AdaptedLayer, "load_adapter_tensors", flaky)
     fails(pipe, good, "simulated failure")
     assert not adapted_layers(pipe.unet)
+
+
+def fails_within(pipe, source, match: str, seconds: float = 5.0) -> None:
+    """``fails``, run in a daemon thread: a loader that hangs (FIFO) or reads forever (/dev/zero) fails the test."""
+    import threading
+
+    outcome: list = []
+
+    def attempt() -> None:
+        try:
+            fails(pipe, source, match)
+            outcome.append(None)
+        except BaseException as err:  # noqa: BLE001  (reported below, in the test's thread)
+            outcome.append(err)
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"loading {source} did not finish within {seconds} s"
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def test_special_files_are_refused_not_read(tmp_path, pipe) -> None:
+    """A link to /dev/zero, a FIFO and a folder named *.safetensors: a one-line error, never a hang or an endless read."""
+    import os
+
+    zero = tmp_path / "zero"
+    zero.mkdir()
+    (zero / "a.safetensors").symlink_to("/dev/zero")
+    fails_within(pipe, zero, r"holds no \.safetensors adapter file \(a\.safetensors is not a regular file\)")
+    fails_within(pipe, zero / "a.safetensors", r"not a regular file")
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "a.safetensors")
+    fails_within(pipe, fifo, r"a\.safetensors is not a regular file")
+    fails_within(pipe, fifo / "a.safetensors", r"not a regular file")
+    folder = tmp_path / "folder"
+    (folder / "a.safetensors").mkdir(parents=True)
+    fails_within(pipe, folder, r"a\.safetensors is not a regular file")
+    with pytest.raises(AdapterFileError, match="is a directory"):
+        from dora_diffusion.formats import read_safetensors
+
+        read_safetensors(folder / "a.safetensors")
+
+
+def test_huge_sparse_file_is_refused_without_reading_it(tmp_path, pipe, good) -> None:
+    """A valid adapter followed by 2 GiB of (sparse) zeros is refused before its data is read."""
+    import resource
+
+    from safetensors.torch import save
+
+    path = tmp_path / "sparse.safetensors"
+    path.write_bytes(save(good))
+    with open(path, "r+b") as f:
+        f.truncate(2 * 1024**3)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fails(pipe, path, r"bytes after its last tensor")
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 64  # MiB
+
+
+def test_missing_relative_path_says_so_without_waiting_for_the_hub(pipe, monkeypatch) -> None:
+    """``nope/none`` looks like a Hub id: with the Hub unreachable the error comes at once and says what was tried."""
+    import socket
+    import time
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    start = time.perf_counter()
+    fails(pipe, "nope/none", r"'nope/none' is not an existing file or directory here, and the Hugging Face Hub cannot "
+          r"be reached .*cannot be resolved")  # fmt: skip
+    fails(pipe, "nope/none.safetensors", r"'nope/none.safetensors' is not an existing file or directory \(no such file here\)")
+    assert time.perf_counter() - start < 2.0
+
+
+def test_adapter_name_and_strengths_are_checked(pipe, good) -> None:
+    fails(pipe, good, r"adapter_name must be a string, got int 123", adapter_name=123)
+    name = pipe.load_dora_weights(good)
+    for weights, match in ((float("nan"), "finite numbers, got nan"), ({"unet": float("inf")}, "got inf"), ("1", "got '1'")):
+        with pytest.raises(ValueError, match=match):
+            pipe.set_dora_adapters(name, weights)
+    with pytest.raises(ValueError, match=r"\['default_0'\] are named more than once"):
+        pipe.set_dora_adapters([name, name], [1.0, 0.5])
+    assert pipe.get_active_dora_adapters() == {name: 1.0}
+
+
+def test_fuse_after_disable_is_refused(pipe, good, base_images) -> None:
+    from conftest import max_diff, render
+
+    pipe.load_dora_weights(good)
+    pipe.disable_dora()
+    with pytest.raises(RuntimeError, match=r"disabled .*enable_dora\(\) before fuse_dora\(\)"):
+        pipe.fuse_dora()
+    assert max_diff(render(pipe), base_images) == 0.0
+
+
+def test_saved_adapter_has_the_usual_permissions(tmp_path, pipe, good) -> None:
+    import os
+    import stat
+
+    pipe.load_dora_weights(good)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = pipe.save_dora_weights(tmp_path / "out")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in path.parent.iterdir()] == [path.name]

@@ -199,3 +199,59 @@ def test_cli_analyze_end_to_end(tmp_path) -> None:
     with Image.open(tmp_path / "out" / "analysis.png") as im:
         assert im.size[0] > 100 and im.size[1] > 100
     assert main(["analyze", "--base", str(tmp_path / "missing"), str(adapter)]) == 2
+
+
+def test_malformed_header_is_one_line_for_inspect_and_convert(tmp_path, capsys) -> None:
+    """A NaN lora_alpha, a ReDoS alpha_pattern key, a 200k-deep header: exit 1, one line naming the key, no output."""
+    import json
+
+    from safetensors import safe_open
+
+    src = make_adapter_file(tmp_path / "src", targets="attn", text=False)
+    with safe_open(src, "pt") as f:
+        metadata = f.metadata()
+    sd = load_file(src)
+    headers = {
+        "nan": ({"unet.lora_alpha": float("nan")}, "unet.lora_alpha is nan"),
+        "redos": ({"unet.alpha_pattern": {"(.*.*.*)*#": 4}}, "alpha_pattern key '(.*.*.*)*#' is not a module name"),
+        "deep": ("[" * 200_000 + "]" * 200_000, "nested too deeply"),
+    }
+    for name, (config, message) in headers.items():
+        path = tmp_path / f"{name}.safetensors"
+        raw = config if isinstance(config, str) else json.dumps(config)
+        save_file(sd, path, metadata={**metadata, "lora_adapter_metadata": raw})
+        for argv in (("inspect", path), ("convert", path, tmp_path / "x.safetensors", "--to", "kohya")):
+            code, out, err = run(capsys, *argv)
+            assert code == 1 and out == "" and err.count("\n") == 1 and message in err, err
+            assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_convert_refuses_an_output_name_inspect_would_refuse(tmp_path, capsys) -> None:
+    src = make_adapter_file(tmp_path / "src", targets="attn", text=False)
+    code, _, err = run(capsys, "convert", src, tmp_path / "out.bin", "--to", "kohya")
+    assert code == 1 and "must end in .safetensors" in err and not (tmp_path / "out.bin").exists()
+
+
+def test_analyze_refuses_an_unusable_out_before_any_work(tmp_path, capsys, monkeypatch) -> None:
+    from dora_diffusion import analysis
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(analysis, "load_base", no_work)
+    adapter = make_adapter_file(tmp_path / "a", targets="attn", text=False)
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        code, _, err = run(capsys, "analyze", "--base", tmp_path / "base", adapter, "--out", out)
+        assert code == 2 and err.count("\n") == 1 and f"--out {out}" in err and "is a file" in err, err
+
+
+def test_inspect_escapes_control_characters_of_header_strings(tmp_path, capsys) -> None:
+    """Header strings are the file's: a terminal escape sequence is printed escaped, a long value shortened."""
+    src = make_adapter_file(tmp_path / "src", targets="attn", text=False)
+    path = tmp_path / "esc.safetensors"
+    save_file(load_file(src), path, metadata={"ss_output_name": "x\x1b]0;pwned\x07" + "y" * 500, "ss_network_module": "a\nb"})
+    code, out, _ = run(capsys, "inspect", path)
+    assert code == 0 and "\x1b" not in out and "\x07" not in out
+    assert "ss_output_name=x\\x1b]0;pwned\\x07yyy" in out and "ss_network_module=a\\nb" in out
+    assert max(len(line) for line in out.splitlines()) < 400

@@ -93,3 +93,35 @@ def test_old_attention_processor_keys(adapter) -> None:
     parsed = parse_state_dict(old, {})
     assert len(parsed.modules["unet"]) == len(old) // 2 > 0
     assert all(n.endswith(("to_q", "to_k", "to_v", "to_out.0")) for n in parsed.modules["unet"])
+
+
+UNET_NAMES = [
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k",
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q",
+    "up_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q",
+    "up_blocks.0.attentions.1.proj_in",
+]
+ALPHA_PATTERNS = [
+    {UNET_NAMES[0]: 3.0},  # full module names: what diffusers and this package write
+    {"to_k": 5.0, "attn1.to_q": 7.0},  # dotted suffixes
+    {"to_q": 1.0, UNET_NAMES[0]: 9.0},  # PEFT takes the first key (in file order) that matches
+    {f"^{UNET_NAMES[3]}": 2.0, "^to_q": 4.0, "proj_in$": 6.0},  # anchors
+    {"q": 4.0, "1.to_q": 6.0, "attentions.1": 2.0},  # part of a name segment, or not at the end: no match
+]
+
+
+@pytest.mark.parametrize("patterns", ALPHA_PATTERNS, ids=range(len(ALPHA_PATTERNS)))
+def test_alpha_pattern_is_read_as_peft_reads_it(patterns) -> None:
+    """Every module gets the alpha PEFT's own lookup (``get_pattern_key``, a regex) gives it, without a regex."""
+    from peft.utils.other import get_pattern_key
+
+    sd = {}
+    for name in UNET_NAMES:
+        sd[f"unet.{name}.lora_A.weight"] = torch.zeros(4, 64)
+        sd[f"unet.{name}.lora_B.weight"] = torch.zeros(64, 4)
+    header = {"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": patterns}
+    parsed = parse_state_dict(sd, {METADATA_KEY: json.dumps(header)})
+    for name in UNET_NAMES:
+        want = patterns.get(get_pattern_key(list(patterns), name), 8)
+        assert parsed.modules["unet"][name].alpha == want, name

@@ -9,6 +9,7 @@ import json
 import random
 import resource
 import struct
+import time
 
 import pytest
 import torch
@@ -248,3 +249,119 @@ def test_modules_that_do_not_fit_the_model_leave_the_pipeline_alone() -> None:
         assert pipe.get_dora_adapters() == []
     after = pipe.unet.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+# ---------------------------------------------------------------- header metadata (diffusers/PEFT LoraConfig)
+DEEP = "[" * 200_000 + "]" * 200_000
+META = "lora_adapter_metadata"
+
+
+def with_lora_config(tmp_path, config: dict | str, name: str = "meta.safetensors"):
+    """A valid diffusers adapter file whose ``lora_adapter_metadata`` header is ``config``."""
+    path = tmp_path / name
+    raw = config if isinstance(config, str) else json.dumps(config)
+    path.write_bytes(save(diffusers_state_dict(), metadata={META: raw}))
+    return path
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"unet.lora_alpha": float("nan")}, r"unet\.lora_alpha is nan"),
+        ({"unet.lora_alpha": float("inf")}, r"unet\.lora_alpha is inf"),
+        ({"unet.lora_alpha": 1e300}, r"unet\.lora_alpha is 1e\+300; expected a finite number"),
+        ({"unet.lora_alpha": 10**400}, r"unet\.lora_alpha is 1000.*expected a finite number"),
+        ({"unet.lora_alpha": True}, r"unet\.lora_alpha is True; expected a number"),
+        ({"unet.lora_alpha": "abc"}, r"unet\.lora_alpha is 'abc'; expected a number"),
+        ({"unet.lora_alpha": [8]}, r"unet\.lora_alpha is \[8\]; expected a number"),
+        ({"lora_alpha": "8"}, r"'lora_adapter_metadata' lora_alpha is '8'"),
+        ({"unet.use_rslora": "false"}, r"unet\.use_rslora is 'false'; expected true or false"),
+        ({"unet.use_dora": 1}, r"unet\.use_dora is 1"),
+        ({"unet.r": -4}, r"unet\.r is -4; expected a positive integer"),
+        ({"unet.alpha_pattern": ["to_q"]}, r"unet\.alpha_pattern is a list; expected an object"),
+        ({"unet.alpha_pattern": {"to_q": "x"}}, r"unet\.alpha_pattern\['to_q'\] is 'x'"),
+        ({"unet.rank_pattern": "to_q"}, r"unet\.rank_pattern is a str"),
+        ({"unet.alpha_pattern": {"(.*.*.*)*#": 4}}, r"key '\(\.\*\.\*\.\*\)\*#' is not a module name"),
+        ({"unet.alpha_pattern": {"(a|aa)*b": 4}}, r"key '\(a\|aa\)\*b' is not a module name"),
+        ({"unet.alpha_pattern": {"to_.*": 4}}, r"key 'to_\.\*' is not a module name"),
+        (DEEP, r"'lora_adapter_metadata' is nested too deeply"),
+        ('{"unet.lora_alpha": 1' + "0" * 5000 + "}", r"'lora_adapter_metadata' is not valid JSON"),
+        ("[8]", r"'lora_adapter_metadata' is not a JSON object"),
+    ],
+    ids=["nan", "inf", "1e300", "huge-int", "bool", "string", "list", "unprefixed-string", "rslora-string",
+         "use_dora-int", "negative-r", "pattern-list", "pattern-value", "rank_pattern-str", "redos-nested",
+         "redos-alternation", "regex-key", "deep", "long-int", "not-object"],  # fmt: skip
+)
+def test_malformed_lora_config_is_refused_naming_the_key(tmp_path, config, match) -> None:
+    """Each bad header value: AdapterFileError naming the key, well within a second (the ReDoS keys hung before)."""
+    path = with_lora_config(tmp_path, config)
+    start = time.perf_counter()
+    with pytest.raises(AdapterFileError, match=match):
+        read_and_parse(path)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_deeply_nested_safetensors_header_is_refused(tmp_path) -> None:
+    path = tmp_path / "deep.safetensors"
+    raw = b'{"__metadata__": {}, "x": ' + DEEP.encode() + b"}"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(AdapterFileError, match="nested too deeply"):
+        read_and_parse(path)
+
+
+def test_valid_lora_config_values_are_used(tmp_path) -> None:
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    config = {"unet.r": 4, "unet.lora_alpha": 8, "unet.use_rslora": True, "unet.use_dora": True,
+              "unet.alpha_pattern": {f"^{name}": 2.5}, "unet.rank_pattern": {}}  # fmt: skip
+    module = parse_state_dict(*read_safetensors(with_lora_config(tmp_path, config))).modules["unet"][name]
+    assert (module.alpha, module.use_rslora) == (2.5, True)
+    config["unet.alpha_pattern"] = {"attn2.to_q": 2.5}
+    module = parse_state_dict(*read_safetensors(with_lora_config(tmp_path, config))).modules["unet"][name]
+    assert (module.alpha, module.use_rslora) == (8.0, True)
+
+
+def random_lora_config(rng: random.Random) -> dict:
+    """A LoraConfig header with one to three fields of random type, shape and nesting."""
+    values = [None, True, False, 0, -1, 4, 8.5, 1e300, float("nan"), "8", "false", "", [], [8], {}, {"to_q": 4},
+              {"to_q": "4"}, {"(a+)+$": 2}, {"^x.y": 1}, [[[[1]]]], {"to_q": {"to_k": 1}}]  # fmt: skip
+    fields = ["r", "lora_alpha", "use_rslora", "use_dora", "alpha_pattern", "rank_pattern", "target_modules"]
+    prefix = rng.choice(["unet.", "text_encoder.", "", "vae."])
+    return {prefix + rng.choice(fields): rng.choice(values) for _ in range(rng.randint(1, 3))}
+
+
+def test_load_dora_weights_fuzzed_headers_fail_cleanly(tmp_path) -> None:
+    """200 random headers through load_dora_weights: it loads, or raises AdapterFileError; in bounded time and
+    memory; a failed load leaves the pipeline's weights and modules exactly as they were."""
+    pipe = build_tiny_sdxl_pipeline()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    modules = {n: id(m) for n, m in pipe.unet.named_modules()}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rng = random.Random(0)
+    outcomes = {"ok": 0, "error": 0}
+    for i in range(200):
+        path = with_lora_config(tmp_path, random_lora_config(rng), f"{i}.safetensors")
+        start = time.perf_counter()
+        try:
+            pipe.load_dora_weights(path, adapter_name="fuzz")
+            outcomes["ok"] += 1
+            pipe.unload_dora_weights()
+        except AdapterFileError:
+            outcomes["error"] += 1
+            assert pipe.get_dora_adapters() == []
+            assert {n: id(m) for n, m in pipe.unet.named_modules()} == modules
+        assert time.perf_counter() - start < 2.0
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024 < 200
+    assert outcomes["ok"] > 20 and outcomes["error"] > 50, outcomes
+
+
+@pytest.mark.parametrize("key", ["unet.x." + "a" * 100_000 + ".lora_C.weight", "lora_unet_" + "b" * 100_000 + ".lora_q.weight",
+                                 "x\x1b[2J" * 20_000])  # fmt: skip
+def test_errors_quote_file_keys_short_and_escaped(tmp_path, key) -> None:
+    """A 100k-character or terminal-escaping key is quoted escaped and cut, not copied into the message."""
+    path = tmp_path / "long.safetensors"
+    path.write_bytes(save({key: torch.zeros(2)}))
+    with pytest.raises(AdapterFileError) as err:
+        read_and_parse(path)
+    assert len(str(err.value)) < 1000 and "\x1b" not in str(err.value)

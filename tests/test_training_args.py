@@ -66,6 +66,13 @@ def test_mixed_precision_default(monkeypatch):
         (["--dropout", "1.0"], "--dropout must be in [0, 1)"),
         (["--with_prior_preservation"], "--with_prior_preservation needs --class_prompt and --class_data_dir"),
         (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "contradict each other"),
+        (["--alpha", "nan"], "--alpha must be a finite number, got nan"),
+        (["--learning_rate", "inf"], "--learning_rate must be a finite number, got inf"),
+        (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number"),
+        (["--learning_rate", "0"], "--learning_rate must be positive"),
+        (["--unet_targets", "re:("], "--unet_targets re:( is not a valid regular expression"),
+        (["--text_encoder_targets", "re:[a"], "--text_encoder_targets re:[a is not a valid regular expression"),
+        (["--unet_targets", " , "], "--unet_targets is an empty target list"),
     ],
 )
 def test_bad_flags_name_the_flag(argv, message, capsys):

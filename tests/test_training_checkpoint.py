@@ -17,7 +17,15 @@ from dora_diffusion.training.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from dora_diffusion.training.rundir import OutputDirError, check_output_dir, clear_run
+from dora_diffusion.training.rundir import (
+    MANIFEST_FILE,
+    OutputDirError,
+    RunFiles,
+    check_output_dir,
+    remove_leftovers,
+    with_resolved_paths,
+)
+from dora_diffusion.training.steplog import LOG_FILE, StepLog, read_step_log
 
 
 def _setup(seed=0):
@@ -103,7 +111,7 @@ def test_total_limit_and_overwriting_a_step(tmp_path):
 def test_resolve_resume(tmp_path):
     assert resolve_resume(tmp_path, None) is None
     assert resolve_resume(tmp_path, "latest") is None  # nothing yet: a fresh start
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint"):
         resolve_resume(tmp_path, "checkpoint-7")
     model, named, opt, sched = _setup()
     save_checkpoint(tmp_path, _state(7), named, opt, sched)
@@ -122,13 +130,28 @@ def test_mismatching_checkpoint_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- output folder
 SETTINGS = {"pretrained_model_name_or_path": "m", "dataset": "d", "adapter": "dora", "rank": 8, "alpha": 8.0}
+USER_FILES = {"README.md": "my notes", "notes.txt": "mine", "validation/mine.png": "png", "logs/mine.txt": "log",
+              "mine_kohya.safetensors": "kohya"}  # fmt: skip
 
 
 def _old_run(folder, **changes):
-    folder.mkdir()
+    """A finished run of ours: settings, a checkpoint and weights, recorded in the manifest."""
+    files = RunFiles(folder)
+    for name in ("training_args.json", "checkpoint-5", "pytorch_lora_weights.safetensors"):
+        files.claim(name)
     (folder / "training_args.json").write_text(json.dumps({**SETTINGS, **changes}))
     (folder / "checkpoint-5").mkdir()
     (folder / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+
+
+def _user_files(folder):
+    for rel, text in USER_FILES.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+
+
+def _assert_user_files(folder):
+    assert {rel: (folder / rel).read_text() for rel in USER_FILES} == USER_FILES
 
 
 def test_output_dir_rules(tmp_path):
@@ -143,11 +166,165 @@ def test_output_dir_rules(tmp_path):
     check_output_dir(tmp_path / "same", SETTINGS, resuming=True, overwrite=False)
 
     _old_run(tmp_path / "other", rank=4)
-    with pytest.raises(OutputDirError, match=r"a run with different settings \(rank: 4 -> 8\)"):
-        check_output_dir(tmp_path / "other", SETTINGS, resuming=False, overwrite=False)
-    with pytest.raises(OutputDirError, match=r"cannot resume .*rank: 4 -> 8"):
-        check_output_dir(tmp_path / "other", SETTINGS, resuming=True, overwrite=False)
-    check_output_dir(tmp_path / "other", SETTINGS, resuming=False, overwrite=True)
+    for resuming, match in ((False, r"a run with different settings \(rank: 4 -> 8\)"), (True, r"cannot resume .*rank: 4 -> 8")):
+        with pytest.raises(OutputDirError, match=match) as err:
+            check_output_dir(tmp_path / "other", SETTINGS, resuming=resuming, overwrite=False)
+        assert "overwrite" not in str(err.value)  # never advise deleting the checkpoints over a settings mismatch
+    files = check_output_dir(tmp_path / "other", SETTINGS, resuming=False, overwrite=True)
     (tmp_path / "other" / "notes.txt").write_text("kept")
-    clear_run(tmp_path / "other")
+    assert sorted(files.clear()) == ["checkpoint-5", "pytorch_lora_weights.safetensors", "training_args.json"]
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("resuming, overwrite", [(False, False), (True, False), (False, True)])
+def test_user_files_survive_every_flag_combination(tmp_path, resuming, overwrite):
+    """A folder holding the user's files named like a run's (README.md, validation/, logs/, *_kohya.safetensors):
+    checking, clearing and writing what a run writes leave every one of them as it was."""
+    folder = tmp_path / "out"
+    _user_files(folder)
+    files = check_output_dir(folder, SETTINGS, resuming, overwrite, outputs=["validation/step-2"])
+    if overwrite:
+        assert files.clear() == []
+    written = ["training_args.json", "training_log.jsonl", "checkpoint-2/a", "validation/step-2/00.png", "logs/dora-dreambooth/ev"]
+    for rel in written:  # what a run writes, each claimed first as the training loop does
+        files.claim(rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text("ours")
+    with pytest.raises(OutputDirError, match=r"README\.md exists and was not written by a dora-diffusion run"):
+        files.claim("README.md")
+    assert files.conflicts(["README.md", "model_card.md", "mine_kohya.safetensors"]) == ["README.md", "mine_kohya.safetensors"]
+    again = check_output_dir(folder, SETTINGS, resuming=False, overwrite=True)
+    assert sorted(again.clear()) == ["checkpoint-2", "logs/dora-dreambooth", "training_args.json", "training_log.jsonl",
+                                     "validation/step-2"]  # fmt: skip
+    _assert_user_files(folder)
+    assert not (folder / MANIFEST_FILE).exists()
+
+
+def test_user_files_named_like_outputs_are_refused_before_anything_is_written(tmp_path):
+    folder = tmp_path / "out"
+    _user_files(folder)
+    (folder / "training_log.jsonl").write_text("my log")
+    with pytest.raises(OutputDirError, match=r"holds mine_kohya\.safetensors, training_log\.jsonl, which this run would write"):
+        check_output_dir(folder, SETTINGS, False, True, outputs=["mine_kohya.safetensors"])
+    _assert_user_files(folder)
+    assert not (folder / MANIFEST_FILE).exists()
+
+
+def test_a_run_without_manifest_is_never_deleted(tmp_path):
+    """Checkpoints and weights with no manifest (an older version's run, or somebody else's files): --overwrite_output_dir
+    refuses instead of guessing; resuming adopts an older run's files only if it has settings and a checkpoint."""
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"someone else's adapter")
+    with pytest.raises(OutputDirError, match="no run_files.json .* deletes nothing"):
+        check_output_dir(folder, SETTINGS, resuming=False, overwrite=True)
+    with pytest.raises(OutputDirError, match=r"holds pytorch_lora_weights\.safetensors, which this run would write"):
+        check_output_dir(folder, SETTINGS, resuming=True, overwrite=False)
+    model, named, opt, sched = _setup()
+    save_checkpoint(folder, _state(3), named, opt, sched)
+    (folder / "training_args.json").write_text(json.dumps(SETTINGS))
+    files = check_output_dir(folder, SETTINGS, resuming=True, overwrite=False)
+    assert sorted(files.entries) == ["checkpoint-3", "pytorch_lora_weights.safetensors", "training_args.json"]
+    assert (folder / "pytorch_lora_weights.safetensors").read_bytes() == b"someone else's adapter"
+
+
+def test_manifest_is_checked_and_clear_never_follows_links(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "a.txt").write_text("keep")
+    (tmp_path / "precious" / "step-2").mkdir()
+    files = RunFiles(folder)
+    files.claim("logs")
+    (folder / "logs").symlink_to(tmp_path / "precious")  # recorded as ours, then replaced by a link
+    (folder / "validation").symlink_to(tmp_path / "precious")  # the user's folder, a link
+    with pytest.raises(OutputDirError, match="validation/step-2 exists and was not written"):
+        files.claim("validation/step-2")  # exists through the link, not ours
+    files.entries.append("validation/step-2")  # as if recorded before the user made validation/ a link
+    assert files.clear() == ["logs"]
+    assert (tmp_path / "precious" / "a.txt").read_text() == "keep" and (tmp_path / "precious" / "step-2").is_dir()
+    for entry in ("../precious", "/etc", "a/../../b", "", 5):
+        (folder / MANIFEST_FILE).write_text(json.dumps({"files": [entry]}))
+        with pytest.raises(OutputDirError, match="run_files.json is damaged"):
+            RunFiles(folder)
+    assert (tmp_path / "precious" / "a.txt").read_text() == "keep"
+
+
+def test_settings_compare_paths_by_what_they_point_at(tmp_path, monkeypatch):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    absolute = {**SETTINGS, "pretrained_model_name_or_path": str(tmp_path / "model"), "dataset": str(tmp_path / "data") + "/"}
+    folder = tmp_path / "out"
+    _old_run(folder)
+    (folder / "training_args.json").write_text(json.dumps(with_resolved_paths(absolute)))
+    relative = {**SETTINGS, "pretrained_model_name_or_path": "model", "dataset": "./data"}
+    check_output_dir(folder, relative, resuming=True, overwrite=False)
+    monkeypatch.chdir(folder)  # the recorded absolute form wins over the relative spelling of the new cwd
+    check_output_dir(folder, absolute, resuming=True, overwrite=False)
+    with pytest.raises(OutputDirError, match="pretrained_model_name_or_path: .* -> 'other/model'"):
+        check_output_dir(folder, {**absolute, "pretrained_model_name_or_path": "other/model"}, resuming=True, overwrite=False)
+
+
+def test_total_limit_prunes_only_checkpoints_of_this_run(tmp_path):
+    model, named, opt, sched = _setup()
+    save_checkpoint(tmp_path, _state(1), named, opt, sched)  # not ours
+    files = RunFiles(tmp_path)
+    for step in (2, 3, 4):
+        files.claim(f"checkpoint-{step}")
+        save_checkpoint(tmp_path, _state(step), named, opt, sched, total_limit=2, owned=lambda c: files.owns(c.name))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-3", "checkpoint-4"]
+
+
+# ---------------------------------------------------------------- damaged checkpoints and logs
+def _damage(path, how):
+    if how == "truncated tensors":
+        data = (path / "adapter_state.safetensors").read_bytes()
+        (path / "adapter_state.safetensors").write_bytes(data[: len(data) // 2])
+    elif how == "corrupt optimizer":
+        data = bytearray((path / "optimizer.pt").read_bytes())
+        data[len(data) // 3] ^= 0xFF
+        (path / "optimizer.pt").write_bytes(bytes(data))
+    elif how == "missing scheduler":
+        (path / "lr_scheduler.pt").unlink()
+    else:  # a state with a negative step, or half-written
+        text = json.dumps({**json.loads((path / ckpt.STATE_FILE).read_text()), "global_step": -5})
+        (path / ckpt.STATE_FILE).write_text(text if how == "negative step" else text[:20])
+
+
+@pytest.mark.parametrize("how", ["truncated tensors", "corrupt optimizer", "missing scheduler", "negative step", "half-written state"])
+def test_latest_falls_back_past_a_damaged_checkpoint(tmp_path, how, caplog):
+    model, named, opt, sched = _setup()
+    for step in (1, 2):
+        save_checkpoint(tmp_path, _state(step), named, opt, sched)
+    _damage(tmp_path / "checkpoint-2", how)
+    assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-1"
+    assert "skipping damaged checkpoint" in caplog.text and "checkpoint-2" in caplog.text
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint-2 is damaged"):
+        resolve_resume(tmp_path, "checkpoint-2")
+    _damage(tmp_path / "checkpoint-1", how)
+    assert resolve_resume(tmp_path, "latest") is None  # nothing intact: a fresh start, not a traceback
+
+
+def test_negative_step_is_refused_on_load(tmp_path):
+    model, named, opt, sched = _setup()
+    path = save_checkpoint(tmp_path, _state(2), named, opt, sched)
+    _damage(path, "negative step")
+    with pytest.raises(ckpt.CheckpointError, match="global_step = -5; expected an integer >= 0"):
+        load_checkpoint(path, named, opt, sched)
+
+
+def test_half_written_last_log_line_is_tolerated(tmp_path):
+    rows = [{"step": s, "loss": 0.5, "lr": 1e-4} for s in (1, 2, 3)]
+    (tmp_path / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
+    assert read_step_log(tmp_path) == rows
+    StepLog(tmp_path, start_step=2).write(3, 0.25, 1e-4)
+    assert [r["step"] for r in read_step_log(tmp_path)] == [1, 2, 3]
+
+
+def test_leftover_temporaries_of_our_atomic_writes_are_removed(tmp_path):
+    ours = [".pytorch_lora_weights.safetensors.k2j4_8zq.tmp", ".training_args.json.0a1b2c3d.tmp", ".run_files.json.abcdefgh.tmp"]
+    theirs = [".notes.abcdefgh.tmp", ".mine.safetensors.abcdefgh.tmp", "x.tmp"]
+    for name in ours + theirs:
+        (tmp_path / name).write_text("")
+    remove_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)

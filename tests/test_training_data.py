@@ -241,3 +241,13 @@ def test_trigger_words():
     assert trigger_words(["<s0><s1> dog", "a <s0><s1> dog"]) == ["<s0><s1>"]
     assert trigger_words(["a dog", "a cat"]) == []
 
+
+
+def test_non_utf8_caption_is_a_dataset_error_naming_the_file(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (16, 16), (i * 80, 0, 0)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_bytes("a photo of TOK".encode() if i == 0 else "caf\xe9 TOK".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"caption .*1\.txt is not UTF-8 text .* save it as UTF-8"):
+        load_records(str(folder), "image", None, None, None, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import math
 import os
 import re
@@ -454,3 +455,39 @@ def test_two_processes(work):
     assert [r["step"] for r in read_step_log(out)] == [1, 2]  # one writer
     pipe = build_tiny_sdxl_pipeline(seed=0)
     pipe.load_dora_weights(out)
+
+
+# ---------------------------------------------------------------- the user's files in the output folder
+def test_users_files_survive_new_overwrite_and_resumed_runs(work):
+    """README.md, notes, validation/ and logs/ of the user's in --output_dir: a new run, an --overwrite_output_dir
+    run and a resumed run past a damaged checkpoint and a half-written log line leave them all as they were."""
+    out = work / "users"
+    mine = {"README.md": "# my project", "notes.txt": "keep", "validation/mine.png": "png", "logs/mine.txt": "log"}
+    for rel, text in mine.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    flags = [*VALIDATION, "--gradient_accumulation_steps", "1", "--checkpointing_steps", "1", "--no_gradient_checkpointing"]
+    run(argv(work, "users", *flags, steps=2))
+    assert (out / "model_card.md").is_file() and (out / WEIGHTS).is_file()
+    run(argv(work, "users", *flags, "--overwrite_output_dir", steps=2))
+    manifest = json.loads((out / "run_files.json").read_text())["files"]
+    assert sorted(manifest) == sorted(["training_args.json", "training_log.jsonl", "checkpoint-1", "checkpoint-2",
+                                       "validation/step-2", WEIGHTS, "model_card.md"])  # fmt: skip
+    (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"PK\x03\x04 damaged")
+    with open(out / "training_log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    _, stdout = run(argv(work, "users", *flags, "--resume_from_checkpoint", "latest", steps=3))
+    assert "resumed from" in stdout and "checkpoint-1 at step 1" in stdout
+    assert [r["step"] for r in read_step_log(out)] == [1, 2, 3]
+    assert {rel: (out / rel).read_text() for rel in mine} == mine
+
+
+def test_nothing_is_written_when_loading_the_models_fails(work, monkeypatch):
+    """A run that fails before training (here: the models) leaves no training_args.json to block the corrected rerun."""
+    def broken(args):
+        raise OSError("no such model")
+
+    monkeypatch.setattr(training_loop, "load_components", broken)
+    with pytest.raises(OSError, match="no such model"):
+        main(argv(work, "early"))
+    assert not (work / "early").exists()

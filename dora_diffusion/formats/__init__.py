@@ -14,6 +14,7 @@ from .safefile import (
     check_tensors,
     read_safetensors,
     resolve_file,
+    shown,
     write_safetensors,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "read_safetensors",
     "resolve_file",
     "resolver_for",
+    "shown",
     "to_diffusers",
     "write_safetensors",
 ]
@@ -47,7 +49,7 @@ def detect_dialect(state_dict: dict[str, torch.Tensor]) -> str:
     if any(is_diffusers_key(k) for k in keys):
         return "diffusers"
     raise AdapterFileError(
-        f"unrecognised adapter keys, e.g. {keys[:3]}: neither diffusers/PEFT ('unet.….lora_A.weight') nor "
+        f"unrecognised adapter keys, e.g. {', '.join(shown(k) for k in keys[:3])}: neither diffusers/PEFT ('unet.….lora_A.weight') nor "
         "kohya/LyCORIS ('lora_unet_….lora_down.weight')"
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +12,8 @@ from ..layers import AdapterSpec
 from .safefile import AdapterFileError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+MAX_ALPHA = 1e6
+"""Largest |alpha| accepted from a file: far above any trained adapter's, far below fp32 overflow in the forward."""
 
 
 @dataclass
@@ -84,6 +87,8 @@ def build_module(
     rank = int(a.shape[0])
     if alpha is None:
         alpha = float(rank)
+    if not math.isfinite(alpha) or abs(alpha) > MAX_ALPHA:
+        raise AdapterFileError(f"adapter module {where!r} has alpha {alpha!r}; expected a finite number within +-{MAX_ALPHA:g}")
     if magnitude is not None:
         want = b.shape[0] if norm_axis == "out" else a.shape[1]
         if magnitude.numel() != want:

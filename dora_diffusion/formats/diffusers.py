@@ -9,9 +9,8 @@ from collections import Counter
 import torch
 
 from .base import COMPONENTS, ModuleAdapter, ParsedAdapter, build_module
-from .safefile import AdapterFileError
-
-METADATA_KEY = "lora_adapter_metadata"
+from .peft_config import METADATA_KEY, ComponentConfig, component_configs
+from .safefile import AdapterFileError, shown
 OWN_METADATA_KEY = "dora_diffusion"
 
 # (key suffix, role): role A = down, B = up, M = magnitude, alpha = scalar alpha.
@@ -59,40 +58,6 @@ def split_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
-def _component_configs(metadata: dict[str, str]) -> dict[str, dict]:
-    """Per-component LoraConfig dicts from the ``lora_adapter_metadata`` header, if present."""
-    raw = metadata.get(METADATA_KEY)
-    if not raw:
-        return {}
-    try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise AdapterFileError(f"header {METADATA_KEY!r} is not valid JSON: {err}") from None
-    if not isinstance(flat, dict):
-        raise AdapterFileError(f"header {METADATA_KEY!r} is not a JSON object")
-    configs: dict[str, dict] = {}
-    for key, value in flat.items():
-        comp, _, field = key.partition(".")
-        if comp in COMPONENTS and field:
-            configs.setdefault(comp, {})[field] = value
-        else:
-            configs.setdefault("*", {})[key] = value
-    return configs
-
-
-def _pattern_value(patterns: dict, name: str):
-    """PEFT's rank/alpha pattern lookup: exact name, else a key matching a dotted suffix of ``name``."""
-    if name in patterns:
-        return patterns[name]
-    for key, value in patterns.items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return value
-        except re.error:
-            continue
-    return None
-
-
 def parse_diffusers(state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> ParsedAdapter:
     """Read a diffusers/PEFT state dict; unknown keys are an error naming them."""
     groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
@@ -106,22 +71,26 @@ def parse_diffusers(state_dict: dict[str, torch.Tensor], metadata: dict[str, str
         comp, module, role = parts
         slot = groups.setdefault((comp, module), {})
         if role in slot:
-            raise AdapterFileError(f"adapter module {comp}.{module} has two {role} tensors (e.g. {key!r})")
+            raise AdapterFileError(f"adapter module {comp}.{module} has two {role} tensors (e.g. {shown(key)})")
         slot[role] = tensor
         keys.setdefault((comp, module), []).append(key)
     if unknown:
         raise AdapterFileError(
-            f"{len(unknown)} adapter keys have no known suffix, e.g. {unknown[:3]}; expected "
+            f"{len(unknown)} adapter keys have no known suffix, e.g. {', '.join(shown(k) for k in unknown[:3])}; expected "
             "'.lora_A.weight'/'.lora_B.weight', '.lora.down/up.weight', '.lora_linear_layer.down/up.weight' or "
             "'.lora_magnitude_vector'"
         )
-    configs = _component_configs(metadata)
+    configs = component_configs(metadata)
+    default = configs.get("*", ComponentConfig("", {}))
     parsed = ParsedAdapter("diffusers", metadata=metadata, source_keys=keys)
     for (comp, module), slot in groups.items():
-        cfg = configs.get(comp, configs.get("*", {}))
-        alpha = slot["alpha"].item() if "alpha" in slot else _pattern_value(cfg.get("alpha_pattern") or {}, module)
-        if alpha is None:
-            alpha = cfg.get("lora_alpha")
+        cfg = configs.get(comp, default)
+        if "alpha" in slot:
+            if slot["alpha"].numel() != 1:
+                raise AdapterFileError(f"adapter module {comp}.{module}: alpha has shape {tuple(slot['alpha'].shape)}; expected a single number")
+            alpha = slot["alpha"].item()
+        else:
+            alpha = cfg.alpha_for(module)
         parsed.modules.setdefault(comp, {})[module] = build_module(
             f"{comp}.{module}",
             slot.get("A"),
@@ -129,7 +98,7 @@ def parse_diffusers(state_dict: dict[str, torch.Tensor], metadata: dict[str, str
             slot.get("M"),
             alpha,
             "out",
-            bool(cfg.get("use_rslora", False)),
+            cfg.use_rslora,
         )
     return parsed
 

@@ -26,7 +26,7 @@ import torch
 
 from .base import ModuleAdapter, ParsedAdapter, build_module
 from .diffusers import OWN_METADATA_KEY, _most_common
-from .safefile import AdapterFileError
+from .safefile import AdapterFileError, shown
 
 PREFIXES: dict[str, str] = {
     "lora_unet_": "unet",
@@ -247,13 +247,13 @@ def _split_key(key: str) -> tuple[str, str, str, str]:
     prefix = key_prefix(key)
     lora_name, dot, param = key.partition(".")
     if prefix is None or not dot or len(lora_name) == len(prefix):
-        raise AdapterFileError(f"adapter key {key!r} is not a kohya/LyCORIS key ('lora_unet_<module>.<param>')")
+        raise AdapterFileError(f"adapter key {shown(key)} is not a kohya/LyCORIS key ('lora_unet_<module>.<param>')")
     role = _PARAMS.get(param)
     if role is None:
         kind = next((label for start, label in _UNSUPPORTED if param.startswith(start)), None)
         what = f"{kind} modules are" if kind else f"the key suffix {param!r} is"
         raise AdapterFileError(
-            f"adapter key {key!r}: {what} not supported. dora-diffusion reads LoRA/LoCon and DoRA modules "
+            f"adapter key {shown(key)}: {what} not supported. dora-diffusion reads LoRA/LoCon and DoRA modules "
             f"({', '.join('.' + p for p in _PARAMS)}); nothing was loaded"
         )
     return PREFIXES[prefix], lora_name[len(prefix) :], role, lora_name
@@ -310,7 +310,7 @@ def parse_kohya(state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -
         comp, module, role, lora_name = _split_key(key)
         slot = groups.setdefault((comp, module), {})
         if role in slot:
-            raise AdapterFileError(f"adapter module {comp}.{module} has two {role} tensors (e.g. {key!r})")
+            raise AdapterFileError(f"adapter module {comp}.{module} has two {role} tensors (e.g. {shown(key)})")
         slot[role] = tensor
         keys.setdefault((comp, module), []).append(key)
         where.setdefault((comp, module), lora_name)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import socket
+import stat
 import struct
-import tempfile
+import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -29,6 +33,12 @@ class AdapterFileError(ValueError):
     """An adapter file or state dict that cannot be used; the message says why."""
 
 
+def shown(value: object, limit: int = 100) -> str:
+    """``repr(value)`` cut to ``limit`` characters: how error messages quote what a file holds."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def refuse_pickle(path: Path) -> None:
     """Raise for pickle-based checkpoints, which can run code when loaded."""
     raise AdapterFileError(
@@ -38,47 +48,98 @@ def refuse_pickle(path: Path) -> None:
     )
 
 
-def _check_header(path: Path, data: bytes) -> dict:
-    """Parse and validate the safetensors header: sizes, offsets and dtypes must fit the file."""
-    if len(data) < 8:
-        raise AdapterFileError(f"{path} is truncated or empty ({len(data)} bytes); not a safetensors file")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER_BYTES or 8 + n > len(data):
-        if data[:2] == b"PK" or data[:1] == b"\x80":
+def _header_length(path: Path, first: bytes, file_size: int) -> int:
+    """The header length the first 8 bytes declare, checked against ``file_size``; refuses pickles."""
+    if len(first) < 8:
+        raise AdapterFileError(f"{path} is truncated or empty ({file_size} bytes); not a safetensors file")
+    (n,) = struct.unpack("<Q", first)
+    if n > MAX_HEADER_BYTES or 8 + n > file_size:
+        if first[:2] == b"PK" or first[:1] == b"\x80":
             refuse_pickle(path)
         raise AdapterFileError(f"{path} is truncated or not a safetensors file (header claims {n} bytes)")
+    return n
+
+
+def _check_header(path: Path, raw: bytes, body: int) -> dict:
+    """Parse and validate the safetensors header: sizes, offsets and dtypes must fit ``body`` data bytes."""
     try:
-        header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        header = json.loads(raw)
+    except ValueError as err:  # UnicodeDecodeError, JSONDecodeError, an integer of more than 4300 digits
         raise AdapterFileError(f"{path} has a corrupt safetensors header: {err}") from None
+    except RecursionError:
+        raise AdapterFileError(f"{path} has a corrupt safetensors header (nested too deeply)") from None
     if not isinstance(header, dict):
         raise AdapterFileError(f"{path} has a corrupt safetensors header (not a JSON object)")
-    body = len(data) - 8 - n
     for key, info in header.items():
         if key == "__metadata__":
             continue
         try:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
             numel = math.prod(int(s) for s in shape)
+            start, end = int(start), int(end)
         except (KeyError, TypeError, ValueError):
-            raise AdapterFileError(f"{path}: tensor {key!r} has a malformed header entry") from None
+            raise AdapterFileError(f"{path}: tensor {shown(key)} has a malformed header entry") from None
         if dtype not in _DTYPE_BYTES:
-            raise AdapterFileError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
+            name = dtype if isinstance(dtype, str) and dtype.isalnum() and len(dtype) < 20 else shown(dtype)
+            raise AdapterFileError(f"{path}: tensor {shown(key)} has unsupported dtype {name}")
         if any(int(s) < 0 for s in shape) or not (0 <= start <= end <= body) or end - start != numel * _DTYPE_BYTES[dtype]:
             raise AdapterFileError(
-                f"{path}: tensor {key!r} claims shape {shape} ({dtype}) but its data does not fit the file "
+                f"{path}: tensor {shown(key)} claims shape {shown(shape)} ({dtype}) but its data does not fit the file "
                 "(truncated or corrupt file)"
             )
     return header
 
 
+def _data_end(header: dict) -> int:
+    """Bytes of tensor data the header accounts for (the end of its last tensor)."""
+    return max((int(info["data_offsets"][1]) for key, info in header.items() if key != "__metadata__"), default=0)
+
+
+def _open_regular(path: Path) -> tuple[int, int]:
+    """Open ``path`` for reading without blocking; returns (fd, size). Refuses FIFOs, devices and folders."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except IsADirectoryError:
+        raise AdapterFileError(f"{path} is a directory, not a safetensors file") from None
+    except OSError as err:
+        if err.errno != errno.ENXIO:  # ENXIO: a socket
+            raise
+        raise AdapterFileError(f"{path} is not a regular file (a socket); an adapter must be a regular .safetensors file") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"
+        raise AdapterFileError(f"{path} is {kind}; an adapter must be a regular .safetensors file")
+    return fd, st.st_size
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load ``path`` into (state_dict, header metadata) after validating it; refuses pickle files."""
+    """Load ``path`` into (state_dict, header metadata) after validating it; refuses pickle files.
+
+    Only regular files are read, and only as many bytes as the validated header accounts for: a file
+    with more data after its last tensor is refused before its data is read.
+    """
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         refuse_pickle(path)
-    data = path.read_bytes()
-    header = _check_header(path, data)
+    fd, size = _open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        n = _header_length(path, f.read(8), size)
+        body = size - 8 - n
+        header = _check_header(path, f.read(n), body)
+        end = _data_end(header)
+        if end != body:
+            raise AdapterFileError(
+                f"{path} holds {body - end} bytes after its last tensor that the header does not account for "
+                "(corrupt or not a safetensors file)"
+            )
+        f.seek(0)
+        try:
+            data = f.read(8 + n + end)
+        except MemoryError:
+            raise AdapterFileError(f"{path} holds {end / 2**30:.1f} GiB of tensors, more than this machine can load") from None
+    if len(data) != 8 + n + end:
+        raise AdapterFileError(f"{path} is truncated (it changed while being read)")
     try:
         state_dict = load_bytes(data)
     except SafetensorError as err:
@@ -95,29 +156,33 @@ def check_tensors(state_dict: dict[str, torch.Tensor]) -> None:
         raise AdapterFileError("the adapter holds no tensors")
     for key, t in state_dict.items():
         if not isinstance(t, torch.Tensor):
-            raise AdapterFileError(f"adapter key {key!r} holds a {type(t).__name__}, not a tensor")
+            raise AdapterFileError(f"adapter key {shown(key)} holds a {type(t).__name__}, not a tensor")
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise AdapterFileError(
-                f"adapter key {key!r} has dtype {t.dtype}; adapter tensors must be fp16, bf16, fp32 or fp64"
+                f"adapter key {shown(key)} has dtype {t.dtype}; adapter tensors must be fp16, bf16, fp32 or fp64"
             )
         if not torch.isfinite(t).all():
-            raise AdapterFileError(f"adapter key {key!r} contains NaN or inf values; the file is broken")
+            raise AdapterFileError(f"adapter key {shown(key)} contains NaN or inf values; the file is broken")
 
 
 def write_safetensors(
     state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write atomically: a crash mid-write never leaves a half-written file at ``path``."""
+    """Write atomically: a crash mid-write never leaves a half-written file at ``path``.
+
+    The data goes to ``.<name>.<random>.tmp`` beside it first (created with the usual permissions, as
+    ``open`` would), then is renamed over ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "xb") as f:  # not safetensors' save_file, which creates the file with mode 0600
+            f.write(save_bytes(tensors, metadata=metadata))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -125,49 +190,94 @@ def write_safetensors(
 def resolve_file(
     source: str | os.PathLike, weight_name: str | None = None, **hub_kwargs
 ) -> Path:
-    """Find the adapter file for a path, a directory or a Hugging Face Hub repo id."""
+    """Find the adapter file for a path, a directory or a Hugging Face Hub repo id.
+
+    In a directory only regular files (or links to them) count; FIFOs, devices and folders named
+    ``*.safetensors`` are named in the error instead of being opened.
+    """
     path = Path(source)
     if path.is_file():
         return path
     if path.is_dir():
         if weight_name is not None:
-            if not (path / weight_name).is_file():
+            chosen = path / weight_name
+            if not chosen.exists():
                 raise AdapterFileError(f"{path} has no file {weight_name!r}")
-            return path / weight_name
+            if not chosen.is_file():
+                raise AdapterFileError(f"{chosen} is not a regular file; an adapter must be a .safetensors file")
+            return chosen
         if (path / DEFAULT_WEIGHT_NAME).is_file():
             return path / DEFAULT_WEIGHT_NAME
-        found = sorted(p for p in path.iterdir() if p.suffix == ".safetensors")
+        entries = sorted(path.iterdir())
+        named = [p for p in entries if p.suffix == ".safetensors"]
+        found = [p for p in named if p.is_file()]
         if len(found) == 1:
             return found[0]
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        pickles = sorted(p.name for p in entries if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
         if not found and pickles:
             refuse_pickle(path / pickles[0])
         if not found:
-            raise AdapterFileError(f"{path} holds no .safetensors adapter file")
+            skipped = [p.name for p in named]
+            raise AdapterFileError(
+                f"{path} holds no .safetensors adapter file"
+                + (f" ({', '.join(skipped[:3])} {'is' if len(skipped) == 1 else 'are'} not a regular file)" if skipped else "")
+            )
         raise AdapterFileError(
             f"{path} holds several .safetensors files ({', '.join(p.name for p in found)}); pass weight_name="
         )
+    if path.exists():
+        raise AdapterFileError(f"{path} is not a regular file or directory (a FIFO, socket or device)")
     return _download(str(source), weight_name, **hub_kwargs)
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub certainly cannot be reached (offline mode, its host name does not resolve), or None.
+
+    Checked before asking the Hub, whose client retries a dead network for about 25 s.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # the proxy resolves names
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as err:
+        return f"{host} cannot be resolved ({err})"
+    return None
 
 
 def _download(repo_id: str, weight_name: str | None, **hub_kwargs) -> Path:
     """Fetch an adapter file from the Hugging Face Hub (the path for users; unreachable in tests)."""
+    missing = f"{repo_id!r} is not an existing file or directory"
     if repo_id.count("/") != 1 or os.path.sep in repo_id.split("/")[0] or repo_id.startswith((".", "/", "~")):
-        raise AdapterFileError(f"{repo_id!r} is not an existing file or directory, nor a Hub repo id 'owner/name'")
+        raise AdapterFileError(f"{missing}, nor a Hub repo id 'owner/name'")
+    if Path(repo_id).suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):  # a file name, not a repo id
+        raise AdapterFileError(f"{missing} (no such file here)")
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise AdapterFileError(f"{missing} here, and the Hugging Face Hub cannot be reached to look it up as a repo id: {unreachable}")
     from huggingface_hub import hf_hub_download, list_repo_files
 
-    if weight_name is None:
-        hub_list_kwargs = {k: v for k, v in hub_kwargs.items() if k in ("revision", "token", "repo_type")}
-        files = list_repo_files(repo_id, **hub_list_kwargs)
-        safes = [f for f in files if f.endswith(".safetensors")]
-        if DEFAULT_WEIGHT_NAME in safes:
-            weight_name = DEFAULT_WEIGHT_NAME
-        elif len(safes) == 1:
-            weight_name = safes[0]
-        elif not safes:
-            raise AdapterFileError(f"Hub repo {repo_id!r} has no .safetensors file (pickle files are refused)")
-        else:
-            raise AdapterFileError(f"Hub repo {repo_id!r} has several .safetensors files {safes}; pass weight_name=")
-    if Path(weight_name).suffix.lower() in PICKLE_SUFFIXES:
-        refuse_pickle(Path(weight_name))
-    return Path(hf_hub_download(repo_id, weight_name, **hub_kwargs))
+    try:
+        if weight_name is None:
+            hub_list_kwargs = {k: v for k, v in hub_kwargs.items() if k in ("revision", "token", "repo_type")}
+            files = list_repo_files(repo_id, **hub_list_kwargs)
+            safes = [f for f in files if f.endswith(".safetensors")]
+            if DEFAULT_WEIGHT_NAME in safes:
+                weight_name = DEFAULT_WEIGHT_NAME
+            elif len(safes) == 1:
+                weight_name = safes[0]
+            elif not safes:
+                raise AdapterFileError(f"Hub repo {repo_id!r} has no .safetensors file (pickle files are refused)")
+            else:
+                raise AdapterFileError(f"Hub repo {repo_id!r} has several .safetensors files {safes}; pass weight_name=")
+        if Path(weight_name).suffix.lower() in PICKLE_SUFFIXES:
+            refuse_pickle(Path(weight_name))
+        return Path(hf_hub_download(repo_id, weight_name, **hub_kwargs))
+    except AdapterFileError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the Hub client's errors (HTTP, network, missing repo) vary by version
+        raise AdapterFileError(f"{missing} here, and the Hub lookup of {repo_id!r} failed: {type(err).__name__}: {err}") from err

@@ -8,9 +8,9 @@ batch order), ``prior`` (class images), ``models`` (SDXL components, adapters), 
 """
 
 from .args import parse_args
-from .checkpoint import list_checkpoints
+from .checkpoint import CheckpointError, list_checkpoints
 from .data import DatasetError
 from .loop import TrainingError, main, train
 from .rundir import OutputDirError
 
-__all__ = ["DatasetError", "OutputDirError", "TrainingError", "list_checkpoints", "main", "parse_args", "train"]
+__all__ = ["CheckpointError", "DatasetError", "OutputDirError", "TrainingError", "list_checkpoints", "main", "parse_args", "train"]

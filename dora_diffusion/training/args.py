@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import re
 from pathlib import Path
@@ -163,7 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        check_args(args)
+        check_args(args, parser)
     except ValueError as err:
         parser.error(str(err))
     if args.max_train_steps is None and args.num_train_epochs is None:
@@ -180,8 +181,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Raise ``ValueError`` naming the first flag whose value cannot work."""
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> None:
+    """Raise ``ValueError`` naming the first flag whose value cannot work (before anything is loaded or written)."""
+    for action in (parser or build_parser())._actions:
+        value = getattr(args, action.dest, None)
+        if action.type is float and isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{action.option_strings[0]} must be a finite number, got {value}")
+    for name in ("learning_rate", "text_encoder_lr"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("unet_targets", "text_encoder_targets"):
+        targets = parse_targets(getattr(args, name), f"--{name}")
+        if isinstance(targets, str) and targets not in ("attn", "attn_ff", "all"):
+            try:
+                re.compile(targets)
+            except re.error as err:
+                raise ValueError(f"--{name} re:{targets} is not a valid regular expression: {err}") from None
     if args.resolution <= 0 or args.resolution % 8:
         raise ValueError(
             f"--resolution {args.resolution} is not a positive multiple of 8; SDXL's VAE downsamples by 8 "
@@ -257,16 +272,18 @@ def resolve_mixed_precision(requested: str | None, device_type: str) -> str:
     return "no"
 
 
-def parse_targets(value: str) -> str | list[str]:
+def parse_targets(value: str, flag: str = "targets") -> str | list[str]:
     """A ``--*_targets`` value as ``AdapterConfig.targets``: preset name, list of names, or regex."""
     value = value.strip()
     if value in ("attn", "attn_ff", "all"):
         return value
     if value.startswith("re:"):
+        if not value[3:]:
+            raise ValueError(f"{flag} re: needs a regular expression after 're:'")
         return value[3:]
     names = [v.strip() for v in value.split(",") if v.strip()]
     if not names:
-        raise ValueError("empty target list")
+        raise ValueError(f"{flag} is an empty target list")
     return names
 
 
@@ -283,6 +300,8 @@ RUN_KEYS = (
     "text_encoder_targets",
 )
 """Settings that define the adapter being trained: a checkpoint made with other values cannot be resumed."""
+PATH_KEYS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset")
+"""Settings that may be local paths: compared by what they point at, not as strings."""
 
 
 def run_settings(args: argparse.Namespace) -> dict:

@@ -13,16 +13,22 @@ random stream after a resume is the uninterrupted run's by construction.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import uuid
+import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
@@ -42,6 +48,10 @@ class TrainingState:
     seed: int
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names it and says why."""
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints in ``output_dir``, oldest (lowest step) first."""
     root = Path(output_dir)
@@ -55,21 +65,75 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def read_state(path: str | os.PathLike) -> TrainingState:
+    """The counters of the checkpoint ``path``, checked: integers, a non-negative step that matches the name."""
+    path = Path(path)
+    try:
+        data = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        state = TrainingState(**data)
+    except (OSError, ValueError, RecursionError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is unreadable ({err})") from None
+    for name, value in asdict(state).items():
+        low = 0 if name in ("global_step", "micro_batch", "seed") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or (value < low and name != "seed"):
+            raise CheckpointError(f"checkpoint {path}: {STATE_FILE} has {name} = {value!r}; expected an integer >= {low}")
+    m = CHECKPOINT_RE.match(path.name)
+    if m and int(m.group(1)) != state.global_step:
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} says global_step {state.global_step}, its name says {m.group(1)}")
+    return state
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why the checkpoint ``path`` cannot be resumed from (damaged, truncated, missing a file), or None.
+
+    Reads every file once without unpickling anything: the state, the adapter tensors, and the CRCs of
+    the optimizer and scheduler archives.
+    """
+    path = Path(path)
+    try:
+        read_state(path)
+        load_file(path / "adapter_state.safetensors")
+        for name in ("optimizer.pt", "lr_scheduler.pt"):
+            with zipfile.ZipFile(path / name) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                return f"{name} is corrupt ({bad})"
+    except CheckpointError as err:
+        return str(err).removeprefix(f"checkpoint {path}: ")
+    except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def resolve_resume(output_dir: str | os.PathLike, value: str | None) -> Path | None:
     """The checkpoint ``--resume_from_checkpoint`` names: ``latest`` (None if there is none yet) or a path
-    (absolute, or a name inside ``output_dir``)."""
+    (absolute, or a name inside ``output_dir``).
+
+    ``latest`` skips damaged checkpoints (with a warning) and takes the newest intact one; a named
+    checkpoint that is damaged is an error.
+    """
     if value is None:
         return None
     if value == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        for candidate in reversed(list_checkpoints(output_dir)):
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                return candidate
+            logger.warning("skipping damaged checkpoint %s (%s); trying the one before it", candidate, problem)
+        return None
     path = Path(value)
     for candidate in (path, Path(output_dir) / path):
         if candidate.is_dir():
             if not (candidate / STATE_FILE).is_file():
-                raise FileNotFoundError(f"--resume_from_checkpoint {value}: {candidate} is not a complete checkpoint")
+                raise CheckpointError(f"--resume_from_checkpoint {value}: {candidate} is not a complete checkpoint")
+            problem = checkpoint_problem(candidate)
+            if problem is not None:
+                raise CheckpointError(
+                    f"--resume_from_checkpoint {value}: {candidate} is damaged ({problem}); name an earlier "
+                    "checkpoint or pass --resume_from_checkpoint latest (which skips damaged ones)"
+                )
             return candidate
-    raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint (looked in {Path(output_dir)})")
+    raise CheckpointError(f"--resume_from_checkpoint {value}: no such checkpoint (looked in {Path(output_dir)})")
 
 
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> None:
@@ -95,10 +159,12 @@ def save_checkpoint(
     grad_scaler=None,
     write_weights=None,
     total_limit: int | None = None,
+    owned: Callable[[Path], bool] | None = None,
 ) -> Path:
     """Write ``checkpoint-<global_step>`` atomically; then keep only the newest ``total_limit`` checkpoints.
 
-    ``write_weights(directory)`` adds the loadable adapter file. Call on the main process only.
+    ``write_weights(directory)`` adds the loadable adapter file. ``owned(checkpoint)`` says which checkpoints
+    the pruning may delete (default: all). Call on the main process only.
     """
     root = Path(output_dir)
     final = root / f"checkpoint-{state.global_step}"
@@ -127,7 +193,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if total_limit is not None:
-        for stale in list_checkpoints(root)[:-total_limit]:
+        ours = [c for c in list_checkpoints(root) if owned is None or owned(c)]
+        for stale in ours[:-total_limit]:
             shutil.rmtree(stale, ignore_errors=True)
     return final
 
@@ -141,7 +208,7 @@ def load_checkpoint(
 ) -> TrainingState:
     """Restore parameters, optimizer, schedule and counters from ``path``; every process calls this."""
     path = Path(path)
-    state = TrainingState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+    state = read_state(path)
     saved = load_file(path / "adapter_state.safetensors")
     names = [n for n, _ in named_params]
     missing, unexpected = sorted(set(names) - set(saved)), sorted(set(saved) - set(names))

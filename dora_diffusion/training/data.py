@@ -144,7 +144,10 @@ def _from_folder(path: Path, instance_prompt: str | None) -> LoadedDataset:
             skipped.append(f.name)
             continue
         txt = f.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+        try:
+            caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+        except UnicodeDecodeError as err:
+            raise DatasetError(f"caption {txt} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
         records.append(Record(image, caption or instance_prompt or "", f.name))
     _check_readable(str(path), records, skipped)
     return LoadedDataset(records, source, None, skipped)

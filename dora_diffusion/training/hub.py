@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HUB_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".*", "logs/**"]
-"""Not uploaded: resumable checkpoints, hidden temporaries, tracker logs."""
+HUB_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".*", "logs/**", "run_files.json"]
+"""Not uploaded: resumable checkpoints, hidden temporaries, tracker logs, the manifest of the run's files."""
 
 
 def create_hub_repo(repo_id: str, token: str | None = None) -> str:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..extras import require
+from ..formats import DEFAULT_WEIGHT_NAME
 from ..inject import set_recompute
 from ..pipeline import save_adapter
 from .args import parse_args, run_settings
@@ -25,7 +26,6 @@ from .checkpoint import (
     TrainingState,
     list_checkpoints,
     load_checkpoint,
-    remove_stale_temporaries,
     resolve_resume,
     save_checkpoint,
 )
@@ -35,7 +35,7 @@ from .distributed import adapters_in_sync, average_gradients, broadcast_paramete
 from .encode import LatentSource, PromptSource
 from .hub import create_hub_repo, upload_run
 from .loss import denoising_loss, sample_noise, target_for
-from .model_card import model_card, write_model_card
+from .model_card import CARD_NAMES, model_card, write_model_card
 from .models import (
     ADAPTER_NAME,
     Components,
@@ -48,10 +48,10 @@ from .models import (
 )
 from .optim import build_lr_scheduler, build_optimizer, param_groups
 from .prior import existing_class_images, generate_class_images, load_class_records
-from .rundir import SETTINGS_FILE, check_output_dir, clear_run, write_json_atomic
-from .steplog import StepLog
+from .rundir import SETTINGS_FILE, check_output_dir, remove_leftovers, with_resolved_paths, write_json_atomic
+from .steplog import LOG_FILE, StepLog
 from .summary import summary
-from .validation import log_images, render, save_images, validation_pipeline
+from .validation import log_images, render, save_images, validation_folder, validation_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,26 @@ def _show_logs(main_process: bool) -> None:
 def _tracker_config(settings: dict) -> dict:
     """Tracker hyper-parameters: scalars only (tensorboard refuses None and lists)."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in settings.items()}
+
+
+def kohya_name(output_dir: Path) -> str:
+    """``<output folder name>_kohya.safetensors``, written by ``--export_kohya``."""
+    return f"{output_dir.resolve().name}_kohya.safetensors"
+
+
+def _inside(rel: str) -> bool:
+    """True if ``rel`` is a plain relative path (no ``..``), so it stays inside the output folder."""
+    return not Path(rel).is_absolute() and ".." not in Path(rel).parts and Path(rel).parts != ()
+
+
+def _outputs(args: argparse.Namespace, output_dir: Path) -> list[str]:
+    """Paths (relative to ``output_dir``) this run will write whose names are fixed in advance."""
+    outputs = [kohya_name(output_dir)] if args.export_kohya else []
+    if args.validation_prompt and (output_dir / "validation").is_dir():  # validation/step-N for the N that validate
+        every = args.validation_steps or args.max_train_steps
+        steps = {*range(every, args.max_train_steps + 1, every), args.max_train_steps}
+        outputs += [validation_folder(s) for s in sorted(steps)]
+    return outputs
 
 
 def micro_batch_loss(
@@ -154,21 +174,16 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
             args.dataset, args.image_column, args.caption_column, args.instance_prompt, args.dataset_config_name, args.cache_dir
         )
     triggers = trigger_words([r.caption for r in loaded.records])
-    resume_path = resolve_resume(output_dir, args.resume_from_checkpoint)
-    check_output_dir(output_dir, settings, args.resume_from_checkpoint is not None, args.overwrite_output_dir)
     num_items = len(loaded.records) * args.repeats
     per_epoch = -(-num_items // (args.train_batch_size * accelerator.num_processes))
     max_steps = args.max_train_steps or args.num_train_epochs * math.ceil(per_epoch / args.gradient_accumulation_steps)
     args.max_train_steps = settings["max_train_steps"] = max_steps
-    accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes to it
+    resume_path = resolve_resume(output_dir, args.resume_from_checkpoint)
+    run_files = check_output_dir(
+        output_dir, settings, args.resume_from_checkpoint is not None, args.overwrite_output_dir, _outputs(args, output_dir)
+    )
     if main_process:
-        if args.overwrite_output_dir:
-            clear_run(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(output_dir)
-        write_json_atomic(output_dir / SETTINGS_FILE, settings)
         print(summary(args, loaded, triggers, accelerator.num_processes, resume_path, per_epoch), flush=True)
-    accelerator.wait_for_everyone()
 
     # ---- models
     if args.allow_tf32 and torch.cuda.is_available():
@@ -252,6 +267,18 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     if accelerator.num_processes > 1:
         broadcast_parameters(params)
 
+    # ---- the output folder: nothing was written to it before this point
+    accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes to it
+    if main_process:
+        if args.overwrite_output_dir:
+            run_files.clear()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(output_dir)
+        write_json_atomic(run_files.claim(SETTINGS_FILE), with_resolved_paths(settings))
+        run_files.claim(LOG_FILE)
+        if args.report_to != "none" and _inside(args.logging_dir):
+            run_files.claim_if_new(Path(args.logging_dir).as_posix())
+    accelerator.wait_for_everyone()
     if args.report_to != "none" and main_process:
         accelerator.init_trackers("dora-dreambooth", config=_tracker_config(settings))
 
@@ -259,6 +286,8 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
         meta = {"base_model": args.pretrained_model_name_or_path, "trigger_words": triggers, "training": {
             k: settings[k] for k in ("adapter", "rank", "alpha", "resolution", "max_train_steps", "unet_targets",
                                       "train_text_encoder", "text_encoder_targets", "seed")}}  # fmt: skip
+        if directory == output_dir:
+            run_files.claim(weight_name or DEFAULT_WEIGHT_NAME)
         return save_adapter(models, directory, ADAPTER_NAME, weight_name=weight_name, format=format, metadata=meta)
 
     validated: dict[int, list[Path]] = {}
@@ -273,6 +302,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
                     pipe, args.validation_prompt, args.num_validation_images, args.seed, args.resolution,
                     args.validation_inference_steps, args.validation_guidance_scale, autocast,
                 )  # fmt: skip
+            run_files.claim(validation_folder(step))
             validated[step] = save_images(images, output_dir, step)
             log_images(accelerator.trackers, images, args.validation_prompt, step)
         accelerator.wait_for_everyone()
@@ -334,9 +364,10 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
                 state = TrainingState(
                     global_step, micro, accelerator.num_processes, args.train_batch_size, ga, args.seed
                 )
+                run_files.claim(f"checkpoint-{global_step}")
                 save_checkpoint(
                     output_dir, state, named, optimizer, lr_scheduler, accelerator.scaler, write_weights,
-                    args.checkpoints_total_limit,
+                    args.checkpoints_total_limit, lambda c: run_files.owns(c.name),
                 )  # fmt: skip
             accelerator.wait_for_everyone()
         if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
@@ -350,7 +381,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     if main_process:
         write_weights(output_dir)
         if args.export_kohya:
-            write_weights(output_dir, f"{output_dir.resolve().name}_kohya.safetensors", "kohya")
+            write_weights(output_dir, kohya_name(output_dir), "kohya")
     if args.validation_prompt and max_steps not in validated:
         validate(max_steps)
     if main_process:
@@ -358,7 +389,13 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
         if args.push_to_hub:
             repo_id = create_hub_repo(args.hub_model_id or output_dir.name, args.hub_token)
         images = [str(p.relative_to(output_dir).as_posix()) for p in validated.get(max_steps, [])]
-        write_model_card(output_dir, model_card(settings, repo_id, triggers, images, str(counted)))
+        card = next((n for n in CARD_NAMES if not run_files.conflicts([n])), None)
+        if card is None:
+            logger.warning("%s: README.md and model_card.md are not this run's; no model card was written", output_dir)
+        else:
+            if card != CARD_NAMES[0]:
+                logger.warning("%s/README.md was not written by a run, so it is kept; the model card is %s", output_dir, card)
+            write_model_card(run_files.claim(card), model_card(settings, repo_id, triggers, images, str(counted)))
         if args.push_to_hub:
             upload_run(output_dir, repo_id, args.hub_token)
             print(f"uploaded to https://huggingface.co/{repo_id}", flush=True)

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from .args import SDXL_BASE
 
+CARD_NAMES = ("README.md", "model_card.md")
+"""Where the card goes: README.md (what the Hub shows), or model_card.md when README.md is the user's."""
+
 CARD_SETTINGS = (
     ("adapter", "adapter"),
     ("rank", "rank"),
@@ -123,7 +126,8 @@ image.save("out.png")
     return "\n".join(front) + "\n" + body
 
 
-def write_model_card(output_dir: str | Path, text: str) -> Path:
-    path = Path(output_dir) / "README.md"
+def write_model_card(path: str | Path, text: str) -> Path:
+    """Write the card to ``path`` (one of ``CARD_NAMES`` in the output folder)."""
+    path = Path(path)
     path.write_text(text, encoding="utf-8")
     return path

@@ -1,25 +1,140 @@
-"""The output directory of a run: refuse to mix two runs in one folder, record the settings."""
+"""The output directory of a run: refuse to mix two runs in one folder, record the settings, and keep a
+manifest of what the run wrote so that nothing else is ever overwritten or deleted.
+
+The manifest ``run_files.json`` lists paths relative to the output folder, each recorded before it is
+created; a recorded folder belongs to the run with everything in it. A path that exists and is not
+recorded belongs to the user: a run never writes over it and ``--overwrite_output_dir`` never deletes it.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import tempfile
-from pathlib import Path
+import uuid
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..formats import DEFAULT_WEIGHT_NAME
-from .args import RUN_KEYS
-from .checkpoint import CHECKPOINT_RE
+from .args import PATH_KEYS, RUN_KEYS
+from .checkpoint import CHECKPOINT_RE, STATE_FILE, remove_stale_temporaries
 from .steplog import LOG_FILE
 
 SETTINGS_FILE = "training_args.json"
-RUN_ARTEFACTS = (SETTINGS_FILE, DEFAULT_WEIGHT_NAME, LOG_FILE, "README.md", "validation", "logs")
-"""What a run writes besides its checkpoints (removed by --overwrite_output_dir)."""
+MANIFEST_FILE = "run_files.json"
+RESOLVED_KEY = "resolved_paths"
+"""Key of ``training_args.json`` holding the absolute form of local paths among ``PATH_KEYS``."""
 
 
 class OutputDirError(ValueError):
     """The output directory holds something this run must not overwrite."""
+
+
+def _checked_entry(entry: object) -> str:
+    """A manifest entry: a relative POSIX path inside the output folder (no ``..``, not absolute)."""
+    if not isinstance(entry, str) or not entry:
+        raise ValueError(f"entry {entry!r} is not a path")
+    pure = PurePosixPath(entry)
+    if pure.is_absolute() or PureWindowsPath(entry).anchor or any(p in ("..", ".", "") for p in re.split(r"[/\\]", entry)):
+        raise ValueError(f"entry {entry!r} is not a plain relative path")
+    return str(pure)
+
+
+class RunFiles:
+    """The paths runs of dora-diffusion wrote in ``output_dir`` (read from and saved to ``run_files.json``)."""
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.root = Path(output_dir)
+        self.entries: list[str] = []
+        self.found = False
+        """True if the folder had a manifest."""
+        path = self.root / MANIFEST_FILE
+        if not path.is_file():
+            return
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            self.entries = [_checked_entry(e) for e in data["files"]]
+        except (OSError, ValueError, RecursionError, KeyError, TypeError) as err:
+            raise OutputDirError(
+                f"{path} is damaged ({err}), so which files in {self.root} a run wrote is unknown; "
+                "fix or delete it, or choose another --output_dir"
+            ) from None
+        self.found = True
+
+    def owns(self, rel: str) -> bool:
+        """True if ``rel`` or a folder above it was recorded."""
+        parts = PurePosixPath(rel).parts
+        return any("/".join(parts[: i + 1]) in self.entries for i in range(len(parts)))
+
+    def conflicts(self, rels: list[str]) -> list[str]:
+        """Those of ``rels`` that exist and no run of ours wrote."""
+        return [r for r in rels if os.path.lexists(self.root / r) and not self.owns(r)]
+
+    def claim(self, rel: str) -> Path:
+        """Record ``rel`` (or the topmost folder above it that does not exist yet) before it is written.
+
+        Raises ``OutputDirError`` if ``rel`` exists and no run of ours wrote it.
+        """
+        rel = _checked_entry(rel)
+        if self.conflicts([rel]):
+            raise OutputDirError(
+                f"{self.root / rel} exists and was not written by a dora-diffusion run (it is not in "
+                f"{MANIFEST_FILE}), so it is left alone; move it or choose another --output_dir"
+            )
+        if not self.owns(rel):
+            parts = PurePosixPath(rel).parts
+            first_new = next(i for i in range(len(parts)) if not os.path.lexists(self.root.joinpath(*parts[: i + 1])))
+            self.entries.append("/".join(parts[: first_new + 1]))
+            self.save()
+        return self.root / rel
+
+    def claim_if_new(self, rel: str) -> None:
+        """Record ``rel`` if it does not exist yet (a folder others write into, e.g. the tracker's)."""
+        if not os.path.lexists(self.root / rel):
+            self.claim(rel)
+
+    def adopt(self, rels: list[str]) -> None:
+        """Record existing paths as a run's (in memory; saved with the next ``claim``)."""
+        self.entries += [_checked_entry(r) for r in rels if not self.owns(r)]
+
+    def save(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        note = "files and folders written by dora-diffusion training runs; --overwrite_output_dir deletes only these"
+        write_json_atomic(self.root / MANIFEST_FILE, {"note": note, "files": self.entries})
+
+    def clear(self) -> list[str]:
+        """Delete every recorded path (a link is removed, never followed) and the manifest; returns what went."""
+        removed = []
+        for entry in self.entries:
+            parts = PurePosixPath(entry).parts
+            if any(self.root.joinpath(*parts[:i]).is_symlink() for i in range(1, len(parts))):
+                continue  # a folder above it became a link: what it points at is not ours
+            path = self.root / entry
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                shutil.rmtree(path)
+            else:
+                continue
+            removed.append(entry)
+        self.entries = []
+        (self.root / MANIFEST_FILE).unlink(missing_ok=True)
+        return removed
+
+
+def normalized_path(value: object) -> object:
+    """A local path as its absolute form; anything else (a Hub id, None) as given without a trailing slash."""
+    if not isinstance(value, str):
+        return value
+    path = Path(value).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    return value.rstrip("/\\") or value
+
+
+def with_resolved_paths(settings: dict) -> dict:
+    """``settings`` plus ``resolved_paths``: what ``PATH_KEYS`` point at, so a later run can compare paths."""
+    return {**settings, RESOLVED_KEY: {k: normalized_path(settings.get(k)) for k in PATH_KEYS}}
 
 
 def previous_settings(output_dir: Path) -> dict | None:
@@ -28,71 +143,124 @@ def previous_settings(output_dir: Path) -> dict | None:
     if not f.is_file():
         return None
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        raise OutputDirError(
+            f"{f} is damaged, so the settings of the run in {output_dir} are unknown; restore it from a backup, "
+            "or choose another --output_dir"
+        )
+    return data
 
 
 def holds_run(output_dir: Path) -> bool:
-    """True if ``output_dir`` holds settings, weights or checkpoints of an earlier run."""
+    """True if ``output_dir`` holds weights or checkpoints of an earlier run (settings alone are no run)."""
     if not output_dir.is_dir():
         return False
-    return any(
-        child.name in (SETTINGS_FILE, DEFAULT_WEIGHT_NAME) or CHECKPOINT_RE.match(child.name)
-        for child in output_dir.iterdir()
-    )
+    return any(child.name == DEFAULT_WEIGHT_NAME or CHECKPOINT_RE.match(child.name) for child in output_dir.iterdir())
 
 
 def differences(old: dict, new: dict, keys=RUN_KEYS) -> dict[str, tuple]:
-    """``{key: (old, new)}`` for the settings that differ."""
-    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
+    """``{key: (old, new)}`` for the settings that differ; paths are compared by what they point at."""
+    old_resolved = old.get(RESOLVED_KEY) if isinstance(old.get(RESOLVED_KEY), dict) else {}
+    out = {}
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if k in PATH_KEYS:
+            same = old_resolved.get(k, normalized_path(a)) == normalized_path(b) or normalized_path(a) == normalized_path(b)
+        else:
+            same = a == b
+        if not same:
+            out[k] = (a, b)
+    return out
 
 
-def check_output_dir(output_dir: Path, settings: dict, resuming: bool, overwrite: bool) -> None:
-    """Raise ``OutputDirError`` if ``output_dir`` holds an earlier run this one must not touch.
+def _listed(diff: dict[str, tuple]) -> str:
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
 
-    Allowed: an empty or new folder; ``--overwrite_output_dir`` (the earlier run is removed, see
-    ``clear_run``); resuming a run whose adapter settings (``RUN_KEYS``) are the same.
+
+def check_output_dir(
+    output_dir: Path, settings: dict, resuming: bool, overwrite: bool, outputs: list[str] = ()
+) -> RunFiles:
+    """Raise ``OutputDirError`` if this run would mix with an earlier one or write over a file it does not own.
+
+    Allowed: a new folder, or one without an earlier run; ``--overwrite_output_dir`` when a manifest says
+    what the earlier run wrote (only that is removed, see ``RunFiles.clear``); resuming a run whose adapter
+    settings (``RUN_KEYS``) are the same. ``outputs`` are the paths (relative) this run will write; any that
+    exists and is not a run's is refused. Writes nothing; returns the folder's manifest.
     """
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputDirError(f"--output_dir {output_dir} is a file")
-    if overwrite or not holds_run(output_dir):
-        return
-    old = previous_settings(output_dir)
-    if resuming:
-        diff = differences(old or {}, settings) if old is not None else {}
-        if diff:
-            listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
+    files = RunFiles(output_dir)
+    earlier = holds_run(output_dir)
+    if earlier and not files.found:
+        if overwrite:
             raise OutputDirError(
-                f"cannot resume in {output_dir}: its checkpoints were made with other adapter settings ({listed}). "
-                "Use the same settings, another --output_dir, or --overwrite_output_dir to start over"
+                f"--output_dir {output_dir} holds checkpoints or weights but no {MANIFEST_FILE} saying which files a "
+                "run wrote (a run of an older version, or not a run of ours), so --overwrite_output_dir deletes "
+                "nothing there. Remove that run's files yourself or choose another --output_dir"
             )
-        return
-    diff = differences(old, settings) if old else {}
-    what = (
-        "a run with different settings (" + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()) + ")"
-        if diff
-        else "an earlier run"
-    )
-    raise OutputDirError(
-        f"--output_dir {output_dir} already holds {what}. Pass --resume_from_checkpoint latest to continue it, "
-        "--overwrite_output_dir to replace it, or choose another --output_dir"
-    )
+        if resuming:  # the user calls it our run: adopt what an older version's run wrote, if it looks like one
+            found = [c.name for c in output_dir.iterdir() if CHECKPOINT_RE.match(c.name) and (c / STATE_FILE).is_file()]
+            if found and (output_dir / SETTINGS_FILE).is_file():
+                files.adopt(found + [n for n in (SETTINGS_FILE, LOG_FILE, DEFAULT_WEIGHT_NAME) if (output_dir / n).is_file()])
+    if earlier and not overwrite:
+        old = previous_settings(output_dir)
+        diff = differences(old, settings) if old is not None else {}
+        if resuming and diff:
+            raise OutputDirError(
+                f"cannot resume in {output_dir}: its checkpoints were made with other adapter settings "
+                f"({_listed(diff)}). Resume with the settings in its {SETTINGS_FILE}, or train into another --output_dir"
+            )
+        if not resuming and diff:
+            raise OutputDirError(
+                f"--output_dir {output_dir} already holds a run with different settings ({_listed(diff)}). "
+                "Choose another --output_dir, or continue that run with its own settings and --resume_from_checkpoint latest"
+            )
+        if not resuming:
+            raise OutputDirError(
+                f"--output_dir {output_dir} already holds an earlier run. Pass --resume_from_checkpoint latest to "
+                "continue it, choose another --output_dir, or pass --overwrite_output_dir to delete that run's files "
+                "and start over"
+            )
+    checkpoints = [c.name for c in output_dir.iterdir() if CHECKPOINT_RE.match(c.name)] if output_dir.is_dir() else []
+    taken = files.conflicts(sorted(set(outputs) | set(checkpoints) | {SETTINGS_FILE, LOG_FILE, DEFAULT_WEIGHT_NAME}))
+    if taken:
+        raise OutputDirError(
+            f"--output_dir {output_dir} holds {', '.join(taken)}, which this run would write but {MANIFEST_FILE} "
+            "does not list as a run's (your files, or a run of an older version); they are left alone. Move them "
+            "or choose another --output_dir"
+        )
+    return files
 
 
-def clear_run(output_dir: Path) -> None:
-    """Remove an earlier run's files (checkpoints, weights, settings, card, validation images, logs)."""
+_ATOMIC_TMP = re.compile(r"^\.(?P<target>.+)\.[0-9a-z_]{8}\.tmp$")
+"""Temporary file of an atomic write (``write_json_atomic``, ``write_safetensors``): ``.<name>.<random>.tmp``."""
+
+
+def remove_leftovers(output_dir: Path) -> None:
+    """Delete what a killed run left half-written: hidden checkpoint folders, and temporary files of the
+    atomic writes of its settings, manifest and weights."""
+    remove_stale_temporaries(output_dir)
     if not output_dir.is_dir():
         return
     for child in output_dir.iterdir():
-        if child.name in RUN_ARTEFACTS or CHECKPOINT_RE.match(child.name) or child.name.endswith("_kohya.safetensors"):
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        m = _ATOMIC_TMP.match(child.name)
+        if m and child.is_file() and not child.is_symlink():
+            target = m["target"]
+            if target in (MANIFEST_FILE, SETTINGS_FILE, DEFAULT_WEIGHT_NAME) or target.endswith("_kohya.safetensors"):
+                child.unlink()
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON through a temporary file and a rename."""
+    """Write JSON through a temporary file (``.<name>.<random>.tmp``, the usual permissions) and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

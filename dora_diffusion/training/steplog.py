@@ -26,8 +26,20 @@ class StepLog:
 
 
 def read_step_log(output_dir: str | Path) -> list[dict]:
-    """The rows of ``training_log.jsonl`` (empty if there is none). NaN losses are read back as NaN."""
+    """The rows of ``training_log.jsonl`` (empty if there is none). NaN losses are read back as NaN.
+
+    Lines that are not a JSON object with an integer ``step`` (a last line half-written when the run was
+    killed, a damaged line) are skipped.
+    """
     path = Path(output_dir) / LOG_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
+            rows.append(row)
+    return rows

@@ -64,9 +64,14 @@ def render(
     return images
 
 
+def validation_folder(step: int) -> str:
+    """Where the images of ``step`` go, relative to the output folder."""
+    return f"validation/step-{step}"
+
+
 def save_images(images: list[Image.Image], output_dir: Path, step: int) -> list[Path]:
     """Write ``output_dir/validation/step-<step>/<i>.png``; returns the paths."""
-    folder = Path(output_dir) / "validation" / f"step-{step}"
+    folder = Path(output_dir) / validation_folder(step)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):
