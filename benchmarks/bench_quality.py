@@ -1,8 +1,8 @@
 """DoRA vs LoRA vs full fine-tuning of the same modules (FT), on the toy world's DreamBooth subjects.
 
-    python benchmarks/bench_quality.py --out bench-quality      # 2 workers; see docs/quality.md for its time
-    python benchmarks/bench_quality.py --out bench-quality --markdown docs/quality_table.md \\
-        --grid docs/img/quality_grid.png --analysis                # also the checkpoints docs/analysis.md reads
+    python benchmarks/bench_quality.py --out bench-quality      # 2 workers, about 17 minutes on 2 cores
+    python benchmarks/bench_quality.py --out bench-quality --markdown quality_table.md \\
+        --grid docs/img/quality_grid.png --analysis                # docs/quality.md's tables and grid, docs/analysis.md's runs
 
 Every subject x method x rank (FT has none) x learning rate x seed is one run of
 ``toyworld.finetune.train_subject`` (the training script's objective and optimiser, 4 images per step, the
@@ -37,8 +37,8 @@ import torch
 FIELDS = ("subject", "method", "rank", "lr", "seed", "steps", "subject_fidelity", "prompt_fidelity",
           "prior_preservation", "train_s")  # fmt: skip
 METRICS = ("subject_fidelity", "prompt_fidelity", "prior_preservation")
-ADAPTER_LRS = (5e-4, 1e-3, 2e-3)
-FT_LRS = (5e-5, 1e-4, 2e-4)
+ADAPTER_LRS = (1e-3, 2e-3, 5e-3)
+FT_LRS = (2e-4, 5e-4, 1e-3)
 _STATE: dict = {}
 
 

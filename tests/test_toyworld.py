@@ -82,3 +82,32 @@ def test_shipped_pipeline_loads_offline_in_seconds_and_has_sdxl_classes(monkeypa
 def test_load_pipeline_names_the_pretrain_command_for_an_empty_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="toyworld.pretrain --out"):
         toyworld.load_pipeline(tmp_path)
+
+
+def test_pretrain_command_writes_a_loadable_pipeline_and_vae_from_keeps_the_vae(tmp_path):
+    """A few steps of each phase: loss log per step, the pipeline samples from t=999, --vae_from reuses the VAE."""
+    import csv
+
+    from safetensors.torch import load_file
+
+    from dora_diffusion.toyworld import pretrain
+
+    small = ["--num_images", "16", "--vae_steps", "2", "--vae_batch_size", "4", "--max_steps", "3",
+             "--batch_size", "4", "--eval_every", "0", "--num_threads", "1"]  # fmt: skip
+    first = pretrain.pretrain(pretrain.parse_args(["--out", str(tmp_path / "a"), *small]))
+    with open(tmp_path / "a" / "loss_log.csv") as f:
+        phases = [row["phase"] for row in csv.DictReader(f)]
+    assert phases == ["vae"] * 2 + ["unet"] * 3
+    pipe = toyworld.load_pipeline(first)
+    pipe.scheduler.set_timesteps(20)
+    assert int(pipe.scheduler.timesteps[0]) == 999 and pipe.scheduler.config.timestep_spacing == "trailing"
+    assert pipe.vae.config.scaling_factor != 1.0  # set from the latents' spread
+    second = pretrain.pretrain(pretrain.parse_args(["--out", str(tmp_path / "b"), "--vae_from", str(first), *small]))
+    vae_a = load_file(first / "vae" / "diffusion_pytorch_model.safetensors")
+    vae_b = load_file(second / "vae" / "diffusion_pytorch_model.safetensors")
+    assert vae_a.keys() == vae_b.keys() and all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
+    unet_a = load_file(first / "unet" / "diffusion_pytorch_model.safetensors")
+    unet_b = load_file(second / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(unet_a[k], unet_b[k]) for k in unet_a)  # the UNet trained afresh on other noise
+    with pytest.raises(SystemExit, match="not both"):
+        pretrain.pretrain(pretrain.parse_args(["--out", str(tmp_path / "c"), "--vae_from", str(first), "--init", str(first)]))
