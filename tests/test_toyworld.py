@@ -111,3 +111,21 @@ def test_pretrain_command_writes_a_loadable_pipeline_and_vae_from_keeps_the_vae(
     assert not all(torch.equal(unet_a[k], unet_b[k]) for k in unet_a)  # the UNet trained afresh on other noise
     with pytest.raises(SystemExit, match="not both"):
         pretrain.pretrain(pretrain.parse_args(["--out", str(tmp_path / "c"), "--vae_from", str(first), "--init", str(first)]))
+
+
+@pytest.mark.parametrize("load, threads_now, expected", [(2.1, 2, 2), (3.2, 2, 1), (1.0, 1, 2), (2.0, 1, 1)])
+def test_pretrain_threads_count_only_other_processes_load(monkeypatch, load, threads_now, expected):
+    """Its own threads are in the load average: alone at 2 threads (load ~2) it keeps both cores."""
+    from dora_diffusion.toyworld import pretrain
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(pretrain.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(pretrain.os, "getloadavg", lambda: (load, load, load))
+    try:
+        torch.set_num_threads(threads_now)
+        pretrain.adapt_threads(None)
+        assert torch.get_num_threads() == expected
+        pretrain.adapt_threads(3)  # a fixed count is never changed
+        assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)

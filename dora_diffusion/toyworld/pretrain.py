@@ -1,6 +1,6 @@
 """Pretrain the toy world's SDXL-architecture pipeline from scratch on the CPU.
 
-    python -m dora_diffusion.toyworld.pretrain --out DIR        # about 55 minutes on 2 idle CPU cores
+    python -m dora_diffusion.toyworld.pretrain --out DIR        # about 45 minutes on 2 idle CPU cores
 
 1. Render ``--num_images`` scenes of the ``"train"`` split (plain objects only; held-out triples never appear).
 2. Train the VAE (``AutoencoderKL``) on random 32 x 32 crops of them:
@@ -100,7 +100,8 @@ def adapt_threads(fixed: int | None) -> None:
     if fixed:
         return
     cores = os.cpu_count() or 1
-    torch.set_num_threads(cores if os.getloadavg()[0] < cores - 0.4 else 1)
+    others = os.getloadavg()[0] - torch.get_num_threads()  # the load average counts this process's threads too
+    torch.set_num_threads(cores if others < 0.6 else 1)
 
 
 def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
