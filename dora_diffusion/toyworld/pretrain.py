@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..training.loss import min_snr_weights
 from .model import build_untrained_pipeline
 from .world import RESOLUTION, caption, render, scenes
 
@@ -221,8 +222,7 @@ def train_denoiser(pipe, latents, captions, args, gen, log, deadline) -> dict[st
         pred = pipe.unet(zt, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
         loss = F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3))
         if args.min_snr_gamma:
-            snr = alphas[t] / (1 - alphas[t])
-            loss = loss * snr.clamp(max=args.min_snr_gamma) / snr
+            loss = loss * min_snr_weights(pipe.scheduler, t, args.min_snr_gamma)
         loss = loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
