@@ -8,6 +8,10 @@ backward pass. With ``gy = dL/dy``:
 
     dL/dx += W0^T (g * gy),   dL/dh = s (g * gy) B,   dL/dB = s (g * gy)^T h,   dL/dg = sum_N gy * (y - b) / g
 
+A channel whose ``g`` is about 0 (a magnitude at 0) cannot recover its pre-scale output from ``y``: the
+forward keeps the ``_KEEP`` channels of smallest ``|g|`` exactly (an N x 4 tensor), chosen on the device, so no
+forward or backward reads a value back to the host (each such read is a GPU sync).
+
 ``DoRALinearFunction`` also does the base matmul itself, so the forward builds ``y`` in place (no
 N x d_out temporary beyond ``y``), and the backward works in blocks of rows and output channels
 (temporaries of about ``_CHUNK_ELEMENTS`` at most, each block of ``W0`` read once). With
@@ -24,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 _TINY = 1e-30
+"""Channels with ``|g|`` below this cannot recover their pre-scale output from ``y``."""
+_KEEP = 4
+"""Pre-scale output channels kept exactly (the ``_KEEP`` smallest ``|g|``) for those channels' ``dL/dg``."""
 _CHUNK_ELEMENTS = 1 << 20
 _MIN_COLS = 256  # narrower channel blocks make the backward matmuls inefficient
 
@@ -37,18 +44,29 @@ def _sum_but_channel(t: torch.Tensor, is_conv: bool) -> torch.Tensor:
     return t.sum(dim=(0, 2, 3)) if is_conv else t.reshape(-1, t.shape[-1]).sum(dim=0)
 
 
-def _divisible(g: torch.Tensor) -> bool:
-    """True if ``(y - b) / g`` recovers the pre-scale output for every channel."""
-    return not bool((g.abs() < _TINY).any())
+def _smallest(g: torch.Tensor) -> torch.Tensor:
+    """Indices of the ``_KEEP`` channels with the smallest ``|g|``: the ones whose pre-scale output is kept.
+
+    A fixed number, chosen on the device: deciding on the host which channels have ``g ~ 0`` would wait for
+    the device on every forward.
+    """
+    return torch.topk(g.abs(), min(_KEEP, g.numel()), largest=False, sorted=False).indices
 
 
-def _grad_g(dot: torch.Tensor, gsum: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None, divisible: bool):
-    """``dL/dg`` from ``dot = sum gy * saved`` (saved = y, or the pre-scale output when not divisible)."""
-    if not divisible:
-        return dot
+def _grad_g(
+    dot: torch.Tensor, gsum: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor, dot_kept: torch.Tensor
+) -> torch.Tensor:
+    """``dL/dg = sum gy * (y - b) / g`` from ``dot = sum gy * y`` and ``gsum = sum gy``, per channel.
+
+    Where ``|g| < _TINY`` the division cannot recover the pre-scale output; there ``dot_kept`` (``sum gy * kept``
+    over the channels ``idx``, kept exactly) is used, and a channel with ``g ~ 0`` beyond the ``_KEEP`` kept
+    ones gets gradient 0. All on the device, no branch on values.
+    """
     if bias is not None:
         dot = dot - bias.float() * gsum
-    return dot / g
+    tiny = g.abs() < _TINY
+    grad = torch.where(tiny, torch.zeros_like(dot), dot / torch.where(tiny, torch.ones_like(g), g))
+    return grad.scatter(0, idx, torch.where(tiny[idx], dot_kept, grad[idx]))
 
 
 def _blocks(n: int, d_out: int, exact_sum: bool) -> tuple[int, int]:
@@ -93,20 +111,20 @@ class DoRALinearFunction(torch.autograd.Function):
             h2 = h.reshape(-1, h.shape[-1]).to(cdt)
             y = x2 @ w0.to(cdt).t()  # (N, d_out)
             y.addmm_(h2, b.to(cdt).t(), alpha=scale)  # W0 x + s B h, in place
-            divisible = recompute or _divisible(g)
-            kept = None if divisible else y.clone()
+            idx = _smallest(g)
+            kept = None if recompute else y.index_select(1, idx)  # (N, _KEEP): the channels g ~ 0 may hide
             if bias is None:
                 y.mul_(g)
             else:
                 torch.addcmul(bias.to(cdt), y, g, out=y)  # g * (.) + b in one pass
-        ctx.save_for_backward(h2, w0, bias, b, g, x2 if recompute else y if divisible else kept)
-        ctx.scale, ctx.divisible, ctx.cdt, ctx.recompute = scale, divisible, cdt, recompute
+        ctx.save_for_backward(h2, w0, bias, b, g, x2 if recompute else y, idx, kept)
+        ctx.scale, ctx.cdt, ctx.recompute = scale, cdt, recompute
         ctx.x_shape, ctx.x_dtype, ctx.h_shape, ctx.h_dtype = x.shape, x.dtype, h.shape, h.dtype
         return y.view(*x.shape[:-1], d_out)
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
-        h2, w0, bias, b, g, saved = ctx.saved_tensors
+        h2, w0, bias, b, g, saved, idx, kept = ctx.saved_tensors
         cdt, scale = ctx.cdt, ctx.scale
         need_x, need_h, need_b, need_g = (ctx.needs_input_grad[i] for i in (0, 1, 4, 5))
         gy2 = gy.reshape(-1, gy.shape[-1])
@@ -142,7 +160,7 @@ class DoRALinearFunction(torch.autograd.Function):
                     other = z.addmm_(h2[ii], sbj.t())
                 else:
                     other = saved[ii, jj]
-                    if bias is not None and ctx.divisible:  # for the bias term of (y - b) / g
+                    if bias is not None:  # for the bias term of (y - b) / g
                         gsum[jj] += gc.float().sum(dim=0)
                 if gc.dtype == other.dtype == torch.float32:
                     dot[jj] += torch.mul(gc, other, out=_block(prod_buf, gc)).sum(dim=0)
@@ -153,7 +171,8 @@ class DoRALinearFunction(torch.autograd.Function):
         elif ctx.recompute:
             grad_g = dot
         else:
-            grad_g = _grad_g(dot, gsum, g, bias, ctx.divisible)
+            dot_kept = (gy2.index_select(1, idx).float() * kept.float()).sum(dim=0)
+            grad_g = _grad_g(dot, gsum, g, bias, idx, dot_kept)
         return (
             None if grad_x is None else grad_x.view(ctx.x_shape).to(ctx.x_dtype),
             None if grad_h is None else grad_h.view(ctx.h_shape).to(ctx.h_dtype),
@@ -177,27 +196,29 @@ class DoRAScaleFunction(torch.autograd.Function):
         bias32 = None if bias is None else _channels(bias.float(), is_conv)
         if bias32 is not None:
             combined.sub_(bias32)
-        divisible = _divisible(g)
-        kept = None if divisible else combined.clone()
+        channel = 1 if is_conv else combined.dim() - 1
+        idx = _smallest(g)
+        kept = combined.index_select(channel, idx)  # the channels g ~ 0 may hide, kept exactly
         y = combined.mul_(_channels(g, is_conv))
         if bias32 is not None:
             y.add_(bias32)
         y = y.to(base_out.dtype)
-        ctx.save_for_backward(h, b, g, bias, y if divisible else kept)
-        ctx.scale, ctx.is_conv, ctx.divisible = scale, is_conv, divisible
+        ctx.save_for_backward(h, b, g, bias, y, idx, kept)
+        ctx.scale, ctx.is_conv, ctx.channel = scale, is_conv, channel
         ctx.base_dtype, ctx.b_dtype = base_out.dtype, b.dtype
         return y
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
-        h, b, g, bias, saved = ctx.saved_tensors
+        h, b, g, bias, saved, idx, kept = ctx.saved_tensors
         is_conv, scale = ctx.is_conv, ctx.scale
         gy32 = gy.float()
         gyg = gy32 * _channels(g, is_conv)  # (..., d_out)
         grad_g = None
         if ctx.needs_input_grad[3]:
             dot = _sum_but_channel(gy32 * saved.float(), is_conv)
-            grad_g = _grad_g(dot, _sum_but_channel(gy32, is_conv), g, bias, ctx.divisible)
+            dot_kept = _sum_but_channel(gy32.index_select(ctx.channel, idx) * kept, is_conv)
+            grad_g = _grad_g(dot, _sum_but_channel(gy32, is_conv), g, bias, idx, dot_kept)
         grad_h = grad_b = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             gl = gyg.to(h.dtype)

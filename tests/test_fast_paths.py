@@ -115,7 +115,7 @@ def test_backward_blocks_cover_and_stay_small(n, d_out) -> None:
         assert (rows, cols) == (n, d_out)  # small layers: one block
 
 def test_lean_step_with_zero_magnitude_rows() -> None:
-    """Channels with g = 0 cannot recover (y - b) / g; the function keeps them exactly instead."""
+    """Channels with g = 0 cannot recover (y - b) / g; the function keeps (up to _KEEP of) them exactly instead."""
     base = make_base("linear", torch.float32)
     x = make_input(base, torch.float32)
     layer = wrap(base)
@@ -242,3 +242,38 @@ def test_lean_step_under_autocast_matches_plain(recompute, monkeypatch) -> None:
     assert (y_lean.float() - y_plain.float()).abs().max().item() <= 2e-2 * max(1.0, y_plain.abs().max().item())
     for got, want in zip(g_lean, g_plain):
         assert (got.float() - want.float()).abs().max().item() <= 3e-2 * max(1.0, want.abs().max().item())
+
+
+def test_more_zero_magnitudes_than_kept_channels() -> None:
+    """Beyond the ``_KEEP`` channels kept exactly, a channel with g = 0 gets dL/dm = 0 (documented); the rest is exact."""
+    from dora_diffusion.dora_autograd import _KEEP
+
+    base = nn.Linear(24, 12)
+    layer = wrap(base.requires_grad_(False))
+    layer.add_adapter("a", 4)
+    perturb(layer, "a")
+    zero = list(range(_KEEP + 2))
+    with torch.no_grad():
+        layer.lora_magnitude["a"][zero] = 0.0
+    x = torch.randn(3, 5, 24)
+    y_plain, g_plain = run_step(layer, x, lean=False)
+    y_lean, g_lean = run_step(layer, x, lean=True)
+    assert torch.allclose(y_lean, y_plain, atol=1e-6)
+    dm_plain, dm_lean = g_plain[2], g_lean[2]
+    rest = [i for i in range(12) if i not in zero]
+    assert torch.allclose(dm_lean[rest], dm_plain[rest], rtol=1e-5, atol=1e-6)
+    exact = torch.isclose(dm_lean[zero], dm_plain[zero], rtol=1e-5, atol=1e-6)
+    assert int(exact.sum()) == _KEEP and bool((dm_lean[zero][~exact] == 0).all())
+    assert bool((dm_plain[zero].abs() > 0).all())
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_norm_is_fp32_under_autocast(kind) -> None:
+    """bf16 autocast does not reach the norm's matmuls: the same fp32 norm bit for bit."""
+    layer = wrap(make_base(kind, torch.float32))
+    layer.add_adapter("a", 8)
+    perturb(layer, "a")
+    want = layer._compute_norm("a")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer._compute_norm("a")
+    assert got.dtype == torch.float32 and torch.equal(got, want)
