@@ -48,13 +48,28 @@ def test_vae_rule(base, vae, expected):
     assert targs.resolve_vae(base, vae) == expected
 
 
-def test_mixed_precision_default(monkeypatch):
-    assert targs.resolve_mixed_precision(None, "cpu") == "no"
-    assert targs.resolve_mixed_precision("fp16", "cpu") == "fp16"
-    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda: True)
-    assert targs.resolve_mixed_precision(None, "cuda") == "bf16"
-    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda: False)
-    assert targs.resolve_mixed_precision(None, "cuda") == "fp16"
+def test_mixed_precision_default(monkeypatch, tmp_path):
+    import accelerate.commands.config.config_args as config_args
+
+    config = tmp_path / "default_config.yaml"
+    monkeypatch.setattr(config_args, "default_config_file", str(config))
+    none = {}
+    assert targs.resolve_mixed_precision(None, "cpu", none) == "no"
+    assert targs.resolve_mixed_precision("fp16", "cpu", none) == "fp16"
+    # bf16 only where the GPU has it in hardware: compute capability 8 (Ampere) or more, not V100/T4/Turing
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda including_emulation=True: True)
+    for capability, expected in (((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((7, 0), "fp16")):
+        monkeypatch.setattr("torch.cuda.get_device_capability", lambda device=None, c=capability: c)
+        assert targs.resolve_mixed_precision(None, "cuda", none) == expected
+    # accelerate launch's choice (its flag or its config) wins over the machine default, the script flag over both
+    assert targs.resolve_mixed_precision(None, "cuda", {"ACCELERATE_MIXED_PRECISION": "bf16"}) == "bf16"
+    assert targs.resolve_mixed_precision("no", "cuda", {"ACCELERATE_MIXED_PRECISION": "bf16"}) == "no"
+    # 'no' from accelerate launch is also its default when nothing chose: only a config file saying no counts
+    assert targs.resolve_mixed_precision(None, "cuda", {"ACCELERATE_MIXED_PRECISION": "no"}) == "fp16"
+    config.write_text("compute_environment: LOCAL_MACHINE\nmixed_precision: 'no'\n")
+    assert targs.resolve_mixed_precision(None, "cuda", {"ACCELERATE_MIXED_PRECISION": "no"}) == "no"
+    config.write_text("mixed_precision: bf16\n")
+    assert targs.resolve_mixed_precision(None, "cuda", none) == "bf16"
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,14 @@ import torch
 from PIL import Image
 
 from dora_diffusion.testing import make_toy_imagefolder, make_toy_images
-from dora_diffusion.training.data import DatasetError, load_records, looks_like_hub_id, to_rgb, trigger_words
+from dora_diffusion.training.data import (
+    DatasetError,
+    default_validation_prompt,
+    load_records,
+    looks_like_hub_id,
+    to_rgb,
+    trigger_words,
+)
 from dora_diffusion.training.dataset import (
     DreamBoothDataset,
     MicroBatchSampler,
@@ -127,26 +134,42 @@ def test_empty_imagefolder(tmp_path):
         load_records(str(folder), cache_dir=str(tmp_path / "c"))
 
 
-def test_hub_dataset_path(monkeypatch):
-    """A Hub id goes to datasets.load_dataset (replaced here: no network), split 'train', images decoded by us."""
-    import datasets
+def test_hub_dataset_path(tmp_path, monkeypatch):
+    """A Hub id is fetched with snapshot_download (here from a filled cache, offline) and read as an imagefolder:
+    today's captions give the trigger phrase 'a 3dicon', the old revision's give TOK."""
+    from dora_diffusion.hub_fixtures import ICON_OLD_REVISION, fill_hub_cache, make_3d_icon_like
 
-    table = datasets.Dataset.from_dict(
-        {"image": make_toy_images(2, size=16), "prompt": ["3d icon of TOK", "TOK, 3d icon"]},
-        features=datasets.Features({"image": datasets.Image(), "prompt": datasets.Value("string")}),
-    )
-    calls = []
-
-    def fake_load_dataset(name, config=None, cache_dir=None):
-        calls.append((name, config))
-        return datasets.DatasetDict({"train": table})
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    data = load_records("linoyts/3d_icon")
-    assert calls == [("linoyts/3d_icon", None)]
-    assert (data.source, data.caption_column, len(data.records)) == ("hub", "prompt", 2)
-    assert trigger_words([r.caption for r in data.records]) == ["TOK"]
+    cache = tmp_path / "hub"
+    fill_hub_cache(cache, "linoyts/3d_icon", make_3d_icon_like(tmp_path / "new"), "dataset")
+    fill_hub_cache(cache, "linoyts/3d_icon", make_3d_icon_like(tmp_path / "old", old_captions=True), "dataset",
+                   commit=ICON_OLD_REVISION, branch=None)  # fmt: skip
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    data = load_records("linoyts/3d_icon", cache_dir=str(cache), resolution=32)
+    assert (data.source, data.caption_column, len(data.records)) == ("hub", "prompt", 23)
+    assert data.records[0].caption == "a 3dicon, spotify app icon with music notes"
+    assert trigger_words([r.caption for r in data.records]) == ["a 3dicon"]
+    assert data.records[0].size == (96, 72) and data.records[0].image.size == (43, 32)  # shrunk once, on decoding
+    assert data.records[22].size == (40, 72) and data.records[22].image.size == (32, 58)
+    old = load_records("linoyts/3d_icon", cache_dir=str(cache), revision=ICON_OLD_REVISION)
+    assert trigger_words([r.caption for r in old.records]) == ["TOK"]
+    with pytest.raises(DatasetError, match="is not in the Hugging Face cache"):
+        load_records("linoyts/3d_icon", cache_dir=str(cache), revision="0" * 40)
+    with pytest.raises(DatasetError, match="is not in the Hugging Face cache"):
+        load_records("someone/else", cache_dir=str(cache))
+    with pytest.raises(DatasetError, match="a local folder, which has no revisions"):
+        load_records(str(tmp_path / "new"), revision="main")
     assert looks_like_hub_id("linoyts/3d_icon") and not looks_like_hub_id("./3d_icon") and not looks_like_hub_id("a/b/c")
+
+
+def test_big_jpeg_is_decoded_small(tmp_path):
+    """A 4000 x 3000 JPEG at resolution 64: decoded at 1/8 scale (draft), then resized to exactly 85 x 64."""
+    from dora_diffusion.training.data import open_image
+
+    Image.new("RGB", (4000, 3000), (200, 30, 30)).save(tmp_path / "big.jpg")
+    image, size = open_image(tmp_path / "big.jpg", 64)
+    assert size == (4000, 3000) and image.size == (85, 64)
+    assert abs(np.asarray(image, dtype=np.float32).mean(axis=(0, 1)) - [200, 30, 30]).max() < 3
 
 
 # ---------------------------------------------------------------- image modes
@@ -240,6 +263,14 @@ def test_trigger_words():
     assert trigger_words(["a TOK icon of a cat", "TOK, 3d icon of A dog"]) == ["TOK"]
     assert trigger_words(["<s0><s1> dog", "a <s0><s1> dog"]) == ["<s0><s1>"]
     assert trigger_words(["a dog", "a cat"]) == []
+    # no rare token: the phrase every caption starts with, up to its first comma, unless it is only filler
+    assert trigger_words(["a 3dicon, a pizza", "a 3dicon, spotify app icon"]) == ["a 3dicon"]
+    assert trigger_words(["a 3dicon of a cat", "a 3dicon, a dog"]) == ["a 3dicon"]
+    assert trigger_words(["a photo of sks dog in snow", "a photo of sks dog, asleep"]) == ["a photo of sks dog"]
+    assert trigger_words(["a photo of a dog", "a photo of a cat"]) == []
+    assert trigger_words(["a 3dicon, a pizza"]) == []  # one caption: its whole first clause would be a guess
+    assert default_validation_prompt(["a 3dicon"], ["a 3dicon, a pizza"]) == "a 3dicon, an astronaut riding a horse"
+    assert default_validation_prompt([], ["a red dog", "a cat"]) == "a red dog"
 
 
 

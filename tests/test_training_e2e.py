@@ -484,7 +484,7 @@ def test_users_files_survive_new_overwrite_and_resumed_runs(work):
 
 def test_nothing_is_written_when_loading_the_models_fails(work, monkeypatch):
     """A run that fails before training (here: the models) leaves no training_args.json to block the corrected rerun."""
-    def broken(args):
+    def broken(args, dtype=None):
         raise OSError("no such model")
 
     monkeypatch.setattr(training_loop, "load_components", broken)

@@ -60,9 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
         ".txt captions, or images only (then give --instance_prompt).",
     )
     add("--dataset_config_name", default=None, help="Config name of a Hub dataset.")
+    add("--dataset_revision", default=None, help="Branch, tag or commit of a Hub dataset (default: main).")
     add("--image_column", default="image", help="Dataset column holding the images.")
     add("--caption_column", default=None, help="Dataset column holding the captions (default: detect prompt/text/caption).")
-    add("--instance_prompt", default=None, help="Caption for images that have none; also the trigger words in the model card.")
+    add("--instance_prompt", default=None, help="Caption for images that have none.")
+    add(
+        "--trigger",
+        default=None,
+        help="The words that call the concept (model card, default validation prompt). Default: found in the captions, "
+        "a rare token such as TOK in all of them, else the phrase all start with (linoyts/3d_icon: 'a 3dicon').",
+    )
     add("--repeats", type=int, default=1, help="How many times each image appears in one epoch.")
     add("--resolution", type=int, default=1024, help="Square training resolution in pixels (a multiple of 8).")
     add("--center_crop", action="store_true", help="Crop the centre after resizing (default: a random crop).")
@@ -84,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--adapter", choices=("dora", "lora"), default="dora", help="DoRA (magnitude + direction) or plain LoRA.")
     add("--rank", type=int, default=8, help="Rank r of the low-rank update.")
     add("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha / rank (default alpha = rank).")
-    add("--dropout", type=float, default=0.0, help="Dropout on the input of the low-rank path.")
+    add("--dropout", "--lora_dropout", dest="dropout", type=float, default=0.0, help="Dropout on the input of the low-rank path.")
     add("--rslora", action="store_true", help="Scale by alpha / sqrt(rank) (rank-stabilised LoRA).")
     add(
         "--unet_targets",
@@ -127,9 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("validation and logging")
     add = g.add_argument
-    add("--validation_prompt", default=None, help="Prompt rendered during and after training.")
+    add(
+        "--validation_prompt",
+        default=None,
+        help="Prompt rendered during and after training. Default: '<trigger>, an astronaut riding a horse' "
+        "(without a trigger: the first caption); 'none': no validation images.",
+    )
     add("--num_validation_images", type=int, default=4, help="Images per validation (seeds seed, seed+1, ...).")
     add("--validation_steps", type=int, default=None, help="Validate every N steps (always once at the end).")
+    add("--validation_epochs", type=int, default=None, help="Validate every N epochs (diffusers' flag; --validation_steps wins).")
     add("--validation_inference_steps", type=int, default=25, help="Denoising steps of validation images.")
     add("--validation_guidance_scale", type=float, default=5.0, help="Guidance scale of validation images.")
     add("--report_to", choices=("tensorboard", "wandb", "none"), default=None, help="Tracker (default: tensorboard if installed).")
@@ -142,12 +155,52 @@ def build_parser() -> argparse.ArgumentParser:
     add("--checkpointing_steps", type=int, default=250, help="Save a resumable checkpoint every N steps (0: never).")
     add("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory.")
-    add("--export_kohya", action="store_true", help="Also write <name>_kohya.safetensors for ComfyUI / A1111.")
+    add(
+        "--export_kohya",
+        "--output_kohya_format",
+        dest="export_kohya",
+        action="store_true",
+        help="Also write <name>_kohya.safetensors for ComfyUI / A1111.",
+    )
     add("--push_to_hub", action="store_true", help="Upload output_dir to the Hugging Face Hub at the end.")
     add("--hub_model_id", default=None, help="Hub repo id (default: the output_dir name under your account).")
     add("--hub_token", default=None, help="Hub token (default: the one saved by `hf auth login`).")
     add("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+
+    g = p.add_argument_group(
+        "diffusers flags", "Accepted so that commands written for diffusers' SDXL DreamBooth scripts run as they are."
+    )
+    add = g.add_argument
+    add("--use_dora", action="store_true", help="DoRA (already the default here; --adapter lora for plain LoRA).")
+    add("--use_8bit_adam", action="store_true", help="Same as --optimizer adamw8bit (needs bitsandbytes).")
+    add(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Accepted and not needed: attention runs through PyTorch's scaled_dot_product_attention (SDPA).",
+    )
+    add("--train_text_encoder_ti", action="store_true", help="Pivotal tuning: not implemented yet; the run says so and trains without it.")
+    add("--train_text_encoder_ti_frac", type=float, default=None, help=argparse.SUPPRESS)
+    add("--token_abstraction", default=None, help=argparse.SUPPRESS)
+    add("--num_new_tokens_per_abstraction", type=int, default=None, help=argparse.SUPPRESS)
     return p
+
+
+PIVOTAL_FLAGS = ("train_text_encoder_ti", "train_text_encoder_ti_frac", "token_abstraction", "num_new_tokens_per_abstraction")
+"""diffusers' pivotal-tuning flags: accepted, not implemented (``notices`` says so)."""
+
+
+def notices(args: argparse.Namespace) -> list[str]:
+    """What a diffusers flag in the command changes, or does not, here: one line each, printed at the start."""
+    out = []
+    if args.enable_xformers_memory_efficient_attention:
+        out.append("--enable_xformers_memory_efficient_attention: not needed, attention uses PyTorch's SDPA")
+    given = [f"--{n}" for n in PIVOTAL_FLAGS if getattr(args, n) not in (None, False)]
+    if given:
+        out.append(
+            f"{' '.join(given)}: pivotal tuning (new token embeddings) is not implemented yet; this run trains the "
+            "DoRA adapter only, on the captions as they are"
+        )
+    return out
 
 
 def on_off(group, name: str, default: bool, help: str) -> None:
@@ -167,6 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_args(args, parser)
     except ValueError as err:
         parser.error(str(err))
+    if args.use_8bit_adam:
+        args.optimizer = "adamw8bit"
     if args.max_train_steps is None and args.num_train_epochs is None:
         args.max_train_steps = 500
     if args.alpha is None:
@@ -210,6 +265,14 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None 
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be at least 1, got {value}")
+    if args.use_dora and args.adapter != "dora":
+        raise ValueError(f"--use_dora and --adapter {args.adapter} contradict each other; pass one")
+    if args.use_8bit_adam and args.optimizer not in ("adamw", "adamw8bit"):
+        raise ValueError(f"--use_8bit_adam and --optimizer {args.optimizer} contradict each other; pass one")
+    if args.use_8bit_adam and not _installed("bitsandbytes"):
+        raise ValueError("--use_8bit_adam needs the optional package bitsandbytes: pip install bitsandbytes")
+    if args.validation_epochs is not None and args.validation_epochs < 1:
+        raise ValueError(f"--validation_epochs must be at least 1, got {args.validation_epochs}")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         raise ValueError("--overwrite_output_dir and --resume_from_checkpoint contradict each other; pass one")
     if args.checkpointing_steps < 0:
@@ -259,17 +322,52 @@ def default_output_dir(dataset: str, adapter: str) -> str:
     return f"{name}-sdxl-{adapter}"
 
 
-def resolve_mixed_precision(requested: str | None, device_type: str) -> str:
-    """``--mixed_precision``, or the default: bf16 on a GPU that supports it, fp16 on other GPUs, no on CPU."""
+def resolve_mixed_precision(requested: str | None, device_type: str, env: dict | None = None) -> str:
+    """``--mixed_precision``; else what ``accelerate launch`` / ``accelerate config`` chose; else the machine's default.
+
+    ``accelerate launch`` passes its choice as ``ACCELERATE_MIXED_PRECISION``, but writes ``no`` also when
+    nothing chose it, so ``no`` only counts when accelerate's default config file says so. The machine's
+    default: bf16 on a CUDA GPU of compute capability 8 or more (Ampere, Hopper: bf16 in hardware; older GPUs
+    only emulate it, slowly), fp16 on older and other GPUs, no on the CPU.
+    """
     if requested is not None:
         return requested
+    env = os.environ if env is None else env
+    launched = env.get("ACCELERATE_MIXED_PRECISION")
+    if launched and launched != "no":
+        return launched
+    configured = accelerate_config_precision()
+    if configured is not None:
+        return configured
     if device_type == "cuda":
         import torch
 
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
     if device_type in ("mps", "xpu", "npu"):
         return "fp16"
     return "no"
+
+
+def accelerate_config_precision() -> str | None:
+    """``mixed_precision`` of accelerate's default config file (``accelerate config``), or None without one."""
+    try:
+        from accelerate.commands.config.config_args import default_config_file
+    except ImportError:
+        return None
+    path = Path(default_config_file)
+    if not path.is_file():
+        return None
+    import json
+
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    value = config.get("mixed_precision") if isinstance(config, dict) else None
+    return value if value in ("no", "fp16", "bf16") else None
 
 
 def parse_targets(value: str, flag: str = "targets") -> str | list[str]:

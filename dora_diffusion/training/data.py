@@ -6,15 +6,20 @@ Sources, tried in this order for ``--dataset``:
    ``linoyts/3d_icon``) or any other local dataset ``datasets.load_dataset`` reads;
 2. a local folder of images with same-name ``.txt`` captions (``cat.png`` + ``cat.txt``);
 3. a local folder of images only: every image gets ``--instance_prompt``;
-4. a Hugging Face Hub dataset id (``linoyts/3d_icon``).
+4. a Hugging Face Hub dataset id (``linoyts/3d_icon``): the repository is fetched with
+   ``huggingface_hub.snapshot_download`` (at ``--dataset_revision``) and read as a local folder, so a filled
+   Hub cache also works offline (``HF_HUB_OFFLINE=1``), where ``datasets.load_dataset("owner/name")`` does not.
 
-Images that cannot be decoded are skipped and counted; none left is an error.
+Images that cannot be decoded are skipped and counted; none left is an error. Given a training resolution,
+each image is shrunk once, as it is decoded, to the size the crops are cut from (short side = resolution):
+a 12800 x 9600 photo is never held, or resized per step, at full size.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +47,20 @@ class Record:
     image: Image.Image
     caption: str
     name: str
+    original_size: tuple[int, int] | None = None
+    """(width, height) of the image as stored, before ``load_records`` shrank it; None: ``image.size``."""
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the original image (SDXL's original-size conditioning)."""
+        return self.original_size or self.image.size
+
+
+def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(width, height) of an image of ``size`` resized so that its short side is ``resolution`` (never below it)."""
+    w, h = size
+    scale = resolution / min(w, h)
+    return max(resolution, round(w * scale)), max(resolution, round(h * scale))
 
 
 @dataclass
@@ -73,12 +92,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def open_image(source: str | Path | bytes) -> Image.Image:
-    """Decode an image fully (a path or encoded bytes) and make it upright RGB; raises on bad data."""
+_TRANSPOSED = (5, 6, 7, 8)
+"""EXIF orientations that swap width and height."""
+
+
+def open_image(source: str | Path | bytes, resolution: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode an image (a path or encoded bytes), upright RGB; raises on bad data. Returns it with its upright size.
+
+    With ``resolution``, the image is shrunk to ``resized_size(size, resolution)`` (Lanczos) as it is decoded;
+    JPEGs are decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale that still covers that size (``draft``).
+    """
     handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     with Image.open(handle) as image:
+        w, h = image.size
+        size = (h, w) if image.getexif().get(0x0112, 1) in _TRANSPOSED else (w, h)
+        target = None if resolution is None else resized_size(size, resolution)
+        if target is not None and image.format == "JPEG":
+            side = min(target)
+            image.draft("RGB", (side, side))  # both sides stay >= the target's short side
         image.load()
-        return to_rgb(image)
+        image = to_rgb(image)
+    if target is not None and image.size != target:
+        image = image.resize(target, Image.Resampling.LANCZOS)
+    return image, size
 
 
 def _has_metadata(path: Path) -> bool:
@@ -104,27 +140,62 @@ def load_records(
     instance_prompt: str | None = None,
     config_name: str | None = None,
     cache_dir: str | None = None,
+    revision: str | None = None,
+    resolution: int | None = None,
 ) -> LoadedDataset:
-    """Load every image of ``dataset`` with its caption (see the module docstring for the sources)."""
+    """Load every image of ``dataset`` with its caption (see the module docstring for the sources).
+
+    ``revision`` (a Hub dataset's branch, tag or commit) is refused for a local folder. With ``resolution``
+    the images are shrunk as they are decoded (see ``open_image``); ``Record.size`` keeps their original size.
+    """
     path = Path(dataset).expanduser()
+    if revision is not None and path.exists():
+        raise DatasetError(f"--dataset_revision {revision}: --dataset {dataset} is a local folder, which has no revisions")
     if path.exists():
         if not path.is_dir():
             raise DatasetError(f"--dataset {dataset}: expected a folder of images (or a Hub dataset id), got a file")
         if _has_metadata(path) or any(c.is_dir() for c in path.iterdir()):
             if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
                 raise DatasetError(f"--dataset {dataset} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-            return _from_datasets(str(path), "imagefolder", image_column, caption_column, instance_prompt, None, cache_dir)
+            return _from_datasets(str(path), "imagefolder", image_column, caption_column, instance_prompt, None, cache_dir, resolution)
         if not _image_files(path):
             raise DatasetError(
                 f"--dataset {dataset} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no metadata.jsonl/.csv"
             )
-        return _from_folder(path, instance_prompt)
+        return _from_folder(path, instance_prompt, resolution)
     if not looks_like_hub_id(dataset):
         raise DatasetError(f"--dataset {dataset}: no such folder, and it is not a Hub dataset id ('owner/name')")
-    return _from_datasets(dataset, "hub", image_column, caption_column, instance_prompt, config_name, cache_dir)
+    local = hub_snapshot(dataset, revision, cache_dir)
+    return _from_datasets(local, "hub", image_column, caption_column, instance_prompt, config_name, cache_dir, resolution, dataset)
 
 
-def _from_folder(path: Path, instance_prompt: str | None) -> LoadedDataset:
+def hub_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> str:
+    """The local folder of Hub dataset ``repo_id`` at ``revision``: downloaded, or found in the Hub cache.
+
+    Works offline (``HF_HUB_OFFLINE=1``) when the cache holds the revision; errors name the dataset and the fix.
+    """
+    require("train", f"--dataset {repo_id}", ("huggingface_hub",))
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return snapshot_download(repo_id, repo_type="dataset", revision=revision, cache_dir=cache_dir)
+    except RevisionNotFoundError:
+        raise DatasetError(f"--dataset_revision {revision}: the Hub dataset {repo_id} has no such branch, tag or commit") from None
+    except RepositoryNotFoundError:
+        raise DatasetError(
+            f"--dataset {repo_id}: no such dataset on the Hugging Face Hub (or it is private: run `hf auth login`)"
+        ) from None
+    except LocalEntryNotFoundError as err:
+        where = f" at revision {revision}" if revision else ""
+        raise DatasetError(
+            f"--dataset {repo_id}{where} is not in the Hugging Face cache and the Hub cannot be reached "
+            f"(offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}). Connect once, or pass a local "
+            f"folder, e.g. `hf download {repo_id} --repo-type dataset --local-dir ./{repo_id.split('/')[-1]}` ({err})"
+        ) from None
+
+
+def _from_folder(path: Path, instance_prompt: str | None, resolution: int | None = None) -> LoadedDataset:
     """Images with optional same-name .txt captions."""
     files = _image_files(path)
     with_txt = [f for f in files if f.with_suffix(".txt").is_file()]
@@ -138,7 +209,7 @@ def _from_folder(path: Path, instance_prompt: str | None) -> LoadedDataset:
     records, skipped = [], []
     for f in files:
         try:
-            image = open_image(f)
+            image, size = open_image(f, resolution)
         except Exception as err:  # noqa: BLE001 - any decoder failure means "unreadable"
             logger.debug("skipping %s: %s", f, err)
             skipped.append(f.name)
@@ -148,7 +219,7 @@ def _from_folder(path: Path, instance_prompt: str | None) -> LoadedDataset:
             caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
         except UnicodeDecodeError as err:
             raise DatasetError(f"caption {txt} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
-        records.append(Record(image, caption or instance_prompt or "", f.name))
+        records.append(Record(image, caption or instance_prompt or "", f.name, size))
     _check_readable(str(path), records, skipped)
     return LoadedDataset(records, source, None, skipped)
 
@@ -161,18 +232,20 @@ def _from_datasets(
     instance_prompt: str | None,
     config_name: str | None,
     cache_dir: str | None,
+    resolution: int | None = None,
+    label: str | None = None,
 ) -> LoadedDataset:
-    """A Hub dataset or a local imagefolder, read through ``datasets``; images decoded here (bad ones skipped)."""
+    """A local imagefolder (or a Hub dataset's snapshot), read through ``datasets``; images decoded here (bad ones
+    skipped). ``label`` names the dataset in messages (default ``name``)."""
     require("train", f"--dataset {name}", ("datasets",))
     import datasets
 
+    folder, name = name, label or name
     try:
-        loaded = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
+        loaded = datasets.load_dataset(folder, config_name, cache_dir=cache_dir)
     except FileNotFoundError as err:
         raise DatasetError(f"--dataset {name}: not found ({err})") from None
     except Exception as err:
-        if source == "hub" and type(err).__name__ not in ("DatasetNotFoundError", "EmptyDatasetError"):
-            raise  # network, authentication: the Hub's own message is the useful one
         raise DatasetError(f"--dataset {name}: datasets could not read it ({type(err).__name__}: {err})") from err
     if isinstance(loaded, datasets.DatasetDict):
         if not loaded:
@@ -195,7 +268,7 @@ def _from_datasets(
         cell = row[image_column]
         label = _cell_name(cell, i)
         try:
-            image = _decode_cell(cell, name)
+            image, size = _decode_cell(cell, folder, resolution)
         except Exception as err:  # noqa: BLE001
             logger.debug("skipping %s: %s", label, err)
             skipped.append(label)
@@ -204,7 +277,7 @@ def _from_datasets(
         if not caption:
             missing_captions += not instance_prompt
             caption = instance_prompt or ""
-        records.append(Record(image, caption, label))
+        records.append(Record(image, caption, label, size))
     if missing_captions:
         raise DatasetError(
             f"{missing_captions} rows of {name} have an empty {column!r} caption; pass --instance_prompt to use for them"
@@ -240,20 +313,24 @@ def _cell_name(cell, index: int) -> str:
     return f"row {index}"
 
 
-def _decode_cell(cell, dataset: str) -> Image.Image:
-    """An image cell of a ``datasets`` table: {'bytes', 'path'}, a path string, or a PIL image."""
+def _decode_cell(cell, dataset: str, resolution: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """An image cell of a ``datasets`` table: {'bytes', 'path'}, a path string, or a PIL image (see ``open_image``)."""
     if isinstance(cell, Image.Image):
-        return to_rgb(cell)
+        image = to_rgb(cell)
+        size = image.size
+        if resolution is not None and image.size != resized_size(size, resolution):
+            image = image.resize(resized_size(size, resolution), Image.Resampling.LANCZOS)
+        return image, size
     if isinstance(cell, dict):
         if cell.get("bytes"):
-            return open_image(cell["bytes"])
+            return open_image(cell["bytes"], resolution)
         if cell.get("path"):
-            return open_image(cell["path"])
+            return open_image(cell["path"], resolution)
     if isinstance(cell, str):
         path = Path(cell)
         if not path.is_absolute() and Path(dataset).is_dir():
             path = Path(dataset) / path
-        return open_image(path)
+        return open_image(path, resolution)
     raise TypeError(f"unsupported image cell {type(cell).__name__}")
 
 
@@ -266,8 +343,19 @@ def _check_readable(name: str, records: list[Record], skipped: list[str]) -> Non
         raise DatasetError(f"{name} holds no images")
 
 
+FILLER = frozenset("a an the of in on at by for with and photo picture image style".split())
+"""Words that alone do not make a trigger phrase ("a photo of" is shared by many captions and means nothing)."""
+
+
 def trigger_words(captions: list[str]) -> list[str]:
-    """Words in every caption written as a rare token (all capitals like ``TOK``, or ``<s0>``), in order."""
+    """What the captions teach: the words a prompt must hold to call the concept, in order.
+
+    1. Words in every caption written as a rare token (all capitals like ``TOK``, or ``<s0>``).
+    2. Else, with two captions or more, the words every caption starts with, up to its first comma, when
+       they are more than filler: ``"a 3dicon, spotify app icon"`` and ``"a 3dicon, a pizza"`` -> ``"a 3dicon"``.
+
+    ``[]`` when neither holds.
+    """
     if not captions:
         return []
     sets = [set(c.replace(",", " ").split()) for c in captions]
@@ -278,4 +366,23 @@ def trigger_words(captions: list[str]) -> list[str]:
         rare = (w.isupper() and len(w) >= 2 and w.isalpha()) or (w.startswith("<") and w.endswith(">"))
         if w in common and rare and w not in found:
             found.append(w)
-    return found
+    if found or len(captions) < 2:
+        return found
+    phrase = []
+    for words in zip(*(c.split(",")[0].split() for c in captions)):
+        if any(w != words[0] for w in words):
+            break
+        phrase.append(words[0])
+    return [" ".join(phrase)] if any(w.lower() not in FILLER for w in phrase) else []
+
+
+VALIDATION_SUBJECT = "an astronaut riding a horse"
+"""What the default validation prompt asks the trigger for (diffusers' README example)."""
+
+
+def default_validation_prompt(triggers: list[str], captions: list[str]) -> str:
+    """``"<trigger>, an astronaut riding a horse"``: the concept on something it was not trained on; without a
+    trigger, the first training caption."""
+    if triggers:
+        return f"{' '.join(triggers)}, {VALIDATION_SUBJECT}"
+    return captions[0]

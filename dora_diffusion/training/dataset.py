@@ -1,5 +1,8 @@
 """Training samples: resize + crop + flip with SDXL micro-conditioning, and the order micro-batches come in.
 
+Every sample is resized, cropped and flipped once, when the dataset is built, and kept as uint8 pixels
+(3 MB per sample at 1024 px): a training step only converts them to floats.
+
 Everything random here is a pure function of ``(seed, index)``: a sample's crop and flip are drawn once per
 dataset item (each ``--repeats`` copy draws its own, as in diffusers), and the order of epoch ``e`` is a
 permutation seeded by ``(seed, e)``. So cached latents equal fresh ones and a resumed run sees exactly the
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import Record
+from .data import Record, resized_size
 
 
 def derive_seed(*parts: int) -> int:
@@ -57,8 +60,7 @@ class CropPlan:
 def plan_crop(size: tuple[int, int], resolution: int, center_crop: bool, random_flip: bool, seed: int) -> CropPlan:
     """The resize/crop/flip of an image of ``size`` (w, h), drawn from ``seed``."""
     w, h = size
-    scale = resolution / min(w, h)
-    rw, rh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    rw, rh = resized_size(size, resolution)
     rng = random.Random(seed)
     if center_crop:
         top, left = int(round((rh - resolution) / 2)), int(round((rw - resolution) / 2))
@@ -68,16 +70,26 @@ def plan_crop(size: tuple[int, int], resolution: int, center_crop: bool, random_
     return CropPlan((h, w), (rw, rh), top, left, flip, resolution)
 
 
-def apply_crop(image: Image.Image, plan: CropPlan) -> torch.Tensor:
-    """Resize (Lanczos), crop and flip ``image``; pixels in [-1, 1], (3, res, res) float32."""
+def crop_uint8(image: Image.Image, plan: CropPlan) -> torch.Tensor:
+    """Resize (Lanczos; nothing to do for an image ``load_records`` already shrank), crop and flip ``image``:
+    (3, res, res) uint8."""
     if image.size != plan.resized:
         image = image.resize(plan.resized, Image.Resampling.LANCZOS)
     r = plan.resolution
     image = image.crop((plan.left, plan.top, plan.left + r, plan.top + r))
     if plan.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (res, res, 3)
-    return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1]."""
+    return pixels.float().div(127.5).sub(1.0)
+
+
+def apply_crop(image: Image.Image, plan: CropPlan) -> torch.Tensor:
+    """``crop_uint8`` as float32 pixels in [-1, 1], (3, res, res)."""
+    return to_unit_range(crop_uint8(image, plan))
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
@@ -107,13 +119,16 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.class_prompt = class_prompt
         self.with_pixels = True
         self.plans = [
-            plan_crop(records[i % len(records)].image.size, resolution, center_crop, random_flip, derive_seed(seed, AUGMENT, i))
+            plan_crop(records[i % len(records)].size, resolution, center_crop, random_flip, derive_seed(seed, AUGMENT, i))
             for i in range(len(records) * repeats)
         ]
         self.class_plans = [
-            plan_crop(r.image.size, resolution, center_crop, random_flip, derive_seed(seed, CLASS_AUGMENT, i))
+            plan_crop(r.size, resolution, center_crop, random_flip, derive_seed(seed, CLASS_AUGMENT, i))
             for i, r in enumerate(self.class_records)
         ]
+        self.pixels = [crop_uint8(records[i % len(records)].image, p) for i, p in enumerate(self.plans)]
+        """Each sample's crop, made once: (3, res, res) uint8."""
+        self.class_pixels = [crop_uint8(r.image, p) for r, p in zip(self.class_records, self.class_plans)]
 
     def __len__(self) -> int:
         return len(self.plans)
@@ -125,12 +140,12 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         record = self.records[index % len(self.records)]
         item = {"index": index, "caption": record.caption, "time_ids": self.plans[index].time_ids()}
         if self.with_pixels:
-            item["pixels"] = apply_crop(record.image, self.plans[index])
+            item["pixels"] = to_unit_range(self.pixels[index])
         if self.class_records:
             c = self.class_index(index)
             item.update(class_index=c, class_caption=self.class_prompt, class_time_ids=self.class_plans[c].time_ids())
             if self.with_pixels:
-                item["class_pixels"] = apply_crop(self.class_records[c].image, self.class_plans[c])
+                item["class_pixels"] = to_unit_range(self.class_pixels[c])
         return item
 
 

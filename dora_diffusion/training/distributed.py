@@ -8,6 +8,7 @@ gradient (text_encoder's last layer, whose output SDXL does not use) and accumul
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 from pathlib import Path
 
@@ -15,6 +16,36 @@ import torch
 from torch import nn
 
 from .args import resolve_mixed_precision
+from .errors import TrainingError
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+"""How long a process waits at a barrier or collective: the main process may be writing a checkpoint or
+rendering validation images meanwhile, and downloads or class images may take long (NCCL's default is 10 min)."""
+
+
+class ShardingNotSupported(TrainingError):
+    """An accelerate config asks for DeepSpeed or FSDP, which this script does not support."""
+
+
+def refuse_sharding(accelerator) -> None:
+    """Refuse DeepSpeed and FSDP configs at the start, before anything is loaded.
+
+    This script keeps the whole frozen model on every process and all-reduces the adapter's gradients itself;
+    DeepSpeed and FSDP would shard or wrap the model it never hands them. The adapter is a few MB, so plain
+    data parallelism (``accelerate launch --multi_gpu``) is what scales it.
+    """
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    env = {k: os.environ.get(k, "").lower() for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")}
+    if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP) or "true" in env.values():
+        name = "DeepSpeed" if kind == DistributedType.DEEPSPEED or env["ACCELERATE_USE_DEEPSPEED"] == "true" else "FSDP"
+        raise ShardingNotSupported(
+            f"the accelerate config asks for {name}, which train_dreambooth_dora.py does not support: every process "
+            "holds the whole frozen model and only the adapter's gradients (a few MB) are averaged. Launch with "
+            "plain data parallelism instead: `accelerate launch --multi_gpu --num_processes N train_dreambooth_dora.py ...` "
+            "(or run `accelerate config` and choose multi-GPU without DeepSpeed/FSDP)"
+        )
 
 
 def make_accelerator(args: argparse.Namespace, output_dir: Path):
@@ -26,11 +57,11 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path):
     """
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1
     cpu = launched and not torch.cuda.is_available()
-    state = PartialState(cpu=cpu)
+    state = PartialState(cpu=cpu, timeout=COLLECTIVE_TIMEOUT)
     args.mixed_precision = resolve_mixed_precision(args.mixed_precision, state.device.type)
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") != args.mixed_precision and state.num_processes == 1:
@@ -42,6 +73,7 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path):
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=project,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
     )
 
 

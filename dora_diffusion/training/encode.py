@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dataset import DreamBoothDataset, apply_crop
+from .dataset import DreamBoothDataset, to_unit_range
 from .models import Components, encode_prompts
 
 
@@ -30,19 +30,15 @@ class LatentSource:
     @torch.no_grad()
     def fill_cache(self, dataset: DreamBoothDataset, batch_size: int = 4) -> None:
         """Encode every instance (and class) sample once; afterwards the dataset yields no pixels."""
-        def encode_all(records, plans) -> torch.Tensor | None:
-            if not records:
+        def encode_all(pixels: list[torch.Tensor]) -> torch.Tensor | None:
+            if not pixels:
                 return None
             out = []
-            for first in range(0, len(plans), batch_size):
-                chunk = range(first, min(first + batch_size, len(plans)))
-                out.append(self._encode(torch.stack([apply_crop(records[i % len(records)].image, plans[i]) for i in chunk])))
+            for first in range(0, len(pixels), batch_size):
+                out.append(self._encode(torch.stack([to_unit_range(p) for p in pixels[first : first + batch_size]])))
             return torch.cat(out)
 
-        self.cache = {
-            "instance": encode_all(dataset.records, dataset.plans),
-            "class": encode_all(dataset.class_records, dataset.class_plans),
-        }
+        self.cache = {"instance": encode_all(dataset.pixels), "class": encode_all(dataset.class_pixels)}
         dataset.with_pixels = False
 
     def latents(self, batch: dict) -> torch.Tensor:

@@ -21,7 +21,7 @@ from ..extras import require
 from ..formats import DEFAULT_WEIGHT_NAME
 from ..inject import set_recompute
 from ..pipeline import save_adapter
-from .args import parse_args, run_settings
+from .args import notices, parse_args, run_settings
 from .checkpoint import (
     TrainingState,
     list_checkpoints,
@@ -29,10 +29,11 @@ from .checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from .data import load_records, trigger_words
+from .data import default_validation_prompt, load_records, trigger_words
 from .dataset import ADAPTER_INIT, STEP_NOISE, DreamBoothDataset, MicroBatchSampler, collate, derive_seed
-from .distributed import adapters_in_sync, average_gradients, broadcast_parameters, make_accelerator
+from .distributed import adapters_in_sync, average_gradients, broadcast_parameters, make_accelerator, refuse_sharding
 from .encode import LatentSource, PromptSource
+from .errors import TrainingError
 from .hub import create_hub_repo, upload_run
 from .loss import denoising_loss, sample_noise, target_for
 from .model_card import CARD_NAMES, model_card, write_model_card
@@ -47,7 +48,7 @@ from .models import (
     vae_dtype,
 )
 from .optim import build_lr_scheduler, build_optimizer, param_groups
-from .prior import existing_class_images, generate_class_images, load_class_records
+from .prior import existing_class_images, generate_class_images, load_class_records, missing_class_indices
 from .rundir import SETTINGS_FILE, check_output_dir, remove_leftovers, with_resolved_paths, write_json_atomic
 from .steplog import LOG_FILE, StepLog
 from .summary import summary
@@ -56,10 +57,6 @@ from .validation import log_images, render, save_images, validation_folder, vali
 logger = logging.getLogger(__name__)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class TrainingError(RuntimeError):
-    """Training had to stop (e.g. the loss became NaN); the message says what is left on disk."""
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -79,6 +76,26 @@ def on_device(modules: list[nn.Module], device: torch.device, offload: bool) -> 
         if offload:
             for m in modules:
                 m.to("cpu")
+
+
+def resolve_triggers(args: argparse.Namespace, captions: list[str]) -> list[str]:
+    """``--trigger``, else what the captions teach (``trigger_words``); warns where a prompt names a trigger the
+    captions never hold (a diffusers command written for 3d_icon's old "TOK" captions, say)."""
+    found = trigger_words(captions)
+    triggers = [args.trigger] if args.trigger else found
+    if args.trigger and not any(args.trigger in c for c in captions):
+        logger.warning("--trigger %r appears in none of the %d captions; the adapter learns what the captions say", args.trigger, len(captions))
+    for flag in ("instance_prompt", "validation_prompt"):
+        prompt = getattr(args, flag)
+        if not prompt or prompt.lower() == "none":
+            continue
+        unseen = [w for w in trigger_words([prompt]) if not any(w in c for c in captions)]
+        if unseen and (flag == "validation_prompt" or all(c != prompt for c in captions)):
+            logger.warning(
+                "--%s %r names %s, which no caption holds: the model never saw it (the captions' trigger is %s)",
+                flag, prompt, ", ".join(unseen), ", ".join(repr(t) for t in found) or "none",
+            )  # fmt: skip
+    return triggers
 
 
 def _show_logs(main_process: bool) -> None:
@@ -165,33 +182,54 @@ def train(args: argparse.Namespace) -> Path:
 def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     main_process = accelerator.is_main_process
     _show_logs(main_process)
+    refuse_sharding(accelerator)
     device = accelerator.device
-    settings = {**run_settings(args), "num_processes": accelerator.num_processes}
+    for line in notices(args):
+        accelerator.print(f"note: {line}", flush=True)
 
     # ---- data and output folder: fail fast, before any model is loaded
     with accelerator.main_process_first():
         loaded = load_records(
-            args.dataset, args.image_column, args.caption_column, args.instance_prompt, args.dataset_config_name, args.cache_dir
-        )
-    triggers = trigger_words([r.caption for r in loaded.records])
+            args.dataset, args.image_column, args.caption_column, args.instance_prompt, args.dataset_config_name,
+            args.cache_dir, args.dataset_revision, args.resolution,
+        )  # fmt: skip
+    captions = [r.caption for r in loaded.records]
+    triggers = resolve_triggers(args, captions)
+    if args.validation_prompt is None:
+        args.validation_prompt = default_validation_prompt(triggers, captions)
+    elif args.validation_prompt.strip().lower() in ("none", ""):
+        args.validation_prompt = None
     num_items = len(loaded.records) * args.repeats
     per_epoch = -(-num_items // (args.train_batch_size * accelerator.num_processes))
-    max_steps = args.max_train_steps or args.num_train_epochs * math.ceil(per_epoch / args.gradient_accumulation_steps)
-    args.max_train_steps = settings["max_train_steps"] = max_steps
+    steps_per_epoch = math.ceil(per_epoch / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    args.max_train_steps = max_steps
+    if args.validation_steps is None and args.validation_epochs is not None:
+        args.validation_steps = args.validation_epochs * steps_per_epoch
+    settings = {**run_settings(args), "num_processes": accelerator.num_processes, "trigger_words": triggers}
     resume_path = resolve_resume(output_dir, args.resume_from_checkpoint)
     run_files = check_output_dir(
         output_dir, settings, args.resume_from_checkpoint is not None, args.overwrite_output_dir, _outputs(args, output_dir)
     )
     if main_process:
         print(summary(args, loaded, triggers, accelerator.num_processes, resume_path, per_epoch), flush=True)
+    repo_id = None
+    if args.push_to_hub and main_process:  # before hours of training: a missing token or a taken name fails now
+        try:
+            repo_id = create_hub_repo(args.hub_model_id or output_dir.name, args.hub_token)
+        except Exception as err:  # noqa: BLE001 - no token, a name taken by someone else, no network
+            raise TrainingError(
+                f"--push_to_hub: could not create the Hub repo {args.hub_model_id or output_dir.name!r} "
+                f"({type(err).__name__}: {err}). Log in with `hf auth login` (or pass --hub_token), check "
+                "--hub_model_id, or drop --push_to_hub; nothing was trained or written"
+            ) from None
 
-    # ---- models
+    # ---- models: every process loads its own copy (the Hub cache locks concurrent downloads of a file)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    with accelerator.main_process_first():
-        components = load_components(args)
     weight_dtype = DTYPES[args.mixed_precision]
+    components = load_components(args, weight_dtype)
     offload = device.type != "cpu"
     text_offload = offload and not args.train_text_encoder
     # nn.Module.to: diffusers' ModelMixin.to warns about "modules to keep in float32" even when there are none
@@ -204,17 +242,18 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     class_records = None
     if args.with_prior_preservation:
         class_dir = Path(args.class_data_dir)
-        missing = args.num_class_images - len(existing_class_images(class_dir))
-        if missing > 0 and main_process:
-            logger.info("generating %d class images of %r in %s", missing, args.class_prompt, class_dir)
+        todo = missing_class_indices(class_dir, args.num_class_images, accelerator.process_index, accelerator.num_processes)
+        accelerator.wait_for_everyone()  # every process has counted the images before any writes more
+        if todo:  # each process renders its share (a slow single renderer would pass the collective timeout)
+            logger.info("generating %d class images of %r in %s", len(todo), args.class_prompt, class_dir)
             pipe = validation_pipeline(components, components.unet, device)
             generate_class_images(
-                pipe, class_dir, args.class_prompt, missing, args.resolution, args.seed,
-                args.sample_batch_size, args.prior_generation_steps, autocast,
+                pipe, class_dir, args.class_prompt, todo, args.resolution, args.seed,
+                args.sample_batch_size, args.prior_generation_steps,
             )  # fmt: skip
             del pipe
         accelerator.wait_for_everyone()
-        class_records = load_class_records(class_dir, args.class_prompt, args.num_class_images)
+        class_records = load_class_records(class_dir, args.class_prompt, args.num_class_images, args.resolution)
 
     models = add_training_adapters(components, args)
     named = named_trainable(models)
@@ -300,7 +339,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
             with on_device(movable, device, bool(movable)):
                 images = render(
                     pipe, args.validation_prompt, args.num_validation_images, args.seed, args.resolution,
-                    args.validation_inference_steps, args.validation_guidance_scale, autocast,
+                    args.validation_inference_steps, args.validation_guidance_scale,
                 )  # fmt: skip
             run_files.claim(validation_folder(step))
             validated[step] = save_images(images, output_dir, step)
@@ -385,9 +424,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     if args.validation_prompt and max_steps not in validated:
         validate(max_steps)
     if main_process:
-        repo_id = str(output_dir)
-        if args.push_to_hub:
-            repo_id = create_hub_repo(args.hub_model_id or output_dir.name, args.hub_token)
+        repo_id = repo_id or str(output_dir)
         images = [str(p.relative_to(output_dir).as_posix()) for p in validated.get(max_steps, [])]
         card = next((n for n in CARD_NAMES if not run_files.conflicts([n])), None)
         if card is None:

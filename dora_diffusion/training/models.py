@@ -39,8 +39,12 @@ class Components:
         return models
 
 
-def load_components(args: argparse.Namespace) -> Components:
-    """Load the base model (Hub id or local diffusers folder) and the chosen VAE, all frozen, in fp32 on the CPU."""
+def load_components(args: argparse.Namespace, dtype: torch.dtype = torch.float32) -> Components:
+    """Load the base model (Hub id or local diffusers folder) and the chosen VAE, all frozen, on the CPU.
+
+    The UNet and text encoders are read straight into ``dtype`` (the training dtype), so a process never
+    holds SDXL's 14 GB of fp32 weights in host memory; the VAE in ``vae_dtype``.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -48,15 +52,16 @@ def load_components(args: argparse.Namespace) -> Components:
     hub = {"revision": args.revision, "cache_dir": args.cache_dir}
     tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", use_fast=False, **hub)
     tokenizer_2 = AutoTokenizer.from_pretrained(base, subfolder="tokenizer_2", use_fast=False, **hub)
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant, **hub)
-    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-        base, subfolder="text_encoder_2", variant=args.variant, **hub
-    )
+    weights = {"variant": args.variant, **hub}
+    te_dtype = {_transformers_dtype_kwarg(): dtype}
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **te_dtype, **weights)
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", **te_dtype, **weights)
     if args.pretrained_vae_model_name_or_path is None:
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, **hub)
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **weights)
     else:
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **hub)
+    vae.to(vae_dtype(vae, dtype))
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype, **weights)
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **hub)
     prediction = noise_scheduler.config.prediction_type
     if prediction not in ("epsilon", "v_prediction"):
@@ -67,11 +72,21 @@ def load_components(args: argparse.Namespace) -> Components:
     return Components(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, noise_scheduler)
 
 
+def _transformers_dtype_kwarg() -> str:
+    """``dtype`` (transformers >= 4.56, where ``torch_dtype`` is deprecated) or ``torch_dtype`` (older)."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
+
+
 def vae_dtype(vae: nn.Module, weight_dtype: torch.dtype) -> torch.dtype:
-    """fp32 for a VAE that overflows in fp16 (``force_upcast``), else ``weight_dtype``."""
-    if weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        return torch.float32
-    return weight_dtype
+    """fp32, as diffusers' SDXL scripts keep it; ``weight_dtype`` only for a VAE that declares itself safe in half
+    precision (``force_upcast: false``, as madebyollin/sdxl-vae-fp16-fix does). SDXL's own VAE overflows in fp16
+    and loses detail in bf16."""
+    if weight_dtype != torch.float32 and getattr(vae.config, "force_upcast", True) is False:
+        return weight_dtype
+    return torch.float32
 
 
 def add_training_adapters(components: Components, args: argparse.Namespace) -> dict[str, nn.Module]:
