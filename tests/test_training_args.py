@@ -128,3 +128,55 @@ def test_on_off_flags():
     assert parse_args(["--dataset", "x", "--gradient_checkpointing"]).gradient_checkpointing is True
     assert parse_args(["--dataset", "x", "--no_prodigy_decouple"]).prodigy_decouple is False
 
+
+
+def test_diffusers_flag_names():
+    """Flags of diffusers' SDXL DreamBooth scripts, pasted as they are."""
+    args = targs.parse_args(
+        ["--dataset_name", "d", "--lora_dropout", "0.1", "--output_kohya_format", "--use_dora", "--rank", "8",
+         "--enable_xformers_memory_efficient_attention", "--validation_epochs", "3", "--caption_column", "prompt",
+         "--gradient_checkpointing", "--num_validation_images", "2", "--train_text_encoder", "--instance_prompt", "a TOK"]
+    )  # fmt: skip
+    assert (args.dataset, args.dropout, args.export_kohya, args.adapter, args.rank) == ("d", 0.1, True, "dora", 8)
+    assert (args.validation_epochs, args.caption_column, args.gradient_checkpointing) == (3, "prompt", True)
+    assert (args.num_validation_images, args.train_text_encoder, args.instance_prompt) == (2, True, "a TOK")
+    assert targs.notices(args) == ["--enable_xformers_memory_efficient_attention: not needed, attention uses PyTorch's SDPA"]
+    ti = targs.parse_args(["--dataset", "d", "--train_text_encoder_ti", "--train_text_encoder_ti_frac", "0.5"])
+    (note,) = targs.notices(ti)
+    assert note.startswith("--train_text_encoder_ti --train_text_encoder_ti_frac: pivotal tuning") and "not implemented" in note
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--use_dora", "--adapter", "lora"], "--use_dora and --adapter lora contradict each other"),
+        (["--use_8bit_adam", "--optimizer", "prodigy"], "--use_8bit_adam and --optimizer prodigy contradict"),
+        (["--validation_epochs", "0"], "--validation_epochs must be at least 1"),
+    ],
+)
+def test_diffusers_flag_conflicts(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        targs.parse_args(["--dataset", "d", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_use_8bit_adam(monkeypatch, capsys):
+    monkeypatch.setattr(targs, "_installed", lambda module: module != "bitsandbytes")
+    with pytest.raises(SystemExit):
+        targs.parse_args(["--dataset", "d", "--use_8bit_adam"])
+    assert "--use_8bit_adam needs the optional package bitsandbytes: pip install bitsandbytes" in capsys.readouterr().err
+    monkeypatch.setattr(targs, "_installed", lambda module: True)
+    assert targs.parse_args(["--dataset", "d", "--use_8bit_adam"]).optimizer == "adamw8bit"
+
+
+def test_epochs_to_steps():
+    """23 images, batch 3, accumulation 2: 8 micro-batches = 4 steps per epoch."""
+    from dora_diffusion.training.loop import resolve_schedule
+
+    args = targs.parse_args(["--dataset", "d", "--train_batch_size", "3", "--gradient_accumulation_steps", "2",
+                             "--num_train_epochs", "5", "--validation_epochs", "2"])  # fmt: skip
+    assert resolve_schedule(args, 23, 1) == 8
+    assert (args.max_train_steps, args.validation_steps) == (20, 8)
+    args = targs.parse_args(["--dataset", "d", "--validation_epochs", "2", "--validation_steps", "7"])
+    resolve_schedule(args, 23, 2)
+    assert (args.max_train_steps, args.validation_steps) == (500, 7)  # --validation_steps wins

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -378,6 +379,51 @@ def test_prior_preservation_generates_missing_class_images(work):
     assert all(Image.open(class_dir / n).size == (64, 64) for n in made)
     assert "prior preservation x1 (3 x 'a toy')" in stdout
     assert len(read_step_log(out)) == 2 and (out / WEIGHTS).is_file()
+
+
+def test_class_images_split_across_processes_are_the_same_images(tmp_path):
+    """Two processes render disjoint halves; together they are exactly the images one process renders."""
+    from dora_diffusion.training.prior import generate_class_images, missing_class_indices
+    from dora_diffusion.training.validation import NonFiniteImages
+
+    pipe = build_tiny_sdxl_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "existing.png").write_bytes(b"")  # counted: numbering continues after it
+    shares = [missing_class_indices(tmp_path / "one", 5, rank, 2) for rank in (0, 1)]
+    assert shares == [[1, 3], [2, 4]]
+    alone = generate_class_images(pipe, tmp_path / "alone", "a toy", [1, 2, 3, 4], 64, 0, 2, 2)
+    split = [p for share in shares for p in generate_class_images(pipe, tmp_path / "split", "a toy", share, 64, 0, 2, 2)]
+    assert sorted(p.name for p in split) == [p.name for p in alone]
+    for p in alone:
+        assert np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(tmp_path / "split" / p.name)))
+    # a NaN image (fp16 overflow) stops the run instead of training the prior on black squares
+    pipe.vae.decode = lambda z, return_dict=False: (torch.full((z.shape[0], 3, 64, 64), float("nan")),)
+    with pytest.raises(NonFiniteImages, match="class images for prior preservation: 1 of 1 images of 'a toy' have NaN"):
+        generate_class_images(pipe, tmp_path / "nan", "a toy", [0], 64, 0, 1, 2)
+    assert not list((tmp_path / "nan").glob("*.png"))
+
+
+def test_deepspeed_and_fsdp_are_refused_at_start(work, monkeypatch):
+    for env in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        with monkeypatch.context() as mp:
+            mp.setenv(env, "true")
+            with pytest.raises(TrainingError, match="does not support") as err:
+                main(argv(work, "sharded"))
+        assert ("FSDP" if "FSDP" in env else "DeepSpeed") in str(err.value) and "--multi_gpu" in str(err.value)
+        assert not (work / "sharded").exists()
+
+
+def test_push_to_hub_fails_before_training(work, monkeypatch):
+    """A missing token fails at the start, not after hours of training; nothing is written."""
+    def no_token(repo_id, token=None):
+        raise OSError("Invalid user token")
+
+    monkeypatch.setattr(training_loop, "create_hub_repo", no_token)
+    monkeypatch.setattr(training_loop, "load_components", lambda *a: pytest.fail("models loaded before the Hub check"))
+    with pytest.raises(TrainingError, match="--push_to_hub: could not create the Hub repo 'nohub'.*Invalid user token"):
+        main(argv(work, "nohub", "--push_to_hub"))
+    assert not (work / "nohub").exists()
 
 
 # ---------------------------------------------------------------- bad input

@@ -27,8 +27,10 @@ class ShardingNotSupported(TrainingError):
     """An accelerate config asks for DeepSpeed or FSDP, which this script does not support."""
 
 
-def refuse_sharding(accelerator) -> None:
-    """Refuse DeepSpeed and FSDP configs at the start, before anything is loaded.
+def refuse_sharding(accelerator=None) -> None:
+    """Refuse DeepSpeed and FSDP configs at the start, before anything is loaded: from the environment
+    ``accelerate launch`` sets (call it before creating the Accelerator, which would fail first without
+    deepspeed installed), then from the ``accelerator``'s own distributed type.
 
     This script keeps the whole frozen model on every process and all-reduces the adapter's gradients itself;
     DeepSpeed and FSDP would shard or wrap the model it never hands them. The adapter is a few MB, so plain
@@ -36,7 +38,7 @@ def refuse_sharding(accelerator) -> None:
     """
     from accelerate.utils import DistributedType
 
-    kind = accelerator.distributed_type
+    kind = None if accelerator is None else accelerator.distributed_type
     env = {k: os.environ.get(k, "").lower() for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")}
     if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP) or "true" in env.values():
         name = "DeepSpeed" if kind == DistributedType.DEEPSPEED or env["ACCELERATE_USE_DEEPSPEED"] == "true" else "FSDP"

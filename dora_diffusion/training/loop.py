@@ -98,6 +98,21 @@ def resolve_triggers(args: argparse.Namespace, captions: list[str]) -> list[str]
     return triggers
 
 
+def resolve_schedule(args: argparse.Namespace, num_images: int, num_processes: int) -> int:
+    """Set ``args.max_train_steps`` (from ``--num_train_epochs`` if not given) and ``args.validation_steps`` (from
+    diffusers' ``--validation_epochs`` if not given); returns the micro-batches per epoch.
+
+    An epoch is ``num_images * repeats`` samples: ``ceil(samples / (batch * processes))`` micro-batches, and
+    ``ceil(micro-batches / accumulation)`` optimizer steps.
+    """
+    per_epoch = -(-num_images * args.repeats // (args.train_batch_size * num_processes))
+    steps_per_epoch = math.ceil(per_epoch / args.gradient_accumulation_steps)
+    args.max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    if args.validation_steps is None and args.validation_epochs is not None:
+        args.validation_steps = args.validation_epochs * steps_per_epoch
+    return per_epoch
+
+
 def _show_logs(main_process: bool) -> None:
     """Show dora_diffusion's INFO messages on the main process (others: errors only), leaving other loggers be."""
     package = logging.getLogger("dora_diffusion")
@@ -171,6 +186,7 @@ def train(args: argparse.Namespace) -> Path:
     The caller's torch RNG state is restored afterwards.
     """
     require("train", "training", ("accelerate",))
+    refuse_sharding()
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir)
     device = accelerator.device
@@ -199,13 +215,8 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
         args.validation_prompt = default_validation_prompt(triggers, captions)
     elif args.validation_prompt.strip().lower() in ("none", ""):
         args.validation_prompt = None
-    num_items = len(loaded.records) * args.repeats
-    per_epoch = -(-num_items // (args.train_batch_size * accelerator.num_processes))
-    steps_per_epoch = math.ceil(per_epoch / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    args.max_train_steps = max_steps
-    if args.validation_steps is None and args.validation_epochs is not None:
-        args.validation_steps = args.validation_epochs * steps_per_epoch
+    per_epoch = resolve_schedule(args, len(loaded.records), accelerator.num_processes)
+    max_steps = args.max_train_steps
     settings = {**run_settings(args), "num_processes": accelerator.num_processes, "trigger_words": triggers}
     resume_path = resolve_resume(output_dir, args.resume_from_checkpoint)
     run_files = check_output_dir(

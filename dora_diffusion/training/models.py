@@ -46,12 +46,14 @@ def load_components(args: argparse.Namespace, dtype: torch.dtype = torch.float32
     holds SDXL's 14 GB of fp32 weights in host memory; the VAE in ``vae_dtype``.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     base = args.pretrained_model_name_or_path
     hub = {"revision": args.revision, "cache_dir": args.cache_dir}
-    tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", use_fast=False, **hub)
-    tokenizer_2 = AutoTokenizer.from_pretrained(base, subfolder="tokenizer_2", use_fast=False, **hub)
+    # CLIPTokenizer, not AutoTokenizer: transformers 5's AutoTokenizer first looks for a tokenizer/config.json,
+    # which SDXL repos do not have, and offline (HF_HUB_OFFLINE=1) that lookup fails instead of being skipped
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **hub)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", **hub)
     weights = {"variant": args.variant, **hub}
     te_dtype = {_transformers_dtype_kwarg(): dtype}
     text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **te_dtype, **weights)
