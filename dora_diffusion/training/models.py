@@ -62,7 +62,7 @@ def load_components(args: argparse.Namespace, dtype: torch.dtype = torch.float32
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **weights)
     else:
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
-    vae.to(vae_dtype(vae, dtype))
+    nn.Module.to(vae, dtype=vae_dtype(vae, dtype))  # ModelMixin.to warns about fp32 modules even when there are none
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype, **weights)
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **hub)
     prediction = noise_scheduler.config.prediction_type

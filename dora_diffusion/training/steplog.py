@@ -1,4 +1,5 @@
-"""``output_dir/training_log.jsonl``: one ``{"step", "loss", "lr"}`` line per optimizer step (main process).
+"""``output_dir/training_log.jsonl``: one ``{"step", "loss", "lr", "time"}`` line per optimizer step (main process;
+``time`` is the Unix time the step ended).
 
 Plain text so a UI can plot the loss curve without a tracker; a resumed run keeps the lines up to its
 checkpoint and appends from there.
@@ -7,6 +8,7 @@ checkpoint and appends from there.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 LOG_FILE = "training_log.jsonl"
@@ -22,7 +24,7 @@ class StepLog:
 
     def write(self, step: int, loss: float, lr: float) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+            f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "time": round(time.time(), 3)}) + "\n")
 
 
 def read_step_log(output_dir: str | Path) -> list[dict]:
