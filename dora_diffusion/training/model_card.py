@@ -62,8 +62,9 @@ def model_card(
         front.insert(1, f"base_model: {_yaml(base)}")
     if base == SDXL_BASE:
         front.append("license: openrail++")
-    if settings.get("instance_prompt"):
-        front.append(f"instance_prompt: {_yaml(settings['instance_prompt'])}")
+    instance = settings.get("instance_prompt") or " ".join(trigger_words)
+    if instance:  # what the Hub's widget and its "trigger" field show
+        front.append(f"instance_prompt: {_yaml(instance)}")
     front += ["tags:", *(f"- {t}" for t in ("text-to-image", "diffusers", "stable-diffusion-xl", kind, "dora-diffusion", "template:sd-lora"))]
     if validation_images:
         front.append("widget:")
