@@ -62,6 +62,25 @@ class AdapterConfig:
         return asdict(self)
 
 
+def match_pattern(pattern: dict[str, float], names: list[str]) -> dict[str, float]:
+    """Resolve a per-module pattern (``{"down_blocks.2": 16, "to_k": 4}``) to full module names.
+
+    A key matches a module whose name holds it as whole dotted parts: ``down_blocks.2`` matches
+    ``down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q``, ``to_k`` every ``...attn1.to_k``, but
+    ``down_blocks.1`` never ``down_blocks.10``. Where several keys match, the one with most dotted parts wins
+    (then the longer). Modules no key matches are left out.
+    """
+    ranked = sorted(pattern.items(), key=lambda kv: (kv[0].count("."), len(kv[0])), reverse=True)
+    out = {}
+    for name in names:
+        padded = f".{name}."
+        for key, value in ranked:
+            if f".{key}." in padded:
+                out[name] = value
+                break
+    return out
+
+
 def lora_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
     """The scale s of the low-rank update: ``alpha / r`` or ``alpha / sqrt(r)`` with rsLoRA."""
     return float(alpha) / (math.sqrt(rank) if use_rslora else rank)

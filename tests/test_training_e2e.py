@@ -381,6 +381,38 @@ def test_prior_preservation_generates_missing_class_images(work):
     assert len(read_step_log(out)) == 2 and (out / WEIGHTS).is_file()
 
 
+def test_rank_pattern_magnitude_lr_debiased_and_masked_loss(work, base_images):
+    """Per-module ranks and alphas land in the file's shapes and metadata; load_dora_weights and diffusers'
+    load_lora_weights read the file back to the same images (and to other images than the base)."""
+    masks = work / "masks"
+    masks.mkdir(exist_ok=True)
+    for i in range(3):
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (0, 0, 32, 64))  # learn the left half
+        mask.save(masks / f"{i:04d}.png")
+    flags = ["--rank_pattern", '{"down_blocks.2": 8, "to_k": 2}', "--alpha_pattern", '{"to_v": 3}',
+             "--magnitude_lr", "1e-2", "--debiased_estimation_loss", "--mask_dir", str(masks), "--checkpointing_steps", "0"]  # fmt: skip
+    out, stdout = run(argv(work, "features", *flags, steps=2))
+    assert "ranks {'down_blocks.2': 8, 'to_k': 2}, alphas {'to_v': 3.0}" in stdout
+    assert "debiased estimation 1/sqrt(SNR), masked by" in stdout and "magnitudes 0.01" in stdout
+    sd = load_file(out / WEIGHTS)
+    a = {k.removesuffix(".lora_A.weight"): v.shape[0] for k, v in sd.items() if k.endswith("lora_A.weight")}
+    assert a["unet.down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_k"] == 8  # the longer key wins
+    assert a["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"] == 2
+    assert a["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"] == 4
+    with safe_open(str(out / WEIGHTS), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])  # diffusers' flat "unet.<field>" keys
+    assert meta["unet.rank_pattern"]["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"] == 2
+    assert meta["unet.alpha_pattern"]["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v"] == 3.0
+    assert meta["unet.alpha_pattern"]["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"] == 2.0  # alpha = rank
+    ours = render_with(out)
+    pipe = build_tiny_sdxl_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(out)
+    theirs = render(pipe)
+    assert max_diff(ours, theirs) < 1e-4 < max_diff(ours, base_images)
+
+
 def test_class_images_split_across_processes_are_the_same_images(tmp_path):
     """Two processes render disjoint halves; together they are exactly the images one process renders."""
     from dora_diffusion.training.prior import generate_class_images, missing_class_indices

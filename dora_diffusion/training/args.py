@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dropout", "--lora_dropout", dest="dropout", type=float, default=0.0, help="Dropout on the input of the low-rank path.")
     add("--rslora", action="store_true", help="Scale by alpha / sqrt(rank) (rank-stabilised LoRA).")
     add(
+        "--rank_pattern",
+        type=json_dict("--rank_pattern", int),
+        default={},
+        help="Per-module ranks, PEFT's dict form as JSON: '{\"down_blocks.2\": 16, \"to_k\": 4}'. A key matches a module "
+        "whose name holds it as whole dotted parts (a block, a layer, a suffix); the longest matching key wins.",
+    )
+    add("--alpha_pattern", type=json_dict("--alpha_pattern", float), default={}, help="Per-module alphas, as --rank_pattern.")
+    add(
         "--unet_targets",
         default="attn",
         help="UNet modules to adapt: a preset (attn, attn_ff, all), comma-separated module names, or re:<regex>.",
@@ -106,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     add = g.add_argument
     add("--optimizer", choices=("adamw", "adamw8bit", "prodigy"), default="adamw", type=str.lower, help="Optimizer.")
     add("--learning_rate", type=float, default=1e-4, help="Learning rate of the UNet adapter (prodigy: use 1.0).")
+    add(
+        "--magnitude_lr",
+        type=float,
+        default=None,
+        help="Learning rate of the UNet's DoRA magnitudes (default: --learning_rate); text-encoder magnitudes get "
+        "--text_encoder_lr times the same ratio.",
+    )
     add("--scale_lr", action="store_true", help="Multiply the learning rates by batch size x accumulation x processes.")
     add("--adam_beta1", type=float, default=0.9)
     add("--adam_beta2", type=float, default=0.999)
@@ -125,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max_train_steps", type=int, default=None, help="Optimizer steps (default 500, or --num_train_epochs).")
     add("--num_train_epochs", type=int, default=None, help="Train this many epochs when --max_train_steps is not given.")
     add("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is usual).")
+    add(
+        "--debiased_estimation_loss",
+        action="store_true",
+        help="Weight each sample's loss by 1/sqrt(SNR) (1/(SNR+1) for v-prediction), SNR capped at 1000 (kohya's flag).",
+    )
+    add(
+        "--mask_dir",
+        default=None,
+        help="Masked loss: a folder of masks named like the training images (cat.png for cat.jpg; white = learn, "
+        "black = ignore), cropped and flipped with their images.",
+    )
     add("--noise_offset", type=float, default=0.0, help="Noise offset (0.05-0.1 helps very dark/bright images).")
     add("--cache_latents", action="store_true", help="Encode every image with the VAE once, before training.")
     add("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: bf16 where supported, else fp16; no on CPU.")
@@ -203,6 +229,30 @@ def notices(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def json_dict(flag: str, value_type: type):
+    """An argparse type: a JSON object of module-name keys to positive numbers."""
+    import json
+
+    def parse(text: str) -> dict:
+        try:
+            value = json.loads(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"not JSON ({err}); write e.g. '{{\"down_blocks.2\": 16}}'") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"expected a JSON object of module name -> number, got {type(value).__name__}")
+        out = {}
+        for key, v in value.items():
+            if not key or not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise argparse.ArgumentTypeError(f"{key!r}: {v!r} is not a positive number")
+            if value_type is int and v != int(v):
+                raise argparse.ArgumentTypeError(f"{key!r}: rank {v!r} is not a whole number")
+            out[key] = value_type(v)
+        return out
+
+    parse.__name__ = flag
+    return parse
+
+
 def on_off(group, name: str, default: bool, help: str) -> None:
     """``--name`` / ``--no_name`` (underscores, like every other flag here)."""
     group.add_argument(f"--{name}", dest=name, action="store_true", default=default, help=f"{help} Default {'on' if default else 'off'}; --no_{name} turns it off.")
@@ -224,6 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.optimizer = "adamw8bit"
     if args.max_train_steps is None and args.num_train_epochs is None:
         args.max_train_steps = 500
+    args.alpha_is_rank = args.alpha is None
     if args.alpha is None:
         args.alpha = float(args.rank)
     args.pretrained_vae_model_name_or_path = resolve_vae(
@@ -242,8 +293,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None 
         value = getattr(args, action.dest, None)
         if action.type is float and isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{action.option_strings[0]} must be a finite number, got {value}")
-    for name in ("learning_rate", "text_encoder_lr"):
-        if getattr(args, name) <= 0:
+    for name in ("learning_rate", "text_encoder_lr", "magnitude_lr"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ("unet_targets", "text_encoder_targets"):
         targets = parse_targets(getattr(args, name), f"--{name}")
@@ -396,8 +447,12 @@ RUN_KEYS = (
     "unet_targets",
     "train_text_encoder",
     "text_encoder_targets",
+    "rank_pattern",
+    "alpha_pattern",
 )
 """Settings that define the adapter being trained: a checkpoint made with other values cannot be resumed."""
+RUN_DEFAULTS = {"rank_pattern": {}, "alpha_pattern": {}}
+"""What a setting recorded by an older version, which did not have it, meant."""
 PATH_KEYS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset")
 """Settings that may be local paths: compared by what they point at, not as strings."""
 

@@ -343,6 +343,35 @@ def _check_readable(name: str, records: list[Record], skipped: list[str]) -> Non
         raise DatasetError(f"{name} holds no images")
 
 
+def load_masks(mask_dir: str | Path, records: list[Record]) -> list[Image.Image]:
+    """The loss mask of each record: ``mask_dir/<image stem>.<any image suffix>``, greyscale (``L``), upright, at
+    the size the record's image has now (bilinear). White pixels are learnt, black ones ignored.
+
+    Raises ``DatasetError`` naming the images without a mask, or a mask that cannot be read.
+    """
+    folder = Path(mask_dir)
+    if not folder.is_dir():
+        raise DatasetError(f"--mask_dir {mask_dir} is not a folder")
+    by_stem = {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+    missing = [r.name for r in records if Path(r.name).stem not in by_stem]
+    if missing:
+        raise DatasetError(
+            f"--mask_dir {mask_dir}: {len(missing)} of {len(records)} images have no mask of the same name "
+            f"(e.g. {missing[:3]}; {Path(missing[0]).stem}.png would do)"
+        )
+    masks = []
+    for r in records:
+        path = by_stem[Path(r.name).stem]
+        try:
+            with Image.open(path) as mask:
+                mask.load()
+                mask = ImageOps.exif_transpose(mask).convert("L")
+        except Exception as err:  # noqa: BLE001
+            raise DatasetError(f"--mask_dir: mask {path} cannot be read ({err})") from None
+        masks.append(mask if mask.size == r.image.size else mask.resize(r.image.size, Image.Resampling.BILINEAR))
+    return masks
+
+
 FILLER = frozenset("a an the of in on at by for with and photo picture image style".split())
 """Words that alone do not make a trigger phrase ("a photo of" is shared by many captions and means nothing)."""
 

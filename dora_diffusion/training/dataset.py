@@ -79,7 +79,16 @@ def crop_uint8(image: Image.Image, plan: CropPlan) -> torch.Tensor:
     image = image.crop((plan.left, plan.top, plan.left + r, plan.top + r))
     if plan.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:  # a greyscale mask
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def latent_mask(pixels: torch.Tensor, factor: int = 8) -> torch.Tensor:
+    """A (1, H, W) uint8 mask as loss weights on the latent grid: (1, H/8, W/8) float32 in [0, 1], the mean of
+    each 8 x 8 block (a latent pixel half covered by the mask counts half)."""
+    return torch.nn.functional.avg_pool2d(pixels.float().div(255.0).unsqueeze(0), factor).squeeze(0)
 
 
 def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
@@ -110,6 +119,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         seed: int = 0,
         class_records: list[Record] | None = None,
         class_prompt: str | None = None,
+        masks: list[Image.Image] | None = None,
     ) -> None:
         if not records:
             raise ValueError("DreamBoothDataset needs at least one image")
@@ -129,6 +139,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.pixels = [crop_uint8(records[i % len(records)].image, p) for i, p in enumerate(self.plans)]
         """Each sample's crop, made once: (3, res, res) uint8."""
         self.class_pixels = [crop_uint8(r.image, p) for r, p in zip(self.class_records, self.class_plans)]
+        self.masks = None if masks is None else [crop_uint8(masks[i % len(masks)], p) for i, p in enumerate(self.plans)]
+        """Each sample's loss mask, cropped and flipped as its image: (1, res, res) uint8, or None."""
 
     def __len__(self) -> int:
         return len(self.plans)
@@ -139,6 +151,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index % len(self.records)]
         item = {"index": index, "caption": record.caption, "time_ids": self.plans[index].time_ids()}
+        if self.masks is not None:
+            item["mask"] = latent_mask(self.masks[index])
         if self.with_pixels:
             item["pixels"] = to_unit_range(self.pixels[index])
         if self.class_records:
@@ -158,6 +172,8 @@ def collate(items: list[dict]) -> dict:
     }
     if "pixels" in items[0]:
         batch["pixels"] = torch.stack([it["pixels"] for it in items])
+    if "mask" in items[0]:
+        batch["mask"] = torch.stack([it["mask"] for it in items])  # instance samples only
     if "class_caption" in items[0]:
         batch["class_index"] = torch.tensor([it["class_index"] for it in items])
         batch["captions"] += [it["class_caption"] for it in items]

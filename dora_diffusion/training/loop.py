@@ -29,7 +29,7 @@ from .checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from .data import default_validation_prompt, load_records, trigger_words
+from .data import default_validation_prompt, load_masks, load_records, trigger_words
 from .dataset import ADAPTER_INIT, STEP_NOISE, DreamBoothDataset, MicroBatchSampler, collate, derive_seed
 from .distributed import adapters_in_sync, average_gradients, broadcast_parameters, make_accelerator, refuse_sharding
 from .encode import LatentSource, PromptSource
@@ -177,7 +177,11 @@ def micro_batch_loss(
         ).sample
     target = target_for(scheduler, z, noise, timesteps)
     num_class = len(batch["class_index"]) if "class_index" in batch else 0
-    return denoising_loss(pred, target, timesteps, scheduler, args.snr_gamma, num_class, args.prior_loss_weight)
+    mask = batch["mask"].to(device) if "mask" in batch else None
+    return denoising_loss(
+        pred, target, timesteps, scheduler, args.snr_gamma, num_class, args.prior_loss_weight,
+        getattr(args, "debiased_estimation_loss", False), mask,
+    )  # fmt: skip
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -210,6 +214,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
             args.cache_dir, args.dataset_revision, args.resolution,
         )  # fmt: skip
     captions = [r.caption for r in loaded.records]
+    masks = load_masks(args.mask_dir, loaded.records) if args.mask_dir else None
     triggers = resolve_triggers(args, captions)
     if args.validation_prompt is None:
         args.validation_prompt = default_validation_prompt(triggers, captions)
@@ -285,7 +290,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     # ---- data pipeline
     dataset = DreamBoothDataset(
         loaded.records, args.resolution, args.center_crop, args.random_flip, args.repeats, args.seed,
-        class_records, args.class_prompt,
+        class_records, args.class_prompt, masks,
     )  # fmt: skip
     latents = LatentSource(components.vae, device, next(components.vae.parameters()).dtype)
     prompts = PromptSource(components, device, trained=args.train_text_encoder)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
-from ..inject import add_adapter, adapted_layers, trainable_parameters
+from ..config import AdapterConfig, match_pattern
+from ..inject import add_adapter, adapted_layers, find_targets, trainable_parameters
 from .args import parse_targets
 
 logger = logging.getLogger(__name__)
@@ -97,24 +97,34 @@ def add_training_adapters(components: Components, args: argparse.Namespace) -> d
     Call after the base weights have their training dtype, so the magnitudes start at exactly ``||W0||``
     of the weights the forward pass uses. Adapter parameters are fp32 whatever the base dtype.
     """
-    def config(targets: str) -> AdapterConfig:
-        return AdapterConfig(
-            rank=args.rank,
-            alpha=args.alpha,
-            use_dora=args.adapter == "dora",
-            dropout=args.dropout,
-            use_rslora=args.rslora,
-            targets=parse_targets(targets),
-        )
-
     models = components.adaptable(args.train_text_encoder)
+    rank_pattern, alpha_pattern = getattr(args, "rank_pattern", {}), getattr(args, "alpha_pattern", {})
+    targets = {}
     for name, model in models.items():
-        targets = args.unet_targets if name == "unet" else args.text_encoder_targets
+        value = args.unet_targets if name == "unet" else args.text_encoder_targets
+        flag = "--unet_targets" if name == "unet" else "--text_encoder_targets"
         try:
-            add_adapter(model, config(targets), ADAPTER_NAME)
+            targets[name] = find_targets(model, parse_targets(value))
         except ValueError as err:
-            flag = "--unet_targets" if name == "unet" else "--text_encoder_targets"
-            raise ValueError(f"{flag} {targets!r}: {err}") from None
+            raise ValueError(f"{flag} {value!r}: {err}") from None
+    every = [n for names in targets.values() for n in names]
+    unused = sorted(k for k in {*rank_pattern, *alpha_pattern} if not match_pattern({k: 1}, every))
+    if unused:
+        raise ValueError(
+            f"--rank_pattern/--alpha_pattern keys {unused} match no adapted module (keys are whole dotted parts of "
+            f"a module name, such as 'down_blocks.2' or 'to_k', among the targets of --unet_targets {args.unet_targets!r})"
+        )
+    for name, model in models.items():
+        names = targets[name]
+        ranks = {n: int(r) for n, r in match_pattern(rank_pattern, names).items()}
+        alphas = match_pattern(alpha_pattern, names)
+        if getattr(args, "alpha_is_rank", False):  # no --alpha: alpha = rank, per module too (scale 1)
+            alphas = {**{n: float(r) for n, r in ranks.items()}, **alphas}
+        config = AdapterConfig(
+            rank=args.rank, alpha=args.alpha, use_dora=args.adapter == "dora", dropout=args.dropout,
+            use_rslora=args.rslora, targets=names, rank_pattern=ranks, alpha_pattern=alphas,
+        )  # fmt: skip
+        add_adapter(model, config, ADAPTER_NAME)
     return models
 
 

@@ -13,10 +13,14 @@ logger = logging.getLogger(__name__)
 
 def param_groups(named: list[tuple[str, nn.Parameter]], args: argparse.Namespace, lr_scale: float = 1.0) -> list[dict]:
     """Groups: UNet and text encoders get their own learning rate; magnitudes get no weight decay
-    (decaying ``m`` towards 0 would shrink the adapted weights, not regularise the update)."""
+    (decaying ``m`` towards 0 would shrink the adapted weights, not regularise the update) and their own
+    learning rate, ``--magnitude_lr`` (the DoRA knob: how fast the per-channel scale moves against the
+    direction), which scales the text encoders' magnitudes by the same ratio."""
     unet_lr = args.learning_rate * lr_scale
     # Prodigy estimates one step size; diffusers gives every group the same lr with it.
     te_lr = unet_lr if args.optimizer == "prodigy" else args.text_encoder_lr * lr_scale
+    magnitude_lr = getattr(args, "magnitude_lr", None)
+    ratio = 1.0 if magnitude_lr is None else magnitude_lr / args.learning_rate
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in named:
         comp = "unet" if name.startswith("unet.") else "text_encoders"
@@ -26,7 +30,7 @@ def param_groups(named: list[tuple[str, nn.Parameter]], args: argparse.Namespace
         out.append(
             {
                 "params": params,
-                "lr": unet_lr if comp == "unet" else te_lr,
+                "lr": (unet_lr if comp == "unet" else te_lr) * (ratio if is_magnitude else 1.0),
                 "weight_decay": 0.0 if is_magnitude else args.adam_weight_decay,
                 "name": f"{comp}.{'magnitude' if is_magnitude else 'lowrank'}",
             }

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..formats import DEFAULT_WEIGHT_NAME
-from .args import PATH_KEYS, RUN_KEYS
+from .args import PATH_KEYS, RUN_DEFAULTS, RUN_KEYS
 from .checkpoint import CHECKPOINT_RE, STATE_FILE, remove_stale_temporaries
 from .steplog import LOG_FILE
 
@@ -166,7 +166,7 @@ def differences(old: dict, new: dict, keys=RUN_KEYS) -> dict[str, tuple]:
     old_resolved = old.get(RESOLVED_KEY) if isinstance(old.get(RESOLVED_KEY), dict) else {}
     out = {}
     for k in keys:
-        a, b = old.get(k), new.get(k)
+        a, b = old.get(k, RUN_DEFAULTS.get(k)), new.get(k, RUN_DEFAULTS.get(k))
         if k in PATH_KEYS:
             same = old_resolved.get(k, normalized_path(a)) == normalized_path(b) or normalized_path(a) == normalized_path(b)
         else:

@@ -25,11 +25,17 @@ def summary(
     )
     targets = f"UNet {args.unet_targets!r}" + (f" + both text encoders {args.text_encoder_targets!r}" if args.train_text_encoder else "")
     lr = f"lr {args.learning_rate:g}" + (f" (text encoders {args.text_encoder_lr:g})" if args.train_text_encoder else "")
+    if getattr(args, "magnitude_lr", None) is not None:
+        lr += f", magnitudes {args.magnitude_lr:g}"
     per_step = args.train_batch_size * args.gradient_accumulation_steps * num_processes
     epochs = args.max_train_steps * args.gradient_accumulation_steps / micro_batches_per_epoch
     crop = "centre crop" if args.center_crop else "random crop"
     loss = [f"{'noise offset ' + format(args.noise_offset, 'g') if args.noise_offset else 'no noise offset'}"]
     loss.append(f"Min-SNR gamma {args.snr_gamma:g}" if args.snr_gamma else "no Min-SNR")
+    if getattr(args, "debiased_estimation_loss", False):
+        loss.append("debiased estimation 1/sqrt(SNR)")
+    if getattr(args, "mask_dir", None):
+        loss.append(f"masked by {args.mask_dir}")
     if args.with_prior_preservation:
         loss.append(f"prior preservation x{args.prior_loss_weight:g} ({args.num_class_images} x {args.class_prompt!r})")
     validation = "none (no --validation_prompt)"
@@ -47,7 +53,9 @@ def summary(
         ("trigger words", ", ".join(triggers) or "none found in the captions"),
         ("images", f"{args.resolution}px, {crop}{', random flip' if args.random_flip else ''}, repeats {args.repeats}"),
         ("adapter", f"{kind} rank {args.rank}, alpha {args.alpha:g} (scale {scale:g}{', rsLoRA' if args.rslora else ''}), "
-         f"dropout {args.dropout:g} on {targets}"),
+         f"dropout {args.dropout:g} on {targets}"
+         + "".join(f", {flag} {value}" for flag, value in (("ranks", getattr(args, "rank_pattern", None)),
+                                                          ("alphas", getattr(args, "alpha_pattern", None))) if value)),
         ("optimizer", f"{args.optimizer} {lr}, weight decay {args.adam_weight_decay:g} (not on magnitudes), "
          f"{args.lr_scheduler} schedule, {args.lr_warmup_steps} warm-up steps, clip {args.max_grad_norm:g}"),
         ("batch", f"{args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x {num_processes} "
