@@ -74,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resolution", type=int, default=1024, help="Square training resolution in pixels (a multiple of 8).")
     add("--center_crop", action="store_true", help="Crop the centre after resizing (default: a random crop).")
     add("--random_flip", action="store_true", help="Flip half of the images horizontally.")
+    add(
+        "--buckets",
+        "--enable_bucket",
+        dest="buckets",
+        action="store_true",
+        help="Aspect-ratio buckets: crop each image to the bucket (about resolution^2 pixels) nearest its shape, "
+        "instead of a square.",
+    )
+    add("--bucket_step", "--bucket_reso_steps", dest="bucket_step", type=int, default=64, help="Bucket sides are multiples of this.")
+    add("--min_bucket_side", "--min_bucket_reso", dest="min_bucket_side", type=int, default=None, help="Default: resolution / 2.")
+    add("--max_bucket_side", "--max_bucket_reso", dest="max_bucket_side", type=int, default=None, help="Default: 2 x resolution.")
     add("--dataloader_num_workers", type=int, default=0, help="Worker processes that prepare images.")
 
     g = p.add_argument_group("prior preservation")
@@ -324,6 +335,14 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None 
         raise ValueError("--use_8bit_adam needs the optional package bitsandbytes: pip install bitsandbytes")
     if args.validation_epochs is not None and args.validation_epochs < 1:
         raise ValueError(f"--validation_epochs must be at least 1, got {args.validation_epochs}")
+    if args.buckets:
+        if args.bucket_step < 8 or args.bucket_step % 8:
+            raise ValueError(f"--bucket_step must be a positive multiple of 8, got {args.bucket_step}")
+        low, high = args.min_bucket_side, args.max_bucket_side
+        if low is not None and (low % args.bucket_step or low > args.resolution):
+            raise ValueError(f"--min_bucket_side {low} must be a multiple of --bucket_step and at most --resolution")
+        if high is not None and (high % args.bucket_step or high < args.resolution):
+            raise ValueError(f"--max_bucket_side {high} must be a multiple of --bucket_step and at least --resolution")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         raise ValueError("--overwrite_output_dir and --resume_from_checkpoint contradict each other; pass one")
     if args.checkpointing_steps < 0:

@@ -33,41 +33,52 @@ AUGMENT, CLASS_AUGMENT, EPOCH_ORDER, STEP_NOISE, CLASS_GENERATION, ADAPTER_INIT 
 
 @dataclass(frozen=True)
 class CropPlan:
-    """Where a sample comes from: resize to ``resized`` (w, h), crop ``resolution`` at (top, left), maybe flip."""
+    """Where a sample comes from: resize to ``resized`` (w, h), crop ``target`` (w, h) at (top, left), maybe flip."""
 
     original_size: tuple[int, int]
     """(height, width) of the image before resizing."""
     resized: tuple[int, int]
-    """(width, height) after resizing the short side to the resolution."""
+    """(width, height) after resizing to cover the target."""
     top: int
     left: int
     flip: bool
-    resolution: int
+    target: tuple[int, int]
+    """(width, height) of the crop: the square resolution, or an aspect-ratio bucket."""
 
     @property
     def crop_top_left(self) -> tuple[int, int]:
         """(top, left) of the crop in the image the model sees: after a flip, left counts from the flipped side."""
         width = self.resized[0]
-        left = width - self.resolution - self.left if self.flip else self.left
+        left = width - self.target[0] - self.left if self.flip else self.left
         return self.top, left
 
     def time_ids(self) -> torch.Tensor:
-        """SDXL's micro-conditioning: original size, crop top-left, target size, (6,) float32."""
-        values = (*self.original_size, *self.crop_top_left, self.resolution, self.resolution)
+        """SDXL's micro-conditioning: original size, crop top-left, target size (h, w), (6,) float32."""
+        values = (*self.original_size, *self.crop_top_left, self.target[1], self.target[0])
         return torch.tensor(values, dtype=torch.float32)
 
 
-def plan_crop(size: tuple[int, int], resolution: int, center_crop: bool, random_flip: bool, seed: int) -> CropPlan:
-    """The resize/crop/flip of an image of ``size`` (w, h), drawn from ``seed``."""
+def plan_crop(
+    size: tuple[int, int], target: int | tuple[int, int], center_crop: bool, random_flip: bool, seed: int
+) -> CropPlan:
+    """The resize/crop/flip of an image of ``size`` (w, h) to ``target`` (a square side, or (w, h)), from ``seed``.
+
+    The image is resized (keeping its aspect ratio) to the smallest size that covers the target.
+    """
     w, h = size
-    rw, rh = resized_size(size, resolution)
+    tw, th = (target, target) if isinstance(target, int) else target
+    if tw == th:
+        rw, rh = resized_size(size, tw)
+    else:
+        scale = max(tw / w, th / h)
+        rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
     rng = random.Random(seed)
     if center_crop:
-        top, left = int(round((rh - resolution) / 2)), int(round((rw - resolution) / 2))
+        top, left = int(round((rh - th) / 2)), int(round((rw - tw) / 2))
     else:
-        top, left = rng.randint(0, rh - resolution), rng.randint(0, rw - resolution)
+        top, left = rng.randint(0, rh - th), rng.randint(0, rw - tw)
     flip = random_flip and rng.random() < 0.5
-    return CropPlan((h, w), (rw, rh), top, left, flip, resolution)
+    return CropPlan((h, w), (rw, rh), top, left, flip, (tw, th))
 
 
 def crop_uint8(image: Image.Image, plan: CropPlan) -> torch.Tensor:
@@ -75,8 +86,8 @@ def crop_uint8(image: Image.Image, plan: CropPlan) -> torch.Tensor:
     (3, res, res) uint8."""
     if image.size != plan.resized:
         image = image.resize(plan.resized, Image.Resampling.LANCZOS)
-    r = plan.resolution
-    image = image.crop((plan.left, plan.top, plan.left + r, plan.top + r))
+    tw, th = plan.target
+    image = image.crop((plan.left, plan.top, plan.left + tw, plan.top + th))
     if plan.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.uint8)
@@ -106,7 +117,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     ``dataset[i]`` is a dict with ``index``, ``caption``, ``time_ids`` and ``pixels`` (omitted when
     ``with_pixels`` is False, i.e. when latents are cached), plus the same keys prefixed ``class_`` with
-    prior preservation.
+    prior preservation. With ``buckets`` (sizes (w, h)) each item is cropped to the bucket nearest its image's
+    aspect ratio (``bucket_of[i]``), and its class image to the same bucket: class crops are kept per
+    (class image, bucket) pair, a "slot"; ``class_index`` is the slot.
     """
 
     def __init__(
@@ -120,7 +133,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         class_records: list[Record] | None = None,
         class_prompt: str | None = None,
         masks: list[Image.Image] | None = None,
+        buckets: list[tuple[int, int]] | None = None,
     ) -> None:
+        from .buckets import nearest_bucket
+
         if not records:
             raise ValueError("DreamBoothDataset needs at least one image")
         self.records = records
@@ -128,17 +144,27 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.class_records = class_records or []
         self.class_prompt = class_prompt
         self.with_pixels = True
+        n = len(records) * repeats
+        self.bucket_of = [nearest_bucket(records[i % len(records)].size, buckets) if buckets else 0 for i in range(n)]
+        """Bucket of each item (all 0 without buckets)."""
+        targets = buckets or [(resolution, resolution)]
         self.plans = [
-            plan_crop(records[i % len(records)].size, resolution, center_crop, random_flip, derive_seed(seed, AUGMENT, i))
-            for i in range(len(records) * repeats)
-        ]
+            plan_crop(records[i % len(records)].size, targets[self.bucket_of[i]], center_crop, random_flip,
+                      derive_seed(seed, AUGMENT, i))
+            for i in range(n)
+        ]  # fmt: skip
+        nc = len(self.class_records)
+        pairs = sorted({(i % nc, self.bucket_of[i]) for i in range(n)}) if nc and buckets else [(c, 0) for c in range(nc)]
+        self.slot_of = {pair: k for k, pair in enumerate(pairs)}
+        """(class image, bucket) -> slot."""
         self.class_plans = [
-            plan_crop(r.size, resolution, center_crop, random_flip, derive_seed(seed, CLASS_AUGMENT, i))
-            for i, r in enumerate(self.class_records)
-        ]
+            plan_crop(self.class_records[c].size, targets[b], center_crop, random_flip,
+                      derive_seed(seed, CLASS_AUGMENT, c, b) if buckets else derive_seed(seed, CLASS_AUGMENT, c))
+            for c, b in pairs
+        ]  # fmt: skip
         self.pixels = [crop_uint8(records[i % len(records)].image, p) for i, p in enumerate(self.plans)]
-        """Each sample's crop, made once: (3, res, res) uint8."""
-        self.class_pixels = [crop_uint8(r.image, p) for r, p in zip(self.class_records, self.class_plans)]
+        """Each sample's crop, made once: (3, h, w) uint8."""
+        self.class_pixels = [crop_uint8(self.class_records[c].image, p) for (c, _), p in zip(pairs, self.class_plans)]
         self.masks = None if masks is None else [crop_uint8(masks[i % len(masks)], p) for i, p in enumerate(self.plans)]
         """Each sample's loss mask, cropped and flipped as its image: (1, res, res) uint8, or None."""
 
@@ -146,7 +172,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return len(self.plans)
 
     def class_index(self, index: int) -> int:
-        return index % len(self.class_records)
+        """The class slot paired with item ``index``: class image ``index % len(class_records)`` in its bucket."""
+        return self.slot_of[(index % len(self.class_records), self.bucket_of[index])]
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index % len(self.records)]

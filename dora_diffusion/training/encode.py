@@ -30,13 +30,19 @@ class LatentSource:
     @torch.no_grad()
     def fill_cache(self, dataset: DreamBoothDataset, batch_size: int = 4) -> None:
         """Encode every instance (and class) sample once; afterwards the dataset yields no pixels."""
-        def encode_all(pixels: list[torch.Tensor]) -> torch.Tensor | None:
-            if not pixels:
-                return None
-            out = []
-            for first in range(0, len(pixels), batch_size):
-                out.append(self._encode(torch.stack([to_unit_range(p) for p in pixels[first : first + batch_size]])))
-            return torch.cat(out)
+        def encode_all(pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+            """One latent distribution per sample; samples of one shape (bucket) encoded ``batch_size`` at a time."""
+            out: list[torch.Tensor | None] = [None] * len(pixels)
+            by_shape: dict[tuple, list[int]] = {}
+            for i, p in enumerate(pixels):
+                by_shape.setdefault(tuple(p.shape), []).append(i)
+            for members in by_shape.values():
+                for first in range(0, len(members), batch_size):
+                    chunk = members[first : first + batch_size]
+                    encoded = self._encode(torch.stack([to_unit_range(pixels[i]) for i in chunk]))
+                    for i, e in zip(chunk, encoded):
+                        out[i] = e
+            return out
 
         self.cache = {"instance": encode_all(dataset.pixels), "class": encode_all(dataset.class_pixels)}
         dataset.with_pixels = False
@@ -46,9 +52,9 @@ class LatentSource:
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         if self.cache is not None:
-            params = self.cache["instance"][batch["index"].to(self.cache["instance"].device)]
+            params = torch.stack([self.cache["instance"][i] for i in batch["index"].tolist()])
             if "class_index" in batch:
-                params = torch.cat([params, self.cache["class"][batch["class_index"].to(params.device)]])
+                params = torch.cat([params, torch.stack([self.cache["class"][c] for c in batch["class_index"].tolist()])])
         else:
             params = self._encode(batch["pixels"])
         z = DiagonalGaussianDistribution(params).sample()

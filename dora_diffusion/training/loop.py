@@ -30,6 +30,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import default_validation_prompt, load_masks, load_records, trigger_words
+from .buckets import BucketBatchSampler, make_buckets, micro_batches_per_epoch, nearest_bucket
 from .dataset import ADAPTER_INIT, STEP_NOISE, DreamBoothDataset, MicroBatchSampler, collate, derive_seed
 from .distributed import adapters_in_sync, average_gradients, broadcast_parameters, make_accelerator, refuse_sharding
 from .encode import LatentSource, PromptSource
@@ -98,14 +99,14 @@ def resolve_triggers(args: argparse.Namespace, captions: list[str]) -> list[str]
     return triggers
 
 
-def resolve_schedule(args: argparse.Namespace, num_images: int, num_processes: int) -> int:
+def resolve_schedule(args: argparse.Namespace, num_images: int, num_processes: int, per_epoch: int | None = None) -> int:
     """Set ``args.max_train_steps`` (from ``--num_train_epochs`` if not given) and ``args.validation_steps`` (from
     diffusers' ``--validation_epochs`` if not given); returns the micro-batches per epoch.
 
     An epoch is ``num_images * repeats`` samples: ``ceil(samples / (batch * processes))`` micro-batches, and
-    ``ceil(micro-batches / accumulation)`` optimizer steps.
+    ``ceil(micro-batches / accumulation)`` optimizer steps. With buckets, pass their ``per_epoch``.
     """
-    per_epoch = -(-num_images * args.repeats // (args.train_batch_size * num_processes))
+    per_epoch = per_epoch or -(-num_images * args.repeats // (args.train_batch_size * num_processes))
     steps_per_epoch = math.ceil(per_epoch / args.gradient_accumulation_steps)
     args.max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     if args.validation_steps is None and args.validation_epochs is not None:
@@ -220,7 +221,14 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
         args.validation_prompt = default_validation_prompt(triggers, captions)
     elif args.validation_prompt.strip().lower() in ("none", ""):
         args.validation_prompt = None
-    per_epoch = resolve_schedule(args, len(loaded.records), accelerator.num_processes)
+    buckets = (
+        make_buckets(args.resolution, args.bucket_step, args.min_bucket_side, args.max_bucket_side) if args.buckets else None
+    )
+    bucket_of = [nearest_bucket(r.size, buckets) for r in loaded.records] * args.repeats if buckets else None
+    group = args.train_batch_size * accelerator.num_processes
+    per_epoch = resolve_schedule(
+        args, len(loaded.records), accelerator.num_processes, micro_batches_per_epoch(bucket_of, group) if buckets else None
+    )
     max_steps = args.max_train_steps
     settings = {**run_settings(args), "num_processes": accelerator.num_processes, "trigger_words": triggers}
     resume_path = resolve_resume(output_dir, args.resume_from_checkpoint)
@@ -290,7 +298,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     # ---- data pipeline
     dataset = DreamBoothDataset(
         loaded.records, args.resolution, args.center_crop, args.random_flip, args.repeats, args.seed,
-        class_records, args.class_prompt, masks,
+        class_records, args.class_prompt, masks, buckets,
     )  # fmt: skip
     latents = LatentSource(components.vae, device, next(components.vae.parameters()).dtype)
     prompts = PromptSource(components, device, trained=args.train_text_encoder)
@@ -365,9 +373,8 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     # ---- the loop
     from tqdm.auto import tqdm
 
-    sampler = MicroBatchSampler(
-        len(dataset), args.train_batch_size, accelerator.num_processes, accelerator.process_index, args.seed, start_micro
-    )
+    layout = (args.train_batch_size, accelerator.num_processes, accelerator.process_index, args.seed, start_micro)
+    sampler = BucketBatchSampler(dataset.bucket_of, *layout) if buckets else MicroBatchSampler(len(dataset), *layout)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.dataloader_num_workers
     )

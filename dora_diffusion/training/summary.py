@@ -51,7 +51,8 @@ def summary(
         ("dataset", f"{args.dataset} ({data.source}, {len(data.records)} images, {captions}"
          + (f", {len(data.skipped)} unreadable skipped" if data.skipped else "") + ")"),
         ("trigger words", ", ".join(triggers) or "none found in the captions"),
-        ("images", f"{args.resolution}px, {crop}{', random flip' if args.random_flip else ''}, repeats {args.repeats}"),
+        ("images", f"{args.resolution}px{', aspect-ratio buckets' if getattr(args, 'buckets', False) else ''}, {crop}"
+         f"{', random flip' if args.random_flip else ''}, repeats {args.repeats}"),
         ("adapter", f"{kind} rank {args.rank}, alpha {args.alpha:g} (scale {scale:g}{', rsLoRA' if args.rslora else ''}), "
          f"dropout {args.dropout:g} on {targets}"
          + "".join(f", {flag} {value}" for flag, value in (("ranks", getattr(args, "rank_pattern", None)),
