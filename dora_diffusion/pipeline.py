@@ -39,6 +39,7 @@ from .inject import (
     remove_adapter,
     remove_all,
 )
+from .embeddings import find_embeddings, load_embeddings, unload_embeddings
 from .layers import AdaptedLayer
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,23 @@ def load_dora_weights(
         raise
     for layer in _layers(pipe):
         layer.disabled = disabled
+    source = pretrained_model_name_or_path_or_dict
+    emb = find_embeddings(source) if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() else None
+    if emb is not None:  # pivotal tuning: the new tokens' embeddings beside the adapter
+        try:
+            _embeddings(pipe)[adapter_name] = load_embeddings(pipe, emb)
+        except BaseException:
+            for comp in done:
+                remove_adapter(models[comp], adapter_name)
+            raise
     return adapter_name
+
+
+def _embeddings(pipe) -> dict[str, list[str]]:
+    """Adapter name -> the tokens its embeddings file added (pivotal tuning)."""
+    if not hasattr(pipe, "_dora_embeddings"):
+        pipe._dora_embeddings = {}
+    return pipe._dora_embeddings
 
 
 def set_dora_adapters(
@@ -303,12 +320,17 @@ def delete_dora_adapters(pipe, adapter_names: str | list[str]) -> None:
     for model in components(pipe).values():
         for name in names:
             remove_adapter(model, name)
+    for name in names:
+        if name in _embeddings(pipe):
+            unload_embeddings(pipe, _embeddings(pipe).pop(name))
 
 
 def unload_dora_weights(pipe) -> None:
-    """Unfuse and remove every adapter, putting the original modules back."""
+    """Unfuse and remove every adapter, putting the original modules back (and the tokens of their embeddings)."""
     for model in components(pipe).values():
         remove_all(model)
+    for name in list(_embeddings(pipe)):
+        unload_embeddings(pipe, _embeddings(pipe).pop(name))
 
 
 def collect_adapter(models: dict[str, nn.Module], adapter_name: str) -> dict[str, dict[str, ModuleAdapter]]:

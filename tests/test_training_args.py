@@ -141,9 +141,9 @@ def test_diffusers_flag_names():
     assert (args.validation_epochs, args.caption_column, args.gradient_checkpointing) == (3, "prompt", True)
     assert (args.num_validation_images, args.train_text_encoder, args.instance_prompt) == (2, True, "a TOK")
     assert targs.notices(args) == ["--enable_xformers_memory_efficient_attention: not needed, attention uses PyTorch's SDPA"]
-    ti = targs.parse_args(["--dataset", "d", "--train_text_encoder_ti", "--train_text_encoder_ti_frac", "0.5"])
-    (note,) = targs.notices(ti)
-    assert note.startswith("--train_text_encoder_ti --train_text_encoder_ti_frac: pivotal tuning") and "not implemented" in note
+    ti = targs.parse_args(["--dataset", "d", "--train_text_encoder_ti", "--train_text_encoder_ti_frac", "0.25"])
+    assert (ti.train_text_encoder_ti, ti.train_text_encoder_ti_frac, ti.token_abstraction) == (True, 0.25, "TOK")
+    assert ti.num_new_tokens_per_abstraction == 2 and targs.notices(ti) == []
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file
 
-from dora_diffusion.hub_fixtures import fill_hub_cache, make_3d_icon_like
+from dora_diffusion.hub_fixtures import ICON_OLD_REVISION, fill_hub_cache, make_3d_icon_like
 from dora_diffusion.testing import save_tiny_sdxl_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +37,8 @@ def hub(tmp_path_factory) -> Path:
     fill_hub_cache(cache, "stabilityai/stable-diffusion-xl-base-1.0", model)
     fill_hub_cache(cache, "madebyollin/sdxl-vae-fp16-fix", model / "vae")
     fill_hub_cache(cache, "linoyts/3d_icon", make_3d_icon_like(root / "src" / "3d_icon"), "dataset")
+    old = make_3d_icon_like(root / "src" / "3d_icon_old", old_captions=True)
+    fill_hub_cache(cache, "linoyts/3d_icon", old, "dataset", commit=ICON_OLD_REVISION, branch=None)
     return root / "hf_home"
 
 
@@ -94,15 +97,7 @@ FAKE_HUB = textwrap.dedent(
 """Runs the script with the Hub's create_repo/upload replaced by a log (the Hub is out of reach here)."""
 
 
-def test_diffusers_advanced_readme_command(hub, tmp_path):
-    """The 3d_icon command of diffusers' advanced SDXL README (train_dreambooth_lora_sdxl_advanced.py, with
-    --use_dora), pasted as it is, size flags aside; its --report_to=wandb becomes tensorboard (wandb is not a test
-    dependency) and --push_to_hub reaches a logged fake of the Hub. It trains in bf16 on the CPU; the validation
-    images must be finite (they are written black, with a warning, when not)."""
-    shutil.copytree(hub / "hub" / "datasets--linoyts--3d_icon" / "snapshots", tmp_path / "snap")
-    (snapshot,) = (tmp_path / "snap").iterdir()
-    shutil.copytree(snapshot, tmp_path / "3d_icon")  # the README's snapshot_download(..., local_dir="./3d_icon")
-    readme = """
+README_3D_ICON = """
       --pretrained_model_name_or_path=stabilityai/stable-diffusion-xl-base-1.0
       --pretrained_vae_model_name_or_path=madebyollin/sdxl-vae-fp16-fix
       --dataset_name=./3d_icon --caption_column=prompt
@@ -114,19 +109,39 @@ def test_diffusers_advanced_readme_command(hub, tmp_path):
       --train_text_encoder_ti --train_text_encoder_ti_frac=0.5 --snr_gamma=5.0
       --lr_scheduler=constant --lr_warmup_steps=0 --rank=8 --max_train_steps=1000
       --checkpointing_steps=2000 --seed=0 --report_to=wandb --push_to_hub --use_dora
-    """
-    flags = [f.replace("%", " ") for f in readme.split()]
+"""
+"""The 3d_icon command of diffusers' advanced SDXL README (``%`` stands for a space inside a quoted value)."""
+
+
+def readme_flags() -> list[str]:
+    """The README's flags, size flags made small, --report_to=wandb as tensorboard (wandb is not a test dependency)."""
+    flags = [f.replace("%", " ") for f in README_3D_ICON.split()]
     sizes = {"--resolution=1024": "--resolution=64", "--max_train_steps=1000": "--max_train_steps=2"}
     flags = [sizes.get(f, f) for f in flags]
-    flags = ["--report_to=tensorboard" if f == "--report_to=wandb" else f for f in flags]
-    cmd = [sys.executable, "-c", FAKE_HUB, str(SCRIPT), *flags]
+    return ["--report_to=tensorboard" if f == "--report_to=wandb" else f for f in flags]
+
+
+def snapshot(hub: Path, revision: str | None, dest: Path) -> None:
+    """The README's ``snapshot_download(..., local_dir="./3d_icon")``, from the filled cache."""
+    snaps = hub / "hub" / "datasets--linoyts--3d_icon" / "snapshots"
+    commit = revision or (hub / "hub" / "datasets--linoyts--3d_icon" / "refs" / "main").read_text()
+    shutil.copytree(snaps / commit, dest)
+
+
+def test_diffusers_advanced_readme_command(hub, tmp_path):
+    """The 3d_icon command of diffusers' advanced SDXL README (train_dreambooth_lora_sdxl_advanced.py, with
+    --use_dora), pasted as it is, size flags aside, on the captions it was written for (3d_icon before 2024-08-14,
+    "In the style of TOK, ..."): pivotal tuning of TOK, Prodigy, bf16 on the CPU; --push_to_hub reaches a logged
+    fake of the Hub. The validation images must be finite (they are written black, with a warning, when not)."""
+    snapshot(hub, ICON_OLD_REVISION, tmp_path / "3d_icon")
+    cmd = [sys.executable, "-c", FAKE_HUB, str(SCRIPT), *readme_flags()]
     proc = subprocess.run(cmd, cwd=tmp_path, env=offline_env(hub), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = tmp_path / "3d-icon-SDXL-LoRA"
-    assert "precision       bf16" in proc.stdout
-    assert "pivotal tuning (new token embeddings) is not implemented yet" in proc.stdout
-    assert "names TOK, which no caption holds" in proc.stderr  # the README's prompts predate today's captions
+    assert "precision       bf16" in proc.stdout and "trigger words   <s0><s1>" in proc.stdout
     assert "NaN" not in proc.stderr
+    emb = load_file(out / "3d-icon-SDXL-LoRA_emb.safetensors")
+    assert emb["clip_l"].shape == (2, 32) and emb["clip_g"].shape == (2, 48)
     calls = json.loads((tmp_path / "hub_calls.json").read_text())
     assert calls[0] == ["create", "3d-icon-SDXL-LoRA"] and calls[1][0] == "upload" and len(calls) == 2
     assert (out / "pytorch_lora_weights.safetensors").is_file()
@@ -135,3 +150,14 @@ def test_diffusers_advanced_readme_command(hub, tmp_path):
     for path in images:
         pixels = np.asarray(Image.open(path), dtype=np.float32)
         assert pixels.shape == (64, 64, 3) and pixels.std() > 1.0  # rendered, not the black of a NaN image
+
+
+def test_diffusers_readme_command_on_todays_captions(hub, tmp_path):
+    """On 3d_icon as it is today the same command stops at once, saying why and what to pass."""
+    snapshot(hub, None, tmp_path / "3d_icon")
+    cmd = [sys.executable, "-c", FAKE_HUB, str(SCRIPT), *readme_flags()]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=offline_env(hub), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "--token_abstraction 'TOK' appears in none of the 23 captions" in proc.stderr
+    assert "pass --token_abstraction '3dicon'" in proc.stderr
+    assert not (tmp_path / "3d-icon-SDXL-LoRA").exists()

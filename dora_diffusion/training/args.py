@@ -215,15 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Accepted and not needed: attention runs through PyTorch's scaled_dot_product_attention (SDPA).",
     )
-    add("--train_text_encoder_ti", action="store_true", help="Pivotal tuning: not implemented yet; the run says so and trains without it.")
-    add("--train_text_encoder_ti_frac", type=float, default=None, help=argparse.SUPPRESS)
-    add("--token_abstraction", default=None, help=argparse.SUPPRESS)
-    add("--num_new_tokens_per_abstraction", type=int, default=None, help=argparse.SUPPRESS)
+
+    g = p.add_argument_group("pivotal tuning", "New tokens for the concept, trained with the adapter (diffusers' flags).")
+    add = g.add_argument
+    add(
+        "--train_text_encoder_ti",
+        action="store_true",
+        help="Replace --token_abstraction in the captions by new tokens (<s0><s1>) and train their embeddings in both "
+        "text encoders; saved as <output name>_emb.safetensors.",
+    )
+    add("--train_text_encoder_ti_frac", type=float, default=0.5, help="Fraction of the steps the embeddings train.")
+    add("--token_abstraction", default="TOK", help="Caption word(s), comma-separated, that become new tokens.")
+    add("--num_new_tokens_per_abstraction", type=int, default=2, help="New tokens per abstraction word.")
     return p
-
-
-PIVOTAL_FLAGS = ("train_text_encoder_ti", "train_text_encoder_ti_frac", "token_abstraction", "num_new_tokens_per_abstraction")
-"""diffusers' pivotal-tuning flags: accepted, not implemented (``notices`` says so)."""
 
 
 def notices(args: argparse.Namespace) -> list[str]:
@@ -231,12 +235,6 @@ def notices(args: argparse.Namespace) -> list[str]:
     out = []
     if args.enable_xformers_memory_efficient_attention:
         out.append("--enable_xformers_memory_efficient_attention: not needed, attention uses PyTorch's SDPA")
-    given = [f"--{n}" for n in PIVOTAL_FLAGS if getattr(args, n) not in (None, False)]
-    if given:
-        out.append(
-            f"{' '.join(given)}: pivotal tuning (new token embeddings) is not implemented yet; this run trains the "
-            "DoRA adapter only, on the captions as they are"
-        )
     return out
 
 
@@ -333,6 +331,10 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None 
         raise ValueError(f"--use_8bit_adam and --optimizer {args.optimizer} contradict each other; pass one")
     if args.use_8bit_adam and not _installed("bitsandbytes"):
         raise ValueError("--use_8bit_adam needs the optional package bitsandbytes: pip install bitsandbytes")
+    if not 0.0 < args.train_text_encoder_ti_frac <= 1.0:
+        raise ValueError(f"--train_text_encoder_ti_frac must be in (0, 1], got {args.train_text_encoder_ti_frac}")
+    if args.num_new_tokens_per_abstraction < 1:
+        raise ValueError(f"--num_new_tokens_per_abstraction must be at least 1, got {args.num_new_tokens_per_abstraction}")
     if args.validation_epochs is not None and args.validation_epochs < 1:
         raise ValueError(f"--validation_epochs must be at least 1, got {args.validation_epochs}")
     if args.buckets:

@@ -29,10 +29,11 @@ from .checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from .data import default_validation_prompt, load_masks, load_records, trigger_words
+from .data import DatasetError, default_validation_prompt, load_masks, load_records, trigger_words
 from .buckets import BucketBatchSampler, make_buckets, micro_batches_per_epoch, nearest_bucket
 from .dataset import ADAPTER_INIT, STEP_NOISE, DreamBoothDataset, MicroBatchSampler, collate, derive_seed
 from .distributed import adapters_in_sync, average_gradients, broadcast_parameters, make_accelerator, refuse_sharding
+from ..embeddings import embeddings_name, write_embeddings
 from .encode import LatentSource, PromptSource
 from .errors import TrainingError
 from .hub import create_hub_repo, upload_run
@@ -49,6 +50,7 @@ from .models import (
     vae_dtype,
 )
 from .optim import build_lr_scheduler, build_optimizer, param_groups
+from .pivotal import add_new_tokens, new_token_rows, replace_abstractions, ti_steps, token_plan
 from .prior import existing_class_images, generate_class_images, load_class_records, missing_class_indices
 from .rundir import SETTINGS_FILE, check_output_dir, remove_leftovers, with_resolved_paths, write_json_atomic
 from .steplog import LOG_FILE, StepLog
@@ -97,6 +99,28 @@ def resolve_triggers(args: argparse.Namespace, captions: list[str]) -> list[str]
                 flag, prompt, ", ".join(unseen), ", ".join(repr(t) for t in found) or "none",
             )  # fmt: skip
     return triggers
+
+
+def apply_token_plan(args: argparse.Namespace, records: list) -> dict[str, list[str]]:
+    """Pivotal tuning: replace each ``--token_abstraction`` word by its new tokens in the captions (and in
+    ``--validation_prompt``); returns the plan. A word no caption holds is an error (its tokens would never train)."""
+    plan = token_plan(args.token_abstraction, args.num_new_tokens_per_abstraction)
+    captions = [r.caption for r in records]
+    for word in plan:
+        if not any(replace_abstractions(c, {word: ["#"]}) != c for c in captions):
+            found = trigger_words(captions)
+            raise DatasetError(
+                f"--train_text_encoder_ti: --token_abstraction {word!r} appears in none of the {len(captions)} captions, "
+                "so its new tokens would never be trained"
+                + (f". The captions' own trigger is {found[0]!r}: pass --token_abstraction {found[0].split()[-1]!r}" if found else "")
+                + (" (linoyts/3d_icon's captions say 'a 3dicon' since 2024-08-14; --dataset_revision "
+                   "6e1cf947876b1ec5b34daf6a99f11433d87791f5 has the old 'TOK' ones)" if "3d_icon" in str(args.dataset) else "")
+            )  # fmt: skip
+    for r in records:
+        r.caption = replace_abstractions(r.caption, plan)
+    if args.validation_prompt:
+        args.validation_prompt = replace_abstractions(args.validation_prompt, plan)
+    return plan
 
 
 def resolve_schedule(args: argparse.Namespace, num_images: int, num_processes: int, per_epoch: int | None = None) -> int:
@@ -214,6 +238,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
             args.dataset, args.image_column, args.caption_column, args.instance_prompt, args.dataset_config_name,
             args.cache_dir, args.dataset_revision, args.resolution,
         )  # fmt: skip
+    plan = apply_token_plan(args, loaded.records) if args.train_text_encoder_ti else None
     captions = [r.caption for r in loaded.records]
     masks = load_masks(args.mask_dir, loaded.records) if args.mask_dir else None
     triggers = resolve_triggers(args, captions)
@@ -255,7 +280,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     weight_dtype = DTYPES[args.mixed_precision]
     components = load_components(args, weight_dtype)
     offload = device.type != "cpu"
-    text_offload = offload and not args.train_text_encoder
+    text_offload = offload and not args.train_text_encoder and plan is None
     # nn.Module.to: diffusers' ModelMixin.to warns about "modules to keep in float32" even when there are none
     nn.Module.to(components.unet, device, weight_dtype)
     for te in (components.text_encoder, components.text_encoder_2):
@@ -281,6 +306,9 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
 
     models = add_training_adapters(components, args)
     named = named_trainable(models)
+    ti_named = add_new_tokens(components, plan, args.seed) if plan else []
+    ti_until = ti_steps(args.max_train_steps, args.train_text_encoder_ti_frac) if plan else 0
+    named += ti_named
     params = [p for _, p in named]
     counted = count_parameters(models)
     accelerator.print(counted, flush=True)
@@ -301,11 +329,21 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
         class_records, args.class_prompt, masks, buckets,
     )  # fmt: skip
     latents = LatentSource(components.vae, device, next(components.vae.parameters()).dtype)
-    prompts = PromptSource(components, device, trained=args.train_text_encoder)
-    if not args.train_text_encoder:
+    prompts = PromptSource(components, device, trained=args.train_text_encoder or plan is not None)
+
+    def freeze_prompts() -> None:
+        """The text encoders stop changing: encode every prompt once, as when they never train."""
+        for _, p in ti_named:
+            p.requires_grad_(False)
+        if args.train_text_encoder:
+            return
+        prompts.trained = False
         prompts.fill_cache([r.caption for r in loaded.records] + ([args.class_prompt] if class_records else []))
-        if text_offload:
+        if offload:
             components.text_encoder.to("cpu"), components.text_encoder_2.to("cpu")
+
+    if plan is None and not args.train_text_encoder:
+        freeze_prompts()
     if args.cache_latents:
         latents.fill_cache(dataset)
         if offload:
@@ -351,6 +389,12 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
                                       "train_text_encoder", "text_encoder_targets", "seed")}}  # fmt: skip
         if directory == output_dir:
             run_files.claim(weight_name or DEFAULT_WEIGHT_NAME)
+        if plan and format == "diffusers":  # the new tokens' embeddings beside the adapter (also in checkpoints)
+            emb = directory / embeddings_name(output_dir.resolve().name)
+            if directory == output_dir:
+                run_files.claim(emb.name)
+            abstraction = {w: "".join(ts) for w, ts in plan.items()}
+            write_embeddings(emb, new_token_rows(components), [t for ts in plan.values() for t in ts], abstraction)
         return save_adapter(models, directory, ADAPTER_NAME, weight_name=weight_name, format=format, metadata=meta)
 
     validated: dict[int, list[Path]] = {}
@@ -383,8 +427,12 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     step_log = StepLog(output_dir, start_step) if main_process else None
     progress = tqdm(total=max_steps, initial=start_step, desc="steps", disable=not main_process, dynamic_ncols=True)
     micro = start_micro
+    ti_frozen = plan is None
     for step in range(start_step, max_steps):
         loss_sum = torch.zeros((), device=device)
+        if not ti_frozen and step >= ti_until:
+            freeze_prompts()
+            ti_frozen = True
         for _ in range(ga):
             torch.manual_seed(derive_seed(args.seed, STEP_NOISE, micro, accelerator.process_index))
             batch = next(batches)

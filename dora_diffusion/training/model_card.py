@@ -78,6 +78,15 @@ def model_card(
         if trigger_words
         else "No trigger word was detected in the captions; prompt as the training captions do."
     )
+    if settings.get("train_text_encoder_ti"):
+        emb = f"{Path(settings.get('output_dir') or repo_id).name}_emb.safetensors"
+        triggers += (
+            f"\n\nPivotal tuning: the trigger tokens are new; their embeddings are in `{emb}` (`clip_l`, `clip_g`), "
+            "which `load_dora_weights` loads with the adapter. With diffusers alone: "
+            f"`pipe.load_textual_inversion(state_dict[\"clip_l\"], token={trigger_words[0] and _tokens(trigger_words)!r}, "
+            "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)`, and `clip_g` with `text_encoder_2`/`tokenizer_2`; "
+            "A1111 and ComfyUI read the file as an embedding."
+        )
     te_note = (
         "The text encoders were trained too. diffusers' own `load_lora_weights` drops text-encoder DoRA "
         "magnitudes under transformers 5, so load it with dora-diffusion as above."
@@ -125,6 +134,13 @@ image.save("out.png")
 {chr(10).join(rows)}
 """
     return "\n".join(front) + "\n" + body
+
+
+def _tokens(trigger_words: list[str]) -> list[str]:
+    """``["<s0><s1>"]`` -> ``["<s0>", "<s1>"]``."""
+    import re
+
+    return [t for w in trigger_words for t in re.findall(r"<[^<>]+>", w)]
 
 
 def write_model_card(path: str | Path, text: str) -> Path:
