@@ -94,7 +94,9 @@ def convert_file(
     weights = None
     if _needs_base(parsed, to):
         if base is None:
-            what = f"reading {src}, written for ComfyUI's rule," if parsed.comfyui_dora_scale else "writing --to comfyui"
+            what = "writing --to comfyui"
+            if parsed.comfyui_dora_scale:
+                what = f"reading {src}, written for ComfyUI's rule,"
             raise ValueError(
                 f"{what} needs the base model's weights W0 (dora_scale = m ||W0|| / ||W0 + s B A||); pass --base MODEL "
                 "(the SDXL pipeline directory or Hub id the adapter was trained on)"

@@ -68,7 +68,9 @@ def dense_col_norm(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: fl
 
 
 @torch.no_grad()
-def exact_row_norms(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_row_norms(
+    w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(||row_i(W0)||, ||row_i(W0 + s B A)||)`` in float64, each (d_out,), for file conversions.
 
     ``w0`` is the base weight in any shape (d_out, ...); ``a`` (r, ...) and ``b`` (d_out, r, ...) are flattened

@@ -335,7 +335,8 @@ def base_weights(pipe, modules: dict[str, dict[str, ModuleAdapter]]) -> dict[str
         for name, ma in mods.items():
             if name not in mapping:
                 raise AdapterFileError(
-                    f"{type(pipe).__name__} has no module {comp}.{name}; is it the base model this adapter was made for?"
+                    f"{type(pipe).__name__} has no module {comp}.{name}; "
+                    "is it the base model this adapter was made for?"
                 )
             module = found[mapping[name]]
             _check_fits(f"{type(pipe).__name__}.{comp}.{mapping[name]}", module, ma)
@@ -395,7 +396,9 @@ def save_adapter(
         else:
             layers = {comp: adapted_layers(model) for comp, model in models.items()}
             if any(layer.fused for comp in layers.values() for layer in comp.values()):
-                raise RuntimeError("adapters are fused into the weights; call unfuse_dora() before saving format='comfyui'")
+                raise RuntimeError(
+                    "adapters are fused into the weights; call unfuse_dora() before saving format='comfyui'"
+                )
             base = {comp: {name: layers[comp][name].weight.detach() for name in mods} for comp, mods in modules.items()}
             state_dict, header = to_comfyui(modules, base, info, unet_sgm)
     return write_safetensors(state_dict, Path(save_directory) / (weight_name or DEFAULT_WEIGHT_NAME), header)

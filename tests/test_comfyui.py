@@ -93,6 +93,7 @@ def patch_with_comfyui_rule(pipe, path, strength: float) -> None:
 def trained_tiny(norm_axis: str = "out"):
     """The tiny pipeline with a trained-looking DoRA 'a' on every UNet Linear/Conv2d and both text encoders."""
     p = fresh_pipe()
+    torch.manual_seed(0)  # add_adapter draws A from the global generator
     add_adapter(p.unet, AdapterConfig(rank=4, alpha=6, use_dora=True, targets="all", norm_axis=norm_axis), "a")
     perturb_adapter(p.unet, "a", seed=5)
     for i, te in enumerate((p.text_encoder, p.text_encoder_2)):
@@ -169,7 +170,8 @@ def test_toyworld_trained_dora_images_under_comfyui_rule(tmp_path) -> None:
         tuned = finetune.train_subject(base, data, "dora", steps=100, targets="all")
         kohya = save_adapter({"unet": tuned}, tmp_path, finetune.ADAPTER_NAME, "kohya.safetensors", "kohya")
         comfy = save_adapter({"unet": tuned}, tmp_path, finetune.ADAPTER_NAME, "comfyui.safetensors", "comfyui")
-        prompts = [f"{data.captions[0].split(' on ')[0]} on a {b} background" for b in ("striped", "plain", "dotted", "checked")]
+        subject = toyworld.SUBJECTS["dotted_heart"].instance_prompt
+        prompts = [f"{subject} on a {b} background" for b in ("striped", "checkered", "blue", "gray")]
 
         def images(pipe) -> np.ndarray:
             gens = [torch.Generator().manual_seed(s) for s in range(4)]
@@ -193,7 +195,7 @@ def test_toyworld_trained_dora_images_under_comfyui_rule(tmp_path) -> None:
                 line.append(f"{label} file mean {diffs[label].mean():.2e} max {diffs[label].max():.2e}")
             print(" ".join(line) + f"; our reads of the two files differ by {reread:.1e}")
             assert reread <= 1e-4 and diffs["comfyui"].max() <= 1e-4
-            assert diffs["standard"].mean() > 5e-4 and diffs["standard"].max() > 1e-2
+            assert diffs["standard"].mean() > 3e-4 and diffs["standard"].max() > 1e-2
     finally:
         torch.set_num_threads(threads)
 

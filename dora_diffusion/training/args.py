@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--checkpointing_steps", type=int, default=250, help="Save a resumable checkpoint every N steps (0: never).")
     add("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory.")
-    add("--export_kohya", action="store_true", help="Also write <name>_kohya.safetensors (exact in LyCORIS; for ComfyUI / Forge convert it --to comfyui, see docs/formats.md).")
+    add("--export_kohya", action="store_true",
+        help="Also write <name>_kohya.safetensors (exact in LyCORIS; for ComfyUI / Forge convert it --to comfyui).")
     add("--push_to_hub", action="store_true", help="Upload output_dir to the Hugging Face Hub at the end.")
     add("--hub_model_id", default=None, help="Hub repo id (default: the output_dir name under your account).")
     add("--hub_token", default=None, help="Hub token (default: the one saved by `hf auth login`).")
