@@ -74,9 +74,11 @@ def exact_row_norms(
     """``(||row_i(W0)||, ||row_i(W0 + s B A)||)`` in float64, each (d_out,), for file conversions.
 
     ``w0`` is the base weight in any shape (d_out, ...); ``a`` (r, ...) and ``b`` (d_out, r, ...) are flattened
-    like it. Dense and in float64, so a conversion and its inverse round-trip to fp32 rounding; not for the forward.
+    like it. Dense and in float64 on ``w0``'s device, so a conversion and its inverse round-trip to fp32 rounding;
+    not for the forward.
     """
     w = w0.reshape(w0.shape[0], -1).double()  # (d_out, K)
     r = a.shape[0]
-    adapted = w + scale * (b.reshape(-1, r).double() @ a.reshape(r, -1).double())
+    ba = b.reshape(-1, r).to(w.device, torch.float64) @ a.reshape(r, -1).to(w.device, torch.float64)  # (d_out, K)
+    adapted = w + scale * ba
     return w.norm(dim=1), adapted.norm(dim=1)

@@ -325,7 +325,7 @@ def base_weights(pipe, modules: dict[str, dict[str, ModuleAdapter]]) -> dict[str
     Adapters loaded into ``pipe`` do not change them (they are not fused: fused pipelines are refused). Raises
     ``AdapterFileError`` naming a module ``pipe`` lacks or whose shape does not fit.
     """
-    _refuse_if_fused(pipe, "reading base weights with")
+    _refuse_if_fused(pipe, "base_weights")
     models = components(pipe)
     resolve = resolver_for("diffusers")  # exact names, with or without CLIP's `text_model.` wrapper
     out: dict[str, dict[str, torch.Tensor]] = {}

@@ -16,21 +16,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import max_diff, perturb_adapter, render
+from conftest import file_modules, fresh_pipe, max_diff, perturb_adapter, render
 from dora_diffusion import AdapterConfig, AdapterFileError, add_adapter, save_adapter
-from dora_diffusion.cli import describe, main, read_adapter
+from dora_diffusion.cli import convert_file, describe, main, model_named, read_adapter
 from dora_diffusion.formats.comfyui import RULE_KEY, to_comfyui_modules
 from dora_diffusion.formats.kohya import PREFIXES, resolve_kohya
 from dora_diffusion.inject import adapted_layers
-from dora_diffusion.testing import build_tiny_sdxl_pipeline, save_tiny_sdxl_pipeline
+from dora_diffusion.testing import save_tiny_sdxl_pipeline
 
 STRENGTHS = (0.5, 1.0, 1.5)
-
-
-def fresh_pipe():
-    p = build_tiny_sdxl_pipeline(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 # ---------------------------------------------------------------------------------------------- ComfyUI's rule
@@ -59,15 +53,6 @@ def comfyui_rule(w0: torch.Tensor, params: dict[str, torch.Tensor], strength: fl
         norm = wc.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(w.shape[1], *ones).transpose(0, 1)
     wc = wc * (scale.float() / (norm + torch.finfo(torch.float32).eps))
     return w + strength * (wc - w)
-
-
-def file_modules(path) -> dict[str, dict[str, torch.Tensor]]:
-    """``{kohya module prefix: {param: tensor}}`` of a safetensors file."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in load_file(str(path)).items():
-        module, _, param = key.partition(".")
-        groups.setdefault(module, {})[param] = t
-    return groups
 
 
 def patch_with_comfyui_rule(pipe, path, strength: float) -> None:
@@ -260,8 +245,6 @@ def test_base_model_missing_is_a_clear_error(tmp_path, capsys, tiny_files) -> No
     assert "written for ComfyUI's rule, needs the base model's weights W0" in err and "--base MODEL" in err
     assert not (tmp_path / "c.safetensors").exists() and not (tmp_path / "k.safetensors").exists()
     parsed = read_adapter(kohya)[1]
-    from dora_diffusion.cli import model_named
-
     with pytest.raises(ValueError, match=r"unet\.\S+ is m \|\|W0\|\| / \|\|W0 \+ s B A\|\|, so it needs the base"):
         to_comfyui_modules(model_named(parsed), {})
     trained.fuse_dora()
@@ -276,7 +259,6 @@ def test_base_model_missing_is_a_clear_error(tmp_path, capsys, tiny_files) -> No
 
 def test_bad_input_is_a_clear_error(tmp_path, tiny_files) -> None:
     from dora_diffusion import toyworld
-    from dora_diffusion.cli import convert_file
 
     trained, _, comfy = tiny_files
     save_file(load_file(str(comfy)), str(tmp_path / "odd.safetensors"), metadata={RULE_KEY: "auto"})

@@ -69,13 +69,13 @@ def _norms(w0: torch.Tensor, ma: ModuleAdapter) -> tuple[torch.Tensor, torch.Ten
 def comfyui_dora_scale(w0: torch.Tensor, ma: ModuleAdapter) -> torch.Tensor:
     """``d = m (||W0|| + eps) / ||W0 + s B A||`` (fp32, shape (out,)) for a per-output DoRA module on base ``w0``."""
     base, adapted = _norms(w0, ma)
-    return (ma.magnitude.double() * base / adapted).float()
+    return (ma.magnitude.double() * (base / adapted).to(ma.magnitude.device)).float()
 
 
 def magnitude_from_comfyui(w0: torch.Tensor, ma: ModuleAdapter) -> torch.Tensor:
     """``m = d ||W0 + s B A|| / (||W0|| + eps)`` (fp32, shape (out,)), ``d`` being ``ma.magnitude`` as read."""
     base, adapted = _norms(w0, ma)
-    return (ma.magnitude.double() * adapted / base).float()
+    return (ma.magnitude.double() * (adapted / base).to(ma.magnitude.device)).float()
 
 
 def _convert(
