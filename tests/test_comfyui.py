@@ -245,7 +245,8 @@ def test_base_model_missing_is_a_clear_error(tmp_path, capsys, tiny_files) -> No
     assert "written for ComfyUI's rule, needs the base model's weights W0" in err and "--base MODEL" in err
     assert not (tmp_path / "c.safetensors").exists() and not (tmp_path / "k.safetensors").exists()
     parsed = read_adapter(kohya)[1]
-    with pytest.raises(ValueError, match=r"unet\.\S+ is m \|\|W0\|\| / \|\|W0 \+ s B A\|\|, so it needs the base"):
+    needs_base = r"of (unet|text_encoder|text_encoder_2)\.\S+ is m \|\|W0\|\| / \|\|W0 \+ s B A\|\|, so it needs the base"
+    with pytest.raises(ValueError, match=needs_base):
         to_comfyui_modules(model_named(parsed), {})
     trained.fuse_dora()
     try:
