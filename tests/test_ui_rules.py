@@ -1,8 +1,10 @@
-"""Issue 19: what a ComfyUI user renders from our files, measured against ComfyUI's rule stated in plain torch.
+"""Issue 19: what ComfyUI, Forge and A1111 users render from our files, against their rules stated in plain torch.
 
 ComfyUI's ``weight_decompose`` (``comfy/weight_adapter/base.py``) and Forge's copy (``backend/patcher/lora.py``)
-are restated in ``comfyui_rule`` below from what they compute, not imported: the standard kohya file renders
-differently under that rule, the ``format="comfyui"`` file renders our images at every strength.
+are restated in ``comfyui_rule``, A1111's ``NetworkModule.apply_weight_decompose`` (``extensions-builtin/Lora/
+network.py``) in ``a1111_rule``, from what they compute, not imported: the standard kohya file renders
+differently under ComfyUI's rule, the ``format="comfyui"`` file renders our images at every strength, and A1111
+is exact for per-input DoRA only.
 """
 
 from __future__ import annotations
@@ -55,8 +57,28 @@ def comfyui_rule(w0: torch.Tensor, params: dict[str, torch.Tensor], strength: fl
     return w + strength * (wc - w)
 
 
-def patch_with_comfyui_rule(pipe, path, strength: float) -> None:
-    """Write ComfyUI's patched weights for every module of the kohya file ``path`` into ``pipe`` (no adapters)."""
+def a1111_rule(w0: torch.Tensor, params: dict[str, torch.Tensor], strength: float) -> torch.Tensor:
+    """A1111's patched weight for one kohya module (NetworkModuleLora.calc_updown + finalize_updown), fp32.
+
+    ``updown = (up.flatten(1) @ down.flatten(1)) * alpha / rank`` (alpha missing: 1); with ``dora_scale`` ``d`` it
+    becomes ``W1 d / ||columns of W1|| - W0``, ``W1 = W0 + updown``, the norm per input channel over (out, kh, kw)
+    whatever the shape of ``d`` (no eps); the weight is ``W0 + k updown``.
+    """
+    w = w0.detach().float().clone()
+    up, down = params["lora_up.weight"].float(), params["lora_down.weight"].float()
+    alpha = params["alpha"].item() / down.shape[0] if "alpha" in params else 1.0
+    updown = (up.flatten(1) @ down.flatten(1)).reshape(w.shape) * alpha
+    scale = params.get("dora_scale")
+    if scale is not None:
+        w1 = w + updown
+        cols = w1.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(w.shape[1], *[1] * (w.dim() - 1))
+        updown = w1 * (scale.float() / cols.transpose(0, 1)) - w
+    return w + strength * updown
+
+
+def patch_with_rule(pipe, path, strength: float, rule=None) -> None:
+    """Write a tool's patched weights (default ComfyUI's) for every module of the kohya file ``path`` into ``pipe``."""
+    rule = comfyui_rule if rule is None else rule
     groups = file_modules(path)
     for prefix, comp in PREFIXES.items():
         model = getattr(pipe, comp, None)
@@ -69,7 +91,7 @@ def patch_with_comfyui_rule(pipe, path, strength: float) -> None:
         with torch.no_grad():
             for fname, name in mapping.items():
                 weight = model.get_submodule(name).weight
-                weight.copy_(comfyui_rule(weight, groups[prefix + fname], strength))
+                weight.copy_(rule(weight, groups[prefix + fname], strength))
 
 
 # ---------------------------------------------------------------------------------------------- tiny pipeline
@@ -107,7 +129,7 @@ def test_comfyui_rule_reproduces_our_images_only_from_the_comfyui_file(tiny_file
         diffs = {}
         for label, path in (("kohya", kohya), ("comfyui", comfy)):
             theirs = fresh_pipe()
-            patch_with_comfyui_rule(theirs, path, k)
+            patch_with_rule(theirs, path, k)
             diffs[label] = max_diff(ours, render(theirs))
         print(f"strength {k}: max |ComfyUI rule - ours| standard file {diffs['kohya']:.2e}, "
               f"comfyui file {diffs['comfyui']:.2e}")  # fmt: skip
@@ -126,7 +148,7 @@ def test_comfyui_file_weights_equal_ours_at_every_strength(tmp_path, norm_axis) 
         assert all(torch.equal(groups[g]["dora_scale"], kohya[g]["dora_scale"]) for g in groups)
     for k in STRENGTHS:
         theirs = fresh_pipe()
-        patch_with_comfyui_rule(theirs, path, k)
+        patch_with_rule(theirs, path, k)
         worst = 0.0
         for comp in ("unet", "text_encoder", "text_encoder_2"):
             for name, layer in adapted_layers(getattr(p, comp)).items():
@@ -135,6 +157,22 @@ def test_comfyui_file_weights_equal_ours_at_every_strength(tmp_path, norm_axis) 
                 worst = max(worst, ((want - ours).abs().max() / ours.abs().max()).item())
         print(f"{norm_axis} strength {k}: max relative |ComfyUI rule - ours| over all weights {worst:.1e}")
         assert worst <= 1e-6
+
+
+@pytest.mark.parametrize("norm_axis, fmt", [("in", "kohya"), ("out", "kohya"), ("out", "comfyui")])
+def test_a1111_rule_is_exact_for_per_input_dora_only(tmp_path, norm_axis, fmt) -> None:
+    p = trained_tiny(norm_axis)
+    path = p.save_dora_weights(tmp_path, adapter_name="a", format=fmt)
+    for k in STRENGTHS:
+        p.set_dora_adapters("a", k)
+        theirs = fresh_pipe()
+        patch_with_rule(theirs, path, k, a1111_rule)
+        diff = max_diff(render(p), render(theirs))
+        print(f"A1111 rule, {norm_axis} DoRA, {fmt} file, strength {k}: max |images - ours| = {diff:.2e}")
+        if norm_axis == "in":
+            assert diff <= 1e-4
+        else:  # (out, 1) / (1, in) broadcasts into an (out, in) rescaling: wrong weights, no error
+            assert diff > 1e-2
 
 
 # ---------------------------------------------------------------------------------------------- toy world
@@ -175,7 +213,7 @@ def test_toyworld_trained_dora_images_under_comfyui_rule(tmp_path) -> None:
             diffs = {}
             for label, path in (("standard", kohya), ("comfyui", comfy)):
                 theirs = toyworld.load_pipeline()
-                patch_with_comfyui_rule(theirs, path, k)
+                patch_with_rule(theirs, path, k)
                 diffs[label] = np.abs(images(theirs).astype(np.float64) - ours)
                 line.append(f"{label} file mean {diffs[label].mean():.2e} max {diffs[label].max():.2e}")
             print(" ".join(line) + f"; our reads of the two files differ by {reread:.1e}")
