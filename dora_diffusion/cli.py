@@ -25,11 +25,14 @@ from .formats import (
     to_diffusers,
     write_safetensors,
 )
-from .analysis import add_analyze_parser
+from .analysis import add_analyze_parser, load_base
 from .extras import MissingExtraError
+from .formats.comfyui import from_comfyui_modules, to_comfyui
 from .formats.kohya import PREFIXES, key_prefix, to_kohya, to_sdxl_names, unet_naming
+from .pipeline import base_weights
 
 PROG = "dora-diffusion"
+CONVERT_FORMATS = ("diffusers", "kohya", "comfyui")
 
 LEGACY_TO_DIFFUSERS = (
     "{path} holds per-input (legacy LyCORIS < 3.2 / OneTrainer) DoRA: its magnitude rescales input columns, "
@@ -64,13 +67,23 @@ def model_named(parsed: ParsedAdapter) -> dict[str, dict[str, ModuleAdapter]]:
 # ---------------------------------------------------------------------------------------------- convert
 
 
-def convert_file(src: str | Path, dst: str | Path, to: str, overwrite: bool = False) -> Path:
-    """Rewrite the adapter ``src`` as ``dst`` in the ``to`` dialect (``"diffusers"`` or ``"kohya"``), losslessly.
+def _needs_base(parsed: ParsedAdapter, to: str) -> bool:
+    """True if converting needs base weights: per-output DoRA modules written for or read from ComfyUI's rule."""
+    dora_out = any(m.use_dora and m.norm_axis == "out" for mods in parsed.modules.values() for m in mods.values())
+    return dora_out and (to == "comfyui" or parsed.comfyui_dora_scale)
 
-    Per-output DoRA and LoRA convert both ways with the same tensors; legacy per-input DoRA has no diffusers form.
+
+def convert_file(
+    src: str | Path, dst: str | Path, to: str, overwrite: bool = False, base: str | Path | object | None = None
+) -> Path:
+    """Rewrite the adapter ``src`` as ``dst`` in the ``to`` dialect (``"diffusers"``, ``"kohya"`` or ``"comfyui"``).
+
+    Per-output DoRA and LoRA convert between diffusers and kohya with the same tensors; legacy per-input DoRA has
+    no diffusers form. Writing ``"comfyui"`` (``dora_scale = m (||W0|| + eps) / ||W0 + s B A||``) or reading a file
+    written that way needs ``base``: the pipeline the adapter was trained on, or its directory / Hub id.
     """
-    if to not in ("diffusers", "kohya"):
-        raise ValueError(f"--to must be 'diffusers' or 'kohya', got {to!r}")
+    if to not in CONVERT_FORMATS:
+        raise ValueError(f"--to must be one of {', '.join(map(repr, CONVERT_FORMATS))}, got {to!r}")
     dst = Path(dst)
     if dst.suffix.lower() != ".safetensors":
         raise ValueError(f"{dst}: the output file name must end in .safetensors (other names are refused when read)")
@@ -78,15 +91,31 @@ def convert_file(src: str | Path, dst: str | Path, to: str, overwrite: bool = Fa
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
     src, parsed = read_adapter(src)
     modules = model_named(parsed)
+    weights = None
+    if _needs_base(parsed, to):
+        if base is None:
+            what = "writing --to comfyui"
+            if parsed.comfyui_dora_scale:
+                what = f"reading {src}, written for ComfyUI's rule,"
+            raise ValueError(
+                f"{what} needs the base model's weights W0 (dora_scale = m ||W0|| / ||W0 + s B A||); pass --base MODEL "
+                "(the SDXL pipeline directory or Hub id the adapter was trained on)"
+            )
+        pipe = load_base(str(base)) if isinstance(base, (str, Path)) else base
+        weights = base_weights(pipe, modules)
+    if parsed.comfyui_dora_scale and weights is not None:
+        modules = from_comfyui_modules(modules, weights)
     info = {"library": "dora-diffusion", "version": __version__, "adapter_name": dst.stem}
-    info["converted_from"] = parsed.dialect
+    info["converted_from"] = parsed.dialect + (" (ComfyUI dora_scale)" if parsed.comfyui_dora_scale else "")
     carried = {k: v for k, v in parsed.metadata.items() if k.startswith(("ss_", "modelspec."))}  # training info
     if to == "diffusers":
         if any(m.use_dora and m.norm_axis == "in" for mods in modules.values() for m in mods.values()):
             raise AdapterFileError(LEGACY_TO_DIFFUSERS.format(path=src))
         state_dict, header = to_diffusers(modules, {**info, "source_metadata": carried} if carried else info)
-    else:
+    elif to == "kohya":
         state_dict, header = to_kohya(modules, {**carried, **info})
+    else:
+        state_dict, header = to_comfyui(modules, weights or {}, {**carried, **info})
     return write_safetensors(state_dict, dst, header)
 
 
@@ -95,17 +124,22 @@ def add_convert_parser(subparsers) -> None:
         "convert",
         help="rewrite an adapter file in the diffusers or kohya dialect",
         description="Convert an SDXL DoRA/LoRA file between the diffusers/PEFT and kohya/LyCORIS dialects "
-        "(no model is loaded; kohya UNet names are written in SGM form).",
+        "(kohya UNet names are written in SGM form). No model is loaded, except --base for ComfyUI-rule files.",
     )
     p.add_argument("input", help="adapter .safetensors file (or a directory holding one)")
     p.add_argument("output", help="where to write the converted .safetensors file")
-    p.add_argument("--to", required=True, choices=("diffusers", "kohya"), help="dialect to write")
+    p.add_argument("--to", required=True, choices=CONVERT_FORMATS,
+                   help="dialect to write: diffusers, kohya (LyCORIS-exact) or comfyui (kohya with a dora_scale that "
+                   "ComfyUI/Forge render exactly; needs --base)")  # fmt: skip
+    p.add_argument("--base", metavar="MODEL", default=None,
+                   help="the base SDXL pipeline (directory or Hub id) the adapter was trained on; needed to write "
+                   "--to comfyui and to read a file written that way")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=run_convert)
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    out = convert_file(args.input, args.output, args.to, args.overwrite)
+    out = convert_file(args.input, args.output, args.to, args.overwrite, args.base)
     print(f"wrote {out} ({args.to})")
     return 0
 
@@ -162,6 +196,11 @@ def describe(parsed: ParsedAdapter) -> dict[str, str]:
         if "unet" in parsed.modules:
             details.append(f"UNet names: {unet_naming(parsed.modules['unet'])}")
         dialect = f"kohya/LyCORIS ({', '.join(details)})"
+        if parsed.comfyui_dora_scale:
+            dialect += (
+                "; ComfyUI variant: dora_scale = m ||W0|| / ||W0 + sBA|| (exact in ComfyUI/Forge; dora-diffusion "
+                "reads it against the base model)"
+            )
     kinds = Counter(_AXIS_LABELS[m.norm_axis] if m.use_dora else "LoRA" for m in mods)
     adapter = next(iter(kinds)) if len(kinds) == 1 else "mixed: " + _counts(kinds.elements())
     per_comp = []

@@ -65,3 +65,20 @@ def dense_col_norm(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: fl
     w = w0.float() + scale * (b.float() @ a.float())  # (d_out, K)
     col_sq = (w * w).sum(dim=0)  # (K,)
     return col_sq.view(in_channels, -1).sum(dim=1).sqrt()
+
+
+@torch.no_grad()
+def exact_row_norms(
+    w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(||row_i(W0)||, ||row_i(W0 + s B A)||)`` in float64, each (d_out,), for file conversions.
+
+    ``w0`` is the base weight in any shape (d_out, ...); ``a`` (r, ...) and ``b`` (d_out, r, ...) are flattened
+    like it. Dense and in float64 on ``w0``'s device, so a conversion and its inverse round-trip to fp32 rounding;
+    not for the forward.
+    """
+    w = w0.reshape(w0.shape[0], -1).double()  # (d_out, K)
+    r = a.shape[0]
+    ba = b.reshape(-1, r).to(w.device, torch.float64) @ a.reshape(r, -1).to(w.device, torch.float64)  # (d_out, K)
+    adapted = w + scale * ba
+    return w.norm(dim=1), adapted.norm(dim=1)

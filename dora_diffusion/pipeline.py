@@ -31,6 +31,7 @@ from .formats import (
     to_diffusers,
     write_safetensors,
 )
+from .formats.comfyui import from_comfyui_modules
 from .inject import (
     adapted_layers,
     add_adapter_to_modules,
@@ -45,6 +46,7 @@ from .layers import AdaptedLayer
 logger = logging.getLogger(__name__)
 
 AdapterWeight = float | dict[str, float]
+SAVE_FORMATS = ("diffusers", "kohya", "comfyui")
 
 
 def components(pipe) -> dict[str, nn.Module]:
@@ -76,6 +78,11 @@ def get_active_dora_adapters(pipe) -> dict[str, float]:
     return active
 
 
+def linear_conv_names(model: nn.Module) -> list[str]:
+    """Names of the Linear and Conv2d modules of ``model`` (base modules, seen through adapter wrappers)."""
+    return [n for n, m in base_modules(model).items() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
 def _plan(pipe, parsed: ParsedAdapter) -> tuple[dict[str, dict[str, ModuleAdapter]], list[str]]:
     """Map every file module to a module of ``pipe``; return the plan and the keys that matched nothing."""
     models = components(pipe)
@@ -88,8 +95,7 @@ def _plan(pipe, parsed: ParsedAdapter) -> tuple[dict[str, dict[str, ModuleAdapte
             unmatched += [k for f in mods for k in parsed.source_keys.get((comp, f), [f"{comp}.{f}"])]
             continue
         modules = base_modules(model)
-        targets = {n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
-        mapping = resolve(comp, list(mods), targets)
+        mapping = resolve(comp, list(mods), set(linear_conv_names(model)))
         for fname, ma in mods.items():
             if fname not in mapping:
                 unmatched += parsed.source_keys.get((comp, fname), [f"{comp}.{fname}"])
@@ -173,6 +179,8 @@ def load_dora_weights(
     if any(layer.fused for layer in _layers(pipe)):
         raise RuntimeError("adapters are fused into the weights; call unfuse_dora() before loading another")
     plan, unmatched = _plan(pipe, parsed)
+    if parsed.comfyui_dora_scale:  # dora_scale = m (||W0|| + eps) / ||W0 + sBA||: m needs this pipeline's W0
+        plan = from_comfyui_modules(plan, base_weights(pipe, plan))
     if not plan:
         raise AdapterFileError(
             f"no key of this {parsed.dialect} adapter matches a module of {type(pipe).__name__} "
@@ -333,6 +341,31 @@ def unload_dora_weights(pipe) -> None:
         unload_embeddings(pipe, _embeddings(pipe).pop(name))
 
 
+def base_weights(pipe, modules: dict[str, dict[str, ModuleAdapter]]) -> dict[str, dict[str, torch.Tensor]]:
+    """The base weights ``W0`` of ``pipe`` for these modules (names as in the pipeline or in SDXL base's layout).
+
+    Adapters loaded into ``pipe`` do not change them (they are not fused: fused pipelines are refused). Raises
+    ``AdapterFileError`` naming a module ``pipe`` lacks or whose shape does not fit.
+    """
+    _refuse_if_fused(pipe, "base_weights")
+    models = components(pipe)
+    resolve = resolver_for("diffusers")  # exact names, with or without CLIP's `text_model.` wrapper
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for comp, mods in modules.items():
+        found = base_modules(models[comp]) if comp in models else {}
+        mapping = resolve(comp, list(mods), set(found))
+        for name, ma in mods.items():
+            if name not in mapping:
+                raise AdapterFileError(
+                    f"{type(pipe).__name__} has no module {comp}.{name}; "
+                    "is it the base model this adapter was made for?"
+                )
+            module = found[mapping[name]]
+            _check_fits(f"{type(pipe).__name__}.{comp}.{mapping[name]}", module, ma)
+            out.setdefault(comp, {})[name] = module.weight.detach()
+    return out
+
+
 def collect_adapter(models: dict[str, nn.Module], adapter_name: str) -> dict[str, dict[str, ModuleAdapter]]:
     """The tensors of ``adapter_name`` per component and module, detached copies on the CPU."""
     out: dict[str, dict[str, ModuleAdapter]] = {}
@@ -363,17 +396,33 @@ def save_adapter(
     format: str = "diffusers",
     metadata: dict | None = None,
 ) -> Path:
-    """Write one adapter of ``models`` (component -> model) to ``save_directory/weight_name``."""
+    """Write one adapter of ``models`` (component -> model) to ``save_directory/weight_name``.
+
+    ``format``: ``"diffusers"``, ``"kohya"`` (UNet names in SGM form, following the UNet's own block layout) or
+    ``"comfyui"`` (kohya, with ``dora_scale`` computed against the models' base weights for ComfyUI's rule; see
+    ``formats.comfyui``).
+    """
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(map(repr, SAVE_FORMATS))}, got {format!r}")
     modules = collect_adapter(models, adapter_name)
     info = {"library": "dora-diffusion", "version": __version__, "adapter_name": adapter_name, **(metadata or {})}
     if format == "diffusers":
         state_dict, header = to_diffusers(modules, info)
-    elif format == "kohya":
-        from .formats.kohya import to_kohya
-
-        state_dict, header = to_kohya(modules, info)
     else:
-        raise ValueError(f"format must be 'diffusers' or 'kohya', got {format!r}")
+        from .formats.comfyui import to_comfyui
+        from .formats.kohya import sgm_names, to_kohya
+
+        unet_sgm = sgm_names(linear_conv_names(models["unet"])) if "unet" in models else None
+        if format == "kohya":
+            state_dict, header = to_kohya(modules, info, unet_sgm)
+        else:
+            layers = {comp: adapted_layers(model) for comp, model in models.items()}
+            if any(layer.fused for comp in layers.values() for layer in comp.values()):
+                raise RuntimeError(
+                    "adapters are fused into the weights; call unfuse_dora() before saving format='comfyui'"
+                )
+            base = {comp: {name: layers[comp][name].weight.detach() for name in mods} for comp, mods in modules.items()}
+            state_dict, header = to_comfyui(modules, base, info, unet_sgm)
     return write_safetensors(state_dict, Path(save_directory) / (weight_name or DEFAULT_WEIGHT_NAME), header)
 
 
@@ -387,8 +436,10 @@ def save_dora_weights(
 ) -> Path | None:
     """Save one loaded adapter (default: the only one) as ``pytorch_lora_weights.safetensors``.
 
-    ``format="diffusers"`` is also readable by diffusers' ``load_lora_weights``; ``format="kohya"``
-    by ComfyUI, A1111 and LyCORIS. The file is written atomically. Returns its path.
+    ``format="diffusers"`` is also readable by diffusers' ``load_lora_weights``; ``format="kohya"`` is exact in
+    LyCORIS; ``format="comfyui"`` is a kohya file exact in ComfyUI and Forge at every strength, whose
+    ``dora_scale`` is computed against this pipeline's base weights (``m ||W0|| / ||W0 + s B A||``; see
+    docs/formats.md). The file is written atomically. Returns its path.
     """
     known = get_dora_adapters(pipe)
     if adapter_name is None:

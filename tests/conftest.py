@@ -27,6 +27,24 @@ def render(pipe, prompt: str = PROMPT, seed: int = 0) -> np.ndarray:
     return out.images
 
 
+def fresh_pipe():
+    """A new tiny SDXL pipeline (same random weights every time), progress bar off."""
+    p = build_tiny_sdxl_pipeline(seed=0)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def file_modules(path) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module key prefix: {param: tensor}}`` of a kohya-style safetensors file (keys ``<module>.<param>``)."""
+    from safetensors.torch import load_file
+
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in load_file(str(path)).items():
+        module, _, param = key.partition(".")
+        groups.setdefault(module, {})[param] = t
+    return groups
+
+
 def max_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
 
@@ -34,9 +52,7 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture
 def pipe():
     """A fresh tiny SDXL pipeline (same random weights every time)."""
-    p = build_tiny_sdxl_pipeline(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
+    return fresh_pipe()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import make_adapter_file, max_diff, perturb_adapter, render
+from conftest import file_modules, fresh_pipe, make_adapter_file, max_diff, perturb_adapter, render
 from dora_diffusion import AdapterConfig, AdapterFileError, add_adapter, save_adapter
 from dora_diffusion.formats import parse_state_dict
 from dora_diffusion.formats.kohya import (
@@ -23,15 +23,8 @@ from dora_diffusion.formats.kohya import (
     unet_layout,
 )
 from dora_diffusion.inject import adapted_layers
-from dora_diffusion.testing import build_tiny_sdxl_pipeline
 
 COMPONENT_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-
-
-def fresh_pipe():
-    p = build_tiny_sdxl_pipeline(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 def linear_conv(model: nn.Module) -> dict[str, nn.Module]:
@@ -261,14 +254,6 @@ def trained_pipe(use_dora: bool = True, norm_axis: str = "out", use_rslora: bool
     return p
 
 
-def modules_by_key(path) -> dict[str, dict[str, torch.Tensor]]:
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in load_file(path).items():
-        module, _, param = key.partition(".")
-        groups.setdefault(module, {})[param] = t
-    return groups
-
-
 def oracle_modules(pipe) -> dict[str, tuple[str, str, nn.Module]]:
     """kohya key prefix -> (component, name, base module), from the sd-scripts oracle."""
     return {
@@ -283,7 +268,7 @@ def test_our_kohya_file_read_by_lycoris(tmp_path, kind) -> None:
     trained = trained_pipe(use_dora=kind != "lora", norm_axis="in" if kind == "dora_in" else "out")
     path = trained.save_dora_weights(tmp_path, adapter_name="a", format="kohya")
     ours = our_merged(trained, "a")
-    groups = modules_by_key(path)
+    groups = file_modules(path)
     where = oracle_modules(fresh_pipe())
     assert len(groups) == len(ours) and set(groups) <= set(where)  # SGM / text_model_ names, as sd-scripts writes
     worst = 0.0

@@ -36,6 +36,7 @@ __all__ = [
     "write_safetensors",
 ]
 
+from .comfyui import is_comfyui_rule  # noqa: E402
 from .kohya import PREFIXES as _KOHYA_PREFIX_MAP  # noqa: E402
 
 _KOHYA_PREFIXES = tuple(_KOHYA_PREFIX_MAP)
@@ -55,14 +56,22 @@ def detect_dialect(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> ParsedAdapter:
-    """Validate the tensors and read them in whichever dialect they are written."""
+    """Validate the tensors and read them in whichever dialect they are written.
+
+    A kohya file marked as written for ComfyUI's ``dora_scale`` rule comes back with ``comfyui_dora_scale`` set:
+    its magnitudes are ``m`` only after ``formats.comfyui.from_comfyui_modules`` with the base weights.
+    """
     check_tensors(state_dict)
     dialect = detect_dialect(state_dict)
+    comfyui = is_comfyui_rule(metadata or {}, dialect)
     if dialect == "kohya":
         from .kohya import parse_kohya
 
-        return parse_kohya(state_dict, metadata or {})
-    return parse_diffusers(state_dict, metadata or {})
+        parsed = parse_kohya(state_dict, metadata or {})
+    else:
+        parsed = parse_diffusers(state_dict, metadata or {})
+    parsed.comfyui_dora_scale = comfyui
+    return parsed
 
 
 def _resolve_diffusers(component: str, file_names: list[str], model_names: set[str]) -> dict[str, str]:

@@ -51,6 +51,9 @@ class ParsedAdapter:
     modules: dict[str, dict[str, ModuleAdapter]] = field(default_factory=dict)
     source_keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    comfyui_dora_scale: bool = False
+    """True if per-output magnitudes hold ComfyUI's ``d = m (||W0|| + eps) / ||W0 + s B A||``, not ``m``
+    (``formats.comfyui``): they become ``m`` only against the base weights."""
 
     def num_modules(self) -> int:
         return sum(len(v) for v in self.modules.values())

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -392,15 +392,21 @@ def unet_naming(file_names: Iterable[str]) -> str:
     return ", ".join(sorted({_UNET_SPELLINGS.get(n, "not SDXL") for n in file_names}))
 
 
-def kohya_module_name(component: str, name: str) -> str:
-    """The kohya key prefix of a model module: SGM names for the SDXL UNet, ``text_model_`` for CLIP layers."""
+def kohya_module_name(component: str, name: str, unet_sgm: Mapping[str, str] | None = None) -> str:
+    """The kohya key prefix of a model module: SGM names for the UNet, ``text_model_`` for CLIP layers.
+
+    ``unet_sgm`` maps the UNet's module names to SGM names (``sgm_names`` of the model's own modules); by default
+    SDXL base's, which is what converting a file without a model assumes.
+    """
     if component == "unet":
-        if name not in _SDXL_SGM:
+        table = _SDXL_SGM if unet_sgm is None else unet_sgm
+        if name not in table:
             raise ValueError(
-                f"unet module {name!r} is not a Linear/Conv2d module of SDXL's UNet; the kohya format written here "
-                "is SDXL's (save with format='diffusers' for other models)"
+                f"unet module {name!r} has no SGM name in "
+                f"{'SDXL base' if unet_sgm is None else 'this UNet'}'s layout; the kohya format written here names "
+                "UNet modules the SGM way (save with format='diffusers' for other models)"
             )
-        return WRITE_PREFIXES[component] + _flat(_SDXL_SGM[name])
+        return WRITE_PREFIXES[component] + _flat(table[name])
     if component not in WRITE_PREFIXES:
         raise ValueError(f"unknown component {component!r}")
     inner = name.removeprefix("text_model.")
@@ -459,7 +465,7 @@ def _file_alpha(m: ModuleAdapter) -> float:
 
 
 def to_kohya(
-    modules: dict[str, dict[str, ModuleAdapter]], info: dict
+    modules: dict[str, dict[str, ModuleAdapter]], info: dict, unet_sgm: Mapping[str, str] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """State dict and header of an SDXL kohya/LyCORIS file, read exactly by LyCORIS (>= 3.2).
 
@@ -468,12 +474,12 @@ def to_kohya(
     (out, 1, 1, 1), or (1, in) / (1, in, 1, 1) for legacy per-input DoRA. String values of ``info`` under
     ``ss_*`` / ``modelspec.*`` keys are copied into the header (the computed network keys win), ``base_model``
     becomes ``ss_sd_model_name`` and ``trigger_words`` ``modelspec.trigger_phrase``; the rest of ``info`` is
-    stored as JSON under ``dora_diffusion``.
+    stored as JSON under ``dora_diffusion``. ``unet_sgm``: the UNet's SGM names (see ``kohya_module_name``).
     """
     state_dict: dict[str, torch.Tensor] = {}
     for comp, mods in modules.items():
         for name, m in mods.items():
-            key = kohya_module_name(comp, name)
+            key = kohya_module_name(comp, name, unet_sgm)
             if f"{key}.lora_down.weight" in state_dict:
                 raise ValueError(f"two {comp} modules map to the kohya name {key!r}")
             state_dict[f"{key}.lora_down.weight"] = m.a

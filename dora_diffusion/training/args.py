@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output_kohya_format",
         dest="export_kohya",
         action="store_true",
-        help="Also write <name>_kohya.safetensors for ComfyUI / A1111.",
+        help="Also write <name>_kohya.safetensors (exact in LyCORIS; for ComfyUI / Forge convert it --to comfyui).",
     )
     add("--push_to_hub", action="store_true", help="Upload output_dir to the Hugging Face Hub at the end.")
     add("--hub_model_id", default=None, help="Hub repo id (default: the output_dir name under your account).")
