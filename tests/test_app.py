@@ -20,7 +20,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-import dora_diffusion.compare as compare
+import dora_diffusion.compare.render as render
 from dora_diffusion.app_ui import analysis_tab, build_ui
 from dora_diffusion.compare import Comparer, GenerationSettings, load_base_pipeline, parse_infotext
 from dora_diffusion.testing import save_tiny_sdxl_pipeline
@@ -59,6 +59,7 @@ def app(files):
         GenerationSettings(PROMPT, num_inference_steps=2, width=64, height=64),
         seeds="0-1",
         extra_tabs={"Analysis": analysis_tab},
+        upload_dir=files["root"] / "uploads",
     )
     for attempt in range(5):
         port = free_port()
@@ -76,11 +77,16 @@ def app(files):
         torch.set_num_threads(threads)
 
 
+OUTPUTS = ("gallery", "differences", "grid", "downloads", "scores", "info", "snippet", "message")
+
+
 def generate(client, seeds="0", adapters=None, include_base=True, steps=2, scheduler="Default", negative=""):
+    """/generate's outputs by name (``OUTPUTS``)."""
     adapters = {"dora": 1.0, "lora": 1.0} if adapters is None else adapters
-    return client.predict(
+    out = client.predict(
         PROMPT, negative, seeds, steps, 5.0, 64, 64, scheduler, include_base, adapters, api_name="/generate"
     )
+    return dict(zip(OUTPUTS, out, strict=True))
 
 
 def pixels(item: dict) -> np.ndarray:
@@ -93,7 +99,8 @@ def by_caption(gallery: list[dict]) -> dict[str, np.ndarray]:
 
 def test_grid_has_one_image_per_seed_and_column(app):
     client, _, _ = app
-    gallery, grid_path, info, snippet = generate(client, seeds="0, 7", adapters={"dora": 1.0, "lora": 0.5})
+    out = generate(client, seeds="0, 7", adapters={"dora": 1.0, "lora": 0.5})
+    gallery, grid_path, info, snippet = out["gallery"], out["grid"], out["info"], out["snippet"]
     assert [g["caption"] for g in gallery] == [
         "base · — · seed 0", "dora · 1.00 · seed 0", "lora · 0.50 · seed 0",
         "base · — · seed 7", "dora · 1.00 · seed 7", "lora · 0.50 · seed 7",
@@ -115,8 +122,8 @@ def test_grid_has_one_image_per_seed_and_column(app):
 
 def test_same_request_gives_identical_pixels(app):
     client, _, _ = app
-    first = by_caption(generate(client, seeds="3")[0])
-    second = by_caption(generate(client, seeds="3")[0])
+    first = by_caption(generate(client, seeds="3")["gallery"])
+    second = by_caption(generate(client, seeds="3")["gallery"])
     assert first.keys() == second.keys()
     for caption in first:
         assert np.array_equal(first[caption], second[caption]), caption
@@ -124,7 +131,7 @@ def test_same_request_gives_identical_pixels(app):
 
 def test_columns_base_strength_zero_and_adapters(app, files):
     client, _, _ = app
-    images = by_caption(generate(client, seeds="4")[0])
+    images = by_caption(generate(client, seeds="4")["gallery"])
     base, dora, lora = images["base · — · seed 4"], images["dora · 1.00 · seed 4"], images["lora · 1.00 · seed 4"]
 
     # the base column is the pipeline with its adapters disabled, and the plain base model
@@ -150,7 +157,7 @@ def test_columns_base_strength_zero_and_adapters(app, files):
     assert np.array_equal(base, plain)
 
     # strength 0 is the base model exactly, for DoRA and LoRA
-    zero = by_caption(generate(client, seeds="4", adapters={"dora": 0.0, "lora": 0.0})[0])
+    zero = by_caption(generate(client, seeds="4", adapters={"dora": 0.0, "lora": 0.0})["gallery"])
     assert np.array_equal(zero["dora · 0.00 · seed 4"], base)
     assert np.array_equal(zero["lora · 0.00 · seed 4"], base)
 
@@ -162,12 +169,12 @@ def test_columns_base_strength_zero_and_adapters(app, files):
 def test_adapters_load_once_and_columns_switch_with_set_dora_adapters(app, monkeypatch):
     client, _, _ = app
     calls = {"load": 0, "set": []}
-    load, set_ = compare.load_dora_weights, compare.set_dora_adapters
+    load, set_ = render.load_dora_weights, render.set_dora_adapters
     monkeypatch.setattr(
-        compare, "load_dora_weights", lambda *a, **k: (calls.__setitem__("load", calls["load"] + 1), load(*a, **k))[1]
+        render, "load_dora_weights", lambda *a, **k: (calls.__setitem__("load", calls["load"] + 1), load(*a, **k))[1]
     )
     monkeypatch.setattr(
-        compare, "set_dora_adapters", lambda pipe, n, w: (calls["set"].append((n, w)), set_(pipe, n, w))[1]
+        render, "set_dora_adapters", lambda pipe, n, w: (calls["set"].append((n, w)), set_(pipe, n, w))[1]
     )
     generate(client, seeds="0", adapters={"dora": 1.0, "lora": 0.5})
     assert calls["load"] == 0
@@ -233,7 +240,7 @@ def test_cancel_stops_a_running_grid_and_the_app_keeps_serving(app):
     assert cells_done(), "no cell finished within 60 s"
     job.cancel()
     start = time.time()
-    gallery = generate(client, seeds="0", adapters={"dora": 1.0})[0]
+    gallery = generate(client, seeds="0", adapters={"dora": 1.0})["gallery"]
     assert len(gallery) == 2
     assert time.time() - start < 20  # not behind the remaining 29 cells x 20 steps
     assert cells_done() < 30 and not any(isinstance(o[1], str) for o in job.outputs())  # no grid PNG
@@ -258,7 +265,7 @@ def test_bad_requests_are_errors_and_the_app_keeps_serving(app, seeds, adapters,
     client, _, _ = app
     with pytest.raises(AppError, match=message):
         generate(client, seeds=seeds, adapters=adapters)
-    assert len(generate(client, seeds="1", adapters={"lora": 1.0}, include_base=False)[0]) == 1
+    assert len(generate(client, seeds="1", adapters={"lora": 1.0}, include_base=False)["gallery"]) == 1
 
 
 def test_bad_adapters_are_errors_and_a_good_one_loads(app, files, tmp_path):
@@ -281,19 +288,20 @@ def test_bad_adapters_are_errors_and_a_good_one_loads(app, files, tmp_path):
         add(str(files["extra"]), handle_file(str(files["extra"])))
     assert [a.name for a in comparer.adapters] == ["dora", "lora"]
 
-    status, *slots = add(upload=handle_file(str(files["extra"])))
+    status, remove_choice, *slots = add(upload=handle_file(str(files["extra"])))
     assert status.startswith("Loaded **pytorch_lora_weights**: DoRA · rank 4")
     assert [a.name for a in comparer.adapters] == ["dora", "lora", "pytorch_lora_weights"]
-    gallery = generate(client, seeds="2", adapters={"pytorch_lora_weights": 1.0})[0]
+    gallery = generate(client, seeds="2", adapters={"pytorch_lora_weights": 1.0})["gallery"]
     assert [g["caption"] for g in gallery] == ["base · — · seed 2", "pytorch_lora_weights · 1.00 · seed 2"]
     assert np.abs(pixels(gallery[0]) - pixels(gallery[1])).mean() > 1.0
 
 
 def test_restore_fills_the_form_from_a_png(app, tmp_path):
     client, _, _ = app
-    gallery = generate(client, seeds="5", adapters={"lora": 0.35}, steps=3, scheduler="Euler a", negative="blurry")[0]
+    gallery = generate(client, seeds="5", adapters={"lora": 0.35}, steps=3, scheduler="Euler a", negative="blurry")
+    gallery = gallery["gallery"]
     values = client.predict(handle_file(gallery[1]["image"]), api_name="/restore")
-    prompt, negative, seeds, steps, guidance, width, height, scheduler, base, *slots = values
+    prompt, negative, seeds, steps, guidance, width, height, scheduler, base, *slots, message = values
     assert (prompt, negative, seeds, steps, guidance, width, height, scheduler) == (
         PROMPT,
         "blurry",
@@ -304,8 +312,9 @@ def test_restore_fills_the_form_from_a_png(app, tmp_path):
         64,
         "Euler a",
     )
-    checks, strengths = slots[: len(slots) // 2], slots[len(slots) // 2 :]
+    checks, strengths = slots[0::3], slots[1::3]
     assert checks[1] is True and strengths[1] == 0.35  # the lora slot
+    assert message == "Restored the settings of a cell (seed 5)."
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(AppError, match="Invalid file type.*image"):  # refused by the upload's file_types
         client.predict(handle_file(str(tmp_path / "notes.txt")), api_name="/restore")
@@ -342,11 +351,16 @@ def test_demo_trains_once_then_reuses_its_cache(tmp_path, monkeypatch, capsys):
         torch.set_num_threads(threads)
 
 
-def test_analysis_tab_plots_the_loaded_adapters(app):
-    """The Analysis tab: a PNG that opens and a summary naming both adapters with their Pearson r."""
+def test_analysis_tab_plots_the_chosen_adapters_with_csv(app):
+    """The Analysis tab: a PNG that opens, a summary naming the chosen adapters, and the rows as CSV."""
     client, comparer, _ = app
-    image_path, summary = client.predict(api_name="/analysis")
+    image_path, summary, csv_path, choices = client.predict([], False, api_name="/analysis")
     with Image.open(image_path) as im:
-        assert im.size[0] > 100 and im.size[1] > 100
+        assert im.size == (800, 550)
     for name in comparer.pipe.get_dora_adapters():
         assert name in summary
+    image_path, summary, csv_path, choices = client.predict(["lora"], True, api_name="/analysis")
+    assert "lora" in summary and "dora" not in summary
+    rows = Path(csv_path).read_text().splitlines()
+    assert rows[0] == "adapter,module,component,kind,rank,delta_M,delta_D,method"
+    assert len(rows) > 1 and {r.split(",")[0] for r in rows[1:]} == {"lora"}

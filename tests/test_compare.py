@@ -30,7 +30,7 @@ from dora_diffusion.compare import (
     plan_grid,
     read_parameters,
     reproduce_snippet,
-    restore_cell,
+    restore_form,
     save_png,
 )
 from dora_diffusion.testing import TINY_RESOLUTION, save_tiny_sdxl_pipeline
@@ -194,7 +194,12 @@ def test_plan_grid_without_base():
         ([0], {"nope": 1.0}, True, r"adapters \['nope'\] are not loaded; loaded adapters: \['dora', 'lora'\]"),
         ([0], {"dora": 2.5}, True, "strength of 'dora' must be a number from 0 to 2"),
         ([0], {"dora": -0.1}, True, "strength of 'dora' must be a number from 0 to 2"),
-        ([0], {"dora": "1"}, True, "strength of 'dora' must be a number"),
+        ([0], {"dora": "1, x"}, True, "'x' in the strengths of 'dora' is not a number"),
+        ([0], {"dora": [0.5, 0.5]}, True, "strength of 'dora' is listed twice"),
+        ([0], {"dora": "0.5 0.5"}, True, "strength 0.5 of 'dora' is listed twice"),
+        ([0], {"dora": [1.0, 2.5]}, True, "strength of 'dora' must be a number from 0 to 2"),
+        ([0], {"dora": True}, True, "strength of 'dora' must be a number"),
+        ([0], {"dora": []}, True, "give 'dora' at least one strength"),
         ([0], {}, False, "tick at least one adapter or the base model"),
         ([], {"dora": 1.0}, True, "at least one seed"),
         (
@@ -231,7 +236,7 @@ def test_infotext_is_a1111_parameters_plus_adapter():
     assert text == (
         "a photo of TOK toy\n"
         "Negative prompt: blurry\n"
-        "Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 1024x768, "
+        "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 1024x768, "
         "Model: stabilityai/stable-diffusion-xl-base-1.0, Adapter: dora, Adapter strength: 0.8, "
         "Adapter source: runs/dora, Version: dora-diffusion 0.1.0"
     )
@@ -252,18 +257,18 @@ def test_infotext_round_trip_with_quoting():
     assert p["Negative prompt"] == "bad, ugly"
     assert p["Model"] == 'C:\\models\\sdxl, "v1"'
     assert p["Adapter source"] == "D:\\x, y.safetensors"
-    restored = restore_cell(text)
+    restored = restore_form(text)
     assert restored.settings == s
-    assert (restored.seed, restored.adapter, restored.strength) == (123456789012, "my-lora", 1.25)
+    assert (restored.seeds, restored.strengths, restored.whole_grid) == ((123456789012,), {"my-lora": [1.25]}, False)
 
 
 def test_restore_cell_of_base_and_errors():
-    r = restore_cell(infotext(TINY, Cell(0, 0, 9, Column(None)), "tiny"))
-    assert (r.settings, r.seed, r.adapter, r.model) == (TINY, 9, None, "tiny")
+    r = restore_form(infotext(TINY, Cell(0, 0, 9, Column(None)), "tiny"))
+    assert (r.settings, r.seeds, r.include_base, r.strengths, r.model) == (TINY, (9,), True, {}, "tiny")
     with pytest.raises(CompareError, match="have no CFG scale, Seed"):
-        restore_cell("a prompt\nSteps: 20, Sampler: Euler, Size: 64x64")
+        restore_form("a prompt\nSteps: 20, Sampler: Euler, Size: 64x64")
     with pytest.raises(CompareError, match="unreadable generation parameters"):
-        restore_cell("a prompt\nSteps: many, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64")
+        restore_form("a prompt\nSteps: many, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64")
 
 
 def test_grid_infotext_lists_seeds_and_columns():
