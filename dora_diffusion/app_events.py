@@ -404,6 +404,14 @@ class CompareEvents:
         kept = [old[i] for i, n in enumerate(before) if n != name and i < len(old)]
         return f"Removed **{name}**.", self.remove_choices(), *slot_updates(self.comparer.adapters, kept)
 
+    def remove_adapter_api(self, name: str) -> str:
+        """Unload adapter ``name`` (``/remove_adapter``); returns a message. Open pages show it gone when reloaded."""
+        try:
+            self.comparer.remove_adapter(name)
+        except CompareError as err:
+            raise page_error(err) from None
+        return f"Removed {name}."
+
     def restore(self, path: str | None):
         """Fill the form from a PNG made here: a cell's settings, seed and column, or a grid's seeds and columns."""
         if not path:

@@ -184,7 +184,7 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
         concurrency_id="pipeline",
         concurrency_limit=1,
     )
-    stop_button.click(events.request_stop, None, message, queue=False, api_visibility="private")
+    stop_button.click(events.request_stop, None, message, queue=False, api_name="stop", api_visibility="undocumented")
     results.gallery.select(events.show_cell, results.state, [results.cell_info, results.snippet], queue=False,
                            api_visibility="private")  # fmt: skip
     # its own group: a slow Hub lookup waits beside a running grid, not in front of the next one
@@ -201,11 +201,13 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
         events.remove_adapter,
         {remove_choice, *form.slot_inputs},
         [message, remove_choice, *slot_outputs],
-        api_name="remove_adapter",
         concurrency_id="pipeline",
         concurrency_limit=1,
         show_progress_on=[message],
+        api_name="remove_adapter_form",
+        api_visibility="private",
     )
+    gr.api(events.remove_adapter_api, api_name="remove_adapter", concurrency_id="pipeline", concurrency_limit=1)
     restore_upload.upload(
         events.restore, restore_upload, [*form.everything, message], api_name="restore", show_progress_on=[message]
     )

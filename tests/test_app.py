@@ -20,7 +20,9 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+import dora_diffusion.compare as compare
 import dora_diffusion.compare.render as render
+from dora_diffusion import AdapterFileError
 from dora_diffusion.app_ui import analysis_tab, build_ui
 from dora_diffusion.compare import Comparer, GenerationSettings, load_base_pipeline, parse_infotext
 from dora_diffusion.testing import save_tiny_sdxl_pipeline
@@ -324,6 +326,130 @@ def test_restore_fills_the_form_from_a_png(app, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     with pytest.raises(AppError, match="plain.png carries no generation parameters"):
         client.predict(handle_file(str(tmp_path / "plain.png")), api_name="/restore")
+
+
+def test_sweep_of_one_adapter_and_its_difference_maps(app):
+    """Acceptance: 3 strengths x 2 seeds give 6 images; strength 0 is the base model exactly, and so its
+    difference map is zero; the maps' means are |a - b| of the cells, computed here independently."""
+    client, _, _ = app
+    out = generate(client, seeds="0-1", adapters={"dora": "0, 0.5, 1"}, include_base=False)
+    assert [g["caption"] for g in out["gallery"]] == [
+        f"dora · {k} · seed {s}" for s in (0, 1) for k in ("0.00", "0.50", "1.00")
+    ]
+    sweep = by_caption(out["gallery"])
+    base = by_caption(generate(client, seeds="0-1", adapters={}, include_base=True)["gallery"])
+    for s in (0, 1):
+        assert np.array_equal(sweep[f"dora · 0.00 · seed {s}"], base[f"base · — · seed {s}"])
+        half, full = sweep[f"dora · 0.50 · seed {s}"], sweep[f"dora · 1.00 · seed {s}"]
+        assert np.abs(half - base[f"base · — · seed {s}"]).mean() > 1.0 and np.abs(full - half).mean() > 1.0
+    g = parse_infotext(Image.open(out["grid"]).info["parameters"])
+    assert (g["Seeds"], g["Columns"]) == ("0, 1", "dora 0, dora 0.5, dora 1")
+    assert out["differences"] == []  # no base column, no LoRA: no pair to compare
+
+    out = generate(client, seeds="0-1", adapters={"dora": [0, 1], "lora": 1.0}, include_base=True)
+    cells = by_caption(out["gallery"])
+    maps = {d["caption"].split(" · mean")[0]: d for d in out["differences"]}
+    assert sorted(maps) == sorted(
+        f"{pair} · seed {s}"
+        for s in (0, 1)
+        for pair in ("|dora 0.00 − base|", "|dora 1.00 − base|", "|lora 1.00 − base|", "|dora 1.00 − lora 1.00|")
+    )
+    for s in (0, 1):
+        zero = maps[f"|dora 0.00 − base| · seed {s}"]
+        assert "mean 0.00/255" in zero["caption"] and pixels(zero).max() == 0
+        dora, lora, b = cells[f"dora · 1.00 · seed {s}"], cells[f"lora · 1.00 · seed {s}"], cells[f"base · — · seed {s}"]
+        for label, expected in (("|dora 1.00 − base|", np.abs(dora - b).mean()), ("|dora 1.00 − lora 1.00|", np.abs(dora - lora).mean())):
+            caption = maps[f"{label} · seed {s}"]["caption"]
+            assert expected > 1.0 and f"mean {expected:.2f}/255" in caption, (caption, expected)
+            assert pixels(maps[f"{label} · seed {s}"]).max() > 0
+    table = {row[0]: dict(zip(out["scores"]["headers"], row)) for row in out["scores"]["data"]}
+    assert table["dora 0.00"]["mean |Δ| vs base"] == 0.0 and table["dora 1.00"]["mean |Δ| vs base"] > 1.0
+    assert table["dora 1.00"]["mean |DoRA − LoRA|"] > 1.0
+    assert [Path(p).name for p in out["downloads"]] == ["grid.png", "differences.png", "scores.csv"]
+
+
+def test_restore_a_whole_grid_png_sets_every_seed_and_column(app):
+    client, _, _ = app
+    out = generate(client, seeds="3, 8", adapters={"dora": [0, 0.5, 1]}, include_base=False, scheduler="DPM++ 2M Karras")
+    g = parse_infotext(Image.open(out["grid"]).info["parameters"])
+    assert (g["Sampler"], g["Schedule type"]) == ("DPM++ 2M", "Karras")  # as A1111 writes it
+    values = client.predict(handle_file(out["grid"]), api_name="/restore")
+    prompt, negative, seeds, steps, guidance, width, height, scheduler, base, *slots, message = values
+    assert (prompt, seeds, steps, scheduler, base) == (PROMPT, "3, 8", 2, "DPM++ 2M Karras", False)
+    checks, strengths, sweeps = slots[0::3], slots[1::3], slots[2::3]
+    assert (checks[0], sweeps[0]) == (True, "0, 0.5, 1")  # dora: a sweep
+    assert checks[1] is False  # lora is not in this grid
+    assert message == "Restored the settings of a grid (2 seeds)."
+
+
+def test_stop_keeps_the_cells_done_and_says_so(app):
+    client, _, _ = app
+    job = client.submit(
+        PROMPT, "", "0-9", 20, 5.0, 64, 64, "Default", True, {"dora": 1.0, "lora": 1.0}, api_name="/generate"
+    )
+    deadline = time.time() + 60
+    while not any(isinstance(o[0], list) and o[0] for o in job.outputs()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert client.predict(api_name="/stop").startswith("Stopping")
+    out = dict(zip(OUTPUTS, job.result(timeout=30), strict=True))
+    k = len(out["gallery"])
+    assert 1 <= k < 30
+    assert out["message"].startswith(f"**Stopped after {k} of 30 cells.**")
+    with Image.open(out["grid"]) as grid:  # the partial grid: all 10 rows, missing cells grey
+        assert grid.size[1] > 10 * 256
+        assert parse_infotext(grid.info["parameters"])["Seeds"] == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
+
+
+def test_one_adapter_file_loads_once_and_an_adapter_can_be_removed(app, files, tmp_path):
+    client, comparer, _ = app
+    add = lambda source="", upload=None, name="": client.predict(source, upload, name, api_name="/add_adapter")  # noqa: E731
+    path = make_adapter_file(tmp_path / "twice", seed=5, targets="attn", text=False)
+    before = [a.name for a in comparer.adapters]
+    status, *_ = add(upload=handle_file(str(path)), name="twice")
+    kept = Path(comparer.source(compare.Column("twice", 1.0)))
+    assert kept.is_file() and kept.is_relative_to(files["root"] / "uploads") and kept.read_bytes() == path.read_bytes()
+    with pytest.raises(AppError, match="is already loaded as 'twice'"):  # a double click, or the same upload again
+        add(upload=handle_file(str(path)))
+    with pytest.raises(AppError, match="is already loaded as 'twice'"):
+        add(str(kept), name="again")
+    assert client.predict("twice", api_name="/remove_adapter") == "Removed twice."
+    assert [a.name for a in comparer.adapters] == before
+    with pytest.raises(AppError, match=r"adapters \['twice'\] are not loaded"):
+        generate(client, adapters={"twice": 1.0})
+    with pytest.raises(AppError, match="no adapter named 'twice' is loaded"):
+        client.predict("twice", api_name="/remove_adapter")
+
+
+def test_a_slow_hub_lookup_does_not_hold_up_grids(app, monkeypatch):
+    """Broken 6: the lookup runs outside the pipeline's queue; a grid requested meanwhile is served at once."""
+    client, comparer, url = app
+
+    def slow_hub(source):
+        time.sleep(4)
+        raise AdapterFileError(f"{source!r}: the Hub lookup failed: ConnectError")
+
+    monkeypatch.setattr(comparer, "resolve", slow_hub)
+    job = Client(url, verbose=False).submit("user/some-dora", None, "", api_name="/add_adapter")
+    time.sleep(0.3)
+    start = time.time()
+    assert len(generate(client, adapters={"dora": 1.0})["gallery"]) == 2
+    assert time.time() - start < 3.5 and not job.done()
+    with pytest.raises(AppError, match="the Hub lookup failed: ConnectError"):
+        job.result(timeout=30)
+
+
+def test_the_hub_counts_as_unreachable_within_seconds(monkeypatch):
+    from huggingface_hub import constants
+
+    from dora_diffusion.formats.safefile import hub_unreachable
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    start = time.time()
+    assert "no connection to 127.0.0.1" in hub_unreachable()
+    assert time.time() - start < 1.0
 
 
 # ------------------------------------------------------------------------------------------------ the demo
