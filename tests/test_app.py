@@ -490,3 +490,53 @@ def test_analysis_tab_plots_the_chosen_adapters_with_csv(app):
     rows = Path(csv_path).read_text().splitlines()
     assert rows[0] == "adapter,module,component,kind,rank,delta_M,delta_D,method"
     assert len(rows) > 1 and {r.split(",")[0] for r in rows[1:]} == {"lora"}
+
+
+# ------------------------------------------------------------------------------------------------ small pieces
+
+
+def test_toasts_keep_quotes_uploads_are_kept_and_the_banner_names_share(tmp_path):
+    from dora_diffusion.app_events import keep_upload, toast_text
+    from dora_diffusion.app_ui import banner
+
+    # Gradio's page strips the quotes of a message that starts and ends with one (issue 17, broken 4)
+    assert toast_text("'x' is not a file, nor a Hub repo id 'owner/name'") == (
+        "'x' is not a file, nor a Hub repo id 'owner/name'."
+    )
+    assert toast_text("seed 1 is listed twice") == "seed 1 is listed twice"
+    upload = tmp_path / "cache" / "style.safetensors"
+    upload.parent.mkdir()
+    upload.write_bytes(b"tensors")
+    kept = keep_upload(upload, tmp_path / "kept")
+    upload.unlink()  # Gradio's cache goes; the copy stays
+    assert kept.read_bytes() == b"tensors" and kept.name == "style.safetensors"
+    upload.parent.mkdir(exist_ok=True)
+    upload.write_bytes(b"tensors")
+    assert keep_upload(upload, tmp_path / "kept") == kept  # the same file lands on the same path
+
+    class Device:
+        type = "cpu"
+
+    class FakeComparer:
+        model, device, dtype, max_cells = "m", Device(), "torch.float32", 64
+
+    assert "`--share` opens a public gradio.live link" in banner(FakeComparer(), "127.0.0.1")
+    assert "Served on 0.0.0.0." in banner(FakeComparer(), "0.0.0.0")
+
+
+def test_app_py_checks_adapters_before_loading_the_base(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("app_script", Path(__file__).resolve().parents[1] / "app.py")
+    app_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app_script)
+
+    def no_base(*args, **kwargs):
+        raise AssertionError("the base model loaded before the adapters were checked")
+
+    monkeypatch.setattr("dora_diffusion.compare.load_base_pipeline", no_base)
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(SystemExit, match=f"--adapter dora={missing}: '{missing}' is not an existing file"):
+        app_script.main(["--base", "stabilityai/stable-diffusion-xl-base-1.0", "--adapter", f"dora={missing}"])
+    with pytest.raises(SystemExit, match="--adapter base=x/y: adapter name 'base' is reserved"):
+        app_script.main(["--base", "some/model", "--adapter", "base=x/y"])

@@ -43,6 +43,7 @@ def check_adapter_args(texts: Sequence[str]) -> list[tuple[str, str, Path | None
     (``file`` None). Raises ``CompareError`` or ``AdapterFileError`` naming the argument.
     """
     from ..formats import AdapterFileError, resolve_file
+    from ..formats.safefile import PICKLE_SUFFIXES, refuse_pickle
 
     out: list[tuple[str, str, Path | None]] = []
     taken: list[str] = []
@@ -52,6 +53,8 @@ def check_adapter_args(texts: Sequence[str]) -> list[tuple[str, str, Path | None
             name = check_adapter_name(name, taken) if name else default_adapter_name(source, taken)
             local = Path(source).exists() or not _HUB_ID.fullmatch(source)
             file = resolve_file(source) if local else None
+            if file is not None and file.suffix.lower() in PICKLE_SUFFIXES:
+                refuse_pickle(file)
         except (CompareError, AdapterFileError) as err:
             raise type(err)(f"--adapter {text}: {err}") from None
         taken.append(name)
