@@ -133,7 +133,10 @@ def _results(n_columns: int) -> Results:
                 label="Grid with legends", type="filepath", interactive=False, buttons=["download", "fullscreen"],
                 elem_id="grid-image",
             )  # fmt: skip
-    scores = gr.Dataframe(label="Per column", interactive=False, wrap=True, elem_id="scores")
+    scores = gr.Dataframe(
+        headers=["column", "images", "scores", "mean |Δ| vs base", "mean |DoRA − LoRA|"], label="Per column",
+        interactive=False, wrap=True, elem_id="scores",
+    )  # fmt: skip
     downloads = gr.File(label="Downloads: grid PNG, difference grid PNG, scores CSV", file_count="multiple",
                         elem_id="grid-file")  # fmt: skip
     cell_info = gr.Textbox(label="Parameters of the chosen cell (PNG text 'parameters')", lines=3)
