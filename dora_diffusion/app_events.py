@@ -184,6 +184,8 @@ class CompareEvents:
         self.scorer = scorer
         self.upload_dir = upload_dir
         self.form: Form | None = None
+        self.built_slots = len(comparer.adapters) if comparer is not None else 0
+        """Slots shown when the page was built (their values are the page's own)."""
 
     def names(self) -> list[str]:
         return [a.name for a in self.comparer.adapters]
@@ -295,6 +297,8 @@ class CompareEvents:
             if stopped
             else f"Done: {n} cells in {seconds:.1f} s."
         )
+        if maps:
+            message += f" Difference maps: brightness = |difference| × {maps[0].gain}."
         if score_note:
             message += f"\n\n{score_note}"
         return (list(items), diff_items, str(grid), downloads, table, shown["infotext"], shown["snippet"], message,
@@ -430,6 +434,11 @@ class CompareEvents:
         return *updates, message
 
     def on_load(self):
-        """When a page opens, show the adapters loaded now (added or removed from other tabs since start-up)."""
+        """When a page opens, show the adapters loaded now (added or removed from other tabs since start-up).
+
+        Slots the page was built with keep their values (a person may already be typing); slots shown anew are
+        ticked at strength 1.
+        """
         adapters = self.comparer.adapters
-        return self.remove_choices(), *slot_updates(adapters, [SlotValues(True, 1.0, "")] * len(adapters))
+        fresh = [None] * min(self.built_slots, len(adapters)) + [SlotValues(True, 1.0, "")] * len(adapters)
+        return self.remove_choices(), *slot_updates(adapters, fresh[: len(adapters)])

@@ -34,6 +34,7 @@ PAGE_CSS = """
   white-space: normal !important; max-width: 100% !important; overflow: visible !important;
   text-overflow: clip !important; font-size: 12px;
 }
+#grid-image img { object-fit: contain !important; width: 100%; height: auto; }
 """
 """Gallery captions wrap instead of ending in '…', so strength and seed stay readable with many columns."""
 PAGE_JS = """

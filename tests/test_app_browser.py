@@ -203,3 +203,12 @@ def test_failed_load_and_restore_leave_the_form_as_it_was(page, tmp_path):
     page.get_by_role("tab", name="Grid PNG").click()
     expect(page.locator("#grid-image img")).to_have_count(1)
     _screenshot(page, tmp_path, "app_sweep_grid.png")
+
+    # removing an adapter hides its slot; the others keep their ticks, strengths and sweeps
+    page.get_by_role("tab", name="Cells").click()
+    page.locator("#remove-choice input").click()
+    page.get_by_role("option", name="lora").click()
+    page.click("#remove-adapter")
+    expect(page.locator("#message")).to_contain_text("Removed lora")
+    expect(page.locator("#slot-1")).to_be_hidden()
+    assert page.locator("#sweep-0 textarea").input_value() == "0, 0.25, 0.5, 0.75, 1"

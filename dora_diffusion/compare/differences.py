@@ -40,8 +40,8 @@ class DifferenceMap:
 
     @property
     def caption(self) -> str:
-        """``"|dora 1.00 − base| · seed 0 · mean 3.21/255 · ×16"``."""
-        return f"{self.label} · seed {self.seed} · mean {self.mean:.2f}/255 · ×{self.gain}"
+        """``"|dora 1.00 − base| · seed 0 · mean 3.21/255"`` (the gain is one per grid: say it once, beside it)."""
+        return f"{self.label} · seed {self.seed} · mean {self.mean:.2f}/255"
 
 
 def _short(column: Column) -> str:
