@@ -22,6 +22,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def shrink(path: Path) -> None:
+    """Re-save a screenshot as a 256-colour PNG (a third of the size; text stays sharp)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache_dir", default=None, help="the demo's cache (python -m dora_diffusion.demo --cache_dir)")
@@ -70,6 +79,8 @@ def main() -> None:
             page.wait_for_timeout(1000)
             page.screenshot(path=str(out / "app_analysis.png"), full_page=True)
             browser.close()
+        for name in ("app_cells.png", "app_differences.png", "app_grid.png", "app_analysis.png"):
+            shrink(out / name)
     finally:
         proc.terminate()
         proc.wait()

@@ -32,6 +32,7 @@ from .compare import (
     default_adapter_name,
     difference_maps,
     difference_pairs,
+    mean_differences,
     format_strength,
     grid_infotext,
     read_parameters,
@@ -297,8 +298,6 @@ class CompareEvents:
             if stopped
             else f"Done: {n} cells in {seconds:.1f} s."
         )
-        if maps:
-            message += f" Difference maps: brightness = |difference| × {maps[0].gain}."
         if score_note:
             message += f"\n\n{score_note}"
         return (list(items), diff_items, str(grid), downloads, table, shown["infotext"], shown["snippet"], message,
@@ -344,13 +343,13 @@ class CompareEvents:
 
     def difference_grid(self, p: GridPlan, maps: list, path: Path) -> Path:
         """The difference maps as one PNG: a row per seed, a column per pair, its mean over the seeds below."""
-        labels = list(dict.fromkeys(m.label for m in maps))
+        labels = list(mean_differences(maps))
         seeds = [s for s in p.seeds if any(m.seed == s for m in maps)]
         cells = {(m.seed, m.label): m for m in maps}
         rows = [[cells[s, label].image if (s, label) in cells else None for label in labels] for s in seeds]
-        means = {label: [m.mean for m in maps if m.label == label] for label in labels}
-        legends = [[label, f"mean {sum(v) / len(v):.2f}/255"] for label, v in means.items()]
-        title = f"{p.settings.prompt}  ·  differences ×{maps[0].gain}"
+        gain = {m.label: m.gain for m in maps}
+        legends = [[label, f"mean {mean:.2f}/255", f"brightness ×{gain[label]}"] for label, mean in mean_differences(maps).items()]
+        title = f"{p.settings.prompt}  ·  |difference| maps"
         image = compose_grid(rows, [row_legend(s) for s in seeds], legends, title, grid_zoom(p.settings.width, p.settings.height))
         return save_png(image, path, grid_infotext(p, self.comparer.model, self.comparer.default_sampler))
 

@@ -32,7 +32,7 @@ __all__ = ["ComparePage", "analysis_tab", "banner", "build_ui", "default_upload_
 PAGE_CSS = """
 #gallery .caption-label, #differences .caption-label {
   white-space: normal !important; max-width: 100% !important; overflow: visible !important;
-  text-overflow: clip !important; font-size: 12px;
+  text-overflow: clip !important; font-size: 11px; line-height: 1.2; padding: 1px 4px !important; opacity: 0.85;
 }
 #grid-image img { object-fit: contain !important; width: 100%; height: auto; }
 """

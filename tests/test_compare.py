@@ -519,9 +519,9 @@ def test_difference_pairs_and_maps():
               (7, Column("l", 1.0)): _solid((0, 0, 0))}  # fmt: skip
     maps = difference_maps(plan, images, {"d": "DoRA", "l": "LoRA"})
     assert [m.caption for m in maps] == [
-        "|d 1.00 − base| · seed 7 · mean 4.00/255",
-        "|l 1.00 − base| · seed 7 · mean 0.00/255",
-        "|d 1.00 − l 1.00| · seed 7 · mean 4.00/255",
+        "|d 1.00 − base| · seed 7 · mean 4.00/255 · ×32",
+        "|l 1.00 − base| · seed 7 · mean 0.00/255 · ×32",
+        "|d 1.00 − l 1.00| · seed 7 · mean 4.00/255 · ×32",
     ]
     assert {m.gain for m in maps} == {32} and np.asarray(maps[0].image).max() == 128 and np.asarray(maps[1].image).max() == 0
     assert mean_differences(maps) == {"|d 1.00 − base|": 4.0, "|l 1.00 − base|": 0.0, "|d 1.00 − l 1.00|": 4.0}

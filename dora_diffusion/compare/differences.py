@@ -1,10 +1,11 @@
 """Difference maps: where, and how much, two columns of a grid differ at the same seed.
 
 For two images ``a`` and ``b`` of one seed (uint8 RGB), the map is ``d = mean_c |a_c - b_c|`` per pixel and its
-mean is ``mean(d)`` in 0-255 units. A map is shown as a grey image ``min(255, gain * d)``; one ``gain`` serves a
-whole grid (the power of two that brings the grid's 99th-percentile difference closest to 255, from 1 to 64), so
-maps of one grid compare by brightness. The pairs: every adapter column against the base column of its seed, and
-every DoRA column against every LoRA column at the same strength.
+mean is ``mean(d)`` in 0-255 units. A map is shown as a grey image ``min(255, gain * d)``. The pairs: every adapter
+column against the base column of its seed, and every DoRA column against every LoRA column at the same strength.
+Each of these two groups shares one ``gain`` (the power of two, 1 to 64, that brings the group's 99th-percentile
+difference closest to 255), so maps of a group compare by brightness, and the small DoRA - LoRA differences are
+not drawn black beside the large ones from the base.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class DifferenceMap:
 
     @property
     def caption(self) -> str:
-        """``"|dora 1.00 − base| · seed 0 · mean 3.21/255"`` (the gain is one per grid: say it once, beside it)."""
-        return f"{self.label} · seed {self.seed} · mean {self.mean:.2f}/255"
+        """``"|dora 1.00 − base| · seed 0 · mean 3.21/255 · ×16"``."""
+        return f"{self.label} · seed {self.seed} · mean {self.mean:.2f}/255 · ×{self.gain}"
 
 
 def _short(column: Column) -> str:
@@ -95,12 +96,13 @@ def difference_maps(
         for a, b in difference_pairs(plan.columns, kinds):
             if (seed, a) in images and (seed, b) in images:
                 raw.append((seed, a, b, abs_difference(images[seed, a], images[seed, b])))
-    gain = shared_gain([d for *_, d in raw])
-    return [
-        DifferenceMap(seed, a, b, Image.fromarray(np.clip(d * gain, 0, 255).round().astype(np.uint8)).convert("RGB"),
-                      float(d.mean()), gain)
-        for seed, a, b, d in raw
-    ]  # fmt: skip
+    gains = {group: shared_gain([d for _, _, b, d in raw if (b.adapter is None) == group]) for group in (True, False)}
+    maps = []
+    for seed, a, b, d in raw:
+        gain = gains[b.adapter is None]
+        image = Image.fromarray(np.clip(d * gain, 0, 255).round().astype(np.uint8)).convert("RGB")
+        maps.append(DifferenceMap(seed, a, b, image, float(d.mean()), gain))
+    return maps
 
 
 def mean_differences(maps: Sequence[DifferenceMap]) -> dict[str, float]:
