@@ -28,6 +28,7 @@ from .compare import (
     GridPlan,
     Scorer,
     ScoringUnavailable,
+    column_name,
     compose_grid,
     default_adapter_name,
     difference_maps,
@@ -114,7 +115,9 @@ class Runs:
         return True
 
 
-def render_in_background(comparer: Comparer, plan: GridPlan, stop: threading.Event, heartbeat: float = 0.5) -> Iterator[tuple]:
+def render_in_background(
+    comparer: Comparer, plan: GridPlan, stop: threading.Event, heartbeat: float = 0.5
+) -> Iterator[tuple]:
     """Render ``plan`` in a worker thread; yield ``("step", k, step)``, ``("cell", result)`` and ``("tick",)``.
 
     Something is yielded after every denoising step and at least every ``heartbeat`` seconds, so Gradio can
@@ -170,10 +173,6 @@ def default_cell(plan: GridPlan, n_done: int) -> int:
     """Gallery index whose parameters and snippet show first: the first adapter cell, else the first cell."""
     first_adapter = 1 if plan.columns[0].adapter is None and len(plan.columns) > 1 else 0
     return min(first_adapter, n_done - 1)
-
-
-def _column_name(column) -> str:
-    return "base" if column.adapter is None else f"{column.adapter} {format_strength(column.strength)}"
 
 
 class CompareEvents:
@@ -255,14 +254,16 @@ class CompareEvents:
             path = save_png(result.image, out / name, result.infotext)
             done.append(result)
             items.append((str(path), result.caption))
-            infos.append({"infotext": result.infotext, "snippet": self.comparer.snippet(p, c), "caption": result.caption})
+            snippet = self.comparer.snippet(p, c)
+            infos.append({"infotext": result.infotext, "snippet": snippet, "caption": result.caption})
             # the first yield also sets the gallery's column count; later ones send plain values
             first = len(items) == 1
             gallery_value = gr.Gallery(items, columns=n_cols) if first else list(items)
             diff_value = gr.Gallery([], columns=n_pairs) if first else gr.skip()  # clears the last grid's maps
             shown = infos[default_cell(p, len(infos))]
             message = f"Rendering: {len(done)} of {n} cells done."
-            yield gallery_value, diff_value, gr.skip(), gr.skip(), gr.skip(), shown["infotext"], shown["snippet"], message, infos
+            yield (gallery_value, diff_value, gr.skip(), gr.skip(), gr.skip(), shown["infotext"], shown["snippet"],
+                   message, infos)  # fmt: skip
         if not done:
             yield *skip, f"Stopped before the first of {n} cells finished; nothing to show.", infos
             return
@@ -311,6 +312,8 @@ class CompareEvents:
             return score_columns(self.scorer, p, images), f"Scores by {self.scorer.name}."
         except ScoringUnavailable as err:
             return [], str(err)
+        except Exception as err:  # noqa: BLE001 - a scorer's failure must not cost the grid
+            return [], f"No scores: {self.scorer.name} failed ({type(err).__name__}: {err})."
 
     @staticmethod
     def score_table(p: GridPlan, images: dict, scores: list, maps: list) -> dict:
@@ -330,7 +333,7 @@ class CompareEvents:
             values = [round(row.values[k], 3) if row and row.values.get(k) is not None else None for k in metrics]
             base_d = round(sum(vs_base[column]) / len(vs_base[column]), 2) if column in vs_base else None
             other_d = round(sum(vs_other[column]) / len(vs_other[column]), 2) if column in vs_other else None
-            rows.append([_column_name(column), n, *values, base_d, other_d])
+            rows.append([column_name(column), n, *values, base_d, other_d])
         return {"headers": headers, "data": rows}
 
     @staticmethod
@@ -343,14 +346,16 @@ class CompareEvents:
 
     def difference_grid(self, p: GridPlan, maps: list, path: Path) -> Path:
         """The difference maps as one PNG: a row per seed, a column per pair, its mean over the seeds below."""
-        labels = list(mean_differences(maps))
+        means = mean_differences(maps)
+        labels = list(means)
         seeds = [s for s in p.seeds if any(m.seed == s for m in maps)]
         cells = {(m.seed, m.label): m for m in maps}
         rows = [[cells[s, label].image if (s, label) in cells else None for label in labels] for s in seeds]
         gain = {m.label: m.gain for m in maps}
-        legends = [[label, f"mean {mean:.2f}/255", f"brightness ×{gain[label]}"] for label, mean in mean_differences(maps).items()]
+        legends = [[label, f"mean {mean:.2f}/255", f"brightness ×{gain[label]}"] for label, mean in means.items()]
         title = f"{p.settings.prompt}  ·  |difference| maps"
-        image = compose_grid(rows, [row_legend(s) for s in seeds], legends, title, grid_zoom(p.settings.width, p.settings.height))
+        zoom = grid_zoom(p.settings.width, p.settings.height)
+        image = compose_grid(rows, [row_legend(s) for s in seeds], legends, title, zoom)
         return save_png(image, path, grid_infotext(p, self.comparer.model, self.comparer.default_sampler))
 
     def request_stop(self, request: gr.Request) -> str:

@@ -65,7 +65,8 @@ class ComparePage(gr.Blocks):
 def banner(comparer: Comparer, host: str | None) -> str:
     """The line under the title: base model, device, and who can reach the page."""
     reach = (
-        "Served on this machine only (127.0.0.1); `--share` opens a public gradio.live link, `--host 0.0.0.0` the network."
+        "Served on this machine only (127.0.0.1); `--share` opens a public gradio.live link, "
+        "`--host 0.0.0.0` the network."
         if host in (None, "127.0.0.1", "localhost")
         else f"Served on {host}."
     )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .infotext import format_strength
+from .infotext import column_name
 from .plan import Column, GridPlan
 
 MAX_GAIN = 64
@@ -37,16 +37,12 @@ class DifferenceMap:
     @property
     def label(self) -> str:
         """``"|dora 1.00 − base|"``."""
-        return f"|{_short(self.a)} − {_short(self.b)}|"
+        return f"|{column_name(self.a)} − {column_name(self.b)}|"
 
     @property
     def caption(self) -> str:
         """``"|dora 1.00 − base| · seed 0 · mean 3.21/255 · ×16"``."""
         return f"{self.label} · seed {self.seed} · mean {self.mean:.2f}/255 · ×{self.gain}"
-
-
-def _short(column: Column) -> str:
-    return "base" if column.adapter is None else f"{column.adapter} {format_strength(column.strength)}"
 
 
 def difference_pairs(columns: Sequence[Column], kinds: Mapping[str, str]) -> list[tuple[Column, Column]]:

@@ -42,13 +42,19 @@ def scheduler_from_a1111(sampler: str | None, schedule_type: str | None = None) 
     """
     if not sampler:
         return "Default"
-    name = f"{sampler}{_KARRAS}" if (schedule_type or "").lower() == "karras" and not sampler.endswith(_KARRAS) else sampler
+    karras = (schedule_type or "").lower() == "karras" and not sampler.endswith(_KARRAS)
+    name = f"{sampler}{_KARRAS}" if karras else sampler
     return name if name in SCHEDULERS else "Default"
 
 
 def format_strength(k: float) -> str:
     """``1.0`` -> ``"1.00"``: two decimals, as the strength sliders step."""
     return f"{k:.2f}"
+
+
+def column_name(column: Column) -> str:
+    """A column in a few words: ``"base"`` or ``"dora 0.50"``."""
+    return BASE_LABEL if column.adapter is None else f"{column.adapter} {format_strength(column.strength)}"
 
 
 def caption(cell: Cell) -> str:

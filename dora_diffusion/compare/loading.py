@@ -1,4 +1,4 @@
-"""Loading: the base model (``from_pretrained`` with the installed diffusers' dtype keyword) and ``--adapter`` checks."""
+"""Loading: the base model (``from_pretrained`` with the installed diffusers' dtype keyword); ``--adapter`` checks."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ class ColumnScore:
 
 
 def score_columns(scorer: Scorer, plan: GridPlan, images: dict[tuple[int, Column], Image.Image]) -> list[ColumnScore]:
-    """``scorer``'s figures for each column of ``plan`` over the rendered cells in ``images`` ({(seed, column): image})."""
+    """``scorer``'s figures per column of ``plan`` over the rendered cells ``images`` ({(seed, column): image})."""
     out = []
     for column in plan.columns:
         imgs = [images[s, column] for s in plan.seeds if (s, column) in images]
@@ -193,7 +193,9 @@ class ClipScorer:
         return out
 
 
-def make_scorer(model: str, score_model: str | None, instance_dir: str | None = None, device: str = "cpu") -> Scorer | None:
+def make_scorer(
+    model: str, score_model: str | None, instance_dir: str | None = None, device: str = "cpu"
+) -> Scorer | None:
     """The scorer for base ``model``: the toy-world scorer for the toy world's model, else CLIP ``score_model``.
 
     ``score_model`` ``"none"`` (or None) turns scoring off for real models.
