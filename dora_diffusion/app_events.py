@@ -20,7 +20,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .app_form import MAX_SLOTS, Form, FormValues, SlotValues, read_slots, restored_updates, slot_updates
+from .app_form import MAX_SLOTS, Form, FormValues, read_slots, restored_updates, slot_updates, synced_slots
 from .compare import (
     CellResult,
     CompareError,
@@ -184,8 +184,6 @@ class CompareEvents:
         self.scorer = scorer
         self.upload_dir = upload_dir
         self.form: Form | None = None
-        self.built_slots = len(comparer.adapters) if comparer is not None else 0
-        """Slots shown when the page was built (their values are the page's own)."""
 
     def names(self) -> list[str]:
         return [a.name for a in self.comparer.adapters]
@@ -205,7 +203,7 @@ class CompareEvents:
         """Check the form and turn the ticked slots into ``{adapter: strength or [strengths]}`` for /generate."""
         values = FormValues.read(self.form, data)
         try:
-            chosen = values.adapters(self.names()[:MAX_SLOTS])
+            chosen = values.adapters(data[self.form.slot_names])
         except CompareError as err:
             raise page_error(err) from None
         self.plan(values, chosen)
@@ -375,7 +373,7 @@ class CompareEvents:
         names = self.names()
         return gr.Dropdown(choices=names, value=None)
 
-    def add_adapter(self, source: str, upload: str | None, name: str):
+    def add_adapter(self, source: str, upload: str | None, name: str, page_names: list[str] | None = None):
         """Load an adapter from a local path, a Hub repo id, or an uploaded .safetensors file (kept on disk)."""
         source = (source or "").strip()
         try:
@@ -394,23 +392,24 @@ class CompareEvents:
         except Exception as err:  # e.g. a Hub error: show it and keep serving
             raise page_error(f"could not load {upload or source!r}: {type(err).__name__}: {err}") from None
         adapters = self.comparer.adapters
-        values = [None] * (len(adapters) - 1) + [SlotValues(True, 1.0, "")]
+        values = synced_slots(page_names or [], adapters)
         status = f"Loaded **{info.name}**: {info.summary}, from `{info.source}`."
-        return status, self.remove_choices(), *slot_updates(adapters, values)
+        return status, self.remove_choices(), self.names(), *slot_updates(adapters, values)
 
     def remove_adapter(self, data: dict):
         """Unload the chosen adapter; the other slots keep their ticks, strengths and sweeps."""
         name = data[self.remove_choice]
         if not name:
             raise page_error("choose an adapter to remove")
-        before = self.names()
-        old = read_slots(self.form, data)
+        page_names = data[self.form.slot_names]
+        kept = dict(zip(page_names, read_slots(self.form, data)))
         try:
             self.comparer.remove_adapter(name)
         except CompareError as err:
             raise page_error(err) from None
-        kept = [old[i] for i, n in enumerate(before) if n != name and i < len(old)]
-        return f"Removed **{name}**.", self.remove_choices(), *slot_updates(self.comparer.adapters, kept)
+        adapters = self.comparer.adapters
+        updates = slot_updates(adapters, synced_slots(page_names, adapters, kept))
+        return f"Removed **{name}**.", self.remove_choices(), self.names(), *updates
 
     def remove_adapter_api(self, name: str) -> str:
         """Unload adapter ``name`` (``/remove_adapter``); returns a message. Open pages show it gone when reloaded."""
@@ -420,7 +419,7 @@ class CompareEvents:
             raise page_error(err) from None
         return f"Removed {name}."
 
-    def restore(self, path: str | None):
+    def restore(self, path: str | None, page_names: list[str] | None = None):
         """Fill the form from a PNG made here: a cell's settings, seed and column, or a grid's seeds and columns."""
         if not path:
             return [gr.skip()] * (len(self.form.everything) + 1)
@@ -428,7 +427,8 @@ class CompareEvents:
             restored = restore_form(read_parameters(path))
         except CompareError as err:
             raise page_error(err) from None
-        updates, missing = restored_updates(self.form, restored, self.names())
+        names = page_names if page_names is not None else self.names()
+        updates, missing = restored_updates(self.form, restored, names)
         what = f"grid ({len(restored.seeds)} seeds)" if restored.whole_grid else f"cell (seed {restored.seeds[0]})"
         message = f"Restored the settings of a {what}."
         if missing:
@@ -437,12 +437,12 @@ class CompareEvents:
             message += f" It was made with base model `{restored.model}`; this page runs `{self.comparer.model}`."
         return *updates, message
 
-    def on_load(self):
+    def on_load(self, page_names: list[str]):
         """When a page opens, show the adapters loaded now (added or removed from other tabs since start-up).
 
-        Slots the page was built with keep their values (a person may already be typing); slots shown anew are
-        ticked at strength 1.
+        Slots that already show their adapter keep their values (a person may already be typing); slots shown
+        anew are ticked at strength 1.
         """
         adapters = self.comparer.adapters
-        fresh = [None] * min(self.built_slots, len(adapters)) + [SlotValues(True, 1.0, "")] * len(adapters)
-        return self.remove_choices(), *slot_updates(adapters, fresh[: len(adapters)])
+        updates = slot_updates(adapters, synced_slots(page_names, adapters))
+        return self.remove_choices(), self.names(), *updates

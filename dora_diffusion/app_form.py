@@ -60,6 +60,8 @@ class Form:
     scheduler: gr.Dropdown
     include_base: gr.Checkbox
     slots: list[Slot] = field(default_factory=list)
+    slot_names: gr.State | None = None
+    """The adapter each slot shows on this page, in slot order (pages opened earlier may lag behind the server)."""
 
     @property
     def fields(self) -> list[gr.components.Component]:
@@ -163,7 +165,32 @@ def build_form(d: GenerationSettings, default_seeds: str, loaded: Sequence[Adapt
                     "", label="sweep (optional)", placeholder="0, 0.5, 1, 1.5", elem_id=f"sweep-{i}", scale=1
                 )
         form.slots.append(Slot(group, check, strength, sweep))
+    form.slot_names = gr.State([a.name for a in loaded])
     return form
+
+
+FRESH_SLOT = SlotValues(True, 1.0, "")
+"""A slot shown anew: ticked, strength 1, no sweep."""
+
+
+def synced_slots(
+    page_names: Sequence[str], adapters: Sequence[AdapterInfo], kept: Mapping[str, SlotValues] | None = None
+) -> list[SlotValues | None]:
+    """Values for ``slot_updates`` that bring a page whose slots show ``page_names`` to ``adapters``.
+
+    An adapter gets its ``kept`` values if any; else ``None`` (leave the slot as it is) if its slot already shows
+    it; else ``FRESH_SLOT``.
+    """
+    kept = kept or {}
+    out: list[SlotValues | None] = []
+    for i, a in enumerate(adapters):
+        if a.name in kept:
+            out.append(kept[a.name])
+        elif i < len(page_names) and page_names[i] == a.name:
+            out.append(None)
+        else:
+            out.append(FRESH_SLOT)
+    return out
 
 
 def slot_updates(adapters: Sequence[AdapterInfo], values: Sequence[SlotValues | None]) -> list:

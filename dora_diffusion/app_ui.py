@@ -107,12 +107,12 @@ def build_ui(
         gr.Markdown(banner(comparer, host), elem_id="banner")
         with gr.Tabs():
             with gr.Tab("Compare", id="compare"):
-                on_load, load_outputs = _compare_tab(events, settings, seeds)
+                on_load, load_inputs, load_outputs = _compare_tab(events, settings, seeds)
             # More tabs: each builder fills its own gr.Tab and can use the comparer's pipeline and adapters.
             for tab_title, build_tab in (extra_tabs or {}).items():
                 with gr.Tab(tab_title):
                     build_tab(comparer)
-        demo.load(on_load, None, load_outputs, queue=False, api_visibility="private")
+        demo.load(on_load, load_inputs, load_outputs, queue=False, api_visibility="private")
     demo.queue(max_size=max_queue, default_concurrency_limit=1)
     return demo
 
@@ -147,8 +147,8 @@ def _results(n_columns: int) -> Results:
     return Results(gallery, differences, grid_image, downloads, scores, cell_info, snippet, gr.State([]))
 
 
-def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: str) -> tuple[Callable, list]:
-    """Lay out the Compare tab and connect its events; returns the page-load hook and its outputs."""
+def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: str) -> tuple[Callable, list, list]:
+    """Lay out the Compare tab and connect its events; returns the page-load hook, its inputs and outputs."""
     loaded = events.comparer.adapters
     with gr.Row():
         with gr.Column(scale=2, min_width=360):
@@ -179,7 +179,7 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
     # queued (Gradio 6 shows no error toast for unqueued events), but in its own group with no limit, so a
     # mistake shows at once even while another grid runs
     checked = generate_button.click(
-        events.check, set(form.everything), selection, concurrency_limit=None, api_visibility="private"
+        events.check, {*form.everything, form.slot_names}, selection, concurrency_limit=None, api_visibility="private"
     )
     checked.success(
         events.generate,
@@ -195,8 +195,8 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
     # its own group: a slow Hub lookup waits beside a running grid, not in front of the next one
     add_button.click(
         events.add_adapter,
-        [add_source, add_upload, add_name],
-        [message, remove_choice, *slot_outputs],
+        [add_source, add_upload, add_name, form.slot_names],
+        [message, remove_choice, form.slot_names, *slot_outputs],
         api_name="add_adapter",
         concurrency_id="adapters",
         concurrency_limit=1,
@@ -204,8 +204,8 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
     )
     remove_button.click(
         events.remove_adapter,
-        {remove_choice, *form.slot_inputs},
-        [message, remove_choice, *slot_outputs],
+        {remove_choice, form.slot_names, *form.slot_inputs},
+        [message, remove_choice, form.slot_names, *slot_outputs],
         concurrency_id="pipeline",
         concurrency_limit=1,
         show_progress_on=[message],
@@ -214,6 +214,10 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
     )
     gr.api(events.remove_adapter_api, api_name="remove_adapter", concurrency_id="pipeline", concurrency_limit=1)
     restore_upload.upload(
-        events.restore, restore_upload, [*form.everything, message], api_name="restore", show_progress_on=[message]
+        events.restore,
+        [restore_upload, form.slot_names],
+        [*form.everything, message],
+        api_name="restore",
+        show_progress_on=[message],
     )
-    return events.on_load, [remove_choice, *slot_outputs]
+    return events.on_load, [form.slot_names], [remove_choice, form.slot_names, *slot_outputs]

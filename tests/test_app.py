@@ -540,3 +540,18 @@ def test_app_py_checks_adapters_before_loading_the_base(monkeypatch, tmp_path, c
         app_script.main(["--base", "stabilityai/stable-diffusion-xl-base-1.0", "--adapter", f"dora={missing}"])
     with pytest.raises(SystemExit, match="--adapter base=x/y: adapter name 'base' is reserved"):
         app_script.main(["--base", "some/model", "--adapter", "base=x/y"])
+
+
+def test_a_page_opened_before_adapters_changed_is_synced_by_name():
+    """Slots follow names, not positions: a page that still shows [a, b, c] after 'b' was removed elsewhere
+    keeps a's values, moves c's kept values up, and ticks a new adapter."""
+    from dora_diffusion.app_form import FRESH_SLOT, SlotValues, synced_slots
+    from dora_diffusion.compare import AdapterInfo
+
+    def info(name):
+        return AdapterInfo(name, f"runs/{name}", "DoRA", (4,), 10)
+
+    now = [info("a"), info("c"), info("d")]
+    assert synced_slots(["a", "b", "c"], now) == [None, FRESH_SLOT, FRESH_SLOT]
+    c = SlotValues(False, 0.5, "0, 1")
+    assert synced_slots(["a", "b", "c"], now, {"a": FRESH_SLOT, "c": c}) == [FRESH_SLOT, c, FRESH_SLOT]
