@@ -7,7 +7,6 @@ Each handler is a method of ``CompareEvents``; ``CompareEvents.wire`` connects t
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import queue
 import shutil
@@ -28,21 +27,19 @@ from .compare import (
     GridPlan,
     Scorer,
     ScoringUnavailable,
-    column_name,
-    compose_grid,
+    column_table,
     default_adapter_name,
+    difference_grid,
     difference_maps,
     difference_pairs,
-    mean_differences,
     format_strength,
     grid_infotext,
     read_parameters,
     restore_form,
-    row_legend,
     save_png,
     score_columns,
+    write_table_csv,
 )
-from .compare.grid_image import grid_zoom
 from .formats import AdapterFileError
 
 KEEP_RUNS = 8
@@ -287,9 +284,10 @@ class CompareEvents:
         )
         downloads = [str(grid)]
         if maps:
-            downloads.append(str(self.difference_grid(p, maps, out / "differences.png")))
-        table = self.score_table(p, images, scores, maps)
-        downloads.append(str(self.write_scores_csv(table, out / "scores.csv")))
+            parameters = grid_infotext(p, self.comparer.model, self.comparer.default_sampler)
+            downloads.append(str(save_png(difference_grid(p, maps), out / "differences.png", parameters)))
+        table = column_table(p, images, scores, maps)
+        downloads.append(str(write_table_csv(table, out / "scores.csv")))
         shown = infos[default_cell(p, len(infos))]
         n = len(p)
         message = (
@@ -312,49 +310,6 @@ class CompareEvents:
             return [], str(err)
         except Exception as err:  # noqa: BLE001 - a scorer's failure must not cost the grid
             return [], f"No scores: {self.scorer.name} failed ({type(err).__name__}: {err})."
-
-    @staticmethod
-    def score_table(p: GridPlan, images: dict, scores: list, maps: list) -> dict:
-        """Rows per column: images, each score, and the mean |difference| from the base column and between
-        DoRA and LoRA (0-255 units, over the seeds)."""
-        metrics = list(dict.fromkeys(k for row in scores for k in row.values))
-        by_column = {row.column: row for row in scores}
-        vs_base, vs_other = {}, {}
-        for m in maps:
-            target = vs_base if m.b.adapter is None else vs_other
-            target.setdefault(m.a, []).append(m.mean)
-        headers = ["column", "images", *metrics, "mean |Δ| vs base", "mean |DoRA − LoRA|"]
-        rows = []
-        for column in p.columns:
-            row = by_column.get(column)
-            n = sum((s, column) in images for s in p.seeds)
-            values = [round(row.values[k], 3) if row and row.values.get(k) is not None else None for k in metrics]
-            base_d = round(sum(vs_base[column]) / len(vs_base[column]), 2) if column in vs_base else None
-            other_d = round(sum(vs_other[column]) / len(vs_other[column]), 2) if column in vs_other else None
-            rows.append([column_name(column), n, *values, base_d, other_d])
-        return {"headers": headers, "data": rows}
-
-    @staticmethod
-    def write_scores_csv(table: dict, path: Path) -> Path:
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(table["headers"])
-            writer.writerows(["" if v is None else v for v in row] for row in table["data"])
-        return path
-
-    def difference_grid(self, p: GridPlan, maps: list, path: Path) -> Path:
-        """The difference maps as one PNG: a row per seed, a column per pair, its mean over the seeds below."""
-        means = mean_differences(maps)
-        labels = list(means)
-        seeds = [s for s in p.seeds if any(m.seed == s for m in maps)]
-        cells = {(m.seed, m.label): m for m in maps}
-        rows = [[cells[s, label].image if (s, label) in cells else None for label in labels] for s in seeds]
-        gain = {m.label: m.gain for m in maps}
-        legends = [[label, f"mean {mean:.2f}/255", f"brightness ×{gain[label]}"] for label, mean in means.items()]
-        title = f"{p.settings.prompt}  ·  |difference| maps"
-        zoom = grid_zoom(p.settings.width, p.settings.height)
-        image = compose_grid(rows, [row_legend(s) for s in seeds], legends, title, zoom)
-        return save_png(image, path, grid_infotext(p, self.comparer.model, self.comparer.default_sampler))
 
     def request_stop(self, request: gr.Request) -> str:
         if self.runs.stop(request.session_hash or ""):

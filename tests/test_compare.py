@@ -17,8 +17,11 @@ from dora_diffusion.compare import (
     CompareError,
     Comparer,
     GenerationSettings,
+    ColumnScore,
     abs_difference,
     caption,
+    column_table,
+    difference_grid,
     check_adapter_args,
     check_adapter_name,
     compose_grid,
@@ -525,6 +528,13 @@ def test_difference_pairs_and_maps():
     ]
     assert {m.gain for m in maps} == {32} and np.asarray(maps[0].image).max() == 128 and np.asarray(maps[1].image).max() == 0
     assert mean_differences(maps) == {"|d 1.00 − base|": 4.0, "|l 1.00 − base|": 0.0, "|d 1.00 − l 1.00|": 4.0}
+    table = column_table(plan, images, [ColumnScore(Column("d", 1.0), 1, {"CLIP-T": 0.31234})], maps)
+    assert table == {
+        "headers": ["column", "images", "CLIP-T", "mean |Δ| vs base", "mean |DoRA − LoRA|"],
+        "data": [["base", 1, None, None, None], ["d 1.00", 1, 0.312, 4.0, 4.0], ["l 1.00", 1, None, 0.0, None]],
+    }
+    assert difference_grid(plan, maps).size[0] > 3 * 16 * 4  # three pairs of 16 px images, zoomed x4
+
 
 
 # ------------------------------------------------------------------------------------------------ comparer

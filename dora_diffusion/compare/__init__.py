@@ -9,7 +9,8 @@ between columns. The modules, in the order a request meets them:
 - ``infotext``: captions, A1111-style ``parameters`` text, reading it back (``restore_form``), PNG text chunks.
 - ``grid_image``: the composite grid PNG with legends.
 - ``differences``: ``|a - b|`` maps between columns at one seed.
-- ``scores``: per-column scores (toy-world scorer, CLIP-T / CLIP-I).
+- ``scores``: per-column scores (toy-world scorer, CLIP-T / CLIP-I); ``report``: the per-column table, its CSV,
+  and the difference grid image.
 - ``snippet``: the diffusers code that renders a cell again; ``loading``: the base pipeline.
 """
 
@@ -55,6 +56,7 @@ from .plan import (
     plan_grid,
 )
 from .render import AdapterInfo, CellResult, Comparer
+from .report import column_table, difference_grid, write_table_csv
 from .scores import ClipScorer, ColumnScore, Scorer, ScoringUnavailable, ToyWorldScorer, make_scorer, score_columns
 from .snippet import reproduce_snippet
 
@@ -63,9 +65,10 @@ __all__ = [
     "MAX_STRENGTH", "MIN_SIDE", "SCHEDULERS", "AdapterInfo", "Cell", "CellResult", "ClipScorer", "Column",
     "ColumnScore", "CompareError", "Comparer", "DifferenceMap", "GenerationSettings", "GridPlan", "RestoredForm",
     "Scorer", "ScoringUnavailable", "ToyWorldScorer", "a1111_sampler", "abs_difference", "caption",
-    "check_adapter_args", "check_adapter_name", "check_strength", "column_legend", "column_name", "compose_grid",
-    "default_adapter_name", "difference_maps", "difference_pairs", "dtype_keyword", "format_strength",
-    "grid_infotext", "infotext", "load_base_pipeline", "make_scorer", "mean_differences", "parse_adapter_arg",
-    "parse_infotext", "parse_seeds", "parse_strengths", "plan_grid", "png_info", "read_parameters",
-    "reproduce_snippet", "restore_form", "row_legend", "save_png", "scheduler_from_a1111", "score_columns",
+    "check_adapter_args", "check_adapter_name", "check_strength", "column_legend", "column_name", "column_table",
+    "compose_grid", "default_adapter_name", "difference_grid", "difference_maps", "difference_pairs", "dtype_keyword",
+    "format_strength", "grid_infotext", "infotext", "load_base_pipeline", "make_scorer", "mean_differences",
+    "parse_adapter_arg", "parse_infotext", "parse_seeds", "parse_strengths", "plan_grid", "png_info",
+    "read_parameters", "reproduce_snippet", "restore_form", "row_legend", "save_png", "scheduler_from_a1111",
+    "score_columns", "write_table_csv",
 ]  # fmt: skip
