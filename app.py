@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Folder of the subject's instance images: adds subject fidelity (CLIP-I) to the scores.",
     )
     p.add_argument(
+        "--subject_model",
+        default=None,
+        help="With --instance_dir: a DINO model (e.g. facebook/dinov2-small) that adds DINO subject fidelity.",
+    )
+    p.add_argument(
         "--upload_dir",
         default=None,
         help="Where adapters uploaded on the page are kept (default ~/.cache/dora-diffusion/uploads).",
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     comparer.max_cells = args.max_cells
     side = comparer.default_size
     settings = GenerationSettings(prompt, num_inference_steps=steps, guidance_scale=guidance, width=side, height=side)
-    scorer = make_scorer(comparer.model, args.score_model, args.instance_dir, comparer.device.type)
+    scorer = make_scorer(comparer.model, args.score_model, args.instance_dir, comparer.device.type, args.subject_model)
     ui = build_ui(
         comparer,
         settings,

@@ -39,6 +39,7 @@ __all__ = [
     "make_toy_imagefolder",
     "make_toy_images",
     "save_tiny_clip",
+    "save_tiny_dinov2",
     "save_tiny_sdxl_pipeline",
 ]
 
@@ -242,6 +243,21 @@ def save_tiny_clip(path: str | os.PathLike, seed: int = 0, image_size: int = 32)
     size = {"shortest_edge": image_size}
     crop = {"height": image_size, "width": image_size}
     CLIPProcessor(CLIPImageProcessor(size=size, crop_size=crop), tokenizer).save_pretrained(path)
+    return path
+
+
+def save_tiny_dinov2(path: str | os.PathLike, seed: int = 0, image_size: int = 32) -> pathlib.Path:
+    """Write a DINOv2 ViT with random weights (hidden 32, 2 layers, patch 8) and its image processor to ``path``;
+    ``AutoModel`` / ``AutoImageProcessor`` read it back offline (the code path of DINO scoring)."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    path = pathlib.Path(path)
+    torch.manual_seed(seed)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                          image_size=image_size, patch_size=8)  # fmt: skip
+    Dinov2Model(config).save_pretrained(path, safe_serialization=True)
+    size = {"shortest_edge": image_size}
+    BitImageProcessor(size=size, crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
 
 

@@ -20,7 +20,7 @@ from dora_diffusion.compare import (
     plan_grid,
     score_columns,
 )
-from dora_diffusion.testing import make_toy_images, save_tiny_clip
+from dora_diffusion.testing import make_toy_images, save_tiny_clip, save_tiny_dinov2
 from dora_diffusion.toyworld import PIPELINE_DIR, SUBJECTS, instance_scenes, render, scenes
 
 
@@ -70,6 +70,29 @@ def test_clip_scores_on_a_tiny_random_clip_equal_an_independent_computation(tmp_
     assert got["CLIP-I"] == pytest.approx(float((x @ r.T).mean()), abs=1e-5)
     assert -1 <= got["CLIP-T"] <= 1 and -1 <= got["CLIP-I"] <= 1
     assert make_scorer("some/sdxl", "none") is None
+
+
+def test_dino_subject_fidelity_on_a_tiny_random_dinov2(tmp_path):
+    from transformers import AutoImageProcessor, AutoModel
+
+    clip, dino = save_tiny_clip(tmp_path / "clip"), save_tiny_dinov2(tmp_path / "dino")
+    instances = tmp_path / "instances"
+    instances.mkdir()
+    for i, im in enumerate(make_toy_images(2, seed=5)):
+        im.save(instances / f"{i}.png")
+    images = make_toy_images(3, seed=9)
+    scorer = make_scorer("some/sdxl", str(clip), str(instances), subject_model=str(dino))
+    assert scorer.metrics("x") == ("CLIP-T", "CLIP-I", "DINO")
+    got = scorer.score(images, "a photo of TOK toy")
+    model, processor = AutoModel.from_pretrained(dino), AutoImageProcessor.from_pretrained(dino)
+    with torch.no_grad():
+        def cls(imgs):
+            e = model(**processor(images=imgs, return_tensors="pt")).last_hidden_state[:, 0]
+            return e / e.norm(dim=-1, keepdim=True)
+
+        expected = (cls(images) @ cls([Image.open(instances / f"{i}.png") for i in range(2)]).T).mean()
+    assert got["DINO"] == pytest.approx(float(expected), abs=1e-5)
+    assert make_scorer("some/sdxl", str(clip), None, subject_model=str(dino)).metrics("x") == ("CLIP-T",)
 
 
 def test_no_scoring_model_offline_is_a_note_not_a_hang(monkeypatch, tmp_path):

@@ -4,7 +4,8 @@
   the prompt holds a subject's trigger word).
 - On a real model: a CLIP model through transformers. ``CLIP-T`` is the mean cosine similarity between each image
   and the prompt; given a folder of instance images, ``CLIP-I`` is the mean cosine similarity between each image
-  and each instance image (subject fidelity). DreamBooth reports both (and DINO) this way.
+  and each instance image (subject fidelity), and with a DINO model (``facebook/dinov2-small``) ``DINO``, the same
+  over CLS embeddings. DreamBooth reports all three this way.
 
 No scoring model at hand (not cached, Hub unreachable) gives a ``ScoringUnavailable`` whose message says what to
 do; it never waits on a dead network (``formats.safefile.hub_unreachable`` is checked first).
@@ -120,69 +121,95 @@ def instance_images(directory: str | Path) -> list[Image.Image]:
     return images
 
 
-def _load_clip(name: str):
-    """CLIP model and processor from a local folder, the Hugging Face cache, or (if reachable) the Hub."""
-    from transformers import CLIPModel, CLIPProcessor
-
+def _load_pretrained(name: str, model_cls, processor_cls, what: str, flag: str):
+    """A transformers model and its processor from a local folder, the Hugging Face cache, or (if reachable) the
+    Hub; ``ScoringUnavailable`` (naming ``what`` and the app's ``flag``) when none of them has it."""
     from ..formats.safefile import hub_unreachable
 
     local = Path(name).is_dir()
     try:
-        return CLIPModel.from_pretrained(name, local_files_only=True), CLIPProcessor.from_pretrained(
-            name, local_files_only=True
-        )
+        return (model_cls.from_pretrained(name, local_files_only=True),
+                processor_cls.from_pretrained(name, local_files_only=True))  # fmt: skip
     except OSError as err:
         if local:
-            raise ScoringUnavailable(f"{name} holds no CLIP model transformers can read ({err})") from None
+            raise ScoringUnavailable(f"{name} holds no {what} transformers can read ({err})") from None
     why = hub_unreachable()
     if why:
         raise ScoringUnavailable(
-            f"no scores: the CLIP model {name!r} is not in the Hugging Face cache and the Hub cannot be reached "
-            f"({why}); start the app with --score_model PATH (a local CLIP folder) or --score_model none"
+            f"no scores: the {what} {name!r} is not in the Hugging Face cache and the Hub cannot be reached "
+            f"({why}); start the app with {flag} PATH (a local folder) or {flag} none"
         )
     try:
-        return CLIPModel.from_pretrained(name), CLIPProcessor.from_pretrained(name)
+        return model_cls.from_pretrained(name), processor_cls.from_pretrained(name)
     except OSError as err:
-        raise ScoringUnavailable(f"no scores: could not load the CLIP model {name!r} ({err})") from None
+        raise ScoringUnavailable(f"no scores: could not load the {what} {name!r} ({err})") from None
+
+
+def _unit(e) -> torch.Tensor:
+    e = e if isinstance(e, torch.Tensor) else e.pooler_output
+    return torch.nn.functional.normalize(e.float(), dim=-1)
 
 
 class ClipScorer:
-    """CLIP-T (image-prompt) and, with instance images, CLIP-I (image-instance) mean cosine similarities.
+    """CLIP-T (image-prompt) and, with instance images, CLIP-I (image-instance) mean cosine similarities; with a
+    ``subject_model`` (a DINOv2 / DINO ViT) also ``DINO``, the mean cosine similarity of CLS embeddings between
+    each image and each instance image, the DreamBooth paper's preferred subject fidelity.
 
-    The model loads on first use and stays loaded.
+    The models load on first use and stay loaded.
     """
 
-    def __init__(self, model: str = DEFAULT_CLIP, instance_dir: str | Path | None = None, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model: str = DEFAULT_CLIP,
+        instance_dir: str | Path | None = None,
+        device: str = "cpu",
+        subject_model: str | None = None,
+    ) -> None:
         self.model_name = model
         self.instance_dir = instance_dir
         self.device = device
-        self.name = f"CLIP {model}"
-        self._model = self._processor = None
+        self.subject_model = subject_model if instance_dir else None
+        self.name = f"CLIP {model}" + (f" and {subject_model}" if self.subject_model else "")
+        self._model = self._processor = self._dino = self._dino_processor = None
         self._instances: torch.Tensor | None = None
+        self._dino_instances: torch.Tensor | None = None
 
     def metrics(self, prompt: str) -> tuple[str, ...]:
-        return ("CLIP-T", "CLIP-I") if self.instance_dir else ("CLIP-T",)
+        if not self.instance_dir:
+            return ("CLIP-T",)
+        return ("CLIP-T", "CLIP-I", "DINO") if self.subject_model else ("CLIP-T", "CLIP-I")
 
     def _ready(self) -> None:
+        from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
+
         if self._model is None:
-            model, processor = _load_clip(self.model_name)
+            model, processor = _load_pretrained(self.model_name, CLIPModel, CLIPProcessor, "CLIP model", "--score_model")
             self._model, self._processor = model.to(self.device).eval(), processor
+        if self.subject_model and self._dino is None:
+            model, processor = _load_pretrained(
+                self.subject_model, AutoModel, AutoImageProcessor, "subject model", "--subject_model"
+            )
+            self._dino, self._dino_processor = model.to(self.device).eval(), processor
         if self.instance_dir and self._instances is None:
-            self._instances = self._embed_images(instance_images(self.instance_dir))
+            references = instance_images(self.instance_dir)
+            self._instances = self._embed_images(references)
+            if self._dino is not None:
+                self._dino_instances = self._embed_dino(references)
 
     @torch.no_grad()
     def _embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         inputs = self._processor(images=list(images), return_tensors="pt").to(self.device)
-        e = self._model.get_image_features(**inputs)
-        e = e if isinstance(e, torch.Tensor) else e.pooler_output
-        return torch.nn.functional.normalize(e.float(), dim=-1)  # (N, D)
+        return _unit(self._model.get_image_features(**inputs))  # (N, D)
 
     @torch.no_grad()
     def _embed_text(self, prompt: str) -> torch.Tensor:
         inputs = self._processor(text=[prompt], return_tensors="pt", padding=True, truncation=True).to(self.device)
-        e = self._model.get_text_features(**inputs)
-        e = e if isinstance(e, torch.Tensor) else e.pooler_output
-        return torch.nn.functional.normalize(e.float(), dim=-1)  # (1, D)
+        return _unit(self._model.get_text_features(**inputs))  # (1, D)
+
+    @torch.no_grad()
+    def _embed_dino(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        inputs = self._dino_processor(images=list(images), return_tensors="pt").to(self.device)
+        return _unit(self._dino(**inputs).last_hidden_state[:, 0])  # (N, D): the CLS token
 
     def score(self, images: Sequence[Image.Image], prompt: str) -> dict[str, float]:
         self._ready()
@@ -190,13 +217,20 @@ class ClipScorer:
         out = {"CLIP-T": float((x @ self._embed_text(prompt).T).mean())}
         if self._instances is not None:
             out["CLIP-I"] = float((x @ self._instances.T).mean())
+        if self._dino_instances is not None:
+            out["DINO"] = float((self._embed_dino(images) @ self._dino_instances.T).mean())
         return out
 
 
 def make_scorer(
-    model: str, score_model: str | None, instance_dir: str | None = None, device: str = "cpu"
+    model: str,
+    score_model: str | None,
+    instance_dir: str | None = None,
+    device: str = "cpu",
+    subject_model: str | None = None,
 ) -> Scorer | None:
-    """The scorer for base ``model``: the toy-world scorer for the toy world's model, else CLIP ``score_model``.
+    """The scorer for base ``model``: the toy-world scorer for the toy world's model, else CLIP ``score_model``
+    (plus DINO ``subject_model`` when there are instance images).
 
     ``score_model`` ``"none"`` (or None) turns scoring off for real models.
     """
@@ -204,4 +238,6 @@ def make_scorer(
         return ToyWorldScorer()
     if not score_model or score_model.lower() == "none":
         return None
-    return ClipScorer(score_model, instance_dir, device)
+    if subject_model and subject_model.lower() == "none":
+        subject_model = None
+    return ClipScorer(score_model, instance_dir, device, subject_model)
