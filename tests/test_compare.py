@@ -272,7 +272,7 @@ def test_infotext_round_trip_with_quoting():
     assert (restored.seeds, restored.strengths, restored.whole_grid) == ((123456789012,), {"my-lora": [1.25]}, False)
 
 
-def test_restore_cell_of_base_and_errors():
+def test_restore_form_of_a_base_cell_and_errors():
     r = restore_form(infotext(TINY, Cell(0, 0, 9, Column(None)), "tiny"))
     assert (r.settings, r.seeds, r.include_base, r.strengths, r.model) == (TINY, (9,), True, {}, "tiny")
     with pytest.raises(CompareError, match="have no CFG scale, Seed"):
