@@ -1,8 +1,9 @@
 """What the Compare tab's buttons do: check, generate (with Stop), add / remove adapters, restore, show a cell.
 
-Each handler is a method of ``CompareEvents``; ``CompareEvents.wire`` connects them to the components of
-``app_form.Form`` and ``Results``. Errors of Load adapter, Remove and Restore are shown on the message area only
-(``show_progress_on``): the form keeps its values and shows no error badge.
+Each handler is a method of ``CompareEvents``; ``app_ui`` connects them to the components of ``app_form.Form``
+and ``Results``. Errors raise ``page_error`` (a toast, and an error for API clients); the events of Load adapter,
+Remove and Restore confine their error status to the message area (``show_progress_on``), so the form keeps its
+values and shows no error badge.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ The page has a "Compare" tab (the form on the left, results on the right) and ro
 - ``/add_adapter`` / ``/remove_adapter``: load an adapter once into the shared pipeline, or unload one.
 - ``/restore``: fills the form from a PNG this page made: a cell, or a whole grid (all its seeds and columns).
 
-Errors of Generate appear as toasts; those of Load adapter, Remove and Restore on the message area only, and no
-error changes an input, so nothing typed is lost.
+Errors appear as toasts; Load adapter, Remove and Restore keep their error status on the message area (no badge
+on the form), and no error changes an input, so nothing typed is lost.
 """
 
 from __future__ import annotations
