@@ -182,6 +182,8 @@ class CompareEvents:
         self.scorer = scorer
         self.upload_dir = upload_dir
         self.form: Form | None = None
+        self._errors: dict[str, str] = {}
+        self._errors_lock = threading.Lock()
 
     def names(self) -> list[str]:
         return [a.name for a in self.comparer.adapters]
@@ -323,13 +325,35 @@ class CompareEvents:
             return gr.skip(), gr.skip()
         return infos[evt.index]["infotext"], infos[evt.index]["snippet"]
 
+    # ------------------------------------------------------------------------------------------- messages
+
+    def fail(self, request: gr.Request | None, err: Exception | str) -> gr.Error:
+        """The error to raise, remembered for this browser session so ``show_error`` can write it on the page."""
+        error = page_error(err)
+        with self._errors_lock:
+            self._errors[getattr(request, "session_hash", None) or ""] = error.message
+        return error
+
+    def show_error(self, request: gr.Request) -> str:
+        """The message area after a failed Load adapter, Remove or Restore: what went wrong (chained on failure)."""
+        with self._errors_lock:
+            message = self._errors.pop(request.session_hash or "", None)
+        return f"**Not done:** {message}" if message else gr.skip()
+
     # ------------------------------------------------------------------------------------------- adapters
 
     def remove_choices(self) -> gr.Dropdown:
         names = self.names()
         return gr.Dropdown(choices=names, value=None)
 
-    def add_adapter(self, source: str, upload: str | None, name: str, page_names: list[str] | None = None):
+    def add_adapter(
+        self,
+        source: str,
+        upload: str | None,
+        name: str,
+        page_names: list[str] | None = None,
+        request: gr.Request = None,
+    ):
         """Load an adapter from a local path, a Hub repo id, or an uploaded .safetensors file (kept on disk)."""
         source = (source or "").strip()
         try:
@@ -344,25 +368,25 @@ class CompareEvents:
             file = self.comparer.resolve(source)  # no lock held: a slow Hub lookup holds up no grid
             info = self.comparer.add_adapter(source, name, file)
         except (CompareError, AdapterFileError, OSError, ValueError, RuntimeError) as err:
-            raise page_error(err) from None
+            raise self.fail(request, err) from None
         except Exception as err:  # e.g. a Hub error: show it and keep serving
-            raise page_error(f"could not load {upload or source!r}: {type(err).__name__}: {err}") from None
+            raise self.fail(request, f"could not load {upload or source!r}: {type(err).__name__}: {err}") from None
         adapters = self.comparer.adapters
         values = synced_slots(page_names or [], adapters)
         status = f"Loaded **{info.name}**: {info.summary}, from `{info.source}`."
         return status, self.remove_choices(), self.names(), *slot_updates(adapters, values)
 
-    def remove_adapter(self, data: dict):
+    def remove_adapter(self, data: dict, request: gr.Request = None):
         """Unload the chosen adapter; the other slots keep their ticks, strengths and sweeps."""
         name = data[self.remove_choice]
         if not name:
-            raise page_error("choose an adapter to remove")
+            raise self.fail(request, "choose an adapter to remove")
         page_names = data[self.form.slot_names]
         kept = dict(zip(page_names, read_slots(self.form, data)))
         try:
             self.comparer.remove_adapter(name)
         except CompareError as err:
-            raise page_error(err) from None
+            raise self.fail(request, err) from None
         adapters = self.comparer.adapters
         updates = slot_updates(adapters, synced_slots(page_names, adapters, kept))
         return f"Removed **{name}**.", self.remove_choices(), self.names(), *updates
@@ -375,14 +399,14 @@ class CompareEvents:
             raise page_error(err) from None
         return f"Removed {name}."
 
-    def restore(self, path: str | None, page_names: list[str] | None = None):
+    def restore(self, path: str | None, page_names: list[str] | None = None, request: gr.Request = None):
         """Fill the form from a PNG made here: a cell's settings, seed and column, or a grid's seeds and columns."""
         if not path:
             return [gr.skip()] * (len(self.form.everything) + 1)
         try:
             restored = restore_form(read_parameters(path))
         except CompareError as err:
-            raise page_error(err) from None
+            raise self.fail(request, err) from None
         names = page_names if page_names is not None else self.names()
         updates, missing = restored_updates(self.form, restored, names)
         what = f"grid ({len(restored.seeds)} seeds)" if restored.whole_grid else f"cell (seed {restored.seeds[0]})"

@@ -10,8 +10,8 @@ The page has a "Compare" tab (the form on the left, results on the right) and ro
 - ``/add_adapter`` / ``/remove_adapter``: load an adapter once into the shared pipeline, or unload one.
 - ``/restore``: fills the form from a PNG this page made: a cell, or a whole grid (all its seeds and columns).
 
-Errors appear as toasts; Load adapter, Remove and Restore keep their error status on the message area (no badge
-on the form), and no error changes an input, so nothing typed is lost.
+Errors appear as toasts; those of Load adapter, Remove and Restore also stay written on the message area, which
+alone carries their error status (no badge on the form). No error changes an input, so nothing typed is lost.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
     results.gallery.select(events.show_cell, results.state, [results.cell_info, results.snippet], queue=False,
                            api_visibility="private")  # fmt: skip
     # its own group: a slow Hub lookup waits beside a running grid, not in front of the next one
-    add_button.click(
+    added = add_button.click(
         events.add_adapter,
         [add_source, add_upload, add_name, form.slot_names],
         [message, remove_choice, form.slot_names, *slot_outputs],
@@ -202,7 +202,7 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
         concurrency_limit=1,
         show_progress_on=[message],
     )
-    remove_button.click(
+    removed = remove_button.click(
         events.remove_adapter,
         {remove_choice, form.slot_names, *form.slot_inputs},
         [message, remove_choice, form.slot_names, *slot_outputs],
@@ -213,11 +213,13 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
         api_visibility="private",
     )
     gr.api(events.remove_adapter_api, api_name="remove_adapter", concurrency_id="pipeline", concurrency_limit=1)
-    restore_upload.upload(
+    restored = restore_upload.upload(
         events.restore,
         [restore_upload, form.slot_names],
         [*form.everything, message],
         api_name="restore",
         show_progress_on=[message],
     )
+    for event in (added, removed, restored):  # the error's text stays on the message area after its toast
+        event.failure(events.show_error, None, message, queue=False, api_visibility="private")
     return events.on_load, [form.slot_names], [remove_choice, form.slot_names, *slot_outputs]

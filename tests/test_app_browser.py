@@ -176,11 +176,13 @@ def test_failed_load_and_restore_leave_the_form_as_it_was(page, tmp_path):
     toast = page.locator(".toast-body.error")
     expect(toast).to_contain_text("'no-such-adapter' is not an existing file or directory")  # first quote kept
     expect(toast).to_contain_text("Hub repo id 'owner/name'.")  # and the last
+    expect(page.locator("#message")).to_contain_text("Not done: 'no-such-adapter' is not an existing file")
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     page.get_by_text("Restore settings from a PNG made here").click()
     page.locator("#restore-upload input[type=file]").set_input_files(str(plain))
     expect(toast.filter(has_text="plain.png carries no generation parameters")).to_have_count(1)
+    expect(page.locator("#message")).to_contain_text("Not done: plain.png carries no generation parameters")
     page.wait_for_timeout(500)
     form = ["#prompt", "#seeds", "#steps", "#scheduler", "#include-base", "#slot-0", "#slot-1", "#width", "#height"]
     for selector in form:
