@@ -4,7 +4,8 @@
     python app.py --base stabilityai/stable-diffusion-xl-base-1.0 --adapter dora=runs/dora --adapter lora=runs/lora
     python app.py --demo        # offline on the CPU: the toy world's model, a DoRA and a LoRA trained on a subject
 
-The page is built by ``dora_diffusion.app_ui``; planning, rendering and infotext live in ``dora_diffusion.compare``.
+The page is built by ``dora_diffusion.app_ui``; planning, rendering, infotext, differences and scores live in
+``dora_diffusion.compare``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant", default=None, help="Weight variant of the base model files, e.g. fp16.")
     p.add_argument("--max_cells", type=int, default=64, help="Most images one grid may hold.")
     p.add_argument("--num_threads", type=int, default=None, help="Torch CPU threads (default: torch's; --demo: 1).")
+    p.add_argument(
+        "--score_model",
+        default="openai/clip-vit-base-patch32",
+        help="CLIP model (Hub id or local folder) that scores each column: CLIP-T, and CLIP-I with --instance_dir. "
+        "'none' turns scores off. The toy world's model (--demo) uses its own scorer.",
+    )
+    p.add_argument(
+        "--instance_dir",
+        default=None,
+        help="Folder of the subject's instance images: adds subject fidelity (CLIP-I) to the scores.",
+    )
+    p.add_argument(
+        "--subject_model",
+        default=None,
+        help="With --instance_dir: a DINO model (e.g. facebook/dinov2-small) that adds DINO subject fidelity.",
+    )
+    p.add_argument(
+        "--upload_dir",
+        default=None,
+        help="Where adapters uploaded on the page are kept (default ~/.cache/dora-diffusion/uploads).",
+    )
     args = p.parse_args(argv)
     if not args.demo and not args.base:
         p.error("give --base MODEL (with --adapter NAME=PATH ...), or --demo")
@@ -75,8 +97,19 @@ def main(argv: list[str] | None = None) -> None:
 
     from dora_diffusion import AdapterFileError
     from dora_diffusion.app_ui import analysis_tab, build_ui
-    from dora_diffusion.compare import CompareError, Comparer, GenerationSettings, load_base_pipeline, parse_adapter_arg
+    from dora_diffusion.compare import (
+        CompareError,
+        Comparer,
+        GenerationSettings,
+        check_adapter_args,
+        load_base_pipeline,
+        make_scorer,
+    )
 
+    try:
+        adapters = check_adapter_args(args.adapter)  # before the base model: a typo fails in a second
+    except (CompareError, AdapterFileError) as err:
+        sys.exit(f"app.py: error: {err}")
     threads = args.num_threads if args.num_threads is not None else (1 if args.demo else 0)
     if threads:
         torch.set_num_threads(threads)
@@ -92,17 +125,26 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ValueError) as err:
             sys.exit(f"app.py: error: --base {args.base}: {err}")
         comparer = Comparer(pipe, args.base, args.max_cells, args.variant)
-        try:
-            for text in args.adapter:
-                name, source = parse_adapter_arg(text)
-                comparer.add_adapter(source, name)
-        except (CompareError, AdapterFileError, OSError, ValueError) as err:
-            sys.exit(f"app.py: error: --adapter {text}: {err}")
+        for name, source, file in adapters:
+            try:
+                comparer.add_adapter(source, name, file)
+            except (CompareError, AdapterFileError, OSError, ValueError) as err:
+                sys.exit(f"app.py: error: --adapter {name}={source}: {err}")
         prompt, steps, seeds, guidance = "", 25, "0-3", 5.0
     comparer.max_cells = args.max_cells
     side = comparer.default_size
     settings = GenerationSettings(prompt, num_inference_steps=steps, guidance_scale=guidance, width=side, height=side)
-    build_ui(comparer, settings, seeds, extra_tabs={"Analysis": analysis_tab}).launch(server_name=args.host, server_port=args.port, share=args.share)
+    scorer = make_scorer(comparer.model, args.score_model, args.instance_dir, comparer.device.type, args.subject_model)
+    ui = build_ui(
+        comparer,
+        settings,
+        seeds,
+        extra_tabs={"Analysis": analysis_tab},
+        scorer=scorer,
+        upload_dir=args.upload_dir,
+        host=args.host,
+    )
+    ui.launch(server_name=args.host, server_port=args.port, share=args.share)
 
 
 if __name__ == "__main__":

@@ -1,133 +1,80 @@
 """The Gradio page of ``app.py``: adapters side by side at fixed seeds.
 
 The page has a "Compare" tab (the form on the left, results on the right) and room for more tabs
-(``extra_tabs``). Its events:
+(``extra_tabs``). Its events (handlers in ``app_events``, form in ``app_form``):
 
-- Generate: a quick check of the form (never waiting behind a running grid), so a mistake shows at once;
-  then ``/generate``, queued with one job at a time, which yields the gallery after every cell and ends
-  with the grid PNG. Stop cancels it after the current denoising step.
-- ``/add_adapter``: loads an adapter once into the shared pipeline and shows its checkbox and slider.
-- ``/restore``: fills the form from a PNG this page made (its ``parameters`` text).
+- Generate (or Ctrl+Enter): a quick check of the form (never waiting behind a running grid), so a mistake shows
+  at once; then ``/generate``, queued with one job at a time, which yields the gallery after every cell and ends
+  with the difference maps, the grid PNG (shown and downloadable), scores per column and a message. Stop ends
+  the grid within the current denoising step and keeps the cells done so far as a partial grid.
+- ``/add_adapter`` / ``/remove_adapter``: load an adapter once into the shared pipeline, or unload one.
+- ``/restore``: fills the form from a PNG this page made: a cell, or a whole grid (all its seeds and columns).
 
-Errors (``gr.Error``) appear on the page; they change no input, so nothing typed is lost.
+Errors appear as toasts; those of Load adapter, Remove and Restore also stay written on the message area, which
+alone carries their error status (no badge on the form). No error changes an input, so nothing typed is lost.
 """
 
 from __future__ import annotations
 
-import queue
-import shutil
-import tempfile
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import gradio as gr
 
-from .compare import (
-    MAX_GUIDANCE,
-    MAX_SIDE,
-    MAX_STEPS,
-    MAX_STRENGTH,
-    MIN_SIDE,
-    SCHEDULERS,
-    AdapterInfo,
-    CompareError,
-    Comparer,
-    GenerationSettings,
-    GridPlan,
-    default_adapter_name,
-    grid_infotext,
-    read_parameters,
-    restore_cell,
-    save_png,
-)
-from .formats import AdapterFileError
+from .app_analysis import analysis_tab
+from .app_events import CompareEvents, Results, Runs
+from .app_form import MAX_SLOTS, build_form
+from .compare import Comparer, GenerationSettings, Scorer
 
-MAX_SLOTS = 12
-"""Most adapters the page shows (a checkbox and a strength slider each)."""
-KEEP_RUNS = 8
-"""Output folders of the most recent grids kept on disk; older ones are deleted."""
+__all__ = ["ComparePage", "analysis_tab", "banner", "build_ui", "default_upload_dir"]
 
-
-class _Runs:
-    """Output folders of grids (one per run) and the Stop flags of browser sessions."""
-
-    def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="dora-diffusion-app-"))
-        self._count = 0
-        self._stop: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-
-    def new_dir(self) -> Path:
-        with self._lock:
-            self._count += 1
-            path = self.root / f"run{self._count:05d}"
-            path.mkdir()
-            for old in sorted(self.root.iterdir())[:-KEEP_RUNS]:
-                shutil.rmtree(old, ignore_errors=True)
-        return path
-
-    def start_job(self, session: str) -> threading.Event:
-        """A fresh Stop flag for the grid this browser session starts."""
-        with self._lock:
-            self._stop[session] = flag = threading.Event()
-        return flag
-
-    def stop(self, session: str) -> None:
-        with self._lock:
-            flag = self._stop.get(session)
-        if flag is not None:
-            flag.set()
+PAGE_CSS = """
+#gallery .caption-label, #differences .caption-label {
+  white-space: normal !important; max-width: 100% !important; overflow: visible !important;
+  text-overflow: clip !important; font-size: 11px; line-height: 1.2; padding: 1px 4px !important; opacity: 0.85;
+}
+#grid-image img { object-fit: contain !important; width: 100%; height: auto; }
+"""
+"""Gallery captions wrap instead of ending in '…', so strength and seed stay readable with many columns."""
+PAGE_JS = """
+() => {
+  document.addEventListener("keydown", (e) => {
+    if ((e.ctrlKey || e.metaKey) && e.key === "Enter") {
+      const button = document.querySelector("#generate");
+      if (button) { e.preventDefault(); button.click(); }
+    }
+  });
+}
+"""
+"""Ctrl+Enter (Cmd+Enter) anywhere on the page clicks Generate."""
 
 
-def _render_in_background(comparer: Comparer, plan, stop: threading.Event, heartbeat: float = 0.5) -> Iterator[tuple]:
-    """Render ``plan`` in a worker thread; yield ``("step", k, step)``, ``("cell", result)`` and ``("tick",)``.
-
-    Something is yielded after every denoising step and at least every ``heartbeat`` seconds, so Gradio can
-    cancel the caller between two yields. Closing this generator (which cancelling does) sets ``stop``; the
-    worker then ends the grid after its current denoising step.
-    """
-    events: queue.Queue = queue.Queue()
-
-    def work() -> None:
-        try:
-            for result in comparer.render(plan, lambda k, step: events.put(("step", k, step)), stop.is_set):
-                events.put(("cell", result))
-        except BaseException as err:  # handed to the caller, which raises it on the page
-            events.put(("error", err))
-        events.put(("end",))
-
-    threading.Thread(target=work, name="dora-diffusion-grid", daemon=True).start()
-    try:
-        while True:
-            try:
-                event = events.get(timeout=heartbeat)
-            except queue.Empty:
-                event = ("tick",)
-            if event[0] == "end":
-                return
-            if event[0] == "error":
-                raise _error(event[1])
-            yield event
-    finally:
-        stop.set()
+def default_upload_dir() -> Path:
+    """``$XDG_CACHE_HOME/dora-diffusion/uploads`` or ``~/.cache/dora-diffusion/uploads``: uploaded adapters."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dora-diffusion" / "uploads"
 
 
-def _slot_info(info: AdapterInfo) -> str:
-    """The line under an adapter's checkbox: what it is and (the end of) where it came from."""
-    source = info.source if len(info.source) <= 48 else "…" + info.source[-47:]
-    return f"{info.summary} · {source}"
+class ComparePage(gr.Blocks):
+    """``gr.Blocks`` whose ``launch`` adds the page's CSS and its Ctrl+Enter shortcut."""
+
+    def launch(self, *args, css: str | None = None, js: str | None = None, **kwargs):
+        return super().launch(*args, css=PAGE_CSS + (css or ""), js=js or PAGE_JS, **kwargs)
 
 
-def _default_cell(plan, n_done: int) -> int:
-    """Gallery index whose parameters and snippet show first: the first adapter cell, else the first cell."""
-    first_adapter = 1 if plan.columns[0].adapter is None and len(plan.columns) > 1 else 0
-    return min(first_adapter, n_done - 1)
-
-
-def _error(err: Exception) -> gr.Error:
-    """An error shown on the page for 15 s (or until closed); the message names what to change."""
-    return gr.Error(str(err), duration=15, print_exception=False)
+def banner(comparer: Comparer, host: str | None) -> str:
+    """The line under the title: base model, device, and who can reach the page."""
+    reach = (
+        "Served on this machine only (127.0.0.1); `--share` opens a public gradio.live link, "
+        "`--host 0.0.0.0` the network."
+        if host in (None, "127.0.0.1", "localhost")
+        else f"Served on {host}."
+    )
+    return (
+        f"Base model `{comparer.model}` on {comparer.device.type} ({str(comparer.dtype).removeprefix('torch.')}). "
+        "Every cell uses the same prompt, settings and seed: the adapter and its strength are the only difference "
+        f"between columns. One grid runs at a time, at most {comparer.max_cells} images. {reach}"
+    )
 
 
 def build_ui(
@@ -137,305 +84,142 @@ def build_ui(
     extra_tabs: Mapping[str, Callable[[Comparer], None]] | None = None,
     title: str = "DoRA vs LoRA: adapters side by side",
     max_queue: int = 16,
+    scorer: Scorer | None = None,
+    upload_dir: str | os.PathLike | None = None,
+    host: str | None = None,
 ) -> gr.Blocks:
     """The page for ``comparer``, with its queue set up (one job at a time, at most ``max_queue`` waiting).
 
     The form starts at ``settings`` (default: an empty prompt at the base model's native size) and ``seeds``.
     ``extra_tabs`` maps a tab title to a function that builds the tab's content from ``comparer`` (the
-    Analysis tab of ``dora_diffusion.analysis`` plugs in here).
+    Analysis tab of ``dora_diffusion.app_analysis`` plugs in here). ``scorer`` scores each column
+    (``compare.make_scorer``; None: no scores). Uploaded adapters are kept in ``upload_dir`` (default
+    ``default_upload_dir()``). ``host`` is where the page is served, for the banner.
     """
     if settings is None:
         settings = GenerationSettings("", width=comparer.default_size, height=comparer.default_size)
-    runs = _Runs()
     if len(comparer.adapters) > MAX_SLOTS:
         raise ValueError(f"the page shows at most {MAX_SLOTS} adapters, {len(comparer.adapters)} are loaded")
+    events = CompareEvents(comparer, Runs(), scorer, Path(upload_dir) if upload_dir else default_upload_dir())
 
-    with gr.Blocks(title=title, delete_cache=(3600, 3600)) as demo:
+    with ComparePage(title=title, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"## {title}")
-        gr.Markdown(
-            f"Base model `{comparer.model}` on {comparer.device.type} ({str(comparer.dtype).removeprefix('torch.')}). "
-            "Every cell uses the same prompt, settings and seed: the adapter is the only difference between columns. "
-            f"One grid runs at a time, at most {comparer.max_cells} images."
-        )
+        gr.Markdown(banner(comparer, host), elem_id="banner")
         with gr.Tabs():
             with gr.Tab("Compare", id="compare"):
-                on_load, load_outputs = _compare_tab(comparer, settings, seeds, runs)
+                on_load, load_inputs, load_outputs = _compare_tab(events, settings, seeds)
             # More tabs: each builder fills its own gr.Tab and can use the comparer's pipeline and adapters.
             for tab_title, build_tab in (extra_tabs or {}).items():
                 with gr.Tab(tab_title):
                     build_tab(comparer)
-        demo.load(on_load, None, load_outputs, queue=False, api_visibility="private")
+        demo.load(on_load, load_inputs, load_outputs, queue=False, api_visibility="private")
     demo.queue(max_size=max_queue, default_concurrency_limit=1)
     return demo
 
 
-def _compare_tab(
-    comparer: Comparer, d: GenerationSettings, default_seeds: str, runs: _Runs
-) -> tuple[Callable, list[gr.components.Component]]:
-    """The form and results of the Compare tab and their events; returns the page-load hook and its outputs."""
-    loaded = comparer.adapters
+def _results(n_columns: int) -> Results:
+    """The results column: cells, difference maps and the grid PNG in tabs; scores; the chosen cell."""
+    with gr.Tabs():
+        with gr.Tab("Cells"):
+            gallery = gr.Gallery(
+                label="Rows: seeds · columns: adapters", columns=n_columns, object_fit="contain", height="auto",
+                elem_id="gallery",
+            )  # fmt: skip
+        with gr.Tab("Differences"):
+            differences = gr.Gallery(
+                label="|adapter − base| and |DoRA − LoRA| per seed (brightness × gain; mean in 0-255 units)",
+                columns=max(1, n_columns - 1), object_fit="contain", height="auto", elem_id="differences",
+            )  # fmt: skip
+        with gr.Tab("Grid PNG"):
+            grid_image = gr.Image(
+                label="Grid with legends", type="filepath", interactive=False, buttons=["download", "fullscreen"],
+                elem_id="grid-image",
+            )  # fmt: skip
+    scores = gr.Dataframe(
+        headers=["column", "images", "scores", "mean |Δ| vs base", "mean |DoRA − LoRA|"], label="Per column",
+        interactive=False, wrap=True, elem_id="scores",
+    )  # fmt: skip
+    downloads = gr.File(label="Downloads: grid PNG, difference grid PNG, scores CSV", file_count="multiple",
+                        elem_id="grid-file")  # fmt: skip
+    cell_info = gr.Textbox(label="Parameters of the chosen cell (PNG text 'parameters')", lines=3)
+    snippet = gr.Code(language="python", label="Reproduce the chosen cell with diffusers", interactive=False,
+                      elem_id="snippet")  # fmt: skip
+    return Results(gallery, differences, grid_image, downloads, scores, cell_info, snippet, gr.State([]))
+
+
+def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: str) -> tuple[Callable, list, list]:
+    """Lay out the Compare tab and connect its events; returns the page-load hook, its inputs and outputs."""
+    loaded = events.comparer.adapters
     with gr.Row():
         with gr.Column(scale=2, min_width=360):
-            prompt = gr.Textbox(d.prompt, label="Prompt", lines=2, placeholder="a photo of TOK ...", elem_id="prompt")
-            negative = gr.Textbox(d.negative_prompt, label="Negative prompt", elem_id="negative-prompt")
-            with gr.Row():
-                seeds = gr.Textbox(
-                    default_seeds, label="Seeds", info="one row each: '0, 7, 42' or a range '0-3'", elem_id="seeds"
-                )
-                scheduler = gr.Dropdown(list(SCHEDULERS), value=d.scheduler, label="Scheduler", elem_id="scheduler")
-            with gr.Row():
-                steps = gr.Slider(1, MAX_STEPS, d.num_inference_steps, step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(
-                    0, MAX_GUIDANCE, d.guidance_scale, step=0.5, label="Guidance scale", elem_id="guidance"
-                )
-            with gr.Row():
-                width = gr.Slider(MIN_SIDE, MAX_SIDE, d.width, step=8, label="Width", elem_id="width")
-                height = gr.Slider(MIN_SIDE, MAX_SIDE, d.height, step=8, label="Height", elem_id="height")
-
-            gr.Markdown("**Columns**")
-            include_base = gr.Checkbox(True, label="base model", info="no adapter", elem_id="include-base")
-            slots, checks, strengths = [], [], []
-            for i in range(MAX_SLOTS):
-                info = loaded[i] if i < len(loaded) else None
-                with gr.Group(visible=info is not None, elem_id=f"slot-{i}") as slot:
-                    checks.append(
-                        gr.Checkbox(
-                            info is not None,
-                            label=info.name if info else f"adapter {i + 1}",
-                            info=_slot_info(info) if info else None,
-                            elem_id=f"use-{i}",
-                        )
-                    )
-                    strengths.append(
-                        gr.Slider(0, MAX_STRENGTH, 1.0, step=0.05, label="strength", elem_id=f"strength-{i}")
-                    )
-                slots.append(slot)
-
-            with gr.Accordion("Add an adapter", open=False):
-                add_source = gr.Textbox(label="Local path or Hub repo id", placeholder="runs/my-dora  or  user/repo")
+            form = build_form(d, default_seeds, loaded)
+            with gr.Accordion("Add or remove adapters", open=False):
+                add_source = gr.Textbox(label="Local path or Hub repo id", placeholder="runs/my-dora  or  user/repo",
+                                        elem_id="add-source")  # fmt: skip
                 add_upload = gr.File(label="…or upload a .safetensors file", file_types=[".safetensors"])
                 add_name = gr.Textbox(label="Column name (optional)", placeholder="derived from the file name")
-                add_button = gr.Button("Load adapter")
-                add_status = gr.Markdown()
-            with gr.Accordion("Restore settings from a PNG made here", open=False):
-                restore_upload = gr.File(label="PNG with generation parameters", file_types=["image"])
-
+                add_button = gr.Button("Load adapter", elem_id="add-adapter")
+                with gr.Row():
+                    remove_choice = gr.Dropdown([a.name for a in loaded], value=None, label="Adapter to remove",
+                                                elem_id="remove-choice")  # fmt: skip
+                    remove_button = gr.Button("Remove adapter", elem_id="remove-adapter")
+            with gr.Accordion("Restore settings from a PNG made here (a cell or a whole grid)", open=False):
+                restore_upload = gr.File(label="PNG with generation parameters", file_types=["image"],
+                                         elem_id="restore-upload")  # fmt: skip
             with gr.Row():
-                generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                generate_button = gr.Button("Generate (Ctrl+Enter)", variant="primary", elem_id="generate")
                 stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+            message = gr.Markdown(elem_id="message")
             selection = gr.JSON(visible=False)
-
         with gr.Column(scale=3, min_width=480):
-            gallery = gr.Gallery(
-                label="Rows: seeds · columns: adapters",
-                columns=1 + len(loaded),
-                object_fit="contain",
-                height="auto",
-                elem_id="gallery",
-            )
-            grid_file = gr.File(label="Grid PNG with legends", elem_id="grid-file")
-            cell_info = gr.Textbox(label="Parameters of the chosen cell (PNG text 'parameters')", lines=3)
-            snippet = gr.Code(
-                language="python",
-                label="Reproduce the chosen cell with diffusers",
-                interactive=False,
-                elem_id="snippet",
-            )
-            results = gr.State([])
+            results = _results(1 + len(loaded))
 
-    form = [prompt, negative, seeds, steps, guidance, width, height, scheduler, include_base]
-
-    def plan(fields: Sequence, adapters) -> GridPlan:
-        """The checked grid plan of a request; bad input raises a ``gr.Error`` that names it."""
-        prompt, negative_prompt, seeds, steps, guidance_scale, width, height, scheduler, include_base = fields
-        try:
-            if adapters is not None and not isinstance(adapters, dict):
-                raise CompareError(f"adapters must be a {{name: strength}} mapping, got {type(adapters).__name__}")
-            settings = GenerationSettings(
-                prompt or "", negative_prompt or "", steps, guidance_scale, width, height, scheduler
-            )
-            return comparer.plan(settings, seeds or "", adapters or {}, bool(include_base))
-        except CompareError as err:
-            raise _error(err) from None
-
-    def check(*values):
-        """Check the form and turn the ticked slots into ``{adapter: strength}`` for /generate."""
-        fields, ticks, levels = values[: len(form)], values[len(form) : -MAX_SLOTS], values[-MAX_SLOTS:]
-        names = [a.name for a in comparer.adapters]
-        chosen = {name: float(levels[i]) for i, name in enumerate(names[:MAX_SLOTS]) if ticks[i]}
-        plan(fields, chosen)
-        return chosen
-
-    def generate(
-        prompt: str,
-        negative_prompt: str,
-        seeds: str,
-        num_inference_steps: float,
-        guidance_scale: float,
-        width: float,
-        height: float,
-        scheduler: str,
-        include_base: bool,
-        adapters: dict[str, float],
-        request: gr.Request,
-        progress=gr.Progress(),
-    ):
-        """Render the grid: one column per adapter in ``adapters`` ({name: strength}) and the base model if
-        ``include_base``, one row per seed. Yields the gallery after each cell, then the grid PNG."""
-        form_values = (prompt, negative_prompt, seeds, num_inference_steps, guidance_scale, width, height, scheduler)
-        p = plan((*form_values, include_base), adapters)
-        stop = runs.start_job(request.session_hash or "")
-        out = runs.new_dir()
-        n, n_steps, n_cols = len(p), p.settings.num_inference_steps, len(p.columns)
-        progress((0, n * n_steps), desc=f"cell 1 of {n}")
-        done, items, infos = [], [], []
-        for event in _render_in_background(comparer, p, stop):
-            if event[0] == "step":
-                k, step = event[1:]
-                progress((k * n_steps + step, n * n_steps), desc=f"cell {k + 1} of {n} · step {step} of {n_steps}")
-            if event[0] != "cell":
-                yield (gr.skip(),) * 5  # lets a cancellation (Stop, a client's cancel) in between two steps
-                continue
-            result = event[1]
-            c = result.cell
-            path = save_png(
-                result.image, out / f"r{c.row:02d}c{c.col:02d}_{c.column.label}_seed{c.seed}.png", result.infotext
-            )
-            done.append(result)
-            items.append((str(path), result.caption))
-            infos.append({"infotext": result.infotext, "snippet": comparer.snippet(p, c), "caption": result.caption})
-            # the first yield also sets the gallery's column count; later ones send plain values
-            gallery_value = gr.Gallery(items, columns=n_cols) if len(items) == 1 else list(items)
-            shown = infos[_default_cell(p, len(infos))]
-            yield gallery_value, gr.skip(), shown["infotext"], shown["snippet"], infos
-        if len(done) < n:
-            return
-        grid = save_png(comparer.grid(p, done), out / "grid.png", grid_infotext(p, comparer.model))
-        shown = infos[_default_cell(p, len(infos))]
-        yield list(items), str(grid), shown["infotext"], shown["snippet"], infos
-
-    def request_stop(request: gr.Request) -> None:
-        runs.stop(request.session_hash or "")
-
-    def show_cell(infos: list[dict], evt: gr.SelectData):
-        if not infos or evt.index is None or evt.index >= len(infos):
-            return gr.skip(), gr.skip()
-        return infos[evt.index]["infotext"], infos[evt.index]["snippet"]
-
-    def show_slots(first_new: int):
-        """Updates showing the slots of the loaded adapters; those from ``first_new`` on are also ticked at 1."""
-        adapters = comparer.adapters
-        groups, ticks, levels = [gr.skip()] * MAX_SLOTS, [gr.skip()] * MAX_SLOTS, [gr.skip()] * MAX_SLOTS
-        for i, a in enumerate(adapters[:MAX_SLOTS]):
-            groups[i] = gr.Group(visible=True)
-            if i >= first_new:
-                ticks[i], levels[i] = gr.Checkbox(True, label=a.name, info=_slot_info(a)), gr.Slider(value=1.0)
-            else:
-                ticks[i] = gr.Checkbox(label=a.name, info=_slot_info(a))
-        return groups, ticks, levels
-
-    def add_adapter(source: str, upload: str | None, name: str):
-        """Load an adapter from a local path, a Hub repo id, or an uploaded .safetensors file."""
-        source = (source or "").strip()
-        if source and upload:
-            raise _error(CompareError("give a path or Hub repo id, or upload a file — not both"))
-        if len(comparer.adapters) >= MAX_SLOTS:
-            raise _error(CompareError(f"the page shows at most {MAX_SLOTS} adapters"))
-        if upload and not (name or "").strip():
-            name = default_adapter_name(Path(upload).name, [a.name for a in comparer.adapters])  # not the cache folder
-        try:
-            info = comparer.add_adapter(upload or source, name)
-        except (CompareError, AdapterFileError, OSError, ValueError, RuntimeError) as err:
-            raise _error(err) from None
-        except Exception as err:  # e.g. a Hub error: show it and keep serving
-            raise _error(RuntimeError(f"could not load {upload or source!r}: {type(err).__name__}: {err}")) from None
-        groups, ticks, levels = show_slots(len(comparer.adapters) - 1)
-        status = f"Loaded **{info.name}**: {info.summary}, from `{info.source}`."
-        return status, *groups, *ticks, *levels
-
-    def restore(path: str | None):
-        """Fill the form with a cell's settings and seed, and tick its column (other columns stay as they are)."""
-        if not path:
-            return [gr.skip()] * (len(form) + 2 * MAX_SLOTS)
-        try:
-            cell = restore_cell(read_parameters(path))
-        except CompareError as err:
-            raise _error(err) from None
-        s = cell.settings
-        updates = [
-            s.prompt,
-            s.negative_prompt,
-            str(cell.seed),
-            s.num_inference_steps,
-            s.guidance_scale,
-            s.width,
-            s.height,
-            s.scheduler,
-            True if cell.adapter is None else gr.skip(),
-        ]
-        check_u, strength_u = [gr.skip()] * MAX_SLOTS, [gr.skip()] * MAX_SLOTS
-        names = [a.name for a in comparer.adapters]
-        if cell.adapter is not None:
-            if cell.adapter in names:
-                i = names.index(cell.adapter)
-                check_u[i], strength_u[i] = True, cell.strength
-            else:
-                gr.Warning(f"adapter {cell.adapter!r} of this image is not loaded; add it under 'Add an adapter'")
-        if cell.model and cell.model != comparer.model:
-            gr.Warning(f"this image was made with base model {cell.model!r}, this page runs {comparer.model!r}")
-        return *updates, *check_u, *strength_u
-
+    events.form, events.remove_choice = form, remove_choice
+    slot_outputs = [c for s in form.slots for c in (s.group, s.check, s.strength, s.sweep)]
     # queued (Gradio 6 shows no error toast for unqueued events), but in its own group with no limit, so a
     # mistake shows at once even while another grid runs
     checked = generate_button.click(
-        check, form + checks + strengths, selection, concurrency_limit=None, api_visibility="private"
+        events.check, {*form.everything, form.slot_names}, selection, concurrency_limit=None, api_visibility="private"
     )
-    running = checked.success(
-        generate,
-        form + [selection],
-        [gallery, grid_file, cell_info, snippet, results],
+    checked.success(
+        events.generate,
+        form.fields + [selection],
+        [*results.outputs, message, results.state],
         api_name="generate",
         concurrency_id="pipeline",
         concurrency_limit=1,
     )
-    stop_button.click(request_stop, None, None, cancels=[running], queue=False, api_visibility="private")
-    gallery.select(show_cell, results, [cell_info, snippet], queue=False, api_visibility="private")
-    add_button.click(
-        add_adapter,
-        [add_source, add_upload, add_name],
-        [add_status, *slots, *checks, *strengths],
+    stop_button.click(events.request_stop, None, message, queue=False, api_name="stop", api_visibility="undocumented")
+    results.gallery.select(events.show_cell, results.state, [results.cell_info, results.snippet], queue=False,
+                           api_visibility="private")  # fmt: skip
+    # its own group: a slow Hub lookup waits beside a running grid, not in front of the next one
+    added = add_button.click(
+        events.add_adapter,
+        [add_source, add_upload, add_name, form.slot_names],
+        [message, remove_choice, form.slot_names, *slot_outputs],
         api_name="add_adapter",
+        concurrency_id="adapters",
+        concurrency_limit=1,
+        show_progress_on=[message],
+    )
+    removed = remove_button.click(
+        events.remove_adapter,
+        {remove_choice, form.slot_names, *form.slot_inputs},
+        [message, remove_choice, form.slot_names, *slot_outputs],
         concurrency_id="pipeline",
         concurrency_limit=1,
+        show_progress_on=[message],
+        api_name="remove_adapter_form",
+        api_visibility="private",
     )
-    restore_upload.upload(restore, restore_upload, form + checks + strengths, api_name="restore")
-
-    def on_load():
-        """When a page opens, show the adapters added (from other browser tabs) since start-up."""
-        groups, ticks, _ = show_slots(len(loaded))
-        return *groups, *ticks
-
-    return on_load, slots + checks
-
-
-def analysis_tab(comparer: Comparer) -> None:
-    """The "Analysis" tab (DoRA paper, Figure 2) for the adapters loaded in ``comparer``; call inside a ``gr.Tab``."""
-    from .analysis import analysis_plot_for
-
-    def run() -> tuple[str | None, str]:
-        try:
-            with comparer.lock:
-                path, markdown = analysis_plot_for(comparer.pipe)
-        except (ValueError, RuntimeError) as err:  # no adapter loaded, or fused weights
-            return None, f"**{err}**"
-        return str(path), markdown
-
-    gr.Markdown(
-        "How much each adapter changed the **magnitude** (ΔM, mean |m′ − m0| of the output-channel norms) and the "
-        "**direction** (ΔD, mean 1 − cos) of every adapted module, at strength 1. One point per module. "
-        "The paper found a negative slope for full fine-tuning and DoRA, a positive one for LoRA."
+    gr.api(events.remove_adapter_api, api_name="remove_adapter", concurrency_id="pipeline", concurrency_limit=1)
+    restored = restore_upload.upload(
+        events.restore,
+        [restore_upload, form.slot_names],
+        [*form.everything, message],
+        api_name="restore",
+        show_progress_on=[message],
     )
-    button = gr.Button("Analyse loaded adapters", variant="primary")
-    image = gr.Image(label="ΔM vs ΔD", type="filepath", interactive=False)
-    summary = gr.Markdown()
-    button.click(run, outputs=[image, summary], api_name="analysis")
+    for event in (added, removed, restored):  # the error's text stays on the message area after its toast
+        event.failure(events.show_error, None, message, queue=False, api_visibility="private")
+    return events.on_load, [form.slot_names], [remove_choice, form.slot_names, *slot_outputs]

@@ -30,6 +30,7 @@ import torch
 from . import __version__
 from .compare import (
     CellResult,
+    ColumnScore,
     CompareError,
     Comparer,
     GenerationSettings,
@@ -38,10 +39,12 @@ from .compare import (
     load_base_pipeline,
     parse_seeds,
     save_png,
+    score_columns,
 )
+from .compare.scores import ToyWorldScorer
 from .extras import MissingExtraError, require
 from .formats import DEFAULT_WEIGHT_NAME
-from .toyworld import PIPELINE_DIR, RESOLUTION, SUBJECTS, make_subject_dataset, score
+from .toyworld import PIPELINE_DIR, RESOLUTION, SUBJECTS, make_subject_dataset
 
 SUBJECT = SUBJECTS["dotted_heart"]
 PROMPT = f"{SUBJECT.instance_prompt} on a striped background"
@@ -180,23 +183,19 @@ def render_demo_grid(
     for result in comparer.render(plan):
         results.append(result)
         log(f"cell {len(results)} of {len(plan)}: {result.caption}")
-    for label, figures in column_scores(plan, results).items():
+    for row in column_scores(plan, results):
         log(
-            f"{label:>8}: subject fidelity {figures['subject_fidelity']:.2f}, "
-            f"prompt fidelity {figures['prompt_fidelity']:.2f}  (toyworld.score over {figures['n']} images)"
+            f"{row.column.label:>8}: subject fidelity {row.values['subject fidelity']:.2f}, "
+            f"prompt fidelity {row.values['prompt fidelity']:.2f}  (toyworld.score over {row.n} images)"
         )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    return save_png(comparer.grid(plan, results), output, grid_infotext(plan, comparer.model))
+    return save_png(comparer.grid(plan, results), output, grid_infotext(plan, comparer.model, comparer.default_sampler))
 
 
-def column_scores(plan: GridPlan, results: Sequence[CellResult]) -> dict[str, dict]:
-    """``toyworld.score`` of each column's images against the grid's prompt, by column label."""
-    out = {}
-    for column in plan.columns:
-        images = [r.image for r in results if r.cell.column == column]
-        out[column.label] = score(images, [plan.settings.prompt] * len(images), SUBJECT)
-    return out
+def column_scores(plan: GridPlan, results: Sequence[CellResult]) -> list[ColumnScore]:
+    """``toyworld.score`` of each column's images against the grid's prompt (the subject named by its trigger)."""
+    return score_columns(ToyWorldScorer(), plan, {(r.cell.seed, r.cell.column): r.image for r in results})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -38,6 +38,8 @@ __all__ = [
     "build_tiny_sdxl_pipeline",
     "make_toy_imagefolder",
     "make_toy_images",
+    "save_tiny_clip",
+    "save_tiny_dinov2",
     "save_tiny_sdxl_pipeline",
 ]
 
@@ -215,6 +217,47 @@ def save_tiny_sdxl_pipeline(path: str | os.PathLike, seed: int = 0) -> pathlib.P
     """
     path = pathlib.Path(path)
     build_tiny_sdxl_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def save_tiny_clip(path: str | os.PathLike, seed: int = 0, image_size: int = 32) -> pathlib.Path:
+    """Write a CLIP model with random weights (text: the tiny byte-level tokenizer, hidden 32; vision: ViT with
+    ``image_size`` px input, patch 8, hidden 32) and its processor to ``path``; return the directory.
+
+    ``CLIPModel.from_pretrained(path)`` and ``CLIPProcessor.from_pretrained(path)`` read it back offline: the code
+    path of CLIP-T / CLIP-I scoring, not its numbers.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+    path = pathlib.Path(path)
+    tokenizer = _tiny_tokenizers()[0]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_size, patch_size=8, projection_dim=_PROJECTION_DIM)  # fmt: skip
+    config = CLIPConfig(
+        text_config=_text_config(tokenizer, 32, 2, "quick_gelu").to_dict(),
+        vision_config=vision.to_dict(),
+        projection_dim=_PROJECTION_DIM,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(path, safe_serialization=True)
+    size = {"shortest_edge": image_size}
+    crop = {"height": image_size, "width": image_size}
+    CLIPProcessor(CLIPImageProcessor(size=size, crop_size=crop), tokenizer).save_pretrained(path)
+    return path
+
+
+def save_tiny_dinov2(path: str | os.PathLike, seed: int = 0, image_size: int = 32) -> pathlib.Path:
+    """Write a DINOv2 ViT with random weights (hidden 32, 2 layers, patch 8) and its image processor to ``path``;
+    ``AutoModel`` / ``AutoImageProcessor`` read it back offline (the code path of DINO scoring)."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    path = pathlib.Path(path)
+    torch.manual_seed(seed)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                          image_size=image_size, patch_size=8)  # fmt: skip
+    Dinov2Model(config).save_pretrained(path, safe_serialization=True)
+    size = {"shortest_edge": image_size}
+    BitImageProcessor(size=size, crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
 
 

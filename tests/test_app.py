@@ -21,6 +21,8 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import dora_diffusion.compare as compare
+import dora_diffusion.compare.render as render
+from dora_diffusion import AdapterFileError
 from dora_diffusion.app_ui import analysis_tab, build_ui
 from dora_diffusion.compare import Comparer, GenerationSettings, load_base_pipeline, parse_infotext
 from dora_diffusion.testing import save_tiny_sdxl_pipeline
@@ -59,6 +61,7 @@ def app(files):
         GenerationSettings(PROMPT, num_inference_steps=2, width=64, height=64),
         seeds="0-1",
         extra_tabs={"Analysis": analysis_tab},
+        upload_dir=files["root"] / "uploads",
     )
     for attempt in range(5):
         port = free_port()
@@ -76,11 +79,16 @@ def app(files):
         torch.set_num_threads(threads)
 
 
+OUTPUTS = ("gallery", "differences", "grid", "downloads", "scores", "info", "snippet", "message")
+
+
 def generate(client, seeds="0", adapters=None, include_base=True, steps=2, scheduler="Default", negative=""):
+    """/generate's outputs by name (``OUTPUTS``)."""
     adapters = {"dora": 1.0, "lora": 1.0} if adapters is None else adapters
-    return client.predict(
+    out = client.predict(
         PROMPT, negative, seeds, steps, 5.0, 64, 64, scheduler, include_base, adapters, api_name="/generate"
     )
+    return dict(zip(OUTPUTS, out, strict=True))
 
 
 def pixels(item: dict) -> np.ndarray:
@@ -93,7 +101,8 @@ def by_caption(gallery: list[dict]) -> dict[str, np.ndarray]:
 
 def test_grid_has_one_image_per_seed_and_column(app):
     client, _, _ = app
-    gallery, grid_path, info, snippet = generate(client, seeds="0, 7", adapters={"dora": 1.0, "lora": 0.5})
+    out = generate(client, seeds="0, 7", adapters={"dora": 1.0, "lora": 0.5})
+    gallery, grid_path, info, snippet = out["gallery"], out["grid"], out["info"], out["snippet"]
     assert [g["caption"] for g in gallery] == [
         "base · — · seed 0", "dora · 1.00 · seed 0", "lora · 0.50 · seed 0",
         "base · — · seed 7", "dora · 1.00 · seed 7", "lora · 0.50 · seed 7",
@@ -115,8 +124,8 @@ def test_grid_has_one_image_per_seed_and_column(app):
 
 def test_same_request_gives_identical_pixels(app):
     client, _, _ = app
-    first = by_caption(generate(client, seeds="3")[0])
-    second = by_caption(generate(client, seeds="3")[0])
+    first = by_caption(generate(client, seeds="3")["gallery"])
+    second = by_caption(generate(client, seeds="3")["gallery"])
     assert first.keys() == second.keys()
     for caption in first:
         assert np.array_equal(first[caption], second[caption]), caption
@@ -124,7 +133,7 @@ def test_same_request_gives_identical_pixels(app):
 
 def test_columns_base_strength_zero_and_adapters(app, files):
     client, _, _ = app
-    images = by_caption(generate(client, seeds="4")[0])
+    images = by_caption(generate(client, seeds="4")["gallery"])
     base, dora, lora = images["base · — · seed 4"], images["dora · 1.00 · seed 4"], images["lora · 1.00 · seed 4"]
 
     # the base column is the pipeline with its adapters disabled, and the plain base model
@@ -150,7 +159,7 @@ def test_columns_base_strength_zero_and_adapters(app, files):
     assert np.array_equal(base, plain)
 
     # strength 0 is the base model exactly, for DoRA and LoRA
-    zero = by_caption(generate(client, seeds="4", adapters={"dora": 0.0, "lora": 0.0})[0])
+    zero = by_caption(generate(client, seeds="4", adapters={"dora": 0.0, "lora": 0.0})["gallery"])
     assert np.array_equal(zero["dora · 0.00 · seed 4"], base)
     assert np.array_equal(zero["lora · 0.00 · seed 4"], base)
 
@@ -162,12 +171,12 @@ def test_columns_base_strength_zero_and_adapters(app, files):
 def test_adapters_load_once_and_columns_switch_with_set_dora_adapters(app, monkeypatch):
     client, _, _ = app
     calls = {"load": 0, "set": []}
-    load, set_ = compare.load_dora_weights, compare.set_dora_adapters
+    load, set_ = render.load_dora_weights, render.set_dora_adapters
     monkeypatch.setattr(
-        compare, "load_dora_weights", lambda *a, **k: (calls.__setitem__("load", calls["load"] + 1), load(*a, **k))[1]
+        render, "load_dora_weights", lambda *a, **k: (calls.__setitem__("load", calls["load"] + 1), load(*a, **k))[1]
     )
     monkeypatch.setattr(
-        compare, "set_dora_adapters", lambda pipe, n, w: (calls["set"].append((n, w)), set_(pipe, n, w))[1]
+        render, "set_dora_adapters", lambda pipe, n, w: (calls["set"].append((n, w)), set_(pipe, n, w))[1]
     )
     generate(client, seeds="0", adapters={"dora": 1.0, "lora": 0.5})
     assert calls["load"] == 0
@@ -233,7 +242,7 @@ def test_cancel_stops_a_running_grid_and_the_app_keeps_serving(app):
     assert cells_done(), "no cell finished within 60 s"
     job.cancel()
     start = time.time()
-    gallery = generate(client, seeds="0", adapters={"dora": 1.0})[0]
+    gallery = generate(client, seeds="0", adapters={"dora": 1.0})["gallery"]
     assert len(gallery) == 2
     assert time.time() - start < 20  # not behind the remaining 29 cells x 20 steps
     assert cells_done() < 30 and not any(isinstance(o[1], str) for o in job.outputs())  # no grid PNG
@@ -258,7 +267,7 @@ def test_bad_requests_are_errors_and_the_app_keeps_serving(app, seeds, adapters,
     client, _, _ = app
     with pytest.raises(AppError, match=message):
         generate(client, seeds=seeds, adapters=adapters)
-    assert len(generate(client, seeds="1", adapters={"lora": 1.0}, include_base=False)[0]) == 1
+    assert len(generate(client, seeds="1", adapters={"lora": 1.0}, include_base=False)["gallery"]) == 1
 
 
 def test_bad_adapters_are_errors_and_a_good_one_loads(app, files, tmp_path):
@@ -281,19 +290,20 @@ def test_bad_adapters_are_errors_and_a_good_one_loads(app, files, tmp_path):
         add(str(files["extra"]), handle_file(str(files["extra"])))
     assert [a.name for a in comparer.adapters] == ["dora", "lora"]
 
-    status, *slots = add(upload=handle_file(str(files["extra"])))
+    status, remove_choice, *slots = add(upload=handle_file(str(files["extra"])))
     assert status.startswith("Loaded **pytorch_lora_weights**: DoRA · rank 4")
     assert [a.name for a in comparer.adapters] == ["dora", "lora", "pytorch_lora_weights"]
-    gallery = generate(client, seeds="2", adapters={"pytorch_lora_weights": 1.0})[0]
+    gallery = generate(client, seeds="2", adapters={"pytorch_lora_weights": 1.0})["gallery"]
     assert [g["caption"] for g in gallery] == ["base · — · seed 2", "pytorch_lora_weights · 1.00 · seed 2"]
     assert np.abs(pixels(gallery[0]) - pixels(gallery[1])).mean() > 1.0
 
 
 def test_restore_fills_the_form_from_a_png(app, tmp_path):
     client, _, _ = app
-    gallery = generate(client, seeds="5", adapters={"lora": 0.35}, steps=3, scheduler="Euler a", negative="blurry")[0]
+    gallery = generate(client, seeds="5", adapters={"lora": 0.35}, steps=3, scheduler="Euler a", negative="blurry")
+    gallery = gallery["gallery"]
     values = client.predict(handle_file(gallery[1]["image"]), api_name="/restore")
-    prompt, negative, seeds, steps, guidance, width, height, scheduler, base, *slots = values
+    prompt, negative, seeds, steps, guidance, width, height, scheduler, base, *slots, message = values
     assert (prompt, negative, seeds, steps, guidance, width, height, scheduler) == (
         PROMPT,
         "blurry",
@@ -304,8 +314,9 @@ def test_restore_fills_the_form_from_a_png(app, tmp_path):
         64,
         "Euler a",
     )
-    checks, strengths = slots[: len(slots) // 2], slots[len(slots) // 2 :]
+    checks, strengths = slots[0::3], slots[1::3]
     assert checks[1] is True and strengths[1] == 0.35  # the lora slot
+    assert message == "Restored the settings of a cell (seed 5)."
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(AppError, match="Invalid file type.*image"):  # refused by the upload's file_types
         client.predict(handle_file(str(tmp_path / "notes.txt")), api_name="/restore")
@@ -315,6 +326,130 @@ def test_restore_fills_the_form_from_a_png(app, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     with pytest.raises(AppError, match="plain.png carries no generation parameters"):
         client.predict(handle_file(str(tmp_path / "plain.png")), api_name="/restore")
+
+
+def test_sweep_of_one_adapter_and_its_difference_maps(app):
+    """Acceptance: 3 strengths x 2 seeds give 6 images; strength 0 is the base model exactly, and so its
+    difference map is zero; the maps' means are |a - b| of the cells, computed here independently."""
+    client, _, _ = app
+    out = generate(client, seeds="0-1", adapters={"dora": "0, 0.5, 1"}, include_base=False)
+    assert [g["caption"] for g in out["gallery"]] == [
+        f"dora · {k} · seed {s}" for s in (0, 1) for k in ("0.00", "0.50", "1.00")
+    ]
+    sweep = by_caption(out["gallery"])
+    base = by_caption(generate(client, seeds="0-1", adapters={}, include_base=True)["gallery"])
+    for s in (0, 1):
+        assert np.array_equal(sweep[f"dora · 0.00 · seed {s}"], base[f"base · — · seed {s}"])
+        half, full = sweep[f"dora · 0.50 · seed {s}"], sweep[f"dora · 1.00 · seed {s}"]
+        assert np.abs(half - base[f"base · — · seed {s}"]).mean() > 1.0 and np.abs(full - half).mean() > 1.0
+    g = parse_infotext(Image.open(out["grid"]).info["parameters"])
+    assert (g["Seeds"], g["Columns"]) == ("0, 1", "dora 0, dora 0.5, dora 1")
+    assert out["differences"] == []  # no base column, no LoRA: no pair to compare
+
+    out = generate(client, seeds="0-1", adapters={"dora": [0, 1], "lora": 1.0}, include_base=True)
+    cells = by_caption(out["gallery"])
+    maps = {d["caption"].split(" · mean")[0]: d for d in out["differences"]}
+    assert sorted(maps) == sorted(
+        f"{pair} · seed {s}"
+        for s in (0, 1)
+        for pair in ("|dora 0.00 − base|", "|dora 1.00 − base|", "|lora 1.00 − base|", "|dora 1.00 − lora 1.00|")
+    )
+    for s in (0, 1):
+        zero = maps[f"|dora 0.00 − base| · seed {s}"]
+        assert "mean 0.00/255" in zero["caption"] and pixels(zero).max() == 0
+        dora, lora, b = cells[f"dora · 1.00 · seed {s}"], cells[f"lora · 1.00 · seed {s}"], cells[f"base · — · seed {s}"]
+        for label, expected in (("|dora 1.00 − base|", np.abs(dora - b).mean()), ("|dora 1.00 − lora 1.00|", np.abs(dora - lora).mean())):
+            caption = maps[f"{label} · seed {s}"]["caption"]
+            assert expected > 1.0 and f"mean {expected:.2f}/255" in caption, (caption, expected)
+            assert pixels(maps[f"{label} · seed {s}"]).max() > 0
+    table = {row[0]: dict(zip(out["scores"]["headers"], row)) for row in out["scores"]["data"]}
+    assert table["dora 0.00"]["mean |Δ| vs base"] == 0.0 and table["dora 1.00"]["mean |Δ| vs base"] > 1.0
+    assert table["dora 1.00"]["mean |DoRA − LoRA|"] > 1.0
+    assert [Path(p).name for p in out["downloads"]] == ["grid.png", "differences.png", "scores.csv"]
+
+
+def test_restore_a_whole_grid_png_sets_every_seed_and_column(app):
+    client, _, _ = app
+    out = generate(client, seeds="3, 8", adapters={"dora": [0, 0.5, 1]}, include_base=False, scheduler="DPM++ 2M Karras")
+    g = parse_infotext(Image.open(out["grid"]).info["parameters"])
+    assert (g["Sampler"], g["Schedule type"]) == ("DPM++ 2M", "Karras")  # as A1111 writes it
+    values = client.predict(handle_file(out["grid"]), api_name="/restore")
+    prompt, negative, seeds, steps, guidance, width, height, scheduler, base, *slots, message = values
+    assert (prompt, seeds, steps, scheduler, base) == (PROMPT, "3, 8", 2, "DPM++ 2M Karras", False)
+    checks, strengths, sweeps = slots[0::3], slots[1::3], slots[2::3]
+    assert (checks[0], sweeps[0]) == (True, "0, 0.5, 1")  # dora: a sweep
+    assert checks[1] is False  # lora is not in this grid
+    assert message == "Restored the settings of a grid (2 seeds)."
+
+
+def test_stop_keeps_the_cells_done_and_says_so(app):
+    client, _, _ = app
+    job = client.submit(
+        PROMPT, "", "0-9", 20, 5.0, 64, 64, "Default", True, {"dora": 1.0, "lora": 1.0}, api_name="/generate"
+    )
+    deadline = time.time() + 60
+    while not any(isinstance(o[0], list) and o[0] for o in job.outputs()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert client.predict(api_name="/stop").startswith("Stopping")
+    out = dict(zip(OUTPUTS, job.result(timeout=30), strict=True))
+    k = len(out["gallery"])
+    assert 1 <= k < 30
+    assert out["message"].startswith(f"**Stopped after {k} of 30 cells.**")
+    with Image.open(out["grid"]) as grid:  # the partial grid: all 10 rows, missing cells grey
+        assert grid.size[1] > 10 * 256
+        assert parse_infotext(grid.info["parameters"])["Seeds"] == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
+
+
+def test_one_adapter_file_loads_once_and_an_adapter_can_be_removed(app, files, tmp_path):
+    client, comparer, _ = app
+    add = lambda source="", upload=None, name="": client.predict(source, upload, name, api_name="/add_adapter")  # noqa: E731
+    path = make_adapter_file(tmp_path / "twice", seed=5, targets="attn", text=False)
+    before = [a.name for a in comparer.adapters]
+    status, *_ = add(upload=handle_file(str(path)), name="twice")
+    kept = Path(comparer.source(compare.Column("twice", 1.0)))
+    assert kept.is_file() and kept.is_relative_to(files["root"] / "uploads") and kept.read_bytes() == path.read_bytes()
+    with pytest.raises(AppError, match="is already loaded as 'twice'"):  # a double click, or the same upload again
+        add(upload=handle_file(str(path)))
+    with pytest.raises(AppError, match="is already loaded as 'twice'"):
+        add(str(kept), name="again")
+    assert client.predict("twice", api_name="/remove_adapter") == "Removed twice."
+    assert [a.name for a in comparer.adapters] == before
+    with pytest.raises(AppError, match=r"adapters \['twice'\] are not loaded"):
+        generate(client, adapters={"twice": 1.0})
+    with pytest.raises(AppError, match="no adapter named 'twice' is loaded"):
+        client.predict("twice", api_name="/remove_adapter")
+
+
+def test_a_slow_hub_lookup_does_not_hold_up_grids(app, monkeypatch):
+    """Broken 6: the lookup runs outside the pipeline's queue; a grid requested meanwhile is served at once."""
+    client, comparer, url = app
+
+    def slow_hub(source):
+        time.sleep(4)
+        raise AdapterFileError(f"{source!r}: the Hub lookup failed: ConnectError")
+
+    monkeypatch.setattr(comparer, "resolve", slow_hub)
+    job = Client(url, verbose=False).submit("user/some-dora", None, "", api_name="/add_adapter")
+    time.sleep(0.3)
+    start = time.time()
+    assert len(generate(client, adapters={"dora": 1.0})["gallery"]) == 2
+    assert time.time() - start < 3.5 and not job.done()
+    with pytest.raises(AppError, match="the Hub lookup failed: ConnectError"):
+        job.result(timeout=30)
+
+
+def test_the_hub_counts_as_unreachable_within_seconds(monkeypatch):
+    from huggingface_hub import constants
+
+    from dora_diffusion.formats.safefile import hub_unreachable
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    start = time.time()
+    assert "no connection to 127.0.0.1" in hub_unreachable()
+    assert time.time() - start < 1.0
 
 
 # ------------------------------------------------------------------------------------------------ the demo
@@ -342,11 +477,81 @@ def test_demo_trains_once_then_reuses_its_cache(tmp_path, monkeypatch, capsys):
         torch.set_num_threads(threads)
 
 
-def test_analysis_tab_plots_the_loaded_adapters(app):
-    """The Analysis tab: a PNG that opens and a summary naming both adapters with their Pearson r."""
+def test_analysis_tab_plots_the_chosen_adapters_with_csv(app):
+    """The Analysis tab: a PNG that opens, a summary naming the chosen adapters, and the rows as CSV."""
     client, comparer, _ = app
-    image_path, summary = client.predict(api_name="/analysis")
+    image_path, summary, csv_path, choices = client.predict([], False, api_name="/analysis")
     with Image.open(image_path) as im:
-        assert im.size[0] > 100 and im.size[1] > 100
+        assert im.size == (800, 550)
     for name in comparer.pipe.get_dora_adapters():
         assert name in summary
+    image_path, summary, csv_path, choices = client.predict(["lora"], True, api_name="/analysis")
+    assert "lora" in summary and "dora" not in summary
+    rows = Path(csv_path).read_text().splitlines()
+    assert rows[0] == "adapter,module,component,kind,rank,delta_M,delta_D,method"
+    assert len(rows) > 1 and {r.split(",")[0] for r in rows[1:]} == {"lora"}
+
+
+# ------------------------------------------------------------------------------------------------ small pieces
+
+
+def test_toasts_keep_quotes_uploads_are_kept_and_the_banner_names_share(tmp_path):
+    from dora_diffusion.app_events import keep_upload, toast_text
+    from dora_diffusion.app_ui import banner
+
+    # Gradio's page strips the quotes of a message that starts and ends with one (issue 17, broken 4)
+    assert toast_text("'x' is not a file, nor a Hub repo id 'owner/name'") == (
+        "'x' is not a file, nor a Hub repo id 'owner/name'."
+    )
+    assert toast_text("seed 1 is listed twice") == "seed 1 is listed twice"
+    upload = tmp_path / "cache" / "style.safetensors"
+    upload.parent.mkdir()
+    upload.write_bytes(b"tensors")
+    kept = keep_upload(upload, tmp_path / "kept")
+    upload.unlink()  # Gradio's cache goes; the copy stays
+    assert kept.read_bytes() == b"tensors" and kept.name == "style.safetensors"
+    upload.parent.mkdir(exist_ok=True)
+    upload.write_bytes(b"tensors")
+    assert keep_upload(upload, tmp_path / "kept") == kept  # the same file lands on the same path
+
+    class Device:
+        type = "cpu"
+
+    class FakeComparer:
+        model, device, dtype, max_cells = "m", Device(), "torch.float32", 64
+
+    assert "`--share` opens a public gradio.live link" in banner(FakeComparer(), "127.0.0.1")
+    assert "Served on 0.0.0.0." in banner(FakeComparer(), "0.0.0.0")
+
+
+def test_app_py_checks_adapters_before_loading_the_base(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("app_script", Path(__file__).resolve().parents[1] / "app.py")
+    app_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app_script)
+
+    def no_base(*args, **kwargs):
+        raise AssertionError("the base model loaded before the adapters were checked")
+
+    monkeypatch.setattr("dora_diffusion.compare.load_base_pipeline", no_base)
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(SystemExit, match=f"--adapter dora={missing}: '{missing}' is not an existing file"):
+        app_script.main(["--base", "stabilityai/stable-diffusion-xl-base-1.0", "--adapter", f"dora={missing}"])
+    with pytest.raises(SystemExit, match="--adapter base=x/y: adapter name 'base' is reserved"):
+        app_script.main(["--base", "some/model", "--adapter", "base=x/y"])
+
+
+def test_a_page_opened_before_adapters_changed_is_synced_by_name():
+    """Slots follow names, not positions: a page that still shows [a, b, c] after 'b' was removed elsewhere
+    keeps a's values, moves c's kept values up, and ticks a new adapter."""
+    from dora_diffusion.app_form import FRESH_SLOT, SlotValues, synced_slots
+    from dora_diffusion.compare import AdapterInfo
+
+    def info(name):
+        return AdapterInfo(name, f"runs/{name}", "DoRA", (4,), 10)
+
+    now = [info("a"), info("c"), info("d")]
+    assert synced_slots(["a", "b", "c"], now) == [None, FRESH_SLOT, FRESH_SLOT]
+    c = SlotValues(False, 0.5, "0, 1")
+    assert synced_slots(["a", "b", "c"], now, {"a": FRESH_SLOT, "c": c}) == [FRESH_SLOT, c, FRESH_SLOT]

@@ -157,3 +157,60 @@ def test_generate_a_grid_in_the_browser(page, tmp_path):
     page.locator("#gallery").get_by_text("lora · 1.00 · seed 1").click()
     expect(page.locator("#snippet")).to_contain_text("adapter_name='lora'")
     expect(page.locator("#snippet")).to_contain_text("manual_seed(1)")
+
+
+def test_failed_load_and_restore_leave_the_form_as_it_was(page, tmp_path):
+    """Issue 17: errors of Load adapter and Restore show as toasts (quotes kept) and on the message area; the
+    form keeps its values and shows no error badge. Then Ctrl+Enter renders a 6-column sweep whose captions are
+    whole and whose grid PNG shows on the page."""
+    from PIL import Image
+
+    expect = sync_api.expect
+    page.locator("#prompt textarea").fill(PROMPT)
+    page.locator("#seeds textarea").fill("0, 5")
+    page.locator("#steps input[type=number]").fill("2")
+    page.locator("#sweep-0 textarea, #sweep-0 input").first.fill("0, 0.25, 0.5, 0.75, 1")
+    page.get_by_text("Add or remove adapters").click()
+    page.locator("#add-source textarea, #add-source input").first.fill("no-such-adapter")
+    page.click("#add-adapter")
+    toast = page.locator(".toast-body.error")
+    expect(toast).to_contain_text("'no-such-adapter' is not an existing file or directory")  # first quote kept
+    expect(toast).to_contain_text("Hub repo id 'owner/name'.")  # and the last
+    expect(page.locator("#message")).to_contain_text("Not done: 'no-such-adapter' is not an existing file")
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    page.get_by_text("Restore settings from a PNG made here").click()
+    page.locator("#restore-upload input[type=file]").set_input_files(str(plain))
+    expect(toast.filter(has_text="plain.png carries no generation parameters")).to_have_count(1)
+    expect(page.locator("#message")).to_contain_text("Not done: plain.png carries no generation parameters")
+    page.wait_for_timeout(500)
+    form = ["#prompt", "#seeds", "#steps", "#scheduler", "#include-base", "#slot-0", "#slot-1", "#width", "#height"]
+    for selector in form:
+        expect(page.locator(f"{selector} span.error")).to_have_count(0)
+    assert page.locator("#prompt textarea").input_value() == PROMPT
+    assert page.locator("#seeds textarea").input_value() == "0, 5"
+    assert page.locator("#steps input[type=number]").input_value() == "2"
+    assert page.locator("#use-0 input").is_checked() and page.locator("#use-1 input").is_checked()
+    _screenshot(page, tmp_path, "app_after_errors.png")
+    for close in page.locator(".toast-body.error").get_by_label("Close").all():
+        close.click()
+
+    page.locator("#prompt textarea").press("Control+Enter")  # 2 seeds x (base + 5 dora strengths + lora)
+    expect(page.locator("#gallery img")).to_have_count(14, timeout=60_000)
+    expect(page.locator("#message")).to_contain_text("Done: 14 cells")
+    captions = page.locator("#gallery .caption-label")
+    expect(captions.filter(has_text="dora · 0.25 · seed 5")).to_have_count(1)
+    for i in range(captions.count()):  # wrapped, never cut with '…'
+        assert captions.nth(i).evaluate("e => e.scrollWidth <= e.clientWidth + 1"), captions.nth(i).inner_text()
+    page.get_by_role("tab", name="Grid PNG").click()
+    expect(page.locator("#grid-image img")).to_have_count(1)
+    _screenshot(page, tmp_path, "app_sweep_grid.png")
+
+    # removing an adapter hides its slot; the others keep their ticks, strengths and sweeps
+    page.get_by_role("tab", name="Cells").click()
+    page.locator("#remove-choice input").click()
+    page.get_by_role("option", name="lora").click()
+    page.click("#remove-adapter")
+    expect(page.locator("#message")).to_contain_text("Removed lora")
+    expect(page.locator("#slot-1")).to_be_hidden()
+    assert page.locator("#sweep-0 textarea").input_value() == "0, 0.25, 0.5, 0.75, 1"

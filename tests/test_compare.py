@@ -17,22 +17,32 @@ from dora_diffusion.compare import (
     CompareError,
     Comparer,
     GenerationSettings,
+    ColumnScore,
+    abs_difference,
     caption,
+    column_table,
+    difference_grid,
+    check_adapter_args,
     check_adapter_name,
     compose_grid,
     default_adapter_name,
+    difference_maps,
+    difference_pairs,
     grid_infotext,
     infotext,
     load_base_pipeline,
+    mean_differences,
     parse_adapter_arg,
     parse_infotext,
     parse_seeds,
     plan_grid,
     read_parameters,
     reproduce_snippet,
-    restore_cell,
+    restore_form,
     save_png,
+    scheduler_from_a1111,
 )
+from dora_diffusion.compare.differences import shared_gain
 from dora_diffusion.testing import TINY_RESOLUTION, save_tiny_sdxl_pipeline
 
 TINY = GenerationSettings("a photo of TOK toy", num_inference_steps=2, width=TINY_RESOLUTION, height=TINY_RESOLUTION)
@@ -194,7 +204,12 @@ def test_plan_grid_without_base():
         ([0], {"nope": 1.0}, True, r"adapters \['nope'\] are not loaded; loaded adapters: \['dora', 'lora'\]"),
         ([0], {"dora": 2.5}, True, "strength of 'dora' must be a number from 0 to 2"),
         ([0], {"dora": -0.1}, True, "strength of 'dora' must be a number from 0 to 2"),
-        ([0], {"dora": "1"}, True, "strength of 'dora' must be a number"),
+        ([0], {"dora": "1, x"}, True, "'x' in the strengths of 'dora' is not a number"),
+        ([0], {"dora": [0.5, 0.5]}, True, "strength of 'dora' is listed twice"),
+        ([0], {"dora": "0.5 0.5"}, True, "strength 0.5 of 'dora' is listed twice"),
+        ([0], {"dora": [1.0, 2.5]}, True, "strength of 'dora' must be a number from 0 to 2"),
+        ([0], {"dora": True}, True, "strength of 'dora' must be a number"),
+        ([0], {"dora": []}, True, "give 'dora' at least one strength"),
         ([0], {}, False, "tick at least one adapter or the base model"),
         ([], {"dora": 1.0}, True, "at least one seed"),
         (
@@ -231,7 +246,7 @@ def test_infotext_is_a1111_parameters_plus_adapter():
     assert text == (
         "a photo of TOK toy\n"
         "Negative prompt: blurry\n"
-        "Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 1024x768, "
+        "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 1024x768, "
         "Model: stabilityai/stable-diffusion-xl-base-1.0, Adapter: dora, Adapter strength: 0.8, "
         "Adapter source: runs/dora, Version: dora-diffusion 0.1.0"
     )
@@ -252,18 +267,18 @@ def test_infotext_round_trip_with_quoting():
     assert p["Negative prompt"] == "bad, ugly"
     assert p["Model"] == 'C:\\models\\sdxl, "v1"'
     assert p["Adapter source"] == "D:\\x, y.safetensors"
-    restored = restore_cell(text)
+    restored = restore_form(text)
     assert restored.settings == s
-    assert (restored.seed, restored.adapter, restored.strength) == (123456789012, "my-lora", 1.25)
+    assert (restored.seeds, restored.strengths, restored.whole_grid) == ((123456789012,), {"my-lora": [1.25]}, False)
 
 
-def test_restore_cell_of_base_and_errors():
-    r = restore_cell(infotext(TINY, Cell(0, 0, 9, Column(None)), "tiny"))
-    assert (r.settings, r.seed, r.adapter, r.model) == (TINY, 9, None, "tiny")
+def test_restore_form_of_a_base_cell_and_errors():
+    r = restore_form(infotext(TINY, Cell(0, 0, 9, Column(None)), "tiny"))
+    assert (r.settings, r.seeds, r.include_base, r.strengths, r.model) == (TINY, (9,), True, {}, "tiny")
     with pytest.raises(CompareError, match="have no CFG scale, Seed"):
-        restore_cell("a prompt\nSteps: 20, Sampler: Euler, Size: 64x64")
+        restore_form("a prompt\nSteps: 20, Sampler: Euler, Size: 64x64")
     with pytest.raises(CompareError, match="unreadable generation parameters"):
-        restore_cell("a prompt\nSteps: many, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64")
+        restore_form("a prompt\nSteps: many, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64")
 
 
 def test_grid_infotext_lists_seeds_and_columns():
@@ -430,3 +445,129 @@ def test_every_scheduler_renders_the_same_pixels_twice(bench, name):
     plan = bench.plan(settings, "1", {"dora": 1.0}, include_base=False)
     first, again = list(bench.render(plan)), list(bench.render(plan))
     assert np.array_equal(np.asarray(first[0].image), np.asarray(again[0].image))
+
+
+# ------------------------------------------------------------------------------------------------ sweeps, samplers
+
+
+def test_plan_grid_sweeps_give_one_column_per_strength_in_load_order():
+    plan = plan_grid(TINY, [0, 1], {"lora": 1.0, "dora": "0, 0.5, 1.5"}, True, ["dora", "lora"])
+    assert [(c.label, c.strength) for c in plan.columns] == [
+        ("base", 0.0), ("dora", 0.0), ("dora", 0.5), ("dora", 1.5), ("lora", 1.0),
+    ]  # fmt: skip
+    assert len(plan) == 10
+    assert parse_infotext(grid_infotext(plan, "tiny"))["Columns"] == "base, dora 0, dora 0.5, dora 1.5, lora 1"
+    with pytest.raises(CompareError, match="2 seeds x 33 columns = 66 images"):
+        plan_grid(TINY, [0, 1], {"dora": [k / 20 for k in range(33)]}, False, ["dora"])
+
+
+@pytest.mark.parametrize(
+    "scheduler, sampler, schedule_type",
+    [("DPM++ 2M Karras", "DPM++ 2M", "Karras"), ("DPM++ 2M SDE Karras", "DPM++ 2M SDE", "Karras"),
+     ("Euler a", "Euler a", None), ("UniPC", "UniPC", None)],
+)  # fmt: skip
+def test_samplers_are_named_as_a1111_names_them_and_read_back(scheduler, sampler, schedule_type):
+    s = GenerationSettings("p", num_inference_steps=2, width=64, height=64, scheduler=scheduler)
+    p = parse_infotext(infotext(s, Cell(0, 0, 1, Column(None)), "m"))
+    assert (p["Sampler"], p.get("Schedule type")) == (sampler, schedule_type)
+    assert restore_form(infotext(s, Cell(0, 0, 1, Column(None)), "m")).settings.scheduler == scheduler
+    assert scheduler_from_a1111(scheduler) == scheduler  # A1111's older single name
+    assert scheduler_from_a1111("LMS", "Karras") == "Default"
+
+
+def test_restore_form_of_a_grid_reads_every_seed_and_column():
+    plan = plan_grid(TINY, [4, 2], {"dora": [0, 1], "lora": 0.5}, False, ["dora", "lora"])
+    r = restore_form(grid_infotext(plan, "tiny", "Euler"))
+    assert (r.seeds, r.include_base, r.strengths, r.whole_grid) == ((4, 2), False, {"dora": [0.0, 1.0], "lora": [0.5]}, True)
+    assert r.settings.scheduler == "Euler" and parse_infotext(grid_infotext(plan, "tiny", "Euler"))["Sampler"] == "Euler"
+
+
+def test_check_adapter_args_fails_before_the_base_model_loads(tmp_path):
+    dora = make_adapter_file(tmp_path / "dora", seed=1, targets="attn", text=False)
+    assert check_adapter_args([f"a={dora}", str(dora.parent), "b=user/repo"]) == [
+        ("a", str(dora), dora), ("dora", str(dora.parent), dora), ("b", "user/repo", None)
+    ]  # fmt: skip
+    (tmp_path / "model.ckpt").write_bytes(b"pickle")
+    for args, message in (
+        ([f"a={dora}", f"a={dora}"], "--adapter a=.*already loaded"),
+        (["base=x/y"], "--adapter base=x/y: adapter name 'base' is reserved"),
+        ([f"x={tmp_path / 'nope.safetensors'}"], "--adapter x=.*is not an existing file"),
+        ([f"x={tmp_path / 'model.ckpt'}"], "pickle"),
+    ):
+        with pytest.raises((CompareError, AdapterFileError), match=message):
+            check_adapter_args(args)
+
+
+# ------------------------------------------------------------------------------------------------ differences
+
+
+def test_abs_difference_and_shared_gain_numbers():
+    a = Image.new("RGB", (4, 2), (10, 20, 30))
+    b = Image.new("RGB", (4, 2), (13, 20, 24))
+    d = abs_difference(a, b)
+    assert d.shape == (2, 4) and np.allclose(d, 3.0)  # (3 + 0 + 6) / 3
+    assert shared_gain([d]) == 64 and shared_gain([np.full((2, 2), 100.0)]) == 2 and shared_gain([]) == 64
+    with pytest.raises(ValueError, match="cannot be compared"):
+        abs_difference(a, Image.new("RGB", (2, 2)))
+
+
+def test_difference_pairs_and_maps():
+    cols = [Column(None), Column("d", 0.5), Column("d", 1.0), Column("l", 1.0), Column("x", 1.0)]
+    pairs = difference_pairs(cols, {"d": "DoRA", "l": "LoRA", "x": "DoRA"})
+    assert [(a.label, a.strength, b.label) for a, b in pairs] == [
+        ("d", 0.5, "base"), ("d", 1.0, "base"), ("l", 1.0, "base"), ("x", 1.0, "base"), ("d", 1.0, "l"), ("x", 1.0, "l"),
+    ]  # fmt: skip
+    plan = plan_grid(TINY, [7], {"d": 1.0, "l": 1.0}, True, ["d", "l"])
+    images = {(7, Column(None)): _solid((0, 0, 0)), (7, Column("d", 1.0)): _solid((4, 4, 4)),
+              (7, Column("l", 1.0)): _solid((0, 0, 0))}  # fmt: skip
+    maps = difference_maps(plan, images, {"d": "DoRA", "l": "LoRA"})
+    assert [m.caption for m in maps] == [
+        "|d 1.00 − base| · seed 7 · mean 4.00/255 · ×32",
+        "|l 1.00 − base| · seed 7 · mean 0.00/255 · ×32",
+        "|d 1.00 − l 1.00| · seed 7 · mean 4.00/255 · ×32",
+    ]
+    assert {m.gain for m in maps} == {32} and np.asarray(maps[0].image).max() == 128 and np.asarray(maps[1].image).max() == 0
+    assert mean_differences(maps) == {"|d 1.00 − base|": 4.0, "|l 1.00 − base|": 0.0, "|d 1.00 − l 1.00|": 4.0}
+    table = column_table(plan, images, [ColumnScore(Column("d", 1.0), 1, {"CLIP-T": 0.31234})], maps)
+    assert table == {
+        "headers": ["column", "images", "CLIP-T", "mean |Δ| vs base", "mean |DoRA − LoRA|"],
+        "data": [["base", 1, None, None, None], ["d 1.00", 1, 0.312, 4.0, 4.0], ["l 1.00", 1, None, 0.0, None]],
+    }
+    assert difference_grid(plan, maps).size[0] > 3 * 16 * 4  # three pairs of 16 px images, zoomed x4
+
+
+
+# ------------------------------------------------------------------------------------------------ comparer
+
+
+def test_stop_ends_a_cell_inside_a_denoising_step(bench):
+    """Stop is checked before every UNet block: the cell ends after its first block, with no step finished."""
+    plan = bench.plan(TINY, "0", {"dora": 1.0}, include_base=False)
+    blocks: list[str] = []
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: blocks.append(i)) for i, b in enumerate(bench.pipe.unet.down_blocks)]
+    try:
+        steps: list[int] = []
+        image = bench.render_cell(plan.settings, plan.cells[0], steps.append, should_stop=lambda: len(blocks) >= 1)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert image is None and steps == [] and blocks == [0]
+    (again,) = bench.render(plan)  # the hooks are gone and the next cell renders whole
+    assert again.image.size == (64, 64)
+    grid = bench.grid(bench.plan(TINY, "0-1", {"dora": 1.0}, False), [again], partial=True)
+    assert grid.getpixel((grid.width - 20, grid.height - 20)) == (232, 232, 232)  # the missing cell is grey
+
+
+def test_a_file_loads_once_and_adapters_can_be_removed(bench, tmp_path):
+    assert bench.default_sampler == "Euler"  # the tiny model ships SDXL's Euler scheduler
+    extra = make_adapter_file(tmp_path / "extra", seed=4, targets="attn", text=False)
+    info = bench.add_adapter(str(extra), "extra")
+    assert info.file == extra and bench.kinds()["extra"] == "DoRA"
+    with pytest.raises(CompareError, match=r"already loaded as 'extra'; a strength sweep"):
+        bench.add_adapter(str(extra.parent), "extra_again")
+    bench.remove_adapter("extra")
+    assert [a.name for a in bench.adapters] == ["dora", "lora"] and bench.pipe.get_dora_adapters() == ["dora", "lora"]
+    with pytest.raises(CompareError, match="no adapter named 'extra' is loaded"):
+        bench.remove_adapter("extra")
+    assert bench.add_adapter(str(extra), "extra").name == "extra"  # removed, it loads again
+    bench.remove_adapter("extra")

@@ -230,8 +230,13 @@ def resolve_file(
     return _download(str(source), weight_name, **hub_kwargs)
 
 
-def _hub_unreachable() -> str | None:
-    """Why the Hugging Face Hub certainly cannot be reached (offline mode, its host name does not resolve), or None.
+HUB_CONNECT_TIMEOUT = 3.0
+"""Seconds a TCP connection to the Hub may take before the Hub counts as unreachable."""
+
+
+def hub_unreachable(timeout: float = HUB_CONNECT_TIMEOUT) -> str | None:
+    """Why the Hugging Face Hub certainly cannot be reached (offline mode, its host name does not resolve, no TCP
+    connection within ``timeout`` seconds), or None.
 
     Checked before asking the Hub, whose client retries a dead network for about 25 s.
     """
@@ -241,11 +246,16 @@ def _hub_unreachable() -> str | None:
         return "HF_HUB_OFFLINE is set"
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return None  # the proxy resolves names
-    host = urlparse(constants.ENDPOINT).hostname or ""
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (80 if url.scheme == "http" else 443)
     try:
-        socket.getaddrinfo(host, 443)
+        socket.getaddrinfo(host, port)
     except OSError as err:
         return f"{host} cannot be resolved ({err})"
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"no connection to {host}:{port} within {timeout:g} s ({err or type(err).__name__})"
     return None
 
 
@@ -256,7 +266,7 @@ def _download(repo_id: str, weight_name: str | None, **hub_kwargs) -> Path:
         raise AdapterFileError(f"{missing}, nor a Hub repo id 'owner/name'")
     if Path(repo_id).suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):  # a file name, not a repo id
         raise AdapterFileError(f"{missing} (no such file here)")
-    unreachable = _hub_unreachable()
+    unreachable = hub_unreachable()
     if unreachable:
         raise AdapterFileError(f"{missing} here, and the Hugging Face Hub cannot be reached to look it up as a repo id: {unreachable}")
     from huggingface_hub import hf_hub_download, list_repo_files

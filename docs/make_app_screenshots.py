@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Screenshots of the comparison page with the toy-world demo, for docs/app.md (headless Debian chromium).
+
+    python docs/make_app_screenshots.py --cache_dir /tmp/demo --out docs/img
+
+Starts ``python app.py --demo`` on a free 127.0.0.1 port, renders a sweep of the DoRA adapter (0, 0.5, 1, 1.5)
+beside the base model and the LoRA for seeds 0-3, and saves the Cells, Differences, Grid PNG and Analysis views.
+Prints the per-column table and the difference means it read from the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shrink(path: Path) -> None:
+    """Re-save a screenshot as a 256-colour PNG (a third of the size; text stays sharp)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cache_dir", default=None, help="the demo's cache (python -m dora_diffusion.demo --cache_dir)")
+    p.add_argument("--out", default=str(REPO / "docs" / "img"))
+    args = p.parse_args()
+    from playwright.sync_api import expect, sync_playwright
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, str(REPO / "app.py"), "--demo", "--port", str(port)]
+    if args.cache_dir:
+        cmd += ["--cache_dir", args.cache_dir]
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    out = Path(args.out)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page.set_default_timeout(300_000)
+            page.goto(url)
+            page.wait_for_selector("#generate")
+            page.locator("#sweep-0 textarea").fill("0, 0.5, 1, 1.5")
+            page.locator("#prompt textarea").press("Control+Enter")
+            expect(page.locator("#message")).to_contain_text("Done", timeout=300_000)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(out / "app_cells.png"), full_page=True)
+            print(page.locator("#scores").inner_text())
+            page.get_by_role("tab", name="Differences").click()
+            page.wait_for_timeout(1000)
+            page.locator("#differences").screenshot(path=str(out / "app_differences.png"))
+            page.get_by_role("tab", name="Grid PNG").click()
+            page.wait_for_timeout(1000)
+            page.locator("#grid-image").screenshot(path=str(out / "app_grid.png"))
+            page.get_by_role("tab", name="Analysis").click()
+            page.locator("#analysis-panels input").check()
+            page.click("#analyse")
+            expect(page.locator("#analysis-csv a")).to_have_count(1, timeout=120_000)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(out / "app_analysis.png"), full_page=True)
+            browser.close()
+        for name in ("app_cells.png", "app_differences.png", "app_grid.png", "app_analysis.png"):
+            shrink(out / name)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,428 @@
+"""What the Compare tab's buttons do: check, generate (with Stop), add / remove adapters, restore, show a cell.
+
+Each handler is a method of ``CompareEvents``; ``app_ui`` connects them to the components of ``app_form.Form``
+and ``Results``. Errors raise ``page_error`` (a toast, and an error for API clients); the events of Load adapter,
+Remove and Restore confine their error status to the message area (``show_progress_on``), so the form keeps its
+values and shows no error badge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from .app_form import MAX_SLOTS, Form, FormValues, read_slots, restored_updates, slot_updates, synced_slots
+from .compare import (
+    CellResult,
+    CompareError,
+    Comparer,
+    GridPlan,
+    Scorer,
+    ScoringUnavailable,
+    column_table,
+    default_adapter_name,
+    difference_grid,
+    difference_maps,
+    difference_pairs,
+    format_strength,
+    grid_infotext,
+    read_parameters,
+    restore_form,
+    save_png,
+    score_columns,
+    write_table_csv,
+)
+from .formats import AdapterFileError
+
+KEEP_RUNS = 8
+"""Output folders of the most recent grids kept on disk; older ones are deleted."""
+
+
+def toast_text(message: str) -> str:
+    """``message`` as a toast shows it whole: Gradio's page strips the quotes of a message that starts and ends
+    with ``'``, so such a message gets a closing full stop."""
+    message = str(message)
+    return message + "." if message.endswith(("'", '"')) else message
+
+
+def page_error(err: Exception | str) -> gr.Error:
+    """An error shown on the page for 15 s (or until closed); the message names what to change."""
+    return gr.Error(toast_text(str(err)), duration=15, print_exception=False)
+
+
+def keep_upload(path: str | Path, directory: Path) -> Path:
+    """Copy an uploaded adapter into ``directory/<sha256 prefix>/<name>`` (once) and return the copy.
+
+    Gradio deletes its upload cache; the copy keeps the ``Adapter source`` of every infotext valid, and one file
+    uploaded twice lands on one path.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    target = directory / digest.hexdigest()[:16] / path.name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(path, tmp)
+        tmp.replace(target)
+    return target
+
+
+class Runs:
+    """Output folders of grids (one per run) and the Stop flags of browser sessions."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="dora-diffusion-app-"))
+        self._count = 0
+        self._stop: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def new_dir(self) -> Path:
+        with self._lock:
+            self._count += 1
+            path = self.root / f"run{self._count:05d}"
+            path.mkdir()
+            for old in sorted(self.root.iterdir())[:-KEEP_RUNS]:
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def start_job(self, session: str) -> threading.Event:
+        """A fresh Stop flag for the grid this browser session starts."""
+        with self._lock:
+            self._stop[session] = flag = threading.Event()
+        return flag
+
+    def stop(self, session: str) -> bool:
+        """Set the session's Stop flag; True if a grid of this session was running."""
+        with self._lock:
+            flag = self._stop.get(session)
+        if flag is None or flag.is_set():
+            return False
+        flag.set()
+        return True
+
+
+def render_in_background(
+    comparer: Comparer, plan: GridPlan, stop: threading.Event, heartbeat: float = 0.5
+) -> Iterator[tuple]:
+    """Render ``plan`` in a worker thread; yield ``("step", k, step)``, ``("cell", result)`` and ``("tick",)``.
+
+    Something is yielded after every denoising step and at least every ``heartbeat`` seconds, so Gradio can
+    cancel the caller between two yields. Closing this generator (which cancelling does) sets ``stop``; the
+    worker then ends the grid within the current denoising step.
+    """
+    events: queue.Queue = queue.Queue()
+
+    def work() -> None:
+        try:
+            for result in comparer.render(plan, lambda k, step: events.put(("step", k, step)), stop.is_set):
+                events.put(("cell", result))
+        except BaseException as err:  # handed to the caller, which raises it on the page
+            events.put(("error", err))
+        events.put(("end",))
+
+    threading.Thread(target=work, name="dora-diffusion-grid", daemon=True).start()
+    try:
+        while True:
+            try:
+                event = events.get(timeout=heartbeat)
+            except queue.Empty:
+                event = ("tick",)
+            if event[0] == "end":
+                return
+            if event[0] == "error":
+                raise page_error(event[1])
+            yield event
+    finally:
+        stop.set()
+
+
+@dataclass
+class Results:
+    """The components that show a grid."""
+
+    gallery: gr.Gallery
+    differences: gr.Gallery
+    grid_image: gr.Image
+    downloads: gr.File
+    scores: gr.Dataframe
+    cell_info: gr.Textbox
+    snippet: gr.Code
+    state: gr.State
+
+    @property
+    def outputs(self) -> list:
+        return [self.gallery, self.differences, self.grid_image, self.downloads, self.scores, self.cell_info,
+                self.snippet]  # fmt: skip
+
+
+def default_cell(plan: GridPlan, n_done: int) -> int:
+    """Gallery index whose parameters and snippet show first: the first adapter cell, else the first cell."""
+    first_adapter = 1 if plan.columns[0].adapter is None and len(plan.columns) > 1 else 0
+    return min(first_adapter, n_done - 1)
+
+
+class CompareEvents:
+    """The handlers of the Compare tab, sharing the comparer, the run folders and the scorer."""
+
+    def __init__(self, comparer: Comparer, runs: Runs, scorer: Scorer | None, upload_dir: Path) -> None:
+        self.comparer = comparer
+        self.runs = runs
+        self.scorer = scorer
+        self.upload_dir = upload_dir
+        self.form: Form | None = None
+        self._errors: dict[str, str] = {}
+        self._errors_lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return [a.name for a in self.comparer.adapters]
+
+    # ------------------------------------------------------------------------------------------- generate
+
+    def plan(self, values: FormValues, adapters: object) -> GridPlan:
+        """The checked grid plan of a request; bad input raises a ``gr.Error`` that names it."""
+        try:
+            if adapters is not None and not isinstance(adapters, dict):
+                raise CompareError(f"adapters must be a {{name: strength}} mapping, got {type(adapters).__name__}")
+            return self.comparer.plan(values.settings(), values.seeds or "", adapters or {}, bool(values.include_base))
+        except CompareError as err:
+            raise page_error(err) from None
+
+    def check(self, data: dict) -> dict:
+        """Check the form and turn the ticked slots into ``{adapter: strength or [strengths]}`` for /generate."""
+        values = FormValues.read(self.form, data)
+        try:
+            chosen = values.adapters(data[self.form.slot_names])
+        except CompareError as err:
+            raise page_error(err) from None
+        self.plan(values, chosen)
+        return chosen
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        seeds: str,
+        num_inference_steps: float,
+        guidance_scale: float,
+        width: float,
+        height: float,
+        scheduler: str,
+        include_base: bool,
+        adapters: dict,
+        request: gr.Request,
+        progress=gr.Progress(),
+    ):
+        """Render the grid: one column per adapter and strength in ``adapters`` ({name: strength, or a list of
+        strengths for a sweep}) and the base model if ``include_base``, one row per seed. Yields the gallery after
+        each cell, then the difference maps, the grid PNG, the scores and a message."""
+        values = FormValues(prompt, negative_prompt, seeds, num_inference_steps, guidance_scale, width, height,
+                            scheduler, include_base)  # fmt: skip
+        p = self.plan(values, adapters)
+        stop = self.runs.start_job(request.session_hash or "")
+        out = self.runs.new_dir()
+        n, n_steps, n_cols = len(p), p.settings.num_inference_steps, len(p.columns)
+        n_pairs = max(1, len(difference_pairs(p.columns, self.comparer.kinds())))
+        progress((0, n * n_steps), desc=f"cell 1 of {n}")
+        start = time.perf_counter()
+        done: list[CellResult] = []
+        items, infos = [], []
+        skip = (gr.skip(),) * 7
+        for event in render_in_background(self.comparer, p, stop):
+            if event[0] == "step":
+                k, step = event[1:]
+                progress((k * n_steps + step, n * n_steps), desc=f"cell {k + 1} of {n} · step {step} of {n_steps}")
+            if event[0] != "cell":
+                yield *skip, gr.skip(), gr.skip()  # lets a cancellation (a client's cancel) in between two steps
+                continue
+            result = event[1]
+            c = result.cell
+            name = f"r{c.row:02d}c{c.col:02d}_{c.column.label}_{format_strength(c.column.strength)}_seed{c.seed}.png"
+            path = save_png(result.image, out / name, result.infotext)
+            done.append(result)
+            items.append((str(path), result.caption))
+            snippet = self.comparer.snippet(p, c)
+            infos.append({"infotext": result.infotext, "snippet": snippet, "caption": result.caption})
+            # the first yield also sets the gallery's column count; later ones send plain values
+            first = len(items) == 1
+            gallery_value = gr.Gallery(items, columns=n_cols) if first else list(items)
+            diff_value = gr.Gallery([], columns=n_pairs) if first else gr.skip()  # clears the last grid's maps
+            shown = infos[default_cell(p, len(infos))]
+            message = f"Rendering: {len(done)} of {n} cells done."
+            yield (gallery_value, diff_value, gr.skip(), gr.skip(), gr.skip(), shown["infotext"], shown["snippet"],
+                   message, infos)  # fmt: skip
+        if not done:
+            yield *skip, f"Stopped before the first of {n} cells finished; nothing to show.", infos
+            return
+        stopped = len(done) < n
+        yield self.finish(p, done, out, items, infos, stopped, time.perf_counter() - start)
+
+    def finish(self, p: GridPlan, done: list[CellResult], out: Path, items, infos, stopped: bool, seconds: float):
+        """The last yield of a grid (whole, or stopped early): difference maps, grid PNGs, scores, message."""
+        images = {(r.cell.seed, r.cell.column): r.image for r in done}
+        maps = difference_maps(p, images, self.comparer.kinds())
+        diff_items = []
+        for k, m in enumerate(maps):
+            path = save_png(m.image, out / f"diff{k:03d}_seed{m.seed}.png", m.caption)
+            diff_items.append((str(path), m.caption))
+        scores, score_note = self.score(p, images)
+        notes = {}
+        for row in scores:
+            notes[row.column] = [f"{k} {v:.2f}" for k, v in row.values.items() if v is not None]
+        grid = save_png(
+            self.comparer.grid(p, done, partial=stopped, notes=notes),
+            out / "grid.png",
+            grid_infotext(p, self.comparer.model, self.comparer.default_sampler),
+        )
+        downloads = [str(grid)]
+        if maps:
+            parameters = grid_infotext(p, self.comparer.model, self.comparer.default_sampler)
+            downloads.append(str(save_png(difference_grid(p, maps), out / "differences.png", parameters)))
+        table = column_table(p, images, scores, maps)
+        downloads.append(str(write_table_csv(table, out / "scores.csv")))
+        shown = infos[default_cell(p, len(infos))]
+        n = len(p)
+        message = (
+            f"**Stopped after {len(done)} of {n} cells.** The partial grid is below (grey: not rendered)."
+            if stopped
+            else f"Done: {n} cells in {seconds:.1f} s."
+        )
+        if score_note:
+            message += f"\n\n{score_note}"
+        return (list(items), diff_items, str(grid), downloads, table, shown["infotext"], shown["snippet"], message,
+                infos)  # fmt: skip
+
+    def score(self, p: GridPlan, images: dict) -> tuple[list, str]:
+        """Scores per column and a note (why there are none, or what scored them)."""
+        if self.scorer is None:
+            return [], "No scores: scoring is off (start the app with --score_model to turn it on)."
+        try:
+            return score_columns(self.scorer, p, images), f"Scores by {self.scorer.name}."
+        except ScoringUnavailable as err:
+            return [], str(err)
+        except Exception as err:  # noqa: BLE001 - a scorer's failure must not cost the grid
+            return [], f"No scores: {self.scorer.name} failed ({type(err).__name__}: {err})."
+
+    def request_stop(self, request: gr.Request) -> str:
+        if self.runs.stop(request.session_hash or ""):
+            return "Stopping: the grid ends within the current denoising step."
+        return gr.skip()
+
+    @staticmethod
+    def show_cell(infos: list[dict], evt: gr.SelectData):
+        if not infos or evt.index is None or evt.index >= len(infos):
+            return gr.skip(), gr.skip()
+        return infos[evt.index]["infotext"], infos[evt.index]["snippet"]
+
+    # ------------------------------------------------------------------------------------------- messages
+
+    def fail(self, request: gr.Request | None, err: Exception | str) -> gr.Error:
+        """The error to raise, remembered for this browser session so ``show_error`` can write it on the page."""
+        error = page_error(err)
+        with self._errors_lock:
+            self._errors[getattr(request, "session_hash", None) or ""] = error.message
+        return error
+
+    def show_error(self, request: gr.Request) -> str:
+        """The message area after a failed Load adapter, Remove or Restore: what went wrong (chained on failure)."""
+        with self._errors_lock:
+            message = self._errors.pop(request.session_hash or "", None)
+        return f"**Not done:** {message}" if message else gr.skip()
+
+    # ------------------------------------------------------------------------------------------- adapters
+
+    def remove_choices(self) -> gr.Dropdown:
+        names = self.names()
+        return gr.Dropdown(choices=names, value=None)
+
+    def add_adapter(
+        self,
+        source: str,
+        upload: str | None,
+        name: str,
+        page_names: list[str] | None = None,
+        request: gr.Request = None,
+    ):
+        """Load an adapter from a local path, a Hub repo id, or an uploaded .safetensors file (kept on disk)."""
+        source = (source or "").strip()
+        try:
+            if source and upload:
+                raise CompareError("give a path or Hub repo id, or upload a file, not both")
+            if len(self.comparer.adapters) >= MAX_SLOTS:
+                raise CompareError(f"the page shows at most {MAX_SLOTS} adapters; remove one first")
+            if upload:
+                if not (name or "").strip():
+                    name = default_adapter_name(Path(upload).name, self.names())  # not the cache folder's name
+                source = str(keep_upload(upload, self.upload_dir))
+            file = self.comparer.resolve(source)  # no lock held: a slow Hub lookup holds up no grid
+            info = self.comparer.add_adapter(source, name, file)
+        except (CompareError, AdapterFileError, OSError, ValueError, RuntimeError) as err:
+            raise self.fail(request, err) from None
+        except Exception as err:  # e.g. a Hub error: show it and keep serving
+            raise self.fail(request, f"could not load {upload or source!r}: {type(err).__name__}: {err}") from None
+        adapters = self.comparer.adapters
+        values = synced_slots(page_names or [], adapters)
+        status = f"Loaded **{info.name}**: {info.summary}, from `{info.source}`."
+        return status, self.remove_choices(), self.names(), *slot_updates(adapters, values)
+
+    def remove_adapter(self, data: dict, request: gr.Request = None):
+        """Unload the chosen adapter; the other slots keep their ticks, strengths and sweeps."""
+        name = data[self.remove_choice]
+        if not name:
+            raise self.fail(request, "choose an adapter to remove")
+        page_names = data[self.form.slot_names]
+        kept = dict(zip(page_names, read_slots(self.form, data)))
+        try:
+            self.comparer.remove_adapter(name)
+        except CompareError as err:
+            raise self.fail(request, err) from None
+        adapters = self.comparer.adapters
+        updates = slot_updates(adapters, synced_slots(page_names, adapters, kept))
+        return f"Removed **{name}**.", self.remove_choices(), self.names(), *updates
+
+    def remove_adapter_api(self, name: str) -> str:
+        """Unload adapter ``name`` (``/remove_adapter``); returns a message. Open pages show it gone when reloaded."""
+        try:
+            self.comparer.remove_adapter(name)
+        except CompareError as err:
+            raise page_error(err) from None
+        return f"Removed {name}."
+
+    def restore(self, path: str | None, page_names: list[str] | None = None, request: gr.Request = None):
+        """Fill the form from a PNG made here: a cell's settings, seed and column, or a grid's seeds and columns."""
+        if not path:
+            return [gr.skip()] * (len(self.form.everything) + 1)
+        try:
+            restored = restore_form(read_parameters(path))
+        except CompareError as err:
+            raise self.fail(request, err) from None
+        names = page_names if page_names is not None else self.names()
+        updates, missing = restored_updates(self.form, restored, names)
+        what = f"grid ({len(restored.seeds)} seeds)" if restored.whole_grid else f"cell (seed {restored.seeds[0]})"
+        message = f"Restored the settings of a {what}."
+        if missing:
+            message += f" Not loaded here: {', '.join(missing)}; add them under 'Add or remove adapters'."
+        if restored.model and restored.model != self.comparer.model:
+            message += f" It was made with base model `{restored.model}`; this page runs `{self.comparer.model}`."
+        return *updates, message
+
+    def on_load(self, page_names: list[str]):
+        """When a page opens, show the adapters loaded now (added or removed from other tabs since start-up).
+
+        Slots that already show their adapter keep their values (a person may already be typing); slots shown
+        anew are ticked at strength 1.
+        """
+        adapters = self.comparer.adapters
+        updates = slot_updates(adapters, synced_slots(page_names, adapters))
+        return self.remove_choices(), self.names(), *updates

@@ -1,0 +1,116 @@
+"""The composite grid PNG: cells in rows and columns, column legends above, seed legends on the left."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .infotext import format_strength
+from .plan import Column
+
+GRID_MIN_SIDE = 256
+"""Smaller images are zoomed (nearest neighbour, a whole factor) to at least this size in the grid PNG."""
+MISSING_FILL = (232, 232, 232)
+"""Colour of a cell that was not rendered (a grid stopped early)."""
+
+
+def column_legend(column: Column) -> list[str]:
+    """The lines above a grid column: ``["dora", "strength 1.00"]``, or ``["base model"]``."""
+    if column.adapter is None:
+        return ["base model"]
+    return [column.adapter, f"strength {format_strength(column.strength)}"]
+
+
+def row_legend(seed: int) -> str:
+    return f"seed {seed}"
+
+
+def grid_zoom(width: int, height: int) -> int:
+    """Whole factor that brings the larger side of a cell to at least ``GRID_MIN_SIDE`` pixels (1 if it is)."""
+    return max(1, GRID_MIN_SIDE // max(width, height))
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` into lines at most ``width`` pixels wide (a long word stays whole)."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            trial = f"{line} {word}" if line else word
+            if line and draw.textlength(trial, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    return lines
+
+
+def compose_grid(
+    images: Sequence[Sequence[Image.Image | None]],
+    row_labels: Sequence[str],
+    column_labels: Sequence[Sequence[str]],
+    title: str | None = None,
+    zoom: int = 1,
+) -> Image.Image:
+    """One RGB image: ``images[row][col]`` in a grid, column legends above, row legends on the left.
+
+    All images have one size; a ``None`` (a cell not rendered) is drawn as a light grey box. A column is as wide
+    as the wider of its image and its legend, with the image centred; a ``title`` (the prompt) is wrapped above
+    the legends. Pixels are copied as they are, each repeated ``zoom`` x ``zoom`` times (nearest neighbour) to
+    make small images legible.
+    """
+    present = [im for row in images for im in row if im is not None]
+    if not images or not images[0] or not present:
+        raise ValueError("compose_grid needs at least one image")
+    n_rows, n_cols = len(images), len(images[0])
+    if len(row_labels) != n_rows or len(column_labels) != n_cols or any(len(r) != n_cols for r in images):
+        raise ValueError(f"{n_rows}x{n_cols} images need {n_rows} row labels and {n_cols} column labels")
+    size = present[0].size
+    w, h = size[0] * zoom, size[1] * zoom
+    font = _font(max(12, min(32, min(w, h) // 16)))
+    pad, gap = font.size // 2, max(2, min(w, h) // 64)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = font.size + pad // 2
+
+    col_w = [max(w, *(int(probe.textlength(t, font=font)) + 2 * pad for t in lines)) for lines in column_labels]
+    legend_w = max(int(probe.textlength(t, font=font)) for t in row_labels) + 2 * pad
+    header_h = max(len(lines) for lines in column_labels) * line_h + 2 * pad
+    grid_w = legend_w + sum(col_w) + gap * (n_cols - 1)
+    title_lines = _wrap(probe, title, font, grid_w - 2 * pad) if title else []
+    title_h = len(title_lines) * line_h + (pad if title_lines else 0)
+    grid_h = title_h + header_h + n_rows * h + gap * (n_rows - 1)
+
+    canvas = Image.new("RGB", (grid_w, grid_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(title_lines):
+        draw.text((pad, pad + i * line_h), line, fill="black", font=font)
+    x = legend_w
+    for c, lines in enumerate(column_labels):
+        for i, line in enumerate(lines):
+            tw = draw.textlength(line, font=font)
+            draw.text((x + (col_w[c] - tw) / 2, title_h + pad + i * line_h), line, fill="black", font=font)
+        x += col_w[c] + gap
+    for r, row in enumerate(images):
+        y = title_h + header_h + r * (h + gap)
+        draw.text((pad, y + (h - font.size) / 2), row_labels[r], fill="black", font=font)
+        x = legend_w
+        for c, image in enumerate(row):
+            left = x + (col_w[c] - w) // 2
+            if image is None:
+                draw.rectangle((left, y, left + w - 1, y + h - 1), fill=MISSING_FILL)
+            else:
+                if image.size != size:
+                    raise ValueError(
+                        f"image [{r}][{c}] is {image.size[0]}x{image.size[1]}, the first is {size[0]}x{size[1]}"
+                    )
+                if zoom != 1:
+                    image = image.resize((w, h), Image.Resampling.NEAREST)
+                canvas.paste(image.convert("RGB"), (left, y))
+            x += col_w[c] + gap
+    return canvas

@@ -1,0 +1,62 @@
+"""Loading: the base model (``from_pretrained`` with the installed diffusers' dtype keyword); ``--adapter`` checks."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .plan import CompareError, check_adapter_name, default_adapter_name, parse_adapter_arg
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def dtype_keyword() -> str:
+    """``dtype``, the name diffusers >= 0.37 uses in ``from_pretrained``, or ``torch_dtype`` for older releases."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+
+
+def load_base_pipeline(model: str, device: str | None = None, dtype: str = "auto", variant: str | None = None):
+    """``StableDiffusionXLPipeline.from_pretrained(model)`` on ``device`` (default: cuda if present, else cpu).
+
+    ``dtype="auto"`` is float16 on a GPU and float32 on the CPU.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "float16"
+    torch_dtype = getattr(torch, dtype)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model, variant=variant, **{dtype_keyword(): torch_dtype})
+    return pipe.to(device)
+
+
+def check_adapter_args(texts: Sequence[str]) -> list[tuple[str, str, Path | None]]:
+    """Check ``--adapter NAME=PATH`` arguments before the (slow) base model loads: ``[(name, source, file)]``.
+
+    Names are checked and made unique (a missing name comes from the path); a local path is resolved to its
+    adapter file now (missing, pickle or empty folders fail here); a Hub repo id is left to load time
+    (``file`` None). Raises ``CompareError`` or ``AdapterFileError`` naming the argument.
+    """
+    from ..formats import AdapterFileError, resolve_file
+    from ..formats.safefile import PICKLE_SUFFIXES, refuse_pickle
+
+    out: list[tuple[str, str, Path | None]] = []
+    taken: list[str] = []
+    for text in texts:
+        try:
+            name, source = parse_adapter_arg(text)
+            name = check_adapter_name(name, taken) if name else default_adapter_name(source, taken)
+            local = Path(source).exists() or not _HUB_ID.fullmatch(source)
+            file = resolve_file(source) if local else None
+            if file is not None and file.suffix.lower() in PICKLE_SUFFIXES:
+                refuse_pickle(file)
+        except (CompareError, AdapterFileError) as err:
+            raise type(err)(f"--adapter {text}: {err}") from None
+        taken.append(name)
+        out.append((name, source, file))
+    return out
