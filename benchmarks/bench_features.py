@@ -36,8 +36,8 @@ from bench_quality import _t95, eval_prompts  # noqa: E402
 VARIANTS = {
     "dora": [],
     "dora + pivotal tuning": ["--train_text_encoder_ti", "--text_encoder_lr", "2e-3"],
-    "dora, magnitude lr x10": ["--magnitude_lr", "2e-2"],
-    "dora, magnitude lr x0.1": ["--magnitude_lr", "2e-4"],
+    "dora magnitude lr x10": ["--magnitude_lr", "2e-2"],
+    "dora magnitude lr x0.1": ["--magnitude_lr", "2e-4"],
     "dora + debiased loss": ["--debiased_estimation_loss"],
     "lora": ["--adapter", "lora"],
 }
