@@ -107,3 +107,16 @@ def test_abstraction_missing_from_the_captions(tmp_path):
         main(["--pretrained_model_name_or_path", str(tmp_path / "none"), "--dataset", str(tmp_path / "data"),
               "--output_dir", str(tmp_path / "out"), "--train_text_encoder_ti", "--report_to", "none"])  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_comparison_page_loads_the_embeddings_with_the_folder(ti_run):
+    """The app's Comparer, given the run's folder, loads the adapter and its tokens; removing it removes both."""
+    from dora_diffusion.compare import Comparer
+
+    root, _ = ti_run
+    pipe = fresh_pipe(root)
+    comparer = Comparer(pipe, str(root / "model"))
+    comparer.add_adapter(str(root / "ti"), "ti")
+    assert "<s0>" in pipe.tokenizer.get_vocab() and "<s1>" in pipe.tokenizer_2.get_vocab()
+    comparer.remove_adapter("ti")
+    assert "<s0>" not in pipe.tokenizer.get_vocab() and len(pipe.tokenizer_2) == 514

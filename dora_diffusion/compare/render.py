@@ -172,7 +172,11 @@ class Comparer:
                     )
             if name in self._adapters:  # taken while this call waited for the lock
                 raise CompareError(f"an adapter named {name!r} is already loaded; pick another name")
-            load_dora_weights(self.pipe, str(file), adapter_name=name)
+            folder = Path(source) if Path(source).is_dir() else None  # a training run's folder: also its embeddings
+            if folder is not None and Path(file).parent.resolve() == folder.resolve():
+                load_dora_weights(self.pipe, str(folder), weight_name=Path(file).name, adapter_name=name)
+            else:
+                load_dora_weights(self.pipe, str(file), adapter_name=name)
             info = self._describe(name, source, file)
             self._adapters[name] = info
         return info
