@@ -66,6 +66,7 @@ TRAIN_FLAGS = (
     "--no_gradient_checkpointing",
     "--mixed_precision", "no",
     "--report_to", "none",
+    "--validation_prompt", "none",
     "--seed", "0",
 )  # fmt: skip
 """Training flags shared by both demo adapters (besides paths, ``--adapter`` and ``--max_train_steps``)."""

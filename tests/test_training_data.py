@@ -268,6 +268,7 @@ def test_trigger_words():
     assert trigger_words(["a 3dicon of a cat", "a 3dicon, a dog"]) == ["a 3dicon"]
     assert trigger_words(["a photo of sks dog in snow", "a photo of sks dog, asleep"]) == ["a photo of sks dog"]
     assert trigger_words(["a photo of a dog", "a photo of a cat"]) == []
+    assert trigger_words(["a zwx pink heart on a red background", "a zwx pink heart on a blue background"]) == ["a zwx pink heart"]
     assert trigger_words(["a 3dicon, a pizza"]) == []  # one caption: its whole first clause would be a guess
     assert default_validation_prompt(["a 3dicon"], ["a 3dicon, a pizza"]) == "a 3dicon, an astronaut riding a horse"
     assert default_validation_prompt([], ["a red dog", "a cat"]) == "a red dog"

@@ -380,8 +380,9 @@ def trigger_words(captions: list[str]) -> list[str]:
     """What the captions teach: the words a prompt must hold to call the concept, in order.
 
     1. Words in every caption written as a rare token (all capitals like ``TOK``, or ``<s0>``).
-    2. Else, with two captions or more, the words every caption starts with, up to its first comma, when
-       they are more than filler: ``"a 3dicon, spotify app icon"`` and ``"a 3dicon, a pizza"`` -> ``"a 3dicon"``.
+    2. Else, with two captions or more, the words every caption starts with, up to its first comma, less
+       trailing filler, when they are more than filler: ``"a 3dicon, spotify app icon"`` and ``"a 3dicon, a pizza"``
+       -> ``"a 3dicon"``; ``"a zwx heart on a red background"`` and ``"a zwx heart on a blue ..."`` -> ``"a zwx heart"``.
 
     ``[]`` when neither holds.
     """
@@ -402,7 +403,9 @@ def trigger_words(captions: list[str]) -> list[str]:
         if any(w != words[0] for w in words):
             break
         phrase.append(words[0])
-    return [" ".join(phrase)] if any(w.lower() not in FILLER for w in phrase) else []
+    while phrase and phrase[-1].lower() in FILLER:
+        phrase.pop()
+    return [" ".join(phrase)] if phrase else []
 
 
 VALIDATION_SUBJECT = "an astronaut riding a horse"
