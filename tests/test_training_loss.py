@@ -110,3 +110,12 @@ def test_match_pattern():
     got = match_pattern({"down_blocks.2": 16, "to_k": 4, "down_blocks.1": 2}, names)
     assert got == {names[0]: 2, names[2]: 16}  # whole dotted parts only (not down_blocks.10); most parts win
     assert match_pattern({"attn1.to_k": 3, "to_k": 4}, names) == {names[0]: 3, names[2]: 3}
+
+
+def test_noise_does_not_depend_on_the_latents_memory_layout():
+    z = torch.randn(2, 4, 8, 8)
+    torch.manual_seed(0)
+    a = sample_noise(z)
+    torch.manual_seed(0)
+    b = sample_noise(z.to(memory_format=torch.channels_last))
+    assert torch.equal(a, b)

@@ -7,8 +7,12 @@ import torch.nn.functional as F
 
 
 def sample_noise(latents: torch.Tensor, noise_offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise like ``latents``, plus ``noise_offset`` times a per-(sample, channel) constant."""
-    noise = torch.randn_like(latents)
+    """Gaussian noise of ``latents``' shape, plus ``noise_offset`` times a per-(sample, channel) constant.
+
+    Drawn in the standard (contiguous) layout whatever ``latents``' strides: ``randn_like`` follows them, so fresh VAE
+    latents (channels-last strides) and cached ones would get different noise from the same seed.
+    """
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
     if noise_offset:
         noise = noise + noise_offset * torch.randn(latents.shape[:2] + (1, 1), device=latents.device, dtype=latents.dtype)
     return noise
