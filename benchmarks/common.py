@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -76,3 +78,55 @@ def machine_line() -> str:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
         f"python {platform.python_version()}"
     )
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """The median of per-pair time ratios ``a / b`` with its 95% interval, for wall and CPU time."""
+
+    median: float
+    low: float
+    high: float
+    cpu_median: float
+    cpu_low: float
+    cpu_high: float
+    pairs: int
+
+    @property
+    def holds(self) -> bool:
+        """The run counts only when its wall-time interval is narrower than +-3% of the median."""
+        return (self.high - self.low) / 2 <= 0.03 * self.median
+
+    def __str__(self) -> str:
+        return (
+            f"{self.median:.3f} [{self.low:.3f}, {self.high:.3f}] wall, {self.cpu_median:.3f} "
+            f"[{self.cpu_low:.3f}, {self.cpu_high:.3f}] CPU, {self.pairs} pairs{'' if self.holds else '  (interval > +-3%: does not count)'}"
+        )
+
+
+def median_interval(values: list[float], z: float = 1.96) -> tuple[float, float, float]:
+    """Median and a distribution-free 95% interval for it: the order statistics ``k`` and ``n + 1 - k`` with
+    ``k = floor((n - z sqrt(n)) / 2)`` (the binomial sign-test interval; needs n >= 6)."""
+    s = sorted(values)
+    n = len(s)
+    k = max(1, int((n - z * math.sqrt(n)) / 2))
+    return statistics.median(s), s[k - 1], s[n - k]
+
+
+def paired_ratio(fa: Callable[[], object], fb: Callable[[], object], pairs: int, warmup: int = 1) -> PairedRatio:
+    """Time ``fa`` and ``fb`` back to back ``pairs`` times (order alternating: a b, b a, ...), each pair giving one
+    ratio ``t_a / t_b`` of wall time and one of CPU time (user + sys of the whole process, all threads). Noise
+    that lasts longer than a pair (another job on a shared VM) hits both sides of a pair alike and cancels in its
+    ratio; the median of the ratios ignores the pairs it hit unevenly."""
+    for _ in range(warmup):
+        fa(), fb()
+    wall, cpu = [], []
+    for i in range(pairs):
+        times = {}
+        for name, fn in (("a", fa), ("b", fb)) if i % 2 == 0 else (("b", fb), ("a", fa)):
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            times[name] = (time.perf_counter() - w0, time.process_time() - c0)
+        wall.append(times["a"][0] / times["b"][0])
+        cpu.append(times["a"][1] / times["b"][1])
+    return PairedRatio(*median_interval(wall), *median_interval(cpu), pairs)
