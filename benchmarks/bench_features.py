@@ -55,7 +55,7 @@ def train(subject, variant: str, seed: int, work: Path, steps: int) -> Path:
     if not data.exists():
         make_subject_dataset(data, subject, n=6)
     out = work / f"{subject.name}-{variant.replace(' ', '_').replace(',', '')}-{seed}"
-    flags = [f if f != "0" or TRAIN_FLAGS[k - 1] != "--seed" else str(seed) for k, f in enumerate(TRAIN_FLAGS)]
+    flags = [*TRAIN_FLAGS, "--seed", str(seed)]  # the later --seed wins over the recipe's
     extra = list(VARIANTS[variant])
     if "--train_text_encoder_ti" in extra:
         extra += ["--token_abstraction", subject.trigger]

@@ -36,13 +36,7 @@ from bench_unet import SDXL_UNET, perturb_b, step, unet_inputs  # noqa: E402
 from common import interleaved_times, machine_line  # noqa: E402
 
 from dora_diffusion import AdapterConfig, add_adapter, trainable_parameters  # noqa: E402
-from dora_diffusion.inject import adapted_layers, remove_all, set_recompute  # noqa: E402
-
-TARGETS = {
-    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
-    "attn_ff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
-}
-"""Our target presets as PEFT module-name lists (the same modules)."""
+from dora_diffusion.inject import UNET_PRESETS, adapted_layers, remove_all, set_recompute  # noqa: E402
 TEXT_ENCODER = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                     hidden_act="quick_gelu", projection_dim=768)  # fmt: skip
 TEXT_ENCODER_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
@@ -145,7 +139,7 @@ def training_steps(setup: Setup, unet, targets: str) -> list[dict]:
     from peft.tuners.lora import LoraLayer
 
     for name, use_dora in (("pdora", True), ("plora", False)):
-        config = LoraConfig(r=setup.rank, lora_alpha=setup.rank, use_dora=use_dora, target_modules=TARGETS[targets])
+        config = LoraConfig(r=setup.rank, lora_alpha=setup.rank, use_dora=use_dora, target_modules=UNET_PRESETS[targets])
         inject_adapter_in_model(config, unet, name)
         perturb_b([p for n, p in unet.named_parameters() if "lora_B" in n and name in n])
     peft_layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]

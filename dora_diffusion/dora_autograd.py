@@ -111,7 +111,7 @@ class DoRALinearFunction(torch.autograd.Function):
             h2 = h.reshape(-1, h.shape[-1]).to(cdt)
             y = x2 @ w0.to(cdt).t()  # (N, d_out)
             y.addmm_(h2, b.to(cdt).t(), alpha=scale)  # W0 x + s B h, in place
-            idx = _smallest(g)
+            idx = None if recompute else _smallest(g)
             kept = None if recompute else y.index_select(1, idx)  # (N, _KEEP): the channels g ~ 0 may hide
             if bias is None:
                 y.mul_(g)

@@ -197,6 +197,8 @@ def load_dora_weights(
         logger.warning("%s; they were skipped (strict=False).", msg)
     models = components(pipe)
     disabled = any(layer.disabled for layer in _layers(pipe))
+    source = pretrained_model_name_or_path_or_dict
+    emb = find_embeddings(source) if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() else None
     done: list[str] = []
     try:
         for comp, mods in plan.items():
@@ -205,21 +207,14 @@ def load_dora_weights(
             layers = add_adapter_to_modules(models[comp], adapter_name, specs, init=False)
             for layer, ma in zip(layers, mods.values()):
                 layer.load_adapter_tensors(adapter_name, ma.a, ma.b, ma.magnitude)
+        if emb is not None:  # pivotal tuning: the new tokens' embeddings beside the adapter
+            _embeddings(pipe)[adapter_name] = load_embeddings(pipe, emb)
     except BaseException:
         for comp in done:
             remove_adapter(models[comp], adapter_name)
         raise
     for layer in _layers(pipe):
         layer.disabled = disabled
-    source = pretrained_model_name_or_path_or_dict
-    emb = find_embeddings(source) if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() else None
-    if emb is not None:  # pivotal tuning: the new tokens' embeddings beside the adapter
-        try:
-            _embeddings(pipe)[adapter_name] = load_embeddings(pipe, emb)
-        except BaseException:
-            for comp in done:
-                remove_adapter(models[comp], adapter_name)
-            raise
     return adapter_name
 
 

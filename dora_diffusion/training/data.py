@@ -112,9 +112,13 @@ def open_image(source: str | Path | bytes, resolution: int | None = None) -> tup
             image.draft("RGB", (side, side))  # both sides stay >= the target's short side
         image.load()
         image = to_rgb(image)
-    if target is not None and image.size != target:
-        image = image.resize(target, Image.Resampling.LANCZOS)
-    return image, size
+    return _shrink(image, size, resolution), size
+
+
+def _shrink(image: Image.Image, size: tuple[int, int], resolution: int | None) -> Image.Image:
+    """``image`` (of original ``size``) resized to ``resized_size(size, resolution)`` (Lanczos); as is without one."""
+    target = None if resolution is None else resized_size(size, resolution)
+    return image if target is None or image.size == target else image.resize(target, Image.Resampling.LANCZOS)
 
 
 def _has_metadata(path: Path) -> bool:
@@ -317,10 +321,7 @@ def _decode_cell(cell, dataset: str, resolution: int | None = None) -> tuple[Ima
     """An image cell of a ``datasets`` table: {'bytes', 'path'}, a path string, or a PIL image (see ``open_image``)."""
     if isinstance(cell, Image.Image):
         image = to_rgb(cell)
-        size = image.size
-        if resolution is not None and image.size != resized_size(size, resolution):
-            image = image.resize(resized_size(size, resolution), Image.Resampling.LANCZOS)
-        return image, size
+        return _shrink(image, image.size, resolution), image.size
     if isinstance(cell, dict):
         if cell.get("bytes"):
             return open_image(cell["bytes"], resolution)

@@ -50,7 +50,7 @@ from .models import (
     vae_dtype,
 )
 from .optim import build_lr_scheduler, build_optimizer, param_groups
-from .pivotal import add_new_tokens, new_token_rows, replace_abstractions, ti_steps, token_plan
+from .pivotal import add_new_tokens, mentions, new_token_rows, replace_abstractions, ti_steps, token_plan
 from .prior import existing_class_images, generate_class_images, load_class_records, missing_class_indices
 from .rundir import SETTINGS_FILE, check_output_dir, remove_leftovers, with_resolved_paths, write_json_atomic
 from .steplog import LOG_FILE, StepLog
@@ -107,7 +107,7 @@ def apply_token_plan(args: argparse.Namespace, records: list) -> dict[str, list[
     plan = token_plan(args.token_abstraction, args.num_new_tokens_per_abstraction)
     captions = [r.caption for r in records]
     for word in plan:
-        if not any(replace_abstractions(c, {word: ["#"]}) != c for c in captions):
+        if not any(mentions(c, word) for c in captions):
             found = trigger_words(captions)
             raise DatasetError(
                 f"--train_text_encoder_ti: --token_abstraction {word!r} appears in none of the {len(captions)} captions, "

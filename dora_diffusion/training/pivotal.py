@@ -34,10 +34,20 @@ def token_plan(abstractions: str, per_abstraction: int) -> dict[str, list[str]]:
     return {w: [f"<s{k * per_abstraction + i}>" for i in range(per_abstraction)] for k, w in enumerate(words)}
 
 
+def _word(word: str) -> str:
+    """A regex matching ``word`` as a whole word (not inside another word or a ``<token>``)."""
+    return rf"(?<![\w<]){re.escape(word)}(?![\w>])"
+
+
+def mentions(text: str, word: str) -> bool:
+    """True if ``text`` holds ``word`` as a whole word (as ``replace_abstractions`` would replace it)."""
+    return re.search(_word(word), text) is not None
+
+
 def replace_abstractions(text: str, plan: dict[str, list[str]]) -> str:
     """Every whole-word occurrence of an abstraction replaced by its tokens: ``"a TOK icon"`` -> ``"a <s0><s1> icon"``."""
     for word, tokens in plan.items():
-        text = re.sub(rf"(?<![\w<]){re.escape(word)}(?![\w>])", "".join(tokens), text)
+        text = re.sub(_word(word), "".join(tokens), text)
     return text
 
 
