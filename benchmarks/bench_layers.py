@@ -95,9 +95,9 @@ def make_variants(base: nn.Module, targets: str, rank: int) -> dict[str, nn.Modu
     g = torch.Generator().manual_seed(1)
     for name, m in out.items():
         for pname, p in m.named_parameters():
-            is_adapter = "lora_" in pname
+            is_adapter = ".adapters." in pname or "lora_" in pname  # ours, PEFT's
             p.requires_grad_(is_adapter)
-            if "lora_B" in pname:
+            if pname.endswith(".B") or "lora_B" in pname:
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=g) * 0.01)
     return out

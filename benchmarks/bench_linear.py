@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_layers import train_step  # noqa: E402
 from common import interleaved_times, machine_line  # noqa: E402
 
-from dora_diffusion.layers import wrap  # noqa: E402
+from dora_diffusion.layers import AdapterSpec, wrap  # noqa: E402
 
 # name, d_in, d_out, bias, tokens
 SHAPES = [
@@ -38,9 +38,9 @@ def variants(base: nn.Linear, rank: int) -> dict[str, nn.Module]:
     out = {}
     for label, use_dora, recompute in (("lora", False, False), ("dora_keep_y", True, False), ("dora_recompute", True, True)):
         layer = wrap(copy.deepcopy(base))
-        layer.add_adapter("a", rank, use_dora=use_dora)
+        layer.new_adapter("a", AdapterSpec(rank, rank, use_dora))
         with torch.no_grad():
-            layer.lora_B["a"].normal_(std=0.01)
+            layer.adapters["a"].B.normal_(std=0.01)
         layer.recompute_output = recompute
         out[label] = layer
     return out

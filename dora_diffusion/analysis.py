@@ -137,7 +137,7 @@ def _method(use_dora: bool) -> str:
 def analyze_pipeline(pipe, adapter_names: list[str] | None = None) -> list[Row]:
     """One ``Row`` per adapted module per adapter (default: every loaded adapter, in load order).
 
-    Each adapter is measured alone at strength 1, ``W' = W0 + delta_weight(name, 1.0)``, whatever adapters are
+    Each adapter is measured alone at strength 1, ``W' = W0 + Adapter.delta(1.0)``, whatever adapters are
     active, at what strengths, or disabled. Raises ``RuntimeError`` if adapters are fused into the weights
     (``W0`` would not be the base weight) and ``ValueError`` for names that are not loaded.
     """
@@ -157,11 +157,11 @@ def analyze_pipeline(pipe, adapter_names: list[str] | None = None) -> list[Row]:
     for name in names:
         for comp, per in layers.items():
             for module, layer in per.items():
-                spec = layer.specs.get(name)
+                spec = layer.adapters[name].spec if name in layer.adapters else None
                 if spec is None:
                     continue
                 w0 = layer.weight.detach().to("cpu", torch.float64)
-                delta_m, delta_d = decompose(w0, w0 + layer.delta_weight(name, 1.0).to("cpu", torch.float64))
+                delta_m, delta_d = decompose(w0, w0 + layer.adapters[name].delta(1.0).to("cpu", torch.float64))
                 kind = "Conv2d" if isinstance(layer.base_layer, nn.Conv2d) else "Linear"
                 rows.append(Row(name, module, comp, kind, spec.rank, delta_m, delta_d, _method(spec.use_dora)))
     return rows

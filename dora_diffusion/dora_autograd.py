@@ -12,14 +12,16 @@ A channel whose ``g`` is about 0 (a magnitude at 0) cannot recover its pre-scale
 forward keeps the ``_KEEP`` channels of smallest ``|g|`` exactly (an N x 4 tensor), chosen on the device, so no
 forward or backward reads a value back to the host (each such read is a GPU sync).
 
-``DoRALinearFunction`` also does the base matmul itself, so the forward builds ``y`` in place (no
-N x d_out temporary beyond ``y``), and the backward works in blocks of rows and output channels
-(temporaries of about ``_CHUNK_ELEMENTS`` at most, each block of ``W0`` read once). With
-``recompute=True`` it keeps the input ``x`` instead of ``y`` and recomputes ``W0 x + s B h`` block by
-block in the backward (one extra ``N x d_in x d_out`` matmul): no extra memory at all when ``x`` is kept
-anyway (by ``A``'s own backward) and nothing downstream keeps ``y``. ``DoRAScaleFunction`` takes the base
-output as an input, for Conv2d and for base modules with hooks (e.g. accelerate offloading) that must be
-called as modules.
+``DoRALinearFunction`` also does the base matmul itself (or takes ``W0 x`` from its caller, who may have got it
+from one matmul with ``A``'s rows stacked under ``x``: ``[x; A] W0^T`` gives the output and the norm's
+``A W0^T`` in one pass over ``W0``), so the forward builds ``y`` in place (no N x d_out temporary beyond
+``y``), and the backward works in blocks of rows and output channels (temporaries of about
+``_CHUNK_ELEMENTS`` at most, each block of ``W0`` read once). With ``recompute=True`` it keeps the input ``x``
+instead of ``y`` and recomputes ``W0 x + s B h`` block by block in the backward (one extra
+``N x d_in x d_out`` matmul): no extra memory at all when ``x`` is kept anyway (by ``A``'s own backward) and
+nothing downstream keeps ``y``. ``DoRAScaleFunction`` takes the base output as an input, for Conv2d and for
+base modules with hooks (e.g. accelerate offloading) that must be called as modules; for a Conv2d it can
+likewise keep ``x`` and recompute the base conv in the backward.
 """
 
 from __future__ import annotations
@@ -103,13 +105,13 @@ class DoRALinearFunction(torch.autograd.Function):
     """``y = g * (x W0^T + s h B^T) + b`` for a Linear, including the base matmul."""
 
     @staticmethod
-    def forward(ctx, x, h, w0, bias, b, g, scale: float, recompute: bool = False):  # type: ignore[override]
+    def forward(ctx, x, h, w0, bias, b, g, scale: float, recompute: bool = False, w0x: list | None = None):  # type: ignore[override]
         d_out = w0.shape[0]
         cdt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else w0.dtype
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(cdt)
             h2 = h.reshape(-1, h.shape[-1]).to(cdt)
-            y = x2 @ w0.to(cdt).t()  # (N, d_out)
+            y = w0x.pop() if w0x else x2 @ w0.to(cdt).t()  # (N, d_out); w0x: [the caller's W0 x], ours to overwrite
             y.addmm_(h2, b.to(cdt).t(), alpha=scale)  # W0 x + s B h, in place
             idx = None if recompute else _smallest(g)
             kept = None if recompute else y.index_select(1, idx)  # (N, _KEEP): the channels g ~ 0 may hide
@@ -182,14 +184,21 @@ class DoRALinearFunction(torch.autograd.Function):
             grad_g,
             None,
             None,
+            None,
         )
 
 
 class DoRAScaleFunction(torch.autograd.Function):
-    """``y = g * (base_out - bias + scale * B h) + bias`` given the base output; keeps only ``y``."""
+    """``y = g * (base_out - bias + scale * B h) + bias`` given the base output.
+
+    Keeps ``y``; or, with ``base`` (the base product ``W0 x`` without bias, e.g. ``Conv2dGeometry.base``) and
+    its input ``x``, keeps ``x`` instead and recomputes ``W0 x + s B h`` in the backward (one more base conv,
+    no kept output). The backward's per-channel sums run in blocks of at most ``_CHUNK_ELEMENTS``: no
+    full-size temporary beyond the gradient it returns.
+    """
 
     @staticmethod
-    def forward(ctx, base_out, h, b, g, bias, scale: float, is_conv: bool):  # type: ignore[override]
+    def forward(ctx, base_out, h, b, g, bias, scale: float, is_conv: bool, x=None, base=None):  # type: ignore[override]
         lora = F.conv2d(h, b.to(h.dtype)) if is_conv else F.linear(h, b.to(h.dtype))  # (..., d_out)
         combined = lora if lora.dtype == torch.float32 else lora.float()
         combined.mul_(scale).add_(base_out)
@@ -197,14 +206,15 @@ class DoRAScaleFunction(torch.autograd.Function):
         if bias32 is not None:
             combined.sub_(bias32)
         channel = 1 if is_conv else combined.dim() - 1
-        idx = _smallest(g)
-        kept = combined.index_select(channel, idx)  # the channels g ~ 0 may hide, kept exactly
+        recompute = x is not None
+        idx = None if recompute else _smallest(g)
+        kept = None if recompute else combined.index_select(channel, idx)  # the channels g ~ 0 may hide, kept exactly
         y = combined.mul_(_channels(g, is_conv))
         if bias32 is not None:
             y.add_(bias32)
         y = y.to(base_out.dtype)
-        ctx.save_for_backward(h, b, g, bias, y, idx, kept)
-        ctx.scale, ctx.is_conv, ctx.channel = scale, is_conv, channel
+        ctx.save_for_backward(h, b, g, bias, x if recompute else y, idx, kept)
+        ctx.scale, ctx.is_conv, ctx.channel, ctx.base = scale, is_conv, channel, base
         ctx.base_dtype, ctx.b_dtype = base_out.dtype, b.dtype
         return y
 
@@ -213,12 +223,19 @@ class DoRAScaleFunction(torch.autograd.Function):
         h, b, g, bias, saved, idx, kept = ctx.saved_tensors
         is_conv, scale = ctx.is_conv, ctx.scale
         gy32 = gy.float()
-        gyg = gy32 * _channels(g, is_conv)  # (..., d_out)
         grad_g = None
         if ctx.needs_input_grad[3]:
-            dot = _sum_but_channel(gy32 * saved.float(), is_conv)
-            dot_kept = _sum_but_channel(gy32.index_select(ctx.channel, idx) * kept, is_conv)
-            grad_g = _grad_g(dot, _sum_but_channel(gy32, is_conv), g, bias, idx, dot_kept)
+            if ctx.base is not None:  # saved = x: rebuild the pre-scale output W0 x + s B h
+                with torch.no_grad():
+                    pre = ctx.base(saved)
+                    pre = pre.add_(F.conv2d(h, b.to(h.dtype)) if is_conv else F.linear(h, b.to(h.dtype)), alpha=scale)
+                grad_g = _channel_dot(gy32, pre, is_conv)
+                del pre
+            else:
+                dot = _channel_dot(gy32, saved, is_conv)
+                dot_kept = _sum_but_channel(gy32.index_select(ctx.channel, idx) * kept, is_conv)
+                grad_g = _grad_g(dot, _sum_but_channel(gy32, is_conv), g, bias, idx, dot_kept)
+        gyg = gy32 * _channels(g, is_conv)  # (..., d_out): the gradient of base_out, returned
         grad_h = grad_b = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             gl = gyg.to(h.dtype)
@@ -232,4 +249,31 @@ class DoRAScaleFunction(torch.autograd.Function):
                     grad_b = gl.reshape(-1, gl.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
                 grad_b = (grad_b * scale).to(ctx.b_dtype)
         grad_base = gyg.to(ctx.base_dtype) if ctx.needs_input_grad[0] else None
-        return grad_base, grad_h, grad_b, grad_g, None, None, None
+        return grad_base, grad_h, grad_b, grad_g, None, None, None, None, None
+
+
+def _channel_dot(a: torch.Tensor, b: torch.Tensor, is_conv: bool) -> torch.Tensor:
+    """``sum(a * b)`` over every axis but the channel axis, in fp32, (C,); temporaries of at most
+    ``_CHUNK_ELEMENTS`` values (blocks of rows for a Linear, of channels per sample for a Conv2d)."""
+    if is_conv and not (a.is_contiguous() and b.is_contiguous()):
+        return _sum_but_channel(a.float() * b.float(), is_conv)  # e.g. channels_last: no cheap channel blocks
+    c = a.shape[1] if is_conv else a.shape[-1]
+    out = torch.zeros(c, dtype=torch.float32, device=a.device)
+    if is_conv:
+        a3, b3 = a.reshape(a.shape[0], c, -1), b.reshape(b.shape[0], c, -1)  # (N, C, HW), views
+        step = _even_split(c, max(1, _CHUNK_ELEMENTS // a3.shape[2]))
+        blocks = [(a3[n, j : j + step], b3[n, j : j + step], slice(j, j + step), 1) for n in range(a3.shape[0]) for j in range(0, c, step)]
+    else:
+        a2, b2 = a.reshape(-1, c), b.reshape(-1, c)
+        step = _even_split(a2.shape[0], max(1, _CHUNK_ELEMENTS // c))
+        blocks = [(a2[i : i + step], b2[i : i + step], slice(None), 0) for i in range(0, a2.shape[0], step)]
+    buf = None
+    for x1, x2, where, dim in blocks:
+        if x1.dtype == x2.dtype == torch.float32:
+            if buf is None:
+                buf = torch.empty(x1.numel(), dtype=torch.float32, device=a.device)
+            prod = torch.mul(x1, x2, out=_block(buf, x1))
+        else:
+            prod = x1.float() * x2.float()
+        out[where] += prod.sum(dim=dim)
+    return out

@@ -33,10 +33,13 @@ TEXT_ENCODER_PRESETS: dict[str, list[str]] = {
 }
 TEXT_ENCODER_PRESETS["all"] = TEXT_ENCODER_PRESETS["attn"] + ["fc1", "fc2"]
 
-RECOMPUTE_SUFFIXES: tuple[str, ...] = ("to_out.0", "proj_out", "ff.net.2", "out_proj", "fc2")
-"""Linear layers whose output in diffusers/transformers only feeds a residual add, which keeps nothing
-for its backward. Every other layer's output is kept by the next op anyway (attention keeps q/k/v, GEGLU
-and GELU keep their input, LayerNorm keeps ``proj_in``'s output)."""
+RECOMPUTE_SUFFIXES: tuple[str, ...] = (
+    "to_out.0", "proj_out", "ff.net.2", "out_proj", "fc2", "conv2", "conv_shortcut", "upsamplers.0.conv"
+)
+"""Layers whose output in diffusers/transformers only feeds a residual add (or, for ``upsamplers.0.conv``, a
+concatenation), which keeps nothing for its backward. Every other layer's output is kept by the next op
+anyway (attention keeps q/k/v, GEGLU and GELU keep their input, LayerNorm keeps ``proj_in``'s output,
+GroupNorm keeps ``conv1``'s, and a downsampler's output is a skip connection)."""
 
 RecomputeMode = Literal["none", "cheap", "all"]
 
@@ -47,17 +50,18 @@ def _recomputes(name: str, layer: AdaptedLayer, mode: RecomputeMode) -> bool:
 
 
 def set_recompute(model: nn.Module, mode: RecomputeMode = "cheap") -> None:
-    """Choose what the DoRA training step on each adapted Linear keeps for ``dL/dm``.
+    """Choose what the DoRA training step on each adapted layer keeps for ``dL/dm``.
 
     ``dL/dm`` needs ``sum_N dL/dy * (W0 x + s B h)``. Keeping the output ``y`` costs an ``N x d_out``
     activation unless the next op keeps it anyway; recomputing ``W0 x`` from the input (kept anyway for
-    ``dL/dA``) costs one ``N x d_in x d_out`` matmul in the backward and no memory. Only the layers in
-    ``RECOMPUTE_SUFFIXES`` are candidates.
+    ``dL/dA``) costs one more base matmul (or conv) in the backward and no kept activation. Only the layers
+    in ``RECOMPUTE_SUFFIXES`` are candidates.
 
     - ``none``: keep ``y`` everywhere (fastest; right with gradient checkpointing, where activations
       live for one block only).
-    - ``cheap`` (default): recompute where ``d_in <= d_out`` (SDXL: ``to_out.0``, ``proj_out``), so the
-      matmul costs no more than the layer's own forward.
+    - ``cheap`` (default): recompute where ``d_in <= d_out`` (SDXL: ``to_out.0``, ``proj_out``, ``conv2``,
+      the up-samplers' conv and the down blocks' ``conv_shortcut``), where the kept ``y`` would be at least
+      as large as the input.
     - ``all``: recompute on every candidate (also ``ff.net.2``, ``fc2``): least memory.
     """
     if mode not in ("none", "cheap", "all"):
@@ -91,6 +95,11 @@ def base_modules(model: nn.Module) -> dict[str, nn.Module]:
         else:
             out[name] = module
     return out
+
+
+def linear_conv_names(model: nn.Module) -> list[str]:
+    """Names of the Linear and Conv2d modules of ``model`` (base modules, seen through adapter wrappers)."""
+    return [n for n, m in base_modules(model).items() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
 def find_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
@@ -164,9 +173,7 @@ def add_adapter_to_modules(
                 module = wrap(module)
                 module.recompute_output = _recomputes(name, module, "cheap")
                 _set_submodule(model, name, module)
-            module.add_adapter(
-                adapter_name, spec.rank, spec.alpha, spec.use_dora, dropout, spec.use_rslora, spec.norm_axis, dtype, init
-            )
+            module.new_adapter(adapter_name, spec, dropout, dtype, init)
             done.append(module)
     except BaseException:
         remove_adapter(model, adapter_name)
@@ -198,8 +205,8 @@ def ordered_adapter_names(layers: Iterable[AdaptedLayer]) -> list[str]:
     """Names of the adapters on ``layers``, in the order they were first added."""
     first: dict[str, int] = {}
     for layer in layers:
-        for name, seq in layer.added.items():
-            first[name] = min(seq, first.get(name, seq))
+        for name, adapter in layer.adapters.items():
+            first[name] = min(adapter.order, first.get(name, adapter.order))
     return sorted(first, key=first.__getitem__)
 
 
@@ -211,9 +218,9 @@ def adapter_names(model: nn.Module) -> list[str]:
 def remove_adapter(model: nn.Module, adapter_name: str) -> None:
     """Delete one adapter; layers left with no adapter are replaced by their original module."""
     for name, layer in adapted_layers(model).items():
-        if adapter_name in layer.specs:
+        if adapter_name in layer.adapters:
             layer.delete_adapter(adapter_name)
-        if not layer.specs:
+        if not layer.adapters:
             _set_submodule(model, name, layer.base_layer)
 
 
@@ -225,14 +232,13 @@ def remove_all(model: nn.Module) -> None:
 
 
 def _adapter_params(layer: AdaptedLayer) -> list[nn.Parameter]:
-    return [*layer.lora_A.values(), *layer.lora_B.values(), *layer.lora_magnitude.values()]
+    return [p for adapter in layer.adapters.values() for p in adapter.parameters()]
 
 
 def trainable_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
     """The A, B and magnitude parameters of ``adapter_name`` (what an optimizer should see)."""
     params = []
     for layer in adapted_layers(model).values():
-        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
-            if adapter_name in store:
-                params.append(store[adapter_name])
+        if adapter_name in layer.adapters:
+            params += layer.adapters[adapter_name].parameters()
     return params

@@ -40,17 +40,23 @@ def _w0_at(w0: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def factored_row_norm(
-    w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, w0_sq: torch.Tensor | None = None
+    w0: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    w0_sq: torch.Tensor | None = None,
+    w0_at: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-output-channel norm ``n_i = ||row_i(W0 + s B A)||_2`` in fp32, shape (d_out,).
 
     ``n^2 = rowsum(W0^2) + 2 s rowsum(B * (W0 A^T)) + s^2 rowsum(B * (B G))`` with ``G = A A^T``;
     memory O(d_out r + r^2). With ``B = 0`` the cross and Gram terms are exactly zero, so ``n`` equals
-    ``sqrt(rowsum(W0^2))`` bit for bit. Pass a cached ``w0_sq = row_sq_norms(w0)`` to skip that term.
+    ``sqrt(rowsum(W0^2))`` bit for bit. Pass a cached ``w0_sq = row_sq_norms(w0)`` to skip that term, and
+    ``w0_at = W0 A^T`` (d_out, r) when the caller got it from its own pass over ``W0``.
     """
     a32, b32 = a.float(), b.float()
     sq = row_sq_norms(w0) if w0_sq is None else w0_sq
-    cross = (b32 * _w0_at(w0, a32)).sum(dim=1)  # (d_out,)
+    cross = (b32 * (_w0_at(w0, a32) if w0_at is None else w0_at.float())).sum(dim=1)  # (d_out,)
     gram = (b32 * (b32 @ (a32 @ a32.t()))).sum(dim=1)  # (d_out,)
     n2 = sq + (2.0 * scale) * cross + (scale * scale) * gram
     return n2.clamp_min(0.0).sqrt()

@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from .adapter_io import check_fits, load_adapter, save_adapter
 from .formats import (
     COMPONENTS,
-    DEFAULT_WEIGHT_NAME,
     AdapterFileError,
     ModuleAdapter,
     ParsedAdapter,
@@ -28,14 +27,12 @@ from .formats import (
     resolve_file,
     resolver_for,
     shown,
-    to_diffusers,
-    write_safetensors,
 )
 from .formats.comfyui import from_comfyui_modules
 from .inject import (
     adapted_layers,
-    add_adapter_to_modules,
     base_modules,
+    linear_conv_names,
     ordered_adapter_names,
     remove_adapter,
     remove_all,
@@ -46,7 +43,6 @@ from .layers import AdaptedLayer
 logger = logging.getLogger(__name__)
 
 AdapterWeight = float | dict[str, float]
-SAVE_FORMATS = ("diffusers", "kohya", "comfyui")
 
 
 def components(pipe) -> dict[str, nn.Module]:
@@ -78,11 +74,6 @@ def get_active_dora_adapters(pipe) -> dict[str, float]:
     return active
 
 
-def linear_conv_names(model: nn.Module) -> list[str]:
-    """Names of the Linear and Conv2d modules of ``model`` (base modules, seen through adapter wrappers)."""
-    return [n for n, m in base_modules(model).items() if isinstance(m, (nn.Linear, nn.Conv2d))]
-
-
 def _plan(pipe, parsed: ParsedAdapter) -> tuple[dict[str, dict[str, ModuleAdapter]], list[str]]:
     """Map every file module to a module of ``pipe``; return the plan and the keys that matched nothing."""
     models = components(pipe)
@@ -101,33 +92,9 @@ def _plan(pipe, parsed: ParsedAdapter) -> tuple[dict[str, dict[str, ModuleAdapte
                 unmatched += parsed.source_keys.get((comp, fname), [f"{comp}.{fname}"])
                 continue
             name = mapping[fname]
-            _check_fits(f"{type(pipe).__name__}.{comp}.{name}", modules[name], ma)
+            check_fits(f"{type(pipe).__name__}.{comp}.{name}", modules[name], ma)
             plan.setdefault(comp, {})[name] = ma
     return plan, unmatched
-
-
-def _check_fits(where: str, module: nn.Module, ma: ModuleAdapter) -> None:
-    """Raise if the adapter tensors do not fit ``module``, naming both shapes."""
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        want_a, want_b = (ma.rank, module.in_channels, kh, kw), (module.out_channels, ma.rank, 1, 1)
-        n_in, n_out = module.in_channels, module.out_channels
-    else:
-        want_a, want_b = (ma.rank, module.in_features), (module.out_features, ma.rank)
-        n_in, n_out = module.in_features, module.out_features
-    kind = type(module).__name__
-    if tuple(ma.a.shape) != want_a or tuple(ma.b.shape) != want_b:
-        raise AdapterFileError(
-            f"shape mismatch at {where} ({kind} with weight {tuple(module.weight.shape)}): the adapter has "
-            f"down/A {tuple(ma.a.shape)} and up/B {tuple(ma.b.shape)}, this module needs {want_a} and {want_b}. "
-            "Was the adapter trained for a different base model?"
-        )
-    if ma.magnitude is not None:
-        want_m = n_out if ma.norm_axis == "out" else n_in
-        if ma.magnitude.numel() != want_m:
-            raise AdapterFileError(
-                f"shape mismatch at {where}: magnitude has {ma.magnitude.numel()} values, this {kind} needs {want_m}"
-            )
 
 
 def _new_adapter_name(pipe) -> str:
@@ -199,19 +166,13 @@ def load_dora_weights(
     disabled = any(layer.disabled for layer in _layers(pipe))
     source = pretrained_model_name_or_path_or_dict
     emb = find_embeddings(source) if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() else None
-    done: list[str] = []
+    load_adapter(models, adapter_name, plan)
     try:
-        for comp, mods in plan.items():
-            done.append(comp)
-            specs = {n: ma.spec() for n, ma in mods.items()}
-            layers = add_adapter_to_modules(models[comp], adapter_name, specs, init=False)
-            for layer, ma in zip(layers, mods.values()):
-                layer.load_adapter_tensors(adapter_name, ma.a, ma.b, ma.magnitude)
         if emb is not None:  # pivotal tuning: the new tokens' embeddings beside the adapter
             _embeddings(pipe)[adapter_name] = load_embeddings(pipe, emb)
     except BaseException:
-        for comp in done:
-            remove_adapter(models[comp], adapter_name)
+        for model in models.values():
+            remove_adapter(model, adapter_name)
         raise
     for layer in _layers(pipe):
         layer.disabled = disabled
@@ -300,7 +261,7 @@ def fuse_dora(pipe, adapter_names: list[str] | None = None, lora_scale: float = 
     try:
         for layer in _layers(pipe):
             names = list(layer.active) if adapter_names is None else adapter_names
-            layer.fuse({n: layer.active.get(n, 1.0) * lora_scale for n in names if n in layer.specs})
+            layer.fuse({n: layer.active.get(n, 1.0) * lora_scale for n in names if n in layer.adapters})
     except BaseException:
         unfuse_dora(pipe)
         raise
@@ -356,69 +317,9 @@ def base_weights(pipe, modules: dict[str, dict[str, ModuleAdapter]]) -> dict[str
                     "is it the base model this adapter was made for?"
                 )
             module = found[mapping[name]]
-            _check_fits(f"{type(pipe).__name__}.{comp}.{mapping[name]}", module, ma)
+            check_fits(f"{type(pipe).__name__}.{comp}.{mapping[name]}", module, ma)
             out.setdefault(comp, {})[name] = module.weight.detach()
     return out
-
-
-def collect_adapter(models: dict[str, nn.Module], adapter_name: str) -> dict[str, dict[str, ModuleAdapter]]:
-    """The tensors of ``adapter_name`` per component and module, detached copies on the CPU."""
-    out: dict[str, dict[str, ModuleAdapter]] = {}
-    for comp, model in models.items():
-        for name, layer in adapted_layers(model).items():
-            if adapter_name not in layer.specs:
-                continue
-            spec = layer.specs[adapter_name]
-            mag = layer.lora_magnitude[adapter_name] if spec.use_dora else None
-            out.setdefault(comp, {})[name] = ModuleAdapter(
-                layer.lora_A[adapter_name].detach().float().cpu().clone(),
-                layer.lora_B[adapter_name].detach().float().cpu().clone(),
-                None if mag is None else mag.detach().float().cpu().clone(),
-                spec.alpha,
-                spec.norm_axis,
-                spec.use_rslora,
-            )
-    if not out:
-        raise ValueError(f"no module holds an adapter named {adapter_name!r}")
-    return out
-
-
-def save_adapter(
-    models: dict[str, nn.Module],
-    save_directory: str | os.PathLike,
-    adapter_name: str,
-    weight_name: str | None = None,
-    format: str = "diffusers",
-    metadata: dict | None = None,
-) -> Path:
-    """Write one adapter of ``models`` (component -> model) to ``save_directory/weight_name``.
-
-    ``format``: ``"diffusers"``, ``"kohya"`` (UNet names in SGM form, following the UNet's own block layout) or
-    ``"comfyui"`` (kohya, with ``dora_scale`` computed against the models' base weights for ComfyUI's rule; see
-    ``formats.comfyui``).
-    """
-    if format not in SAVE_FORMATS:
-        raise ValueError(f"format must be one of {', '.join(map(repr, SAVE_FORMATS))}, got {format!r}")
-    modules = collect_adapter(models, adapter_name)
-    info = {"library": "dora-diffusion", "version": __version__, "adapter_name": adapter_name, **(metadata or {})}
-    if format == "diffusers":
-        state_dict, header = to_diffusers(modules, info)
-    else:
-        from .formats.comfyui import to_comfyui
-        from .formats.kohya import sgm_names, to_kohya
-
-        unet_sgm = sgm_names(linear_conv_names(models["unet"])) if "unet" in models else None
-        if format == "kohya":
-            state_dict, header = to_kohya(modules, info, unet_sgm)
-        else:
-            layers = {comp: adapted_layers(model) for comp, model in models.items()}
-            if any(layer.fused for comp in layers.values() for layer in comp.values()):
-                raise RuntimeError(
-                    "adapters are fused into the weights; call unfuse_dora() before saving format='comfyui'"
-                )
-            base = {comp: {name: layers[comp][name].weight.detach() for name in mods} for comp, mods in modules.items()}
-            state_dict, header = to_comfyui(modules, base, info, unet_sgm)
-    return write_safetensors(state_dict, Path(save_directory) / (weight_name or DEFAULT_WEIGHT_NAME), header)
 
 
 def save_dora_weights(

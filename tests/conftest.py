@@ -69,12 +69,12 @@ def perturb_adapter(model: torch.nn.Module, adapter_name: str, seed: int, b_std:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in adapted_layers(model).values():
-            if adapter_name not in layer.specs:
+            if adapter_name not in layer.adapters:
                 continue
-            b = layer.lora_B[adapter_name]
+            b = layer.adapters[adapter_name].B
             b.copy_(torch.randn(b.shape, generator=g) * b_std)
-            if adapter_name in layer.lora_magnitude:
-                m = layer.lora_magnitude[adapter_name]
+            if layer.adapters[adapter_name].magnitude is not None:
+                m = layer.adapters[adapter_name].magnitude
                 m.mul_(0.8 + 0.4 * torch.rand(m.shape, generator=g))
 
 

@@ -156,7 +156,7 @@ def rows(two_adapters) -> list[Row]:
 
 def _layers_with(pipe, name):
     models = components(pipe).items()
-    return {(c, n): layer for c, m in models for n, layer in adapted_layers(m).items() if name in layer.specs}
+    return {(c, n): layer for c, m in models for n, layer in adapted_layers(m).items() if name in layer.adapters}
 
 
 def test_one_row_per_adapted_module_per_adapter(two_adapters, rows):
@@ -180,7 +180,7 @@ def test_dora_magnitude_change_is_the_trained_magnitude(two_adapters, rows):
     for r in (r for r in rows if r.adapter == "dora"):
         layer = layers[(r.component, r.module)]
         m0 = layer.weight.double().flatten(1).norm(dim=1)
-        expected = float((layer.lora_magnitude["dora"].detach().double() - m0).abs().mean())
+        expected = float((layer.adapters["dora"].magnitude.detach().double() - m0).abs().mean())
         assert r.delta_M == pytest.approx(expected, rel=1e-5), r.module
 
 
@@ -188,8 +188,8 @@ def test_lora_matches_a_plain_torch_reference(two_adapters):
     layers = _layers_with(two_adapters, "lora")
     for r in analyze_pipeline(two_adapters, ["lora"]):  # one adapter by name
         layer = layers[(r.component, r.module)]
-        spec = layer.specs["lora"]
-        a, b = layer.lora_A["lora"].double(), layer.lora_B["lora"].double()
+        spec = layer.adapters["lora"].spec
+        a, b = layer.adapters["lora"].A.double(), layer.adapters["lora"].B.double()
         w0 = layer.weight.double()
         w = w0 + spec.scale * (b.flatten(1) @ a.flatten(1)).view_as(w0)
         ref_m, ref_d = _reference(w0, w)
@@ -202,7 +202,7 @@ def test_magnitude_only_dora_has_no_direction_change():
     expected = {}
     with torch.no_grad():
         for name, layer in adapted_layers(pipe.unet).items():
-            m = layer.lora_magnitude["mag"]
+            m = layer.adapters["mag"].magnitude
             c = 0.5 + torch.rand(m.shape, generator=_gen(len(name)))
             m.mul_(c)
             expected[name] = float(((c.double() - 1).abs() * layer.weight.double().flatten(1).norm(dim=1)).mean())

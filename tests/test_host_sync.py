@@ -17,7 +17,7 @@ from torch import nn
 
 from dora_diffusion.config import AdapterConfig
 from dora_diffusion.inject import add_adapter
-from dora_diffusion.layers import wrap
+from dora_diffusion.layers import AdapterSpec, wrap
 from dora_diffusion.testing import build_tiny_sdxl_pipeline
 from test_layers import make_base, make_input, perturb
 
@@ -72,18 +72,18 @@ def test_dora_layer_step_has_no_host_sync(kind, recompute, zero_rows) -> None:
     """The lean training functions (also with magnitudes at 0, the case that used to be checked on the host)."""
     base = make_base(kind, torch.float32).requires_grad_(False)
     layer = wrap(base)
-    layer.add_adapter("a", 4, alpha=3.0)
+    layer.new_adapter("a", AdapterSpec(4, 3.0, True))
     perturb(layer, "a")
     layer.recompute_output = recompute
     if zero_rows:
         with torch.no_grad():
-            layer.lora_magnitude["a"][[0, 2]] = 0.0
+            layer.adapters["a"].magnitude[[0, 2]] = 0.0
     x = make_input(base, torch.float32)
     _step(layer, x)  # first call: fills the norm caches
     with count_host_syncs() as counts:
         _step(layer, x)
     assert counts == Counter()
-    assert layer.lora_magnitude["a"].grad[0].abs() > 0 if zero_rows else True
+    assert layer.adapters["a"].magnitude.grad[0].abs() > 0 if zero_rows else True
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -73,11 +73,11 @@ def test_add_remove_restores_objects_and_counts_params() -> None:
     dora = sum(p.numel() for p in trainable_parameters(unet, "d"))
     lora = sum(p.numel() for p in trainable_parameters(unet, "l"))
     assert dora - lora == sum(layer.out_features for layer in layers.values())  # + one magnitude per output channel
-    assert all(not p.requires_grad for n, p in unet.named_parameters() if "lora_" not in n)
+    assert all(not p.requires_grad for n, p in unet.named_parameters() if ".adapters." not in n)
     with pytest.raises(ValueError, match="already exists"):
         add_adapter(unet, AdapterConfig(targets="attn"), "d")
     remove_adapter(unet, "d")
-    assert all(set(layer.specs) == {"l"} for layer in adapted_layers(unet).values())
+    assert all(set(layer.adapters) == {"l"} for layer in adapted_layers(unet).values())
     remove_adapter(unet, "l")
     assert not adapted_layers(unet)
     assert all(before[n] is m for n, m in unet.named_modules())
@@ -89,10 +89,10 @@ def test_rank_and_alpha_patterns() -> None:
     cfg = AdapterConfig(rank=4, alpha=8, targets="attn", rank_pattern={special: 2}, alpha_pattern={special: 1.0})
     add_adapter(pipe.unet, cfg, "p")
     layers = adapted_layers(pipe.unet)
-    assert layers[special].specs["p"].rank == 2 and layers[special].specs["p"].scale == 0.5
+    assert layers[special].adapters["p"].spec.rank == 2 and layers[special].adapters["p"].spec.scale == 0.5
     other = next(layer for n, layer in layers.items() if n != special)
-    assert other.specs["p"].rank == 4 and other.specs["p"].scale == 2.0
-    assert torch.equal(layers[special].lora_B["p"], torch.zeros(layers[special].out_features, 2))
+    assert other.adapters["p"].spec.rank == 4 and other.adapters["p"].spec.scale == 2.0
+    assert torch.equal(layers[special].adapters["p"].B, torch.zeros(layers[special].out_features, 2))
 
 
 def test_recompute_modes_pick_layers_by_name_and_shape(tiny) -> None:

@@ -139,7 +139,7 @@ def test_core_loads_fuses_saves_and_converts_without_any_extra(core_only, tmp_pa
     add_adapter(src.unet, AdapterConfig(rank=4, use_dora=True), "subject")
     with torch.no_grad():
         for layer in adapted_layers(src.unet).values():
-            layer.lora_B["subject"].normal_(0, 0.05)
+            layer.adapters["subject"].B.normal_(0, 0.05)
     save_adapter({"unet": src.unet}, out, "subject")
 
     pipe = build_tiny_sdxl_pipeline(seed=0)

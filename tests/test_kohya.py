@@ -184,7 +184,7 @@ def test_lycoris_files_match_lycoris_merged_weights(tmp_path, base_images, kind,
     path, merged = lycoris_file(tmp_path / "lyco.safetensors", kind != "lora", kind != "dora_in", unet_naming)
     pipe = fresh_pipe()
     name = pipe.load_dora_weights(path)
-    specs = [layer.specs[name] for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+    specs = [layer.adapters[name].spec for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
              for layer in adapted_layers(m).values()]  # fmt: skip
     assert len(specs) == len(merged) == 373 + 12 + 19
     axes = {s.norm_axis for s in specs if s.use_dora}
@@ -239,7 +239,7 @@ def our_merged(pipe, adapter: str) -> dict[tuple[str, str], torch.Tensor]:
     out = {}
     for comp in ("unet", "text_encoder", "text_encoder_2"):
         for name, layer in adapted_layers(getattr(pipe, comp)).items():
-            out[comp, name] = layer.weight.float() + layer.delta_weight(adapter)
+            out[comp, name] = layer.weight.float() + layer.adapters[adapter].delta()
     return out
 
 

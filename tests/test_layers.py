@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dora_diffusion.layers import DoRAConv2d, DoRALinear, wrap
+from dora_diffusion.layers import AdapterSpec, DoRAConv2d, DoRALinear, wrap
 
 
 def make_base(kind: str, dtype: torch.dtype) -> nn.Module:
@@ -34,22 +34,22 @@ def perturb(layer, name: str, seed: int = 2) -> None:
     """Give an adapter non-trivial B and magnitude, as after training."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        b = layer.lora_B[name]
+        b = layer.adapters[name].B
         b.copy_(torch.randn(b.shape, generator=g) * 0.3)
-        if name in layer.lora_magnitude:
-            m = layer.lora_magnitude[name]
+        if layer.adapters[name].magnitude is not None:
+            m = layer.adapters[name].magnitude
             m.mul_(0.5 + torch.rand(m.shape, generator=g))
 
 
 def reference_weight(layer, name: str, w0: torch.Tensor) -> torch.Tensor:
     """W' from the paper's formula, dense, fp32."""
-    spec = layer.specs[name]
+    spec = layer.adapters[name].spec
     r = spec.rank
-    ba = (layer.lora_B[name].detach().float().reshape(-1, r) @ layer.lora_A[name].detach().float().reshape(r, -1))
+    ba = (layer.adapters[name].B.detach().float().reshape(-1, r) @ layer.adapters[name].A.detach().float().reshape(r, -1))
     v = w0.float() + spec.scale * ba.view_as(w0)
     if not spec.use_dora:
         return v
-    m = layer.lora_magnitude[name].detach().float()
+    m = layer.adapters[name].magnitude.detach().float()
     if spec.norm_axis == "out":
         n = v.reshape(v.shape[0], -1).norm(dim=1)
         return (m / n).view(-1, *[1] * (v.dim() - 1)) * v
@@ -81,8 +81,8 @@ def test_layer_table(kind: str, rank: int, dora: bool, dtype: torch.dtype) -> No
         y_base = base(x)
     w0 = base.weight.detach().clone()
     layer = wrap(base)
-    layer.add_adapter("a", rank, alpha=rank / 2 + 1, use_dora=dora)
-    assert layer.lora_A["a"].dtype == torch.float32
+    layer.new_adapter("a", AdapterSpec(rank, rank / 2 + 1, dora))
+    assert layer.adapters["a"].A.dtype == torch.float32
 
     # Untrained: the output is the base output, bit for bit, in the input dtype.
     with torch.no_grad():
@@ -116,23 +116,23 @@ def test_gradients_match_detached_norm_reference(kind: str) -> None:
     base = make_base(kind, torch.float32)
     x = make_input(base, torch.float32).requires_grad_(True)
     layer = wrap(base)
-    layer.add_adapter("a", 3, alpha=5.0)
+    layer.new_adapter("a", AdapterSpec(3, 5.0, True))
     perturb(layer, "a")
     layer(x).square().sum().backward()
 
-    a = layer.lora_A["a"].detach().clone().requires_grad_(True)
-    b = layer.lora_B["a"].detach().clone().requires_grad_(True)
-    m = layer.lora_magnitude["a"].detach().clone().requires_grad_(True)
+    a = layer.adapters["a"].A.detach().clone().requires_grad_(True)
+    b = layer.adapters["a"].B.detach().clone().requires_grad_(True)
+    m = layer.adapters["a"].magnitude.detach().clone().requires_grad_(True)
     x2 = x.detach().clone().requires_grad_(True)
     w0 = base.weight.detach()
-    s = layer.specs["a"].scale
+    s = layer.adapters["a"].spec.scale
     v = w0 + s * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).view_as(w0)
     n = v.reshape(v.shape[0], -1).norm(dim=1).detach()  # paper section 4.3
     w = (m / n).view(-1, *[1] * (v.dim() - 1)) * v
     apply(base, x2, w).square().sum().backward()
 
-    for got, want in ((layer.lora_A["a"].grad, a.grad), (layer.lora_B["a"].grad, b.grad),
-                      (layer.lora_magnitude["a"].grad, m.grad), (x.grad, x2.grad)):  # fmt: skip
+    for got, want in ((layer.adapters["a"].A.grad, a.grad), (layer.adapters["a"].B.grad, b.grad),
+                      (layer.adapters["a"].magnitude.grad, m.grad), (x.grad, x2.grad)):  # fmt: skip
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
     assert base.weight.grad is None
 
@@ -146,8 +146,8 @@ def test_strength_and_stacking(kind: str) -> None:
     with torch.no_grad():
         y_base = base(x)
     layer = wrap(base)
-    layer.add_adapter("d", 4, use_dora=True)
-    layer.add_adapter("l", 2, alpha=4, use_dora=False)
+    layer.new_adapter("d", AdapterSpec(4, 4, True))
+    layer.new_adapter("l", AdapterSpec(2, 4, False))
     perturb(layer, "d", 3)
     perturb(layer, "l", 4)
     wd, wl = reference_weight(layer, "d", w0), reference_weight(layer, "l", w0)
@@ -174,8 +174,8 @@ def test_legacy_per_input_norm(kind: str) -> None:
     with torch.no_grad():
         y_base = base(x)
     layer = wrap(base)
-    layer.add_adapter("old", 4, alpha=2.0, norm_axis="in")
-    assert layer.lora_magnitude["old"].shape == (layer.in_features,)
+    layer.new_adapter("old", AdapterSpec(4, 2.0, True, "in"))
+    assert layer.adapters["old"].magnitude.shape == (layer.in_features,)
     with torch.no_grad():
         assert (layer(x) - y_base).abs().max().item() <= 1e-6
     perturb(layer, "old")
@@ -188,10 +188,10 @@ def test_dropout_only_on_low_rank_path() -> None:
     base = make_base("linear", torch.float32)
     x = make_input(base, torch.float32)
     layer = wrap(base)
-    layer.add_adapter("a", 4, dropout=0.9)
+    layer.new_adapter("a", AdapterSpec(4, 4, True), dropout=0.9)
     layer.train()
     with torch.no_grad():
-        layer.lora_magnitude["a"].mul_(1.5)
+        layer.adapters["a"].magnitude.mul_(1.5)
         assert torch.allclose(layer(x), 1.5 * (base(x) - base.bias) + base.bias, atol=1e-5)
 
 
@@ -199,7 +199,7 @@ def test_fp16_unfuse_bit_exact_after_100_cycles() -> None:
     base = make_base("conv3x3", torch.float16)
     w0 = base.weight.detach().clone()
     layer = wrap(base)
-    layer.add_adapter("a", 4)
+    layer.new_adapter("a", AdapterSpec(4, 4, True))
     perturb(layer, "a")
     for _ in range(100):
         layer.fuse()
@@ -212,17 +212,17 @@ def test_norm_cache_follows_optimizer_steps() -> None:
     """The cached norm is recomputed after A or B change in place, and only then."""
     base = make_base("linear", torch.float32)
     layer = wrap(base)
-    layer.add_adapter("a", 4)
+    layer.new_adapter("a", AdapterSpec(4, 4, True))
     perturb(layer, "a")
-    n1 = layer._norm("a")
-    assert layer._norm("a") is n1
+    n1 = layer.adapters["a"].norm()
+    assert layer.adapters["a"].norm() is n1
     opt = torch.optim.SGD(list(layer.parameters()), lr=0.1)
     x = make_input(base, torch.float32)
     layer(x).sum().backward()
     opt.step()
-    n2 = layer._norm("a")
+    n2 = layer.adapters["a"].norm()
     assert n2 is not n1
-    v = base.weight + layer.specs["a"].scale * layer.lora_B["a"] @ layer.lora_A["a"]
+    v = base.weight + layer.adapters["a"].spec.scale * layer.adapters["a"].B @ layer.adapters["a"].A
     assert torch.allclose(n2, v.detach().norm(dim=1), rtol=1e-6)
 
 
@@ -232,7 +232,7 @@ def test_zero_rows_give_no_nan() -> None:
         base.weight[3].zero_()
     x = make_input(base, torch.float32)
     layer = wrap(base)
-    layer.add_adapter("a", 2)
+    layer.new_adapter("a", AdapterSpec(2, 2, True))
     with torch.no_grad():
         y = layer(x)
     assert torch.isfinite(y).all() and torch.equal(y, base(x))
@@ -247,7 +247,7 @@ def test_rejected_modules() -> None:
         wrap(nn.Embedding(4, 4))
     layer = DoRALinear(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="contain no '.'"):
-        layer.add_adapter("a.b", 2)
+        layer.new_adapter("a.b", AdapterSpec(2, 2, True))
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv3x3"])
@@ -255,14 +255,14 @@ def test_lora_gradients_match_dense_reference(kind: str) -> None:
     base = make_base(kind, torch.float32)
     x = make_input(base, torch.float32).requires_grad_(True)
     layer = wrap(base)
-    layer.add_adapter("l", 3, alpha=5.0, use_dora=False)
+    layer.new_adapter("l", AdapterSpec(3, 5.0, False))
     perturb(layer, "l")
     layer(x).square().sum().backward()
-    a = layer.lora_A["l"].detach().clone().requires_grad_(True)
-    b = layer.lora_B["l"].detach().clone().requires_grad_(True)
+    a = layer.adapters["l"].A.detach().clone().requires_grad_(True)
+    b = layer.adapters["l"].B.detach().clone().requires_grad_(True)
     x2 = x.detach().clone().requires_grad_(True)
     w0 = base.weight.detach()
-    w = w0 + layer.specs["l"].scale * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).view_as(w0)
+    w = w0 + layer.adapters["l"].spec.scale * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).view_as(w0)
     apply(base, x2, w).square().sum().backward()
-    for got, want in ((layer.lora_A["l"].grad, a.grad), (layer.lora_B["l"].grad, b.grad), (x.grad, x2.grad)):
+    for got, want in ((layer.adapters["l"].A.grad, a.grad), (layer.adapters["l"].B.grad, b.grad), (x.grad, x2.grad)):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()

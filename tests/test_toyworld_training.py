@@ -71,7 +71,7 @@ def test_full_fine_tuning_written_as_a_full_rank_lora_is_exact(pipe, tmp_path):
                and not torch.equal(m.weight.float(), tuned_modules[n].weight)]  # fmt: skip
     assert sorted(layers) == sorted(changed) and len(changed) > 10
     for name, layer in layers.items():
-        w = layer.weight.double() + layer.delta_weight("ft", 1.0).double()
+        w = layer.weight.double() + layer.adapters["ft"].delta(1.0).double()
         torch.testing.assert_close(w, tuned_modules[name].weight.double(), rtol=0, atol=1e-6)
     assert file_method(path) == "FT"
 

@@ -92,7 +92,7 @@ def test_magnitude_learning_rate_groups():
 
     from dora_diffusion.training.optim import param_groups
 
-    named = [(f"{c}.x.lora_{k}.default", nn.Parameter(torch.zeros(2))) for c in ("unet", "text_encoder") for k in ("A", "magnitude")]
+    named = [(f"{c}.x.adapters.default.{k}", nn.Parameter(torch.zeros(2))) for c in ("unet", "text_encoder") for k in ("A", "magnitude")]
     args = argparse.Namespace(learning_rate=1e-4, text_encoder_lr=5e-6, optimizer="adamw", adam_weight_decay=1e-2, magnitude_lr=1e-3)
     lrs = {g["name"]: (g["lr"], g["weight_decay"]) for g in param_groups(named, args)}
     assert lrs == {"unet.lowrank": (1e-4, 1e-2), "unet.magnitude": (pytest.approx(1e-3), 0.0),

@@ -152,7 +152,7 @@ def test_comfyui_file_weights_equal_ours_at_every_strength(tmp_path, norm_axis) 
         worst = 0.0
         for comp in ("unet", "text_encoder", "text_encoder_2"):
             for name, layer in adapted_layers(getattr(p, comp)).items():
-                ours = layer.weight.float() + layer.delta_weight("a", k)
+                ours = layer.weight.float() + layer.adapters["a"].delta(k)
                 want = getattr(theirs, comp).get_submodule(name).weight
                 worst = max(worst, ((want - ours).abs().max() / ours.abs().max()).item())
         print(f"{norm_axis} strength {k}: max relative |ComfyUI rule - ours| over all weights {worst:.1e}")
@@ -238,9 +238,9 @@ def test_comfyui_file_reads_back_exactly(tiny_files) -> None:
         ours, back = adapted_layers(getattr(trained, comp)), adapted_layers(getattr(loaded, comp))
         assert ours.keys() == back.keys()
         for name, layer in ours.items():
-            assert torch.equal(layer.lora_A["a"], back[name].lora_A["a"])
-            assert torch.equal(layer.lora_B["a"], back[name].lora_B["a"])
-            m, m_back = layer.lora_magnitude["a"], back[name].lora_magnitude["a"]
+            assert torch.equal(layer.adapters["a"].A, back[name].adapters["a"].A)
+            assert torch.equal(layer.adapters["a"].B, back[name].adapters["a"].B)
+            m, m_back = layer.adapters["a"].magnitude, back[name].adapters["a"].magnitude
             worst = max(worst, ((m_back - m).abs() / m.abs()).max().item())
     print(f"max relative |m read back - m| = {worst:.1e}")
     assert worst <= 1e-6

@@ -191,10 +191,10 @@ class Comparer:
 
     def _describe(self, name: str, source: str, file: Path | None) -> AdapterInfo:
         specs = [
-            layer.specs[name]
+            layer.adapters[name].spec
             for model in components(self.pipe).values()
             for layer in adapted_layers(model).values()
-            if name in layer.specs
+            if name in layer.adapters
         ]
         dora = {s.use_dora for s in specs}
         kind = "DoRA + LoRA" if len(dora) == 2 else ("DoRA" if True in dora else "LoRA")

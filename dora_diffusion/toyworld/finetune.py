@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..inject import add_adapter, adapted_layers, find_targets, trainable_parameters
-from ..pipeline import save_adapter
+from ..adapter_io import save_adapter
 from .subjects import SUBJECTS, Subject, instance_caption, instance_scenes
 from .world import RESOLUTION, render
 
@@ -77,7 +77,7 @@ def _optimizer(unet: nn.Module, method: str, learning_rate: float) -> tuple[torc
         groups = [{"params": params, "weight_decay": 1e-4}]
     else:
         params = trainable_parameters(unet, ADAPTER_NAME)
-        magnitudes = {id(p) for layer in adapted_layers(unet).values() for p in layer.lora_magnitude.values()}
+        magnitudes = {id(a.magnitude) for layer in adapted_layers(unet).values() for a in layer.adapters.values() if a.magnitude is not None}
         groups = [
             {"params": [p for p in params if id(p) not in magnitudes], "weight_decay": 1e-4},
             {"params": [p for p in params if id(p) in magnitudes], "weight_decay": 0.0},
@@ -192,6 +192,6 @@ def full_rank_lora(base_unet: nn.Module, tuned_unet: nn.Module) -> nn.Module:
                                    alpha_pattern={k: float(r) for k, r in ranks.items()}), ADAPTER_NAME)  # fmt: skip
     for name, layer in adapted_layers(out).items():
         with torch.no_grad():
-            layer.lora_A[ADAPTER_NAME].copy_(torch.eye(ranks[name]))
-            layer.lora_B[ADAPTER_NAME].copy_(changed[name])
+            layer.adapters[ADAPTER_NAME].A.copy_(torch.eye(ranks[name]))
+            layer.adapters[ADAPTER_NAME].B.copy_(changed[name])
     return out

@@ -199,6 +199,15 @@ def save_checkpoint(
     return final
 
 
+_LEGACY_PARAM = re.compile(r"\.lora_(A|B|magnitude)\.([^.]+)$")
+"""Parameter names of checkpoints written before adapters were modules: ``<module>.lora_A.<adapter>``."""
+
+
+def _current_name(name: str) -> str:
+    """``<module>.lora_A.<adapter>`` (older checkpoints) -> ``<module>.adapters.<adapter>.A``; others unchanged."""
+    return _LEGACY_PARAM.sub(lambda m: f".adapters.{m.group(2)}.{m.group(1)}", name)
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     named_params: list[tuple[str, nn.Parameter]],
@@ -209,7 +218,7 @@ def load_checkpoint(
     """Restore parameters, optimizer, schedule and counters from ``path``; every process calls this."""
     path = Path(path)
     state = read_state(path)
-    saved = load_file(path / "adapter_state.safetensors")
+    saved = {_current_name(k): v for k, v in load_file(path / "adapter_state.safetensors").items()}
     names = [n for n, _ in named_params]
     missing, unexpected = sorted(set(names) - set(saved)), sorted(set(saved) - set(names))
     if missing or unexpected:

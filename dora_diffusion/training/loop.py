@@ -20,7 +20,7 @@ from torch import nn
 from ..extras import require
 from ..formats import DEFAULT_WEIGHT_NAME
 from ..inject import set_recompute
-from ..pipeline import save_adapter
+from ..adapter_io import save_adapter
 from .args import notices, parse_args, run_settings
 from .checkpoint import (
     TrainingState,

@@ -170,12 +170,13 @@ def count_parameters(models: dict[str, nn.Module]) -> ParameterCount:
     lowrank = magnitude = layers = 0
     for model in models.values():
         for layer in adapted_layers(model).values():
-            if ADAPTER_NAME not in layer.specs:
+            adapter = layer.adapters[ADAPTER_NAME] if ADAPTER_NAME in layer.adapters else None
+            if adapter is None:
                 continue
             layers += 1
-            lowrank += layer.lora_A[ADAPTER_NAME].numel() + layer.lora_B[ADAPTER_NAME].numel()
-            if ADAPTER_NAME in layer.lora_magnitude:
-                magnitude += layer.lora_magnitude[ADAPTER_NAME].numel()
+            lowrank += adapter.A.numel() + adapter.B.numel()
+            if adapter.magnitude is not None:
+                magnitude += adapter.magnitude.numel()
     return ParameterCount(lowrank, magnitude, layers)
 
 

@@ -24,7 +24,7 @@ def param_groups(named: list[tuple[str, nn.Parameter]], args: argparse.Namespace
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in named:
         comp = "unet" if name.startswith("unet.") else "text_encoders"
-        groups.setdefault((comp, "lora_magnitude" in name), []).append(p)
+        groups.setdefault((comp, name.endswith(".magnitude")), []).append(p)
     out = []
     for (comp, is_magnitude), params in groups.items():
         out.append(

@@ -1,0 +1,178 @@
+"""One named DoRA/LoRA adapter on one layer: its tensors, its settings, and its formula.
+
+With factors ``A`` (r x K), ``B`` (d_out x r), scale ``s``, magnitude ``m`` and ``n`` the detached norm:
+
+    W' = diag(g) (W0 + s B A),      g = m / max(n, eps),   n_i = ||row_i(W0 + s B A)||     (DoRA, paper Eq. 5)
+    W' = (W0 + s B A) diag(g),      n_c = ||column c of W0 + s B A||                        (legacy per-input DoRA)
+    W' = W0 + s B A                                                                          (plain LoRA)
+
+At strength ``k`` the change of the weight, per output row, is
+
+    k (W' - W0) = c * W0 + B' A,    c = k (g - 1),   B' = k s g B        (LoRA: c = 0, g = 1)
+
+``Adapter.scaled`` returns ``(c, B')``: every forward path and ``Adapter.delta`` build on it, so this is the
+one place the per-output formula is written.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import NormAxis, lora_scale
+from .geometry import Geometry, stale
+from .norms import EPS, dense_col_norm, factored_row_norm
+
+_ADD_ORDER = itertools.count()
+"""Global sequence number of created adapters, so adapters can be listed in the order they came."""
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Non-tensor settings of one adapter on one layer."""
+
+    rank: int
+    alpha: float
+    use_dora: bool
+    norm_axis: NormAxis = "out"
+    use_rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.rank, self.alpha, self.use_rslora)
+
+
+class Adapter(nn.Module):
+    """``A``, ``B``, the magnitude ``m`` (DoRA only), the dropout on the low-rank input, and the spec.
+
+    ``strength`` is ``k`` while the adapter is active and ``None`` while it is not.
+    """
+
+    def __init__(
+        self, spec: AdapterSpec, geometry: Geometry, dropout: float = 0.0, dtype: torch.dtype = torch.float32, init: bool = True
+    ) -> None:
+        """A fresh adapter: ``A`` Kaiming-uniform, ``B = 0``, ``m = ||W0||``, so the layer's output is unchanged.
+
+        ``init=False`` only allocates the tensors (for ``load`` to fill): no pass over ``W0``.
+        """
+        super().__init__()
+        self.spec = spec
+        self.geometry = geometry
+        self.order = next(_ADD_ORDER)
+        self.strength: float | None = 1.0
+        self._norm: tuple[tuple, torch.Tensor] | None = None
+        a_shape, b_shape = geometry.shapes(spec.rank)
+        device = geometry.weight.device
+        a = torch.empty(a_shape, dtype=dtype, device=device)
+        if init:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.A = nn.Parameter(a)
+        self.B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.magnitude: nn.Parameter | None = None
+        if spec.use_dora:
+            size = geometry.magnitude_size(spec.norm_axis)
+            mag = self.norm().to(dtype, copy=True) if init else torch.empty(size, dtype=dtype, device=device)
+            self.magnitude = nn.Parameter(mag)
+
+    @property
+    def trainable(self) -> bool:
+        """True if gradients must reach one of this adapter's parameters."""
+        return any(p.requires_grad for p in self.parameters())
+
+    @torch.no_grad()
+    def load(self, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor | None = None) -> None:
+        """Copy trained factors (file shapes) in, checking every shape first."""
+        spec = self.spec
+        numel = None if magnitude is None else magnitude.numel()
+        problem = self.geometry.check_fit(spec.rank, tuple(a.shape), tuple(b.shape), numel, spec.norm_axis)
+        if problem is None and spec.use_dora and magnitude is None:
+            problem = "a DoRA adapter needs a magnitude, none was given"
+        if problem is not None:
+            raise ValueError(problem)
+        self.A.copy_(a)
+        self.B.copy_(b)
+        if spec.use_dora:
+            self.magnitude.copy_(magnitude.reshape(self.magnitude.shape))
+        self._norm = None
+
+    # ------------------------------------------------------------------ the formula
+    def norm(self) -> torch.Tensor:
+        """Detached fp32 norm ``n`` of ``W0 + s B A``: (d_out,), or (in,) for legacy per-input files.
+
+        Cached, keyed on the storage and version counters of A, B and W0, so it is recomputed once per
+        optimizer step (not per gradient-accumulation micro-step or checkpoint recompute). Under
+        ``torch.compile`` it is computed inside the graph instead.
+        """
+        if torch.compiler.is_compiling():
+            return self.compute_norm()
+        key = self.norm_key()
+        if self._norm is not None and self._norm[0] == key and not stale(self._norm[1]):
+            return self._norm[1]
+        return self.remember_norm(key, self.compute_norm())
+
+    def norm_key(self) -> tuple:
+        """What the cached norm depends on: A, B and W0, by storage and version."""
+        a, b, w = self.A, self.B, self.geometry.weight
+        return (a.data_ptr(), a._version, b.data_ptr(), b._version, w.data_ptr(), w._version, self.spec)
+
+    def cached_norm(self) -> torch.Tensor | None:
+        """The cached norm if it is still valid, else None."""
+        if self._norm is not None and self._norm[0] == self.norm_key() and not stale(self._norm[1]):
+            return self._norm[1]
+        return None
+
+    def remember_norm(self, key: tuple, n: torch.Tensor) -> torch.Tensor:
+        self._norm = (key, n)
+        return n
+
+    def compute_norm(self, w0_at: torch.Tensor | None = None) -> torch.Tensor:
+        """The norm in fp32 also under autocast (which would run its matmuls in bf16: 3e-5 relative error).
+
+        ``w0_at = W0 A^T`` (d_out, r) may be passed when a caller already has it from its own pass over ``W0``.
+        """
+        geom, spec, r = self.geometry, self.spec, self.spec.rank
+        a, b = self.A.reshape(r, -1), self.B.reshape(-1, r)
+        with torch.autocast(self.A.device.type, enabled=False):
+            if spec.norm_axis == "out":
+                return factored_row_norm(geom.w0_2d(), a, b, spec.scale, geom.w0_sq(), w0_at)
+            return dense_col_norm(geom.w0_2d(), a, b, spec.scale, geom.in_features)
+
+    def factor(self) -> torch.Tensor:
+        """``g = m / max(n, eps)`` in fp32; gradients reach ``m`` only (the norm is detached)."""
+        return self.magnitude.float() / self.norm().clamp_min(EPS)
+
+    def scaled(self, k: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(c, B')`` with ``k (W' - W0) = c * W0 + B' A`` per output row: ``c = k (g - 1)`` (None for LoRA),
+        ``B' = k s g B`` (fp32 for DoRA, where ``g`` is fp32). Per-output adapters only."""
+        spec, b = self.spec, self.B
+        if not spec.use_dora:
+            return None, (k * spec.scale) * b
+        g = self.factor()
+        return k * (g - 1.0), ((k * spec.scale) * g).view((-1,) + (1,) * (b.dim() - 1)) * b
+
+    @torch.no_grad()
+    def delta(self, k: float = 1.0) -> torch.Tensor:
+        """``k (W' - W0)`` in fp32, shaped like the base weight."""
+        w0 = self.geometry.weight.float()
+        r = self.spec.rank
+        a = self.A.float().reshape(r, -1)
+        if self.spec.norm_axis == "in":
+            ba = (self.B.float().reshape(-1, r) @ a).view_as(w0)
+            g = self.factor().view(1, -1, *([1] * (w0.dim() - 2)))
+            return k * ((w0 + self.spec.scale * ba) * g - w0)
+        c, b_scaled = self.scaled(k)
+        delta = (b_scaled.float().reshape(-1, r) @ a).view_as(w0)
+        if c is not None:
+            delta += c.view(-1, *([1] * (w0.dim() - 1))) * w0
+        return delta
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        kind = "dora" if s.use_dora else "lora"
+        axis = "" if s.norm_axis == "out" else " per-input"
+        return f"r={s.rank}, alpha={s.alpha:g}, {kind}{axis}"

@@ -1,0 +1,250 @@
+"""Which computation a forward call of an adapted layer runs: one ordered table, first match wins.
+
+Every path computes the same thing. For the running adapters ``j`` (active, strength ``k_j != 0``), with
+``(c_j, B'_j) = Adapter.scaled(k_j)``:
+
+    y = W0 x + b + sum_j [ c_j * (W0 x) + B'_j A_j dropout(x) ]        (per-output DoRA and LoRA)
+
+so the bias is never scaled and dropout touches only the low-rank path. They differ in what they keep for
+the backward pass and in how many passes they make over the output:
+
+    path                 when                                               keeps for backward
+    base                 disabled, fused, or nothing running                the base module's own
+    lean_linear          training one per-output DoRA adapter at k = 1      y (or x, with recompute_output)
+                         on a Linear called directly (no hooks)
+    lean_scaled          the same on a Conv2d or a hooked Linear            y (or x, with recompute_output)
+    inference            no gradient needed, per-output norms only          nothing (no autograd)
+    lora_in_place        plain LoRA adapters on a Linear called directly    what LoRA needs, no N x d_out copy
+    reference            anything else (legacy per-input norms, several     plain autograd
+                         adapters in training, torch.compile)
+
+``AdaptedLayer.forward_path(x)`` names the path a call would take.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import Adapter
+from .dora_autograd import DoRALinearFunction, DoRAScaleFunction
+from .norms import EPS
+
+if TYPE_CHECKING:
+    from .layers import AdaptedLayer
+
+
+@dataclass(frozen=True)
+class Call:
+    """One forward call, described once for the predicates: the input, dtypes, and the running adapters."""
+
+    x: torch.Tensor
+    base_in: torch.Tensor
+    """``x`` in the weight dtype (or ``x`` itself under autocast, which casts by itself)."""
+    out_dtype: torch.dtype
+    running: tuple[tuple[Adapter, float], ...]
+    """``(adapter, k)`` of the active adapters with ``k != 0``, in the order they were added."""
+    autocast: bool
+    grad: bool
+    """Gradients must reach some running adapter's parameters."""
+    compiling: bool
+    """Inside ``torch.compile``: inductor fuses the reference path; the custom autograd functions would break graphs."""
+    direct: bool
+    """The base product may be done here (``F.linear``) instead of calling the base module."""
+
+    @classmethod
+    def of(cls, layer: AdaptedLayer, x: torch.Tensor) -> Call:
+        w = layer.geometry.weight
+        autocast = torch.is_autocast_enabled(x.device.type)
+        running = tuple((a, a.strength) for a in layer.adapters.values() if a.strength)
+        return cls(
+            x=x,
+            base_in=x if autocast or x.dtype == w.dtype else x.to(w.dtype),
+            out_dtype=torch.get_autocast_dtype(x.device.type) if autocast else x.dtype,
+            running=running,
+            autocast=autocast,
+            grad=torch.is_grad_enabled() and any(a.trainable for a, _ in running),
+            compiling=torch.compiler.is_compiling(),
+            direct=layer.geometry.direct and not _has_hooks(layer.base_layer),
+        )
+
+
+@dataclass(frozen=True)
+class ForwardPath:
+    name: str
+    applies: Callable[[AdaptedLayer, Call], bool]
+    run: Callable[[AdaptedLayer, Call], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------- predicates
+def _nothing_to_add(layer: AdaptedLayer, call: Call) -> bool:
+    return layer.disabled or bool(layer.fused) or len(call.running) == 0
+
+
+def _lean(layer: AdaptedLayer, call: Call) -> bool:
+    """Training exactly one per-output DoRA adapter at strength 1."""
+    if not (layer.lean_training and call.grad and not call.compiling and len(call.running) == 1):
+        return False
+    adapter, k = call.running[0]
+    return k == 1.0 and adapter.spec.use_dora and adapter.spec.norm_axis == "out"
+
+
+def _lean_linear(layer: AdaptedLayer, call: Call) -> bool:
+    return call.direct and _lean(layer, call)
+
+
+def _no_autograd(layer: AdaptedLayer, call: Call) -> bool:
+    return not call.grad and not call.compiling and all(a.spec.norm_axis == "out" for a, _ in call.running)
+
+
+def _lora_linear(layer: AdaptedLayer, call: Call) -> bool:
+    return call.direct and not any(a.spec.use_dora for a, _ in call.running)
+
+
+def _always(layer: AdaptedLayer, call: Call) -> bool:
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- paths
+def _base(layer: AdaptedLayer, call: Call) -> torch.Tensor:
+    return layer.base_layer(call.base_in)
+
+
+def _lean_linear_run(layer: AdaptedLayer, call: Call) -> torch.Tensor:
+    """Lean DoRA step on a Linear (``DoRALinearFunction``): the base matmul, the low-rank term and the scale
+    build ``y`` in place, and ``y`` (or ``x``) is all that is kept. When the norm is not cached yet and the
+    step runs in fp32, ``A W0^T`` for the norm comes out of the forward matmul itself: ``A``'s rows are
+    stacked under ``x``, so ``W0`` is read once."""
+    ((adapter, _),) = call.running
+    geom, x, base_in = layer.geometry, call.x, call.base_in
+    xd = adapter.dropout(x)
+    if not call.autocast:  # under autocast F.linear casts by itself; an upcast here would be kept as a copy
+        xd = xd.to(adapter.A.dtype)
+    h = geom.down(xd, adapter.A)  # (..., r); autograd keeps xd (or its autocast copy) for dL/dA
+    n, w0x = adapter.cached_norm(), []
+    w = geom.weight
+    if n is None and not call.autocast and w.dtype == adapter.A.dtype == base_in.dtype == torch.float32:
+        key = adapter.norm_key()
+        with torch.no_grad():
+            x2 = base_in.reshape(-1, base_in.shape[-1])
+            z = torch.cat([x2, adapter.A]) @ w.t()  # (N + r, d_out): W0 x and (W0 A^T)^T in one pass over W0
+            w0x = [z[: x2.shape[0]]]  # handed over in a list: the function writes y into it, autograd never sees it
+            n = adapter.remember_norm(key, adapter.compute_norm(w0_at=z[x2.shape[0] :].t()))
+    elif n is None:
+        n = adapter.norm()
+    g = adapter.magnitude.float() / n.clamp_min(EPS)
+    # recompute only when the input we keep is the very tensor A's backward keeps: no extra memory.
+    # (`base_in is x` already means x has the weight dtype; under autocast x must have the autocast dtype.)
+    recompute = layer.recompute_output and xd is x and base_in is x
+    if recompute and call.autocast:
+        recompute = x.dtype == torch.get_autocast_dtype(x.device.type)
+    return DoRALinearFunction.apply(base_in, h, w, geom.bias, adapter.B, g, adapter.spec.scale, recompute, w0x)
+
+
+def _lean_scaled_run(layer: AdaptedLayer, call: Call) -> torch.Tensor:
+    """Lean DoRA step given the base module's output (``DoRAScaleFunction``): a Conv2d, or a Linear whose
+    hooks must run. With ``recompute_output`` (Conv2d only) it keeps ``x`` instead of ``y``."""
+    ((adapter, _),) = call.running
+    geom, x = layer.geometry, call.x
+    xd = adapter.dropout(x)
+    if not call.autocast:
+        xd = xd.to(adapter.A.dtype)
+    h = geom.down(xd, adapter.A)
+    base_out = layer.base_layer(call.base_in)
+    is_conv = geom.kind == "Conv2d"
+    recompute = layer.recompute_output and is_conv and xd is x and call.base_in is x and not call.autocast
+    keep_x = (x, geom.base) if recompute else (None, None)
+    return DoRAScaleFunction.apply(base_out, h, adapter.B, adapter.factor(), geom.bias, adapter.spec.scale, is_conv, *keep_x)
+
+
+@torch.no_grad()
+def _inference(layer: AdaptedLayer, call: Call) -> torch.Tensor:
+    """No autograd, built in place on the base output:
+    ``y = (W0 x + b) * (1 + c) - b c + sum_j B'_j h_j`` with ``c = sum_j c_j``."""
+    geom, x = layer.geometry, call.x
+    y = layer.base_layer(call.base_in)  # same op as the base module: bit-identical when c = 0 and B = 0
+    coef = None
+    terms = []
+    for adapter, k in call.running:
+        c, b_scaled = adapter.scaled(k)
+        if c is not None:
+            coef = c if coef is None else coef + c
+        terms.append((geom.down(adapter.dropout(x).to(adapter.A.dtype), adapter.A), b_scaled))  # h: (..., r)
+    if coef is not None:
+        bias = geom.bias
+        scale = geom.channel(1.0 + coef)
+        if bias is None:
+            y.mul_(scale)
+        else:
+            torch.addcmul(geom.channel(-(bias.float() * coef)), y, scale, out=y)
+    for h, b_scaled in terms:
+        geom.add_up(y, h.to(y.dtype), b_scaled.to(y.dtype))
+    return y
+
+
+def _lora_in_place(layer: AdaptedLayer, call: Call) -> torch.Tensor:
+    """Plain LoRA with autograd on a Linear, each ``B' h`` added in place into a 2-D base output (autograd-safe:
+    the base matmul does not need its output for backward). 2-D because ``F.linear`` of a 3-D input with bias
+    returns a view, and autograd undoes an in-place op on a view with two full copies of the output gradient."""
+    geom, x, base_in = layer.geometry, call.x, call.base_in
+    y = F.linear(base_in.reshape(-1, base_in.shape[-1]), geom.weight, geom.bias)  # (N, d_out)
+    for adapter, k in call.running:
+        _, b_scaled = adapter.scaled(k)
+        h = geom.down(adapter.dropout(x).to(adapter.A.dtype), adapter.A)
+        geom.add_up(y, h.to(y.dtype), b_scaled.to(y.dtype))
+    return y.view(*base_in.shape[:-1], y.shape[-1])
+
+
+def _reference(layer: AdaptedLayer, call: Call) -> torch.Tensor:
+    """Any mix of adapters, plain autograd, out of place. Legacy per-input DoRA scales the input columns:
+    ``k [(W0 + s B A) (g * x) - W0 x]``."""
+    geom, x = layer.geometry, call.x
+    base_out = layer.base_layer(call.base_in)
+    result = base_out
+    coef = None  # sum_j c_j, per output channel
+    for adapter, k in call.running:
+        a, spec = adapter.A, adapter.spec
+        xd = adapter.dropout(x).to(a.dtype)
+        if spec.norm_axis == "in":
+            cin = geom.input_channel(adapter.factor())  # per input channel
+            term = geom.up(geom.down(xd * cin, a), (k * spec.scale) * adapter.B)
+            shifted = (x.to(a.dtype) * (cin - 1.0)).to(geom.weight.dtype)
+            term = term + k * geom.base(shifted).to(term.dtype)
+        else:
+            c, b_scaled = adapter.scaled(k)
+            if c is not None:
+                coef = c if coef is None else coef + c
+            term = geom.up(geom.down(xd, a), b_scaled)
+        result = result + term
+    if coef is not None:
+        scaled = base_out * geom.channel(coef)
+        if geom.bias is not None:
+            scaled = scaled - geom.channel(coef * geom.bias.float())
+        result = result + scaled
+    return result
+
+
+FORWARD_PATHS: tuple[ForwardPath, ...] = (
+    ForwardPath("base", _nothing_to_add, _base),
+    ForwardPath("lean_linear", _lean_linear, _lean_linear_run),
+    ForwardPath("lean_scaled", _lean, _lean_scaled_run),
+    ForwardPath("inference", _no_autograd, _inference),
+    ForwardPath("lora_in_place", _lora_linear, _lora_in_place),
+    ForwardPath("reference", _always, _reference),
+)
+"""Read top to bottom; the first path whose predicate holds runs."""
+
+
+def choose(layer: AdaptedLayer, call: Call) -> ForwardPath:
+    """The path ``call`` takes through ``layer``."""
+    return next(p for p in FORWARD_PATHS if p.applies(layer, call))
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Modules with hooks (e.g. accelerate offloading) must be called, not bypassed with F.linear."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))

@@ -1,0 +1,144 @@
+"""The forward-path table (``forward_paths.FORWARD_PATHS``): which path runs when, and the paths added with it
+(Conv2d DoRA keeping its input instead of its output; the norm's ``A W0^T`` from the forward matmul)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dora_diffusion.adapter as adapter_mod
+from dora_diffusion.layers import AdapterSpec, wrap
+from dora_diffusion.training.checkpoint import _current_name
+from test_fast_paths import run_step
+from test_layers import make_base, make_input, perturb
+
+
+def _layer(kind: str, *specs: tuple[str, AdapterSpec]):
+    layer = wrap(make_base(kind, torch.float32))
+    for name, spec in specs:
+        layer.new_adapter(name, spec)
+        perturb(layer, name)
+    return layer
+
+
+DORA, LORA, LEGACY = AdapterSpec(4, 4, True), AdapterSpec(4, 4, False), AdapterSpec(4, 4, True, "in")
+
+
+@pytest.mark.parametrize(
+    ("kind", "specs", "setup", "grad", "want"),
+    [
+        ("linear", [("a", DORA)], None, True, "lean_linear"),
+        ("conv3x3", [("a", DORA)], None, True, "lean_scaled"),
+        ("linear", [("a", DORA)], "hook", True, "lean_scaled"),
+        ("linear", [("a", DORA)], None, False, "inference"),
+        ("conv3x3", [("a", DORA), ("b", LORA)], None, False, "inference"),
+        ("linear", [("a", LORA)], None, True, "lora_in_place"),
+        ("conv3x3", [("a", LORA)], None, True, "reference"),
+        ("linear", [("a", DORA), ("b", DORA)], None, True, "reference"),
+        ("linear", [("a", DORA)], "half", True, "reference"),
+        ("linear", [("a", DORA)], "plain", True, "reference"),
+        ("linear", [("a", LEGACY)], None, False, "reference"),
+        ("linear", [("a", DORA)], "off", True, "base"),
+        ("linear", [("a", DORA)], "disabled", True, "base"),
+        ("linear", [("a", DORA)], "fused", False, "base"),
+    ],
+)
+def test_path_table(kind, specs, setup, grad, want) -> None:
+    layer = _layer(kind, *specs)
+    x = make_input(layer.base_layer, torch.float32)
+    if setup == "hook":
+        layer.base_layer.register_forward_hook(lambda m, i, o: None)
+    elif setup == "half":
+        layer.set_active({"a": 0.5})
+    elif setup == "plain":
+        layer.lean_training = False
+    elif setup == "off":
+        layer.set_active({"a": 0.0})
+    elif setup == "disabled":
+        layer.disabled = True
+    elif setup == "fused":
+        layer.fuse()
+    with torch.set_grad_enabled(grad):
+        assert layer.forward_path(x) == want
+        y = layer(x)
+    if want == "base" and setup != "fused":
+        assert torch.equal(y, layer.base_layer(x))
+
+
+@pytest.mark.parametrize("kind", ["conv3x3", "conv_dilated"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_recompute_step_equals_plain_autograd(kind, bias) -> None:
+    """Conv2d DoRA keeping x and recomputing conv(x, W0) + s B h in the backward (also with a g = 0 filter)."""
+    base = make_base(kind, torch.float32)
+    if not bias:
+        base.bias = None
+    layer = wrap(base)
+    layer.new_adapter("a", AdapterSpec(3, 3.0, True))
+    perturb(layer, "a")
+    with torch.no_grad():
+        layer.adapters["a"].magnitude[1] = 0.0
+    x = make_input(base, torch.float32)
+    y_plain, g_plain = run_step(layer, x, lean=False)
+    y_lean, g_lean = run_step(layer, x, lean=True, recompute=True)
+    assert torch.allclose(y_lean, y_plain, atol=1e-5)
+    assert g_plain[2][1].abs() > 0
+    for got, want in zip(g_lean, g_plain):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+
+
+def test_conv_recompute_keeps_no_output() -> None:
+    """Saved for backward: Conv2d DoRA with recompute keeps what LoRA keeps plus per-channel vectors only;
+    keeping the output costs one output-sized tensor."""
+    base = nn.Conv2d(8, 16, 3, padding=1)
+    x = torch.randn(2, 8, 12, 12, requires_grad=True)
+
+    def saved_bytes(use_dora: bool, recompute: bool = False) -> int:
+        layer = wrap(nn.Conv2d(8, 16, 3, padding=1).requires_grad_(False))
+        layer.base_layer.load_state_dict(base.state_dict())
+        layer.new_adapter("a", AdapterSpec(4, 4, use_dora))
+        layer.recompute_output = recompute
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor):
+            if not isinstance(t, nn.Parameter):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x).sum().backward()
+        return sum(storages.values())
+
+    n_out = 2 * 16 * 12 * 12 * 4
+    lora = saved_bytes(False)
+    assert n_out <= saved_bytes(True) - lora <= n_out + 2 * 4 * 12 * 12 * 4 + 4096  # y (+ the N x 4 kept channels)
+    assert saved_bytes(True, recompute=True) - lora <= 4096
+
+
+def test_norm_from_the_forward_matmul(monkeypatch) -> None:
+    """An fp32 training step whose norm is not cached takes ``A W0^T`` from the forward's own matmul (A's rows
+    stacked under x); the norm equals the dense one and is cached for the next micro-step."""
+    passed = []
+    real = adapter_mod.factored_row_norm
+    monkeypatch.setattr(adapter_mod, "factored_row_norm", lambda *a, **k: passed.append(a[5]) or real(*a, **k))
+    layer = _layer("linear", ("a", DORA))
+    adapter = layer.adapters["a"]
+    x = make_input(layer.base_layer, torch.float32).requires_grad_(True)
+    passed.clear()
+    layer(x).sum().backward()
+    assert len(passed) == 1 and passed[0] is not None  # computed once, from the stacked matmul
+    w = (layer.weight + adapter.spec.scale * adapter.B @ adapter.A).detach()
+    assert torch.allclose(adapter.cached_norm(), w.norm(dim=1), rtol=1e-6)
+    layer(x).sum().backward()
+    assert len(passed) == 1  # the second micro-step reuses it
+    with torch.no_grad():
+        y = layer(x)
+    layer.lean_training = False
+    adapter._norm = None
+    assert torch.allclose(layer(x), y, atol=1e-6)
+
+
+def test_checkpoint_parameter_names_from_older_versions() -> None:
+    assert _current_name("unet.down.0.to_q.lora_A.default") == "unet.down.0.to_q.adapters.default.A"
+    assert _current_name("text_encoder.l.q_proj.lora_magnitude.x") == "text_encoder.l.q_proj.adapters.x.magnitude"
+    assert _current_name("unet.down.0.to_q.adapters.default.B") == "unet.down.0.to_q.adapters.default.B"
