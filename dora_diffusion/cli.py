@@ -25,7 +25,8 @@ from .formats import (
     to_diffusers,
     write_safetensors,
 )
-from .analysis import add_analyze_parser, load_base
+from .analysis import add_analyze_parser
+from .analysis.scan import load_base
 from .extras import MissingExtraError
 from .formats.comfyui import from_comfyui_modules, to_comfyui
 from .formats.kohya import PREFIXES, key_prefix, to_kohya, to_sdxl_names, unet_naming

@@ -233,12 +233,12 @@ def test_convert_refuses_an_output_name_inspect_would_refuse(tmp_path, capsys) -
 
 
 def test_analyze_refuses_an_unusable_out_before_any_work(tmp_path, capsys, monkeypatch) -> None:
-    from dora_diffusion import analysis
+    from dora_diffusion.analysis import command
 
     def no_work(*args, **kwargs):
         raise AssertionError("the base model was loaded")
 
-    monkeypatch.setattr(analysis, "load_base", no_work)
+    monkeypatch.setattr(command, "load_base", no_work)
     adapter = make_adapter_file(tmp_path / "a", targets="attn", text=False)
     (tmp_path / "file").write_text("x")
     for out in (tmp_path / "file", tmp_path / "file" / "sub"):
