@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .formats import (
     COMPONENTS,
     AdapterFileError,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .compare import (
     CellResult,
     ColumnScore,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .formats import (
     COMPONENTS,
     DEFAULT_WEIGHT_NAME,
