@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_adapter_file
 from dora_diffusion.cli import main
+from helpers import make_adapter_file
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -187,7 +187,7 @@ def test_cli_analyze_end_to_end(tmp_path) -> None:
 
     from PIL import Image
 
-    from conftest import make_adapter_file
+    from helpers import make_adapter_file
     from dora_diffusion.cli import main
     from dora_diffusion.testing import save_tiny_sdxl_pipeline
 

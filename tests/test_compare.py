@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_adapter_file
 from PIL import Image
 
 from dora_diffusion import AdapterFileError
@@ -44,6 +43,7 @@ from dora_diffusion.compare import (
 )
 from dora_diffusion.compare.differences import shared_gain
 from dora_diffusion.testing import TINY_RESOLUTION, save_tiny_sdxl_pipeline
+from helpers import make_adapter_file
 
 TINY = GenerationSettings("a photo of TOK toy", num_inference_steps=2, width=TINY_RESOLUTION, height=TINY_RESOLUTION)
 
