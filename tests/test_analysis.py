@@ -33,7 +33,7 @@ from dora_diffusion.analysis import (
     write_csv,
 )
 from dora_diffusion.inject import adapted_layers
-from dora_diffusion.pipeline import components
+from dora_diffusion.pipeline import adaptable_models
 from dora_diffusion.testing import build_tiny_sdxl_pipeline, save_tiny_sdxl_pipeline
 from helpers import make_adapter_file
 
@@ -155,7 +155,7 @@ def rows(two_adapters) -> list[Row]:
 
 
 def _layers_with(pipe, name):
-    models = components(pipe).items()
+    models = adaptable_models(pipe).items()
     return {(c, n): layer for c, m in models for n, layer in adapted_layers(m).items() if name in layer.specs}
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..inject import adapted_layers
-from ..pipeline import components, get_dora_adapters
+from ..pipeline import adaptable_models, get_dora_adapters
 from .decomposition import decompose
 
 
@@ -60,7 +60,7 @@ def analyze_pipeline(pipe, adapter_names: list[str] | None = None) -> list[Row]:
     missing = [n for n in names if n not in loaded]
     if missing:
         raise ValueError(f"adapters {missing} are not loaded; loaded adapters: {loaded}")
-    layers = {comp: adapted_layers(model) for comp, model in components(pipe).items()}
+    layers = {comp: adapted_layers(model) for comp, model in adaptable_models(pipe).items()}
     if any(layer.fused for per in layers.values() for layer in per.values()):
         raise RuntimeError("adapters are fused into the weights; call pipe.unfuse_dora() before analysing them")
     rows = []

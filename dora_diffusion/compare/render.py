@@ -18,7 +18,7 @@ from PIL import Image
 from ..formats import resolve_file
 from ..inject import adapted_layers
 from ..pipeline import (
-    components,
+    adaptable_models,
     delete_dora_adapters,
     disable_dora,
     enable_dora,
@@ -192,7 +192,7 @@ class Comparer:
     def _describe(self, name: str, source: str, file: Path | None) -> AdapterInfo:
         specs = [
             layer.specs[name]
-            for model in components(self.pipe).values()
+            for model in adaptable_models(self.pipe).values()
             for layer in adapted_layers(model).values()
             if name in layer.specs
         ]
