@@ -83,11 +83,12 @@ def linear_conv_names(model: nn.Module) -> list[str]:
     return [n for n, m in base_modules(model).items() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-def _plan(pipe, parsed: ParsedAdapter) -> tuple[dict[str, dict[str, ModuleAdapter]], list[str]]:
-    """Map every file module to a module of ``pipe``; return the plan and the keys that matched nothing."""
+def _match_modules(pipe, parsed: ParsedAdapter) -> tuple[dict[str, dict[str, ModuleAdapter]], list[str]]:
+    """Map every file module to a module of ``pipe``; return ``{component: {module name: ModuleAdapter}}`` and the
+    keys that matched nothing."""
     models = adaptable_models(pipe)
     resolve = resolver_for(parsed.dialect)
-    plan: dict[str, dict[str, ModuleAdapter]] = {}
+    matched: dict[str, dict[str, ModuleAdapter]] = {}
     unmatched: list[str] = []
     for comp, mods in parsed.modules.items():
         model = models.get(comp)
@@ -102,8 +103,8 @@ def _plan(pipe, parsed: ParsedAdapter) -> tuple[dict[str, dict[str, ModuleAdapte
                 continue
             name = mapping[fname]
             _check_fits(f"{type(pipe).__name__}.{comp}.{name}", modules[name], ma)
-            plan.setdefault(comp, {})[name] = ma
-    return plan, unmatched
+            matched.setdefault(comp, {})[name] = ma
+    return matched, unmatched
 
 
 def _check_fits(where: str, module: nn.Module, ma: ModuleAdapter) -> None:
@@ -178,10 +179,10 @@ def load_dora_weights(
         raise ValueError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
     if any(layer.fused for layer in _layers(pipe)):
         raise RuntimeError("adapters are fused into the weights; call unfuse_dora() before loading another")
-    plan, unmatched = _plan(pipe, parsed)
+    matched, unmatched = _match_modules(pipe, parsed)
     if parsed.comfyui_dora_scale:  # dora_scale = m (||W0|| + eps) / ||W0 + sBA||: m needs this pipeline's W0
-        plan = from_comfyui_modules(plan, base_weights(pipe, plan))
-    if not plan:
+        matched = from_comfyui_modules(matched, base_weights(pipe, matched))
+    if not matched:
         raise AdapterFileError(
             f"no key of this {parsed.dialect} adapter matches a module of {type(pipe).__name__} "
             f"({len(unmatched)} keys, e.g. {', '.join(shown(k) for k in unmatched[:4])}). Is it an adapter for another "
@@ -193,7 +194,7 @@ def load_dora_weights(
             f"e.g. {', '.join(shown(k) for k in unmatched[:4])}"
         )
         if strict:
-            raise AdapterFileError(f"{msg}. Pass strict=False to load the {sum(map(len, plan.values()))} modules that match.")
+            raise AdapterFileError(f"{msg}. Pass strict=False to load the {sum(map(len, matched.values()))} modules that match.")
         logger.warning("%s; they were skipped (strict=False).", msg)
     models = adaptable_models(pipe)
     disabled = any(layer.disabled for layer in _layers(pipe))
@@ -201,7 +202,7 @@ def load_dora_weights(
     emb = find_embeddings(source) if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() else None
     done: list[str] = []
     try:
-        for comp, mods in plan.items():
+        for comp, mods in matched.items():
             done.append(comp)
             specs = {n: ma.spec() for n, ma in mods.items()}
             layers = add_adapter_to_modules(models[comp], adapter_name, specs, init=False)
