@@ -47,8 +47,8 @@ def app(files):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a shared 2-core machine two OpenMP threads can be many times slower
     comparer = Comparer(load_base_pipeline(str(files["model"]), device="cpu"), str(files["model"]))
-    comparer.add_adapter(str(files["dora"]), "dora")
-    comparer.add_adapter(str(files["lora"]), "lora")
+    comparer.load_adapter(str(files["dora"]), "dora")
+    comparer.load_adapter(str(files["lora"]), "lora")
     ui = build_ui(
         comparer,
         GenerationSettings(PROMPT, num_inference_steps=2, width=64, height=64),
