@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         comparer = Comparer(pipe, args.base, args.max_cells, args.variant)
         for name, source, file in adapters:
             try:
-                comparer.add_adapter(source, name, file)
+                comparer.load_adapter(source, name, file)
             except (CompareError, AdapterFileError, OSError, ValueError) as err:
                 sys.exit(f"app.py: error: --adapter {name}={source}: {err}")
         prompt, steps, seeds, guidance = "", 25, "0-3", 5.0

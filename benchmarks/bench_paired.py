@@ -90,9 +90,7 @@ def unet_ratio(latent: int, targets: str, pairs: int):
             layer.set_active({name: 1.0})
         step(unet, inputs, trainable_parameters(unet, name), None)
 
-    result = paired_ratio(lambda: run("dora"), lambda: run("lora"), pairs)
-    del unet
-    return result
+    return paired_ratio(lambda: run("dora"), lambda: run("lora"), pairs)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,13 @@
 ``dora_diffusion.pipeline`` as methods of every diffusers pipeline.
 """
 
-__version__ = "0.1.0"
-
-from .config import AdapterConfig  # noqa: E402
-from .formats import AdapterFileError  # noqa: E402
-from .inject import add_adapter, find_targets, remove_adapter, set_recompute, trainable_parameters  # noqa: E402
-from .layers import AdaptedLayer, DoRAConv2d, DoRALinear  # noqa: E402
-from .pipeline import (  # noqa: E402
+from ._version import __version__
+from .config import AdapterConfig
+from .formats import AdapterFileError
+from .inject import add_adapter, find_targets, remove_adapter, set_recompute, trainable_parameters
+from .layers import AdaptedLayer, DoRAConv2d, DoRALinear
+from .adapter_io import save_adapter
+from .pipeline import (
     delete_dora_adapters,
     disable_dora,
     enable_dora,
@@ -19,7 +19,6 @@ from .pipeline import (  # noqa: E402
     get_dora_adapters,
     install_pipeline_methods,
     load_dora_weights,
-    save_adapter,
     save_dora_weights,
     set_dora_adapters,
     unfuse_dora,
@@ -29,6 +28,7 @@ from .pipeline import (  # noqa: E402
 install_pipeline_methods()
 
 __all__ = [
+    "__version__",
     "AdapterConfig",
     "AdapterFileError",
     "AdaptedLayer",

@@ -1,3 +1,3 @@
-"""The package version, read by ``__init__``, the file headers and pyproject."""
+"""The version of dora-diffusion; pyproject.toml states the same (tests/test_installs.py checks that)."""
 
 __version__ = "0.1.0"

@@ -190,12 +190,13 @@ class CompareEvents:
 
     # ------------------------------------------------------------------------------------------- generate
 
-    def plan(self, values: FormValues, adapters: object) -> GridPlan:
+    def plan_from_form(self, values: FormValues, adapters: object) -> GridPlan:
         """The checked grid plan of a request; bad input raises a ``gr.Error`` that names it."""
         try:
             if adapters is not None and not isinstance(adapters, dict):
                 raise CompareError(f"adapters must be a {{name: strength}} mapping, got {type(adapters).__name__}")
-            return self.comparer.plan(values.settings(), values.seeds or "", adapters or {}, bool(values.include_base))
+            settings, seeds, include_base = values.settings(), values.seeds or "", bool(values.include_base)
+            return self.comparer.plan_grid(settings, seeds, adapters or {}, include_base)
         except CompareError as err:
             raise page_error(err) from None
 
@@ -206,7 +207,7 @@ class CompareEvents:
             chosen = values.adapters(data[self.form.slot_names])
         except CompareError as err:
             raise page_error(err) from None
-        self.plan(values, chosen)
+        self.plan_from_form(values, chosen)
         return chosen
 
     def generate(
@@ -229,7 +230,7 @@ class CompareEvents:
         each cell, then the difference maps, the grid PNG, the scores and a message."""
         values = FormValues(prompt, negative_prompt, seeds, num_inference_steps, guidance_scale, width, height,
                             scheduler, include_base)  # fmt: skip
-        p = self.plan(values, adapters)
+        p = self.plan_from_form(values, adapters)
         stop = self.runs.start_job(request.session_hash or "")
         out = self.runs.new_dir()
         n, n_steps, n_cols = len(p), p.settings.num_inference_steps, len(p.columns)
@@ -346,7 +347,7 @@ class CompareEvents:
         names = self.names()
         return gr.Dropdown(choices=names, value=None)
 
-    def add_adapter(
+    def load_adapter(
         self,
         source: str,
         upload: str | None,
@@ -354,7 +355,8 @@ class CompareEvents:
         page_names: list[str] | None = None,
         request: gr.Request = None,
     ):
-        """Load an adapter from a local path, a Hub repo id, or an uploaded .safetensors file (kept on disk)."""
+        """Load adapter (``/add_adapter``): from a local path, a Hub repo id, or an uploaded .safetensors file (kept
+        on disk)."""
         source = (source or "").strip()
         try:
             if source and upload:
@@ -366,7 +368,7 @@ class CompareEvents:
                     name = default_adapter_name(Path(upload).name, self.names())  # not the cache folder's name
                 source = str(keep_upload(upload, self.upload_dir))
             file = self.comparer.resolve(source)  # no lock held: a slow Hub lookup holds up no grid
-            info = self.comparer.add_adapter(source, name, file)
+            info = self.comparer.load_adapter(source, name, file)
         except (CompareError, AdapterFileError, OSError, ValueError, RuntimeError) as err:
             raise self.fail(request, err) from None
         except Exception as err:  # e.g. a Hub error: show it and keep serving

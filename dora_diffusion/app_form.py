@@ -3,7 +3,7 @@
 ``Form`` holds the components (the shared settings and one ``Slot`` per adapter: a checkbox, a strength slider
 and an optional sweep of strengths). ``FormValues`` holds what a person entered, read from Gradio's
 ``{component: value}`` dict; ``FormValues.adapters()`` turns the ticked slots into the ``{name: strength or
-[strengths]}`` mapping that ``Comparer.plan`` and ``/generate`` take.
+[strengths]}`` mapping that ``Comparer.plan_grid`` and ``/generate`` take.
 """
 
 from __future__ import annotations

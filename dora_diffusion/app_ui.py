@@ -194,7 +194,7 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
                            api_visibility="private")  # fmt: skip
     # its own group: a slow Hub lookup waits beside a running grid, not in front of the next one
     added = add_button.click(
-        events.add_adapter,
+        events.load_adapter,
         [add_source, add_upload, add_name, form.slot_names],
         [message, remove_choice, form.slot_names, *slot_outputs],
         api_name="add_adapter",

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .formats import (
     COMPONENTS,
     AdapterFileError,
@@ -25,7 +25,8 @@ from .formats import (
     to_diffusers,
     write_safetensors,
 )
-from .analysis import add_analyze_parser, load_base
+from .analysis import add_analyze_parser
+from .analysis.scan import load_base
 from .extras import MissingExtraError
 from .formats.comfyui import from_comfyui_modules, to_comfyui
 from .formats.kohya import PREFIXES, key_prefix, to_kohya, to_sdxl_names, unet_naming

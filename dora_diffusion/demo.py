@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .compare import (
     CellResult,
     ColumnScore,
@@ -161,7 +161,7 @@ def demo_comparer(assets: DemoAssets) -> Comparer:
     pipe = load_base_pipeline(str(assets.model_dir), device="cpu")
     comparer = Comparer(pipe, str(assets.model_dir))
     for name, path in assets.adapters.items():
-        comparer.add_adapter(str(path), name)
+        comparer.load_adapter(str(path), name)
     return comparer
 
 
@@ -179,7 +179,7 @@ def render_demo_grid(
     settings = GenerationSettings(
         PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, width=RESOLUTION, height=RESOLUTION
     )
-    plan = comparer.plan(settings, seeds, {a.name: 1.0 for a in comparer.adapters}, include_base=True)
+    plan = comparer.plan_grid(settings, seeds, {a.name: 1.0 for a in comparer.adapters}, include_base=True)
     results = []
     for result in comparer.render(plan):
         results.append(result)

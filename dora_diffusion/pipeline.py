@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 AdapterWeight = float | dict[str, float]
 
 
-def components(pipe) -> dict[str, nn.Module]:
+def adaptable_models(pipe) -> dict[str, nn.Module]:
     """The adaptable models of ``pipe`` by component name (``unet``, ``text_encoder``, ``text_encoder_2``)."""
     found = {c: getattr(pipe, c, None) for c in COMPONENTS}
     found = {c: m for c, m in found.items() if isinstance(m, nn.Module)}
@@ -55,7 +55,7 @@ def components(pipe) -> dict[str, nn.Module]:
 
 
 def _layers(pipe) -> list[AdaptedLayer]:
-    return [layer for model in components(pipe).values() for layer in adapted_layers(model).values()]
+    return [layer for model in adaptable_models(pipe).values() for layer in adapted_layers(model).values()]
 
 
 def get_dora_adapters(pipe) -> list[str]:
@@ -66,7 +66,7 @@ def get_dora_adapters(pipe) -> list[str]:
 def get_active_dora_adapters(pipe) -> dict[str, float]:
     """``{adapter: strength}`` of the adapters that currently run (UNet strengths)."""
     active: dict[str, float] = {}
-    for comp, model in components(pipe).items():
+    for comp, model in adaptable_models(pipe).items():
         for layer in adapted_layers(model).values():
             for name, k in layer.active.items():
                 if comp == "unet" or name not in active:
@@ -74,11 +74,12 @@ def get_active_dora_adapters(pipe) -> dict[str, float]:
     return active
 
 
-def _plan(pipe, parsed: ParsedAdapter) -> tuple[dict[str, dict[str, ModuleAdapter]], list[str]]:
-    """Map every file module to a module of ``pipe``; return the plan and the keys that matched nothing."""
-    models = components(pipe)
+def _match_modules(pipe, parsed: ParsedAdapter) -> tuple[dict[str, dict[str, ModuleAdapter]], list[str]]:
+    """Map every file module to a module of ``pipe``; return ``{component: {module name: ModuleAdapter}}`` and the
+    keys that matched nothing."""
+    models = adaptable_models(pipe)
     resolve = resolver_for(parsed.dialect)
-    plan: dict[str, dict[str, ModuleAdapter]] = {}
+    matched: dict[str, dict[str, ModuleAdapter]] = {}
     unmatched: list[str] = []
     for comp, mods in parsed.modules.items():
         model = models.get(comp)
@@ -93,8 +94,8 @@ def _plan(pipe, parsed: ParsedAdapter) -> tuple[dict[str, dict[str, ModuleAdapte
                 continue
             name = mapping[fname]
             check_fits(f"{type(pipe).__name__}.{comp}.{name}", modules[name], ma)
-            plan.setdefault(comp, {})[name] = ma
-    return plan, unmatched
+            matched.setdefault(comp, {})[name] = ma
+    return matched, unmatched
 
 
 def _new_adapter_name(pipe) -> str:
@@ -145,10 +146,10 @@ def load_dora_weights(
         raise ValueError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
     if any(layer.fused for layer in _layers(pipe)):
         raise RuntimeError("adapters are fused into the weights; call unfuse_dora() before loading another")
-    plan, unmatched = _plan(pipe, parsed)
+    matched, unmatched = _match_modules(pipe, parsed)
     if parsed.comfyui_dora_scale:  # dora_scale = m (||W0|| + eps) / ||W0 + sBA||: m needs this pipeline's W0
-        plan = from_comfyui_modules(plan, base_weights(pipe, plan))
-    if not plan:
+        matched = from_comfyui_modules(matched, base_weights(pipe, matched))
+    if not matched:
         raise AdapterFileError(
             f"no key of this {parsed.dialect} adapter matches a module of {type(pipe).__name__} "
             f"({len(unmatched)} keys, e.g. {', '.join(shown(k) for k in unmatched[:4])}). Is it an adapter for another "
@@ -160,13 +161,13 @@ def load_dora_weights(
             f"e.g. {', '.join(shown(k) for k in unmatched[:4])}"
         )
         if strict:
-            raise AdapterFileError(f"{msg}. Pass strict=False to load the {sum(map(len, plan.values()))} modules that match.")
+            raise AdapterFileError(f"{msg}. Pass strict=False to load the {sum(map(len, matched.values()))} modules that match.")
         logger.warning("%s; they were skipped (strict=False).", msg)
-    models = components(pipe)
+    models = adaptable_models(pipe)
     disabled = any(layer.disabled for layer in _layers(pipe))
     source = pretrained_model_name_or_path_or_dict
     emb = find_embeddings(source) if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() else None
-    load_adapter(models, adapter_name, plan)
+    load_adapter(models, adapter_name, matched)
     try:
         if emb is not None:  # pivotal tuning: the new tokens' embeddings beside the adapter
             _embeddings(pipe)[adapter_name] = load_embeddings(pipe, emb)
@@ -218,7 +219,7 @@ def set_dora_adapters(
             if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k):
                 raise ValueError(f"adapter strengths must be finite numbers, got {k!r} in adapter_weights")
     _refuse_if_fused(pipe, "set_dora_adapters")
-    for comp, model in components(pipe).items():
+    for comp, model in adaptable_models(pipe).items():
         per = {n: float(w.get(comp, 1.0) if isinstance(w, dict) else w) for n, w in zip(names, weights)}
         for layer in adapted_layers(model).values():
             layer.set_active(per)
@@ -281,7 +282,7 @@ def delete_dora_adapters(pipe, adapter_names: str | list[str]) -> None:
     if missing:
         raise ValueError(f"adapters {missing} are not loaded; loaded adapters: {known}")
     _refuse_if_fused(pipe, "delete_dora_adapters")
-    for model in components(pipe).values():
+    for model in adaptable_models(pipe).values():
         for name in names:
             remove_adapter(model, name)
     for name in names:
@@ -291,7 +292,7 @@ def delete_dora_adapters(pipe, adapter_names: str | list[str]) -> None:
 
 def unload_dora_weights(pipe) -> None:
     """Unfuse and remove every adapter, putting the original modules back (and the tokens of their embeddings)."""
-    for model in components(pipe).values():
+    for model in adaptable_models(pipe).values():
         remove_all(model)
     for name in list(_embeddings(pipe)):
         unload_embeddings(pipe, _embeddings(pipe).pop(name))
@@ -304,7 +305,7 @@ def base_weights(pipe, modules: dict[str, dict[str, ModuleAdapter]]) -> dict[str
     ``AdapterFileError`` naming a module ``pipe`` lacks or whose shape does not fit.
     """
     _refuse_if_fused(pipe, "base_weights")
-    models = components(pipe)
+    models = adaptable_models(pipe)
     resolve = resolver_for("diffusers")  # exact names, with or without CLIP's `text_model.` wrapper
     out: dict[str, dict[str, torch.Tensor]] = {}
     for comp, mods in modules.items():
@@ -346,7 +347,7 @@ def save_dora_weights(
         raise ValueError(f"adapter {adapter_name!r} is not loaded; loaded adapters: {known}")
     if not is_main_process:
         return None
-    return save_adapter(components(pipe), save_directory, adapter_name, weight_name, format)
+    return save_adapter(adaptable_models(pipe), save_directory, adapter_name, weight_name, format)
 
 
 PIPELINE_METHODS = (

@@ -17,7 +17,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import dora_diffusion  # noqa: F401  (installs the pipeline methods)
-from conftest import make_adapter_file
 from dora_diffusion import AdapterConfig, add_adapter
 from dora_diffusion.analysis import (
     Fit,
@@ -34,8 +33,9 @@ from dora_diffusion.analysis import (
     write_csv,
 )
 from dora_diffusion.inject import adapted_layers
-from dora_diffusion.pipeline import components
+from dora_diffusion.pipeline import adaptable_models
 from dora_diffusion.testing import build_tiny_sdxl_pipeline, save_tiny_sdxl_pipeline
+from helpers import make_adapter_file
 
 CSV_HEADER = ["adapter", "module", "component", "kind", "rank", "delta_M", "delta_D", "method"]
 TAB10_BLUE, TAB10_ORANGE = (31, 119, 180), (255, 127, 14)  # the first two adapter colours
@@ -155,7 +155,7 @@ def rows(two_adapters) -> list[Row]:
 
 
 def _layers_with(pipe, name):
-    models = components(pipe).items()
+    models = adaptable_models(pipe).items()
     return {(c, n): layer for c, m in models for n, layer in adapted_layers(m).items() if name in layer.adapters}
 
 

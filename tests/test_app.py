@@ -7,7 +7,6 @@ pipeline of their own and watch the Comparer; ``test_app_browser.py`` starts ``p
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -15,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_adapter_file
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -26,14 +24,9 @@ from dora_diffusion import AdapterFileError
 from dora_diffusion.app_ui import analysis_tab, build_ui
 from dora_diffusion.compare import Comparer, GenerationSettings, load_base_pipeline, parse_infotext
 from dora_diffusion.testing import save_tiny_sdxl_pipeline
+from helpers import free_port, make_adapter_file
 
 PROMPT = "a photo of TOK toy"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +47,8 @@ def app(files):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a shared 2-core machine two OpenMP threads can be many times slower
     comparer = Comparer(load_base_pipeline(str(files["model"]), device="cpu"), str(files["model"]))
-    comparer.add_adapter(str(files["dora"]), "dora")
-    comparer.add_adapter(str(files["lora"]), "lora")
+    comparer.load_adapter(str(files["dora"]), "dora")
+    comparer.load_adapter(str(files["lora"]), "lora")
     ui = build_ui(
         comparer,
         GenerationSettings(PROMPT, num_inference_steps=2, width=64, height=64),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,9 +17,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import make_adapter_file
 
 from dora_diffusion.testing import save_tiny_sdxl_pipeline
+from helpers import free_port, make_adapter_file
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("DORA_CHROMIUM", "/usr/bin/chromium")
@@ -40,12 +39,6 @@ if not Path(CHROMIUM).is_file():
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``python app.py --base <tiny model> --adapter dora=... --adapter lora=...`` on a free 127.0.0.1 port."""
@@ -53,7 +46,7 @@ def server(tmp_path_factory):
     model = save_tiny_sdxl_pipeline(root / "model")
     dora = make_adapter_file(root / "dora", seed=1)
     lora = make_adapter_file(root / "lora", seed=2, use_dora=False)
-    port = _free_port()
+    port = free_port()
     log = open(root / "app.log", "w")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, str(REPO / "app.py"), "--base", str(model), "--adapter", f"dora={dora}",

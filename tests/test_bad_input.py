@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_adapter_file
 from dora_diffusion import AdapterFileError
 from dora_diffusion.inject import adapted_layers
+from helpers import make_adapter_file
 
 
 def snapshot(pipe) -> dict:
@@ -256,7 +256,7 @@ def test_adapter_name_and_strengths_are_checked(pipe, good) -> None:
 
 
 def test_fuse_after_disable_is_refused(pipe, good, base_images) -> None:
-    from conftest import max_diff, render
+    from helpers import max_diff, render
 
     pipe.load_dora_weights(good)
     pipe.disable_dora()

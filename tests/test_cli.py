@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_adapter_file
 from dora_diffusion.cli import main
+from helpers import make_adapter_file
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -187,7 +187,7 @@ def test_cli_analyze_end_to_end(tmp_path) -> None:
 
     from PIL import Image
 
-    from conftest import make_adapter_file
+    from helpers import make_adapter_file
     from dora_diffusion.cli import main
     from dora_diffusion.testing import save_tiny_sdxl_pipeline
 
@@ -233,12 +233,12 @@ def test_convert_refuses_an_output_name_inspect_would_refuse(tmp_path, capsys) -
 
 
 def test_analyze_refuses_an_unusable_out_before_any_work(tmp_path, capsys, monkeypatch) -> None:
-    from dora_diffusion import analysis
+    from dora_diffusion.analysis import command
 
     def no_work(*args, **kwargs):
         raise AssertionError("the base model was loaded")
 
-    monkeypatch.setattr(analysis, "load_base", no_work)
+    monkeypatch.setattr(command, "load_base", no_work)
     adapter = make_adapter_file(tmp_path / "a", targets="attn", text=False)
     (tmp_path / "file").write_text("x")
     for out in (tmp_path / "file", tmp_path / "file" / "sub"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_adapter_file
 from PIL import Image
 
 from dora_diffusion import AdapterFileError
@@ -44,6 +43,7 @@ from dora_diffusion.compare import (
 )
 from dora_diffusion.compare.differences import shared_gain
 from dora_diffusion.testing import TINY_RESOLUTION, save_tiny_sdxl_pipeline
+from helpers import make_adapter_file
 
 TINY = GenerationSettings("a photo of TOK toy", num_inference_steps=2, width=TINY_RESOLUTION, height=TINY_RESOLUTION)
 
@@ -387,8 +387,8 @@ def bench(tmp_path_factory):
     dora = make_adapter_file(root / "dora", seed=1)
     lora = make_adapter_file(root / "lora", seed=2, use_dora=False)
     comparer = Comparer(load_base_pipeline(str(model), device="cpu"), str(model))
-    comparer.add_adapter(str(dora), "dora")
-    comparer.add_adapter(str(lora))
+    comparer.load_adapter(str(dora), "dora")
+    comparer.load_adapter(str(lora))
     yield comparer
     torch.set_num_threads(threads)
 
@@ -400,19 +400,19 @@ def test_comparer_describes_adapters(bench):
 
 def test_comparer_refuses_bad_adapters_and_keeps_serving(bench, tmp_path):
     with pytest.raises(AdapterFileError, match="is not an existing file or directory"):
-        bench.add_adapter(str(tmp_path / "missing.safetensors"))
+        bench.load_adapter(str(tmp_path / "missing.safetensors"))
     with pytest.raises(CompareError, match="already loaded"):
-        bench.add_adapter(str(tmp_path), "dora")
+        bench.load_adapter(str(tmp_path), "dora")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)
     with pytest.raises(AdapterFileError):
-        bench.add_adapter(str(junk))
+        bench.load_adapter(str(junk))
     assert [a.name for a in bench.adapters] == ["dora", "lora"]
 
 
 def test_snippet_reproduces_the_cell(bench, tmp_path, monkeypatch):
     settings = GenerationSettings("a photo of TOK toy", "blurry", 2, 4.0, 64, 64, "Euler a")
-    plan = bench.plan(settings, "5", {"dora": 0.7}, include_base=False)
+    plan = bench.plan_grid(settings, "5", {"dora": 0.7}, include_base=False)
     (result,) = bench.render(plan)
     monkeypatch.chdir(tmp_path)
     exec(bench.snippet(plan, plan.cells[0]), {})
@@ -421,7 +421,7 @@ def test_snippet_reproduces_the_cell(bench, tmp_path, monkeypatch):
 
 
 def test_render_stops_between_steps_and_leaves_no_state(bench):
-    plan = bench.plan(TINY, "0-2", {"dora": 1.0}, include_base=True)
+    plan = bench.plan_grid(TINY, "0-2", {"dora": 1.0}, include_base=True)
     steps: list[tuple[int, int]] = []
     results = list(bench.render(plan, on_step=lambda k, s: steps.append((k, s)), should_stop=lambda: len(steps) >= 3))
     assert [r.caption for r in results] == ["base · — · seed 0"]  # the interrupted second cell is not yielded
@@ -442,7 +442,7 @@ def test_every_scheduler_renders_the_same_pixels_twice(bench, name):
     assert type(scheduler).__name__ == (cls_name or "EulerDiscreteScheduler")  # the tiny model ships Euler
     assert all(scheduler.config[k] == v for k, v in overrides.items())
     settings = GenerationSettings("a photo of TOK toy", num_inference_steps=2, width=64, height=64, scheduler=name)
-    plan = bench.plan(settings, "1", {"dora": 1.0}, include_base=False)
+    plan = bench.plan_grid(settings, "1", {"dora": 1.0}, include_base=False)
     first, again = list(bench.render(plan)), list(bench.render(plan))
     assert np.array_equal(np.asarray(first[0].image), np.asarray(again[0].image))
 
@@ -542,7 +542,7 @@ def test_difference_pairs_and_maps():
 
 def test_stop_ends_a_cell_inside_a_denoising_step(bench):
     """Stop is checked before every UNet block: the cell ends after its first block, with no step finished."""
-    plan = bench.plan(TINY, "0", {"dora": 1.0}, include_base=False)
+    plan = bench.plan_grid(TINY, "0", {"dora": 1.0}, include_base=False)
     blocks: list[str] = []
     hooks = [b.register_forward_pre_hook(lambda m, a, i=i: blocks.append(i)) for i, b in enumerate(bench.pipe.unet.down_blocks)]
     try:
@@ -554,20 +554,20 @@ def test_stop_ends_a_cell_inside_a_denoising_step(bench):
     assert image is None and steps == [] and blocks == [0]
     (again,) = bench.render(plan)  # the hooks are gone and the next cell renders whole
     assert again.image.size == (64, 64)
-    grid = bench.grid(bench.plan(TINY, "0-1", {"dora": 1.0}, False), [again], partial=True)
+    grid = bench.grid(bench.plan_grid(TINY, "0-1", {"dora": 1.0}, False), [again], partial=True)
     assert grid.getpixel((grid.width - 20, grid.height - 20)) == (232, 232, 232)  # the missing cell is grey
 
 
 def test_a_file_loads_once_and_adapters_can_be_removed(bench, tmp_path):
     assert bench.default_sampler == "Euler"  # the tiny model ships SDXL's Euler scheduler
     extra = make_adapter_file(tmp_path / "extra", seed=4, targets="attn", text=False)
-    info = bench.add_adapter(str(extra), "extra")
+    info = bench.load_adapter(str(extra), "extra")
     assert info.file == extra and bench.kinds()["extra"] == "DoRA"
     with pytest.raises(CompareError, match=r"already loaded as 'extra'; a strength sweep"):
-        bench.add_adapter(str(extra.parent), "extra_again")
+        bench.load_adapter(str(extra.parent), "extra_again")
     bench.remove_adapter("extra")
     assert [a.name for a in bench.adapters] == ["dora", "lora"] and bench.pipe.get_dora_adapters() == ["dora", "lora"]
     with pytest.raises(CompareError, match="no adapter named 'extra' is loaded"):
         bench.remove_adapter("extra")
-    assert bench.add_adapter(str(extra), "extra").name == "extra"  # removed, it loads again
+    assert bench.load_adapter(str(extra), "extra").name == "extra"  # removed, it loads again
     bench.remove_adapter("extra")

@@ -8,7 +8,7 @@ from torch import nn
 
 from dora_diffusion.layers import AdapterSpec, wrap
 from dora_diffusion.norms import factored_row_norm
-from test_layers import make_base, make_input, perturb
+from helpers import make_base, make_input, perturb_layer, run_step
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -24,18 +24,6 @@ def test_factored_norm_equals_dense(shape, rank, dtype) -> None:
     assert torch.allclose(fast.double(), dense, rtol=1e-5, atol=1e-6)
 
 
-def run_step(layer, x: torch.Tensor, lean: bool, recompute: bool = False):
-    layer.lean_training = lean
-    layer.recompute_output = recompute
-    for p in layer.parameters():
-        p.grad = None
-    xg = x.detach().clone().requires_grad_(True)
-    y = layer(xg)
-    (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-    grads = [layer.adapters["a"].A.grad, layer.adapters["a"].B.grad, layer.adapters["a"].magnitude.grad, xg.grad]
-    return y.detach(), [g.clone() for g in grads]
-
-
 @pytest.mark.parametrize("kind", ["linear", "conv3x3", "conv_dilated"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank", [2, 40])
@@ -44,7 +32,7 @@ def test_lean_training_step_equals_plain_autograd(kind, dtype, rank) -> None:
     x = make_input(base, dtype)
     layer = wrap(base)
     layer.new_adapter("a", AdapterSpec(rank, 3.0, True))
-    perturb(layer, "a")
+    perturb_layer(layer, "a")
     y_plain, g_plain = run_step(layer, x, lean=False)
     y_lean, g_lean = run_step(layer, x, lean=True)
     assert y_lean.dtype == y_plain.dtype == dtype
@@ -65,7 +53,7 @@ def test_recompute_step_equals_plain_autograd(bias, dtype, rank) -> None:
     x = torch.randn(3, 5, 24).to(dtype)
     layer = wrap(base)
     layer.new_adapter("a", AdapterSpec(rank, 3.0, True))
-    perturb(layer, "a")
+    perturb_layer(layer, "a")
     with torch.no_grad():
         layer.adapters["a"].magnitude[1] = 0.0
     y_plain, g_plain = run_step(layer, x, lean=False)
@@ -94,7 +82,7 @@ def test_blocked_backward_equals_plain_autograd(recompute, dtype, monkeypatch) -
     x = torch.randn(3, 7, 24).to(dtype)
     layer = wrap(base)
     layer.new_adapter("a", AdapterSpec(4, 3.0, True))
-    perturb(layer, "a")
+    perturb_layer(layer, "a")
     y_plain, g_plain = run_step(layer, x, lean=False)
     y_lean, g_lean = run_step(layer, x, lean=True, recompute=recompute)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -120,7 +108,7 @@ def test_lean_step_with_zero_magnitude_rows() -> None:
     x = make_input(base, torch.float32)
     layer = wrap(base)
     layer.new_adapter("a", AdapterSpec(4, 4, True))
-    perturb(layer, "a")
+    perturb_layer(layer, "a")
     with torch.no_grad():
         layer.adapters["a"].magnitude[[0, 5]] = 0.0
     y_plain, g_plain = run_step(layer, x, lean=False)
@@ -174,7 +162,7 @@ def test_norm_computed_once_per_optimizer_step_under_accumulation_and_checkpoint
     base = make_base("linear", torch.float32)
     layer = wrap(base)
     layer.new_adapter("a", AdapterSpec(4, 4, True))
-    perturb(layer, "a")
+    perturb_layer(layer, "a")
     opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
     x = make_input(base, torch.float32)
     calls["n"] = 0
@@ -199,7 +187,7 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
     model[3] = wrap(model[3])
     for layer in (model[0], model[3]):
         layer.new_adapter("a", AdapterSpec(4, 8, True))
-        perturb(layer, "a")
+        perturb_layer(layer, "a")
     x = torch.randn(2, 3, 6, 6)
 
     def grads(m) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -232,7 +220,7 @@ def test_lean_step_under_autocast_matches_plain(recompute, monkeypatch) -> None:
     torch.manual_seed(0)
     layer = wrap(nn.Linear(24, 12).to(torch.bfloat16))
     layer.new_adapter("a", AdapterSpec(4, 3.0, True))
-    perturb(layer, "a")
+    perturb_layer(layer, "a")
     x = torch.randn(3, 5, 24).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_plain, g_plain = run_step(layer, x, lean=False)
@@ -251,7 +239,7 @@ def test_more_zero_magnitudes_than_kept_channels() -> None:
     base = nn.Linear(24, 12)
     layer = wrap(base.requires_grad_(False))
     layer.new_adapter("a", AdapterSpec(4, 4, True))
-    perturb(layer, "a")
+    perturb_layer(layer, "a")
     zero = list(range(_KEEP + 2))
     with torch.no_grad():
         layer.adapters["a"].magnitude[zero] = 0.0
@@ -272,7 +260,7 @@ def test_norm_is_fp32_under_autocast(kind) -> None:
     """bf16 autocast does not reach the norm's matmuls: the same fp32 norm bit for bit."""
     layer = wrap(make_base(kind, torch.float32))
     layer.new_adapter("a", AdapterSpec(8, 8, True))
-    perturb(layer, "a")
+    perturb_layer(layer, "a")
     want = layer.adapters["a"].compute_norm()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = layer.adapters["a"].compute_norm()

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, safe_open
 
-from conftest import make_adapter_file, max_diff, render
 from dora_diffusion.formats import parse_state_dict
 from dora_diffusion.formats.diffusers import METADATA_KEY
+from helpers import make_adapter_file, max_diff, render
 
 RENAMES = {
     "peft": {},

@@ -10,15 +10,14 @@ from torch import nn
 import dora_diffusion.adapter as adapter_mod
 from dora_diffusion.layers import AdapterSpec, wrap
 from dora_diffusion.training.checkpoint import _current_name
-from test_fast_paths import run_step
-from test_layers import make_base, make_input, perturb
+from helpers import make_base, make_input, perturb_layer, run_step
 
 
 def _layer(kind: str, *specs: tuple[str, AdapterSpec]):
     layer = wrap(make_base(kind, torch.float32))
     for name, spec in specs:
         layer.new_adapter(name, spec)
-        perturb(layer, name)
+        perturb_layer(layer, name)
     return layer
 
 
@@ -75,7 +74,7 @@ def test_conv_recompute_step_equals_plain_autograd(kind, bias) -> None:
         base.bias = None
     layer = wrap(base)
     layer.new_adapter("a", AdapterSpec(3, 3.0, True))
-    perturb(layer, "a")
+    perturb_layer(layer, "a")
     with torch.no_grad():
         layer.adapters["a"].magnitude[1] = 0.0
     x = make_input(base, torch.float32)

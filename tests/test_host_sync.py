@@ -19,7 +19,7 @@ from dora_diffusion.config import AdapterConfig
 from dora_diffusion.inject import add_adapter
 from dora_diffusion.layers import AdapterSpec, wrap
 from dora_diffusion.testing import build_tiny_sdxl_pipeline
-from test_layers import make_base, make_input, perturb
+from helpers import make_base, make_input, perturb_layer
 
 SYNCING = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__", "numpy", "cpu")
 """Tensor methods that copy a value to the host (``cpu`` counts even on CPU, where it is free)."""
@@ -73,7 +73,7 @@ def test_dora_layer_step_has_no_host_sync(kind, recompute, zero_rows) -> None:
     base = make_base(kind, torch.float32).requires_grad_(False)
     layer = wrap(base)
     layer.new_adapter("a", AdapterSpec(4, 3.0, True))
-    perturb(layer, "a")
+    perturb_layer(layer, "a")
     layer.recompute_output = recompute
     if zero_rows:
         with torch.no_grad():

@@ -107,6 +107,15 @@ def test_lock_pins_every_package_exactly():
     assert (major, minor) < (5, 24)
 
 
+def test_pyproject_states_the_version_of_the_package():
+    """pyproject.toml writes the version out; dora_diffusion/_version.py is what the code reports."""
+    import dora_diffusion
+    from dora_diffusion._version import __version__
+
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == __version__
+    assert dora_diffusion.__version__ == __version__
+
+
 def test_runtime_ranges_have_justified_floors_and_no_test_references():
     text = (ROOT / "pyproject.toml").read_text()
     project = tomllib.loads(text)["project"]

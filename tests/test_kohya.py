@@ -12,7 +12,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import file_modules, fresh_pipe, make_adapter_file, max_diff, perturb_adapter, render
 from dora_diffusion import AdapterConfig, AdapterFileError, add_adapter, save_adapter
 from dora_diffusion.formats import parse_state_dict
 from dora_diffusion.formats.kohya import (
@@ -23,6 +22,7 @@ from dora_diffusion.formats.kohya import (
     unet_layout,
 )
 from dora_diffusion.inject import adapted_layers
+from helpers import file_modules, fresh_pipe, make_adapter_file, max_diff, perturb_adapter, render
 
 COMPONENT_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 

@@ -8,37 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dora_diffusion.layers import AdapterSpec, DoRAConv2d, DoRALinear, wrap
-
-
-def make_base(kind: str, dtype: torch.dtype) -> nn.Module:
-    torch.manual_seed(0)
-    if kind == "linear":
-        base = nn.Linear(24, 12)
-    elif kind == "conv3x3":
-        base = nn.Conv2d(6, 10, 3, stride=2, padding=1)
-    elif kind == "conv_dilated":
-        base = nn.Conv2d(5, 7, (3, 2), stride=(1, 2), padding=(2, 1), dilation=2, bias=False)
-    else:
-        base = nn.Conv2d(8, 4, 1)
-    return base.to(dtype)
-
-
-def make_input(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    if isinstance(base, nn.Linear):
-        return torch.randn(3, 5, base.in_features, generator=g).to(dtype)
-    return torch.randn(2, base.in_channels, 9, 8, generator=g).to(dtype)
-
-
-def perturb(layer, name: str, seed: int = 2) -> None:
-    """Give an adapter non-trivial B and magnitude, as after training."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        b = layer.adapters[name].B
-        b.copy_(torch.randn(b.shape, generator=g) * 0.3)
-        if layer.adapters[name].magnitude is not None:
-            m = layer.adapters[name].magnitude
-            m.mul_(0.5 + torch.rand(m.shape, generator=g))
+from helpers import make_base, make_input, perturb_layer
 
 
 def reference_weight(layer, name: str, w0: torch.Tensor) -> torch.Tensor:
@@ -91,7 +61,7 @@ def test_layer_table(kind: str, rank: int, dora: bool, dtype: torch.dtype) -> No
     assert torch.equal(y0, y_base)
 
     # Trained: matches W' = m (W0 + s B A) / ||W0 + s B A|| applied densely.
-    perturb(layer, "a")
+    perturb_layer(layer, "a")
     w_ref = reference_weight(layer, "a", w0)
     with torch.no_grad():
         y = layer(x)
@@ -117,7 +87,7 @@ def test_gradients_match_detached_norm_reference(kind: str) -> None:
     x = make_input(base, torch.float32).requires_grad_(True)
     layer = wrap(base)
     layer.new_adapter("a", AdapterSpec(3, 5.0, True))
-    perturb(layer, "a")
+    perturb_layer(layer, "a")
     layer(x).square().sum().backward()
 
     a = layer.adapters["a"].A.detach().clone().requires_grad_(True)
@@ -148,8 +118,8 @@ def test_strength_and_stacking(kind: str) -> None:
     layer = wrap(base)
     layer.new_adapter("d", AdapterSpec(4, 4, True))
     layer.new_adapter("l", AdapterSpec(2, 4, False))
-    perturb(layer, "d", 3)
-    perturb(layer, "l", 4)
+    perturb_layer(layer, "d", 3)
+    perturb_layer(layer, "l", 4)
     wd, wl = reference_weight(layer, "d", w0), reference_weight(layer, "l", w0)
     with torch.no_grad():
         layer.set_active({"d": 0.0})
@@ -178,7 +148,7 @@ def test_legacy_per_input_norm(kind: str) -> None:
     assert layer.adapters["old"].magnitude.shape == (layer.in_features,)
     with torch.no_grad():
         assert (layer(x) - y_base).abs().max().item() <= 1e-6
-    perturb(layer, "old")
+    perturb_layer(layer, "old")
     with torch.no_grad():
         assert torch.allclose(layer(x), apply(base, x, reference_weight(layer, "old", w0)), atol=1e-5)
 
@@ -200,7 +170,7 @@ def test_fp16_unfuse_bit_exact_after_100_cycles() -> None:
     w0 = base.weight.detach().clone()
     layer = wrap(base)
     layer.new_adapter("a", AdapterSpec(4, 4, True))
-    perturb(layer, "a")
+    perturb_layer(layer, "a")
     for _ in range(100):
         layer.fuse()
         assert not torch.equal(layer.weight, w0)
@@ -213,7 +183,7 @@ def test_norm_cache_follows_optimizer_steps() -> None:
     base = make_base("linear", torch.float32)
     layer = wrap(base)
     layer.new_adapter("a", AdapterSpec(4, 4, True))
-    perturb(layer, "a")
+    perturb_layer(layer, "a")
     n1 = layer.adapters["a"].norm()
     assert layer.adapters["a"].norm() is n1
     opt = torch.optim.SGD(list(layer.parameters()), lr=0.1)
@@ -256,7 +226,7 @@ def test_lora_gradients_match_dense_reference(kind: str) -> None:
     x = make_input(base, torch.float32).requires_grad_(True)
     layer = wrap(base)
     layer.new_adapter("l", AdapterSpec(3, 5.0, False))
-    perturb(layer, "l")
+    perturb_layer(layer, "l")
     layer(x).square().sum().backward()
     a = layer.adapters["l"].A.detach().clone().requires_grad_(True)
     b = layer.adapters["l"].B.detach().clone().requires_grad_(True)

@@ -7,8 +7,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 
-from conftest import max_diff, render
 from dora_diffusion.testing import build_tiny_sdxl_pipeline
+from helpers import max_diff, render
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig  # noqa: E402

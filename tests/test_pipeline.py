@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 import dora_diffusion
-from conftest import make_adapter_file, max_diff, render
 from dora_diffusion.inject import adapted_layers
+from helpers import make_adapter_file, max_diff, render
 
 
 def test_strength_disable_fuse_unload(tmp_path, pipe, base_images) -> None:

@@ -10,7 +10,6 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-from conftest import max_diff, render
 from dora_diffusion.testing import (
     MODEL_MAX_LENGTH,
     TINY_RESOLUTION,
@@ -19,6 +18,7 @@ from dora_diffusion.testing import (
     make_toy_images,
     save_tiny_sdxl_pipeline,
 )
+from helpers import max_diff, render
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 

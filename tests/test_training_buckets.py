@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from dora_diffusion.testing import make_toy_images, save_tiny_sdxl_pipeline

@@ -25,7 +25,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import dora_diffusion  # noqa: F401
-from conftest import max_diff, render
 from diffusers import DDPMScheduler
 
 from dora_diffusion.inject import adapted_layers
@@ -36,6 +35,7 @@ from dora_diffusion.training import loop as training_loop
 from dora_diffusion.training.models import ADAPTER_NAME, Components, add_training_adapters, named_trainable
 from dora_diffusion.training.optim import param_groups
 from dora_diffusion.training.steplog import read_step_log
+from helpers import max_diff, render
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "pytorch_lora_weights.safetensors"

@@ -116,7 +116,7 @@ def test_comparison_page_loads_the_embeddings_with_the_folder(ti_run):
     root, _ = ti_run
     pipe = fresh_pipe(root)
     comparer = Comparer(pipe, str(root / "model"))
-    comparer.add_adapter(str(root / "ti"), "ti")
+    comparer.load_adapter(str(root / "ti"), "ti")
     assert "<s0>" in pipe.tokenizer.get_vocab() and "<s1>" in pipe.tokenizer_2.get_vocab()
     comparer.remove_adapter("ti")
     assert "<s0>" not in pipe.tokenizer.get_vocab() and len(pipe.tokenizer_2) == 514

@@ -18,13 +18,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import file_modules, fresh_pipe, max_diff, perturb_adapter, render
 from dora_diffusion import AdapterConfig, AdapterFileError, add_adapter, save_adapter
 from dora_diffusion.cli import convert_file, describe, main, model_named, read_adapter
 from dora_diffusion.formats.comfyui import RULE_KEY, to_comfyui_modules
 from dora_diffusion.formats.kohya import PREFIXES, resolve_kohya
 from dora_diffusion.inject import adapted_layers
 from dora_diffusion.testing import save_tiny_sdxl_pipeline
+from helpers import file_modules, fresh_pipe, max_diff, perturb_adapter, render
 
 STRENGTHS = (0.5, 1.0, 1.5)
 

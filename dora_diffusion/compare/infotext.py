@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .. import __version__
+from .._version import __version__
 from .plan import BASE_LABEL, SCHEDULERS, Cell, Column, CompareError, GenerationSettings, GridPlan, parse_seeds
 
 _KARRAS = " Karras"

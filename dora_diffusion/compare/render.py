@@ -18,7 +18,7 @@ from PIL import Image
 from ..formats import resolve_file
 from ..inject import adapted_layers
 from ..pipeline import (
-    components,
+    adaptable_models,
     delete_dora_adapters,
     disable_dora,
     enable_dora,
@@ -152,7 +152,7 @@ class Comparer:
             raise CompareError("enter a path, a Hub repo id, or upload a .safetensors file")
         return resolve_file(source)
 
-    def add_adapter(self, source: str, name: str | None = None, file: Path | None = None) -> AdapterInfo:
+    def load_adapter(self, source: str, name: str | None = None, file: Path | None = None) -> AdapterInfo:
         """Load an adapter (a file, a directory holding one, or a Hub repo id) under a column name.
 
         ``file`` is ``source``'s resolved file if the caller already has it (``resolve``). Raises ``CompareError``
@@ -192,7 +192,7 @@ class Comparer:
     def _describe(self, name: str, source: str, file: Path | None) -> AdapterInfo:
         specs = [
             layer.adapters[name].spec
-            for model in components(self.pipe).values()
+            for model in adaptable_models(self.pipe).values()
             for layer in adapted_layers(model).values()
             if name in layer.adapters
         ]
@@ -200,14 +200,15 @@ class Comparer:
         kind = "DoRA + LoRA" if len(dora) == 2 else ("DoRA" if True in dora else "LoRA")
         return AdapterInfo(name, source, kind, tuple(sorted({s.rank for s in specs})), len(specs), file)
 
-    def plan(
+    def plan_grid(
         self,
         settings: GenerationSettings,
         seeds: str | Sequence[int],
         adapters: Mapping[str, float | Sequence[float] | str],
         include_base: bool,
     ) -> GridPlan:
-        """Check the request and plan its grid (see ``plan_grid``); seeds may be text like ``"0-3"``."""
+        """Check the request and plan its grid over the loaded adapters (``plan.plan_grid`` with ``max_cells``);
+        seeds may be text like ``"0-3"``."""
         if isinstance(seeds, str):
             seeds = parse_seeds(seeds, self.max_cells)
         return plan_grid(settings, seeds, adapters, include_base, list(self._adapters), self.max_cells)

@@ -51,7 +51,7 @@ from .models import (
 )
 from .optim import build_lr_scheduler, build_optimizer, param_groups
 from .pivotal import add_new_tokens, mentions, new_token_rows, replace_abstractions, ti_steps, token_plan
-from .prior import existing_class_images, generate_class_images, load_class_records, missing_class_indices
+from .prior import generate_class_images, load_class_records, missing_class_indices
 from .rundir import SETTINGS_FILE, check_output_dir, remove_leftovers, with_resolved_paths, write_json_atomic
 from .steplog import LOG_FILE, StepLog
 from .summary import summary
@@ -103,10 +103,11 @@ def resolve_triggers(args: argparse.Namespace, captions: list[str]) -> list[str]
 
 def apply_token_plan(args: argparse.Namespace, records: list) -> dict[str, list[str]]:
     """Pivotal tuning: replace each ``--token_abstraction`` word by its new tokens in the captions (and in
-    ``--validation_prompt``); returns the plan. A word no caption holds is an error (its tokens would never train)."""
-    plan = token_plan(args.token_abstraction, args.num_new_tokens_per_abstraction)
+    ``--validation_prompt``); returns ``{word: its new tokens}``. A word no caption holds is an error (its tokens
+    would never train)."""
+    new_tokens = token_plan(args.token_abstraction, args.num_new_tokens_per_abstraction)
     captions = [r.caption for r in records]
-    for word in plan:
+    for word in new_tokens:
         if not any(mentions(c, word) for c in captions):
             found = trigger_words(captions)
             raise DatasetError(
@@ -117,10 +118,10 @@ def apply_token_plan(args: argparse.Namespace, records: list) -> dict[str, list[
                    "6e1cf947876b1ec5b34daf6a99f11433d87791f5 has the old 'TOK' ones)" if "3d_icon" in str(args.dataset) else "")
             )  # fmt: skip
     for r in records:
-        r.caption = replace_abstractions(r.caption, plan)
+        r.caption = replace_abstractions(r.caption, new_tokens)
     if args.validation_prompt:
-        args.validation_prompt = replace_abstractions(args.validation_prompt, plan)
-    return plan
+        args.validation_prompt = replace_abstractions(args.validation_prompt, new_tokens)
+    return new_tokens
 
 
 def resolve_schedule(args: argparse.Namespace, num_images: int, num_processes: int, per_epoch: int | None = None) -> int:
@@ -238,7 +239,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
             args.dataset, args.image_column, args.caption_column, args.instance_prompt, args.dataset_config_name,
             args.cache_dir, args.dataset_revision, args.resolution,
         )  # fmt: skip
-    plan = apply_token_plan(args, loaded.records) if args.train_text_encoder_ti else None
+    new_tokens = apply_token_plan(args, loaded.records) if args.train_text_encoder_ti else None
     captions = [r.caption for r in loaded.records]
     masks = load_masks(args.mask_dir, loaded.records) if args.mask_dir else None
     triggers = resolve_triggers(args, captions)
@@ -280,7 +281,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     weight_dtype = DTYPES[args.mixed_precision]
     components = load_components(args, weight_dtype)
     offload = device.type != "cpu"
-    text_offload = offload and not args.train_text_encoder and plan is None
+    text_offload = offload and not args.train_text_encoder and new_tokens is None
     # nn.Module.to: diffusers' ModelMixin.to warns about "modules to keep in float32" even when there are none
     nn.Module.to(components.unet, device, weight_dtype)
     for te in (components.text_encoder, components.text_encoder_2):
@@ -306,8 +307,8 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
 
     models = add_training_adapters(components, args)
     named = named_trainable(models)
-    ti_named = add_new_tokens(components, plan, args.seed) if plan else []
-    ti_until = ti_steps(args.max_train_steps, args.train_text_encoder_ti_frac) if plan else 0
+    ti_named = add_new_tokens(components, new_tokens, args.seed) if new_tokens else []
+    ti_until = ti_steps(args.max_train_steps, args.train_text_encoder_ti_frac) if new_tokens else 0
     named += ti_named
     params = [p for _, p in named]
     counted = count_parameters(models)
@@ -329,7 +330,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
         class_records, args.class_prompt, masks, buckets,
     )  # fmt: skip
     latents = LatentSource(components.vae, device, next(components.vae.parameters()).dtype)
-    prompts = PromptSource(components, device, trained=args.train_text_encoder or plan is not None)
+    prompts = PromptSource(components, device, trained=args.train_text_encoder or new_tokens is not None)
 
     def freeze_prompts() -> None:
         """The text encoders stop changing: encode every prompt once, as when they never train."""
@@ -342,7 +343,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
         if offload:
             components.text_encoder.to("cpu"), components.text_encoder_2.to("cpu")
 
-    if plan is None and not args.train_text_encoder:
+    if new_tokens is None and not args.train_text_encoder:
         freeze_prompts()
     if args.cache_latents:
         latents.fill_cache(dataset)
@@ -389,12 +390,12 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
                                       "train_text_encoder", "text_encoder_targets", "seed")}}  # fmt: skip
         if directory == output_dir:
             run_files.claim(weight_name or DEFAULT_WEIGHT_NAME)
-        if plan and format == "diffusers":  # the new tokens' embeddings beside the adapter (also in checkpoints)
+        if new_tokens and format == "diffusers":  # the new tokens' embeddings beside the adapter (also in checkpoints)
             emb = directory / embeddings_name(output_dir.resolve().name)
             if directory == output_dir:
                 run_files.claim(emb.name)
-            abstraction = {w: "".join(ts) for w, ts in plan.items()}
-            write_embeddings(emb, new_token_rows(components), [t for ts in plan.values() for t in ts], abstraction)
+            abstraction = {w: "".join(ts) for w, ts in new_tokens.items()}
+            write_embeddings(emb, new_token_rows(components), [t for ts in new_tokens.values() for t in ts], abstraction)
         return save_adapter(models, directory, ADAPTER_NAME, weight_name=weight_name, format=format, metadata=meta)
 
     validated: dict[int, list[Path]] = {}
@@ -427,7 +428,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     step_log = StepLog(output_dir, start_step) if main_process else None
     progress = tqdm(total=max_steps, initial=start_step, desc="steps", disable=not main_process, dynamic_ncols=True)
     micro = start_micro
-    ti_frozen = plan is None
+    ti_frozen = new_tokens is None
     for step in range(start_step, max_steps):
         loss_sum = torch.zeros((), device=device)
         if not ti_frozen and step >= ti_until:

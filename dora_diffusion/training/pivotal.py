@@ -44,9 +44,9 @@ def mentions(text: str, word: str) -> bool:
     return re.search(_word(word), text) is not None
 
 
-def replace_abstractions(text: str, plan: dict[str, list[str]]) -> str:
+def replace_abstractions(text: str, new_tokens: dict[str, list[str]]) -> str:
     """Every whole-word occurrence of an abstraction replaced by its tokens: ``"a TOK icon"`` -> ``"a <s0><s1> icon"``."""
-    for word, tokens in plan.items():
+    for word, tokens in new_tokens.items():
         text = re.sub(_word(word), "".join(tokens), text)
     return text
 
@@ -81,12 +81,15 @@ class NewTokenEmbedding(nn.Module):
         return torch.where((ids >= v).unsqueeze(-1), extra, out)
 
 
-def add_new_tokens(components: Components, plan: dict[str, list[str]], seed: int) -> list[tuple[str, nn.Parameter]]:
-    """Add the plan's tokens to both tokenizers and their (fp32, trainable) rows to both text encoders.
+def add_new_tokens(
+    components: Components, new_tokens: dict[str, list[str]], seed: int
+) -> list[tuple[str, nn.Parameter]]:
+    """Add ``new_tokens`` (``{word: tokens}`` from ``token_plan``) to both tokenizers and their (fp32, trainable)
+    rows to both text encoders.
 
     Returns ``[("text_encoder.token_embedding.new", p), ("text_encoder_2.token_embedding.new", p2)]``.
     """
-    tokens = [t for ts in plan.values() for t in ts]
+    tokens = [t for ts in new_tokens.values() for t in ts]
     named = []
     g = torch.Generator().manual_seed(derive_seed(seed, ADAPTER_INIT, 1))
     for name, tokenizer in zip(EMBEDDINGS, (components.tokenizer, components.tokenizer_2)):

@@ -1,0 +1,100 @@
+"""``dora-diffusion analyze``: measure adapter files and training checkpoints against a base model.
+
+``add_analyze_parser`` registers the subcommand; ``run_analyze`` loads the base (``scan.load_base``), loads and
+measures each adapter of ``sources.adapter_sources`` alone, prints the summary and writes ``analysis.csv`` and
+``analysis.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from ..formats import AdapterFileError
+from ..pipeline import delete_dora_adapters, load_dora_weights
+from .plot import plot
+from .scan import BASE_DTYPES, Row, analyze_pipeline, load_base, write_csv
+from .sources import adapter_sources, file_method
+from .summary import format_summary, pool_checkpoints, summarize
+
+
+def add_analyze_parser(subparsers) -> None:
+    """Register ``dora-diffusion analyze``."""
+    p = subparsers.add_parser(
+        "analyze",
+        help="magnitude and direction change per module (DoRA paper, Figure 2)",
+        description="Apply each adapter alone to the base model and measure, per adapted module, the mean change of "
+        "the output-channel norms (delta_M) and of their directions (delta_D, mean 1 - cos). Prints the slope and "
+        "Pearson r of delta_M against delta_D per adapter, writes analysis.csv and the scatter plot analysis.png.",
+    )
+    p.add_argument("--base", required=True, metavar="MODEL",
+                   help="the SDXL model the adapters were trained on: Hub id or local diffusers directory")  # fmt: skip
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER",
+                   help="adapter .safetensors file or directory; a training output directory expands to its "
+                   "checkpoint-N/ folders, ordered by step")  # fmt: skip
+    p.add_argument("--out", default="analysis", metavar="DIR", help="output directory (default: ./analysis)")
+    p.add_argument("--dtype", default="float32", choices=sorted(BASE_DTYPES),
+                   help="precision to load the base in; float16 halves memory (default: float32)")  # fmt: skip
+    p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16 (as in from_pretrained)")
+    p.add_argument("--title", default=None, help="plot title")
+    p.set_defaults(func=run_analyze)
+
+
+def _error(message: str) -> int:
+    print(f"dora-diffusion analyze: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _unwritable(out: Path) -> str | None:
+    """Why the folder ``out`` cannot be created or written to (checked before any work), or None."""
+    if out.exists() and not out.is_dir():
+        return "is a file; pass a folder (analysis.csv and analysis.png are written into it)"
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        return f"{existing} is a file, so the folder cannot be created"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """Analyse every adapter against ``--base``; print the summary, write ``analysis.csv`` and ``analysis.png``.
+
+    Adapters are loaded one at a time, so many checkpoints need no more memory than one. Returns 0, or 2 after
+    printing one line if the base model or an adapter cannot be read or does not fit.
+    """
+    problem = _unwritable(Path(args.out))
+    if problem:
+        return _error(f"--out {args.out}: {problem}")
+    try:
+        sources = adapter_sources(args.adapters)
+    except (AdapterFileError, OSError) as err:
+        return _error(str(err))
+    try:
+        pipe = load_base(args.base, args.dtype, args.variant)
+    except OSError as err:
+        return _error(str(err))
+    rows: list[Row] = []
+    for name, path in sources:
+        try:
+            load_dora_weights(pipe, path, adapter_name=name)
+        except (AdapterFileError, ValueError) as err:
+            return _error(f"adapter {path} does not fit {args.base}: {err}")
+        found = analyze_pipeline(pipe, [name])
+        method = file_method(path)
+        rows += [replace(r, method=method) for r in found] if method else found
+        delete_dora_adapters(pipe, name)
+    out = Path(args.out)
+    print(format_summary(summarize(rows)))
+    pooled = pool_checkpoints(rows)
+    if pooled is not rows:
+        print("\nper training run, all its checkpoints together (as the paper's Figure 2):")
+        print(format_summary(summarize(pooled)))
+    csv_path = write_csv(rows, out / "analysis.csv")
+    png_path = plot(pooled, out / "analysis.png", args.title)
+    print(f"wrote {csv_path} ({len(rows)} rows)")
+    print(f"wrote {png_path}")
+    return 0

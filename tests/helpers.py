@@ -1,0 +1,146 @@
+"""Helpers the test files share (as PEFT's ``testing_common``): import them from here, not from another test file.
+
+Tiny SDXL pipelines and a fixed way to render them, adapter files that look trained, single layers with their
+inputs, and a free local port. Fixtures stay in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import torch
+from torch import nn
+
+import dora_diffusion  # noqa: F401  (installs the pipeline methods)
+from dora_diffusion.testing import TINY_RESOLUTION, build_tiny_sdxl_pipeline
+
+PROMPT = "a photo of TOK toy on a table"
+
+
+# ---------------------------------------------------------------------------------------------- pipelines
+
+
+def render(pipe, prompt: str = PROMPT, seed: int = 0) -> np.ndarray:
+    """Two denoising steps with a fixed generator, fp32 numpy images."""
+    out = pipe(
+        prompt,
+        num_inference_steps=2,
+        height=TINY_RESOLUTION,
+        width=TINY_RESOLUTION,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    )
+    return out.images
+
+
+def fresh_pipe():
+    """A new tiny SDXL pipeline (same random weights every time), progress bar off."""
+    p = build_tiny_sdxl_pipeline(seed=0)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def file_modules(path) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module key prefix: {param: tensor}}`` of a kohya-style safetensors file (keys ``<module>.<param>``)."""
+    from safetensors.torch import load_file
+
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in load_file(str(path)).items():
+        module, _, param = key.partition(".")
+        groups.setdefault(module, {})[param] = t
+    return groups
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """The largest absolute difference between two images, in float64."""
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+
+
+def perturb_adapter(model: torch.nn.Module, adapter_name: str, seed: int, b_std: float = 0.05) -> None:
+    """Make an untrained adapter look trained: random B, magnitudes scaled by U(0.8, 1.2)."""
+    from dora_diffusion.inject import adapted_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():
+            if adapter_name not in layer.adapters:
+                continue
+            b = layer.adapters[adapter_name].B
+            b.copy_(torch.randn(b.shape, generator=g) * b_std)
+            if layer.adapters[adapter_name].magnitude is not None:
+                m = layer.adapters[adapter_name].magnitude
+                m.mul_(0.8 + 0.4 * torch.rand(m.shape, generator=g))
+
+
+def make_adapter_file(directory, seed: int = 1, targets: str = "all", use_dora: bool = True, text: bool = True):
+    """Write a random-but-trained-looking adapter for the tiny pipeline; returns the file path."""
+    from dora_diffusion import AdapterConfig, add_adapter
+
+    p = build_tiny_sdxl_pipeline(seed=0)
+    add_adapter(p.unet, AdapterConfig(rank=4, alpha=6, use_dora=use_dora, targets=targets), "a")
+    perturb_adapter(p.unet, "a", seed)
+    if text:
+        for i, te in enumerate((p.text_encoder, p.text_encoder_2)):
+            add_adapter(te, AdapterConfig(rank=2, use_dora=use_dora, targets="all"), "a")
+            perturb_adapter(te, "a", seed + 100 + i)
+    return p.save_dora_weights(directory)
+
+
+# ---------------------------------------------------------------------------------------------- single layers
+
+
+def make_base(kind: str, dtype: torch.dtype) -> nn.Module:
+    """A seeded base layer: ``linear``, ``conv3x3`` (strided), ``conv_dilated`` (no bias) or else a 1x1 conv."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        base = nn.Linear(24, 12)
+    elif kind == "conv3x3":
+        base = nn.Conv2d(6, 10, 3, stride=2, padding=1)
+    elif kind == "conv_dilated":
+        base = nn.Conv2d(5, 7, (3, 2), stride=(1, 2), padding=(2, 1), dilation=2, bias=False)
+    else:
+        base = nn.Conv2d(8, 4, 1)
+    return base.to(dtype)
+
+
+def make_input(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A seeded input for ``base``: (3, 5, in_features) for a Linear, (2, in_channels, 9, 8) for a Conv2d."""
+    g = torch.Generator().manual_seed(1)
+    if isinstance(base, nn.Linear):
+        return torch.randn(3, 5, base.in_features, generator=g).to(dtype)
+    return torch.randn(2, base.in_channels, 9, 8, generator=g).to(dtype)
+
+
+def perturb_layer(layer, name: str, seed: int = 2) -> None:
+    """Give adapter ``name`` of one adapted layer a non-trivial B and magnitude, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        b = layer.adapters[name].B
+        b.copy_(torch.randn(b.shape, generator=g) * 0.3)
+        if layer.adapters[name].magnitude is not None:
+            m = layer.adapters[name].magnitude
+            m.mul_(0.5 + torch.rand(m.shape, generator=g))
+
+
+# ---------------------------------------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_step(layer, x: torch.Tensor, lean: bool, recompute: bool = False):
+    """One training step of adapter "a" on ``layer``: the output and the gradients of A, B, m and x."""
+    layer.lean_training = lean
+    layer.recompute_output = recompute
+    for p in layer.parameters():
+        p.grad = None
+    xg = x.detach().clone().requires_grad_(True)
+    y = layer(xg)
+    (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    grads = [layer.adapters["a"].A.grad, layer.adapters["a"].B.grad, layer.adapters["a"].magnitude.grad, xg.grad]
+    return y.detach(), [g.clone() for g in grads]
