@@ -26,7 +26,7 @@ def check_fits(where: str, module: nn.Module, ma: ModuleAdapter) -> None:
         raise AdapterFileError(f"shape mismatch at {where}: {problem}. Was the adapter trained for a different base model?")
 
 
-def load_adapter(models: dict[str, nn.Module], adapter_name: str, modules: dict[str, dict[str, ModuleAdapter]]) -> None:
+def attach_adapter(models: dict[str, nn.Module], adapter_name: str, modules: dict[str, dict[str, ModuleAdapter]]) -> None:
     """Add ``adapter_name`` to ``models`` (component -> model) with the tensors of ``modules`` (component ->
     module name -> tensors, names as in the models). All or nothing: on any error no model keeps a trace."""
     done: list[str] = []

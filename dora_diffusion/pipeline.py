@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_io import check_fits, load_adapter, save_adapter
+from .adapter_io import attach_adapter, check_fits, save_adapter
 from .formats import (
     COMPONENTS,
     AdapterFileError,
@@ -167,7 +167,7 @@ def load_dora_weights(
     disabled = any(layer.disabled for layer in _layers(pipe))
     source = pretrained_model_name_or_path_or_dict
     emb = find_embeddings(source) if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() else None
-    load_adapter(models, adapter_name, matched)
+    attach_adapter(models, adapter_name, matched)
     try:
         if emb is not None:  # pivotal tuning: the new tokens' embeddings beside the adapter
             _embeddings(pipe)[adapter_name] = load_embeddings(pipe, emb)
