@@ -1,7 +1,7 @@
 """Time ratios that hold on a noisy machine: many interleaved pairs, the median of per-pair ratios, a 95% interval.
 
     python benchmarks/bench_paired.py --pairs 31              # transformer stack (bench_layers --quick's case), ~7 min
-    python benchmarks/bench_paired.py --pairs 31 --targets attn attn_ff --ranks 16
+    python benchmarks/bench_paired.py --pairs 31 --targets attn attn_ff --memory
     python benchmarks/bench_paired.py --pairs 0 --unet 32 --unet_pairs 9   # full SDXL UNet only, 32x32 latent
 
 For each case (two SDXL transformer blocks at 1280 channels, 1024 tokens; rank, targets) and comparison it runs
@@ -9,8 +9,9 @@ For each case (two SDXL transformer blocks at 1280 channels, 1024 tokens; rank, 
 ratios with a distribution-free 95% interval (``common.median_interval``), for wall time and for the process's
 CPU time (user + sys) beside it. A figure counts only when its wall interval is within +-3% of its median.
 Comparisons: training step DoRA / LoRA (ours, default recompute mode), unfused inference DoRA / LoRA (ours),
-training step PEFT DoRA / ours DoRA. Beside them, the peak memory of a training step DoRA / LoRA, measured by
-``bench_layers``' memory phase in a fresh process (memory is not noisy: one measurement).
+training step PEFT DoRA / ours DoRA. With ``--memory``, beside them the peak resident memory of a training step
+DoRA / LoRA, measured as ``bench_layers`` does (a fresh process whose glibc returns freed blocks at once;
+memory is not noisy: one measurement, the median of 3 steps).
 
 ``--unet LATENT`` adds the full SDXL UNet (config in code, random weights, 2.6 B parameters fp32) with gradient
 checkpointing and recompute mode ``none``, as ``train_dreambooth_dora.py`` runs it: training step DoRA / LoRA
@@ -20,6 +21,8 @@ on ``--targets``, ``--unet_pairs`` pairs (a step takes tens of seconds on 2 core
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,9 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_layers import infer, make_variants, memory_in_subprocess, train_step, workload  # noqa: E402
+from bench_layers import infer, make_variants, train_step, workload  # noqa: E402
 from bench_unet import build_unet, perturb_b, step, unet_inputs  # noqa: E402
-from common import machine_line, paired_ratio  # noqa: E402
+from common import machine_line, paired_ratio, peak_bytes, pin_malloc  # noqa: E402
 
 from dora_diffusion import AdapterConfig, add_adapter, set_recompute, trainable_parameters  # noqa: E402
 from dora_diffusion.inject import adapted_layers  # noqa: E402
@@ -46,18 +49,27 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=31)
     ap.add_argument("--targets", nargs="+", default=["attn_ff"])
+    ap.add_argument("--peft_targets", nargs="*", default=["attn_ff"], help="targets where PEFT DoRA / ours is timed")
     ap.add_argument("--ranks", type=int, nargs="+", default=[16])
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--memory", action="store_true", help="also the peak-memory ratio (bench_layers --quick's case)")
+    ap.add_argument("--memory", action="store_true", help="also the peak-memory ratio DoRA / LoRA of a training step")
+    ap.add_argument("--memory_child", help=argparse.SUPPRESS)  # targets; the fresh process that measures memory
     ap.add_argument("--unet", type=int, nargs="*", default=[], help="latent sides for the full-UNet case")
     ap.add_argument("--unet_pairs", type=int, default=9)
     args = ap.parse_args(argv)
     torch.set_grad_enabled(True)
+    if args.memory_child:
+        pin_malloc()
+        base, inputs = workload("transformer", args.blocks, args.tokens)
+        variants = make_variants(base, args.memory_child, args.ranks[0])
+        print(json.dumps({k: peak_bytes(lambda m=variants[k]: train_step(m, inputs)) for k in ("dora", "lora")}))
+        return 0
     print(machine_line(), flush=True)
-    if args.memory:
-        (peak,) = memory_in_subprocess(["--quick", "--blocks", str(args.blocks), "--tokens", str(args.tokens)])
-        print(f"transformer attn_ff rank 16  peak memory dora/lora {peak['dora'] / peak['lora']:.3f} "
+    for targets in args.targets if args.memory else []:
+        child = [*sys.argv[:1], "--memory_child", targets, "--blocks", str(args.blocks), "--tokens", str(args.tokens)]
+        peak = json.loads(subprocess.run([sys.executable, *child], check=True, capture_output=True, text=True).stdout)
+        print(f"transformer {targets} rank {args.ranks[0]}  peak memory dora/lora {peak['dora'] / peak['lora']:.3f} "
               f"(MB above resident: dora {peak['dora'] / 2**20:.1f}, lora {peak['lora'] / 2**20:.1f})", flush=True)  # fmt: skip
     for targets in args.targets if args.pairs else []:
         for rank in args.ranks:
@@ -65,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             variants = make_variants(base, targets, rank)
             step = {"train": train_step, "infer": infer}
             for label, kind, a, b in COMPARISONS:
+                if a.startswith("peft") and targets not in args.peft_targets:
+                    continue
                 result = paired_ratio(
                     lambda: step[kind](variants[a], inputs), lambda: step[kind](variants[b], inputs), args.pairs
                 )
