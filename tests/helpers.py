@@ -6,6 +6,7 @@ inputs, and a free local port. Fixtures stay in ``conftest.py``.
 
 from __future__ import annotations
 
+import copy
 import socket
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 import dora_diffusion  # noqa: F401  (installs the pipeline methods)
+from dora_diffusion.layers import AdapterSpec, wrap
 from dora_diffusion.testing import TINY_RESOLUTION, build_tiny_sdxl_pipeline
 
 PROMPT = "a photo of TOK toy on a table"
@@ -144,3 +146,21 @@ def run_step(layer, x: torch.Tensor, lean: bool, recompute: bool = False):
     (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     grads = [layer.adapters["a"].A.grad, layer.adapters["a"].B.grad, layer.adapters["a"].magnitude.grad, xg.grad]
     return y.detach(), [g.clone() for g in grads]
+
+
+def saved_bytes(base: nn.Module, x: torch.Tensor, use_dora: bool, recompute: bool = False) -> int:
+    """Bytes autograd keeps for the backward of one step of a fresh rank-4 adapter on a copy of ``base``
+    (storages of the saved tensors that are not parameters, each counted once)."""
+    layer = wrap(copy.deepcopy(base).requires_grad_(False))
+    layer.new_adapter("a", AdapterSpec(4, 4, use_dora))
+    layer.recompute_output = recompute
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if not isinstance(t, nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x).sum().backward()
+    return sum(storages.values())

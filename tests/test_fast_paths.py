@@ -9,6 +9,7 @@ from torch import nn
 from dora_diffusion.layers import AdapterSpec, wrap
 from dora_diffusion.norms import factored_row_norm
 from helpers import make_base, make_input, perturb_layer, run_step
+from helpers import saved_bytes as helpers_saved_bytes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -125,20 +126,7 @@ def test_lean_step_keeps_no_extra_activation() -> None:
     x = torch.randn(8, 32, 64, requires_grad=True)
 
     def saved_bytes(use_dora: bool, recompute: bool = False) -> int:
-        layer = wrap(nn.Linear(64, 96).requires_grad_(False))
-        layer.base_layer.load_state_dict(base.state_dict())
-        layer.new_adapter("a", AdapterSpec(4, 4, use_dora))
-        layer.recompute_output = recompute
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor):
-            if not isinstance(t, nn.Parameter):
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            layer(x).sum().backward()
-        return sum(storages.values())
+        return helpers_saved_bytes(base, x, use_dora, recompute)
 
     extra = saved_bytes(True) - saved_bytes(False)
     n_out = 8 * 32 * 96 * 4

@@ -11,6 +11,7 @@ import dora_diffusion.adapter as adapter_mod
 from dora_diffusion.layers import AdapterSpec, wrap
 from dora_diffusion.training.checkpoint import _current_name
 from helpers import make_base, make_input, perturb_layer, run_step
+from helpers import saved_bytes as helpers_saved_bytes
 
 
 def _layer(kind: str, *specs: tuple[str, AdapterSpec]):
@@ -93,20 +94,7 @@ def test_conv_recompute_keeps_no_output() -> None:
     x = torch.randn(2, 8, 12, 12, requires_grad=True)
 
     def saved_bytes(use_dora: bool, recompute: bool = False) -> int:
-        layer = wrap(nn.Conv2d(8, 16, 3, padding=1).requires_grad_(False))
-        layer.base_layer.load_state_dict(base.state_dict())
-        layer.new_adapter("a", AdapterSpec(4, 4, use_dora))
-        layer.recompute_output = recompute
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor):
-            if not isinstance(t, nn.Parameter):
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            layer(x).sum().backward()
-        return sum(storages.values())
+        return helpers_saved_bytes(base, x, use_dora, recompute)
 
     n_out = 2 * 16 * 12 * 12 * 4
     lora = saved_bytes(False)
