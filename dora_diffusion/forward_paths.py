@@ -54,6 +54,9 @@ class Call:
     """Gradients must reach some running adapter's parameters."""
     compiling: bool
     """Inside ``torch.compile``: inductor fuses the reference path; the custom autograd functions would break graphs."""
+    hooked: bool
+    """The base module has hooks (e.g. accelerate offloading): it must be called, and its weight may not be
+    where the hook put it by the time of the backward."""
     direct: bool
     """The base product may be done here (``F.linear``) instead of calling the base module."""
 
@@ -62,6 +65,7 @@ class Call:
         w = layer.geometry.weight
         autocast = torch.is_autocast_enabled(x.device.type)
         running = tuple((a, a.strength) for a in layer.adapters.values() if a.strength)
+        hooked = _has_hooks(layer.base_layer)
         return cls(
             x=x,
             base_in=x if autocast or x.dtype == w.dtype else x.to(w.dtype),
@@ -70,7 +74,8 @@ class Call:
             autocast=autocast,
             grad=torch.is_grad_enabled() and any(a.trainable for a, _ in running),
             compiling=torch.compiler.is_compiling(),
-            direct=layer.geometry.direct and not _has_hooks(layer.base_layer),
+            hooked=hooked,
+            direct=layer.geometry.direct and not hooked,
         )
 
 
@@ -148,7 +153,7 @@ def _lean_linear_run(layer: AdaptedLayer, call: Call) -> torch.Tensor:
 
 def _lean_scaled_run(layer: AdaptedLayer, call: Call) -> torch.Tensor:
     """Lean DoRA step given the base module's output (``DoRAScaleFunction``): a Conv2d, or a Linear whose
-    hooks must run. With ``recompute_output`` (Conv2d only) it keeps ``x`` instead of ``y``."""
+    hooks must run. With ``recompute_output`` (an unhooked Conv2d only) it keeps ``x`` instead of ``y``."""
     ((adapter, _),) = call.running
     geom, x = layer.geometry, call.x
     xd = adapter.dropout(x)
@@ -157,7 +162,8 @@ def _lean_scaled_run(layer: AdaptedLayer, call: Call) -> torch.Tensor:
     h = geom.down(xd, adapter.A)
     base_out = layer.base_layer(call.base_in)
     is_conv = geom.kind == "Conv2d"
-    recompute = layer.recompute_output and is_conv and xd is x and call.base_in is x and not call.autocast
+    recompute = layer.recompute_output and is_conv and not call.hooked and xd is x and call.base_in is x
+    recompute = recompute and not call.autocast
     keep_x = (x, geom.base) if recompute else (None, None)
     return DoRAScaleFunction.apply(base_out, h, adapter.B, adapter.factor(), geom.bias, adapter.spec.scale, is_conv, *keep_x)
 

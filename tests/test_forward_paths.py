@@ -129,3 +129,23 @@ def test_checkpoint_parameter_names_from_older_versions() -> None:
     assert _current_name("unet.down.0.to_q.lora_A.default") == "unet.down.0.to_q.adapters.default.A"
     assert _current_name("text_encoder.l.q_proj.lora_magnitude.x") == "text_encoder.l.q_proj.adapters.x.magnitude"
     assert _current_name("unet.down.0.to_q.adapters.default.B") == "unet.down.0.to_q.adapters.default.B"
+
+
+def test_hooked_conv_keeps_its_output() -> None:
+    """A Conv2d whose module has hooks (accelerate offloading moves its weight) never recomputes the base conv in
+    the backward: it keeps y even when recompute_output is set."""
+    layer = _layer("conv3x3", ("a", DORA))
+    layer.recompute_output = True
+    x = make_input(layer.base_layer, torch.float32).requires_grad_(True)
+    kept = []
+
+    def pack(t: torch.Tensor):
+        kept.append(t.shape)
+        return t
+
+    layer.base_layer.register_forward_pre_hook(lambda m, i: None)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert y.shape in kept  # the output, for dL/dm
+    y.sum().backward()
+    assert layer.adapters["a"].magnitude.grad is not None
