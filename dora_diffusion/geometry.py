@@ -28,6 +28,8 @@ class Geometry:
     kind = ""
     direct = False
     """True if the adapter may do the base matmul itself (``F.linear``) instead of calling the module."""
+    sizes = ("in_features", "out_features")
+    """The base module's attributes holding its input and output sizes."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -43,11 +45,11 @@ class Geometry:
 
     @property
     def in_features(self) -> int:
-        raise NotImplementedError
+        return getattr(self.module, self.sizes[0])
 
     @property
     def out_features(self) -> int:
-        raise NotImplementedError
+        return getattr(self.module, self.sizes[1])
 
     def shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of ``(A, B)`` for an adapter of this rank, as stored in files."""
@@ -116,14 +118,6 @@ class LinearGeometry(Geometry):
     kind = "Linear"
     direct = True
 
-    @property
-    def in_features(self) -> int:
-        return self.module.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.module.out_features
-
     def shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (rank, self.in_features), (self.out_features, rank)
 
@@ -151,6 +145,7 @@ class Conv2dGeometry(Geometry):
     """``nn.Conv2d`` with ``groups=1`` and zero padding: ``y = conv(x, W0) + b``."""
 
     kind = "Conv2d"
+    sizes = ("in_channels", "out_channels")
 
     def __init__(self, module: nn.Conv2d) -> None:
         if module.groups != 1:
@@ -158,14 +153,6 @@ class Conv2dGeometry(Geometry):
         if module.padding_mode != "zeros":
             raise ValueError(f"DoRA/LoRA on a Conv2d supports padding_mode='zeros' only, got {module.padding_mode!r}")
         super().__init__(module)
-
-    @property
-    def in_features(self) -> int:
-        return self.module.in_channels
-
-    @property
-    def out_features(self) -> int:
-        return self.module.out_channels
 
     def shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         kh, kw = self.module.kernel_size

@@ -44,17 +44,9 @@ class AdaptedLayer(nn.Module):
         self.fused: dict[str, float] = {}
         self._backup: torch.Tensor | None = None
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def in_features(self) -> int:
-        return self.geometry.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.geometry.out_features
+    weight = property(lambda self: self.geometry.weight, doc="The base module's weight ``W0``.")
+    in_features = property(lambda self: self.geometry.in_features, doc="Input features (Conv2d: input channels).")
+    out_features = property(lambda self: self.geometry.out_features, doc="Output features (Conv2d: output channels).")
 
     # ------------------------------------------------------------------ adapters
     def new_adapter(
