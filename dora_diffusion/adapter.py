@@ -111,22 +111,22 @@ class Adapter(nn.Module):
         if torch.compiler.is_compiling():
             return self.compute_norm()
         key = self.norm_key()
-        if self._norm is not None and self._norm[0] == key and not stale(self._norm[1]):
-            return self._norm[1]
-        return self.remember_norm(key, self.compute_norm())
+        n = self.cached_norm(key)
+        return self.remember_norm(key, self.compute_norm()) if n is None else n
 
     def norm_key(self) -> tuple:
         """What the cached norm depends on: A, B and W0, by storage and version."""
         a, b, w = self.A, self.B, self.geometry.weight
         return (a.data_ptr(), a._version, b.data_ptr(), b._version, w.data_ptr(), w._version, self.spec)
 
-    def cached_norm(self) -> torch.Tensor | None:
-        """The cached norm if it is still valid, else None."""
-        if self._norm is not None and self._norm[0] == self.norm_key() and not stale(self._norm[1]):
+    def cached_norm(self, key: tuple) -> torch.Tensor | None:
+        """The cached norm if it was made for ``key`` (``norm_key()``) and can still be used, else None."""
+        if self._norm is not None and self._norm[0] == key and not stale(self._norm[1]):
             return self._norm[1]
         return None
 
     def remember_norm(self, key: tuple, n: torch.Tensor) -> torch.Tensor:
+        """Cache ``n`` as the norm for ``key`` and return it."""
         self._norm = (key, n)
         return n
 

@@ -42,6 +42,11 @@ def _channels(t: torch.Tensor, is_conv: bool) -> torch.Tensor:
     return t.view(1, -1, 1, 1) if is_conv else t
 
 
+def _up(h: torch.Tensor, b: torch.Tensor, is_conv: bool) -> torch.Tensor:
+    """``B h`` in ``h``'s dtype: a 1x1 conv for a Conv2d, a matmul for a Linear."""
+    return F.conv2d(h, b.to(h.dtype)) if is_conv else F.linear(h, b.to(h.dtype))
+
+
 def _sum_but_channel(t: torch.Tensor, is_conv: bool) -> torch.Tensor:
     return t.sum(dim=(0, 2, 3)) if is_conv else t.reshape(-1, t.shape[-1]).sum(dim=0)
 
@@ -199,7 +204,7 @@ class DoRAScaleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base_out, h, b, g, bias, scale: float, is_conv: bool, x=None, base=None):  # type: ignore[override]
-        lora = F.conv2d(h, b.to(h.dtype)) if is_conv else F.linear(h, b.to(h.dtype))  # (..., d_out)
+        lora = _up(h, b, is_conv)  # (..., d_out)
         combined = lora if lora.dtype == torch.float32 else lora.float()
         combined.mul_(scale).add_(base_out)
         bias32 = None if bias is None else _channels(bias.float(), is_conv)
@@ -228,7 +233,7 @@ class DoRAScaleFunction(torch.autograd.Function):
             if ctx.base is not None:  # saved = x: rebuild the pre-scale output W0 x + s B h
                 with torch.no_grad():
                     pre = ctx.base(saved)
-                    pre = pre.add_(F.conv2d(h, b.to(h.dtype)) if is_conv else F.linear(h, b.to(h.dtype)), alpha=scale)
+                    pre = pre.add_(_up(h, b, is_conv), alpha=scale)
                 grad_g = _channel_dot(gy32, pre, is_conv)
                 del pre
             else:

@@ -127,21 +127,17 @@ def _lean_linear_run(layer: AdaptedLayer, call: Call) -> torch.Tensor:
     stacked under ``x``, so ``W0`` is read once."""
     ((adapter, _),) = call.running
     geom, x, base_in = layer.geometry, call.x, call.base_in
-    xd = adapter.dropout(x)
-    if not call.autocast:  # under autocast F.linear casts by itself; an upcast here would be kept as a copy
-        xd = xd.to(adapter.A.dtype)
-    h = geom.down(xd, adapter.A)  # (..., r); autograd keeps xd (or its autocast copy) for dL/dA
-    n, w0x = adapter.cached_norm(), []
-    w = geom.weight
+    xd, h = _low_rank_input(layer, call, adapter)
+    key, w0x = adapter.norm_key(), []
+    n, w = adapter.cached_norm(key), geom.weight
     if n is None and not call.autocast and w.dtype == adapter.A.dtype == base_in.dtype == torch.float32:
-        key = adapter.norm_key()
         with torch.no_grad():
             x2 = base_in.reshape(-1, base_in.shape[-1])
             z = torch.cat([x2, adapter.A]) @ w.t()  # (N + r, d_out): W0 x and (W0 A^T)^T in one pass over W0
             w0x = [z[: x2.shape[0]]]  # handed over in a list: the function writes y into it, autograd never sees it
             n = adapter.remember_norm(key, adapter.compute_norm(w0_at=z[x2.shape[0] :].t()))
     elif n is None:
-        n = adapter.norm()
+        n = adapter.remember_norm(key, adapter.compute_norm())
     g = adapter.magnitude.float() / n.clamp_min(EPS)
     # recompute only when the input we keep is the very tensor A's backward keeps: no extra memory.
     # (`base_in is x` already means x has the weight dtype; under autocast x must have the autocast dtype.)
@@ -156,16 +152,22 @@ def _lean_scaled_run(layer: AdaptedLayer, call: Call) -> torch.Tensor:
     hooks must run. With ``recompute_output`` (an unhooked Conv2d only) it keeps ``x`` instead of ``y``."""
     ((adapter, _),) = call.running
     geom, x = layer.geometry, call.x
-    xd = adapter.dropout(x)
-    if not call.autocast:
-        xd = xd.to(adapter.A.dtype)
-    h = geom.down(xd, adapter.A)
+    xd, h = _low_rank_input(layer, call, adapter)
     base_out = layer.base_layer(call.base_in)
     is_conv = geom.kind == "Conv2d"
     recompute = layer.recompute_output and is_conv and not call.hooked and xd is x and call.base_in is x
     recompute = recompute and not call.autocast
     keep_x = (x, geom.base) if recompute else (None, None)
     return DoRAScaleFunction.apply(base_out, h, adapter.B, adapter.factor(), geom.bias, adapter.spec.scale, is_conv, *keep_x)
+
+
+def _low_rank_input(layer: AdaptedLayer, call: Call, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dropout(x), A dropout(x))`` for a lean step; autograd keeps the first (or its autocast copy) for dL/dA.
+    Under autocast the down product casts by itself: an upcast here would be kept as a second copy."""
+    xd = adapter.dropout(call.x)
+    if not call.autocast:
+        xd = xd.to(adapter.A.dtype)
+    return xd, layer.geometry.down(xd, adapter.A)  # h: (..., r)
 
 
 @torch.no_grad()
