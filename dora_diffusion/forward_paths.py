@@ -11,9 +11,12 @@ the backward pass and in how many passes they make over the output:
     path                 when                                               keeps for backward
     base                 disabled, fused, or nothing running                the base module's own
     lean_linear          training one per-output DoRA adapter at k = 1      y (or x, with recompute_output)
-                         on a Linear called directly (no hooks)
+                         against a frozen base, on a Linear called
+                         directly (no hooks)
     lean_scaled          the same on a Conv2d or a hooked Linear            y (or x, with recompute_output)
-    inference            no gradient needed, per-output norms only          nothing (no autograd)
+    inference            no gradient needed (adapters, input and base all   nothing (no autograd)
+                         without requires_grad, or grad mode off),
+                         per-output norms only
     lora_in_place        plain LoRA adapters on a Linear called directly    what LoRA needs, no N x d_out copy
     reference            anything else (legacy per-input norms, several     plain autograd
                          adapters in training, torch.compile)
@@ -51,7 +54,11 @@ class Call:
     """``(adapter, k)`` of the active adapters with ``k != 0``, in the order they were added."""
     autocast: bool
     grad: bool
-    """Gradients must reach some running adapter's parameters."""
+    """Autograd must see this call: gradients may reach a running adapter's parameters, the input, or the base
+    module's own parameters (a user's model that was not frozen)."""
+    base_grad: bool
+    """Gradients may reach the base module's own parameters: only the paths that call the base module or
+    ``F.linear`` with its weight under autograd give them."""
     compiling: bool
     """Inside ``torch.compile``: inductor fuses the reference path; the custom autograd functions would break graphs."""
     hooked: bool
@@ -66,13 +73,16 @@ class Call:
         autocast = torch.is_autocast_enabled(x.device.type)
         running = tuple((a, a.strength) for a in layer.adapters.values() if a.strength)
         hooked = _has_hooks(layer.base_layer)
+        grad_mode = torch.is_grad_enabled()
+        base_grad = grad_mode and any(p.requires_grad for p in layer.base_layer.parameters(recurse=False))
         return cls(
             x=x,
             base_in=x if autocast or x.dtype == w.dtype else x.to(w.dtype),
             out_dtype=torch.get_autocast_dtype(x.device.type) if autocast else x.dtype,
             running=running,
             autocast=autocast,
-            grad=torch.is_grad_enabled() and any(a.trainable for a, _ in running),
+            grad=grad_mode and (base_grad or x.requires_grad or any(a.trainable for a, _ in running)),
+            base_grad=base_grad,
             compiling=torch.compiler.is_compiling(),
             hooked=hooked,
             direct=layer.geometry.direct and not hooked,
@@ -92,8 +102,8 @@ def _nothing_to_add(layer: AdaptedLayer, call: Call) -> bool:
 
 
 def _lean(layer: AdaptedLayer, call: Call) -> bool:
-    """Training exactly one per-output DoRA adapter at strength 1."""
-    if not (layer.lean_training and call.grad and not call.compiling and len(call.running) == 1):
+    """Training exactly one per-output DoRA adapter at strength 1 against a frozen base."""
+    if not (layer.lean_training and call.grad and not call.base_grad and not call.compiling and len(call.running) == 1):
         return False
     adapter, k = call.running[0]
     return k == 1.0 and adapter.spec.use_dora and adapter.spec.norm_axis == "out"

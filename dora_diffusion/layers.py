@@ -26,12 +26,17 @@ __all__ = ["AdaptedLayer", "Adapter", "AdapterSpec", "DoRAConv2d", "DoRALinear",
 
 
 class AdaptedLayer(nn.Module):
-    """A frozen base module plus any number of named DoRA/LoRA adapters (``self.adapters``)."""
+    """A base module plus any number of named DoRA/LoRA adapters (``self.adapters``).
+
+    Wrapping changes nothing about the base module: its parameters keep their ``requires_grad`` flags (training
+    code freezes what it trains against: ``inject.add_adapter``, ``training.models``), and the wrapper takes the
+    base module's ``training`` mode.
+    """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        self.base_layer = base_layer
-        base_layer.requires_grad_(False)
+        self.base_layer = base_layer  # its parameters keep their requires_grad: whoever trains freezes them
+        self.train(base_layer.training)
         self.geometry: Geometry = geometry_of(base_layer)
         self.adapters = nn.ModuleDict()
         self.disabled = False

@@ -7,6 +7,8 @@ inputs, and a free local port. Fixtures stay in ``conftest.py``.
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 import socket
 
 import numpy as np
@@ -36,11 +38,113 @@ def render(pipe, prompt: str = PROMPT, seed: int = 0) -> np.ndarray:
     return out.images
 
 
+BASE_GRAD = os.environ.get("DORA_TEST_BASE_GRAD", "requires")
+"""The ``requires_grad`` of every base parameter of ``fresh_pipe()``: ``requires`` (as ``from_pretrained`` gives
+them) or ``frozen`` (a user who froze the pipeline). ``.ci/run`` runs the exactness tests under both."""
+
+
+def unet_output(pipe, grad: bool = True) -> torch.Tensor:
+    """One UNet call on fixed inputs (grad mode on unless ``grad=False``), its output detached: the UNet alone,
+    called as a user's training or guidance code calls it (``render`` runs under the pipeline's ``no_grad``)."""
+    c = pipe.unet.config
+    g = torch.Generator().manual_seed(3)
+    text_dim = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    sample = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    context = torch.randn(2, 7, c.cross_attention_dim, generator=g)
+    cond = {"text_embeds": torch.randn(2, text_dim, generator=g), "time_ids": torch.rand(2, 6, generator=g) * 64}
+    with torch.set_grad_enabled(grad):
+        return pipe.unet(sample, 500, encoder_hidden_states=context, added_cond_kwargs=cond).sample.detach()
+
+
 def fresh_pipe():
-    """A new tiny SDXL pipeline (same random weights every time), progress bar off."""
+    """A new tiny SDXL pipeline (same random weights every time), progress bar off, base parameters requiring
+    grad or frozen as ``DORA_TEST_BASE_GRAD`` says."""
+    if BASE_GRAD not in ("requires", "frozen"):
+        raise ValueError(f"DORA_TEST_BASE_GRAD must be 'requires' or 'frozen', got {BASE_GRAD!r}")
     p = build_tiny_sdxl_pipeline(seed=0)
     p.set_progress_bar_config(disable=True)
+    for model in (p.unet, p.vae, p.text_encoder, p.text_encoder_2):
+        model.requires_grad_(BASE_GRAD == "requires")
     return p
+
+
+# ---------------------------------------------------------------------------------------------- "nothing changed"
+
+STATE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _module_state(module: nn.Module) -> tuple:
+    hooks = tuple(
+        tuple(getattr(module, h).keys())
+        for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    )
+    return (
+        id(module),
+        type(module).__name__,
+        module.training,
+        hooks,
+        id(getattr(module, "_hf_hook", None)),  # accelerate's hook, and the forward it replaces
+        "forward" in module.__dict__,
+    )
+
+
+def _tensor_state(t: torch.Tensor, is_param: bool) -> tuple:
+    data = t.detach()
+    digest = hashlib.sha256(data.cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    return (id(t), is_param, t.requires_grad, data.dtype, str(data.device), tuple(data.shape), data.stride(), digest)
+
+
+def pipeline_state(pipe) -> dict[str, object]:
+    """Everything about ``pipe`` that loading adapters for inference must leave as it was, by name: each base
+    module (seen through adapter wrappers: the object, type, ``training``, hooks), each parameter and buffer
+    (object, ``requires_grad``, dtype, device, shape, strides, the bytes of its value), the tokenizers' vocabularies
+    and the text encoders' input embeddings and vocab sizes; and the adapters loaded (per adapted module: the
+    wrapper, disabled/fused, each adapter's strength, spec and tensors)."""
+    from dora_diffusion.inject import adapted_layers, base_modules
+
+    state: dict[str, object] = {}
+    for comp in STATE_COMPONENTS:
+        model = getattr(pipe, comp, None)
+        if model is None:
+            continue
+        state[f"{comp} (model)"] = _module_state(model) + (model.dtype, str(model.device))
+        for name, module in base_modules(model).items():
+            key = f"{comp}.{name}" if name else comp
+            state[key] = _module_state(module)
+            for pname, t in module.named_parameters(recurse=False):
+                state[f"{key}.{pname}"] = _tensor_state(t, True)
+            for bname, t in module.named_buffers(recurse=False):
+                state[f"{key}.{bname} (buffer)"] = _tensor_state(t, False)
+        for name, layer in adapted_layers(model).items():
+            adapters = tuple(
+                (n, a.strength, a.spec, tuple(_tensor_state(p, True) for p in a.parameters()))
+                for n, a in layer.adapters.items()
+            )
+            state[f"{comp}.{name} (adapters)"] = (id(layer), layer.training, layer.disabled, dict(layer.fused), adapters)
+        if hasattr(model, "get_input_embeddings"):
+            emb = model.get_input_embeddings()
+            state[f"{comp} (input embeddings)"] = (id(emb), tuple(emb.weight.shape), model.config.vocab_size)
+    state["embeddings of adapters"] = copy.deepcopy(getattr(pipe, "_dora_embeddings", {}))
+    for comp in ("tokenizer", "tokenizer_2"):
+        tok = getattr(pipe, comp, None)
+        if tok is not None:
+            vocab = sorted(tok.get_vocab().items())
+            state[f"{comp} (vocabulary)"] = (len(tok), hashlib.sha256(repr(vocab).encode()).hexdigest())
+    return state
+
+
+def assert_unchanged(before: dict[str, object], pipe, what: str = "", base_only: bool = False) -> None:
+    """Assert that ``pipeline_state(pipe)`` equals ``before``, listing the first differences. ``base_only``: compare
+    the base model alone (adapters and their embeddings may have come or gone)."""
+    after = pipeline_state(pipe)
+    if base_only:
+        adapters = lambda k: k.endswith("(adapters)") or k == "embeddings of adapters"  # noqa: E731
+        before = {k: v for k, v in before.items() if not adapters(k)}
+        after = {k: v for k, v in after.items() if not adapters(k)}
+    changed = [k for k in before.keys() | after.keys() if before.get(k) != after.get(k)]
+    changed.sort()
+    details = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:6]]
+    assert not changed, f"{what}{len(changed)} entries of the pipeline changed, e.g.\n" + "\n".join(details)
 
 
 def file_modules(path) -> dict[str, dict[str, torch.Tensor]]:
@@ -93,7 +197,8 @@ def make_adapter_file(directory, seed: int = 1, targets: str = "all", use_dora: 
 
 
 def make_base(kind: str, dtype: torch.dtype) -> nn.Module:
-    """A seeded base layer: ``linear``, ``conv3x3`` (strided), ``conv_dilated`` (no bias) or else a 1x1 conv."""
+    """A seeded, frozen base layer (as training freezes it): ``linear``, ``conv3x3`` (strided), ``conv_dilated``
+    (no bias) or else a 1x1 conv."""
     torch.manual_seed(0)
     if kind == "linear":
         base = nn.Linear(24, 12)
@@ -103,7 +208,7 @@ def make_base(kind: str, dtype: torch.dtype) -> nn.Module:
         base = nn.Conv2d(5, 7, (3, 2), stride=(1, 2), padding=(2, 1), dilation=2, bias=False)
     else:
         base = nn.Conv2d(8, 4, 1)
-    return base.to(dtype)
+    return base.to(dtype).requires_grad_(False)
 
 
 def make_input(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:

@@ -10,27 +10,10 @@ from safetensors.torch import load_file, save_file
 
 from dora_diffusion import AdapterFileError
 from dora_diffusion.inject import adapted_layers
-from helpers import make_adapter_file
+from helpers import assert_unchanged, make_adapter_file, pipeline_state
 
 
-def snapshot(pipe) -> dict:
-    """Module objects and weights of every component, to check that nothing changed."""
-    out = {}
-    for comp in ("unet", "text_encoder", "text_encoder_2"):
-        model = getattr(pipe, comp)
-        out[comp] = (
-            {n: id(m) for n, m in model.named_modules()},
-            {k: v.clone() for k, v in model.state_dict().items()},
-        )
-    return out
-
-
-def assert_unchanged(pipe, before: dict) -> None:
-    after = snapshot(pipe)
-    for comp, (mods, sd) in before.items():
-        assert after[comp][0] == mods, f"{comp}: modules changed"
-        assert after[comp][1].keys() == sd.keys(), f"{comp}: state dict keys changed"
-        assert all(torch.equal(after[comp][1][k], v) for k, v in sd.items()), f"{comp}: weights changed"
+pytestmark = pytest.mark.exactness  # rollback: "a failed load changes nothing"
 
 
 @pytest.fixture
@@ -39,11 +22,11 @@ def good(tmp_path):
 
 
 def fails(pipe, source, match: str, **kwargs) -> None:
-    before = snapshot(pipe)
+    before = pipeline_state(pipe)
     with pytest.raises((AdapterFileError, ValueError, RuntimeError)) as err:
         pipe.load_dora_weights(source, **kwargs)
     assert err.match(match), str(err.value)
-    assert_unchanged(pipe, before)
+    assert_unchanged(before, pipe, "after a failed load: ")
     assert pipe.get_dora_adapters() == []
 
 
@@ -143,10 +126,10 @@ def test_missing_path_and_duplicate_name(tmp_path, pipe, good) -> None:
     fails(pipe, tmp_path / "nope" / "x.safetensors", r"not an existing file or directory")
     fails(pipe, tmp_path, r"holds no \.safetensors")
     pipe.load_dora_weights(good, adapter_name="x")
-    before = snapshot(pipe)
+    before = pipeline_state(pipe)
     with pytest.raises(ValueError, match="'x' is already in use"):
         pipe.load_dora_weights(good, adapter_name="x")
-    assert_unchanged(pipe, before)
+    assert_unchanged(before, pipe)
 
 
 def test_failure_mid_injection_rolls_back(pipe, good, monkeypatch) -> None:

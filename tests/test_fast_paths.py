@@ -206,7 +206,7 @@ def test_lean_step_under_autocast_matches_plain(recompute, monkeypatch) -> None:
     real_apply = paths_mod.DoRALinearFunction.apply
     monkeypatch.setattr(paths_mod.DoRALinearFunction, "apply", lambda *a: used.append(a[7]) or real_apply(*a))  # recompute
     torch.manual_seed(0)
-    layer = wrap(nn.Linear(24, 12).to(torch.bfloat16))
+    layer = wrap(nn.Linear(24, 12).to(torch.bfloat16).requires_grad_(False))  # frozen, as training freezes it
     layer.new_adapter("a", AdapterSpec(4, 3.0, True))
     perturb_layer(layer, "a")
     x = torch.randn(3, 5, 24).to(torch.bfloat16)

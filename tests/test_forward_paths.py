@@ -44,6 +44,7 @@ DORA, LORA, LEGACY = AdapterSpec(4, 4, True), AdapterSpec(4, 4, False), AdapterS
         ("linear", [("a", DORA)], "fused", False, "base"),
     ],
 )
+@pytest.mark.exactness
 def test_path_table(kind, specs, setup, grad, want) -> None:
     layer = _layer(kind, *specs)
     x = make_input(layer.base_layer, torch.float32)
@@ -149,3 +150,29 @@ def test_hooked_conv_keeps_its_output() -> None:
     assert y.shape in kept  # the output, for dL/dm
     y.sum().backward()
     assert layer.adapters["a"].magnitude.grad is not None
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("who", ["base", "input"])
+def test_gradient_reaches_an_unfrozen_base_and_the_input(who) -> None:
+    """Wrapping leaves a base the user did not freeze requiring grad, and frozen adapters never cut the graph: the
+    call takes a path whose autograd reaches W0 (resp. x), with the gradient of the dense formula in plain torch."""
+    base = make_base("linear", torch.float32).requires_grad_(who == "base")
+    layer = wrap(base)
+    layer.new_adapter("a", DORA)
+    perturb_layer(layer, "a")
+    layer.adapters["a"].requires_grad_(False)
+    x = make_input(base, torch.float32).requires_grad_(who == "input")
+    assert base.weight.requires_grad == (who == "base")
+    assert layer.forward_path(x) == ("reference" if who == "base" else "lean_linear")  # never "inference" (no autograd)
+    layer(x).square().sum().backward()
+
+    ad = layer.adapters["a"]
+    w0 = base.weight.detach().clone().requires_grad_(who == "base")
+    xr = x.detach().clone().requires_grad_(who == "input")
+    w = w0 + ad.spec.scale * ad.B.detach() @ ad.A.detach()
+    w_dora = ad.magnitude.detach()[:, None] * w / w.detach().norm(dim=1, keepdim=True)  # norm detached (paper 4.3)
+    torch.nn.functional.linear(xr, w_dora, base.bias.detach()).square().sum().backward()
+    got, want = (base.weight.grad, w0.grad) if who == "base" else (x.grad, xr.grad)
+    assert got is not None and want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -43,6 +43,7 @@ CASES = [
 ]
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("kind,rank,dora,dtype", CASES)
 def test_layer_table(kind: str, rank: int, dora: bool, dtype: torch.dtype) -> None:
     base = make_base(kind, dtype)
@@ -107,6 +108,7 @@ def test_gradients_match_detached_norm_reference(kind: str) -> None:
     assert base.weight.grad is None
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("kind", ["linear", "conv3x3"])
 def test_strength_and_stacking(kind: str) -> None:
     """W(k) = W0 + sum_j k_j (W'_j - W0); k = 0 is the base output exactly."""
@@ -165,6 +167,7 @@ def test_dropout_only_on_low_rank_path() -> None:
         assert torch.allclose(layer(x), 1.5 * (base(x) - base.bias) + base.bias, atol=1e-5)
 
 
+@pytest.mark.exactness
 def test_fp16_unfuse_bit_exact_after_100_cycles() -> None:
     base = make_base("conv3x3", torch.float16)
     w0 = base.weight.detach().clone()
@@ -196,6 +199,7 @@ def test_norm_cache_follows_optimizer_steps() -> None:
     assert torch.allclose(n2, v.detach().norm(dim=1), rtol=1e-6)
 
 
+@pytest.mark.exactness
 def test_zero_rows_give_no_nan() -> None:
     base = make_base("linear", torch.float32)
     with torch.no_grad():

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 import dora_diffusion
 from dora_diffusion.inject import adapted_layers
-from helpers import make_adapter_file, max_diff, render
+from helpers import assert_unchanged, make_adapter_file, max_diff, pipeline_state, render, unet_output
 
 
+@pytest.mark.exactness
 def test_strength_disable_fuse_unload(tmp_path, pipe, base_images) -> None:
-    originals = {n: m for n, m in pipe.unet.named_modules()}
-    weights_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    render(pipe)  # transformers adds its output-recording hooks to CLIP at the first call: a used pipeline
+    before = pipeline_state(pipe)
+    base_out = unet_output(pipe)
     name = pipe.load_dora_weights(make_adapter_file(tmp_path))
+    assert_unchanged(before, pipe, "while an adapter is loaded: ", base_only=True)
     full = render(pipe)
     assert max_diff(full, base_images) > 1e-3
 
     pipe.set_dora_adapters(name, 0.0)
     assert max_diff(render(pipe), base_images) == 0.0  # strength 0 is the base model exactly
+    assert torch.equal(unet_output(pipe), base_out)  # in grad mode too
+    assert torch.equal(unet_output(pipe, grad=False), base_out)
 
     pipe.set_dora_adapters(name, 0.5)
     half = render(pipe)
@@ -33,20 +39,38 @@ def test_strength_disable_fuse_unload(tmp_path, pipe, base_images) -> None:
     pipe.fuse_dora()
     assert max_diff(render(pipe), half) <= 1e-4
     pipe.unfuse_dora()
+    assert_unchanged(before, pipe, "after fuse and unfuse: ", base_only=True)
 
     pipe.disable_dora()
     assert max_diff(render(pipe), base_images) == 0.0
+    assert torch.equal(unet_output(pipe), base_out)
     pipe.enable_dora()
     assert max_diff(render(pipe), half) == 0.0
 
     pipe.unload_dora_weights()
     assert not any(adapted_layers(m) for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2))
-    assert all(originals[n] is m for n, m in pipe.unet.named_modules())  # original module objects are back
-    after = pipe.unet.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in weights_before.items()) and after.keys() == weights_before.keys()
+    assert_unchanged(before, pipe, "after unload: ")  # modules, flags, hooks, weights, tokenizers: as before
     assert max_diff(render(pipe), base_images) == 0.0
+    assert torch.equal(unet_output(pipe), base_out)
 
 
+@pytest.mark.exactness
+def test_delete_and_eval_mode_leave_the_base_as_it_was(tmp_path, pipe) -> None:
+    """A pipeline in eval mode with a partly frozen UNet (as a user may have it): delete_dora_adapters restores
+    every flag; the wrappers run in the base modules' mode."""
+    pipe.unet.eval()
+    pipe.unet.down_blocks.requires_grad_(False)
+    before = pipeline_state(pipe)
+    a = pipe.load_dora_weights(make_adapter_file(tmp_path / "a"))
+    b = pipe.load_dora_weights(make_adapter_file(tmp_path / "b", seed=2, targets="attn"))
+    assert_unchanged(before, pipe, "while two adapters are loaded: ", base_only=True)
+    assert not any(layer.training for layer in adapted_layers(pipe.unet).values())
+    pipe.delete_dora_adapters(b)
+    pipe.delete_dora_adapters(a)
+    assert_unchanged(before, pipe, "after deleting both adapters: ")
+
+
+@pytest.mark.exactness
 def test_two_adapters_and_same_file_twice(tmp_path, pipe, base_images) -> None:
     f1 = make_adapter_file(tmp_path / "one", seed=1)
     f2 = make_adapter_file(tmp_path / "two", seed=2, use_dora=False, targets="attn")
@@ -97,6 +121,7 @@ def test_plain_functions_and_state_dict_input(tmp_path, pipe) -> None:
     assert all(layer.active == {"from_dict": 1.0} for layer in adapted_layers(pipe.text_encoder_2).values())
 
 
+@pytest.mark.exactness
 def test_text_encoder_keys_with_and_without_text_model(tmp_path, pipe) -> None:
     """transformers 4 wrote `text_encoder.text_model.encoder…`, transformers 5 `text_encoder.encoder…`."""
     sd = load_file(make_adapter_file(tmp_path))
