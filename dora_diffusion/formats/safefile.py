@@ -150,19 +150,39 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return state_dict, {str(k): str(v) for k, v in metadata.items()}
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+"""Integer dtypes accepted for an ``.alpha`` (diffusers' ``convert_state_dict_to_kohya`` writes int64 ranks)."""
+
+
+def check_floats(where: str, t: torch.Tensor) -> None:
+    """``t`` must be a floating-point tensor whose values are finite in fp32, the dtype adapters are used in.
+
+    fp64 values beyond fp32's range (1e300) are finite as read but inf once cast, so they are refused too.
+    """
+    if t.dtype not in FLOAT_DTYPES:
+        raise AdapterFileError(f"{where} has dtype {t.dtype}; it must be fp16, bf16, fp32 or fp64")
+    if not torch.isfinite(t).all():
+        raise AdapterFileError(f"{where} contains NaN or inf values; the file is broken")
+    if t.dtype == torch.float64 and not torch.isfinite(t.to(torch.float32)).all():
+        raise AdapterFileError(
+            f"{where} holds fp64 values beyond fp32's range (|x| > {torch.finfo(torch.float32).max:.3g}), which "
+            "become inf when the adapter is used; the file is broken"
+        )
+
+
 def check_tensors(state_dict: dict[str, torch.Tensor]) -> None:
-    """Every value must be a finite floating-point tensor."""
+    """Every value must be a floating-point tensor, finite in fp32; an ``.alpha`` may also be an integer."""
     if not state_dict:
         raise AdapterFileError("the adapter holds no tensors")
     for key, t in state_dict.items():
         if not isinstance(t, torch.Tensor):
             raise AdapterFileError(f"adapter key {shown(key)} holds a {type(t).__name__}, not a tensor")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise AdapterFileError(
-                f"adapter key {shown(key)} has dtype {t.dtype}; adapter tensors must be fp16, bf16, fp32 or fp64"
-            )
-        if not torch.isfinite(t).all():
-            raise AdapterFileError(f"adapter key {shown(key)} contains NaN or inf values; the file is broken")
+        if key.endswith(".alpha") and t.dtype not in FLOAT_DTYPES:
+            if t.dtype in INT_DTYPES:
+                continue  # an integer is finite; its size is checked against MAX_ALPHA where alpha is read
+            raise AdapterFileError(f"adapter key {shown(key)} has dtype {t.dtype}; an alpha must be a float or an integer")
+        check_floats(f"adapter key {shown(key)}", t)
 
 
 def write_safetensors(
