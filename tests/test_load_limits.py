@@ -140,3 +140,17 @@ def test_rank_product_overflowing_fp32_is_refused(pipe) -> None:
     key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
     sd = {f"{key}.lora_down.weight": torch.full((100, 64), 1e30), f"{key}.lora_up.weight": torch.full((64, 100), 1e30)}
     refused(pipe, sd, rf"{key}'.*overflows fp32")
+
+
+# ---------------------------------------------------------------------------------------------- names (27 Low)
+
+
+def test_two_spellings_of_one_clip_module_are_refused(pipe) -> None:
+    """``text_encoder.X`` and ``text_encoder.text_model.X`` in one diffusers file: refused naming both, as the
+    kohya path and ``convert`` refuse the same."""
+    inner = "encoder.layers.0.self_attn.q_proj"
+    sd = {}
+    for name in (inner, "text_model." + inner):
+        sd.update({f"text_encoder.{name}.lora_A.weight": torch.zeros(2, 32),
+                   f"text_encoder.{name}.lora_B.weight": torch.zeros(32, 2)})  # fmt: skip
+    refused(pipe, sd, rf"text_encoder.{inner} and text_encoder.text_model.{inner} both name")
