@@ -154,3 +154,34 @@ def test_two_spellings_of_one_clip_module_are_refused(pipe) -> None:
         sd.update({f"text_encoder.{name}.lora_A.weight": torch.zeros(2, 32),
                    f"text_encoder.{name}.lora_B.weight": torch.zeros(32, 2)})  # fmt: skip
     refused(pipe, sd, rf"text_encoder.{inner} and text_encoder.text_model.{inner} both name")
+
+
+# ---------------------------------------------------------------------------------------------- header (27 Low)
+
+
+def raw_safetensors(path: Path, header: bytes, data: bytes = b"") -> Path:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+def test_tensor_count_is_capped_before_the_header_is_parsed(tmp_path, pipe) -> None:
+    """150,000 zero-size tensors (an 8 MB header): refused in well under a second (1.25 M took 34 s and 2.5 GB)."""
+    entry = '"lora_unet_x{}.alpha":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'
+    header = ("{" + ",".join(entry.format(i) for i in range(150_000)) + "}").encode()
+    path = raw_safetensors(tmp_path / "many.safetensors", header)
+    start = time.perf_counter()
+    refused(pipe, path, r"holds more than 100,000 tensors")
+    assert time.perf_counter() - start < 1.0
+    from dora_diffusion.formats.safefile import MAX_TENSORS
+
+    assert MAX_TENSORS >= 10 * 8472  # 10x the keys of an SDXL LyCORIS adapter on every module
+
+
+def test_tensor_count_counts_real_entries_not_strings(tmp_path) -> None:
+    """The pre-count only refuses what the parsed count would: a header under the cap whose metadata also spells
+    "data_offsets" parses."""
+    from dora_diffusion.formats.safefile import _check_header
+
+    entries = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(1000)}
+    raw = json.dumps({"__metadata__": {"note": "data_offsets"}, **entries}).encode()
+    assert len(_check_header(tmp_path / "f", raw, 0)) == 1001

@@ -21,6 +21,10 @@ from safetensors.torch import save as save_bytes
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_TENSORS = 100_000
+"""Most tensors a file may hold: an SDXL DoRA on every Linear and Conv2d of the UNet and both text encoders has
+1059 modules, 4236 keys (8472 for LyCORIS kinds with 8 keys a module); the cap is checked before the header's
+entries are parsed (1.25 M zero-size entries took 34 s and 2.5 GB to refuse)."""
 
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -62,6 +66,8 @@ def _header_length(path: Path, first: bytes, file_size: int) -> int:
 
 def _check_header(path: Path, raw: bytes, body: int) -> dict:
     """Parse and validate the safetensors header: sizes, offsets and dtypes must fit ``body`` data bytes."""
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:  # every entry has one; counted before parsing any
+        raise AdapterFileError(f"{path} holds more than {MAX_TENSORS:,} tensors; no adapter has that many")
     try:
         header = json.loads(raw)
     except ValueError as err:  # UnicodeDecodeError, JSONDecodeError, an integer of more than 4300 digits
@@ -70,6 +76,8 @@ def _check_header(path: Path, raw: bytes, body: int) -> dict:
         raise AdapterFileError(f"{path} has a corrupt safetensors header (nested too deeply)") from None
     if not isinstance(header, dict):
         raise AdapterFileError(f"{path} has a corrupt safetensors header (not a JSON object)")
+    if len(header) - ("__metadata__" in header) > MAX_TENSORS:
+        raise AdapterFileError(f"{path} holds more than {MAX_TENSORS:,} tensors; no adapter has that many")
     for key, info in header.items():
         if key == "__metadata__":
             continue
