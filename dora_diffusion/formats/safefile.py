@@ -43,6 +43,13 @@ def shown(value: object, limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """A string from a file (a header value, a file name) as it is safe to print: control characters escaped (no
+    terminal escape sequences), at most ``limit`` characters."""
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[: limit + 1])
+    return shown[:limit] + ("…" if len(text) > limit else "")
+
+
 def refuse_pickle(path: Path) -> None:
     """Raise for pickle-based checkpoints, which can run code when loaded."""
     raise AdapterFileError(
