@@ -64,6 +64,9 @@ def _tokens(path: Path, metadata: dict[str, str], n: int) -> list[str]:
             f"{path}: metadata 'tokens' must be a list of non-empty strings of at most {MAX_TOKEN_CHARS} characters, "
             f"got {shown(tokens)}"
         )
+    spaced = [t for t in tokens if not t.isprintable() or any(c.isspace() for c in t)]
+    if spaced:
+        raise AdapterFileError(f"{path}: tokens {shown(spaced)} hold spaces or control characters; a token is one word")
     if len(tokens) != n or len(set(tokens)) != n:
         raise AdapterFileError(f"{path}: metadata names tokens {shown(tokens)} for {n} embedding rows (one distinct token a row)")
     return tokens
@@ -91,6 +94,12 @@ def read_embeddings(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str
         raise AdapterFileError(f"{path}: clip_l and clip_g must have the same number of rows (tokens), got {sorted(rows)}")
     (n,) = rows
     return tensors, _tokens(path, metadata, n)
+
+
+def _is_a_word(tokenizer, token: str) -> bool:
+    """True if ``tokenizer`` already reads ``token`` as one known token (``cat`` -> ``cat</w>``)."""
+    pieces = tokenizer.tokenize(token)
+    return len(pieces) == 1 and tokenizer.convert_tokens_to_ids(pieces[0]) != tokenizer.unk_token_id
 
 
 def _snapshot(encoder, tokenizer) -> tuple:
@@ -136,6 +145,12 @@ def load_embeddings(pipe, path: str | Path) -> list[str]:
         taken = [t for t in tokens if t in tokenizer.get_vocab() or f"{t}_1" in tokenizer.get_vocab()]
         if taken:
             raise AdapterFileError(f"{path}: tokens {taken} are already in {tokenizer_attr} (is its adapter loaded already?)")
+        words = [t for t in tokens if _is_a_word(tokenizer, t)]
+        if words:
+            raise AdapterFileError(
+                f"{path}: tokens {shown(words)} are words {tokenizer_attr} already reads as one token; adding them would "
+                "change that word in every prompt (pivotal tuning uses new tokens such as '<s0>')"
+            )
         pairs[key] = (encoder, tokenizer, tensor)
     saved = {key: _snapshot(encoder, tokenizer) for key, (encoder, tokenizer, _) in pairs.items()}
     try:

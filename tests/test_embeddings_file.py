@@ -73,6 +73,11 @@ def good(n: int = 2) -> dict:
         (good(), {"dora_diffusion": json.dumps({"tokens": 5})}, r"'tokens' must be a list of non-empty strings"),
         (good(), {"dora_diffusion": json.dumps({"tokens": ["<a>", "<a>"]})}, r"for 2 embedding rows \(one distinct"),
         (good(), {"dora_diffusion": "[1]"}, r"metadata is not a JSON object"),
+        # tokens that would change every prompt: a space, an existing word, an escape sequence
+        (good(1), {"dora_diffusion": json.dumps({"tokens": [" "]})}, r"hold spaces or control characters"),
+        (good(1), {"dora_diffusion": json.dumps({"tokens": ["a photo"]})}, r"hold spaces or control characters"),
+        (good(1), {"dora_diffusion": json.dumps({"tokens": ["\x1b[2J"]})}, r"hold spaces or control characters"),
+        (good(1), {"dora_diffusion": json.dumps({"tokens": ["a"]})}, r"tokens \['a'\] are already in tokenizer"),
         # clip_l fits, clip_g does not: before, clip_l's tokens and rows stayed behind
         ({**good(), "clip_g": torch.zeros(2, 40)}, None, r"clip_g has shape \(2, 40\); text_encoder_2 needs \(2, 48\)"),
     ],
@@ -116,3 +121,15 @@ def test_good_embeddings_load_into_both_encoders(adapter_dir, pipe) -> None:
         ids = getattr(pipe, tok).convert_tokens_to_ids(["<s0>", "<s1>"])
         rows = getattr(pipe, enc).get_input_embeddings().weight[ids]
         assert torch.equal(rows, tensors[key])
+
+
+def test_a_token_that_is_already_a_word_is_refused(adapter_dir, pipe, monkeypatch) -> None:
+    """SDXL's CLIP reads ``cat`` as the one token ``cat</w>`` (the tiny byte-level tokenizer has no merges, so it
+    is told so here): adding ``cat`` would change that word in every prompt."""
+    tokenize = pipe.tokenizer_2.tokenize
+    monkeypatch.setattr(pipe.tokenizer_2, "tokenize", lambda text, **kw: ["a</w>"] if text == "cat" else tokenize(text, **kw))
+    directory = adapter_dir(good(1), {"dora_diffusion": json.dumps({"tokens": ["cat"]})})
+    before = text_state(pipe)
+    with pytest.raises(AdapterFileError, match=r"tokens \['cat'\] are words tokenizer_2 already reads as one token"):
+        pipe.load_dora_weights(directory)
+    assert_same(text_state(pipe), before)

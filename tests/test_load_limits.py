@@ -185,3 +185,19 @@ def test_tensor_count_counts_real_entries_not_strings(tmp_path) -> None:
     entries = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(1000)}
     raw = json.dumps({"__metadata__": {"note": "data_offsets"}, **entries}).encode()
     assert len(_check_header(tmp_path / "f", raw, 0)) == 1001
+
+
+def test_tensors_of_many_dimensions_or_empty_factors_are_refused(tmp_path, pipe) -> None:
+    """Adversarial pass: a 100-dimension tensor (PyTorch's own RuntimeError before), and factors (2^40, 0) /
+    (0, 2^40) whose rank passes every other check."""
+    key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    entry = {"dtype": "F32", "shape": [1] * 100, "data_offsets": [0, 4]}
+    path = raw_safetensors(tmp_path / "dims.safetensors", json.dumps({f"{key}.lora_down.weight": entry}).encode(), b"\0" * 4)
+    refused(pipe, path, r"lora_down.weight' has 100 dimensions; adapter tensors have at most 4")
+    header = {
+        f"{key}.lora_down.weight": {"dtype": "F32", "shape": [2**40, 0], "data_offsets": [0, 0]},
+        f"{key}.lora_up.weight": {"dtype": "F32", "shape": [0, 2**40], "data_offsets": [0, 0]},
+        f"{key}.alpha": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]},
+    }
+    path = raw_safetensors(tmp_path / "empty.safetensors", json.dumps(header).encode(), struct.pack("<f", 1.0))
+    refused(pipe, path, rf"{key}'.*\(1099511627776, 0\).*dimension of size 0")

@@ -87,6 +87,10 @@ def build_module(
         )
     if a.shape[0] == 0:
         raise AdapterFileError(f"adapter module {where!r} has rank 0")
+    if a.numel() == 0 or b.numel() == 0:
+        raise AdapterFileError(
+            f"adapter module {where!r}: down/A {tuple(a.shape)} or up/B {tuple(b.shape)} has a dimension of size 0"
+        )
     rank = int(a.shape[0])
     if alpha is None:
         alpha = float(rank)

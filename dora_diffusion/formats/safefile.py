@@ -21,6 +21,8 @@ from safetensors.torch import save as save_bytes
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_DIMS = 8
+"""Most dimensions a tensor may have (adapter tensors have at most 4; PyTorch refuses more than 64)."""
 MAX_TENSORS = 100_000
 """Most tensors a file may hold: an SDXL DoRA on every Linear and Conv2d of the UNet and both text encoders has
 1059 modules, 4236 keys (8472 for LyCORIS kinds with 8 keys a module); the cap is checked before the header's
@@ -94,6 +96,8 @@ def _check_header(path: Path, raw: bytes, body: int) -> dict:
             start, end = int(start), int(end)
         except (KeyError, TypeError, ValueError):
             raise AdapterFileError(f"{path}: tensor {shown(key)} has a malformed header entry") from None
+        if len(shape) > MAX_DIMS:
+            raise AdapterFileError(f"{path}: tensor {shown(key)} has {len(shape)} dimensions; adapter tensors have at most 4")
         if dtype not in _DTYPE_BYTES:
             name = dtype if isinstance(dtype, str) and dtype.isalnum() and len(dtype) < 20 else shown(dtype)
             raise AdapterFileError(f"{path}: tensor {shown(key)} has unsupported dtype {name}")
