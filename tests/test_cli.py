@@ -295,7 +295,7 @@ def test_cli_escapes_file_names_and_header_strings_and_defuses_csv_formulas(tmp_
     from dora_diffusion.testing import save_tiny_sdxl_pipeline
 
     src = make_adapter_file(tmp_path / "src", targets="attn", text=False)
-    name = '=HYPERLINK("x")\x1b]0;pwned\x07'
+    name = '=HYPERLINK("x")\x1b]0;pwned\x07\nwrote fake'
     path = tmp_path / f"{name}.safetensors"
     save_file(load_file(src), path, metadata={"dora_diffusion": json.dumps({"method": "+DoRA\x1b[2J"})})
     code, out, _ = run(capsys, "inspect", path)
@@ -309,4 +309,6 @@ def test_cli_escapes_file_names_and_header_strings_and_defuses_csv_formulas(tmp_
     assert code == 0 and "\x1b" not in out and "\x07" not in out and "+DoRA\\x1b[2J" in out
     assert "pwned\x07" not in err  # stderr has the base loader's progress bars, but not the file's escapes
     rows = list(csv.DictReader(open(tmp_path / "out" / "analysis.csv", encoding="utf-8")))
-    assert rows and all(r["adapter"] == "'" + name and r["method"] == "'+DoRA\x1b[2J" for r in rows)
+    assert "\nwrote fake" not in out  # a line break in a file name cannot forge a line of output
+    escaped = '=HYPERLINK("x")\\x1b]0;pwned\\x07\\nwrote fake'
+    assert rows and all(r["adapter"] == "'" + escaped and r["method"] == "'+DoRA\\x1b[2J" for r in rows)

@@ -201,3 +201,22 @@ def test_tensors_of_many_dimensions_or_empty_factors_are_refused(tmp_path, pipe)
     }
     path = raw_safetensors(tmp_path / "empty.safetensors", json.dumps(header).encode(), struct.pack("<f", 1.0))
     refused(pipe, path, rf"{key}'.*\(1099511627776, 0\).*dimension of size 0")
+
+
+def test_header_strings_are_capped_before_the_header_is_parsed(tmp_path, pipe) -> None:
+    """Adversarial pass: 700,000 metadata entries beside one valid module (a 10 MB header; 2 M took 14 s to load
+    here). Refused in under a second; long strings with escaped quotes (ss_tag_frequency) count as one string."""
+    key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    tensors = {f"{key}.lora_down.weight": {"dtype": "F32", "shape": [1, 64], "data_offsets": [0, 256]},
+               f"{key}.lora_up.weight": {"dtype": "F32", "shape": [64, 1], "data_offsets": [256, 512]}}  # fmt: skip
+    meta = ",".join(f'"k{i}":"v"' for i in range(700_000))
+    header = ('{"__metadata__":{' + meta + "}," + json.dumps(tensors)[1:]).encode()
+    path = raw_safetensors(tmp_path / "meta.safetensors", header, b"\0" * 512)
+    start = time.perf_counter()
+    refused(pipe, path, r"header of about 1,400,0\d\d strings \(at most 600,000\)")
+    assert time.perf_counter() - start < 1.0
+    tags = json.dumps({f"tag{i}": i for i in range(200_000)})  # one string of 400,000 escaped quotes
+    header = json.dumps({"__metadata__": {"ss_tag_frequency": tags}, **tensors}).encode()
+    path = raw_safetensors(tmp_path / "tags.safetensors", header, b"\0" * 512)
+    pipe.load_dora_weights(path)
+    assert pipe.get_dora_adapters() == ["default_0"]

@@ -89,13 +89,15 @@ def run_analyze(args: argparse.Namespace) -> int:
     except OSError as err:
         return _error(str(err))
     rows: list[Row] = []
-    for name, path in sources:
+    for label, path in sources:
+        name = printable(label, PRINTED_LIMIT)  # a file name's line breaks and escapes, escaped in every output
         try:
             load_dora_weights(pipe, path, adapter_name=name)
         except (AdapterFileError, ValueError) as err:
             return _error(f"adapter {path} does not fit {args.base}: {err}")
         found = analyze_pipeline(pipe, [name])
         method = file_method(path)
+        method = printable(method, 100) if method else method
         rows += [replace(r, method=method) for r in found] if method else found
         delete_dora_adapters(pipe, name)
     out = Path(args.out)
