@@ -25,6 +25,7 @@ from .formats import (
     to_diffusers,
     write_safetensors,
 )
+from .formats.safefile import printable
 from .analysis import add_analyze_parser
 from .analysis.scan import load_base
 from .extras import MissingExtraError
@@ -33,6 +34,8 @@ from .formats.kohya import PREFIXES, key_prefix, to_kohya, to_sdxl_names, unet_n
 from .pipeline import base_weights
 
 PROG = "dora-diffusion"
+PRINTED_LIMIT = 4000
+"""Longest line the command prints about a file (file names and error messages, control characters escaped)."""
 CONVERT_FORMATS = ("diffusers", "kohya", "comfyui")
 
 LEGACY_TO_DIFFUSERS = (
@@ -141,7 +144,7 @@ def add_convert_parser(subparsers) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     out = convert_file(args.input, args.output, args.to, args.overwrite, args.base)
-    print(f"wrote {out} ({args.to})")
+    print(printable(f"wrote {out} ({args.to})", PRINTED_LIMIT))
     return 0
 
 
@@ -162,13 +165,6 @@ def _counts(values: Iterable) -> str:
         shown = f"{value:g}" if isinstance(value, (int, float)) else str(value)
         parts.append(f"{shown} ({n} module{'' if n == 1 else 's'})")
     return ", ".join(parts)
-
-
-def printable(text: str, limit: int = 200) -> str:
-    """A header string as it is safe to print: control characters escaped (no terminal escape sequences), at
-    most ``limit`` characters."""
-    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[: limit + 1])
-    return shown[:limit] + ("…" if len(text) > limit else "")
 
 
 def _likely_base(parsed: ParsedAdapter) -> str:
@@ -240,7 +236,7 @@ def add_inspect_parser(subparsers) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     path, parsed = read_adapter(args.file)
-    rows = {"file": str(path), **describe(parsed)}
+    rows = {"file": printable(str(path), PRINTED_LIMIT), **describe(parsed)}
     width = max(map(len, rows)) + 1
     for key, value in rows.items():
         print(f"{key + ':':<{width}} {value}")
@@ -271,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (AdapterFileError, MissingExtraError, ValueError, OSError) as err:
-        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        print(printable(f"{PROG} {args.command}: error: {err}", PRINTED_LIMIT), file=sys.stderr)
         return 1
 
 

@@ -181,6 +181,29 @@ def test_inspect_legacy_mixed_and_sdxl_sized(tmp_path, capsys) -> None:
     assert info["alpha"] == "8 (2 modules)"  # no alpha key: alpha = rank
 
 
+def paper_deltas(base_dir, adapter_path, scale: float) -> dict[str, tuple[float, float]]:
+    """Paper Eq. 3-4 computed here in plain fp64 torch from the file's tensors and the saved base UNet:
+    ``{module: (mean_i |m_i - ||W0_i|||, mean_i (1 - cos(W'_i, W0_i)))}`` with ``W' = diag(m / ||W0 + sBA||)(W0 + sBA)``."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base_dir / "unet")
+    sd = load_file(adapter_path)
+    out = {}
+    for key in sd:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key.removeprefix("unet.").removesuffix(".lora_A.weight")
+        w0 = unet.get_submodule(name).weight.detach().double().reshape(-1, sd[key][0].numel())
+        a = sd[key].double().reshape(sd[key].shape[0], -1)
+        b = sd[f"unet.{name}.lora_B.weight"].double().reshape(w0.shape[0], -1)
+        m = sd[f"unet.{name}.lora_magnitude_vector"].double().reshape(-1)
+        w = w0 + scale * b @ a
+        w1 = (m / w.norm(dim=1))[:, None] * w
+        cos = (w1 * w0).sum(dim=1) / (w1.norm(dim=1) * w0.norm(dim=1))
+        out[name] = (float((w1.norm(dim=1) - w0.norm(dim=1)).abs().mean()), float((1 - cos).mean()))
+    return out
+
+
 def test_cli_analyze_end_to_end(tmp_path) -> None:
     """`dora-diffusion analyze` through main(): a CSV with one row per module and a PNG that opens."""
     import csv
@@ -195,7 +218,13 @@ def test_cli_analyze_end_to_end(tmp_path) -> None:
     adapter = make_adapter_file(tmp_path / "dora", seed=4, targets="attn", text=False)
     assert main(["analyze", "--base", str(base), str(adapter), "--out", str(tmp_path / "out")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "out" / "analysis.csv")))
-    assert len(rows) > 0 and all(float(r["delta_M"]) >= 0 and float(r["delta_D"]) >= 0 for r in rows)
+    want = paper_deltas(base, adapter, scale=6 / 4)  # make_adapter_file: UNet rank 4, alpha 6
+    assert {r["module"] for r in rows} == set(want) and len(rows) == len(want) > 0
+    for r in rows:
+        dm, dd = want[r["module"]]
+        assert float(r["delta_M"]) == pytest.approx(dm, rel=1e-5, abs=1e-9)
+        assert float(r["delta_D"]) == pytest.approx(dd, rel=1e-4, abs=1e-9)
+    assert max(dd for _, dd in want.values()) > 1e-4  # the adapter did turn the weights
     with Image.open(tmp_path / "out" / "analysis.png") as im:
         assert im.size[0] > 100 and im.size[1] > 100
     assert main(["analyze", "--base", str(tmp_path / "missing"), str(adapter)]) == 2
@@ -255,3 +284,31 @@ def test_inspect_escapes_control_characters_of_header_strings(tmp_path, capsys) 
     assert code == 0 and "\x1b" not in out and "\x07" not in out
     assert "ss_output_name=x\\x1b]0;pwned\\x07yyy" in out and "ss_network_module=a\\nb" in out
     assert max(len(line) for line in out.splitlines()) < 400
+
+
+def test_cli_escapes_file_names_and_header_strings_and_defuses_csv_formulas(tmp_path, capsys) -> None:
+    """A file named with a terminal escape, a method in its header with another, a label that is a spreadsheet
+    formula: printed escaped by inspect and analyze (errors too), written as text into analysis.csv."""
+    import csv
+    import json
+
+    from dora_diffusion.testing import save_tiny_sdxl_pipeline
+
+    src = make_adapter_file(tmp_path / "src", targets="attn", text=False)
+    name = '=HYPERLINK("x")\x1b]0;pwned\x07\nwrote fake'
+    path = tmp_path / f"{name}.safetensors"
+    save_file(load_file(src), path, metadata={"dora_diffusion": json.dumps({"method": "+DoRA\x1b[2J"})})
+    code, out, _ = run(capsys, "inspect", path)
+    assert code == 0 and "\x1b" not in out and "\x07" not in out and "\\x1b]0;pwned\\x07" in out
+    (tmp_path / f"{name}.bin").write_bytes(b"x")
+    code, _, err = run(capsys, "inspect", tmp_path / f"{name}.bin")
+    assert code == 1 and "\x1b" not in err and "\\x1b]0;pwned" in err and err.count("\n") == 1
+
+    base = save_tiny_sdxl_pipeline(tmp_path / "base")
+    code, out, err = run(capsys, "analyze", "--base", base, path, "--out", tmp_path / "out")
+    assert code == 0 and "\x1b" not in out and "\x07" not in out and "+DoRA\\x1b[2J" in out
+    assert "pwned\x07" not in err  # stderr has the base loader's progress bars, but not the file's escapes
+    rows = list(csv.DictReader(open(tmp_path / "out" / "analysis.csv", encoding="utf-8")))
+    assert "\nwrote fake" not in out  # a line break in a file name cannot forge a line of output
+    escaped = '=HYPERLINK("x")\\x1b]0;pwned\\x07\\nwrote fake'
+    assert rows and all(r["adapter"] == "'" + escaped and r["method"] == "'+DoRA\\x1b[2J" for r in rows)

@@ -131,6 +131,25 @@ def render_with(adapter_dir: Path, weight_name: str | None = None):
     return render(pipe)
 
 
+PROBE = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def merged_in_plain_torch(path: Path, scale: float):
+    """A fresh tiny pipeline whose UNet weights are ``diag(m / ||W0 + sBA||) (W0 + sBA)`` (paper Eq. 5), computed
+    here in fp64 from a diffusers DoRA file's tensors (``run``: rank 4, alpha 4)."""
+    pipe = build_tiny_sdxl_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    sd = load_file(path)
+    with torch.no_grad():
+        for key in [k for k in sd if k.endswith(".lora_A.weight")]:
+            name = key.removeprefix("unet.").removesuffix(".lora_A.weight")
+            w0 = pipe.unet.get_submodule(name).weight
+            w = w0.double() + scale * sd[f"unet.{name}.lora_B.weight"].double() @ sd[key].double()
+            m = sd[f"unet.{name}.lora_magnitude_vector"].double()
+            w0.copy_((m / w.norm(dim=1))[:, None] * w)
+    return pipe
+
+
 def param_name_to_file_key(name: str) -> str:
     """``unet.<module>.adapters.default.A`` (checkpoint) -> ``unet.<module>.lora_A.weight`` (diffusers file)."""
     return (
@@ -213,8 +232,14 @@ def test_dora_trains_and_loads(dora_run, base_images):
         assert torch.equal(weights[param_name_to_file_key(name)], tensor), name
     # loaded into a fresh pipeline, it changes the images
     assert max_diff(render_with(out), base_images) > 1e-3
-    # intermediate checkpoints load too
-    assert max_diff(render_with(out / "checkpoint-2"), base_images) > 0
+    # intermediate checkpoints load too, as their own tensors say (not as the final weights, not as the base)
+    ckpt = render_with(out / "checkpoint-2")
+    diff = max_diff(ckpt, render(merged_in_plain_torch(out / "checkpoint-2" / WEIGHTS, scale=4 / 4)))
+    moved = max_diff(ckpt, base_images)
+    print(f"checkpoint-2 vs plain-torch merge of its file: {diff:.2e}; vs the base model: {moved:.2e}")
+    assert diff <= 1e-4 and moved > 10 * diff
+    assert not torch.equal(load_file(out / "checkpoint-2" / WEIGHTS)["unet." + PROBE + ".lora_B.weight"],
+                           weights["unet." + PROBE + ".lora_B.weight"])  # fmt: skip
 
 
 def test_dora_loss_curve_is_finite(dora_run):

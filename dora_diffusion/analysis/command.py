@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..formats import AdapterFileError
+from ..formats.safefile import printable
 from ..pipeline import delete_dora_adapters, load_dora_weights
 from .plot import plot
 from .scan import BASE_DTYPES, Row, analyze_pipeline, load_base, write_csv
@@ -43,8 +44,18 @@ def add_analyze_parser(subparsers) -> None:
     p.set_defaults(func=run_analyze)
 
 
+PRINTED_LIMIT = 4000
+"""Longest line printed; labels, methods and paths come from file names and headers, so control characters are
+escaped."""
+
+
+def _print(text: str, file=None) -> None:
+    for line in text.splitlines() or [""]:
+        print(printable(line, PRINTED_LIMIT), file=file)
+
+
 def _error(message: str) -> int:
-    print(f"dora-diffusion analyze: error: {message}", file=sys.stderr)
+    _print(f"dora-diffusion analyze: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -78,23 +89,25 @@ def run_analyze(args: argparse.Namespace) -> int:
     except OSError as err:
         return _error(str(err))
     rows: list[Row] = []
-    for name, path in sources:
+    for label, path in sources:
+        name = printable(label, PRINTED_LIMIT)  # a file name's line breaks and escapes, escaped in every output
         try:
             load_dora_weights(pipe, path, adapter_name=name)
         except (AdapterFileError, ValueError) as err:
             return _error(f"adapter {path} does not fit {args.base}: {err}")
         found = analyze_pipeline(pipe, [name])
         method = file_method(path)
+        method = printable(method, 100) if method else method
         rows += [replace(r, method=method) for r in found] if method else found
         delete_dora_adapters(pipe, name)
     out = Path(args.out)
-    print(format_summary(summarize(rows)))
+    _print(format_summary(summarize(rows)))
     pooled = pool_checkpoints(rows)
     if pooled is not rows:
-        print("\nper training run, all its checkpoints together (as the paper's Figure 2):")
-        print(format_summary(summarize(pooled)))
+        _print("\nper training run, all its checkpoints together (as the paper's Figure 2):")
+        _print(format_summary(summarize(pooled)))
     csv_path = write_csv(rows, out / "analysis.csv")
     png_path = plot(pooled, out / "analysis.png", args.title)
-    print(f"wrote {csv_path} ({len(rows)} rows)")
-    print(f"wrote {png_path}")
+    _print(f"wrote {csv_path} ({len(rows)} rows)")
+    _print(f"wrote {png_path}")
     return 0

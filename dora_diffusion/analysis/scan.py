@@ -77,14 +77,27 @@ def analyze_pipeline(pipe, adapter_names: list[str] | None = None) -> list[Row]:
     return rows
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""A spreadsheet reads a cell starting with one of these as a formula (OWASP, CSV injection)."""
+
+
+def csv_cell(value: object) -> object:
+    """``value`` as written to a CSV a spreadsheet may open: a string that would start a formula gets a ``'``
+    in front (labels and methods come from file names and headers); numbers are written as they are."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
 def write_csv(rows: Iterable[Row], path: str | os.PathLike) -> Path:
-    """Write ``rows`` with the header ``adapter,module,component,kind,rank,delta_M,delta_D,method``; return the path."""
+    """Write ``rows`` with the header ``adapter,module,component,kind,rank,delta_M,delta_D,method``; return the path.
+
+    Text cells that a spreadsheet would run as a formula are prefixed with ``'`` (``csv_cell``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow([fl.name for fl in fields(Row)])
-        writer.writerows(astuple(r) for r in rows)
+        writer.writerows([csv_cell(v) for v in astuple(r)] for r in rows)
     return path
 
 

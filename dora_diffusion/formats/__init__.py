@@ -75,11 +75,21 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, st
 
 
 def _resolve_diffusers(component: str, file_names: list[str], model_names: set[str]) -> dict[str, str]:
-    """Exact names, tolerating the ``text_model.`` wrapper that transformers 5 removed from CLIPTextModel."""
-    out = {}
+    """Exact names, tolerating the ``text_model.`` wrapper that transformers 5 removed from CLIPTextModel.
+
+    Two file modules naming the same model module (``X`` and ``text_model.X``) are an error naming both.
+    """
+    out: dict[str, str] = {}
+    owner: dict[str, str] = {}
     for name in file_names:
         for candidate in (name, name.removeprefix("text_model."), "text_model." + name):
             if candidate in model_names:
+                if candidate in owner:
+                    raise AdapterFileError(
+                        f"adapter modules {component}.{owner[candidate]} and {component}.{name} both name "
+                        f"{component}.{candidate}; the file is ambiguous"
+                    )
+                owner[candidate] = name
                 out[name] = candidate
                 break
     return out

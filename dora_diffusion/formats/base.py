@@ -87,6 +87,10 @@ def build_module(
         )
     if a.shape[0] == 0:
         raise AdapterFileError(f"adapter module {where!r} has rank 0")
+    if a.numel() == 0 or b.numel() == 0:
+        raise AdapterFileError(
+            f"adapter module {where!r}: down/A {tuple(a.shape)} or up/B {tuple(b.shape)} has a dimension of size 0"
+        )
     rank = int(a.shape[0])
     if alpha is None:
         alpha = float(rank)
@@ -100,4 +104,29 @@ def build_module(
                 f"(one per {'output' if norm_axis == 'out' else 'input'} channel)"
             )
         magnitude = magnitude.reshape(want)
-    return ModuleAdapter(a, b, magnitude, float(alpha), norm_axis, use_rslora)
+    return bounded_rank(where, ModuleAdapter(a, b, magnitude, float(alpha), norm_axis, use_rslora))
+
+
+def bounded_rank(where: str, ma: ModuleAdapter) -> ModuleAdapter:
+    """``ma`` itself, or, if its rank exceeds ``min(d_out, K)`` (``K = in * kh * kw``), the same update ``s B A``
+    at rank ``min(d_out, K)``: ``B' = s B A`` and ``A' = I`` (or ``B' = I``, ``A' = s B A``), alpha = rank.
+
+    The factored norm's ``A A^T`` is r x r and the low-rank activation ``A x`` has r channels, so a file's rank
+    would otherwise buy memory quadratic in it (a 51 MB file of rank 100000 on a 64-wide layer: 40 GB a render).
+    Past ``min(d_out, K)`` the dense product is the smaller form and loses nothing but fp32 rounding (it is
+    computed in fp64). Raises ``AdapterFileError`` if the product overflows fp32.
+    """
+    r, d_out = ma.rank, int(ma.b.shape[0])
+    k = math.prod(ma.a.shape[1:])
+    if r <= min(d_out, k):
+        return ma
+    delta = ma.spec().scale * (ma.b.reshape(d_out, r).double() @ ma.a.reshape(r, k).double())  # (d_out, K)
+    delta = delta.float()
+    if not torch.isfinite(delta).all():
+        raise AdapterFileError(f"adapter module {where!r}: s B A overflows fp32 (rank {r}); the file is broken")
+    ones = (1, 1) if ma.is_conv else ()
+    if k <= d_out:
+        a, b = torch.eye(k).reshape(k, *ma.a.shape[1:]), delta.reshape(d_out, k, *ones)
+    else:
+        a, b = delta.reshape(d_out, *ma.a.shape[1:]), torch.eye(d_out).reshape(d_out, d_out, *ones)
+    return ModuleAdapter(a, b, ma.magnitude, float(min(d_out, k)), ma.norm_axis, use_rslora=False)

@@ -242,10 +242,24 @@ def key_prefix(key: str) -> str | None:
     return next((p for p in PREFIXES if key.startswith(p)), None)
 
 
+PEFT_MAGNITUDE = ".lora_magnitude_vector"
+"""How diffusers' ``convert_state_dict_to_kohya`` keys a PEFT magnitude: its ``lora_magnitude_vector`` to
+``dora_scale`` rename never runs, and it keeps the module name's last dot
+(``lora_unet_..._attn1.to_q.lora_magnitude_vector``; PEFT shapes: (out,) Linear, (1, out, 1, 1) Conv2d)."""
+_DIFFUSERS_LORA = "_lora"
+"""diffusers' DreamBooth script's kohya file with text encoders: ``convert_all_state_dict_to_peft`` leaves the
+UNet's ``.lora.down.weight`` keys, so they come out as ``lora_unet_..._to_q_lora.down.weight`` (no alpha)."""
+
+
 def _split_key(key: str) -> tuple[str, str, str, str]:
     """``(component, file module name, role, module key prefix)``; raises for unsupported or unknown suffixes."""
     prefix = key_prefix(key)
+    if prefix is not None and key.endswith(PEFT_MAGNITUDE) and len(key) > len(prefix) + len(PEFT_MAGNITUDE):
+        lora_name = key[: -len(PEFT_MAGNITUDE)].replace(".", "_")
+        return PREFIXES[prefix], lora_name[len(prefix) :], "peft_magnitude", lora_name
     lora_name, dot, param = key.partition(".")
+    if param in ("down.weight", "up.weight") and lora_name.endswith(_DIFFUSERS_LORA) and prefix is not None:
+        lora_name, param = lora_name[: -len(_DIFFUSERS_LORA)], "lora_" + param
     if prefix is None or not dot or len(lora_name) == len(prefix):
         raise AdapterFileError(f"adapter key {shown(key)} is not a kohya/LyCORIS key ('lora_unet_<module>.<param>')")
     role = _PARAMS.get(param)
@@ -286,12 +300,27 @@ def _dora_axis(where: str, scale: torch.Tensor, down: torch.Tensor | None, up: t
     )
 
 
+def _peft_magnitude(where: str, m: torch.Tensor, down: torch.Tensor | None, up: torch.Tensor | None) -> torch.Tensor:
+    """A PEFT ``lora_magnitude_vector`` read from a kohya file: (out,) for a Linear, (1, out, 1, 1) for a Conv2d."""
+    if down is None or up is None or down.dim() not in (2, 4) or up.dim() < 1:
+        return m  # build_module names the real problem
+    n_out = int(up.shape[0])
+    want = (n_out,) if down.dim() == 2 else (1, n_out, 1, 1)
+    if tuple(m.shape) != want:
+        raise AdapterFileError(f"{where}{PEFT_MAGNITUDE} has shape {tuple(m.shape)}; expected {want} (PEFT's magnitude)")
+    return m
+
+
 def _build(where: str, slot: dict[str, torch.Tensor]) -> ModuleAdapter:
     down, up = slot.get("down"), slot.get("up")
-    if "dora_scale" in slot and "magnitude" in slot:
-        raise AdapterFileError(f"adapter module {where!r} has both .dora_scale and .magnitude; expected one")
+    given = [k for k in ("dora_scale", "magnitude", "peft_magnitude") if k in slot]
+    if len(given) > 1:
+        names = [PEFT_MAGNITUDE if k == "peft_magnitude" else "." + k for k in given]
+        raise AdapterFileError(f"adapter module {where!r} has both {' and '.join(names)}; expected one magnitude")
     magnitude, axis = None, "out"
-    if "dora_scale" in slot:
+    if "peft_magnitude" in slot:
+        magnitude = _peft_magnitude(where, slot["peft_magnitude"], down, up)
+    elif "dora_scale" in slot:
         magnitude = slot["dora_scale"]
         axis = _dora_axis(where, magnitude, down, up)
     elif "magnitude" in slot:

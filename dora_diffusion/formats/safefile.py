@@ -21,6 +21,16 @@ from safetensors.torch import save as save_bytes
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_DIMS = 8
+"""Most dimensions a tensor may have (adapter tensors have at most 4; PyTorch refuses more than 64)."""
+MAX_TENSORS = 100_000
+"""Most tensors a file may hold: an SDXL DoRA on every Linear and Conv2d of the UNet and both text encoders has
+1059 modules, 4236 keys (8472 for LyCORIS kinds with 8 keys a module); the cap is checked before the header's
+entries are parsed (1.25 M zero-size entries took 34 s and 2.5 GB to refuse)."""
+MAX_HEADER_STRINGS = 5 * MAX_TENSORS + 100_000
+"""Most JSON strings a header may hold (a tensor entry has 5, a metadata entry 2; kohya writes about 100 metadata
+strings, a long value like ``ss_tag_frequency`` being one string), counted before it is parsed: 2 M metadata
+entries in a 28 MB header took 14 s to parse on a loaded 2-core machine."""
 
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -37,6 +47,13 @@ def shown(value: object, limit: int = 100) -> str:
     """``repr(value)`` cut to ``limit`` characters: how error messages quote what a file holds."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """A string from a file (a header value, a file name) as it is safe to print: control characters escaped (no
+    terminal escape sequences), at most ``limit`` characters."""
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[: limit + 1])
+    return shown[:limit] + ("…" if len(text) > limit else "")
 
 
 def refuse_pickle(path: Path) -> None:
@@ -62,6 +79,13 @@ def _header_length(path: Path, first: bytes, file_size: int) -> int:
 
 def _check_header(path: Path, raw: bytes, body: int) -> dict:
     """Parse and validate the safetensors header: sizes, offsets and dtypes must fit ``body`` data bytes."""
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:  # every entry has one; counted before parsing any
+        raise AdapterFileError(f"{path} holds more than {MAX_TENSORS:,} tensors; no adapter has that many")
+    strings = (raw.count(b'"') - raw.count(b'\\"')) // 2  # quotes inside strings are escaped (a slight undercount)
+    if strings > MAX_HEADER_STRINGS:
+        raise AdapterFileError(
+            f"{path} has a header of about {strings:,} strings (at most {MAX_HEADER_STRINGS:,}); no adapter has that many"
+        )
     try:
         header = json.loads(raw)
     except ValueError as err:  # UnicodeDecodeError, JSONDecodeError, an integer of more than 4300 digits
@@ -70,6 +94,8 @@ def _check_header(path: Path, raw: bytes, body: int) -> dict:
         raise AdapterFileError(f"{path} has a corrupt safetensors header (nested too deeply)") from None
     if not isinstance(header, dict):
         raise AdapterFileError(f"{path} has a corrupt safetensors header (not a JSON object)")
+    if len(header) - ("__metadata__" in header) > MAX_TENSORS:
+        raise AdapterFileError(f"{path} holds more than {MAX_TENSORS:,} tensors; no adapter has that many")
     for key, info in header.items():
         if key == "__metadata__":
             continue
@@ -79,6 +105,8 @@ def _check_header(path: Path, raw: bytes, body: int) -> dict:
             start, end = int(start), int(end)
         except (KeyError, TypeError, ValueError):
             raise AdapterFileError(f"{path}: tensor {shown(key)} has a malformed header entry") from None
+        if len(shape) > MAX_DIMS:
+            raise AdapterFileError(f"{path}: tensor {shown(key)} has {len(shape)} dimensions; adapter tensors have at most 4")
         if dtype not in _DTYPE_BYTES:
             name = dtype if isinstance(dtype, str) and dtype.isalnum() and len(dtype) < 20 else shown(dtype)
             raise AdapterFileError(f"{path}: tensor {shown(key)} has unsupported dtype {name}")
@@ -150,19 +178,39 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return state_dict, {str(k): str(v) for k, v in metadata.items()}
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+"""Integer dtypes accepted for an ``.alpha`` (diffusers' ``convert_state_dict_to_kohya`` writes int64 ranks)."""
+
+
+def check_floats(where: str, t: torch.Tensor) -> None:
+    """``t`` must be a floating-point tensor whose values are finite in fp32, the dtype adapters are used in.
+
+    fp64 values beyond fp32's range (1e300) are finite as read but inf once cast, so they are refused too.
+    """
+    if t.dtype not in FLOAT_DTYPES:
+        raise AdapterFileError(f"{where} has dtype {t.dtype}; it must be fp16, bf16, fp32 or fp64")
+    if not torch.isfinite(t).all():
+        raise AdapterFileError(f"{where} contains NaN or inf values; the file is broken")
+    if t.dtype == torch.float64 and not torch.isfinite(t.to(torch.float32)).all():
+        raise AdapterFileError(
+            f"{where} holds fp64 values beyond fp32's range (|x| > {torch.finfo(torch.float32).max:.3g}), which "
+            "become inf when the adapter is used; the file is broken"
+        )
+
+
 def check_tensors(state_dict: dict[str, torch.Tensor]) -> None:
-    """Every value must be a finite floating-point tensor."""
+    """Every value must be a floating-point tensor, finite in fp32; an ``.alpha`` may also be an integer."""
     if not state_dict:
         raise AdapterFileError("the adapter holds no tensors")
     for key, t in state_dict.items():
         if not isinstance(t, torch.Tensor):
             raise AdapterFileError(f"adapter key {shown(key)} holds a {type(t).__name__}, not a tensor")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise AdapterFileError(
-                f"adapter key {shown(key)} has dtype {t.dtype}; adapter tensors must be fp16, bf16, fp32 or fp64"
-            )
-        if not torch.isfinite(t).all():
-            raise AdapterFileError(f"adapter key {shown(key)} contains NaN or inf values; the file is broken")
+        if key.endswith(".alpha") and t.dtype not in FLOAT_DTYPES:
+            if t.dtype in INT_DTYPES:
+                continue  # an integer is finite; its size is checked against MAX_ALPHA where alpha is read
+            raise AdapterFileError(f"adapter key {shown(key)} has dtype {t.dtype}; an alpha must be a float or an integer")
+        check_floats(f"adapter key {shown(key)}", t)
 
 
 def write_safetensors(
