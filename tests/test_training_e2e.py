@@ -582,3 +582,50 @@ def test_nothing_is_written_when_loading_the_models_fails(work, monkeypatch):
     with pytest.raises(OSError, match="no such model"):
         main(argv(work, "early"))
     assert not (work / "early").exists()
+
+
+# ---------------------------------------------------------------- issue 27: folders apart, the VAE's factor
+def test_output_dir_apart_from_the_dataset(work, monkeypatch):
+    """--output_dir equal to the dataset, inside it or holding it (and --class_data_dir equal to it) is refused
+    before anything is read or written: the run's validation images would become training images next time."""
+    monkeypatch.setattr(training_loop, "load_components", lambda *a: pytest.fail("models loaded"))
+    data = make_toy_imagefolder(work / "apart" / "data", n=2)
+    before = sorted(p.name for p in data.iterdir())
+    cases = [
+        (["--output_dir", str(data)], r"--output_dir .*data is --dataset .*data"),
+        (["--output_dir", str(data / "out")], r"--output_dir .*out lies inside --dataset"),
+        (["--output_dir", str(work / "apart")], r"--output_dir .*apart holds --dataset"),
+        (["--output_dir", str(data) + "/./"], r"--output_dir .* is --dataset"),
+        (["--with_prior_preservation", "--class_prompt", "a toy", "--class_data_dir", str(data)], r"--class_data_dir .*data is --dataset"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(OutputDirError, match=message + r".*Choose .* apart from --dataset"):
+            main(argv(work, "apart-out") + ["--dataset", str(data), *flags])
+    assert sorted(p.name for p in data.iterdir()) == before and not (work / "apart-out").exists()
+
+
+def test_masked_loss_on_a_vae_that_downscales_by_4(tmp_path):
+    """--mask_dir with the toy world's VAE (factor 4, not 8): the mask is pooled to the latent grid (16 x 16 for
+    64 px); a mask that ignores everything gives a zero loss, a full one a positive loss."""
+    from dora_diffusion.toyworld.model import build_untrained_pipeline
+
+    pipe = build_untrained_pipeline(seed=0)
+    assert 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 4
+    pipe.save_pretrained(tmp_path / "toy")
+    make_toy_imagefolder(tmp_path / "data", n=2)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i in range(2):
+        Image.new("L", (64, 64), 255).save(masks / f"{i:04d}.png")
+    flags = [
+        "--pretrained_model_name_or_path", str(tmp_path / "toy"), "--dataset", str(tmp_path / "data"),
+        "--output_dir", str(tmp_path / "out"), "--resolution", "64", "--max_train_steps", "1", "--rank", "2",
+        "--checkpointing_steps", "0", "--report_to", "none", "--mask_dir", str(masks), "--train_batch_size", "2",
+        "--cache_dir", str(tmp_path / "cache"), "--validation_prompt", "none",
+    ]  # fmt: skip
+    run(flags)
+    full = read_step_log(tmp_path / "out")[0]["loss"]
+    for i in range(2):
+        Image.new("L", (64, 64), 0).save(masks / f"{i:04d}.png")
+    run([*flags[:5], str(tmp_path / "out0"), *flags[6:]])
+    assert read_step_log(tmp_path / "out0")[0]["loss"] == 0.0 < full
