@@ -418,3 +418,51 @@ def test_captions_with_control_characters_or_over_64_kib_are_refused(tmp_path):
     # tabs and line breaks are whitespace, not refused
     ok = _write_folder(tmp_path / "ok", 1, ["a TOK\tdog\non grass"])
     assert load_records(str(ok)).records[0].caption == "a TOK\tdog\non grass"
+
+
+def _png_bomb(path, side: int) -> int:
+    """A greyscale PNG of side x side zero pixels (a few KB per megapixel); returns its size in bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)
+    body = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path.stat().st_size
+
+
+def test_decompression_bomb_under_pillows_limit_is_skipped_undecoded(tmp_path):
+    """A 9000 x 9000 PNG of ~80 KB (81 MP, under Pillow's warning limit) would decode to 324 MB counted at 4 bytes a
+    pixel: it is skipped and counted without decoding, in under 1 s and 32 MiB; the other images load."""
+    import resource
+    import time
+
+    folder = _write_folder(tmp_path / "d", 2, ["a TOK", "a TOK"])
+    assert _png_bomb(folder / "02.png", 9000) < 100_000
+    (folder / "02.txt").write_text("a TOK")
+    before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    data = load_records(str(folder), resolution=16)
+    assert (len(data.records), data.skipped) == (2, ["02.png"])
+    assert time.perf_counter() - start < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 32 * 1024  # KiB
+
+
+def test_subfolders_beside_captioned_images_keep_the_txt_reader(tmp_path):
+    """Images with .txt captions beside a subfolder (masks/, a folder named like an image, a caption that is a
+    folder) stay a .txt-captions dataset: the folder named 02.png is skipped and counted, a folder caption is an
+    error naming it (datasets read the .txt files as a text dataset: "no column 'image'")."""
+    folder = _write_folder(tmp_path / "d", 2, ["a TOK", "a TOK"])
+    (folder / "masks").mkdir()
+    (folder / "02.png").mkdir()
+    (folder / "02.txt").write_text("a TOK")
+    data = load_records(str(folder))
+    assert (data.source, len(data.records), data.skipped) == ("txt-captions", 2, ["02.png"])
+    (folder / "01.txt").unlink()
+    (folder / "01.txt").mkdir()
+    with pytest.raises(DatasetError, match=r"caption .*01\.txt is a folder, not a regular file"):
+        load_records(str(folder))

@@ -60,6 +60,17 @@ class DatasetError(ValueError):
     """The dataset cannot be used for training; the message says why and what to do."""
 
 
+MAX_DECODED_BYTES = 256 << 20
+DECODED_PER_STORED_BYTE = 100
+"""An image decodes to at most ``max(MAX_DECODED_BYTES, DECODED_PER_STORED_BYTE x its file size)`` (4 bytes a pixel
+counted, after JPEG draft scaling): a 140 KB PNG of 144 megapixels, under Pillow's own bomb limit, would take 800 MB
+and seconds; a 100 MP photo (JPEG, or a PNG of over 4 MB) passes."""
+
+
+class DecompressionBomb(ValueError):
+    """An image whose pixels would take far more memory than its file's size explains: skipped and counted."""
+
+
 class NotRegularFile(OSError):
     """A dataset file is a FIFO, device, socket or folder: never read (an image is skipped, a caption refused)."""
 
@@ -198,14 +209,37 @@ def open_image(source: str | Path | bytes | BinaryIO, resolution: int | None = N
     handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     with Image.open(handle) as image:
         w, h = image.size
+        if image.format != "JPEG":  # before getexif, which decodes a PNG to find its eXIf chunk
+            _check_decoded_size(image, source)
         size = (h, w) if image.getexif().get(0x0112, 1) in _TRANSPOSED else (w, h)
         target = None if resolution is None else resized_size(size, resolution)
         if target is not None and image.format == "JPEG":
             side = min(target)
             image.draft("RGB", (side, side))  # both sides stay >= the target's short side
+        _check_decoded_size(image, source)
         image.load()
         image = to_rgb(image)
     return _shrink(image, size, resolution), size
+
+
+def _check_decoded_size(image: Image.Image, source: str | Path | bytes | BinaryIO) -> None:
+    """Raise ``DecompressionBomb`` if ``image`` (opened, not decoded) would take more than
+    ``max(MAX_DECODED_BYTES, DECODED_PER_STORED_BYTE x its file size)``, counting 4 bytes a pixel."""
+    decoded, stored = 4 * image.size[0] * image.size[1], _stored_size(source)
+    if decoded > max(MAX_DECODED_BYTES, DECODED_PER_STORED_BYTE * stored):
+        raise DecompressionBomb(
+            f"{image.size[0]} x {image.size[1]} pixels from {stored} bytes would decode to {decoded >> 20} MiB (more "
+            f"than {MAX_DECODED_BYTES >> 20} MiB and {DECODED_PER_STORED_BYTE} x the file): a decompression bomb?"
+        )
+
+
+def _stored_size(source: str | Path | bytes | BinaryIO) -> int:
+    """Bytes of an encoded image: a path's file size, an open file's, or the length of ``bytes``."""
+    if isinstance(source, (bytes, bytearray)):
+        return len(source)
+    if isinstance(source, (str, os.PathLike)):
+        return os.path.getsize(source)
+    return os.fstat(source.fileno()).st_size
 
 
 def _shrink(image: Image.Image, size: tuple[int, int], resolution: int | None) -> Image.Image:
@@ -255,7 +289,7 @@ def _lines(path: Path, root: Path):
             if len(raw) > MAX_METADATA_LINE:
                 raise DatasetError(f"{path}, line {number}: longer than {MAX_METADATA_LINE} bytes; one line holds one image's row")
             try:
-                yield number, raw.decode("utf-8")
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM, as datasets accepts it
             except UnicodeDecodeError as err:
                 raise DatasetError(
                     f"{path}, line {number}: not UTF-8 text ({err.reason} at byte {err.start} of the line); save it as UTF-8"
@@ -264,8 +298,8 @@ def _lines(path: Path, root: Path):
 
 def _checked_file_name(value: object, path: Path, number: int) -> None:
     """A metadata ``file_name``: a relative path that stays in the metadata file's folder."""
-    if not isinstance(value, str) or not value:
-        raise DatasetError(f"{path}, line {number}: file_name {value!r} is not a file name")
+    if not isinstance(value, str) or not value or any(unicodedata.category(c) == "Cc" for c in value):
+        raise DatasetError(f"{path}, line {number}: file_name {value[:200] if isinstance(value, str) else value!r} is not a file name")
     parts = value.replace("\\", "/").split("/")
     if PurePosixPath(value).is_absolute() or os.path.isabs(value) or ":" in parts[0] or ".." in parts:
         raise DatasetError(
@@ -333,7 +367,7 @@ def load_records(
     if path.exists():
         if not path.is_dir():
             raise DatasetError(f"--dataset {dataset}: expected a folder of images (or a Hub dataset id), got a file")
-        if _has_metadata(path) or any(c.is_dir() for c in path.iterdir()):
+        if _has_metadata(path) or (not _image_files(path) and any(c.is_dir() for c in path.iterdir())):
             if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
                 raise DatasetError(f"--dataset {dataset} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             return _from_datasets(str(path), "imagefolder", image_column, caption_column, instance_prompt, None, cache_dir, resolution)
@@ -503,8 +537,8 @@ def read_image(path: str | Path, root: Path, resolution: int | None) -> tuple[Im
             return open_image(handle, resolution)
     except DatasetError:
         raise
-    except NotRegularFile as err:
-        logger.warning("skipped: %s", err)
+    except (NotRegularFile, DecompressionBomb) as err:
+        logger.warning("skipped %s: %s", path, err)
         raise Unreadable from None
     except Exception as err:  # noqa: BLE001 - any decoder failure means "unreadable"
         logger.debug("skipping %s: %s", path, err)

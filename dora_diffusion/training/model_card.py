@@ -61,8 +61,8 @@ def code(value: object, table: bool = False) -> str:
 
 
 def _yaml(value: str) -> str:
-    """A YAML scalar (JSON strings are valid YAML)."""
-    return json.dumps(value, ensure_ascii=False)
+    """A YAML scalar (JSON strings are valid YAML), hidden characters escaped (``\\u202e``)."""
+    return _HIDDEN.sub(lambda m: f"\\u{ord(m[0]):04x}", json.dumps(value, ensure_ascii=False))
 
 
 def model_card(
@@ -80,7 +80,7 @@ def model_card(
     label = "DoRA" if kind == "dora" else "LoRA"
     prompt = settings.get("validation_prompt") or settings.get("instance_prompt") or " ".join(trigger_words) or "a photo"
     front = ["---", "library_name: diffusers"]
-    if not Path(base).exists():  # a Hub id; a local folder means nothing on the Hub
+    if not Path(base).exists() and public_value(base) == base:  # a Hub id; a local folder means nothing on the Hub
         front.insert(1, f"base_model: {_yaml(base)}")
     if base == SDXL_BASE:
         front.append("license: openrail++")
