@@ -120,9 +120,9 @@ _ALLOWED_CONTROLS = frozenset("\t\n\r")
 def checked_caption(text: str, where: str) -> str:
     """``text`` stripped; raises ``DatasetError`` naming ``where`` for a control character (escape codes would reach
     the terminal, the model card and the Hub) or more than ``MAX_CAPTION_BYTES``."""
-    bad = next((c for c in text if unicodedata.category(c) == "Cc" and c not in _ALLOWED_CONTROLS), None)
+    bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Cs") and c not in _ALLOWED_CONTROLS), None)
     if bad is not None:
-        raise DatasetError(f"{where}: the caption holds the control character {bad!r}; remove it")
+        raise DatasetError(f"{where}: the caption holds the control character {bad!r}; remove it")  # or a lone surrogate
     if len(text.encode("utf-8", "surrogatepass")) > MAX_CAPTION_BYTES:
         raise DatasetError(f"{where}: the caption is over {MAX_CAPTION_BYTES} bytes (CLIP reads 77 tokens); shorten it")
     return text.strip()
@@ -135,6 +135,8 @@ def read_caption(path: Path, root: Path) -> str:
             data = f.read(MAX_CAPTION_BYTES + 1)
     except NotRegularFile as err:
         raise DatasetError(f"caption {err}; a caption must be a regular .txt file") from None
+    except OSError as err:
+        raise DatasetError(f"caption {path} cannot be read ({err.strerror or err})") from None
     if len(data) > MAX_CAPTION_BYTES:
         raise DatasetError(f"caption {path} is over {MAX_CAPTION_BYTES} bytes (CLIP reads 77 tokens); shorten it")
     try:
@@ -282,6 +284,8 @@ def _lines(path: Path, root: Path):
         f = open_dataset_file(path, root)
     except NotRegularFile as err:
         raise DatasetError(f"{err}; a metadata file must be a regular file") from None
+    except OSError as err:
+        raise DatasetError(f"{path} cannot be read ({err.strerror or err})") from None
     with f:
         number = 0
         while raw := f.readline(MAX_METADATA_LINE + 1):
@@ -547,7 +551,7 @@ def read_image(path: str | Path, root: Path, resolution: int | None) -> tuple[Im
 
 def _decode_cell(cell, dataset: str, resolution: int | None, root: Path) -> tuple[Image.Image, tuple[int, int]]:
     """An image cell of a ``datasets`` table: {'bytes', 'path'}, a path string, or a PIL image (see ``open_image``);
-    a path is read through ``_read_image`` (inside ``root``, a regular file)."""
+    a path is read through ``read_image`` (inside ``root``, a regular file)."""
     try:
         if isinstance(cell, Image.Image):
             image = to_rgb(cell)
