@@ -255,7 +255,7 @@ def test_validation_images_and_model_card(dora_run):
     assert Image.open(images[0]).size == (64, 64)
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: diffusers\n")  # no base_model: the base is a local folder
-    assert "A DoRA adapter for `model`" in card and str(out.parent) not in card  # a local base: its name only
+    assert "A DoRA adapter for `model`" in card and str(out.parent / "model") not in card  # a local base: its name
     for expected in ("Trigger words: `TOK`", "pipe.load_dora_weights(", "![validation image 0](validation/step-4/00.png)",
                      "| rank | `4` |", "| adapter | `dora` |", "- dora\n", "url: \"validation/step-4/01.png\""):  # fmt: skip
         assert expected in card
