@@ -194,6 +194,19 @@ class FakeHub:
 
         return SimpleNamespace(private=repo_id not in self.public)
 
+    def upload_folder(self, repo_id, folder_path, commit_message=None, ignore_patterns=None, token=None, **kwargs):
+        """``huggingface_hub.upload_folder``: what it would send (its own pattern filter), as one commit."""
+        from pathlib import Path
+        from types import SimpleNamespace
+
+        from huggingface_hub.utils import filter_repo_objects
+
+        root = Path(folder_path)
+        files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+        kept = filter_repo_objects(files, ignore_patterns=ignore_patterns)
+        ops = [SimpleNamespace(path_in_repo=rel, path_or_fileobj=str(root / rel)) for rel in kept]
+        FakeHub(token, self.log, self.sent, self.public).create_commit(repo_id, ops, commit_message)
+
     def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
         from pathlib import Path
 

@@ -115,6 +115,8 @@ def lora_run(work):
     extra = ["--adapter", "lora", "--cache_latents", "--no_gradient_checkpointing", "--validation_steps", "2", "--push_to_hub", "--hub_model_id", "tiny-lora"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(huggingface_hub, "HfApi", hub)
+        mp.setattr(huggingface_hub, "create_repo", lambda repo_id, token=None, **kw: hub(token).create_repo(repo_id, **kw))
+        mp.setattr(huggingface_hub, "upload_folder", hub.upload_folder)  # what 0781584 called
         path, out = run(argv(work, "lora", *VALIDATION, *extra, "--report_to", tracker))
     return path, out, hub, tracker
 
