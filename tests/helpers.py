@@ -269,3 +269,54 @@ def saved_bytes(base: nn.Module, x: torch.Tensor, use_dora: bool, recompute: boo
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x).sum().backward()
     return sum(storages.values())
+
+
+# ---------------------------------------------------------------------------------------------- the Hub
+
+
+class FakeHub:
+    """A stand-in for ``huggingface_hub.HfApi`` (patch it in): repos are ``me/<name>``; ``log`` records each
+    call; ``sent[repo]`` is ``{path_in_repo: bytes}`` of its commits; ``public`` names repos that exist public."""
+
+    def __init__(self, token=None, log=None, sent=None, public=()):
+        self.token, self.log, self.sent, self.public = token, [] if log is None else log, {} if sent is None else sent, set(public)
+
+    def __call__(self, token=None) -> FakeHub:
+        """``HfApi(token=...)``: an instance sharing this fake's records."""
+        return FakeHub(token, self.log, self.sent, self.public)
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+        from types import SimpleNamespace
+
+        full = "me/" + repo_id.split("/")[-1]
+        self.log.append(("create", repo_id, private, self.token))
+        if private is False:
+            self.public.add(full)
+        return SimpleNamespace(repo_id=full)
+
+    def repo_info(self, repo_id, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(private=repo_id not in self.public)
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, ignore_patterns=None, token=None, **kwargs):
+        """``huggingface_hub.upload_folder``: what it would send (its own pattern filter), as one commit."""
+        from pathlib import Path
+        from types import SimpleNamespace
+
+        from huggingface_hub.utils import filter_repo_objects
+
+        root = Path(folder_path)
+        files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+        kept = filter_repo_objects(files, ignore_patterns=ignore_patterns)
+        ops = [SimpleNamespace(path_in_repo=rel, path_or_fileobj=str(root / rel)) for rel in kept]
+        FakeHub(token, self.log, self.sent, self.public).create_commit(repo_id, ops, commit_message)
+
+    def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
+        from pathlib import Path
+
+        self.log.append(("commit", repo_id, commit_message, self.token))
+        files = self.sent.setdefault(repo_id, {})
+        for op in operations:
+            data = op.path_or_fileobj
+            files[op.path_in_repo] = data if isinstance(data, bytes) else Path(data).read_bytes()

@@ -180,3 +180,14 @@ def test_epochs_to_steps():
     args = targs.parse_args(["--dataset", "d", "--validation_epochs", "2", "--validation_steps", "7"])
     resolve_schedule(args, 23, 2)
     assert (args.max_train_steps, args.validation_steps) == (500, 7)  # --validation_steps wins
+
+
+def test_hub_repo_is_private_unless_hub_public(capsys):
+    """Issue 27: private by default; --hub_public opens it; transformers' --hub_private_repo is accepted (diffusers'
+    SDXL scripts have no such flag); both together is an error."""
+    assert targs.parse_args(["--dataset", "d"]).hub_public is False
+    assert targs.parse_args(["--dataset", "d", "--hub_public"]).hub_public is True
+    assert targs.parse_args(["--dataset", "d", "--hub_private_repo"]).hub_public is False
+    with pytest.raises(SystemExit):
+        targs.parse_args(["--dataset", "d", "--hub_public", "--hub_private_repo"])
+    assert "--hub_public and --hub_private_repo contradict each other" in capsys.readouterr().err

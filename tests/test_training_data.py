@@ -283,3 +283,186 @@ def test_non_utf8_caption_is_a_dataset_error_naming_the_file(tmp_path):
         (folder / f"{i}.txt").write_bytes("a photo of TOK".encode() if i == 0 else "caf\xe9 TOK".encode("latin-1"))
     with pytest.raises(DatasetError, match=r"caption .*1\.txt is not UTF-8 text .* save it as UTF-8"):
         load_records(str(folder), "image", None, None, None, None)
+
+
+# ---------------------------------------------------------------- hostile datasets (issue 27)
+def test_caption_or_image_linked_outside_the_dataset_is_refused(tmp_path):
+    """A caption .txt linked to a file elsewhere (a token in the user's home) would become the validation prompt,
+    the model card's text and a Hub field: it is refused naming the link, and its text is never read. An image
+    linked outside is refused the same way; links that stay inside the folder are followed."""
+    secret = tmp_path / "home" / ".token"
+    secret.parent.mkdir()
+    secret.write_text("hf_SECRET_TOKEN")
+    folder = _write_folder(tmp_path / "data", 2, ["a photo of TOK", None])
+    (folder / "01.txt").symlink_to(secret)
+    with pytest.raises(DatasetError, match=r"01\.txt is a link to .*\.token, outside the dataset folder") as err:
+        load_records(str(folder))
+    assert "hf_SECRET" not in str(err.value)
+    (folder / "01.txt").unlink()
+    (folder / "01.txt").symlink_to(folder / "00.txt")  # inside: fine
+    assert [r.caption for r in load_records(str(folder)).records] == ["a photo of TOK", "a photo of TOK"]
+    make_toy_images(1, 16)[0].save(tmp_path / "home" / "me.png")
+    (folder / "02.png").symlink_to(tmp_path / "home" / "me.png")
+    with pytest.raises(DatasetError, match=r"02\.png is a link to .*me\.png, outside the dataset folder"):
+        load_records(str(folder), instance_prompt="TOK")
+    # the same in an imagefolder: a metadata row naming a link to a file outside, and a folder linked in
+    meta = make_toy_imagefolder(tmp_path / "meta", n=2, size=16)
+    (meta / "0001.png").unlink()
+    (meta / "0001.png").symlink_to(tmp_path / "home" / "me.png")
+    with pytest.raises(DatasetError, match=r"0001\.png is a link to .*me\.png, outside the dataset folder"):
+        load_records(str(meta), cache_dir=str(tmp_path / "c"))
+    (meta / "0001.png").unlink()
+    (meta / "train").symlink_to(tmp_path / "home")
+    with pytest.raises(DatasetError, match=r"train is a link to a folder"):
+        load_records(str(meta), cache_dir=str(tmp_path / "c"))
+
+
+def _unblock_fifos_after(paths, seconds: float):
+    """A daemon that, after ``seconds``, opens each FIFO for writing (without blocking) and closes it: a reader
+    stuck on it (the old code) gets EOF, so a failing test ends instead of hanging the suite."""
+    import os
+    import threading
+    import time
+
+    def unblock():
+        time.sleep(seconds)
+        for p in paths:
+            try:
+                os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass  # no reader: nothing blocked
+
+    threading.Thread(target=unblock, daemon=True).start()
+
+
+def test_fifo_in_a_dataset_is_skipped_without_blocking(tmp_path):
+    """A FIFO listed in metadata.jsonl (or named like an image beside .txt captions) is skipped and counted, never
+    opened for a blocking read; a FIFO as a caption is an error naming it. Each load under 5 s."""
+    import os
+    import time
+
+    meta = make_toy_imagefolder(tmp_path / "meta", n=2, size=16)
+    os.mkfifo(meta / "fifo.png")
+    with open(meta / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "fifo.png", "prompt": "a photo of TOK toy"}) + "\n")
+    folder = _write_folder(tmp_path / "txt", 2, ["a TOK", "a TOK"])
+    os.mkfifo(folder / "fifo.png")
+    (folder / "fifo.txt").write_text("a TOK")
+    fifo_caption = _write_folder(tmp_path / "fifocap", 1, [None])
+    os.mkfifo(fifo_caption / "00.txt")
+    _unblock_fifos_after([meta / "fifo.png", folder / "fifo.png", fifo_caption / "00.txt"], 5.0)
+    start = time.perf_counter()
+    data = load_records(str(meta), cache_dir=str(tmp_path / "c"))
+    assert (len(data.records), data.skipped) == (2, ["fifo.png"])
+    data = load_records(str(folder))
+    assert (len(data.records), data.skipped) == (2, ["fifo.png"])
+    with pytest.raises(DatasetError, match=r"caption .*00\.txt is a FIFO, not a regular file"):
+        load_records(str(fifo_caption))
+    assert time.perf_counter() - start < 5.0
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (b'{"file_name": "0000.png", "prompt": "caf\xe9"}\n', r"metadata\.jsonl, line 3: not UTF-8 text \(invalid continuation byte at byte 40 of the line"),
+        (b'{"file_name": "/etc/hostname", "prompt": "a"}\n', r"line 3: file_name '/etc/hostname' is not a path inside the dataset folder"),
+        (b'{"file_name": "../outside.png", "prompt": "a"}\n', r"line 3: file_name '../outside.png' is not a path inside"),
+        (b'{"file_name": "https://example.com/a.png", "prompt": "a"}\n', r"line 3: file_name 'https://example.com/a.png' is not a path inside"),
+        (b'{"file_name": 7, "prompt": "a"}\n', r"line 3: file_name 7 is not a file name"),
+        (b'["0000.png", "a"]\n', r"line 3: not a JSON object \(a list\)"),
+        (b'{"file_name": \n', r"line 3: not a JSON object \(Expecting value"),
+    ],
+)
+def test_bad_metadata_line_is_an_error_naming_the_line(tmp_path, line, message):
+    folder = make_toy_imagefolder(tmp_path / "d", n=2, size=16)
+    with open(folder / "metadata.jsonl", "ab") as f:
+        f.write(line)
+    with pytest.raises(DatasetError, match=message):
+        load_records(str(folder), cache_dir=str(tmp_path / "c"))
+
+
+def test_metadata_csv_and_huge_lines_are_checked_before_datasets_reads_them(tmp_path):
+    """A 1 GiB line (a sparse file) is refused after reading 1 MiB of it (datasets held ~5x a line's size), in
+    under 2 s and under 64 MiB of memory; metadata.csv is checked like metadata.jsonl."""
+    import os
+    import resource
+    import time
+
+    folder = make_toy_imagefolder(tmp_path / "d", n=2, size=16)
+    with open(folder / "metadata.jsonl", "ab") as f:
+        f.write(b'{"file_name": "0000.png", "prompt": "')
+    os.truncate(folder / "metadata.jsonl", 1 << 30)
+    before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    with pytest.raises(DatasetError, match=r"metadata\.jsonl, line 3: longer than 1048576 bytes"):
+        load_records(str(folder), cache_dir=str(tmp_path / "c"))
+    assert time.perf_counter() - start < 2.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB
+    (folder / "metadata.jsonl").unlink()
+    (folder / "metadata.csv").write_text("file_name,prompt\n0000.png,a TOK\n../x.png,a TOK\n")
+    with pytest.raises(DatasetError, match=r"metadata\.csv, line 3: file_name '../x.png' is not a path inside"):
+        load_records(str(folder), cache_dir=str(tmp_path / "c"))
+
+
+def test_captions_with_control_characters_or_over_64_kib_are_refused(tmp_path):
+    """Escape codes in a caption would reach the terminal (the summary prints the trigger words), the model card
+    and the Hub; a caption of megabytes would be tokenized every step and become the validation prompt."""
+    folder = _write_folder(tmp_path / "a", 1, ["a TOK \x1b]8;;https://evil.example\x07link\x1b]8;;\x07"])
+    with pytest.raises(DatasetError, match=r"caption .*00\.txt: the caption holds the control character '\\x1b'"):
+        load_records(str(folder))
+    folder = _write_folder(tmp_path / "b", 1, ["a TOK " + "x" * (1 << 20)])
+    with pytest.raises(DatasetError, match=r"caption .*00\.txt is over 65536 bytes"):
+        load_records(str(folder))
+    meta = make_toy_imagefolder(tmp_path / "m", n=2, size=16, caption="a photo of TOK toy\x1b[2J")
+    with pytest.raises(DatasetError, match=r"row 1: the caption holds the control character '\\x1b'"):
+        load_records(str(meta), cache_dir=str(tmp_path / "c"))
+    # tabs and line breaks are whitespace, not refused
+    ok = _write_folder(tmp_path / "ok", 1, ["a TOK\tdog\non grass"])
+    assert load_records(str(ok)).records[0].caption == "a TOK\tdog\non grass"
+
+
+def _png_bomb(path, side: int) -> int:
+    """A greyscale PNG of side x side zero pixels (a few KB per megapixel); returns its size in bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)
+    body = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path.stat().st_size
+
+
+def test_decompression_bomb_under_pillows_limit_is_skipped_undecoded(tmp_path):
+    """A 9000 x 9000 PNG of ~80 KB (81 MP, under Pillow's warning limit) would decode to 324 MB counted at 4 bytes a
+    pixel: it is skipped and counted without decoding, in under 1 s and 32 MiB; the other images load."""
+    import resource
+    import time
+
+    folder = _write_folder(tmp_path / "d", 2, ["a TOK", "a TOK"])
+    assert _png_bomb(folder / "02.png", 9000) < 100_000
+    (folder / "02.txt").write_text("a TOK")
+    before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    data = load_records(str(folder), resolution=16)
+    assert (len(data.records), data.skipped) == (2, ["02.png"])
+    assert time.perf_counter() - start < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 32 * 1024  # KiB
+
+
+def test_subfolders_beside_captioned_images_keep_the_txt_reader(tmp_path):
+    """Images with .txt captions beside a subfolder (masks/, a folder named like an image, a caption that is a
+    folder) stay a .txt-captions dataset: the folder named 02.png is skipped and counted, a folder caption is an
+    error naming it (datasets read the .txt files as a text dataset: "no column 'image'")."""
+    folder = _write_folder(tmp_path / "d", 2, ["a TOK", "a TOK"])
+    (folder / "masks").mkdir()
+    (folder / "02.png").mkdir()
+    (folder / "02.txt").write_text("a TOK")
+    data = load_records(str(folder))
+    assert (data.source, len(data.records), data.skipped) == ("txt-captions", 2, ["02.png"])
+    (folder / "01.txt").unlink()
+    (folder / "01.txt").mkdir()
+    with pytest.raises(DatasetError, match=r"caption .*01\.txt is a folder, not a regular file"):
+        load_records(str(folder))

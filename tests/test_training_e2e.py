@@ -35,7 +35,7 @@ from dora_diffusion.training import loop as training_loop
 from dora_diffusion.training.models import ADAPTER_NAME, Components, add_training_adapters, named_trainable
 from dora_diffusion.training.optim import param_groups
 from dora_diffusion.training.steplog import read_step_log
-from helpers import max_diff, render
+from helpers import FakeHub, max_diff, render
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -97,25 +97,28 @@ def dora_run(work):
     return run(argv(work, "dora", *VALIDATION, *kohya))
 
 
+FOREIGN = {"notes.txt": "my notes", "photos/me.jpg": "a photo of me", ".env": "HF_TOKEN=hf_secret"}
+"""The user's files in the output folder before the pushing run: never uploaded."""
+
+
 @pytest.fixture(scope="module")
 def lora_run(work):
-    """LoRA with cached latents, validation every 2 steps, tensorboard if installed, and a (fake) Hub push."""
-    calls = []
+    """LoRA with cached latents, validation every 2 steps, tensorboard if installed, and a Hub push to a stand-in
+    for ``huggingface_hub.HfApi``, from an output folder that already holds the user's files."""
+    import huggingface_hub
 
-    def fake_create(repo_id, token=None):
-        calls.append(("create", repo_id, token))
-        return "me/" + repo_id.split("/")[-1]
-
-    def fake_upload(output_dir, repo_id, token=None):
-        calls.append(("upload", Path(output_dir), repo_id, sorted(os.listdir(output_dir))))
-
+    hub = FakeHub()
+    for rel, text in FOREIGN.items():
+        (work / "lora" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / "lora" / rel).write_text(text)
     tracker = "tensorboard" if _installed("tensorboard") else "none"
     extra = ["--adapter", "lora", "--cache_latents", "--no_gradient_checkpointing", "--validation_steps", "2", "--push_to_hub", "--hub_model_id", "tiny-lora"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(training_loop, "create_hub_repo", fake_create)
-        mp.setattr(training_loop, "upload_run", fake_upload)
+        mp.setattr(huggingface_hub, "HfApi", hub)
+        mp.setattr(huggingface_hub, "create_repo", lambda repo_id, token=None, **kw: hub(token).create_repo(repo_id, **kw))
+        mp.setattr(huggingface_hub, "upload_folder", hub.upload_folder)  # what 0781584 called
         path, out = run(argv(work, "lora", *VALIDATION, *extra, "--report_to", tracker))
-    return path, out, calls, tracker
+    return path, out, hub, tracker
 
 
 def _installed(module: str) -> bool:
@@ -279,7 +282,7 @@ def test_validation_images_and_model_card(dora_run):
     assert Image.open(images[0]).size == (64, 64)
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: diffusers\n")  # no base_model: the base is a local folder
-    assert f"A DoRA adapter for `{out.parent / 'model'}`" in card
+    assert "A DoRA adapter for `model`" in card and str(out.parent / "model") not in card  # a local base: its name
     for expected in ("Trigger words: `TOK`", "pipe.load_dora_weights(", "![validation image 0](validation/step-4/00.png)",
                      "| rank | `4` |", "| adapter | `dora` |", "- dora\n", "url: \"validation/step-4/01.png\""):  # fmt: skip
         assert expected in card
@@ -337,13 +340,26 @@ def test_validation_images_are_comparable_across_steps(lora_run):
     assert (a[0] - a[1]).abs().float().mean() < (a[1] - b).abs().float().mean()
 
 
-def test_push_to_hub_uploads_the_finished_folder(lora_run):
-    out, _, calls, _ = lora_run
-    assert calls[0] == ("create", "tiny-lora", None)
-    kind, folder, repo, files = calls[1]
-    assert (kind, folder, repo) == ("upload", out, "me/tiny-lora")
-    assert {WEIGHTS, "README.md", "validation"} <= set(files)
-    assert "pipe.load_dora_weights('me/tiny-lora')" in (out / "README.md").read_text()
+def test_push_to_hub_sends_exactly_the_runs_files_to_a_private_repo(lora_run, work):
+    """Issue 27: the upload sends the run's own files listed in run_files.json, never the user's files in the
+    folder, checkpoints or tracker logs; the repo is created private; training_args.json goes without local paths."""
+    out, stdout, hub, _ = lora_run
+    assert hub.log == [("create", "tiny-lora", True, None), ("commit", "me/tiny-lora", "End of training", None)]
+    sent = hub.sent["me/tiny-lora"]
+    images = [f"validation/step-{s}/0{i}.png" for s in (2, 4) for i in (0, 1)]
+    assert sorted(sent) == sorted(["README.md", "training_args.json", "training_log.jsonl", WEIGHTS, *images])
+    manifest = json.loads((out / "run_files.json").read_text())["files"]
+    assert all(any(rel == e or rel.startswith(e + "/") for e in manifest) for rel in sent)  # only recorded paths
+    assert not set(FOREIGN) & set(sent) and {(out / rel).read_text() for rel in FOREIGN} == set(FOREIGN.values())
+    for rel in set(sent) - {"training_args.json"}:
+        assert sent[rel] == (out / rel).read_bytes()
+    published = sent["training_args.json"].decode()
+    assert str(work) not in published and "resolved_paths" not in published and str(work) in (out / "training_args.json").read_text()
+    settings = json.loads(published)
+    assert (settings["dataset"], settings["pretrained_model_name_or_path"], settings["output_dir"]) == ("data", "model", "lora")
+    assert str(work) not in sent["README.md"].decode()
+    assert "pipe.load_dora_weights('me/tiny-lora')" in sent["README.md"].decode()
+    assert f"uploaded {len(sent)} files to https://huggingface.co/me/tiny-lora" in stdout
 
 
 def test_tensorboard_tracker(lora_run):
@@ -472,7 +488,7 @@ def test_deepspeed_and_fsdp_are_refused_at_start(work, monkeypatch):
 
 def test_push_to_hub_fails_before_training(work, monkeypatch):
     """A missing token fails at the start, not after hours of training; nothing is written."""
-    def no_token(repo_id, token=None):
+    def no_token(repo_id, token=None, public=False):
         raise OSError("Invalid user token")
 
     monkeypatch.setattr(training_loop, "create_hub_repo", no_token)
@@ -593,3 +609,50 @@ def test_nothing_is_written_when_loading_the_models_fails(work, monkeypatch):
     with pytest.raises(OSError, match="no such model"):
         main(argv(work, "early"))
     assert not (work / "early").exists()
+
+
+# ---------------------------------------------------------------- issue 27: folders apart, the VAE's factor
+def test_output_dir_apart_from_the_dataset(work, monkeypatch):
+    """--output_dir equal to the dataset, inside it or holding it (and --class_data_dir equal to it) is refused
+    before anything is read or written: the run's validation images would become training images next time."""
+    monkeypatch.setattr(training_loop, "load_components", lambda *a: pytest.fail("models loaded"))
+    data = make_toy_imagefolder(work / "apart" / "data", n=2)
+    before = sorted(p.name for p in data.iterdir())
+    cases = [
+        (["--output_dir", str(data)], r"--output_dir .*data is --dataset .*data"),
+        (["--output_dir", str(data / "out")], r"--output_dir .*out lies inside --dataset"),
+        (["--output_dir", str(work / "apart")], r"--output_dir .*apart holds --dataset"),
+        (["--output_dir", str(data) + "/./"], r"--output_dir .* is --dataset"),
+        (["--with_prior_preservation", "--class_prompt", "a toy", "--class_data_dir", str(data)], r"--class_data_dir .*data is --dataset"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(OutputDirError, match=message + r".*Choose .* apart from --dataset"):
+            main(argv(work, "apart-out") + ["--dataset", str(data), *flags])
+    assert sorted(p.name for p in data.iterdir()) == before and not (work / "apart-out").exists()
+
+
+def test_masked_loss_on_a_vae_that_downscales_by_4(tmp_path):
+    """--mask_dir with the toy world's VAE (factor 4, not 8): the mask is pooled to the latent grid (16 x 16 for
+    64 px); a mask that ignores everything gives a zero loss, a full one a positive loss."""
+    from dora_diffusion.toyworld.model import build_untrained_pipeline
+
+    pipe = build_untrained_pipeline(seed=0)
+    assert 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 4
+    pipe.save_pretrained(tmp_path / "toy")
+    make_toy_imagefolder(tmp_path / "data", n=2)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i in range(2):
+        Image.new("L", (64, 64), 255).save(masks / f"{i:04d}.png")
+    flags = [
+        "--pretrained_model_name_or_path", str(tmp_path / "toy"), "--dataset", str(tmp_path / "data"),
+        "--output_dir", str(tmp_path / "out"), "--resolution", "64", "--max_train_steps", "1", "--rank", "2",
+        "--checkpointing_steps", "0", "--report_to", "none", "--mask_dir", str(masks), "--train_batch_size", "2",
+        "--cache_dir", str(tmp_path / "cache"), "--validation_prompt", "none",
+    ]  # fmt: skip
+    run(flags)
+    full = read_step_log(tmp_path / "out")[0]["loss"]
+    for i in range(2):
+        Image.new("L", (64, 64), 0).save(masks / f"{i:04d}.png")
+    run([*flags[:5], str(tmp_path / "out0"), *flags[6:]])
+    assert read_step_log(tmp_path / "out0")[0]["loss"] == 0.0 < full

@@ -85,8 +85,8 @@ FAKE_HUB = textwrap.dedent(
     from pathlib import Path
     import dora_diffusion.training.loop as loop
     calls = []
-    loop.create_hub_repo = lambda repo_id, token=None: calls.append(["create", repo_id]) or "me/" + repo_id
-    loop.upload_run = lambda output_dir, repo_id, token=None: calls.append(["upload", str(output_dir), repo_id])
+    loop.create_hub_repo = lambda repo_id, token=None, public=False: calls.append(["create", repo_id]) or "me/" + repo_id
+    loop.upload_run = lambda output_dir, repo_id, run_files, token=None: calls.append(["upload", str(output_dir), repo_id]) or []
     sys.argv = sys.argv[1:]
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")

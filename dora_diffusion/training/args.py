@@ -199,9 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Also write <name>_kohya.safetensors (exact in LyCORIS; for ComfyUI / Forge convert it --to comfyui).",
     )
-    add("--push_to_hub", action="store_true", help="Upload output_dir to the Hugging Face Hub at the end.")
+    add("--push_to_hub", action="store_true", help="Upload the run's own files (adapter, card, validation images, settings) to a private Hub repo at the end.")
     add("--hub_model_id", default=None, help="Hub repo id (default: the output_dir name under your account).")
     add("--hub_token", default=None, help="Hub token (default: the one saved by `hf auth login`).")
+    add("--hub_public", action="store_true", help="Create the Hub repo public (default: private).")
+    add(
+        "--hub_private_repo",
+        action="store_true",
+        help="Create the Hub repo private: the default already (transformers' flag; diffusers' scripts have none).",
+    )
     add("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
 
     g = p.add_argument_group(
@@ -345,6 +351,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None 
             raise ValueError(f"--min_bucket_side {low} must be a multiple of --bucket_step and at most --resolution")
         if high is not None and (high % args.bucket_step or high < args.resolution):
             raise ValueError(f"--max_bucket_side {high} must be a multiple of --bucket_step and at least --resolution")
+    if args.hub_public and args.hub_private_repo:
+        raise ValueError("--hub_public and --hub_private_repo contradict each other; pass one")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         raise ValueError("--overwrite_output_dir and --resume_from_checkpoint contradict each other; pass one")
     if args.checkpointing_steps < 0:

@@ -10,6 +10,12 @@ Sources, tried in this order for ``--dataset``:
    ``huggingface_hub.snapshot_download`` (at ``--dataset_revision``) and read as a local folder, so a filled
    Hub cache also works offline (``HF_HUB_OFFLINE=1``), where ``datasets.load_dataset("owner/name")`` does not.
 
+Every file read from a dataset must lie inside its folder once links are followed (a caption or image linked to a
+file elsewhere is a ``DatasetError`` naming it) and be a regular file, opened without blocking (a FIFO, device,
+socket or folder named like an image is skipped and counted; as a caption it is an error). ``metadata.jsonl`` and
+``metadata.csv`` are checked line by line before ``datasets`` reads them (UTF-8, lines of at most 1 MiB, file names
+relative and inside the folder); captions are UTF-8, at most 64 KiB, without control characters.
+
 Images that cannot be decoded are skipped and counted; none left is an error. Given a training resolution,
 each image is shrunk once, as it is decoded, to the size the crops are cut from (short side = resolution):
 a 12800 x 9600 photo is never held, or resized per step, at full size.
@@ -17,11 +23,17 @@ a 12800 x 9600 photo is never held, or resized per step, at full size.
 
 from __future__ import annotations
 
+import csv
+import errno
 import io
+import json
 import logging
 import os
+import stat
+import unicodedata
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -36,8 +48,102 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 
 
+MAX_CAPTION_BYTES = 1 << 16
+"""Longest caption accepted (64 KiB): CLIP reads 77 tokens, and a caption can become the validation prompt and the
+text of the model card."""
+MAX_METADATA_LINE = 1 << 20
+"""Longest line of ``metadata.jsonl`` / ``metadata.csv`` accepted (1 MiB); ``datasets`` holds several times a
+line's size in memory while parsing it."""
+
+
 class DatasetError(ValueError):
     """The dataset cannot be used for training; the message says why and what to do."""
+
+
+MAX_DECODED_BYTES = 256 << 20
+DECODED_PER_STORED_BYTE = 100
+"""An image decodes to at most ``max(MAX_DECODED_BYTES, DECODED_PER_STORED_BYTE x its file size)`` (4 bytes a pixel
+counted, after JPEG draft scaling): a 140 KB PNG of 144 megapixels, under Pillow's own bomb limit, would take 800 MB
+and seconds; a 100 MP photo (JPEG, or a PNG of over 4 MB) passes."""
+
+
+class DecompressionBomb(ValueError):
+    """An image whose pixels would take far more memory than its file's size explains: skipped and counted."""
+
+
+class NotRegularFile(OSError):
+    """A dataset file is a FIFO, device, socket or folder: never read (an image is skipped, a caption refused)."""
+
+
+def real_root(folder: str | os.PathLike) -> Path:
+    """The folder whose files a dataset may read: ``folder`` with links resolved; for a Hub snapshot
+    (``.../datasets--owner--name/snapshots/<rev>``) the repo's cache folder, where its files' links point."""
+    root = Path(os.path.realpath(folder))
+    return root.parents[1] if root.parent.name == "snapshots" and root.parents[1].name.startswith("datasets--") else root
+
+
+def inside(path: str | os.PathLike, root: Path) -> Path:
+    """The real path of ``path``; raises ``DatasetError`` if it lies outside ``root`` (see ``real_root``)."""
+    real = Path(os.path.realpath(path))
+    if real != root and root not in real.parents:
+        raise DatasetError(
+            f"{path} is a link to {real}, outside the dataset folder {root}; a dataset reads only files inside its "
+            "folder (copy the file in if you mean to use it)"
+        )
+    return real
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+
+
+def open_dataset_file(path: str | os.PathLike, root: Path) -> BinaryIO:
+    """Open a file of the dataset for reading, without blocking: raises ``DatasetError`` if its real path is outside
+    ``root`` and ``NotRegularFile`` if it is not a regular file (checked on the open descriptor)."""
+    real = inside(path, root)
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as err:
+        if err.errno in (errno.ENXIO, errno.EISDIR):  # a socket; a folder (Windows)
+            raise NotRegularFile(f"{path} is not a regular file (a socket or folder)") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or not os.path.samestat(st, os.stat(real)):  # swapped since the check: refuse
+        os.close(fd)
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        raise NotRegularFile(f"{path} is {kind}, not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+_ALLOWED_CONTROLS = frozenset("\t\n\r")
+
+
+def checked_caption(text: str, where: str) -> str:
+    """``text`` stripped; raises ``DatasetError`` naming ``where`` for a control character (escape codes would reach
+    the terminal, the model card and the Hub) or more than ``MAX_CAPTION_BYTES``."""
+    bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Cs") and c not in _ALLOWED_CONTROLS), None)
+    if bad is not None:
+        raise DatasetError(f"{where}: the caption holds the control character {bad!r}; remove it")  # or a lone surrogate
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_CAPTION_BYTES:
+        raise DatasetError(f"{where}: the caption is over {MAX_CAPTION_BYTES} bytes (CLIP reads 77 tokens); shorten it")
+    return text.strip()
+
+
+def read_caption(path: Path, root: Path) -> str:
+    """A ``.txt`` caption: a regular UTF-8 file inside ``root`` of at most ``MAX_CAPTION_BYTES``."""
+    try:
+        with open_dataset_file(path, root) as f:
+            data = f.read(MAX_CAPTION_BYTES + 1)
+    except NotRegularFile as err:
+        raise DatasetError(f"caption {err}; a caption must be a regular .txt file") from None
+    except OSError as err:
+        raise DatasetError(f"caption {path} cannot be read ({err.strerror or err})") from None
+    if len(data) > MAX_CAPTION_BYTES:
+        raise DatasetError(f"caption {path} is over {MAX_CAPTION_BYTES} bytes (CLIP reads 77 tokens); shorten it")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"caption {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    return checked_caption(text, f"caption {path}")
 
 
 @dataclass
@@ -96,8 +202,8 @@ _TRANSPOSED = (5, 6, 7, 8)
 """EXIF orientations that swap width and height."""
 
 
-def open_image(source: str | Path | bytes, resolution: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode an image (a path or encoded bytes), upright RGB; raises on bad data. Returns it with its upright size.
+def open_image(source: str | Path | bytes | BinaryIO, resolution: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode an image (a path, an open file or encoded bytes), upright RGB; raises on bad data. Returns it with its upright size.
 
     With ``resolution``, the image is shrunk to ``resized_size(size, resolution)`` (Lanczos) as it is decoded;
     JPEGs are decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale that still covers that size (``draft``).
@@ -105,14 +211,37 @@ def open_image(source: str | Path | bytes, resolution: int | None = None) -> tup
     handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     with Image.open(handle) as image:
         w, h = image.size
+        if image.format != "JPEG":  # before getexif, which decodes a PNG to find its eXIf chunk
+            _check_decoded_size(image, source)
         size = (h, w) if image.getexif().get(0x0112, 1) in _TRANSPOSED else (w, h)
         target = None if resolution is None else resized_size(size, resolution)
         if target is not None and image.format == "JPEG":
             side = min(target)
             image.draft("RGB", (side, side))  # both sides stay >= the target's short side
+        _check_decoded_size(image, source)
         image.load()
         image = to_rgb(image)
     return _shrink(image, size, resolution), size
+
+
+def _check_decoded_size(image: Image.Image, source: str | Path | bytes | BinaryIO) -> None:
+    """Raise ``DecompressionBomb`` if ``image`` (opened, not decoded) would take more than
+    ``max(MAX_DECODED_BYTES, DECODED_PER_STORED_BYTE x its file size)``, counting 4 bytes a pixel."""
+    decoded, stored = 4 * image.size[0] * image.size[1], _stored_size(source)
+    if decoded > max(MAX_DECODED_BYTES, DECODED_PER_STORED_BYTE * stored):
+        raise DecompressionBomb(
+            f"{image.size[0]} x {image.size[1]} pixels from {stored} bytes would decode to {decoded >> 20} MiB (more "
+            f"than {MAX_DECODED_BYTES >> 20} MiB and {DECODED_PER_STORED_BYTE} x the file): a decompression bomb?"
+        )
+
+
+def _stored_size(source: str | Path | bytes | BinaryIO) -> int:
+    """Bytes of an encoded image: a path's file size, an open file's, or the length of ``bytes``."""
+    if isinstance(source, (bytes, bytearray)):
+        return len(source)
+    if isinstance(source, (str, os.PathLike)):
+        return os.path.getsize(source)
+    return os.fstat(source.fileno()).st_size
 
 
 def _shrink(image: Image.Image, size: tuple[int, int], resolution: int | None) -> Image.Image:
@@ -126,7 +255,91 @@ def _has_metadata(path: Path) -> bool:
 
 
 def _image_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Entries named like images (FIFOs, devices and folders among them: they are skipped and counted when read)."""
+    return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def check_tree(folder: Path, root: Path) -> None:
+    """Before ``datasets`` reads ``folder``: no link to a folder (it would be followed, out of the dataset or round a
+    loop), every link to a file inside ``root``, every metadata file checked (``check_metadata``)."""
+    for dirpath, dirnames, filenames in os.walk(folder):  # links to folders are listed, not entered
+        for name in dirnames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                raise DatasetError(
+                    f"{os.path.join(dirpath, name)} is a link to a folder; a dataset's folders must be real folders "
+                    "inside it (copy the images in)"
+                )
+        for name in filenames:
+            file = Path(dirpath, name)
+            if file.is_symlink():
+                inside(file, root)
+            if name in METADATA_FILES[:2]:
+                check_metadata(file, root)
+
+
+def _lines(path: Path, root: Path):
+    """``(number, text)`` of each line of a dataset text file; ``DatasetError`` naming the line for a line over
+    ``MAX_METADATA_LINE`` bytes or one that is not UTF-8."""
+    try:
+        f = open_dataset_file(path, root)
+    except NotRegularFile as err:
+        raise DatasetError(f"{err}; a metadata file must be a regular file") from None
+    except OSError as err:
+        raise DatasetError(f"{path} cannot be read ({err.strerror or err})") from None
+    with f:
+        number = 0
+        while raw := f.readline(MAX_METADATA_LINE + 1):
+            number += 1
+            if len(raw) > MAX_METADATA_LINE:
+                raise DatasetError(f"{path}, line {number}: longer than {MAX_METADATA_LINE} bytes; one line holds one image's row")
+            try:
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM, as datasets accepts it
+            except UnicodeDecodeError as err:
+                raise DatasetError(
+                    f"{path}, line {number}: not UTF-8 text ({err.reason} at byte {err.start} of the line); save it as UTF-8"
+                ) from None
+
+
+def _checked_file_name(value: object, path: Path, number: int) -> None:
+    """A metadata ``file_name``: a relative path that stays in the metadata file's folder."""
+    if not isinstance(value, str) or not value or any(unicodedata.category(c) == "Cc" for c in value):
+        raise DatasetError(f"{path}, line {number}: file_name {value[:200] if isinstance(value, str) else value!r} is not a file name")
+    parts = value.replace("\\", "/").split("/")
+    if PurePosixPath(value).is_absolute() or os.path.isabs(value) or ":" in parts[0] or ".." in parts:
+        raise DatasetError(
+            f"{path}, line {number}: file_name {value[:200]!r} is not a path inside the dataset folder; write it "
+            "relative to the metadata file, without '..'"
+        )
+
+
+def check_metadata(path: Path, root: Path) -> None:
+    """``metadata.jsonl`` or ``metadata.csv``, line by line: UTF-8, bounded lines, JSON objects (jsonl), and
+    ``file_name`` columns (``file_name``, ``*_file_name``) relative paths without ``..``; errors name the line."""
+    if path.suffix == ".jsonl":
+        for number, text in _lines(path, root):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except (ValueError, RecursionError) as err:
+                raise DatasetError(f"{path}, line {number}: not a JSON object ({str(err)[:100]})") from None
+            if not isinstance(row, dict):
+                raise DatasetError(f"{path}, line {number}: not a JSON object (a {type(row).__name__})")
+            for key, value in row.items():
+                if key == "file_name" or key.endswith("_file_name"):
+                    _checked_file_name(value, path, number)
+        return
+    lines = _lines(path, root)
+    reader = csv.reader(text for _, text in lines)
+    try:
+        header = next(reader, [])
+        columns = [i for i, key in enumerate(header) if key == "file_name" or key.endswith("_file_name")]
+        for row in reader:
+            for i in columns:
+                if i < len(row):
+                    _checked_file_name(row[i], path, reader.line_num)
+    except csv.Error as err:
+        raise DatasetError(f"{path}, line {reader.line_num}: not CSV ({err})") from None
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -158,7 +371,7 @@ def load_records(
     if path.exists():
         if not path.is_dir():
             raise DatasetError(f"--dataset {dataset}: expected a folder of images (or a Hub dataset id), got a file")
-        if _has_metadata(path) or any(c.is_dir() for c in path.iterdir()):
+        if _has_metadata(path) or (not _image_files(path) and any(c.is_dir() for c in path.iterdir())):
             if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
                 raise DatasetError(f"--dataset {dataset} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             return _from_datasets(str(path), "imagefolder", image_column, caption_column, instance_prompt, None, cache_dir, resolution)
@@ -201,8 +414,9 @@ def hub_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | Non
 
 def _from_folder(path: Path, instance_prompt: str | None, resolution: int | None = None) -> LoadedDataset:
     """Images with optional same-name .txt captions."""
+    root = real_root(path)
     files = _image_files(path)
-    with_txt = [f for f in files if f.with_suffix(".txt").is_file()]
+    with_txt = [f for f in files if os.path.lexists(f.with_suffix(".txt"))]
     source = "txt-captions" if with_txt else "images-only"
     if len(with_txt) < len(files) and not instance_prompt:
         missing = [f.name for f in files if f not in with_txt]
@@ -213,16 +427,12 @@ def _from_folder(path: Path, instance_prompt: str | None, resolution: int | None
     records, skipped = [], []
     for f in files:
         try:
-            image, size = open_image(f, resolution)
-        except Exception as err:  # noqa: BLE001 - any decoder failure means "unreadable"
-            logger.debug("skipping %s: %s", f, err)
+            image, size = read_image(f, root, resolution)
+        except Unreadable:
             skipped.append(f.name)
             continue
         txt = f.with_suffix(".txt")
-        try:
-            caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
-        except UnicodeDecodeError as err:
-            raise DatasetError(f"caption {txt} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+        caption = read_caption(txt, root) if os.path.lexists(txt) else ""
         records.append(Record(image, caption or instance_prompt or "", f.name, size))
     _check_readable(str(path), records, skipped)
     return LoadedDataset(records, source, None, skipped)
@@ -245,6 +455,9 @@ def _from_datasets(
     import datasets
 
     folder, name = name, label or name
+    root = real_root(folder)
+    if Path(folder).is_dir():
+        check_tree(Path(folder), root)
     try:
         loaded = datasets.load_dataset(folder, config_name, cache_dir=cache_dir)
     except FileNotFoundError as err:
@@ -272,12 +485,11 @@ def _from_datasets(
         cell = row[image_column]
         label = _cell_name(cell, i)
         try:
-            image, size = _decode_cell(cell, folder, resolution)
-        except Exception as err:  # noqa: BLE001
-            logger.debug("skipping %s: %s", label, err)
+            image, size = _decode_cell(cell, folder, resolution, root)
+        except Unreadable:
             skipped.append(label)
             continue
-        caption = str(row[column]).strip() if column and row[column] is not None else ""
+        caption = checked_caption(str(row[column]), f"{name}, row {i + 1}") if column and row[column] is not None else ""
         if not caption:
             missing_captions += not instance_prompt
             caption = instance_prompt or ""
@@ -317,22 +529,46 @@ def _cell_name(cell, index: int) -> str:
     return f"row {index}"
 
 
-def _decode_cell(cell, dataset: str, resolution: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """An image cell of a ``datasets`` table: {'bytes', 'path'}, a path string, or a PIL image (see ``open_image``)."""
-    if isinstance(cell, Image.Image):
-        image = to_rgb(cell)
-        return _shrink(image, image.size, resolution), image.size
-    if isinstance(cell, dict):
-        if cell.get("bytes"):
+class Unreadable(Exception):
+    """An image that is skipped and counted (logged with the reason)."""
+
+
+def read_image(path: str | Path, root: Path, resolution: int | None) -> tuple[Image.Image, tuple[int, int]]:
+    """``open_image`` of a dataset file through ``open_dataset_file``: ``DatasetError`` for a file outside ``root``,
+    ``Unreadable`` for one that is not a regular file or cannot be decoded (the reason is logged)."""
+    try:
+        with open_dataset_file(path, root) as handle:
+            return open_image(handle, resolution)
+    except DatasetError:
+        raise
+    except (NotRegularFile, DecompressionBomb) as err:
+        logger.warning("skipped %s: %s", path, err)
+        raise Unreadable from None
+    except Exception as err:  # noqa: BLE001 - any decoder failure means "unreadable"
+        logger.debug("skipping %s: %s", path, err)
+        raise Unreadable from None
+
+
+def _decode_cell(cell, dataset: str, resolution: int | None, root: Path) -> tuple[Image.Image, tuple[int, int]]:
+    """An image cell of a ``datasets`` table: {'bytes', 'path'}, a path string, or a PIL image (see ``open_image``);
+    a path is read through ``read_image`` (inside ``root``, a regular file)."""
+    try:
+        if isinstance(cell, Image.Image):
+            image = to_rgb(cell)
+            return _shrink(image, image.size, resolution), image.size
+        if isinstance(cell, dict) and cell.get("bytes"):
             return open_image(cell["bytes"], resolution)
-        if cell.get("path"):
-            return open_image(cell["path"], resolution)
-    if isinstance(cell, str):
-        path = Path(cell)
-        if not path.is_absolute() and Path(dataset).is_dir():
-            path = Path(dataset) / path
-        return open_image(path, resolution)
-    raise TypeError(f"unsupported image cell {type(cell).__name__}")
+    except Exception as err:  # noqa: BLE001
+        logger.debug("skipping an image cell: %s", err)
+        raise Unreadable from None
+    path = cell.get("path") if isinstance(cell, dict) else cell if isinstance(cell, str) else None
+    if not path:
+        logger.debug("skipping an image cell of type %s", type(cell).__name__)
+        raise Unreadable
+    path = Path(path)
+    if not path.is_absolute() and Path(dataset).is_dir():
+        path = Path(dataset) / path
+    return read_image(path, root, resolution)
 
 
 def _check_readable(name: str, records: list[Record], skipped: list[str]) -> None:

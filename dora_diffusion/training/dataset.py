@@ -97,8 +97,8 @@ def crop_uint8(image: Image.Image, plan: CropPlan) -> torch.Tensor:
 
 
 def latent_mask(pixels: torch.Tensor, factor: int = 8) -> torch.Tensor:
-    """A (1, H, W) uint8 mask as loss weights on the latent grid: (1, H/8, W/8) float32 in [0, 1], the mean of
-    each 8 x 8 block (a latent pixel half covered by the mask counts half)."""
+    """A (1, H, W) uint8 mask as loss weights on the latent grid: (1, H/f, W/f) float32 in [0, 1], the mean of
+    each f x f block, f = ``factor`` (the VAE's; a latent pixel half covered by the mask counts half)."""
     return torch.nn.functional.avg_pool2d(pixels.float().div(255.0).unsqueeze(0), factor).squeeze(0)
 
 
@@ -134,6 +134,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         class_prompt: str | None = None,
         masks: list[Image.Image] | None = None,
         buckets: list[tuple[int, int]] | None = None,
+        mask_factor: int = 8,
     ) -> None:
         from .buckets import nearest_bucket
 
@@ -165,6 +166,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.pixels = [crop_uint8(records[i % len(records)].image, p) for i, p in enumerate(self.plans)]
         """Each sample's crop, made once: (3, h, w) uint8."""
         self.class_pixels = [crop_uint8(self.class_records[c].image, p) for (c, _), p in zip(pairs, self.class_plans)]
+        self.mask_factor = mask_factor
+        """Pixels per latent pixel along a side (the VAE's downscale factor): the block a mask is averaged over."""
         self.masks = None if masks is None else [crop_uint8(masks[i % len(masks)], p) for i, p in enumerate(self.plans)]
         """Each sample's loss mask, cropped and flipped as its image: (1, res, res) uint8, or None."""
 
@@ -179,7 +182,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         record = self.records[index % len(self.records)]
         item = {"index": index, "caption": record.caption, "time_ids": self.plans[index].time_ids()}
         if self.masks is not None:
-            item["mask"] = latent_mask(self.masks[index])
+            item["mask"] = latent_mask(self.masks[index], self.mask_factor)
         if self.with_pixels:
             item["pixels"] = to_unit_range(self.pixels[index])
         if self.class_records:

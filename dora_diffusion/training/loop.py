@@ -52,7 +52,7 @@ from .models import (
 from .optim import build_lr_scheduler, build_optimizer, param_groups
 from .pivotal import add_new_tokens, mentions, new_token_rows, replace_abstractions, ti_steps, token_plan
 from .prior import generate_class_images, load_class_records, missing_class_indices
-from .rundir import SETTINGS_FILE, check_output_dir, remove_leftovers, with_resolved_paths, write_json_atomic
+from .rundir import SETTINGS_FILE, check_apart, check_output_dir, remove_leftovers, with_resolved_paths, write_json_atomic
 from .steplog import LOG_FILE, StepLog
 from .summary import summary
 from .validation import log_images, render, save_images, validation_folder, validation_pipeline
@@ -163,6 +163,11 @@ def kohya_name(output_dir: Path) -> str:
     return f"{output_dir.resolve().name}_kohya.safetensors"
 
 
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent pixel along a side: 8 for SDXL's VAE, 4 for the toy world's (diffusers' rule)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def _inside(rel: str) -> bool:
     """True if ``rel`` is a plain relative path (no ``..``), so it stays inside the output folder."""
     return not Path(rel).is_absolute() and ".." not in Path(rel).parts and Path(rel).parts != ()
@@ -234,6 +239,8 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
         accelerator.print(f"note: {line}", flush=True)
 
     # ---- data and output folder: fail fast, before any model is loaded
+    written = {"--output_dir": args.output_dir, "--class_data_dir": args.class_data_dir if args.with_prior_preservation else None}
+    check_apart(written, {"--dataset": args.dataset, "--mask_dir": args.mask_dir})
     with accelerator.main_process_first():
         loaded = load_records(
             args.dataset, args.image_column, args.caption_column, args.instance_prompt, args.dataset_config_name,
@@ -266,7 +273,9 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     repo_id = None
     if args.push_to_hub and main_process:  # before hours of training: a missing token or a taken name fails now
         try:
-            repo_id = create_hub_repo(args.hub_model_id or output_dir.name, args.hub_token)
+            repo_id = create_hub_repo(args.hub_model_id or output_dir.name, args.hub_token, public=args.hub_public)
+        except TrainingError:
+            raise
         except Exception as err:  # noqa: BLE001 - no token, a name taken by someone else, no network
             raise TrainingError(
                 f"--push_to_hub: could not create the Hub repo {args.hub_model_id or output_dir.name!r} "
@@ -327,7 +336,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     # ---- data pipeline
     dataset = DreamBoothDataset(
         loaded.records, args.resolution, args.center_crop, args.random_flip, args.repeats, args.seed,
-        class_records, args.class_prompt, masks, buckets,
+        class_records, args.class_prompt, masks, buckets, vae_scale_factor(components.vae),
     )  # fmt: skip
     latents = LatentSource(components.vae, device, next(components.vae.parameters()).dtype)
     prompts = PromptSource(components, device, trained=args.train_text_encoder or new_tokens is not None)
@@ -506,8 +515,8 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
                 logger.warning("%s/README.md was not written by a run, so it is kept; the model card is %s", output_dir, card)
             write_model_card(run_files.claim(card), model_card(settings, repo_id, triggers, images, str(counted)))
         if args.push_to_hub:
-            upload_run(output_dir, repo_id, args.hub_token)
-            print(f"uploaded to https://huggingface.co/{repo_id}", flush=True)
+            sent = upload_run(output_dir, repo_id, run_files, args.hub_token)
+            print(f"uploaded {len(sent)} files to https://huggingface.co/{repo_id}: {', '.join(sent)}", flush=True)
         print(f"saved {output_dir / 'pytorch_lora_weights.safetensors'}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()

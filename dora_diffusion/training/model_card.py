@@ -1,11 +1,17 @@
-"""The ``README.md`` model card of a trained adapter (Hugging Face Hub format, YAML front matter)."""
+"""The ``README.md`` model card of a trained adapter (Hugging Face Hub format, YAML front matter).
+
+Text from the dataset (trigger words, the prompt) and from flags is written as code spans (``code``) and YAML/JSON
+strings, so no caption can add Markdown or HTML to the page the Hub renders; local paths appear as their last part.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .args import SDXL_BASE
+from .hub import public_value
 
 CARD_NAMES = ("README.md", "model_card.md")
 """Where the card goes: README.md (what the Hub shows), or model_card.md when README.md is the user's."""
@@ -39,9 +45,24 @@ CARD_SETTINGS = (
 )
 
 
+_HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+"""Control, line-separator, zero-width and bidi characters: shown escaped (``\\u202e``), never as themselves."""
+
+
+def code(value: object, table: bool = False) -> str:
+    """``value`` as one Markdown code span: hidden characters escaped, a fence longer than any run of backticks in
+    it; with ``table``, ``|`` escaped so it stays in its cell."""
+    text = _HIDDEN.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), str(value))
+    if table:
+        text = text.replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _yaml(value: str) -> str:
-    """A YAML scalar (JSON strings are valid YAML)."""
-    return json.dumps(value, ensure_ascii=False)
+    """A YAML scalar (JSON strings are valid YAML), hidden characters escaped (``\\u202e``)."""
+    return _HIDDEN.sub(lambda m: f"\\u{ord(m[0]):04x}", json.dumps(value, ensure_ascii=False))
 
 
 def model_card(
@@ -54,11 +75,12 @@ def model_card(
     """The card text. ``repo_id`` is what the snippet loads (a Hub id or the output folder);
     ``validation_images`` are paths relative to the card."""
     base = settings["pretrained_model_name_or_path"]
+    shown_base = public_value(base)
     kind = settings["adapter"]
     label = "DoRA" if kind == "dora" else "LoRA"
     prompt = settings.get("validation_prompt") or settings.get("instance_prompt") or " ".join(trigger_words) or "a photo"
     front = ["---", "library_name: diffusers"]
-    if not Path(base).exists():  # a Hub id; a local folder means nothing on the Hub
+    if not Path(base).exists() and public_value(base) == base:  # a Hub id; a local folder means nothing on the Hub
         front.insert(1, f"base_model: {_yaml(base)}")
     if base == SDXL_BASE:
         front.append("license: openrail++")
@@ -74,7 +96,7 @@ def model_card(
 
     title = f"SDXL {label} adapter: {Path(repo_id).name}"
     triggers = (
-        "Trigger words: " + ", ".join(f"`{w}`" for w in trigger_words) + " (use them in the prompt)."
+        "Trigger words: " + ", ".join(code(w) for w in trigger_words) + " (use them in the prompt)."
         if trigger_words
         else "No trigger word was detected in the captions; prompt as the training captions do."
     )
@@ -99,12 +121,12 @@ def model_card(
         if key in text_encoder_keys and not settings.get("train_text_encoder"):
             continue
         if key in ("adapter", "rank", "seed") or settings.get(key) not in (None, False, "", 0, 0.0):
-            rows.append(f"| {name} | `{settings.get(key)}` |")
+            rows.append(f"| {name} | {code(public_value(settings.get(key)), table=True)} |")
     gallery = "\n".join(f"![validation image {i}]({p})" for i, p in enumerate(validation_images))
     body = f"""
 # {title}
 
-A {label} adapter for `{base}`, trained with DreamBooth by dora-diffusion's `train_dreambooth_dora.py`.
+A {label} adapter for {code(shown_base)}, trained with DreamBooth by dora-diffusion's `train_dreambooth_dora.py`.
 
 {triggers}
 
@@ -115,7 +137,7 @@ import torch
 import dora_diffusion  # adds load_dora_weights and friends to diffusers pipelines
 from diffusers import StableDiffusionXLPipeline
 
-pipe = StableDiffusionXLPipeline.from_pretrained({base!r}, torch_dtype=torch.float16).to("cuda")
+pipe = StableDiffusionXLPipeline.from_pretrained({shown_base!r}, torch_dtype=torch.float16).to("cuda")
 pipe.load_dora_weights({repo_id!r})
 image = pipe({prompt!r}, num_inference_steps=30).images[0]
 image.save("out.png")
@@ -125,7 +147,7 @@ image.save("out.png")
 
 ## Validation images
 
-{("Prompt: `" + prompt + "`" + chr(10) + chr(10) + gallery) if validation_images else "No validation prompt was given."}
+{("Prompt: " + code(prompt) + chr(10) + chr(10) + gallery) if validation_images else "No validation prompt was given."}
 
 ## Training settings
 

@@ -180,6 +180,26 @@ def _listed(diff: dict[str, tuple]) -> str:
     return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
 
 
+def check_apart(written: dict[str, str | None], read: dict[str, str | None]) -> None:
+    """Raise ``OutputDirError`` if a folder the run writes (``{flag: path}``) is, holds or lies inside a folder it
+    reads: the run's images would become training data on the next run. Hub ids and unset flags are skipped."""
+    def real(value: str | None, must_exist: bool) -> Path | None:
+        path = Path(value).expanduser() if value else None
+        return None if path is None or (must_exist and not path.exists()) else Path(os.path.realpath(path))
+
+    for out_flag, out_value in written.items():
+        for in_flag, in_value in read.items():
+            out, src = real(out_value, False), real(in_value, True)  # a read path that does not exist is a Hub id
+            if out is None or src is None or not (out == src or src in out.parents or out in src.parents):
+                continue
+            relation = "is" if out == src else "lies inside" if src in out.parents else "holds"
+            raise OutputDirError(
+                f"{out_flag} {out_value} {relation} {in_flag} {in_value}: what the run writes there (images, "
+                f"checkpoints, cards) would mix with what it reads, and become training data on the next run. "
+                f"Choose {out_flag} apart from {in_flag}"
+            )
+
+
 def check_output_dir(
     output_dir: Path, settings: dict, resuming: bool, overwrite: bool, outputs: list[str] = ()
 ) -> RunFiles:
