@@ -91,7 +91,8 @@ def _module_state(module: nn.Module) -> tuple:
 def _tensor_state(t: torch.Tensor, is_param: bool) -> tuple:
     data = t.detach()
     digest = hashlib.sha256(data.cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-    return (id(t), is_param, t.requires_grad, data.dtype, str(data.device), tuple(data.shape), data.stride(), digest)
+    where = (str(data.device), data.data_ptr(), tuple(data.shape), data.stride())
+    return (id(t), is_param, t.requires_grad, data.dtype, where, digest)
 
 
 def pipeline_state(pipe) -> dict[str, object]:
@@ -129,7 +130,9 @@ def pipeline_state(pipe) -> dict[str, object]:
         tok = getattr(pipe, comp, None)
         if tok is not None:
             vocab = sorted(tok.get_vocab().items())
-            state[f"{comp} (vocabulary)"] = (len(tok), hashlib.sha256(repr(vocab).encode()).hexdigest())
+            added = sorted(tok.get_added_vocab().items())
+            digest = hashlib.sha256(repr((vocab, added)).encode()).hexdigest()
+            state[f"{comp} (vocabulary)"] = (len(tok), digest, tuple(tok("a <s0> b").input_ids))
     return state
 
 

@@ -10,30 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from dora_diffusion import AdapterFileError
-from helpers import make_adapter_file, max_diff, render
+from helpers import assert_unchanged, make_adapter_file, max_diff, pipeline_state, render
+
+pytestmark = pytest.mark.exactness  # "a failed load changes nothing", tokenizers and embeddings included
 
 DIMS = {"clip_l": 32, "clip_g": 48}  # the tiny pipeline's text encoder widths
-
-
-def text_state(pipe) -> dict:
-    """What an embeddings load changes: tokenizers' added tokens and length, embedding modules (identity and
-    values), vocab sizes."""
-    out = {"adapters": pipe.get_dora_adapters()}
-    for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-        encoder, tokenizer = getattr(pipe, enc), getattr(pipe, tok)
-        emb = encoder.get_input_embeddings()
-        out[enc] = ((id(emb), id(emb.weight), emb.weight.data_ptr(), emb.num_embeddings), emb.weight.detach().clone(), encoder.config.vocab_size)
-        out[tok] = (len(tokenizer), dict(tokenizer.get_added_vocab()), tokenizer("a <s0> b").input_ids)
-    return out
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if k.startswith("text_encoder"):
-            assert a[k][0] == b[k][0] and torch.equal(a[k][1], b[k][1]) and a[k][2] == b[k][2], k
-        else:
-            assert a[k] == b[k], k
 
 
 @pytest.fixture(scope="module")
@@ -84,17 +65,17 @@ def good(n: int = 2) -> dict:
 )
 def test_bad_embeddings_are_refused_and_change_nothing(adapter_dir, pipe, tensors, metadata, match) -> None:
     directory = adapter_dir(tensors, metadata)
-    before = text_state(pipe)
+    before = pipeline_state(pipe)  # tokenizers, embedding modules and their weights, vocab sizes: all of the pipeline
     with pytest.raises(AdapterFileError, match=match):
         pipe.load_dora_weights(directory)
-    assert_same(text_state(pipe), before)
+    assert_unchanged(before, pipe)
 
 
 def test_failure_in_the_second_encoder_puts_both_back(adapter_dir, pipe, monkeypatch, base_images) -> None:
     """An error inside diffusers' load for the second encoder (after the first was extended): both tokenizers and encoders are as
     before, embedding modules included, and the pipeline renders the base images."""
     directory = adapter_dir(good())
-    before = text_state(pipe)
+    before = pipeline_state(pipe)
     real = type(pipe).load_textual_inversion
 
     calls = []
@@ -109,7 +90,7 @@ def test_failure_in_the_second_encoder_puts_both_back(adapter_dir, pipe, monkeyp
     with pytest.raises(RuntimeError, match="disk gone"):
         pipe.load_dora_weights(directory)
     assert len(calls) == 2 and calls[0] is not calls[1]
-    assert_same(text_state(pipe), before)
+    assert_unchanged(before, pipe)
     assert max_diff(render(pipe), base_images) == 0.0
 
 
@@ -129,7 +110,7 @@ def test_a_token_that_is_already_a_word_is_refused(adapter_dir, pipe, monkeypatc
     tokenize = pipe.tokenizer_2.tokenize
     monkeypatch.setattr(pipe.tokenizer_2, "tokenize", lambda text, **kw: ["a</w>"] if text == "cat" else tokenize(text, **kw))
     directory = adapter_dir(good(1), {"dora_diffusion": json.dumps({"tokens": ["cat"]})})
-    before = text_state(pipe)
+    before = pipeline_state(pipe)
     with pytest.raises(AdapterFileError, match=r"tokens \['cat'\] are words tokenizer_2 already reads as one token"):
         pipe.load_dora_weights(directory)
-    assert_same(text_state(pipe), before)
+    assert_unchanged(before, pipe)

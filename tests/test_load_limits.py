@@ -17,38 +17,17 @@ from safetensors.torch import save_file
 
 from dora_diffusion import AdapterFileError
 from dora_diffusion.inject import adapted_layers
-from helpers import fresh_pipe, max_diff, render
+from helpers import assert_unchanged, fresh_pipe, max_diff, pipeline_state, render
 
 TO_Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # Linear 64 -> 64
 CONV = "down_blocks.0.resnets.0.conv1"  # Conv2d 32 -> 32, 3x3: K = 288
-
-
-def pipeline_state(pipe) -> dict:
-    """Every tensor, ``requires_grad`` flag and module of the three adaptable components, and the adapters."""
-    out = {"adapters": pipe.get_dora_adapters()}
-    for comp in ("unet", "text_encoder", "text_encoder_2"):
-        model = getattr(pipe, comp)
-        out[comp] = {k: v.clone() for k, v in model.state_dict().items()}
-        out[comp + ".grad"] = {k: p.requires_grad for k, p in model.named_parameters()}
-        out[comp + ".modules"] = [(n, type(m).__name__) for n, m in model.named_modules()]
-    return out
-
-
-def assert_same_state(pipe, before: dict) -> None:
-    after = pipeline_state(pipe)
-    assert after["adapters"] == before["adapters"]
-    for comp in ("unet", "text_encoder", "text_encoder_2"):
-        assert after[comp].keys() == before[comp].keys()
-        assert all(torch.equal(after[comp][k], before[comp][k]) for k in before[comp])
-        assert after[comp + ".grad"] == before[comp + ".grad"]
-        assert after[comp + ".modules"] == before[comp + ".modules"]
 
 
 def refused(pipe, source, match: str) -> None:
     before = pipeline_state(pipe)
     with pytest.raises(AdapterFileError, match=match):
         pipe.load_dora_weights(source)
-    assert_same_state(pipe, before)
+    assert_unchanged(before, pipe)
 
 
 # ---------------------------------------------------------------------------------------------- rank (27.5)
