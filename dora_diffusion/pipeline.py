@@ -11,6 +11,7 @@ import logging
 import math
 import numbers
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -106,15 +107,46 @@ def _new_adapter_name(pipe) -> str:
     return f"default_{i}"
 
 
-def _read(source, weight_name: str | None, **hub_kwargs) -> ParsedAdapter:
+def _read(source, weight_name: str | None, **hub_kwargs) -> tuple[ParsedAdapter, Path | None]:
+    """The parsed adapter and the file it came from (None for a state dict)."""
     if isinstance(source, dict):
-        return parse_state_dict(dict(source), {})
+        return parse_state_dict(dict(source), {}), None
     path = resolve_file(source, weight_name, **hub_kwargs)
     state_dict, metadata = read_safetensors(path)
     try:
-        return parse_state_dict(state_dict, metadata)
+        return parse_state_dict(state_dict, metadata), Path(path)
     except AdapterFileError as err:
         raise AdapterFileError(f"{path}: {err}") from None
+
+
+def _file_identity(path: Path) -> tuple:
+    """What makes two paths the same file with the same content: device, inode, size, modification time."""
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _sources(pipe) -> dict[str, tuple]:
+    """Adapter name -> identity of the file it was loaded from (adapters loaded from a file only)."""
+    if not hasattr(pipe, "_dora_sources"):
+        pipe._dora_sources = {}
+    return pipe._dora_sources
+
+
+def _warn_if_loaded(pipe, path: Path | None) -> tuple | None:
+    """Warn, naming the adapter, if the file at ``path`` is already loaded; return its identity."""
+    if path is None:
+        return None
+    identity = _file_identity(path)
+    loaded = get_dora_adapters(pipe)
+    first = next((n for n, i in _sources(pipe).items() if i == identity and n in loaded), None)
+    if first is not None:
+        warnings.warn(
+            f"{path} is already loaded as adapter {first!r}; loading it again runs it twice (their changes add up). "
+            f"For a stronger effect use set_dora_adapters({first!r}, 2.0); to reload it, delete_dora_adapters({first!r}) first",
+            UserWarning,
+            stacklevel=3,
+        )
+    return identity
 
 
 def load_dora_weights(
@@ -134,7 +166,7 @@ def load_dora_weights(
     """
     if adapter_name is not None and not isinstance(adapter_name, str):
         raise ValueError(f"adapter_name must be a string, got {type(adapter_name).__name__} {adapter_name!r}")
-    parsed = _read(pretrained_model_name_or_path_or_dict, weight_name, **hub_kwargs)
+    parsed, path = _read(pretrained_model_name_or_path_or_dict, weight_name, **hub_kwargs)
     if adapter_name is None:
         adapter_name = _new_adapter_name(pipe)
     elif adapter_name in get_dora_adapters(pipe):
@@ -163,6 +195,7 @@ def load_dora_weights(
         if strict:
             raise AdapterFileError(f"{msg}. Pass strict=False to load the {sum(map(len, matched.values()))} modules that match.")
         logger.warning("%s; they were skipped (strict=False).", msg)
+    identity = _warn_if_loaded(pipe, path)
     models = adaptable_models(pipe)
     disabled = any(layer.disabled for layer in _layers(pipe))
     source = pretrained_model_name_or_path_or_dict
@@ -177,6 +210,8 @@ def load_dora_weights(
         raise
     for layer in _layers(pipe):
         layer.disabled = disabled
+    if identity is not None:
+        _sources(pipe)[adapter_name] = identity
     return adapter_name
 
 
@@ -286,6 +321,7 @@ def delete_dora_adapters(pipe, adapter_names: str | list[str]) -> None:
         for name in names:
             remove_adapter(model, name)
     for name in names:
+        _sources(pipe).pop(name, None)
         if name in _embeddings(pipe):
             unload_embeddings(pipe, _embeddings(pipe).pop(name))
 
@@ -294,6 +330,7 @@ def unload_dora_weights(pipe) -> None:
     """Unfuse and remove every adapter, putting the original modules back (and the tokens of their embeddings)."""
     for model in adaptable_models(pipe).values():
         remove_all(model)
+    _sources(pipe).clear()
     for name in list(_embeddings(pipe)):
         unload_embeddings(pipe, _embeddings(pipe).pop(name))
 

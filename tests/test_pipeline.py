@@ -76,7 +76,8 @@ def test_two_adapters_and_same_file_twice(tmp_path, pipe, base_images) -> None:
     f2 = make_adapter_file(tmp_path / "two", seed=2, use_dora=False, targets="attn")
     a = pipe.load_dora_weights(f1)
     b = pipe.load_dora_weights(f2, adapter_name="lora")
-    c = pipe.load_dora_weights(f1)  # the same file again gets its own name
+    with pytest.warns(UserWarning, match=r"already loaded as adapter 'default_0'.*set_dora_adapters\('default_0', 2.0\)"):
+        c = pipe.load_dora_weights(f1)  # the same file again gets its own name, with a warning naming the first
     assert pipe.get_dora_adapters() == ["default_0", "lora", "default_1"] == [a, b, c]
 
     pipe.set_dora_adapters(a)
