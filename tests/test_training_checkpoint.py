@@ -328,3 +328,23 @@ def test_leftover_temporaries_of_our_atomic_writes_are_removed(tmp_path):
         (tmp_path / name).write_text("")
     remove_leftovers(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)
+
+
+def test_outputs_of_a_long_run_are_listed_from_the_folder_not_the_schedule(tmp_path):
+    """--max_train_steps 100000000 --validation_steps 1: the validation folders a run would overwrite are found by
+    listing validation/ (bounded by what exists), not by building the 10^8 names of the schedule."""
+    import argparse
+    import time
+
+    from dora_diffusion.training.loop import _outputs
+
+    for name in ("step-5", "step-100000", "step-100000000", "step-100000001", "step-05", "mine"):
+        (tmp_path / "validation" / name).mkdir(parents=True)
+    args = argparse.Namespace(export_kohya=False, validation_prompt="a TOK", validation_steps=1, max_train_steps=10**5)
+    assert _outputs(args, tmp_path) == ["validation/step-100000", "validation/step-5"]
+    args.max_train_steps = 10**8
+    start = time.perf_counter()
+    assert _outputs(args, tmp_path) == ["validation/step-100000", "validation/step-100000000", "validation/step-5"]
+    assert time.perf_counter() - start < 1.0
+    args.validation_steps = 3
+    assert _outputs(args, tmp_path) == ["validation/step-100000000"]  # the last step always validates

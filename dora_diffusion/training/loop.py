@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,10 +172,12 @@ def _inside(rel: str) -> bool:
 def _outputs(args: argparse.Namespace, output_dir: Path) -> list[str]:
     """Paths (relative to ``output_dir``) this run will write whose names are fixed in advance."""
     outputs = [kohya_name(output_dir)] if args.export_kohya else []
-    if args.validation_prompt and (output_dir / "validation").is_dir():  # validation/step-N for the N that validate
+    if args.validation_prompt and (output_dir / "validation").is_dir():  # the existing validation/step-N that it will write
         every = args.validation_steps or args.max_train_steps
-        steps = {*range(every, args.max_train_steps + 1, every), args.max_train_steps}
-        outputs += [validation_folder(s) for s in sorted(steps)]
+        for child in sorted((output_dir / "validation").iterdir()):
+            m = re.fullmatch(r"step-([1-9][0-9]{0,9})", child.name)
+            if m and int(m[1]) <= args.max_train_steps and (int(m[1]) % every == 0 or int(m[1]) == args.max_train_steps):
+                outputs.append(validation_folder(int(m[1])))
     return outputs
 
 
