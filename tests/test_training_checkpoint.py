@@ -322,7 +322,7 @@ def test_half_written_last_log_line_is_tolerated(tmp_path):
 
 
 def test_leftover_temporaries_of_our_atomic_writes_are_removed(tmp_path):
-    ours = [".pytorch_lora_weights.safetensors.k2j4_8zq.tmp", ".training_args.json.0a1b2c3d.tmp", ".run_files.json.abcdefgh.tmp"]
+    ours = [".pytorch_lora_weights.safetensors.k2j4_8zq.tmp", ".out_comfyui.safetensors.abcdefgh.tmp", ".training_args.json.0a1b2c3d.tmp", ".run_files.json.abcdefgh.tmp"]
     theirs = [".notes.abcdefgh.tmp", ".mine.safetensors.abcdefgh.tmp", "x.tmp"]
     for name in ours + theirs:
         (tmp_path / name).write_text("")
@@ -340,7 +340,7 @@ def test_outputs_of_a_long_run_are_listed_from_the_folder_not_the_schedule(tmp_p
 
     for name in ("step-5", "step-100000", "step-100000000", "step-100000001", "step-05", "mine"):
         (tmp_path / "validation" / name).mkdir(parents=True)
-    args = argparse.Namespace(export_kohya=False, validation_prompt="a TOK", validation_steps=1, max_train_steps=10**5)
+    args = argparse.Namespace(export_kohya=False, export_comfyui=False, validation_prompt="a TOK", validation_steps=1, max_train_steps=10**5)
     assert _outputs(args, tmp_path) == ["validation/step-100000", "validation/step-5"]
     args.max_train_steps = 10**8
     start = time.perf_counter()

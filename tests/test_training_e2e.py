@@ -93,7 +93,7 @@ def _kohya_available() -> bool:
 
 @pytest.fixture(scope="module")
 def dora_run(work):
-    kohya = ["--export_kohya"] if _kohya_available() else []
+    kohya = ["--export_kohya", "--export_comfyui"] if _kohya_available() else []
     return run(argv(work, "dora", *VALIDATION, *kohya))
 
 
@@ -268,6 +268,27 @@ def test_kohya_export(dora_run, base_images):
     assert keys and all(k.startswith("lora_unet_") for k in keys)
     assert any(k.endswith(".dora_scale") for k in keys)
     assert max_diff(render_with(out, "dora_kohya.safetensors"), render_with(out)) < 1e-4
+
+
+def test_comfyui_export(dora_run, base_images):
+    """--export_comfyui writes <name>_comfyui.safetensors beside the kohya file: kohya names, dora_scale for ComfyUI's
+    rule (so not the kohya file's m); it is in run_files.json and the model card, and loaded back on the same base it
+    renders as the diffusers file."""
+    pytest.importorskip("dora_diffusion.formats.comfyui")
+    out, _ = dora_run
+    comfy, kohya = load_file(out / "dora_comfyui.safetensors"), load_file(out / "dora_kohya.safetensors")
+    assert comfy.keys() == kohya.keys()
+    with safe_open(str(out / "dora_comfyui.safetensors"), "pt") as f:
+        assert f.metadata()["dora_diffusion.dora_scale"] == "comfyui"
+    scales = [k for k in comfy if k.endswith(".dora_scale")]
+    assert scales and all(torch.equal(comfy[k], kohya[k]) for k in comfy if k not in scales)
+    assert max((comfy[k] - kohya[k]).abs().max().item() for k in scales) > 1e-6  # d = m (|W0| + eps) / |W0 + sBA|
+    manifest = json.loads((out / "run_files.json").read_text())["files"]
+    assert {"dora_comfyui.safetensors", "dora_kohya.safetensors"} <= set(manifest)
+    card = (out / "README.md").read_text()
+    assert "- `dora_comfyui.safetensors`: for ComfyUI and Forge" in card and "- `dora_kohya.safetensors`: kohya" in card
+    diff = max_diff(render_with(out, "dora_comfyui.safetensors"), render_with(out))
+    assert diff < 1e-5, diff
 
 
 def test_resume_gives_identical_tensors(work, dora_run):

@@ -203,7 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--output_kohya_format",
         dest="export_kohya",
         action="store_true",
-        help="Also write <name>_kohya.safetensors (exact in LyCORIS; for ComfyUI / Forge convert it --to comfyui).",
+        help="Also write <name>_kohya.safetensors (kohya/LyCORIS names; exact in LyCORIS, not in ComfyUI / Forge).",
+    )
+    add(
+        "--export_comfyui",
+        action="store_true",
+        help="Also write <name>_comfyui.safetensors: kohya names, with dora_scale written for ComfyUI's and Forge's "
+        "rule, so they render it as dora-diffusion does.",
     )
     add("--push_to_hub", action="store_true", help="Upload output_dir to the Hugging Face Hub at the end.")
     add("--hub_model_id", default=None, help="Hub repo id (default: the output_dir name under your account).")
@@ -406,8 +412,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None 
             raise ValueError(f"--with_prior_preservation needs {' and '.join(missing)}")
         if args.num_class_images < 1:
             raise ValueError(f"--num_class_images must be at least 1, got {args.num_class_images}")
-    if args.export_kohya and not _installed("dora_diffusion.formats.kohya"):
-        raise ValueError("--export_kohya needs dora_diffusion.formats.kohya, which this install does not have")
+    for flag, module in (("export_kohya", "kohya"), ("export_comfyui", "comfyui")):
+        if getattr(args, flag) and not _installed(f"dora_diffusion.formats.{module}"):
+            raise ValueError(f"--{flag} needs dora_diffusion.formats.{module}, which this install does not have")
     for option in (args.optimizer, args.report_to):
         if option in OPTIONAL_PACKAGES:
             module, package = OPTIONAL_PACKAGES[option]

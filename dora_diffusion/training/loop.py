@@ -159,9 +159,18 @@ def _tracker_config(settings: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in settings.items()}
 
 
-def kohya_name(output_dir: Path) -> str:
-    """``<output folder name>_kohya.safetensors``, written by ``--export_kohya``."""
-    return f"{output_dir.resolve().name}_kohya.safetensors"
+EXPORTS = {"export_kohya": "kohya", "export_comfyui": "comfyui"}
+"""Flag -> format of the extra files a run writes beside ``pytorch_lora_weights.safetensors``."""
+
+
+def export_name(output_dir: Path, format: str) -> str:
+    """``<output folder name>_<format>.safetensors``: ``_kohya`` (``--export_kohya``), ``_comfyui`` (``--export_comfyui``)."""
+    return f"{output_dir.resolve().name}_{format}.safetensors"
+
+
+def exports(args: argparse.Namespace, output_dir: Path) -> dict[str, str]:
+    """``{file name: format}`` of the exports this run writes."""
+    return {export_name(output_dir, fmt): fmt for flag, fmt in EXPORTS.items() if getattr(args, flag, False)}
 
 
 def _inside(rel: str) -> bool:
@@ -171,7 +180,7 @@ def _inside(rel: str) -> bool:
 
 def _outputs(args: argparse.Namespace, output_dir: Path) -> list[str]:
     """Paths (relative to ``output_dir``) this run will write whose names are fixed in advance."""
-    outputs = [kohya_name(output_dir)] if args.export_kohya else []
+    outputs = list(exports(args, output_dir))
     if args.validation_prompt and (output_dir / "validation").is_dir():  # the existing validation/step-N that it will write
         every = args.validation_steps or args.max_train_steps
         for child in sorted((output_dir / "validation").iterdir()):
@@ -494,8 +503,8 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     accelerator.wait_for_everyone()
     if main_process:
         write_weights(output_dir)
-        if args.export_kohya:
-            write_weights(output_dir, kohya_name(output_dir), "kohya")
+        for name, fmt in exports(args, output_dir).items():
+            write_weights(output_dir, name, fmt)
     if args.validation_prompt and max_steps not in validated:
         validate(max_steps)
     if main_process:
@@ -507,7 +516,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
         else:
             if card != CARD_NAMES[0]:
                 logger.warning("%s/README.md was not written by a run, so it is kept; the model card is %s", output_dir, card)
-            write_model_card(run_files.claim(card), model_card(settings, repo_id, triggers, images, str(counted)))
+            write_model_card(run_files.claim(card), model_card(settings, repo_id, triggers, images, str(counted), list(exports(args, output_dir))))
         if args.push_to_hub:
             upload_run(output_dir, repo_id, args.hub_token)
             print(f"uploaded to https://huggingface.co/{repo_id}", flush=True)

@@ -249,7 +249,7 @@ def remove_leftovers(output_dir: Path) -> None:
         m = _ATOMIC_TMP.match(child.name)
         if m and child.is_file() and not child.is_symlink():
             target = m["target"]
-            if target in (MANIFEST_FILE, SETTINGS_FILE, DEFAULT_WEIGHT_NAME) or target.endswith("_kohya.safetensors"):
+            if target in (MANIFEST_FILE, SETTINGS_FILE, DEFAULT_WEIGHT_NAME) or target.endswith(("_kohya.safetensors", "_comfyui.safetensors")):
                 child.unlink()
 
 
