@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from dora_diffusion.training import checkpoint as ckpt
@@ -25,6 +31,7 @@ from dora_diffusion.training.rundir import (
     remove_leftovers,
     with_resolved_paths,
 )
+from dora_diffusion.training.errors import TrainingError
 from dora_diffusion.training.steplog import LOG_FILE, StepLog, read_step_log
 
 
@@ -78,11 +85,80 @@ def test_crash_mid_save_leaves_previous_checkpoint_as_latest(tmp_path, monkeypat
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(ckpt.torch, "save", crash_on_scheduler)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(TrainingError, match=r"could not write checkpoint-2 in .* \(OSError: disk full\)"):
         save_checkpoint(tmp_path, _state(2), named, opt, sched)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]  # no checkpoint-2, no temporary
     assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-1"
     assert {f.name: f.read_bytes() for f in (tmp_path / "checkpoint-1").iterdir()} == before
+
+
+def _mb(text):
+    """The sizes a disk-full message states, in bytes: ('a checkpoint takes about', 'is free there')."""
+    units = {"bytes": 1, "kB": 1024, "MB": 1024**2, "GB": 1024**3}
+    need, free = re.search(r"takes about ([\d.]+ \w+), ([\d.]+ \w+) is free", text).groups()
+    return [float(v.split()[0]) * units[v.split()[1]] for v in (need, free)]
+
+
+@pytest.mark.parametrize("how", ["ENOSPC from the tensor file", "torch.save's write failed on a full disk"])
+def test_disk_full_names_the_path_and_the_space_and_keeps_no_half_checkpoint(tmp_path, monkeypatch, how):
+    """Disk full while writing checkpoint-2: a TrainingError naming checkpoint-2, the folder, the space a checkpoint
+    takes (within 1.5x of what checkpoint-1 takes on disk) and what is free; no checkpoint-2 and no temporary is left,
+    checkpoint-1 is unchanged and is what --resume_from_checkpoint latest picks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Linear(256, 64))  # 33 k parameters: a checkpoint of about 530 kB
+    named = [(f"unet.{n}", p) for n, p in model.named_parameters()]
+    opt = torch.optim.AdamW([p for _, p in named], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model(torch.ones(2, 64)).pow(2).sum().backward()
+    opt.step()
+    weights = lambda d: save_file({n: p.detach() for n, p in named}, d / "pytorch_lora_weights.safetensors")  # noqa: E731
+    save_checkpoint(tmp_path, _state(1), named, opt, sched, write_weights=weights)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "checkpoint-1").iterdir()}
+    if how.startswith("ENOSPC"):
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(ckpt, "save_file", full)
+    else:
+        def full(obj, f, *args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: file write failed")
+
+        monkeypatch.setattr(ckpt.torch, "save", full)
+        monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
+    with pytest.raises(TrainingError) as err:
+        save_checkpoint(tmp_path, _state(2), named, opt, sched)
+    text = str(err.value)
+    assert text.startswith(f"could not write checkpoint-2 in {tmp_path} (no space left on device; a checkpoint takes about ")
+    assert "earlier checkpoints are intact; free some space, then continue with --resume_from_checkpoint latest" in text
+    need, free = _mb(text)
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "checkpoint-1").iterdir())
+    assert on_disk / 1.5 <= need <= on_disk * 1.5, (need, on_disk)
+    if not how.startswith("ENOSPC"):
+        assert free == 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+    assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-1"
+    assert {f.name: f.read_bytes() for f in (tmp_path / "checkpoint-1").iterdir()} == before
+
+
+def test_a_failed_swap_keeps_the_earlier_checkpoint_of_the_same_step(tmp_path, monkeypatch):
+    """Re-saving checkpoint-3 moves the old one aside first; if the rename of the new one fails, the old one is put
+    back under its name (not left as a hidden temporary that the next start deletes)."""
+    model, named, opt, sched = _setup()
+    save_checkpoint(tmp_path, _state(3), named, opt, sched)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "checkpoint-3").iterdir()}
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(dst).name == "checkpoint-3":
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", failing_replace)
+    with pytest.raises(TrainingError, match=r"could not write checkpoint-3 in .*Input/output error"):
+        save_checkpoint(tmp_path, _state(3), named, opt, sched)
+    remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
+    assert {f.name: f.read_bytes() for f in (tmp_path / "checkpoint-3").iterdir()} == before
 
 
 def test_killed_process_leftovers_are_ignored_and_cleaned(tmp_path):

@@ -12,6 +12,7 @@ random stream after a resume is the uninterrupted run's by construction.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -27,6 +28,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .errors import TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +148,48 @@ def remove_stale_temporaries(output_dir: str | os.PathLike) -> None:
                 shutil.rmtree(child, ignore_errors=True)
 
 
+def checkpoint_bytes(named_params: list[tuple[str, nn.Parameter]], optimizer) -> int:
+    """About how many bytes a checkpoint takes: the parameters twice (fp32 state and the loadable file), the
+    optimizer's tensors, 256 bytes of archive and header entries per tensor and 8 kB of small files."""
+    params = sum(p.numel() * 4 for _, p in named_params)
+    state = [t for s in optimizer.state_dict()["state"].values() for t in s.values() if torch.is_tensor(t)]
+    return 2 * params + sum(t.numel() * t.element_size() for t in state) + 256 * (2 * len(named_params) + len(state)) + 8192
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _write_failure(err: BaseException, root: Path, name: str, need: int) -> TrainingError | None:
+    """The error to report when writing checkpoint ``name`` in ``root`` failed with ``err``; None if ``err`` is not
+    about the disk (a bug, an interrupt: raise it as it is).
+
+    Disk full shows as ``OSError(ENOSPC)`` from Python, a ``RuntimeError`` ("file write failed") from ``torch.save``
+    and a ``SafetensorError`` from safetensors; those two count as a full disk when less than a checkpoint is free.
+    """
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    code = getattr(err, "errno", None)
+    full = code in (errno.ENOSPC, errno.EDQUOT) or (
+        isinstance(err, (RuntimeError, SafetensorError)) and free is not None and free < need
+    )
+    if not full and not isinstance(err, OSError):
+        return None
+    what = "no space left on device" if full else f"{type(err).__name__}: {err}"
+    space = f"; a checkpoint takes about {_size(need)}" + (f", {_size(free)} is free there" if free is not None else "")
+    return TrainingError(
+        f"could not write {name} in {root} ({what}{space if full else ''}). Nothing of {name} was kept and the "
+        "earlier checkpoints are intact; " + ("free some space, then " if full else "")
+        + "continue with --resume_from_checkpoint latest"
+    )
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -185,13 +230,20 @@ def save_checkpoint(
         if final.exists():  # a checkpoint of an earlier attempt at the same step: swap it out
             old = root / f"{TMP_PREFIX}old-{state.global_step}-{uuid.uuid4().hex[:8]}"
             final.rename(old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                old.rename(final)  # the earlier checkpoint stays, never left under a temporary name to be cleaned
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        reported = _write_failure(err, root, final.name, checkpoint_bytes(named_params, optimizer)) if isinstance(err, Exception) else None
+        if reported is None:
+            raise
+        raise reported from err
     if total_limit is not None:
         ours = [c for c in list_checkpoints(root) if owned is None or owned(c)]
         for stale in ours[:-total_limit]:

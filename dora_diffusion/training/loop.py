@@ -502,9 +502,17 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
         raise TrainingError(f"the {accelerator.num_processes} processes ended with different adapters; nothing was saved")
     accelerator.wait_for_everyone()
     if main_process:
-        write_weights(output_dir)
-        for name, fmt in exports(args, output_dir).items():
-            write_weights(output_dir, name, fmt)
+        try:
+            write_weights(output_dir)
+            for name, fmt in exports(args, output_dir).items():
+                write_weights(output_dir, name, fmt)
+        except OSError as err:
+            kept = list_checkpoints(output_dir)
+            raise TrainingError(
+                f"could not write the trained adapter in {output_dir} ({err}). "
+                + (f"The last checkpoint, {kept[-1]}, is intact: free some space, then continue with "
+                   "--resume_from_checkpoint latest" if kept else "No checkpoint was written")
+            ) from err  # fmt: skip
     if args.validation_prompt and max_steps not in validated:
         validate(max_steps)
     if main_process:
