@@ -35,6 +35,9 @@ from dora_diffusion.training.errors import TrainingError
 from dora_diffusion.training.steplog import LOG_FILE, StepLog, read_step_log
 
 
+WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
 def _setup(seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
@@ -237,8 +240,8 @@ def test_output_dir_rules(tmp_path):
     check_output_dir(tmp_path / "unrelated", SETTINGS, resuming=False, overwrite=False)  # no earlier run in it
 
     _old_run(tmp_path / "same")
-    with pytest.raises(OutputDirError, match="already holds an earlier run. Pass --resume_from_checkpoint latest"):
-        check_output_dir(tmp_path / "same", SETTINGS, resuming=False, overwrite=False)
+    with pytest.raises(OutputDirError, match=r"already holds an earlier run \(with the same settings\). It has no checkpoint"):
+        check_output_dir(tmp_path / "same", SETTINGS, resuming=False, overwrite=False)  # its checkpoint-5 is empty
     check_output_dir(tmp_path / "same", SETTINGS, resuming=True, overwrite=False)
 
     _old_run(tmp_path / "other", rank=4)
@@ -378,7 +381,8 @@ def test_latest_falls_back_past_a_damaged_checkpoint(tmp_path, how, caplog):
     with pytest.raises(ckpt.CheckpointError, match="checkpoint-2 is damaged"):
         resolve_resume(tmp_path, "checkpoint-2")
     _damage(tmp_path / "checkpoint-1", how)
-    assert resolve_resume(tmp_path, "latest") is None  # nothing intact: a fresh start, not a traceback
+    with pytest.raises(ckpt.CheckpointError, match=r"holds an earlier run \(checkpoint-1, checkpoint-2\) but no intact checkpoint"):
+        resolve_resume(tmp_path, "latest")  # nothing intact: no new run over the old one, and no traceback
 
 
 def test_negative_step_is_refused_on_load(tmp_path):
@@ -424,3 +428,120 @@ def test_outputs_of_a_long_run_are_listed_from_the_folder_not_the_schedule(tmp_p
     assert time.perf_counter() - start < 1.0
     args.validation_steps = 3
     assert _outputs(args, tmp_path) == ["validation/step-100000000"]  # the last step always validates
+
+
+# ---------------------------------------------------------------- what a checkpoint was trained with
+def test_nothing_to_resume_in_a_used_folder_is_an_error_not_a_new_run(tmp_path):
+    """The refusal names every setting that differs (--resolution too, not only the adapter's) and advises
+    --resume_from_checkpoint latest only when there is a checkpoint; `latest` in a folder holding a finished run
+    without checkpoints stops, where it used to start a new run over that run's weights."""
+    folder = tmp_path / "out"
+    files = RunFiles(folder)
+    files.claim("training_args.json")
+    (folder / "training_args.json").write_text(json.dumps({**SETTINGS, "resolution": 1024, "learning_rate": 1e-4, "output_dir": "x"}))
+    files.claim(WEIGHTS)
+    (folder / WEIGHTS).write_bytes(b"weights")
+    new = {**SETTINGS, "resolution": 64, "learning_rate": 1e-4, "output_dir": "y"}
+    with pytest.raises(OutputDirError) as err:
+        check_output_dir(folder, new, resuming=False, overwrite=False)
+    assert f"--output_dir {folder} already holds an earlier run (its settings differ: resolution: 1024 -> 64). It has no " \
+        "checkpoint to continue from. Choose another --output_dir, or pass --overwrite_output_dir" in str(err.value)
+    with pytest.raises(ckpt.CheckpointError, match=r"latest: .* holds an earlier run \(pytorch_lora_weights.safetensors\) but "
+                       "no intact checkpoint to continue from; a new run there would write over its weights"):
+        resolve_resume(folder, "latest")
+    assert resolve_resume(tmp_path / "fresh", "latest") is None  # nothing there yet: a new run (one command for every start)
+    model, named, opt, sched = _setup()
+    files.claim("checkpoint-3")
+    save_checkpoint(folder, _state(3), named, opt, sched)
+    with pytest.raises(OutputDirError, match=r"its settings differ: resolution: 1024 -> 64\). Pass --resume_from_checkpoint latest"):
+        check_output_dir(folder, new, resuming=False, overwrite=False)
+    assert resolve_resume(folder, "latest") == folder / "checkpoint-3"
+    assert (folder / WEIGHTS).read_bytes() == b"weights"
+
+
+def _recorded_state(step, **settings):
+    from dora_diffusion.training.rundir import adapter_settings
+
+    return TrainingState(step, step * 2, 1, 1, 2, 0, adapter_settings({**SETTINGS, **settings}), None)
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"rank": 8, "alpha": 8.0}, "rank: 4 -> 8, alpha: 4.0 -> 8.0"),
+        ({"adapter": "lora"}, "adapter: 'dora' -> 'lora'"),
+        ({"unet_targets": "attn_ff"}, "unet_targets: 'attn' -> 'attn_ff'"),
+        ({"alpha": 16.0}, "alpha: 4.0 -> 16.0"),
+        ({"train_text_encoder": True}, "train_text_encoder: False -> True"),
+    ],
+)
+def test_resuming_with_other_adapter_settings_names_them(tmp_path, changes, named):
+    """A checkpoint records the adapter settings it was trained with; resuming it (from any folder) with others is
+    refused before any model loads, naming each setting with both values. An older checkpoint without the record
+    is compared with its run's training_args.json."""
+    from dora_diffusion.training.rundir import check_resume
+
+    old = {**SETTINGS, "rank": 4, "alpha": 4.0, "unet_targets": "attn", "train_text_encoder": False}
+    model, named_params, opt, sched = _setup()
+    path = save_checkpoint(tmp_path / "run", _recorded_state(2, **old), named_params, opt, sched)
+    state = ckpt.read_state(path)
+    assert state.settings["rank"] == 4 and "resolved_paths" in state.settings
+    check_resume(path, state, old, {}, False)  # the same settings: fine
+    with pytest.raises(ckpt.CheckpointError) as err:
+        check_resume(path, state, {**old, **changes}, {}, False)
+    assert str(err.value).startswith(f"--resume_from_checkpoint {path}: it was trained with other adapter settings ({named})")
+    legacy = ckpt.TrainingState(2, 4, 1, 1, 2, 0)  # an older checkpoint: its run's training_args.json speaks for it
+    (tmp_path / "run" / "training_args.json").write_text(json.dumps(old))
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(named)):
+        check_resume(path, legacy, {**old, **changes}, {}, False)
+
+
+def test_dataset_fingerprint_names_what_changed_and_is_bounded():
+    from PIL import Image
+
+    from dora_diffusion.training.data import Record
+    from dora_diffusion.training.fingerprint import MAX_ENTRIES, dataset_fingerprint, fingerprint_difference
+
+    def records(n, caption="a TOK", shade=0):
+        return [Record(Image.new("RGB", (32, 32), (i * 20 + shade, 0, 0)), f"{caption} {i}", f"{i:04d}.png") for i in range(n)]
+
+    base = dataset_fingerprint(records(3))
+    assert base["images"] == 3 and len(base["entries"]) == 3 and len(base["digest"]) == 64
+    assert dataset_fingerprint(list(reversed(records(3)))) == base  # order does not matter
+    assert fingerprint_difference(base, dataset_fingerprint(records(3))) is None
+    assert fingerprint_difference(base, dataset_fingerprint(records(4))) == "3 images -> 4 images; added '0003.png'"
+    assert fingerprint_difference(base, dataset_fingerprint(records(3, "a cat"))) == (
+        "changed (pixels, size or caption) '0000.png', '0001.png', '0002.png'"
+    )
+    recolored = records(3)
+    recolored[1] = Record(Image.new("RGB", (32, 32), (21, 0, 0)), "a TOK 1", "0001.png")  # one level of red
+    assert fingerprint_difference(base, dataset_fingerprint(recolored)) == "changed (pixels, size or caption) '0001.png'"
+    renamed = records(3)
+    renamed[2].name = "other.png"
+    assert fingerprint_difference(base, dataset_fingerprint(renamed)) == "added 'other.png'; removed '0002.png'"
+    big = dataset_fingerprint([Record(Image.new("RGB", (8, 8)), "c", f"{i}.png") for i in range(MAX_ENTRIES + 1)])
+    assert "entries" not in big and len(json.dumps(big)) < 200  # the digest alone beyond 1000 images
+    assert fingerprint_difference(big, base) == f"{MAX_ENTRIES + 1} images -> 3 images"
+    tampered = {**base, "entries": [["a"], 5], "digest": "x"}  # a hand-edited checkpoint: no traceback
+    assert fingerprint_difference(tampered, base) == "the images or captions differ"
+
+
+def test_resuming_on_other_data_is_refused_unless_allowed(tmp_path):
+    from dora_diffusion.training.rundir import check_resume
+
+    model, named_params, opt, sched = _setup()
+    recorded = {"images": 3, "digest": "a" * 64, "entries": [["0000.png", "1"], ["0001.png", "2"], ["0002.png", "3"]]}
+    state = TrainingState(2, 4, 1, 1, 2, 0, None, recorded)
+    path = save_checkpoint(tmp_path, state, named_params, opt, sched)
+    assert ckpt.read_state(path).dataset == recorded
+    now = {"images": 2, "digest": "b" * 64, "entries": [["0000.png", "1"], ["0001.png", "9"]]}
+    with pytest.raises(ckpt.CheckpointError) as err:
+        check_resume(path, ckpt.read_state(path), {**SETTINGS, "dataset": "/data/other"}, now, False)
+    assert str(err.value) == (
+        f"--resume_from_checkpoint {path}: it was trained on other data than --dataset /data/other holds (3 images -> 2 "
+        "images; removed '0002.png'; changed (pixels, size or caption) '0001.png'). Resume with the dataset it was trained "
+        "on, or pass --allow_dataset_change to continue on this one (fixed captions, added images: the data order then "
+        "differs from an uninterrupted run)"
+    )
+    check_resume(path, ckpt.read_state(path), SETTINGS, now, True)  # --allow_dataset_change
+    check_resume(path, ckpt.read_state(path), SETTINGS, recorded, False)  # the same data

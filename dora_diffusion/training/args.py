@@ -197,7 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--overwrite_output_dir", action="store_true", help="Replace a previous run in output_dir.")
     add("--checkpointing_steps", type=int_in(0, MAX_STEPS), default=250, help="Save a resumable checkpoint every N steps (0: never).")
     add("--checkpoints_total_limit", type=int_in(1, MAX_STEPS), default=None, help="Keep at most this many checkpoints.")
-    add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory.")
+    add(
+        "--resume_from_checkpoint",
+        default=None,
+        help="'latest' (in a folder with no run yet: start one) or a checkpoint directory. Refused if the checkpoint "
+        "was trained with other adapter settings or on other images or captions.",
+    )
+    add(
+        "--allow_dataset_change",
+        action="store_true",
+        help="Resume although the images or captions differ from those the checkpoint was trained on (fixed "
+        "captions, added images); the data order then differs from an uninterrupted run.",
+    )
     add(
         "--export_kohya",
         "--output_kohya_format",

@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..formats import DEFAULT_WEIGHT_NAME
 from .errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ class TrainingState:
     train_batch_size: int
     gradient_accumulation_steps: int
     seed: int
+    settings: dict | None = None
+    """The adapter settings (``RUN_KEYS``) the checkpoint was trained with; None in older checkpoints."""
+    dataset: dict | None = None
+    """The fingerprint of the training data (``fingerprint.py``); None in older checkpoints."""
 
 
 class CheckpointError(ValueError):
@@ -76,7 +81,12 @@ def read_state(path: str | os.PathLike) -> TrainingState:
         state = TrainingState(**data)
     except (OSError, ValueError, RecursionError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is unreadable ({err})") from None
+    for name in ("settings", "dataset"):
+        if not isinstance(getattr(state, name), (dict, type(None))):
+            raise CheckpointError(f"checkpoint {path}: {STATE_FILE} has {name} = {getattr(state, name)!r:.80}; expected an object")
     for name, value in asdict(state).items():
+        if name in ("settings", "dataset"):
+            continue
         low = 0 if name in ("global_step", "micro_batch", "seed") else 1
         if isinstance(value, bool) or not isinstance(value, int) or (value < low and name != "seed"):
             raise CheckpointError(f"checkpoint {path}: {STATE_FILE} has {name} = {value!r}; expected an integer >= {low}")
@@ -109,11 +119,13 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
 
 
 def resolve_resume(output_dir: str | os.PathLike, value: str | None) -> Path | None:
-    """The checkpoint ``--resume_from_checkpoint`` names: ``latest`` (None if there is none yet) or a path
-    (absolute, or a name inside ``output_dir``).
+    """The checkpoint ``--resume_from_checkpoint`` names: ``latest`` or a path (absolute, or a name inside
+    ``output_dir``).
 
-    ``latest`` skips damaged checkpoints (with a warning) and takes the newest intact one; a named
-    checkpoint that is damaged is an error.
+    ``latest`` skips damaged checkpoints (with a warning) and takes the newest intact one. In a folder with no
+    run yet it is None (a new run: one command serves the first start and every restart, as in diffusers); in a
+    folder that holds a run's weights or checkpoints but no intact checkpoint it is an error, since a new run
+    there would write over that run's weights. A named checkpoint that is damaged is an error.
     """
     if value is None:
         return None
@@ -123,6 +135,15 @@ def resolve_resume(output_dir: str | os.PathLike, value: str | None) -> Path | N
             if problem is None:
                 return candidate
             logger.warning("skipping damaged checkpoint %s (%s); trying the one before it", candidate, problem)
+        root = Path(output_dir)
+        found = sorted(c.name for c in root.iterdir() if CHECKPOINT_RE.match(c.name) or c.name == DEFAULT_WEIGHT_NAME) if root.is_dir() else []
+        if found:
+            raise CheckpointError(
+                f"--resume_from_checkpoint latest: {root} holds an earlier run ({', '.join(found[:4])}"
+                f"{', ...' if len(found) > 4 else ''}) but no intact checkpoint to continue from; a new run there would "
+                "write over its weights, so nothing was started. Choose another --output_dir, or drop "
+                "--resume_from_checkpoint and pass --overwrite_output_dir to delete that run's files and start over"
+            )
         return None
     path = Path(value)
     for candidate in (path, Path(output_dir) / path):

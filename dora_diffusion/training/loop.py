@@ -22,11 +22,12 @@ from ..extras import require
 from ..formats import DEFAULT_WEIGHT_NAME
 from ..inject import set_recompute
 from ..adapter_io import save_adapter
-from .args import notices, parse_args, run_settings
+from .args import RUN_KEYS, notices, parse_args, run_settings
 from .checkpoint import (
     TrainingState,
     list_checkpoints,
     load_checkpoint,
+    read_state,
     resolve_resume,
     save_checkpoint,
 )
@@ -53,7 +54,16 @@ from .models import (
 from .optim import build_lr_scheduler, build_optimizer, param_groups
 from .pivotal import add_new_tokens, mentions, new_token_rows, replace_abstractions, ti_steps, token_plan
 from .prior import generate_class_images, load_class_records, missing_class_indices
-from .rundir import SETTINGS_FILE, check_output_dir, remove_leftovers, with_resolved_paths, write_json_atomic
+from .fingerprint import dataset_fingerprint
+from .rundir import (
+    SETTINGS_FILE,
+    adapter_settings,
+    check_output_dir,
+    check_resume,
+    remove_leftovers,
+    with_resolved_paths,
+    write_json_atomic,
+)
 from .steplog import LOG_FILE, StepLog
 from .summary import summary
 from .validation import log_images, render, save_images, validation_folder, validation_pipeline
@@ -251,6 +261,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
             args.dataset, args.image_column, args.caption_column, args.instance_prompt, args.dataset_config_name,
             args.cache_dir, args.dataset_revision, args.resolution,
         )  # fmt: skip
+    fingerprint = dataset_fingerprint(loaded.records)  # before pivotal tuning rewrites the captions
     new_tokens = apply_token_plan(args, loaded.records) if args.train_text_encoder_ti else None
     captions = [r.caption for r in loaded.records]
     masks = load_masks(args.mask_dir, loaded.records) if args.mask_dir else None
@@ -270,8 +281,14 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     max_steps = args.max_train_steps
     settings = {**run_settings(args), "num_processes": accelerator.num_processes, "trigger_words": triggers}
     resume_path = resolve_resume(output_dir, args.resume_from_checkpoint)
+    keys = RUN_KEYS
+    if resume_path is not None:
+        resume_state = read_state(resume_path)
+        check_resume(resume_path, resume_state, settings, fingerprint, args.allow_dataset_change)
+        if args.allow_dataset_change or resume_state.dataset == fingerprint:  # the same data may have moved
+            keys = tuple(k for k in RUN_KEYS if k != "dataset")
     run_files = check_output_dir(
-        output_dir, settings, args.resume_from_checkpoint is not None, args.overwrite_output_dir, _outputs(args, output_dir)
+        output_dir, settings, args.resume_from_checkpoint is not None, args.overwrite_output_dir, _outputs(args, output_dir), keys
     )
     if main_process:
         print(summary(args, loaded, triggers, accelerator.num_processes, resume_path, per_epoch), flush=True)
@@ -485,8 +502,9 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
             if main_process:
                 state = TrainingState(
-                    global_step, micro, accelerator.num_processes, args.train_batch_size, ga, args.seed
-                )
+                    global_step, micro, accelerator.num_processes, args.train_batch_size, ga, args.seed,
+                    adapter_settings(settings), fingerprint,
+                )  # fmt: skip
                 run_files.claim(f"checkpoint-{global_step}")
                 save_checkpoint(
                     output_dir, state, named, optimizer, lr_scheduler, accelerator.scaler, write_weights,

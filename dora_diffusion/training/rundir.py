@@ -17,7 +17,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..formats import DEFAULT_WEIGHT_NAME
 from .args import PATH_KEYS, RUN_DEFAULTS, RUN_KEYS
-from .checkpoint import CHECKPOINT_RE, STATE_FILE, remove_stale_temporaries
+from .checkpoint import CHECKPOINT_RE, STATE_FILE, CheckpointError, list_checkpoints, remove_stale_temporaries
+from .fingerprint import fingerprint_difference
 from .steplog import LOG_FILE
 
 SETTINGS_FILE = "training_args.json"
@@ -176,18 +177,62 @@ def differences(old: dict, new: dict, keys=RUN_KEYS) -> dict[str, tuple]:
     return out
 
 
-def _listed(diff: dict[str, tuple]) -> str:
-    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+def _listed(diff: dict[str, tuple], limit: int = 8) -> str:
+    shown = ", ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in list(diff.items())[:limit])
+    return shown + (f" and {len(diff) - limit} more" if len(diff) > limit else "")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+NOT_SETTINGS = {RESOLVED_KEY, "output_dir", "logging_dir", "cache_dir", "report_to", "push_to_hub", "hub_model_id"}
+"""Recorded keys that say where things go, not what is trained: never named as a difference between runs."""
+
+
+def all_differences(old: dict, new: dict) -> dict[str, tuple]:
+    """``differences`` over every recorded setting (resolution, steps, learning rate, ...), not only ``RUN_KEYS``."""
+    return differences(old, new, sorted((set(old) | set(new)) - NOT_SETTINGS))
+
+
+def adapter_settings(settings: dict) -> dict:
+    """What a checkpoint records of the run's settings: ``RUN_KEYS``, with the absolute form of local paths."""
+    return with_resolved_paths({k: settings.get(k, RUN_DEFAULTS.get(k)) for k in RUN_KEYS})
+
+
+def check_resume(checkpoint: Path, state, settings: dict, fingerprint: dict, allow_dataset_change: bool) -> None:
+    """Raise ``CheckpointError`` if the checkpoint was trained with other adapter settings than ``settings``, or on
+    other data than ``fingerprint`` says (unless ``allow_dataset_change``). A checkpoint of an older version, which
+    recorded neither, is compared with its run's ``training_args.json`` if it has one."""
+    recorded = state.settings if state.settings is not None else previous_settings(checkpoint.parent)
+    if recorded is not None:
+        diff = differences(recorded, settings, tuple(k for k in RUN_KEYS if k != "dataset"))
+        if diff:
+            raise CheckpointError(
+                f"--resume_from_checkpoint {checkpoint}: it was trained with other adapter settings ({_listed(diff)}); "
+                "an adapter of another shape cannot continue from it. Resume with its settings, or start a new run "
+                "without --resume_from_checkpoint"
+            )
+    if state.dataset is None or allow_dataset_change:
+        return
+    change = fingerprint_difference(state.dataset, fingerprint)
+    if change is not None:
+        raise CheckpointError(
+            f"--resume_from_checkpoint {checkpoint}: it was trained on other data than --dataset {settings.get('dataset')} "
+            f"holds ({change}). Resume with the dataset it was trained on, or pass --allow_dataset_change to continue "
+            "on this one (fixed captions, added images: the data order then differs from an uninterrupted run)"
+        )
 
 
 def check_output_dir(
-    output_dir: Path, settings: dict, resuming: bool, overwrite: bool, outputs: list[str] = ()
+    output_dir: Path, settings: dict, resuming: bool, overwrite: bool, outputs: list[str] = (), keys=RUN_KEYS
 ) -> RunFiles:
     """Raise ``OutputDirError`` if this run would mix with an earlier one or write over a file it does not own.
 
     Allowed: a new folder, or one without an earlier run; ``--overwrite_output_dir`` when a manifest says
     what the earlier run wrote (only that is removed, see ``RunFiles.clear``); resuming a run whose adapter
-    settings (``RUN_KEYS``) are the same. ``outputs`` are the paths (relative) this run will write; any that
+    settings (``keys``, default ``RUN_KEYS``) are the same. ``outputs`` are the paths (relative) this run will write; any that
     exists and is not a run's is refused. Writes nothing; returns the folder's manifest.
     """
     if output_dir.exists() and not output_dir.is_dir():
@@ -207,7 +252,7 @@ def check_output_dir(
                 files.adopt(found + [n for n in (SETTINGS_FILE, LOG_FILE, DEFAULT_WEIGHT_NAME) if (output_dir / n).is_file()])
     if earlier and not overwrite:
         old = previous_settings(output_dir)
-        diff = differences(old, settings) if old is not None else {}
+        diff = differences(old, settings, keys) if old is not None else {}
         if resuming and diff:
             raise OutputDirError(
                 f"cannot resume in {output_dir}: its checkpoints were made with other adapter settings "
@@ -219,10 +264,16 @@ def check_output_dir(
                 "Choose another --output_dir, or continue that run with its own settings and --resume_from_checkpoint latest"
             )
         if not resuming:
+            other = all_differences(old, settings) if old is not None else {}
+            named = f" (its settings differ: {_listed(other)})" if other else " (with the same settings)" if old is not None else ""
+            advice = (
+                "Pass --resume_from_checkpoint latest to continue it, choose"
+                if list_checkpoints(output_dir)
+                else "It has no checkpoint to continue from. Choose"
+            )
             raise OutputDirError(
-                f"--output_dir {output_dir} already holds an earlier run. Pass --resume_from_checkpoint latest to "
-                "continue it, choose another --output_dir, or pass --overwrite_output_dir to delete that run's files "
-                "and start over"
+                f"--output_dir {output_dir} already holds an earlier run{named}. {advice} another --output_dir, or "
+                "pass --overwrite_output_dir to delete that run's files and start over"
             )
     checkpoints = [c.name for c in output_dir.iterdir() if CHECKPOINT_RE.match(c.name)] if output_dir.is_dir() else []
     taken = files.conflicts(sorted(set(outputs) | set(checkpoints) | {SETTINGS_FILE, LOG_FILE, DEFAULT_WEIGHT_NAME}))
