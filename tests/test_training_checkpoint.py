@@ -545,3 +545,22 @@ def test_resuming_on_other_data_is_refused_unless_allowed(tmp_path):
     )
     check_resume(path, ckpt.read_state(path), SETTINGS, now, True)  # --allow_dataset_change
     check_resume(path, ckpt.read_state(path), SETTINGS, recorded, False)  # the same data
+
+
+def test_a_signal_is_recorded_once_then_acts_as_usual():
+    """stop_on_signals records the first SIGINT (the loop then saves and stops); a second Ctrl-C interrupts as
+    usual; the handlers found before are put back."""
+    import signal
+    import time
+
+    from dora_diffusion.training.signals import stop_on_signals
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with stop_on_signals() as request:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs between bytecodes of the main thread
+        assert request.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ from diffusers import DDPMScheduler
 from dora_diffusion.inject import adapted_layers
 from dora_diffusion.layers import AdaptedLayer
 from dora_diffusion.testing import build_tiny_sdxl_pipeline, make_toy_imagefolder, save_tiny_sdxl_pipeline
-from dora_diffusion.training import DatasetError, OutputDirError, TrainingError, list_checkpoints, main
+from dora_diffusion.training import CheckpointError, DatasetError, OutputDirError, TrainingError, list_checkpoints, main
 from dora_diffusion.training import loop as training_loop
 from dora_diffusion.training.models import ADAPTER_NAME, Components, add_training_adapters, named_trainable
 from dora_diffusion.training.optim import param_groups
@@ -304,12 +305,98 @@ def test_resume_gives_identical_tensors(work, dora_run):
     assert [r["step"] for r in read_step_log(work / "resumed")] == [1, 2, 3, 4]
 
 
+def test_sigterm_saves_a_checkpoint_and_the_resume_is_bit_identical(work, dora_run, monkeypatch):
+    """SIGTERM in the middle of step 3 (checkpoints every 2): the step finishes, checkpoint-3 is saved, the run stops
+    with TrainingInterrupted and puts back the handler it found; resuming gives the uninterrupted 4-step run's weights
+    bit for bit (was: steps after checkpoint-2 lost)."""
+    from dora_diffusion.training import TrainingInterrupted
+
+    real = training_loop.denoising_loss
+    calls = {"n": 0}
+
+    def sigterm_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the first micro-batch of step 3 (2 per step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    def guard(signum, frame):
+        raise AssertionError("SIGTERM reached the test's own handler: training installed none")
+
+    previous = signal.signal(signal.SIGTERM, guard)  # without training's handler, SIGTERM must not end pytest
+    try:
+        monkeypatch.setattr(training_loop, "denoising_loss", sigterm_in_step_3)
+        with pytest.raises(TrainingInterrupted) as err:
+            run(argv(work, "sigterm"))
+        assert signal.getsignal(signal.SIGTERM) is guard
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    out = work / "sigterm"
+    assert str(err.value) == (
+        f"stopped by SIGTERM after step 3 of 4; saved {out / 'checkpoint-3'}. Continue with the same command and "
+        "--resume_from_checkpoint latest"
+    )
+    assert err.value.signum == signal.SIGTERM and calls["n"] == 6  # step 3 finished, step 4 never started
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+    assert not (out / WEIGHTS).exists() and [r["step"] for r in read_step_log(out)] == [1, 2, 3]
+    monkeypatch.setattr(training_loop, "denoising_loss", real)
+    _, stdout = run(argv(work, "sigterm", "--resume_from_checkpoint", "latest"))
+    assert "checkpoint-3 at step 3" in stdout
+    straight, resumed = load_file(dora_run[0] / WEIGHTS), load_file(out / WEIGHTS)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_another_runs_checkpoint_with_other_settings_or_data_is_refused(work, dora_run, monkeypatch):
+    """--resume_from_checkpoint <another folder's checkpoint>: other adapter settings or other images are refused
+    before any model loads, naming what differs (was: a shape error, or silently accepted); --allow_dataset_change
+    continues on the new images."""
+    checkpoint = str(dora_run[0] / "checkpoint-2")
+    other = make_toy_imagefolder(work / "data4", n=4)
+    real = training_loop.load_components
+
+    def no_models(args, dtype=None):
+        raise AssertionError("models were loaded")
+
+    monkeypatch.setattr(training_loop, "load_components", no_models)
+    with pytest.raises(CheckpointError) as err:
+        main(argv(work, "elsewhere", "--resume_from_checkpoint", checkpoint, "--rank", "8"))
+    assert str(err.value).startswith(
+        f"--resume_from_checkpoint {checkpoint}: it was trained with other adapter settings (rank: 4 -> 8, alpha: 4.0 -> 8.0)"
+    )
+    with pytest.raises(CheckpointError, match=r"trained with other adapter settings \(adapter: 'dora' -> 'lora'\)"):
+        main(argv(work, "elsewhere", "--resume_from_checkpoint", checkpoint, "--adapter", "lora"))
+    with pytest.raises(CheckpointError) as err:
+        main(argv(work, "elsewhere", "--resume_from_checkpoint", checkpoint, "--dataset", str(other)))
+    assert f"it was trained on other data than --dataset {other} holds (3 images -> 4 images; added '0003.png')" in str(err.value)
+    assert not (work / "elsewhere").exists()
+    monkeypatch.setattr(training_loop, "load_components", real)
+    flags = ["--dataset", str(other), "--allow_dataset_change", "--no_gradient_checkpointing"]
+    _, stdout = run(argv(work, "elsewhere", "--resume_from_checkpoint", checkpoint, *flags, steps=3))
+    assert "checkpoint-2 at step 2" in stdout and [r["step"] for r in read_step_log(work / "elsewhere")] == [3]
+
+
+def test_latest_without_a_checkpoint_does_not_train_over_a_finished_run(work):
+    """A finished run without checkpoints: a second run there is refused naming --resolution, and
+    --resume_from_checkpoint latest stops with an error instead of starting a new run over its weights."""
+    flags = ["--checkpointing_steps", "0", "--gradient_accumulation_steps", "1"]
+    out, _ = run(argv(work, "nockpt", *flags, steps=1))
+    before = (out / WEIGHTS).read_bytes()
+    with pytest.raises(OutputDirError) as err:
+        main(argv(work, "nockpt", *flags, "--resolution", "128", steps=1))
+    assert "already holds an earlier run (its settings differ: resolution: 64 -> 128). It has no checkpoint to continue from" in str(err.value)
+    with pytest.raises(CheckpointError, match=r"holds an earlier run \(pytorch_lora_weights.safetensors\) but no intact checkpoint"):
+        main(argv(work, "nockpt", *flags, "--resume_from_checkpoint", "latest", steps=1))
+    assert (out / WEIGHTS).read_bytes() == before
+
+
 def test_output_dir_of_another_run_is_refused(work, dora_run):
     with pytest.raises(OutputDirError, match="already holds an earlier run"):
         main(argv(work, "dora"))
     with pytest.raises(OutputDirError, match=r"different settings \(rank: 4 -> 8, alpha: 4.0 -> 8.0\)"):
         main(argv(work, "dora") + ["--rank", "8"])
-    with pytest.raises(OutputDirError, match=r"cannot resume .*adapter: 'dora' -> 'lora'"):
+    with pytest.raises(CheckpointError, match=r"checkpoint-4: it was trained with other adapter settings \(adapter: 'dora' -> 'lora'\)"):
         main(argv(work, "dora") + ["--adapter", "lora", "--resume_from_checkpoint", "latest"])
 
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +38,8 @@ from .dataset import ADAPTER_INIT, STEP_NOISE, DreamBoothDataset, MicroBatchSamp
 from .distributed import adapters_in_sync, average_gradients, broadcast_parameters, make_accelerator, refuse_sharding
 from ..embeddings import embeddings_name, write_embeddings
 from .encode import LatentSource, PromptSource
-from .errors import TrainingError
+from .errors import TrainingError, TrainingInterrupted
+from .signals import stop_on_signals
 from .hub import create_hub_repo, upload_run
 from .loss import denoising_loss, sample_noise, target_for
 from .model_card import CARD_NAMES, model_card, write_model_card
@@ -458,61 +460,74 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     progress = tqdm(total=max_steps, initial=start_step, desc="steps", disable=not main_process, dynamic_ncols=True)
     micro = start_micro
     ti_frozen = new_tokens is None
-    for step in range(start_step, max_steps):
-        loss_sum = torch.zeros((), device=device)
-        if not ti_frozen and step >= ti_until:
-            freeze_prompts()
-            ti_frozen = True
-        for _ in range(ga):
-            torch.manual_seed(derive_seed(args.seed, STEP_NOISE, micro, accelerator.process_index))
-            batch = next(batches)
-            loss = micro_batch_loss(batch, components, latents, prompts, args, autocast)
-            accelerator.backward(loss / ga)
-            loss_sum += loss.detach()
-            micro += 1
-        average_gradients(params, accelerator)
-        mean_loss = accelerator.reduce(loss_sum / ga, reduction="mean") if accelerator.num_processes > 1 else loss_sum / ga
-        value = float(mean_loss)
-        if not math.isfinite(value):
+    with stop_on_signals() as stop_request:  # SIGTERM/SIGINT: finish the step, save a checkpoint, stop
+        for step in range(start_step, max_steps):
+            loss_sum = torch.zeros((), device=device)
+            if not ti_frozen and step >= ti_until:
+                freeze_prompts()
+                ti_frozen = True
+            for _ in range(ga):
+                torch.manual_seed(derive_seed(args.seed, STEP_NOISE, micro, accelerator.process_index))
+                batch = next(batches)
+                loss = micro_batch_loss(batch, components, latents, prompts, args, autocast)
+                accelerator.backward(loss / ga)
+                loss_sum += loss.detach()
+                micro += 1
+            average_gradients(params, accelerator)
+            mean_loss = accelerator.reduce(loss_sum / ga, reduction="mean") if accelerator.num_processes > 1 else loss_sum / ga
+            value = float(mean_loss)
+            if not math.isfinite(value):
+                if step_log is not None:
+                    step_log.write(step + 1, value, lr_scheduler.get_last_lr()[0])
+                progress.close()
+                accelerator.end_training()
+                kept = list_checkpoints(output_dir)
+                raise TrainingError(
+                    f"the loss became {value} at step {step + 1}; training stopped and nothing was saved for this step. "
+                    + (f"The last checkpoint, {kept[-1]}, is intact: " if kept else "No checkpoint was written yet: ")
+                    + "lower --learning_rate, keep --max_grad_norm, try --mixed_precision bf16, then "
+                    + ("--resume_from_checkpoint latest." if kept else "start again.")
+                )
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            if not optimizer.step_was_skipped:
+                lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step = step + 1
+            lr = lr_scheduler.get_last_lr()[0]
+            progress.update(1)
+            progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+            accelerator.log({"loss": value, "lr": lr}, step=global_step)
             if step_log is not None:
-                step_log.write(step + 1, value, lr_scheduler.get_last_lr()[0])
-            progress.close()
-            accelerator.end_training()
-            kept = list_checkpoints(output_dir)
-            raise TrainingError(
-                f"the loss became {value} at step {step + 1}; training stopped and nothing was saved for this step. "
-                + (f"The last checkpoint, {kept[-1]}, is intact: " if kept else "No checkpoint was written yet: ")
-                + "lower --learning_rate, keep --max_grad_norm, try --mixed_precision bf16, then "
-                + ("--resume_from_checkpoint latest." if kept else "start again.")
-            )
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        if not optimizer.step_was_skipped:
-            lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        global_step = step + 1
-        lr = lr_scheduler.get_last_lr()[0]
-        progress.update(1)
-        progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-        accelerator.log({"loss": value, "lr": lr}, step=global_step)
-        if step_log is not None:
-            step_log.write(global_step, value, lr)
+                step_log.write(global_step, value, lr)
 
-        if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-            if main_process:
-                state = TrainingState(
-                    global_step, micro, accelerator.num_processes, args.train_batch_size, ga, args.seed,
-                    adapter_settings(settings), fingerprint,
-                )  # fmt: skip
-                run_files.claim(f"checkpoint-{global_step}")
-                save_checkpoint(
-                    output_dir, state, named, optimizer, lr_scheduler, accelerator.scaler, write_weights,
-                    args.checkpoints_total_limit, lambda c: run_files.owns(c.name),
-                )  # fmt: skip
-            accelerator.wait_for_everyone()
-        if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
-            validate(global_step)
+            stop = stop_request.signum is not None
+            if accelerator.num_processes > 1:  # every process stops at the same step, whichever got the signal
+                stop = bool(accelerator.reduce(torch.tensor(float(stop), device=device), reduction="sum") > 0)
+            if stop or (args.checkpointing_steps and global_step % args.checkpointing_steps == 0):
+                if main_process:
+                    state = TrainingState(
+                        global_step, micro, accelerator.num_processes, args.train_batch_size, ga, args.seed,
+                        adapter_settings(settings), fingerprint,
+                    )  # fmt: skip
+                    run_files.claim(f"checkpoint-{global_step}")
+                    save_checkpoint(
+                        output_dir, state, named, optimizer, lr_scheduler, accelerator.scaler, write_weights,
+                        args.checkpoints_total_limit, lambda c: run_files.owns(c.name),
+                    )  # fmt: skip
+                accelerator.wait_for_everyone()
+            if stop:
+                progress.close()
+                accelerator.end_training()
+                name = signal.Signals(stop_request.signum).name if stop_request.signum else "a signal on another process"
+                raise TrainingInterrupted(
+                    f"stopped by {name} after step {global_step} of {max_steps}; saved {output_dir / f'checkpoint-{global_step}'}. "
+                    "Continue with the same command and --resume_from_checkpoint latest",
+                    stop_request.signum or signal.SIGTERM,
+                )
+            if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
+                validate(global_step)
     progress.close()
 
     # ---- outputs
