@@ -564,3 +564,70 @@ def test_a_signal_is_recorded_once_then_acts_as_usual():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def _tamper(path, how, named, opt):
+    if how == "NaN in the adapter tensors":
+        state = {k: v.clone() for k, v in ckpt.load_file(path / "adapter_state.safetensors").items()}
+        state["unet.0.bias"][0] = float("nan")
+        save_file(state, path / "adapter_state.safetensors")
+    elif how == "int8 adapter tensors":
+        state = {k: v.to(torch.int8) for k, v in ckpt.load_file(path / "adapter_state.safetensors").items()}
+        save_file(state, path / "adapter_state.safetensors")
+    elif how == "a 20 MB state file":
+        data = json.loads((path / ckpt.STATE_FILE).read_text())
+        (path / ckpt.STATE_FILE).write_text(json.dumps({**data, "settings": {"x": "y" * 20_000_000}}))
+    elif how == "optimizer moments of the wrong shape":
+        sd = opt.state_dict()
+        sd["state"][0]["exp_avg"] = torch.zeros(7, 7)
+        torch.save(sd, path / "optimizer.pt")
+    elif how == "optimizer of another parameter count":
+        torch.save(torch.optim.AdamW([named[0][1]]).state_dict(), path / "optimizer.pt")
+    elif how == "a pickled global in optimizer.pt":
+        torch.save({"state": {}, "param_groups": [], "x": os.getcwd}, path / "optimizer.pt")
+
+
+DAMAGED = {  # how -> (found by checkpoint_problem, or refused on load), message
+    "NaN in the adapter tensors": ("problem", "adapter_state.safetensors: 'unet.0.bias' is not finite (torch.float32)"),
+    "int8 adapter tensors": ("problem", "is not floating point (torch.int8)"),
+    "a 20 MB state file": ("problem", "training_state.json is unreadable (20000"),
+    "optimizer moments of the wrong shape": ("load", "optimizer.pt's 'exp_avg' of parameter 0 has shape (7, 7), the parameter (3, 4)"),
+    "optimizer of another parameter count": ("load", "optimizer.pt has parameter groups of sizes [1], this run [4]"),
+    "a pickled global in optimizer.pt": ("load", "optimizer.pt cannot be read with torch.load(weights_only=True) (UnpicklingError"),
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGED))
+def test_tampered_checkpoints_are_refused_by_name_and_change_nothing(tmp_path, how):
+    """A checkpoint edited by hand or by another program: a damaged one is skipped by `latest` (values training never
+    writes: NaN, integers, a state file of megabytes); one whose optimizer state does not fit is a CheckpointError
+    naming the file and the shapes before any parameter changes (was: a RuntimeError at the first optimizer step, a
+    ValueError or UnpicklingError with a traceback)."""
+    model, named, opt, sched = _setup()
+    _train(model, opt, sched, 1)
+    path = save_checkpoint(tmp_path, _state(2), named, opt, sched)
+    _tamper(path, how, named, opt)
+    where, message = DAMAGED[how]
+    model2, named2, opt2, sched2 = _setup(seed=1)
+    before = [p.detach().clone() for _, p in named2]
+    if where == "problem":
+        assert message in ckpt.checkpoint_problem(path)
+        with pytest.raises(ckpt.CheckpointError, match="no intact checkpoint"):
+            resolve_resume(tmp_path, "latest")
+    else:
+        assert ckpt.checkpoint_problem(path) is None  # well-formed archives: only loading shows the mismatch
+        with pytest.raises(ckpt.CheckpointError) as err:
+            load_checkpoint(path, named2, opt2, sched2)
+        assert message in str(err.value) and str(path) in str(err.value)
+        assert all(torch.equal(a, p) for a, (_, p) in zip(before, named2))
+
+
+def test_only_canonical_checkpoint_names_count(tmp_path):
+    """checkpoint-0002 (not a name a run writes) is not taken for checkpoint-2; checkpoint-<30 digits> is read."""
+    model, named, opt, sched = _setup()
+    save_checkpoint(tmp_path, _state(2), named, opt, sched)
+    (tmp_path / "checkpoint-2").rename(tmp_path / "checkpoint-0002")
+    assert list_checkpoints(tmp_path) == []
+    huge = 10**30
+    save_checkpoint(tmp_path, TrainingState(huge, huge, 1, 1, 2, 0), named, opt, sched)
+    assert resolve_resume(tmp_path, "latest") == tmp_path / f"checkpoint-{huge}"

@@ -370,6 +370,8 @@ def test_another_runs_checkpoint_with_other_settings_or_data_is_refused(work, do
     with pytest.raises(CheckpointError) as err:
         main(argv(work, "elsewhere", "--resume_from_checkpoint", checkpoint, "--dataset", str(other)))
     assert f"it was trained on other data than --dataset {other} holds (3 images -> 4 images; added '0003.png')" in str(err.value)
+    with pytest.raises(CheckpointError, match=r"checkpoint-4: it is at step 4, past --max_train_steps 3; pass a larger"):
+        main(argv(work, "elsewhere", "--resume_from_checkpoint", str(dora_run[0] / "checkpoint-4"), steps=3))
     assert not (work / "elsewhere").exists()
     monkeypatch.setattr(training_loop, "load_components", real)
     flags = ["--dataset", str(other), "--allow_dataset_change", "--no_gradient_checkpointing"]
@@ -657,7 +659,7 @@ def test_users_files_survive_new_overwrite_and_resumed_runs(work):
     run(argv(work, "users", *flags, "--overwrite_output_dir", steps=2))
     manifest = json.loads((out / "run_files.json").read_text())["files"]
     assert sorted(manifest) == sorted(["training_args.json", "training_log.jsonl", "checkpoint-1", "checkpoint-2",
-                                       "validation/step-2", WEIGHTS, "model_card.md"])  # fmt: skip
+                                       "validation/step-2", WEIGHTS, "model_card.md", ".dora-run.lock"])  # fmt: skip
     (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"PK\x03\x04 damaged")
     with open(out / "training_log.jsonl", "a") as f:
         f.write('{"step": 3, "lo')
@@ -665,6 +667,20 @@ def test_users_files_survive_new_overwrite_and_resumed_runs(work):
     assert "resumed from" in stdout and "checkpoint-1 at step 1" in stdout
     assert [r["step"] for r in read_step_log(out)] == [1, 2, 3]
     assert {rel: (out / rel).read_text() for rel in mine} == mine
+
+
+def test_a_second_run_into_a_folder_in_use_stops_before_writing(work):
+    """While a run holds --output_dir (its flock on .dora-run.lock), a second run there stops with OutputDirError
+    before writing anything (was: both wrote training_args.json, the log and checkpoint-N over each other)."""
+    from dora_diffusion.training.rundir import run_lock
+
+    out = work / "busy"
+    with run_lock(out):
+        with pytest.raises(OutputDirError, match=r"busy is being written by another training run right now"):
+            main(argv(work, "busy", "--gradient_accumulation_steps", "1", steps=1))
+        assert sorted(p.name for p in out.iterdir()) == [".dora-run.lock"]
+    run(argv(work, "busy", "--gradient_accumulation_steps", "1", steps=1))  # free again: the run goes ahead
+    assert ".dora-run.lock" not in json.loads((out / "run_files.json").read_text())["files"]  # the test's file, not the run's
 
 
 def test_nothing_is_written_when_loading_the_models_fails(work, monkeypatch):

@@ -34,7 +34,10 @@ from .errors import TrainingError
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_RE = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
+"""A checkpoint's name: ``checkpoint-<step>``, the step written as runs write it (no leading zeros)."""
+MAX_STATE_BYTES = 16 * 1024 * 1024
+"""``training_state.json`` is a few kB (up to ~50 kB with a dataset fingerprint); a bigger one is not ours."""
 STATE_FILE = "training_state.json"
 TMP_PREFIX = ".tmp-checkpoint-"
 
@@ -77,6 +80,8 @@ def read_state(path: str | os.PathLike) -> TrainingState:
     """The counters of the checkpoint ``path``, checked: integers, a non-negative step that matches the name."""
     path = Path(path)
     try:
+        if (path / STATE_FILE).stat().st_size > MAX_STATE_BYTES:
+            raise ValueError(f"{(path / STATE_FILE).stat().st_size} bytes, more than a state file ever holds")
         data = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         state = TrainingState(**data)
     except (OSError, ValueError, RecursionError, TypeError) as err:
@@ -99,13 +104,16 @@ def read_state(path: str | os.PathLike) -> TrainingState:
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """Why the checkpoint ``path`` cannot be resumed from (damaged, truncated, missing a file), or None.
 
-    Reads every file once without unpickling anything: the state, the adapter tensors, and the CRCs of
-    the optimizer and scheduler archives.
+    Reads every file once without unpickling anything: the state, the adapter tensors (floating point and
+    finite, as training writes them), and the CRCs of the optimizer and scheduler archives.
     """
     path = Path(path)
     try:
         read_state(path)
-        load_file(path / "adapter_state.safetensors")
+        for name, tensor in load_file(path / "adapter_state.safetensors").items():
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                kind = "not floating point" if not tensor.is_floating_point() else "not finite"
+                return f"adapter_state.safetensors: {name[:120]!r} is {kind} ({tensor.dtype})"
         for name in ("optimizer.pt", "lr_scheduler.pt"):
             with zipfile.ZipFile(path / name) as archive:
                 bad = archive.testzip()
@@ -295,18 +303,64 @@ def load_checkpoint(
     names = [n for n, _ in named_params]
     missing, unexpected = sorted(set(names) - set(saved)), sorted(set(saved) - set(names))
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} does not match this run's adapter ({len(missing)} parameters missing, e.g. "
             f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); was it made with other "
             "--adapter/--rank/--unet_targets/--train_text_encoder settings?"
         )
+    for name, p in named_params:
+        if saved[name].shape != p.shape:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, this run's has {tuple(p.shape)}; "
+                "was it made with another --rank or --rank_pattern?"
+            )
+    loaded = {}
+    for name in ("optimizer.pt", "lr_scheduler.pt") + (("grad_scaler.pt",) if grad_scaler is not None else ()):
+        if name == "grad_scaler.pt" and not (path / name).is_file():
+            continue
+        try:
+            loaded[name] = torch.load(path / name, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch's restricted unpickler raises several kinds
+            raise CheckpointError(
+                f"checkpoint {path}: {name} cannot be read with torch.load(weights_only=True) "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); it holds more than tensors, or is damaged"
+            ) from None
+    _check_optimizer_state(path, loaded["optimizer.pt"], optimizer)
     with torch.no_grad():
         for name, p in named_params:
-            if saved[name].shape != p.shape:
-                raise ValueError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, expected {tuple(p.shape)}")
             p.copy_(saved[name])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
-    if grad_scaler is not None and (path / "grad_scaler.pt").is_file():
-        grad_scaler.load_state_dict(torch.load(path / "grad_scaler.pt", weights_only=True))
+    try:
+        optimizer.load_state_dict(loaded["optimizer.pt"])
+        lr_scheduler.load_state_dict(loaded["lr_scheduler.pt"])
+        if "grad_scaler.pt" in loaded:
+            grad_scaler.load_state_dict(loaded["grad_scaler.pt"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {path}: its optimizer or schedule state does not fit this run ({err})") from None
     return state
+
+
+def _check_optimizer_state(path: Path, saved: object, optimizer) -> None:
+    """Raise ``CheckpointError`` unless ``saved`` is an optimizer state of this run's shape: the same groups of
+    the same sizes, and per-parameter tensors (Adam's moments) shaped like their parameters."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    state = saved.get("state") if isinstance(saved, dict) else None
+    ours = optimizer.state_dict()["param_groups"]
+    if not isinstance(groups, list) or not isinstance(state, dict) or not all(isinstance(g, dict) for g in groups):
+        raise CheckpointError(f"checkpoint {path}: optimizer.pt is not an optimizer state")
+    sizes = [len(g.get("params", ())) for g in groups]
+    if sizes != [len(g["params"]) for g in ours]:
+        raise CheckpointError(
+            f"checkpoint {path}: optimizer.pt has parameter groups of sizes {sizes}, this run {[len(g['params']) for g in ours]}; "
+            "was it made with other adapter settings?"
+        )
+    by_id = dict(zip([i for g in ours for i in g["params"]], [p for g in optimizer.param_groups for p in g["params"]]))
+    for key, values in state.items():
+        p = by_id.get(key)
+        if p is None or not isinstance(values, dict):
+            raise CheckpointError(f"checkpoint {path}: optimizer.pt has state for parameter {key!r:.40}, which this run lacks")
+        for field, t in values.items():
+            if torch.is_tensor(t) and t.dim() > 0 and t.shape != p.shape:
+                raise CheckpointError(
+                    f"checkpoint {path}: optimizer.pt's {field!r:.40} of parameter {key} has shape {tuple(t.shape)}, "
+                    f"the parameter {tuple(p.shape)}"
+                )

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import math
+import os
 import re
 import signal
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from ..inject import set_recompute
 from ..adapter_io import save_adapter
 from .args import RUN_KEYS, notices, parse_args, run_settings
 from .checkpoint import (
+    CheckpointError,
     TrainingState,
     list_checkpoints,
     load_checkpoint,
@@ -58,11 +60,13 @@ from .pivotal import add_new_tokens, mentions, new_token_rows, replace_abstracti
 from .prior import generate_class_images, load_class_records, missing_class_indices
 from .fingerprint import dataset_fingerprint
 from .rundir import (
+    LOCK_FILE,
     SETTINGS_FILE,
     adapter_settings,
     check_output_dir,
     check_resume,
     remove_leftovers,
+    run_lock,
     with_resolved_paths,
     write_json_atomic,
 )
@@ -246,10 +250,11 @@ def train(args: argparse.Namespace) -> Path:
     device = accelerator.device
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(derive_seed(args.seed, ADAPTER_INIT))  # the same initial adapter on every process
-        return _train(args, accelerator, output_dir)
+        with contextlib.ExitStack() as held:  # the output folder's lock, once taken
+            return _train(args, accelerator, output_dir, held)
 
 
-def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
+def _train(args: argparse.Namespace, accelerator, output_dir: Path, held: contextlib.ExitStack) -> Path:
     main_process = accelerator.is_main_process
     _show_logs(main_process)
     refuse_sharding(accelerator)
@@ -286,6 +291,11 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     keys = RUN_KEYS
     if resume_path is not None:
         resume_state = read_state(resume_path)
+        if resume_state.global_step > max_steps:
+            raise CheckpointError(
+                f"--resume_from_checkpoint {resume_path}: it is at step {resume_state.global_step}, past --max_train_steps "
+                f"{max_steps}; pass a larger --max_train_steps, or use its pytorch_lora_weights.safetensors as it is"
+            )
         check_resume(resume_path, resume_state, settings, fingerprint, args.allow_dataset_change)
         if args.allow_dataset_change or resume_state.dataset == fingerprint:  # the same data may have moved
             keys = tuple(k for k in RUN_KEYS if k != "dataset")
@@ -403,6 +413,14 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     # ---- the output folder: nothing was written to it before this point
     accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes to it
     if main_process:
+        new_lock = not os.path.lexists(output_dir / LOCK_FILE)
+        held.enter_context(run_lock(output_dir))  # a second run started at the same time stops here
+        run_files = check_output_dir(  # again, under the lock: another run may have written meanwhile
+            output_dir, settings, args.resume_from_checkpoint is not None, args.overwrite_output_dir,
+            _outputs(args, output_dir), keys,
+        )  # fmt: skip
+        if new_lock:
+            run_files.adopt([LOCK_FILE])  # recorded with the next claim
         if args.overwrite_output_dir:
             run_files.clear()
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -8,11 +8,13 @@ recorded belongs to the user: a run never writes over it and ``--overwrite_outpu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..formats import DEFAULT_WEIGHT_NAME
@@ -23,6 +25,8 @@ from .steplog import LOG_FILE
 
 SETTINGS_FILE = "training_args.json"
 MANIFEST_FILE = "run_files.json"
+LOCK_FILE = ".dora-run.lock"
+"""Held (``flock``) by the run writing into the folder, so that a second run at the same time stops."""
 RESOLVED_KEY = "resolved_paths"
 """Key of ``training_args.json`` holding the absolute form of local paths among ``PATH_KEYS``."""
 
@@ -107,6 +111,8 @@ class RunFiles:
         """Delete every recorded path (a link is removed, never followed) and the manifest; returns what went."""
         removed = []
         for entry in self.entries:
+            if entry == LOCK_FILE:  # held by the run that clears: unlinking it would let a third run lock a new file
+                continue
             parts = PurePosixPath(entry).parts
             if any(self.root.joinpath(*parts[:i]).is_symlink() for i in range(1, len(parts))):
                 continue  # a folder above it became a link: what it points at is not ours
@@ -118,9 +124,35 @@ class RunFiles:
             else:
                 continue
             removed.append(entry)
-        self.entries = []
+        self.entries = [e for e in self.entries if e == LOCK_FILE]
         (self.root / MANIFEST_FILE).unlink(missing_ok=True)
         return removed
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: Path) -> Iterator[None]:
+    """Hold ``output_dir/.dora-run.lock`` (an exclusive ``flock``) for the block; raise ``OutputDirError`` if another
+    run holds it. The lock goes with the process, so a killed run leaves none behind. No-op without ``fcntl``
+    (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OutputDirError(
+            f"--output_dir {output_dir} is being written by another training run right now (it holds {LOCK_FILE}); "
+            "wait for that run to end, or choose another --output_dir"
+        ) from None
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def normalized_path(value: object) -> object:
