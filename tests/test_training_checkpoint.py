@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -631,3 +632,35 @@ def test_only_canonical_checkpoint_names_count(tmp_path):
     huge = 10**30
     save_checkpoint(tmp_path, TrainingState(huge, huge, 1, 1, 2, 0), named, opt, sched)
     assert resolve_resume(tmp_path, "latest") == tmp_path / f"checkpoint-{huge}"
+
+
+SPECIAL = ["optimizer.pt", "lr_scheduler.pt", "adapter_state.safetensors"]
+
+
+def test_special_files_in_a_checkpoint_are_damage_not_a_hang(tmp_path):
+    """A checkpoint file that is a FIFO, or a link to /dev/zero, would be read forever (zipfile.testzip on /dev/zero
+    never returns; safetensors blocks opening a FIFO, holding the GIL): `latest` skips it and takes the checkpoint
+    before, all three cases in one subprocess bounded at 30 s."""
+    import subprocess
+    import sys
+
+    model, named, opt, sched = _setup()
+    for name in SPECIAL:
+        for step in (1, 2):
+            save_checkpoint(tmp_path / name, _state(step), named, opt, sched)
+        os.unlink(tmp_path / name / "checkpoint-2" / name)
+        os.mkfifo(tmp_path / name / "checkpoint-2" / name)
+    code = (
+        "import sys; from dora_diffusion.training.checkpoint import resolve_resume\n"
+        "for name in sys.argv[2:]: print(resolve_resume(sys.argv[1] + '/' + name, 'latest').name)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), *SPECIAL], capture_output=True, text=True, timeout=30, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
+    assert proc.stdout.split() == ["checkpoint-1"] * 3, proc.stderr[-2000:]
+    for name in SPECIAL:
+        target = tmp_path / name / "checkpoint-2" / name
+        assert ckpt.checkpoint_problem(target.parent) == f"{name} is not a regular file"
+        target.unlink()
+        target.symlink_to("/dev/zero")
+        assert ckpt.checkpoint_problem(target.parent) == f"{name} is not a regular file"

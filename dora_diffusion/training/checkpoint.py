@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import uuid
 import zipfile
 from collections.abc import Callable
@@ -80,6 +81,8 @@ def read_state(path: str | os.PathLike) -> TrainingState:
     """The counters of the checkpoint ``path``, checked: integers, a non-negative step that matches the name."""
     path = Path(path)
     try:
+        if not stat.S_ISREG((path / STATE_FILE).stat().st_mode):
+            raise ValueError("not a regular file")
         if (path / STATE_FILE).stat().st_size > MAX_STATE_BYTES:
             raise ValueError(f"{(path / STATE_FILE).stat().st_size} bytes, more than a state file ever holds")
         data = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
@@ -109,6 +112,9 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """
     path = Path(path)
     try:
+        for name in ("adapter_state.safetensors", "optimizer.pt", "lr_scheduler.pt"):
+            if not stat.S_ISREG(os.stat(path / name).st_mode):  # a link to /dev/zero or a FIFO would be read forever
+                return f"{name} is not a regular file"
         read_state(path)
         for name, tensor in load_file(path / "adapter_state.safetensors").items():
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
