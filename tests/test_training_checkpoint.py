@@ -355,6 +355,25 @@ def test_total_limit_prunes_only_checkpoints_of_this_run(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-3", "checkpoint-4"]
 
 
+def test_total_limit_never_deletes_through_a_link(tmp_path):
+    """A recorded checkpoint-1 later replaced by a link to the user's folder: pruning it leaves the folder whole."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("keep")
+    model, named, opt, sched = _setup()
+    save_checkpoint(precious / "x", _state(1), named, opt, sched)
+    (precious / "x" / "checkpoint-1" / ckpt.STATE_FILE).rename(precious / ckpt.STATE_FILE)  # looks like a checkpoint
+    out = tmp_path / "out"
+    files = RunFiles(out)
+    files.claim("checkpoint-1")
+    (out / "checkpoint-1").symlink_to(precious)
+    for step in (2, 3):
+        files.claim(f"checkpoint-{step}")
+        save_checkpoint(out, _state(step), named, opt, sched, total_limit=1, owned=lambda c: files.owns(c.name))
+    assert (precious / "keep.txt").read_text() == "keep" and (precious / ckpt.STATE_FILE).is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-3", MANIFEST_FILE]
+
+
 # ---------------------------------------------------------------- damaged checkpoints and logs
 def _damage(path, how):
     if how == "truncated tensors":
