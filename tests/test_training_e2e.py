@@ -348,6 +348,35 @@ def test_sigterm_saves_a_checkpoint_and_the_resume_is_bit_identical(work, dora_r
         assert torch.equal(straight[key], resumed[key]), key
 
 
+def test_sigterm_during_validation_stops_at_that_step(work, monkeypatch):
+    """A signal while validation images render (which takes long on a GPU) saves the step just validated and stops,
+    instead of training one more step inside the scheduler's grace period."""
+    from dora_diffusion.training import TrainingInterrupted
+
+    real = training_loop.render
+
+    def render_then_sigterm(*args, **kwargs):
+        images = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return images
+
+    def guard(signum, frame):
+        raise AssertionError("SIGTERM reached the test's own handler: training installed none")
+
+    previous = signal.signal(signal.SIGTERM, guard)
+    try:
+        monkeypatch.setattr(training_loop, "render", render_then_sigterm)
+        flags = [*VALIDATION, "--validation_steps", "1", "--gradient_accumulation_steps", "1", "--checkpointing_steps", "0",
+                 "--no_gradient_checkpointing"]  # fmt: skip
+        with pytest.raises(TrainingInterrupted, match=r"stopped by SIGTERM after step 1 of 3; saved .*checkpoint-1\."):
+            run(argv(work, "sigval", *flags, steps=3))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    out = work / "sigval"
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"] and (out / "validation" / "step-1").is_dir()
+    assert [r["step"] for r in read_step_log(out)] == [1]
+
+
 def test_another_runs_checkpoint_with_other_settings_or_data_is_refused(work, dora_run, monkeypatch):
     """--resume_from_checkpoint <another folder's checkpoint>: other adapter settings or other images are refused
     before any model loads, naming what differs (was: a shape error, or silently accepted); --allow_dataset_change

@@ -478,6 +478,27 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path, held: contex
     progress = tqdm(total=max_steps, initial=start_step, desc="steps", disable=not main_process, dynamic_ncols=True)
     micro = start_micro
     ti_frozen = new_tokens is None
+    def stop_requested(request) -> bool:
+        """True if a process got SIGTERM/SIGINT: every process stops at the same step, whichever got the signal."""
+        stop = request.signum is not None
+        if accelerator.num_processes > 1:
+            stop = bool(accelerator.reduce(torch.tensor(float(stop), device=device), reduction="sum") > 0)
+        return stop
+
+    def save(global_step: int, micro: int) -> None:
+        """Write checkpoint-<global_step> (main process), then wait for every process."""
+        if main_process:
+            state = TrainingState(
+                global_step, micro, accelerator.num_processes, args.train_batch_size, ga, args.seed,
+                adapter_settings(settings), fingerprint,
+            )  # fmt: skip
+            run_files.claim(f"checkpoint-{global_step}")
+            save_checkpoint(
+                output_dir, state, named, optimizer, lr_scheduler, accelerator.scaler, write_weights,
+                args.checkpoints_total_limit, lambda c: run_files.owns(c.name),
+            )  # fmt: skip
+        accelerator.wait_for_everyone()
+
     with stop_on_signals() as stop_request:  # SIGTERM/SIGINT: finish the step, save a checkpoint, stop
         for step in range(start_step, max_steps):
             loss_sum = torch.zeros((), device=device)
@@ -520,22 +541,16 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path, held: contex
             if step_log is not None:
                 step_log.write(global_step, value, lr)
 
-            stop = stop_request.signum is not None
-            if accelerator.num_processes > 1:  # every process stops at the same step, whichever got the signal
-                stop = bool(accelerator.reduce(torch.tensor(float(stop), device=device), reduction="sum") > 0)
-            if stop or (args.checkpointing_steps and global_step % args.checkpointing_steps == 0):
-                if main_process:
-                    state = TrainingState(
-                        global_step, micro, accelerator.num_processes, args.train_batch_size, ga, args.seed,
-                        adapter_settings(settings), fingerprint,
-                    )  # fmt: skip
-                    run_files.claim(f"checkpoint-{global_step}")
-                    save_checkpoint(
-                        output_dir, state, named, optimizer, lr_scheduler, accelerator.scaler, write_weights,
-                        args.checkpoints_total_limit, lambda c: run_files.owns(c.name),
-                    )  # fmt: skip
-                accelerator.wait_for_everyone()
+            stop = stop_requested(stop_request)
+            saved = stop or bool(args.checkpointing_steps and global_step % args.checkpointing_steps == 0)
+            if saved:
+                save(global_step, micro)
+            if not stop and args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
+                validate(global_step)
+                stop = stop_requested(stop_request)  # a signal during validation stops here, not a step later
             if stop:
+                if not saved:
+                    save(global_step, micro)
                 progress.close()
                 accelerator.end_training()
                 name = signal.Signals(stop_request.signum).name if stop_request.signum else "a signal on another process"
@@ -544,8 +559,6 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path, held: contex
                     "Continue with the same command and --resume_from_checkpoint latest",
                     stop_request.signum or signal.SIGTERM,
                 )
-            if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
-                validate(global_step)
     progress.close()
 
     # ---- outputs
