@@ -683,3 +683,22 @@ def test_special_files_in_a_checkpoint_are_damage_not_a_hang(tmp_path):
         target.unlink()
         target.symlink_to("/dev/zero")
         assert ckpt.checkpoint_problem(target.parent) == f"{name} is not a regular file"
+
+
+def test_the_run_lock_excludes_a_second_holder_and_never_follows_a_link(tmp_path):
+    """run_lock: a second holder of the same folder gets OutputDirError; a .dora-run.lock that is a link (to a file
+    that does not exist yet) is refused, not followed to create a file outside the folder."""
+    from dora_diffusion.training.rundir import LOCK_FILE, run_lock
+
+    with run_lock(tmp_path / "out"):
+        with pytest.raises(OutputDirError, match="is being written by another training run right now"):
+            with run_lock(tmp_path / "out"):
+                pass
+    with run_lock(tmp_path / "out"):  # released when the block ends
+        pass
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / LOCK_FILE).symlink_to(tmp_path / "elsewhere.txt")
+    with pytest.raises(OutputDirError, match=r"\.dora-run\.lock cannot be opened as this run's lock"):
+        with run_lock(tmp_path / "linked"):
+            pass
+    assert not (tmp_path / "elsewhere.txt").exists()

@@ -140,7 +140,13 @@ def run_lock(output_dir: Path) -> Iterator[None]:
         yield
         return
     output_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # never through a link: O_CREAT would make a file wherever the link points
+        fd = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as err:
+        raise OutputDirError(
+            f"{output_dir / LOCK_FILE} cannot be opened as this run's lock ({err.strerror}); it is not a plain file "
+            "of ours: remove it, or choose another --output_dir"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
