@@ -517,31 +517,47 @@ def test_resuming_with_other_adapter_settings_names_them(tmp_path, changes, name
 
 
 def test_dataset_fingerprint_names_what_changed_and_is_bounded():
+    """Names, sizes and captions exactly; pixels through 4 x 4 thumbnails with a tolerance, so the same images decoded
+    at another --resolution are the same data, and a replaced image is not."""
+    import numpy as np
     from PIL import Image
 
     from dora_diffusion.training.data import Record
     from dora_diffusion.training.fingerprint import MAX_ENTRIES, dataset_fingerprint, fingerprint_difference
 
-    def records(n, caption="a TOK", shade=0):
-        return [Record(Image.new("RGB", (32, 32), (i * 20 + shade, 0, 0)), f"{caption} {i}", f"{i:04d}.png") for i in range(n)]
+    rng = np.random.default_rng(0)
+    def photo():  # smooth colour fields, like photos at this scale (noise would average to grey)
+        return Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)).resize((96, 128), Image.Resampling.BICUBIC)
 
-    base = dataset_fingerprint(records(3))
+    photos = [photo() for _ in range(3)]
+
+    def records(n=3, caption="a TOK", side=None, images=photos):
+        out = []
+        for i in range(n):
+            image = images[i % len(images)]
+            shrunk = image.resize((side, side * 4 // 3), Image.Resampling.LANCZOS) if side else image
+            out.append(Record(shrunk, f"{caption} {i}", f"{i:04d}.png", image.size))
+        return out
+
+    base = dataset_fingerprint(records())
     assert base["images"] == 3 and len(base["entries"]) == 3 and len(base["digest"]) == 64
-    assert dataset_fingerprint(list(reversed(records(3)))) == base  # order does not matter
-    assert fingerprint_difference(base, dataset_fingerprint(records(3))) is None
+    assert dataset_fingerprint(list(reversed(records()))) == base  # order does not matter
+    assert fingerprint_difference(base, dataset_fingerprint(records(side=64))) is None  # decoded for --resolution 64
+    assert fingerprint_difference(base, dataset_fingerprint(records(side=48))) is None
     assert fingerprint_difference(base, dataset_fingerprint(records(4))) == "3 images -> 4 images; added '0003.png'"
-    assert fingerprint_difference(base, dataset_fingerprint(records(3, "a cat"))) == (
-        "changed (pixels, size or caption) '0000.png', '0001.png', '0002.png'"
+    assert fingerprint_difference(base, dataset_fingerprint(records(caption="a cat"))) == (
+        "caption or size changed '0000.png', '0001.png', '0002.png'"
     )
-    recolored = records(3)
-    recolored[1] = Record(Image.new("RGB", (32, 32), (21, 0, 0)), "a TOK 1", "0001.png")  # one level of red
-    assert fingerprint_difference(base, dataset_fingerprint(recolored)) == "changed (pixels, size or caption) '0001.png'"
-    renamed = records(3)
+    replaced = records()
+    replaced[1].image = photo()  # another picture, same name, size and caption
+    assert fingerprint_difference(base, dataset_fingerprint(replaced)) == "pixels changed '0001.png'"
+    renamed = records()
     renamed[2].name = "other.png"
     assert fingerprint_difference(base, dataset_fingerprint(renamed)) == "added 'other.png'; removed '0002.png'"
     big = dataset_fingerprint([Record(Image.new("RGB", (8, 8)), "c", f"{i}.png") for i in range(MAX_ENTRIES + 1)])
     assert "entries" not in big and len(json.dumps(big)) < 200  # the digest alone beyond 1000 images
     assert fingerprint_difference(big, base) == f"{MAX_ENTRIES + 1} images -> 3 images"
+    assert len(json.dumps(dataset_fingerprint([Record(Image.new("RGB", (8, 8)), "c" * 50, f"{i:08d}.png") for i in range(MAX_ENTRIES)]))) < 110_000
     tampered = {**base, "entries": [["a"], 5], "digest": "x"}  # a hand-edited checkpoint: no traceback
     assert fingerprint_difference(tampered, base) == "the images or captions differ"
 
@@ -550,16 +566,17 @@ def test_resuming_on_other_data_is_refused_unless_allowed(tmp_path):
     from dora_diffusion.training.rundir import check_resume
 
     model, named_params, opt, sched = _setup()
-    recorded = {"images": 3, "digest": "a" * 64, "entries": [["0000.png", "1"], ["0001.png", "2"], ["0002.png", "3"]]}
+    thumb = "A" * 64  # 48 zero bytes, base64
+    recorded = {"images": 3, "digest": "a" * 64, "entries": [["0000.png", "1", thumb], ["0001.png", "2", thumb], ["0002.png", "3", thumb]]}
     state = TrainingState(2, 4, 1, 1, 2, 0, None, recorded)
     path = save_checkpoint(tmp_path, state, named_params, opt, sched)
     assert ckpt.read_state(path).dataset == recorded
-    now = {"images": 2, "digest": "b" * 64, "entries": [["0000.png", "1"], ["0001.png", "9"]]}
+    now = {"images": 2, "digest": "b" * 64, "entries": [["0000.png", "1", thumb], ["0001.png", "9", thumb]]}
     with pytest.raises(ckpt.CheckpointError) as err:
         check_resume(path, ckpt.read_state(path), {**SETTINGS, "dataset": "/data/other"}, now, False)
     assert str(err.value) == (
         f"--resume_from_checkpoint {path}: it was trained on other data than --dataset /data/other holds (3 images -> 2 "
-        "images; removed '0002.png'; changed (pixels, size or caption) '0001.png'). Resume with the dataset it was trained "
+        "images; removed '0002.png'; caption or size changed '0001.png'). Resume with the dataset it was trained "
         "on, or pass --allow_dataset_change to continue on this one (fixed captions, added images: the data order then "
         "differs from an uninterrupted run)"
     )

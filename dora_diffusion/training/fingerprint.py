@@ -1,12 +1,17 @@
 """What a dataset was, recorded in each checkpoint so that a resume on other images or captions is caught.
 
-A fingerprint is ``{"images": n, "digest": sha256, "entries": [[name, hash], ...]}``: one 16-hex-digit hash per
-image of its original size, its caption and an 8 x 8 thumbnail of its pixels, sorted by name. ``entries`` is kept
-for up to ``MAX_ENTRIES`` images (so a difference can be named), the digest always: at most ~40 kB per checkpoint.
+A fingerprint is ``{"images": n, "digest": sha256, "entries": [[name, hash, thumbnail], ...]}``, sorted by name.
+``hash`` (16 hex digits) covers the image's original size and its caption, and ``digest`` all names and hashes:
+both are exact. ``thumbnail`` is the image averaged to 4 x 4 RGB (base64, 48 bytes), compared with a tolerance of
+``PIXEL_TOLERANCE`` levels, because the pixels training sees depend on ``--resolution`` (images are shrunk as they
+are decoded), which may change on resume. ``entries`` is kept for up to ``MAX_ENTRIES`` images (so a difference can
+be named), the digest always: about 100 bytes plus the name per image, at most ~350 kB. Beyond ``MAX_ENTRIES`` images, changed pixels of an
+image that kept its name, size and caption go unnoticed.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 
 from PIL import Image
@@ -14,31 +19,44 @@ from PIL import Image
 from .data import Record
 
 MAX_ENTRIES = 1000
+PIXEL_TOLERANCE = 12
+"""Largest difference (of 255) between two thumbnails' cells that still counts as the same image."""
 
 
-def _entry_hash(record: Record) -> str:
-    thumb = record.image.convert("RGB").resize((8, 8), Image.BOX).tobytes()  # (8, 8, 3) uint8
+def _entry(record: Record) -> list[str]:
     w, h = record.size
-    return hashlib.sha256(f"{w}x{h}\0{record.caption}\0".encode("utf-8", "surrogatepass") + thumb).hexdigest()[:16]
+    meta = hashlib.sha256(f"{w}x{h}\0{record.caption}".encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    thumb = record.image.convert("RGB").resize((4, 4), Image.BOX).tobytes()  # (4, 4, 3) uint8
+    return [record.name, meta, base64.b64encode(thumb).decode("ascii")]
 
 
 def dataset_fingerprint(records: list[Record]) -> dict:
     """The fingerprint of the training images and captions (order-independent)."""
-    entries = sorted([r.name, _entry_hash(r)] for r in records)
-    digest = hashlib.sha256("\n".join(f"{n}\0{h}" for n, h in entries).encode("utf-8", "surrogatepass")).hexdigest()
+    entries = sorted(_entry(r) for r in records)
+    digest = hashlib.sha256("\n".join(f"{n}\0{h}" for n, h, _ in entries).encode("utf-8", "surrogatepass")).hexdigest()
     out = {"images": len(entries), "digest": digest}
     if len(entries) <= MAX_ENTRIES:
         out["entries"] = entries
     return out
 
 
-def _pairs(entries: object) -> dict[str, str] | None:
-    """``entries`` as ``{name: hash}``; None if it is not a list of [name, hash] strings (absent, or tampered with)."""
-    if not isinstance(entries, list) or not all(
-        isinstance(e, list) and len(e) == 2 and all(isinstance(x, str) for x in e) for e in entries
-    ):
+def _entries(value: object) -> dict[str, tuple[str, bytes]] | None:
+    """``entries`` as ``{name: (hash, thumbnail bytes)}``; None if absent or malformed (a hand-edited checkpoint)."""
+    if not isinstance(value, list):
         return None
-    return dict(map(tuple, entries))
+    out = {}
+    for e in value:
+        if not (isinstance(e, list) and len(e) == 3 and all(isinstance(x, str) for x in e)):
+            return None
+        try:
+            out[e[0]] = (e[1], base64.b64decode(e[2], validate=True))
+        except ValueError:
+            return None
+    return out
+
+
+def _same_pixels(a: bytes, b: bytes) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= PIXEL_TOLERANCE for x, y in zip(a, b))
 
 
 def _names(names: list[str], limit: int = 5) -> str:
@@ -47,16 +65,21 @@ def _names(names: list[str], limit: int = 5) -> str:
 
 
 def fingerprint_difference(old: dict, new: dict) -> str | None:
-    """What differs between two fingerprints, in words (image count, names added/removed, images or captions
-    changed); None if they are the same."""
-    if old.get("digest") == new.get("digest"):
+    """What differs between two fingerprints, in words (image count, names added or removed, captions or sizes
+    changed, pixels changed); None if they are the same."""
+    a, b = _entries(old.get("entries")), _entries(new.get("entries"))
+    if old.get("digest") == new.get("digest") and (a is None or b is None):
         return None
     parts = [f"{old.get('images')} images -> {new.get('images')} images"] if old.get("images") != new.get("images") else []
-    a, b = _pairs(old.get("entries")), _pairs(new.get("entries"))
     if a is not None and b is not None:
+        common = sorted(set(a) & set(b))
         added, removed = sorted(set(b) - set(a)), sorted(set(a) - set(b))
-        changed = sorted(n for n in set(a) & set(b) if a[n] != b[n])
+        captions = [n for n in common if a[n][0] != b[n][0]]
+        pixels = [n for n in common if a[n][0] == b[n][0] and not _same_pixels(a[n][1], b[n][1])]
         parts += [f"added {_names(added)}"] if added else []
         parts += [f"removed {_names(removed)}"] if removed else []
-        parts += [f"changed (pixels, size or caption) {_names(changed)}"] if changed else []
+        parts += [f"caption or size changed {_names(captions)}"] if captions else []
+        parts += [f"pixels changed {_names(pixels)}"] if pixels else []
+        if not parts:
+            return None
     return "; ".join(parts) or "the images or captions differ"
