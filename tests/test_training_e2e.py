@@ -622,6 +622,34 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(work, monkeypatch):
     assert (out / WEIGHTS).is_file()
 
 
+def test_disk_full_at_the_final_write_names_the_intact_checkpoint(work, monkeypatch):
+    """The final adapter cannot be written (disk full): one TrainingError naming the folder and the last checkpoint;
+    --resume_from_checkpoint latest then writes the outputs from it without training again."""
+    import errno
+
+    out = work / "fullend"
+    real = training_loop.save_adapter
+
+    def full_in_output_dir(models, directory, *args, **kwargs):
+        if Path(directory) == out:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(models, directory, *args, **kwargs)
+
+    monkeypatch.setattr(training_loop, "save_adapter", full_in_output_dir)
+    flags = ["--gradient_accumulation_steps", "1", "--no_gradient_checkpointing"]
+    with pytest.raises(TrainingError) as err:
+        run(argv(work, "fullend", *flags, steps=2))
+    assert str(err.value) == (
+        f"could not write the trained adapter in {out} ([Errno 28] No space left on device). The last checkpoint, "
+        f"{out / 'checkpoint-2'}, is intact: free some space, then continue with --resume_from_checkpoint latest"
+    )
+    monkeypatch.setattr(training_loop, "save_adapter", real)
+    _, stdout = run(argv(work, "fullend", *flags, "--resume_from_checkpoint", "latest", steps=2))
+    assert "checkpoint-2 at step 2" in stdout
+    assert load_file(out / WEIGHTS).keys() == load_file(out / "checkpoint-2" / WEIGHTS).keys()
+    assert all(torch.equal(v, load_file(out / "checkpoint-2" / WEIGHTS)[k]) for k, v in load_file(out / WEIGHTS).items())
+
+
 def test_bad_dataset_fails_before_loading_models(work, monkeypatch):
     def no_models(args):
         raise AssertionError("models were loaded")
