@@ -58,7 +58,7 @@ from .models import (
 from .optim import build_lr_scheduler, build_optimizer, param_groups
 from .pivotal import add_new_tokens, mentions, new_token_rows, replace_abstractions, ti_steps, token_plan
 from .prior import generate_class_images, load_class_records, missing_class_indices
-from .fingerprint import dataset_fingerprint
+from .fingerprint import dataset_fingerprint, fingerprint_difference
 from .rundir import (
     LOCK_FILE,
     SETTINGS_FILE,
@@ -297,7 +297,8 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path, held: contex
                 f"{max_steps}; pass a larger --max_train_steps, or use its pytorch_lora_weights.safetensors as it is"
             )
         check_resume(resume_path, resume_state, settings, fingerprint, args.allow_dataset_change)
-        if args.allow_dataset_change or resume_state.dataset == fingerprint:  # the same data may have moved
+        same_data = resume_state.dataset is not None and fingerprint_difference(resume_state.dataset, fingerprint) is None
+        if args.allow_dataset_change or same_data:  # the same data may have moved to another folder
             keys = tuple(k for k in RUN_KEYS if k != "dataset")
     run_files = check_output_dir(
         output_dir, settings, args.resume_from_checkpoint is not None, args.overwrite_output_dir, _outputs(args, output_dir), keys
