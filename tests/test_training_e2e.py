@@ -408,6 +408,18 @@ def test_another_runs_checkpoint_with_other_settings_or_data_is_refused(work, do
     assert "checkpoint-2 at step 2" in stdout and [r["step"] for r in read_step_log(work / "elsewhere")] == [3]
 
 
+def test_a_moved_dataset_is_the_same_data(work):
+    """The images moved to another folder (same files): resuming in the same output folder goes ahead, since the
+    checkpoint's fingerprint matches; only the path differs."""
+    import shutil
+
+    flags = ["--gradient_accumulation_steps", "1", "--no_gradient_checkpointing"]
+    run(argv(work, "moved", *flags, steps=2))
+    shutil.copytree(work / "data", work / "data_moved")
+    _, stdout = run(argv(work, "moved", *flags, "--dataset", str(work / "data_moved"), "--resume_from_checkpoint", "latest", steps=3))
+    assert "checkpoint-2 at step 2" in stdout and [r["step"] for r in read_step_log(work / "moved")] == [1, 2, 3]
+
+
 def test_latest_without_a_checkpoint_does_not_train_over_a_finished_run(work):
     """A finished run without checkpoints: a second run there is refused naming --resolution, and
     --resume_from_checkpoint latest stops with an error instead of starting a new run over its weights."""
