@@ -700,6 +700,8 @@ def test_special_files_in_a_checkpoint_are_damage_not_a_hang(tmp_path):
         target.unlink()
         target.symlink_to("/dev/zero")
         assert ckpt.checkpoint_problem(target.parent) == f"{name} is not a regular file"
+    os.mkfifo(tmp_path / "optimizer.pt" / "checkpoint-1" / "grad_scaler.pt")  # fp16 runs' scaler state
+    assert ckpt.checkpoint_problem(tmp_path / "optimizer.pt" / "checkpoint-1") == "grad_scaler.pt is not a regular file"
 
 
 def test_the_run_lock_excludes_a_second_holder_and_never_follows_a_link(tmp_path):

@@ -112,7 +112,8 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """
     path = Path(path)
     try:
-        for name in ("adapter_state.safetensors", "optimizer.pt", "lr_scheduler.pt"):
+        optional = [n for n in ("grad_scaler.pt",) if os.path.lexists(path / n)]
+        for name in ("adapter_state.safetensors", "optimizer.pt", "lr_scheduler.pt", *optional):
             if not stat.S_ISREG(os.stat(path / name).st_mode):  # a link to /dev/zero or a FIFO would be read forever
                 return f"{name} is not a regular file"
         read_state(path)
