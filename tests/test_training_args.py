@@ -76,8 +76,8 @@ def test_mixed_precision_default(monkeypatch, tmp_path):
     ("argv", "message"),
     [
         (["--resolution", "1001"], "--resolution 1001 is not a positive multiple of 8"),
-        (["--resolution", "0"], "--resolution 0 is not a positive multiple of 8"),
-        (["--rank", "0"], "--rank must be at least 1"),
+        (["--resolution", "0"], "argument --resolution: must be an integer from 8 to 16384, got '0'"),
+        (["--rank", "0"], "argument --rank: must be an integer from 1 to 4096, got '0'"),
         (["--dropout", "1.0"], "--dropout must be in [0, 1)"),
         (["--with_prior_preservation"], "--with_prior_preservation needs --class_prompt and --class_data_dir"),
         (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "contradict each other"),
@@ -94,6 +94,35 @@ def test_bad_flags_name_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--dataset", "x", *argv])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seed", "9" * 5000], "argument --seed: must be an integer from 0 to 4294967295, got '999999999999'... (5000 characters)"),
+        (["--seed", "4294967296"], "argument --seed: must be an integer from 0 to 4294967295, got '4294967296'"),
+        (["--seed", "-1"], "argument --seed: must be an integer from 0 to 4294967295, got '-1'"),
+        (["--max_train_steps", "-3"], "argument --max_train_steps: must be an integer from 1 to 100000000, got '-3'"),
+        (["--max_train_steps", "1" + "0" * 30], "argument --max_train_steps: must be an integer from 1 to 100000000, got '1" + "0" * 30 + "'"),
+        (["--checkpointing_steps", "-1"], "argument --checkpointing_steps: must be an integer from 0 to 100000000, got '-1'"),
+        (["--lr_warmup_steps", "-5"], "argument --lr_warmup_steps: must be an integer from 0 to 100000000, got '-5'"),
+        (["--rank", "100000000000"], "argument --rank: must be an integer from 1 to 4096, got '100000000000'"),
+        (["--rank_pattern", '{"to_k": 100000}'], "argument --rank_pattern: 'to_k': rank 100000 is not a whole number from 1 to 4096"),
+        (["--train_batch_size", "1e3"], "argument --train_batch_size: must be an integer from 1 to 4096, got '1e3'"),
+        (["--num_validation_images", "10000000"], "argument --num_validation_images: must be an integer from 1 to 1024"),
+        (["--adam_beta1", "1.5"], "--adam_beta1 must be in [0.0, 1.0), got 1.5"),
+        (["--max_grad_norm", "-1"], "--max_grad_norm must be in [0.0, inf), got -1.0"),
+        (["--snr_gamma", "0"], "--snr_gamma must be positive (5.0 is usual), got 0.0"),
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number, got nan"),
+    ],
+)
+def test_absurd_numbers_are_refused_naming_the_flag_and_range(argv, message, capsys):
+    """Each value fails at parse time (before anything loads), with one short line naming the flag and the range;
+    a 5000-digit seed is not echoed back (and does not reach torch's generator after training)."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--dataset", "x", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.splitlines()[-1]) < 200
 
 
 def test_dataset_is_required(capsys):
@@ -151,7 +180,7 @@ def test_diffusers_flag_names():
     [
         (["--use_dora", "--adapter", "lora"], "--use_dora and --adapter lora contradict each other"),
         (["--use_8bit_adam", "--optimizer", "prodigy"], "--use_8bit_adam and --optimizer prodigy contradict"),
-        (["--validation_epochs", "0"], "--validation_epochs must be at least 1"),
+        (["--validation_epochs", "0"], "argument --validation_epochs: must be an integer from 1 to 100000000, got '0'"),
     ],
 )
 def test_diffusers_flag_conflicts(argv, message, capsys):

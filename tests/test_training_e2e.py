@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ from diffusers import DDPMScheduler
 from dora_diffusion.inject import adapted_layers
 from dora_diffusion.layers import AdaptedLayer
 from dora_diffusion.testing import build_tiny_sdxl_pipeline, make_toy_imagefolder, save_tiny_sdxl_pipeline
-from dora_diffusion.training import DatasetError, OutputDirError, TrainingError, list_checkpoints, main
+from dora_diffusion.training import CheckpointError, DatasetError, OutputDirError, TrainingError, list_checkpoints, main
 from dora_diffusion.training import loop as training_loop
 from dora_diffusion.training.models import ADAPTER_NAME, Components, add_training_adapters, named_trainable
 from dora_diffusion.training.optim import param_groups
@@ -93,7 +94,7 @@ def _kohya_available() -> bool:
 
 @pytest.fixture(scope="module")
 def dora_run(work):
-    kohya = ["--export_kohya"] if _kohya_available() else []
+    kohya = ["--export_kohya", "--export_comfyui"] if _kohya_available() else []
     return run(argv(work, "dora", *VALIDATION, *kohya))
 
 
@@ -298,6 +299,27 @@ def test_kohya_export(dora_run, base_images):
     assert max_diff(render_with(out, "dora_kohya.safetensors"), render_with(out)) < 1e-4
 
 
+def test_comfyui_export(dora_run, base_images):
+    """--export_comfyui writes <name>_comfyui.safetensors beside the kohya file: kohya names, dora_scale for ComfyUI's
+    rule (so not the kohya file's m); it is in run_files.json and the model card, and loaded back on the same base it
+    renders as the diffusers file."""
+    pytest.importorskip("dora_diffusion.formats.comfyui")
+    out, _ = dora_run
+    comfy, kohya = load_file(out / "dora_comfyui.safetensors"), load_file(out / "dora_kohya.safetensors")
+    assert comfy.keys() == kohya.keys()
+    with safe_open(str(out / "dora_comfyui.safetensors"), "pt") as f:
+        assert f.metadata()["dora_diffusion.dora_scale"] == "comfyui"
+    scales = [k for k in comfy if k.endswith(".dora_scale")]
+    assert scales and all(torch.equal(comfy[k], kohya[k]) for k in comfy if k not in scales)
+    assert max((comfy[k] - kohya[k]).abs().max().item() for k in scales) > 1e-6  # d = m (|W0| + eps) / |W0 + sBA|
+    manifest = json.loads((out / "run_files.json").read_text())["files"]
+    assert {"dora_comfyui.safetensors", "dora_kohya.safetensors"} <= set(manifest)
+    card = (out / "README.md").read_text()
+    assert "- `dora_comfyui.safetensors`: for ComfyUI and Forge" in card and "- `dora_kohya.safetensors`: kohya" in card
+    diff = max_diff(render_with(out, "dora_comfyui.safetensors"), render_with(out))
+    assert diff < 1e-5, diff
+
+
 def test_resume_gives_identical_tensors(work, dora_run):
     """4 steps straight == 2 steps, then --resume_from_checkpoint latest for 2 more."""
     run(argv(work, "resumed", steps=2))
@@ -311,12 +333,141 @@ def test_resume_gives_identical_tensors(work, dora_run):
     assert [r["step"] for r in read_step_log(work / "resumed")] == [1, 2, 3, 4]
 
 
+def test_sigterm_saves_a_checkpoint_and_the_resume_is_bit_identical(work, dora_run, monkeypatch):
+    """SIGTERM in the middle of step 3 (checkpoints every 2): the step finishes, checkpoint-3 is saved, the run stops
+    with TrainingInterrupted and puts back the handler it found; resuming gives the uninterrupted 4-step run's weights
+    bit for bit (was: steps after checkpoint-2 lost)."""
+    from dora_diffusion.training import TrainingInterrupted
+
+    real = training_loop.denoising_loss
+    calls = {"n": 0}
+
+    def sigterm_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the first micro-batch of step 3 (2 per step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    def guard(signum, frame):
+        raise AssertionError("SIGTERM reached the test's own handler: training installed none")
+
+    previous = signal.signal(signal.SIGTERM, guard)  # without training's handler, SIGTERM must not end pytest
+    try:
+        monkeypatch.setattr(training_loop, "denoising_loss", sigterm_in_step_3)
+        with pytest.raises(TrainingInterrupted) as err:
+            run(argv(work, "sigterm"))
+        assert signal.getsignal(signal.SIGTERM) is guard
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    out = work / "sigterm"
+    assert str(err.value) == (
+        f"stopped by SIGTERM after step 3 of 4; saved {out / 'checkpoint-3'}. Continue with the same command and "
+        "--resume_from_checkpoint latest"
+    )
+    assert err.value.signum == signal.SIGTERM and calls["n"] == 6  # step 3 finished, step 4 never started
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+    assert not (out / WEIGHTS).exists() and [r["step"] for r in read_step_log(out)] == [1, 2, 3]
+    monkeypatch.setattr(training_loop, "denoising_loss", real)
+    _, stdout = run(argv(work, "sigterm", "--resume_from_checkpoint", "latest"))
+    assert "checkpoint-3 at step 3" in stdout
+    straight, resumed = load_file(dora_run[0] / WEIGHTS), load_file(out / WEIGHTS)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_sigterm_during_validation_stops_at_that_step(work, monkeypatch):
+    """A signal while validation images render (which takes long on a GPU) saves the step just validated and stops,
+    instead of training one more step inside the scheduler's grace period."""
+    from dora_diffusion.training import TrainingInterrupted
+
+    real = training_loop.render
+
+    def render_then_sigterm(*args, **kwargs):
+        images = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return images
+
+    def guard(signum, frame):
+        raise AssertionError("SIGTERM reached the test's own handler: training installed none")
+
+    previous = signal.signal(signal.SIGTERM, guard)
+    try:
+        monkeypatch.setattr(training_loop, "render", render_then_sigterm)
+        flags = [*VALIDATION, "--validation_steps", "1", "--gradient_accumulation_steps", "1", "--checkpointing_steps", "0",
+                 "--no_gradient_checkpointing"]  # fmt: skip
+        with pytest.raises(TrainingInterrupted, match=r"stopped by SIGTERM after step 1 of 3; saved .*checkpoint-1\."):
+            run(argv(work, "sigval", *flags, steps=3))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    out = work / "sigval"
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"] and (out / "validation" / "step-1").is_dir()
+    assert [r["step"] for r in read_step_log(out)] == [1]
+
+
+def test_another_runs_checkpoint_with_other_settings_or_data_is_refused(work, dora_run, monkeypatch):
+    """--resume_from_checkpoint <another folder's checkpoint>: other adapter settings or other images are refused
+    before any model loads, naming what differs (was: a shape error, or silently accepted); --allow_dataset_change
+    continues on the new images."""
+    checkpoint = str(dora_run[0] / "checkpoint-2")
+    other = make_toy_imagefolder(work / "data4", n=4)
+    real = training_loop.load_components
+
+    def no_models(args, dtype=None):
+        raise AssertionError("models were loaded")
+
+    monkeypatch.setattr(training_loop, "load_components", no_models)
+    with pytest.raises(CheckpointError) as err:
+        main(argv(work, "elsewhere", "--resume_from_checkpoint", checkpoint, "--rank", "8"))
+    assert str(err.value).startswith(
+        f"--resume_from_checkpoint {checkpoint}: it was trained with other adapter settings (rank: 4 -> 8, alpha: 4.0 -> 8.0)"
+    )
+    with pytest.raises(CheckpointError, match=r"trained with other adapter settings \(adapter: 'dora' -> 'lora'\)"):
+        main(argv(work, "elsewhere", "--resume_from_checkpoint", checkpoint, "--adapter", "lora"))
+    with pytest.raises(CheckpointError) as err:
+        main(argv(work, "elsewhere", "--resume_from_checkpoint", checkpoint, "--dataset", str(other)))
+    assert f"it was trained on other data than --dataset {other} holds (3 images -> 4 images; added '0003.png')" in str(err.value)
+    with pytest.raises(CheckpointError, match=r"checkpoint-4: it is at step 4, past --max_train_steps 3; pass a larger"):
+        main(argv(work, "elsewhere", "--resume_from_checkpoint", str(dora_run[0] / "checkpoint-4"), steps=3))
+    assert not (work / "elsewhere").exists()
+    monkeypatch.setattr(training_loop, "load_components", real)
+    flags = ["--dataset", str(other), "--allow_dataset_change", "--no_gradient_checkpointing"]
+    _, stdout = run(argv(work, "elsewhere", "--resume_from_checkpoint", checkpoint, *flags, steps=3))
+    assert "checkpoint-2 at step 2" in stdout and [r["step"] for r in read_step_log(work / "elsewhere")] == [3]
+
+
+def test_a_moved_dataset_is_the_same_data(work):
+    """The images moved to another folder (same files): resuming in the same output folder goes ahead, since the
+    checkpoint's fingerprint matches; only the path differs."""
+    import shutil
+
+    flags = ["--gradient_accumulation_steps", "1", "--no_gradient_checkpointing"]
+    run(argv(work, "moved", *flags, steps=2))
+    shutil.copytree(work / "data", work / "data_moved")
+    _, stdout = run(argv(work, "moved", *flags, "--dataset", str(work / "data_moved"), "--resume_from_checkpoint", "latest", steps=3))
+    assert "checkpoint-2 at step 2" in stdout and [r["step"] for r in read_step_log(work / "moved")] == [1, 2, 3]
+
+
+def test_latest_without_a_checkpoint_does_not_train_over_a_finished_run(work):
+    """A finished run without checkpoints: a second run there is refused naming --resolution, and
+    --resume_from_checkpoint latest stops with an error instead of starting a new run over its weights."""
+    flags = ["--checkpointing_steps", "0", "--gradient_accumulation_steps", "1"]
+    out, _ = run(argv(work, "nockpt", *flags, steps=1))
+    before = (out / WEIGHTS).read_bytes()
+    with pytest.raises(OutputDirError) as err:
+        main(argv(work, "nockpt", *flags, "--resolution", "128", steps=1))
+    assert "already holds an earlier run (its settings differ: resolution: 64 -> 128). It has no checkpoint to continue from" in str(err.value)
+    with pytest.raises(CheckpointError, match=r"holds an earlier run \(pytorch_lora_weights.safetensors\) but no intact checkpoint"):
+        main(argv(work, "nockpt", *flags, "--resume_from_checkpoint", "latest", steps=1))
+    assert (out / WEIGHTS).read_bytes() == before
+
+
 def test_output_dir_of_another_run_is_refused(work, dora_run):
     with pytest.raises(OutputDirError, match="already holds an earlier run"):
         main(argv(work, "dora"))
     with pytest.raises(OutputDirError, match=r"different settings \(rank: 4 -> 8, alpha: 4.0 -> 8.0\)"):
         main(argv(work, "dora") + ["--rank", "8"])
-    with pytest.raises(OutputDirError, match=r"cannot resume .*adapter: 'dora' -> 'lora'"):
+    with pytest.raises(CheckpointError, match=r"checkpoint-4: it was trained with other adapter settings \(adapter: 'dora' -> 'lora'\)"):
         main(argv(work, "dora") + ["--adapter", "lora", "--resume_from_checkpoint", "latest"])
 
 
@@ -515,13 +666,41 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(work, monkeypatch):
     out = work / "nan"
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
     assert not (out / WEIGHTS).exists()
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".dora-run.lock"]  # no temporaries
     rows = read_step_log(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and math.isnan(rows[-1]["loss"])
     # the intact checkpoint resumes (the NaN came from the patched loss, now gone)
     monkeypatch.setattr(training_loop, "denoising_loss", real)
     run(argv(work, "nan", *flags, "--resume_from_checkpoint", "latest", steps=3))
     assert (out / WEIGHTS).is_file()
+
+
+def test_disk_full_at_the_final_write_names_the_intact_checkpoint(work, monkeypatch):
+    """The final adapter cannot be written (disk full): one TrainingError naming the folder and the last checkpoint;
+    --resume_from_checkpoint latest then writes the outputs from it without training again."""
+    import errno
+
+    out = work / "fullend"
+    real = training_loop.save_adapter
+
+    def full_in_output_dir(models, directory, *args, **kwargs):
+        if Path(directory) == out:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(models, directory, *args, **kwargs)
+
+    monkeypatch.setattr(training_loop, "save_adapter", full_in_output_dir)
+    flags = ["--gradient_accumulation_steps", "1", "--no_gradient_checkpointing"]
+    with pytest.raises(TrainingError) as err:
+        run(argv(work, "fullend", *flags, steps=2))
+    assert str(err.value) == (
+        f"could not write the trained adapter in {out} ([Errno 28] No space left on device). The last checkpoint, "
+        f"{out / 'checkpoint-2'}, is intact: free some space, then continue with --resume_from_checkpoint latest"
+    )
+    monkeypatch.setattr(training_loop, "save_adapter", real)
+    _, stdout = run(argv(work, "fullend", *flags, "--resume_from_checkpoint", "latest", steps=2))
+    assert "checkpoint-2 at step 2" in stdout
+    assert load_file(out / WEIGHTS).keys() == load_file(out / "checkpoint-2" / WEIGHTS).keys()
+    assert all(torch.equal(v, load_file(out / "checkpoint-2" / WEIGHTS)[k]) for k, v in load_file(out / WEIGHTS).items())
 
 
 def test_bad_dataset_fails_before_loading_models(work, monkeypatch):
@@ -590,7 +769,7 @@ def test_users_files_survive_new_overwrite_and_resumed_runs(work):
     run(argv(work, "users", *flags, "--overwrite_output_dir", steps=2))
     manifest = json.loads((out / "run_files.json").read_text())["files"]
     assert sorted(manifest) == sorted(["training_args.json", "training_log.jsonl", "checkpoint-1", "checkpoint-2",
-                                       "validation/step-2", WEIGHTS, "model_card.md"])  # fmt: skip
+                                       "validation/step-2", WEIGHTS, "model_card.md", ".dora-run.lock"])  # fmt: skip
     (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"PK\x03\x04 damaged")
     with open(out / "training_log.jsonl", "a") as f:
         f.write('{"step": 3, "lo')
@@ -598,6 +777,20 @@ def test_users_files_survive_new_overwrite_and_resumed_runs(work):
     assert "resumed from" in stdout and "checkpoint-1 at step 1" in stdout
     assert [r["step"] for r in read_step_log(out)] == [1, 2, 3]
     assert {rel: (out / rel).read_text() for rel in mine} == mine
+
+
+def test_a_second_run_into_a_folder_in_use_stops_before_writing(work):
+    """While a run holds --output_dir (its flock on .dora-run.lock), a second run there stops with OutputDirError
+    before writing anything (was: both wrote training_args.json, the log and checkpoint-N over each other)."""
+    from dora_diffusion.training.rundir import run_lock
+
+    out = work / "busy"
+    with run_lock(out):
+        with pytest.raises(OutputDirError, match=r"busy is being written by another training run right now"):
+            main(argv(work, "busy", "--gradient_accumulation_steps", "1", steps=1))
+        assert sorted(p.name for p in out.iterdir()) == [".dora-run.lock"]
+    run(argv(work, "busy", "--gradient_accumulation_steps", "1", steps=1))  # free again: the run goes ahead
+    assert ".dora-run.lock" not in json.loads((out / "run_files.json").read_text())["files"]  # the test's file, not the run's
 
 
 def test_nothing_is_written_when_loading_the_models_fails(work, monkeypatch):

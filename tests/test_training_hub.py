@@ -45,6 +45,18 @@ def test_upload_list_is_the_runs_published_files_only(tmp_path):
     ]  # fmt: skip
 
 
+def test_the_runs_exports_are_published_when_listed(tmp_path):
+    """--export_kohya and --export_comfyui files are sent when the run's manifest lists them (and only then)."""
+    out, manifest = _run_folder(tmp_path)
+    (out / "out_comfyui.safetensors").write_text("c")
+    (out / "other_comfyui.safetensors").write_text("c")
+    manifest.entries += ["out_kohya.safetensors", "out_comfyui.safetensors"]
+    sent = upload_list(out, manifest)
+    assert [p for p in sent if p.endswith("safetensors")] == [
+        "out_comfyui.safetensors", "out_kohya.safetensors", "pytorch_lora_weights.safetensors"
+    ]
+
+
 def test_upload_run_sends_the_list_in_one_commit_without_local_paths(tmp_path, monkeypatch):
     import huggingface_hub
 

@@ -10,7 +10,8 @@ batch order), ``prior`` (class images), ``models`` (SDXL components, adapters), 
 from .args import parse_args
 from .checkpoint import CheckpointError, list_checkpoints
 from .data import DatasetError
-from .loop import TrainingError, main, train
+from .errors import TrainingError, TrainingInterrupted
+from .loop import main, train
 from .rundir import OutputDirError
 
-__all__ = ["CheckpointError", "DatasetError", "OutputDirError", "TrainingError", "list_checkpoints", "main", "parse_args", "train"]
+__all__ = ["CheckpointError", "DatasetError", "OutputDirError", "TrainingError", "TrainingInterrupted", "list_checkpoints", "main", "parse_args", "train"]

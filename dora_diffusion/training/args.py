@@ -24,6 +24,12 @@ OPTIONAL_PACKAGES = {
     "tensorboard": ("tensorboard", "tensorboard"),
 }
 """What an option needs: option value -> (module to import, pip package)."""
+MAX_SEED = 2**32 - 1
+"""Seeds are 32-bit (numpy's range): ``derive_seed`` mixes the low 32 bits, so a larger seed would repeat a smaller one."""
+MAX_STEPS = 10**8
+MAX_RANK = 4096
+"""Twice the widest SDXL layer (a rank above a layer's width adds memory, not capacity)."""
+MAX_SIDE = 16384
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="The words that call the concept (model card, default validation prompt). Default: found in the captions, "
         "a rare token such as TOK in all of them, else the phrase all start with (linoyts/3d_icon: 'a 3dicon').",
     )
-    add("--repeats", type=int, default=1, help="How many times each image appears in one epoch.")
-    add("--resolution", type=int, default=1024, help="Square training resolution in pixels (a multiple of 8).")
+    add("--repeats", type=int_in(1, 10_000), default=1, help="How many times each image appears in one epoch.")
+    add("--resolution", type=int_in(8, MAX_SIDE), default=1024, help="Square training resolution in pixels (a multiple of 8).")
     add("--center_crop", action="store_true", help="Crop the centre after resizing (default: a random crop).")
     add("--random_flip", action="store_true", help="Flip half of the images horizontally.")
     add(
@@ -82,25 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="Aspect-ratio buckets: crop each image to the bucket (about resolution^2 pixels) nearest its shape, "
         "instead of a square.",
     )
-    add("--bucket_step", "--bucket_reso_steps", dest="bucket_step", type=int, default=64, help="Bucket sides are multiples of this.")
-    add("--min_bucket_side", "--min_bucket_reso", dest="min_bucket_side", type=int, default=None, help="Default: resolution / 2.")
-    add("--max_bucket_side", "--max_bucket_reso", dest="max_bucket_side", type=int, default=None, help="Default: 2 x resolution.")
-    add("--dataloader_num_workers", type=int, default=0, help="Worker processes that prepare images.")
+    add("--bucket_step", "--bucket_reso_steps", dest="bucket_step", type=int_in(8, MAX_SIDE), default=64, help="Bucket sides are multiples of this.")
+    add("--min_bucket_side", "--min_bucket_reso", dest="min_bucket_side", type=int_in(8, MAX_SIDE), default=None, help="Default: resolution / 2.")
+    add("--max_bucket_side", "--max_bucket_reso", dest="max_bucket_side", type=int_in(8, MAX_SIDE), default=None, help="Default: 2 x resolution.")
+    add("--dataloader_num_workers", type=int_in(0, 256), default=0, help="Worker processes that prepare images.")
 
     g = p.add_argument_group("prior preservation")
     add = g.add_argument
     add("--with_prior_preservation", action="store_true", help="Add a prior-preservation loss on class images.")
     add("--class_prompt", default=None, help="Prompt of the class images, e.g. 'a 3d icon'.")
     add("--class_data_dir", default=None, help="Folder of class images; missing ones are generated with the base model.")
-    add("--num_class_images", type=int, default=100, help="Number of class images to use (and generate if missing).")
+    add("--num_class_images", type=int_in(1, 1_000_000), default=100, help="Number of class images to use (and generate if missing).")
     add("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
-    add("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
-    add("--prior_generation_steps", type=int, default=30, help="Denoising steps per generated class image.")
+    add("--sample_batch_size", type=int_in(1, 4096), default=4, help="Batch size when generating class images.")
+    add("--prior_generation_steps", type=int_in(1, 10_000), default=30, help="Denoising steps per generated class image.")
 
     g = p.add_argument_group("adapter")
     add = g.add_argument
     add("--adapter", choices=("dora", "lora"), default="dora", help="DoRA (magnitude + direction) or plain LoRA.")
-    add("--rank", type=int, default=8, help="Rank r of the low-rank update.")
+    add("--rank", type=int_in(1, MAX_RANK), default=8, help="Rank r of the low-rank update.")
     add("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha / rank (default alpha = rank).")
     add("--dropout", "--lora_dropout", dest="dropout", type=float, default=0.0, help="Dropout on the input of the low-rank path.")
     add("--rslora", action="store_true", help="Scale by alpha / sqrt(rank) (rank-stabilised LoRA).")
@@ -142,14 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     on_off(g, "prodigy_use_bias_correction", True, "Prodigy: Adam's bias correction.")
     on_off(g, "prodigy_safeguard_warmup", True, "Prodigy: safeguard the step-size estimate during warm-up.")
     add("--lr_scheduler", choices=SCHEDULERS, default="constant", help="Learning-rate schedule.")
-    add("--lr_warmup_steps", type=int, default=0, help="Linear warm-up steps (schedules other than 'constant').")
-    add("--lr_num_cycles", type=int, default=1, help="Restarts of cosine_with_restarts.")
+    add("--lr_warmup_steps", type=int_in(0, MAX_STEPS), default=0, help="Linear warm-up steps (schedules other than 'constant').")
+    add("--lr_num_cycles", type=int_in(1, MAX_STEPS), default=1, help="Restarts of cosine_with_restarts.")
     add("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
     add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
-    add("--train_batch_size", type=int, default=1, help="Images per process per micro-batch.")
-    add("--gradient_accumulation_steps", type=int, default=4, help="Micro-batches per optimizer step.")
-    add("--max_train_steps", type=int, default=None, help="Optimizer steps (default 500, or --num_train_epochs).")
-    add("--num_train_epochs", type=int, default=None, help="Train this many epochs when --max_train_steps is not given.")
+    add("--train_batch_size", type=int_in(1, 4096), default=1, help="Images per process per micro-batch.")
+    add("--gradient_accumulation_steps", type=int_in(1, 65_536), default=4, help="Micro-batches per optimizer step.")
+    add("--max_train_steps", type=int_in(1, MAX_STEPS), default=None, help="Optimizer steps (default 500, or --num_train_epochs).")
+    add("--num_train_epochs", type=int_in(1, MAX_STEPS), default=None, help="Train this many epochs when --max_train_steps is not given.")
     add("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is usual).")
     add(
         "--debiased_estimation_loss",
@@ -167,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: bf16 where supported, else fp16; no on CPU.")
     on_off(g, "gradient_checkpointing", True, "Recompute activations in the backward pass to save memory.")
     add("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere GPUs.")
-    add("--seed", type=int, default=0, help="Seed of everything random (data order, crops, noise, validation).")
+    add("--seed", type=int_in(0, MAX_SEED), default=0, help="Seed of everything random (data order, crops, noise, validation).")
 
     g = p.add_argument_group("validation and logging")
     add = g.add_argument
@@ -177,10 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="Prompt rendered during and after training. Default: '<trigger>, an astronaut riding a horse' "
         "(without a trigger: the first caption); 'none': no validation images.",
     )
-    add("--num_validation_images", type=int, default=4, help="Images per validation (seeds seed, seed+1, ...).")
-    add("--validation_steps", type=int, default=None, help="Validate every N steps (always once at the end).")
-    add("--validation_epochs", type=int, default=None, help="Validate every N epochs (diffusers' flag; --validation_steps wins).")
-    add("--validation_inference_steps", type=int, default=25, help="Denoising steps of validation images.")
+    add("--num_validation_images", type=int_in(1, 1024), default=4, help="Images per validation (seeds seed, seed+1, ...).")
+    add("--validation_steps", type=int_in(1, MAX_STEPS), default=None, help="Validate every N steps (always once at the end).")
+    add("--validation_epochs", type=int_in(1, MAX_STEPS), default=None, help="Validate every N epochs (diffusers' flag; --validation_steps wins).")
+    add("--validation_inference_steps", type=int_in(1, 10_000), default=25, help="Denoising steps of validation images.")
     add("--validation_guidance_scale", type=float, default=5.0, help="Guidance scale of validation images.")
     add("--report_to", choices=("tensorboard", "wandb", "none"), default=None, help="Tracker (default: tensorboard if installed).")
     add("--logging_dir", default="logs", help="Tracker directory, relative to output_dir.")
@@ -189,15 +195,32 @@ def build_parser() -> argparse.ArgumentParser:
     add = g.add_argument
     add("--output_dir", default=None, help="Default: <dataset name>-sdxl-<adapter> in the current directory.")
     add("--overwrite_output_dir", action="store_true", help="Replace a previous run in output_dir.")
-    add("--checkpointing_steps", type=int, default=250, help="Save a resumable checkpoint every N steps (0: never).")
-    add("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory.")
+    add("--checkpointing_steps", type=int_in(0, MAX_STEPS), default=250, help="Save a resumable checkpoint every N steps (0: never).")
+    add("--checkpoints_total_limit", type=int_in(1, MAX_STEPS), default=None, help="Keep at most this many checkpoints.")
+    add(
+        "--resume_from_checkpoint",
+        default=None,
+        help="'latest' (in a folder with no run yet: start one) or a checkpoint directory. Refused if the checkpoint "
+        "was trained with other adapter settings or on other images or captions.",
+    )
+    add(
+        "--allow_dataset_change",
+        action="store_true",
+        help="Resume although the images or captions differ from those the checkpoint was trained on (fixed "
+        "captions, added images); the data order then differs from an uninterrupted run.",
+    )
     add(
         "--export_kohya",
         "--output_kohya_format",
         dest="export_kohya",
         action="store_true",
-        help="Also write <name>_kohya.safetensors (exact in LyCORIS; for ComfyUI / Forge convert it --to comfyui).",
+        help="Also write <name>_kohya.safetensors (kohya/LyCORIS names; exact in LyCORIS, not in ComfyUI / Forge).",
+    )
+    add(
+        "--export_comfyui",
+        action="store_true",
+        help="Also write <name>_comfyui.safetensors: kohya names, with dora_scale written for ComfyUI's and Forge's "
+        "rule, so they render it as dora-diffusion does.",
     )
     add("--push_to_hub", action="store_true", help="Upload the run's own files (adapter, card, validation images, settings) to a private Hub repo at the end.")
     add("--hub_model_id", default=None, help="Hub repo id (default: the output_dir name under your account).")
@@ -232,8 +255,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--train_text_encoder_ti_frac", type=float, default=0.5, help="Fraction of the steps the embeddings train.")
     add("--token_abstraction", default="TOK", help="Caption word(s), comma-separated, that become new tokens.")
-    add("--num_new_tokens_per_abstraction", type=int, default=2, help="New tokens per abstraction word.")
+    add("--num_new_tokens_per_abstraction", type=int_in(1, 64), default=2, help="New tokens per abstraction word.")
     return p
+
+
+FLOAT_RANGES = {
+    "adam_beta1": (0.0, 1.0),
+    "adam_beta2": (0.0, 1.0),
+    "prodigy_beta3": (0.0, 1.0),
+    "adam_epsilon": (0.0, math.inf),
+    "adam_weight_decay": (0.0, math.inf),
+    "max_grad_norm": (0.0, math.inf),
+    "prior_loss_weight": (0.0, math.inf),
+    "noise_offset": (0.0, math.inf),
+}
+"""Float flags with a range ``[low, high)``: a value outside it would fail in the optimizer hours later, or do nothing."""
+
+
+def int_in(low: int, high: int):
+    """An argparse type: an integer from ``low`` to ``high``; the error names the range (argparse adds the flag).
+
+    Text longer than 40 characters is refused unread (Python will not even convert 5000 digits).
+    """
+
+    def parse(text: str) -> int:
+        value = None
+        if len(text) <= 40:
+            try:
+                value = int(text)
+            except ValueError:
+                pass
+        if value is None or not low <= value <= high:
+            shown = repr(text) if len(text) <= 40 else f"{text[:12]!r}... ({len(text)} characters)"
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}, got {shown}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
 def notices(args: argparse.Namespace) -> list[str]:
@@ -259,8 +317,8 @@ def json_dict(flag: str, value_type: type):
         for key, v in value.items():
             if not key or not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
                 raise argparse.ArgumentTypeError(f"{key!r}: {v!r} is not a positive number")
-            if value_type is int and v != int(v):
-                raise argparse.ArgumentTypeError(f"{key!r}: rank {v!r} is not a whole number")
+            if value_type is int and (v != int(v) or v > MAX_RANK):
+                raise argparse.ArgumentTypeError(f"{key!r}: rank {v!r} is not a whole number from 1 to {MAX_RANK}")
             out[key] = value_type(v)
         return out
 
@@ -311,6 +369,12 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None 
     for name in ("learning_rate", "text_encoder_lr", "magnitude_lr"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name, (low, high) in FLOAT_RANGES.items():
+        value = getattr(args, name)
+        if value is not None and not low <= value < high:
+            raise ValueError(f"--{name} must be in [{low}, {high}), got {value}")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        raise ValueError(f"--snr_gamma must be positive (5.0 is usual), got {args.snr_gamma}")
     for name in ("unet_targets", "text_encoder_targets"):
         targets = parse_targets(getattr(args, name), f"--{name}")
         if isinstance(targets, str) and targets not in ("attn", "attn_ff", "all"):
@@ -367,8 +431,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None 
             raise ValueError(f"--with_prior_preservation needs {' and '.join(missing)}")
         if args.num_class_images < 1:
             raise ValueError(f"--num_class_images must be at least 1, got {args.num_class_images}")
-    if args.export_kohya and not _installed("dora_diffusion.formats.kohya"):
-        raise ValueError("--export_kohya needs dora_diffusion.formats.kohya, which this install does not have")
+    for flag, module in (("export_kohya", "kohya"), ("export_comfyui", "comfyui")):
+        if getattr(args, flag) and not _installed(f"dora_diffusion.formats.{module}"):
+            raise ValueError(f"--{flag} needs dora_diffusion.formats.{module}, which this install does not have")
     for option in (args.optimizer, args.report_to):
         if option in OPTIONAL_PACKAGES:
             module, package = OPTIONAL_PACKAGES[option]

@@ -12,11 +12,13 @@ random stream after a resume is the uninterrupted run's by construction.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+import stat
 import uuid
 import zipfile
 from collections.abc import Callable
@@ -28,9 +30,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..formats import DEFAULT_WEIGHT_NAME
+from .errors import TrainingError
+
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_RE = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
+"""A checkpoint's name: ``checkpoint-<step>``, the step written as runs write it (no leading zeros)."""
+MAX_STATE_BYTES = 16 * 1024 * 1024
+"""``training_state.json`` is a few kB (up to ~50 kB with a dataset fingerprint); a bigger one is not ours."""
 STATE_FILE = "training_state.json"
 TMP_PREFIX = ".tmp-checkpoint-"
 
@@ -46,6 +54,10 @@ class TrainingState:
     train_batch_size: int
     gradient_accumulation_steps: int
     seed: int
+    settings: dict | None = None
+    """The adapter settings (``RUN_KEYS``) the checkpoint was trained with; None in older checkpoints."""
+    dataset: dict | None = None
+    """The fingerprint of the training data (``fingerprint.py``); None in older checkpoints."""
 
 
 class CheckpointError(ValueError):
@@ -69,11 +81,20 @@ def read_state(path: str | os.PathLike) -> TrainingState:
     """The counters of the checkpoint ``path``, checked: integers, a non-negative step that matches the name."""
     path = Path(path)
     try:
+        if not stat.S_ISREG((path / STATE_FILE).stat().st_mode):
+            raise ValueError("not a regular file")
+        if (path / STATE_FILE).stat().st_size > MAX_STATE_BYTES:
+            raise ValueError(f"{(path / STATE_FILE).stat().st_size} bytes, more than a state file ever holds")
         data = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         state = TrainingState(**data)
     except (OSError, ValueError, RecursionError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is unreadable ({err})") from None
+    for name in ("settings", "dataset"):
+        if not isinstance(getattr(state, name), (dict, type(None))):
+            raise CheckpointError(f"checkpoint {path}: {STATE_FILE} has {name} = {getattr(state, name)!r:.80}; expected an object")
     for name, value in asdict(state).items():
+        if name in ("settings", "dataset"):
+            continue
         low = 0 if name in ("global_step", "micro_batch", "seed") else 1
         if isinstance(value, bool) or not isinstance(value, int) or (value < low and name != "seed"):
             raise CheckpointError(f"checkpoint {path}: {STATE_FILE} has {name} = {value!r}; expected an integer >= {low}")
@@ -86,13 +107,20 @@ def read_state(path: str | os.PathLike) -> TrainingState:
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """Why the checkpoint ``path`` cannot be resumed from (damaged, truncated, missing a file), or None.
 
-    Reads every file once without unpickling anything: the state, the adapter tensors, and the CRCs of
-    the optimizer and scheduler archives.
+    Reads every file once without unpickling anything: the state, the adapter tensors (floating point and
+    finite, as training writes them), and the CRCs of the optimizer and scheduler archives.
     """
     path = Path(path)
     try:
+        optional = [n for n in ("grad_scaler.pt",) if os.path.lexists(path / n)]
+        for name in ("adapter_state.safetensors", "optimizer.pt", "lr_scheduler.pt", *optional):
+            if not stat.S_ISREG(os.stat(path / name).st_mode):  # a link to /dev/zero or a FIFO would be read forever
+                return f"{name} is not a regular file"
         read_state(path)
-        load_file(path / "adapter_state.safetensors")
+        for name, tensor in load_file(path / "adapter_state.safetensors").items():
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                kind = "not floating point" if not tensor.is_floating_point() else "not finite"
+                return f"adapter_state.safetensors: {name[:120]!r} is {kind} ({tensor.dtype})"
         for name in ("optimizer.pt", "lr_scheduler.pt"):
             with zipfile.ZipFile(path / name) as archive:
                 bad = archive.testzip()
@@ -106,11 +134,13 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
 
 
 def resolve_resume(output_dir: str | os.PathLike, value: str | None) -> Path | None:
-    """The checkpoint ``--resume_from_checkpoint`` names: ``latest`` (None if there is none yet) or a path
-    (absolute, or a name inside ``output_dir``).
+    """The checkpoint ``--resume_from_checkpoint`` names: ``latest`` or a path (absolute, or a name inside
+    ``output_dir``).
 
-    ``latest`` skips damaged checkpoints (with a warning) and takes the newest intact one; a named
-    checkpoint that is damaged is an error.
+    ``latest`` skips damaged checkpoints (with a warning) and takes the newest intact one. In a folder with no
+    run yet it is None (a new run: one command serves the first start and every restart, as in diffusers); in a
+    folder that holds a run's weights or checkpoints but no intact checkpoint it is an error, since a new run
+    there would write over that run's weights. A named checkpoint that is damaged is an error.
     """
     if value is None:
         return None
@@ -120,6 +150,15 @@ def resolve_resume(output_dir: str | os.PathLike, value: str | None) -> Path | N
             if problem is None:
                 return candidate
             logger.warning("skipping damaged checkpoint %s (%s); trying the one before it", candidate, problem)
+        root = Path(output_dir)
+        found = sorted(c.name for c in root.iterdir() if CHECKPOINT_RE.match(c.name) or c.name == DEFAULT_WEIGHT_NAME) if root.is_dir() else []
+        if found:
+            raise CheckpointError(
+                f"--resume_from_checkpoint latest: {root} holds an earlier run ({', '.join(found[:4])}"
+                f"{', ...' if len(found) > 4 else ''}) but no intact checkpoint to continue from; a new run there would "
+                "write over its weights, so nothing was started. Choose another --output_dir, or drop "
+                "--resume_from_checkpoint and pass --overwrite_output_dir to delete that run's files and start over"
+            )
         return None
     path = Path(value)
     for candidate in (path, Path(output_dir) / path):
@@ -143,6 +182,48 @@ def remove_stale_temporaries(output_dir: str | os.PathLike) -> None:
         for child in root.iterdir():
             if child.name.startswith(TMP_PREFIX) and child.is_dir():
                 shutil.rmtree(child, ignore_errors=True)
+
+
+def checkpoint_bytes(named_params: list[tuple[str, nn.Parameter]], optimizer) -> int:
+    """About how many bytes a checkpoint takes: the parameters twice (fp32 state and the loadable file), the
+    optimizer's tensors, 256 bytes of archive and header entries per tensor and 8 kB of small files."""
+    params = sum(p.numel() * 4 for _, p in named_params)
+    state = [t for s in optimizer.state_dict()["state"].values() for t in s.values() if torch.is_tensor(t)]
+    return 2 * params + sum(t.numel() * t.element_size() for t in state) + 256 * (2 * len(named_params) + len(state)) + 8192
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _write_failure(err: BaseException, root: Path, name: str, need: int) -> TrainingError | None:
+    """The error to report when writing checkpoint ``name`` in ``root`` failed with ``err``; None if ``err`` is not
+    about the disk (a bug, an interrupt: raise it as it is).
+
+    Disk full shows as ``OSError(ENOSPC)`` from Python, a ``RuntimeError`` ("file write failed") from ``torch.save``
+    and a ``SafetensorError`` from safetensors; those two count as a full disk when less than a checkpoint is free.
+    """
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    code = getattr(err, "errno", None)
+    full = code in (errno.ENOSPC, errno.EDQUOT) or (
+        isinstance(err, (RuntimeError, SafetensorError)) and free is not None and free < need
+    )
+    if not full and not isinstance(err, OSError):
+        return None
+    what = "no space left on device" if full else f"{type(err).__name__}: {err}"
+    space = f"; a checkpoint takes about {_size(need)}" + (f", {_size(free)} is free there" if free is not None else "")
+    return TrainingError(
+        f"could not write {name} in {root} ({what}{space if full else ''}). Nothing of {name} was kept and the "
+        "earlier checkpoints are intact; " + ("free some space, then " if full else "")
+        + "continue with --resume_from_checkpoint latest"
+    )
 
 
 def _fsync(path: Path) -> None:
@@ -185,13 +266,20 @@ def save_checkpoint(
         if final.exists():  # a checkpoint of an earlier attempt at the same step: swap it out
             old = root / f"{TMP_PREFIX}old-{state.global_step}-{uuid.uuid4().hex[:8]}"
             final.rename(old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                old.rename(final)  # the earlier checkpoint stays, never left under a temporary name to be cleaned
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        reported = _write_failure(err, root, final.name, checkpoint_bytes(named_params, optimizer)) if isinstance(err, Exception) else None
+        if reported is None:
+            raise
+        raise reported from err
     if total_limit is not None:
         ours = [c for c in list_checkpoints(root) if owned is None or owned(c)]
         for stale in ours[:-total_limit]:
@@ -222,18 +310,64 @@ def load_checkpoint(
     names = [n for n, _ in named_params]
     missing, unexpected = sorted(set(names) - set(saved)), sorted(set(saved) - set(names))
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} does not match this run's adapter ({len(missing)} parameters missing, e.g. "
             f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); was it made with other "
             "--adapter/--rank/--unet_targets/--train_text_encoder settings?"
         )
+    for name, p in named_params:
+        if saved[name].shape != p.shape:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, this run's has {tuple(p.shape)}; "
+                "was it made with another --rank or --rank_pattern?"
+            )
+    loaded = {}
+    for name in ("optimizer.pt", "lr_scheduler.pt") + (("grad_scaler.pt",) if grad_scaler is not None else ()):
+        if name == "grad_scaler.pt" and not (path / name).is_file():
+            continue
+        try:
+            loaded[name] = torch.load(path / name, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch's restricted unpickler raises several kinds
+            raise CheckpointError(
+                f"checkpoint {path}: {name} cannot be read with torch.load(weights_only=True) "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); it holds more than tensors, or is damaged"
+            ) from None
+    _check_optimizer_state(path, loaded["optimizer.pt"], optimizer)
     with torch.no_grad():
         for name, p in named_params:
-            if saved[name].shape != p.shape:
-                raise ValueError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, expected {tuple(p.shape)}")
             p.copy_(saved[name])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
-    if grad_scaler is not None and (path / "grad_scaler.pt").is_file():
-        grad_scaler.load_state_dict(torch.load(path / "grad_scaler.pt", weights_only=True))
+    try:
+        optimizer.load_state_dict(loaded["optimizer.pt"])
+        lr_scheduler.load_state_dict(loaded["lr_scheduler.pt"])
+        if "grad_scaler.pt" in loaded:
+            grad_scaler.load_state_dict(loaded["grad_scaler.pt"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {path}: its optimizer or schedule state does not fit this run ({err})") from None
     return state
+
+
+def _check_optimizer_state(path: Path, saved: object, optimizer) -> None:
+    """Raise ``CheckpointError`` unless ``saved`` is an optimizer state of this run's shape: the same groups of
+    the same sizes, and per-parameter tensors (Adam's moments) shaped like their parameters."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    state = saved.get("state") if isinstance(saved, dict) else None
+    ours = optimizer.state_dict()["param_groups"]
+    if not isinstance(groups, list) or not isinstance(state, dict) or not all(isinstance(g, dict) for g in groups):
+        raise CheckpointError(f"checkpoint {path}: optimizer.pt is not an optimizer state")
+    sizes = [len(g.get("params", ())) for g in groups]
+    if sizes != [len(g["params"]) for g in ours]:
+        raise CheckpointError(
+            f"checkpoint {path}: optimizer.pt has parameter groups of sizes {sizes}, this run {[len(g['params']) for g in ours]}; "
+            "was it made with other adapter settings?"
+        )
+    by_id = dict(zip([i for g in ours for i in g["params"]], [p for g in optimizer.param_groups for p in g["params"]]))
+    for key, values in state.items():
+        p = by_id.get(key)
+        if p is None or not isinstance(values, dict):
+            raise CheckpointError(f"checkpoint {path}: optimizer.pt has state for parameter {key!r:.40}, which this run lacks")
+        for field, t in values.items():
+            if torch.is_tensor(t) and t.dim() > 0 and t.shape != p.shape:
+                raise CheckpointError(
+                    f"checkpoint {path}: optimizer.pt's {field!r:.40} of parameter {key} has shape {tuple(t.shape)}, "
+                    f"the parameter {tuple(p.shape)}"
+                )

@@ -19,7 +19,7 @@ from .rundir import RESOLVED_KEY, SETTINGS_FILE, RunFiles
 
 PUBLISHED = re.compile(
     r"(training_args\.json|training_log\.jsonl|README\.md|model_card\.md|pytorch_lora_weights\.safetensors"
-    r"|[^/]+_kohya\.safetensors|[^/]+_emb\.safetensors|validation/step-\d+/\d+\.png)"
+    r"|[^/]+_(?:kohya|comfyui)\.safetensors|[^/]+_emb\.safetensors|validation/step-\d+/\d+\.png)"
 )
 """The paths (relative to ``--output_dir``) a push may send, when the run's manifest lists them."""
 

@@ -11,6 +11,9 @@ import argparse
 import contextlib
 import logging
 import math
+import os
+import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,11 +24,13 @@ from ..extras import require
 from ..formats import DEFAULT_WEIGHT_NAME
 from ..inject import set_recompute
 from ..adapter_io import save_adapter
-from .args import notices, parse_args, run_settings
+from .args import RUN_KEYS, notices, parse_args, run_settings
 from .checkpoint import (
+    CheckpointError,
     TrainingState,
     list_checkpoints,
     load_checkpoint,
+    read_state,
     resolve_resume,
     save_checkpoint,
 )
@@ -35,7 +40,8 @@ from .dataset import ADAPTER_INIT, STEP_NOISE, DreamBoothDataset, MicroBatchSamp
 from .distributed import adapters_in_sync, average_gradients, broadcast_parameters, make_accelerator, refuse_sharding
 from ..embeddings import embeddings_name, write_embeddings
 from .encode import LatentSource, PromptSource
-from .errors import TrainingError
+from .errors import TrainingError, TrainingInterrupted
+from .signals import stop_on_signals
 from .hub import create_hub_repo, upload_run
 from .loss import denoising_loss, sample_noise, target_for
 from .model_card import CARD_NAMES, model_card, write_model_card
@@ -52,7 +58,19 @@ from .models import (
 from .optim import build_lr_scheduler, build_optimizer, param_groups
 from .pivotal import add_new_tokens, mentions, new_token_rows, replace_abstractions, ti_steps, token_plan
 from .prior import generate_class_images, load_class_records, missing_class_indices
-from .rundir import SETTINGS_FILE, check_apart, check_output_dir, remove_leftovers, with_resolved_paths, write_json_atomic
+from .fingerprint import dataset_fingerprint, fingerprint_difference
+from .rundir import (
+    LOCK_FILE,
+    SETTINGS_FILE,
+    adapter_settings,
+    check_apart,
+    check_output_dir,
+    check_resume,
+    remove_leftovers,
+    run_lock,
+    with_resolved_paths,
+    write_json_atomic,
+)
 from .steplog import LOG_FILE, StepLog
 from .summary import summary
 from .validation import log_images, render, save_images, validation_folder, validation_pipeline
@@ -158,9 +176,18 @@ def _tracker_config(settings: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in settings.items()}
 
 
-def kohya_name(output_dir: Path) -> str:
-    """``<output folder name>_kohya.safetensors``, written by ``--export_kohya``."""
-    return f"{output_dir.resolve().name}_kohya.safetensors"
+EXPORTS = {"export_kohya": "kohya", "export_comfyui": "comfyui"}
+"""Flag -> format of the extra files a run writes beside ``pytorch_lora_weights.safetensors``."""
+
+
+def export_name(output_dir: Path, format: str) -> str:
+    """``<output folder name>_<format>.safetensors``: ``_kohya`` (``--export_kohya``), ``_comfyui`` (``--export_comfyui``)."""
+    return f"{output_dir.resolve().name}_{format}.safetensors"
+
+
+def exports(args: argparse.Namespace, output_dir: Path) -> dict[str, str]:
+    """``{file name: format}`` of the exports this run writes."""
+    return {export_name(output_dir, fmt): fmt for flag, fmt in EXPORTS.items() if getattr(args, flag, False)}
 
 
 def vae_scale_factor(vae) -> int:
@@ -175,11 +202,13 @@ def _inside(rel: str) -> bool:
 
 def _outputs(args: argparse.Namespace, output_dir: Path) -> list[str]:
     """Paths (relative to ``output_dir``) this run will write whose names are fixed in advance."""
-    outputs = [kohya_name(output_dir)] if args.export_kohya else []
-    if args.validation_prompt and (output_dir / "validation").is_dir():  # validation/step-N for the N that validate
+    outputs = list(exports(args, output_dir))
+    if args.validation_prompt and (output_dir / "validation").is_dir():  # the existing validation/step-N that it will write
         every = args.validation_steps or args.max_train_steps
-        steps = {*range(every, args.max_train_steps + 1, every), args.max_train_steps}
-        outputs += [validation_folder(s) for s in sorted(steps)]
+        for child in sorted((output_dir / "validation").iterdir()):
+            m = re.fullmatch(r"step-([1-9][0-9]{0,9})", child.name)
+            if m and int(m[1]) <= args.max_train_steps and (int(m[1]) % every == 0 or int(m[1]) == args.max_train_steps):
+                outputs.append(validation_folder(int(m[1])))
     return outputs
 
 
@@ -227,10 +256,11 @@ def train(args: argparse.Namespace) -> Path:
     device = accelerator.device
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(derive_seed(args.seed, ADAPTER_INIT))  # the same initial adapter on every process
-        return _train(args, accelerator, output_dir)
+        with contextlib.ExitStack() as held:  # the output folder's lock, once taken
+            return _train(args, accelerator, output_dir, held)
 
 
-def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
+def _train(args: argparse.Namespace, accelerator, output_dir: Path, held: contextlib.ExitStack) -> Path:
     main_process = accelerator.is_main_process
     _show_logs(main_process)
     refuse_sharding(accelerator)
@@ -246,6 +276,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
             args.dataset, args.image_column, args.caption_column, args.instance_prompt, args.dataset_config_name,
             args.cache_dir, args.dataset_revision, args.resolution,
         )  # fmt: skip
+    fingerprint = dataset_fingerprint(loaded.records)  # before pivotal tuning rewrites the captions
     new_tokens = apply_token_plan(args, loaded.records) if args.train_text_encoder_ti else None
     captions = [r.caption for r in loaded.records]
     masks = load_masks(args.mask_dir, loaded.records) if args.mask_dir else None
@@ -265,8 +296,20 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     max_steps = args.max_train_steps
     settings = {**run_settings(args), "num_processes": accelerator.num_processes, "trigger_words": triggers}
     resume_path = resolve_resume(output_dir, args.resume_from_checkpoint)
+    keys = RUN_KEYS
+    if resume_path is not None:
+        resume_state = read_state(resume_path)
+        if resume_state.global_step > max_steps:
+            raise CheckpointError(
+                f"--resume_from_checkpoint {resume_path}: it is at step {resume_state.global_step}, past --max_train_steps "
+                f"{max_steps}; pass a larger --max_train_steps, or use its pytorch_lora_weights.safetensors as it is"
+            )
+        check_resume(resume_path, resume_state, settings, fingerprint, args.allow_dataset_change)
+        same_data = resume_state.dataset is not None and fingerprint_difference(resume_state.dataset, fingerprint) is None
+        if args.allow_dataset_change or same_data:  # the same data may have moved to another folder
+            keys = tuple(k for k in RUN_KEYS if k != "dataset")
     run_files = check_output_dir(
-        output_dir, settings, args.resume_from_checkpoint is not None, args.overwrite_output_dir, _outputs(args, output_dir)
+        output_dir, settings, args.resume_from_checkpoint is not None, args.overwrite_output_dir, _outputs(args, output_dir), keys
     )
     if main_process:
         print(summary(args, loaded, triggers, accelerator.num_processes, resume_path, per_epoch), flush=True)
@@ -381,6 +424,14 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     # ---- the output folder: nothing was written to it before this point
     accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes to it
     if main_process:
+        new_lock = not os.path.lexists(output_dir / LOCK_FILE)
+        held.enter_context(run_lock(output_dir))  # a second run started at the same time stops here
+        run_files = check_output_dir(  # again, under the lock: another run may have written meanwhile
+            output_dir, settings, args.resume_from_checkpoint is not None, args.overwrite_output_dir,
+            _outputs(args, output_dir), keys,
+        )  # fmt: skip
+        if new_lock:
+            run_files.adopt([LOCK_FILE])  # recorded with the next claim
         if args.overwrite_output_dir:
             run_files.clear()
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -438,60 +489,87 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
     progress = tqdm(total=max_steps, initial=start_step, desc="steps", disable=not main_process, dynamic_ncols=True)
     micro = start_micro
     ti_frozen = new_tokens is None
-    for step in range(start_step, max_steps):
-        loss_sum = torch.zeros((), device=device)
-        if not ti_frozen and step >= ti_until:
-            freeze_prompts()
-            ti_frozen = True
-        for _ in range(ga):
-            torch.manual_seed(derive_seed(args.seed, STEP_NOISE, micro, accelerator.process_index))
-            batch = next(batches)
-            loss = micro_batch_loss(batch, components, latents, prompts, args, autocast)
-            accelerator.backward(loss / ga)
-            loss_sum += loss.detach()
-            micro += 1
-        average_gradients(params, accelerator)
-        mean_loss = accelerator.reduce(loss_sum / ga, reduction="mean") if accelerator.num_processes > 1 else loss_sum / ga
-        value = float(mean_loss)
-        if not math.isfinite(value):
-            if step_log is not None:
-                step_log.write(step + 1, value, lr_scheduler.get_last_lr()[0])
-            progress.close()
-            accelerator.end_training()
-            kept = list_checkpoints(output_dir)
-            raise TrainingError(
-                f"the loss became {value} at step {step + 1}; training stopped and nothing was saved for this step. "
-                + (f"The last checkpoint, {kept[-1]}, is intact: " if kept else "No checkpoint was written yet: ")
-                + "lower --learning_rate, keep --max_grad_norm, try --mixed_precision bf16, then "
-                + ("--resume_from_checkpoint latest." if kept else "start again.")
-            )
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        if not optimizer.step_was_skipped:
-            lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        global_step = step + 1
-        lr = lr_scheduler.get_last_lr()[0]
-        progress.update(1)
-        progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-        accelerator.log({"loss": value, "lr": lr}, step=global_step)
-        if step_log is not None:
-            step_log.write(global_step, value, lr)
+    def stop_requested(request) -> bool:
+        """True if a process got SIGTERM/SIGINT: every process stops at the same step, whichever got the signal."""
+        stop = request.signum is not None
+        if accelerator.num_processes > 1:
+            stop = bool(accelerator.reduce(torch.tensor(float(stop), device=device), reduction="sum") > 0)
+        return stop
 
-        if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-            if main_process:
-                state = TrainingState(
-                    global_step, micro, accelerator.num_processes, args.train_batch_size, ga, args.seed
+    def save(global_step: int, micro: int) -> None:
+        """Write checkpoint-<global_step> (main process), then wait for every process."""
+        if main_process:
+            state = TrainingState(
+                global_step, micro, accelerator.num_processes, args.train_batch_size, ga, args.seed,
+                adapter_settings(settings), fingerprint,
+            )  # fmt: skip
+            run_files.claim(f"checkpoint-{global_step}")
+            save_checkpoint(
+                output_dir, state, named, optimizer, lr_scheduler, accelerator.scaler, write_weights,
+                args.checkpoints_total_limit, lambda c: run_files.owns(c.name),
+            )  # fmt: skip
+        accelerator.wait_for_everyone()
+
+    with stop_on_signals() as stop_request:  # SIGTERM/SIGINT: finish the step, save a checkpoint, stop
+        for step in range(start_step, max_steps):
+            loss_sum = torch.zeros((), device=device)
+            if not ti_frozen and step >= ti_until:
+                freeze_prompts()
+                ti_frozen = True
+            for _ in range(ga):
+                torch.manual_seed(derive_seed(args.seed, STEP_NOISE, micro, accelerator.process_index))
+                batch = next(batches)
+                loss = micro_batch_loss(batch, components, latents, prompts, args, autocast)
+                accelerator.backward(loss / ga)
+                loss_sum += loss.detach()
+                micro += 1
+            average_gradients(params, accelerator)
+            mean_loss = accelerator.reduce(loss_sum / ga, reduction="mean") if accelerator.num_processes > 1 else loss_sum / ga
+            value = float(mean_loss)
+            if not math.isfinite(value):
+                if step_log is not None:
+                    step_log.write(step + 1, value, lr_scheduler.get_last_lr()[0])
+                progress.close()
+                accelerator.end_training()
+                kept = list_checkpoints(output_dir)
+                raise TrainingError(
+                    f"the loss became {value} at step {step + 1}; training stopped and nothing was saved for this step. "
+                    + (f"The last checkpoint, {kept[-1]}, is intact: " if kept else "No checkpoint was written yet: ")
+                    + "lower --learning_rate, keep --max_grad_norm, try --mixed_precision bf16, then "
+                    + ("--resume_from_checkpoint latest." if kept else "start again.")
                 )
-                run_files.claim(f"checkpoint-{global_step}")
-                save_checkpoint(
-                    output_dir, state, named, optimizer, lr_scheduler, accelerator.scaler, write_weights,
-                    args.checkpoints_total_limit, lambda c: run_files.owns(c.name),
-                )  # fmt: skip
-            accelerator.wait_for_everyone()
-        if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
-            validate(global_step)
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            if not optimizer.step_was_skipped:
+                lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step = step + 1
+            lr = lr_scheduler.get_last_lr()[0]
+            progress.update(1)
+            progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+            accelerator.log({"loss": value, "lr": lr}, step=global_step)
+            if step_log is not None:
+                step_log.write(global_step, value, lr)
+
+            stop = stop_requested(stop_request)
+            saved = stop or bool(args.checkpointing_steps and global_step % args.checkpointing_steps == 0)
+            if saved:
+                save(global_step, micro)
+            if not stop and args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
+                validate(global_step)
+                stop = stop_requested(stop_request)  # a signal during validation stops here, not a step later
+            if stop:
+                if not saved:
+                    save(global_step, micro)
+                progress.close()
+                accelerator.end_training()
+                name = signal.Signals(stop_request.signum).name if stop_request.signum else "a signal on another process"
+                raise TrainingInterrupted(
+                    f"stopped by {name} after step {global_step} of {max_steps}; saved {output_dir / f'checkpoint-{global_step}'}. "
+                    "Continue with the same command and --resume_from_checkpoint latest",
+                    stop_request.signum or signal.SIGTERM,
+                )
     progress.close()
 
     # ---- outputs
@@ -499,9 +577,17 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
         raise TrainingError(f"the {accelerator.num_processes} processes ended with different adapters; nothing was saved")
     accelerator.wait_for_everyone()
     if main_process:
-        write_weights(output_dir)
-        if args.export_kohya:
-            write_weights(output_dir, kohya_name(output_dir), "kohya")
+        try:
+            write_weights(output_dir)
+            for name, fmt in exports(args, output_dir).items():
+                write_weights(output_dir, name, fmt)
+        except OSError as err:
+            kept = list_checkpoints(output_dir)
+            raise TrainingError(
+                f"could not write the trained adapter in {output_dir} ({err}). "
+                + (f"The last checkpoint, {kept[-1]}, is intact: free some space, then continue with "
+                   "--resume_from_checkpoint latest" if kept else "No checkpoint was written")
+            ) from err  # fmt: skip
     if args.validation_prompt and max_steps not in validated:
         validate(max_steps)
     if main_process:
@@ -513,7 +599,7 @@ def _train(args: argparse.Namespace, accelerator, output_dir: Path) -> Path:
         else:
             if card != CARD_NAMES[0]:
                 logger.warning("%s/README.md was not written by a run, so it is kept; the model card is %s", output_dir, card)
-            write_model_card(run_files.claim(card), model_card(settings, repo_id, triggers, images, str(counted)))
+            write_model_card(run_files.claim(card), model_card(settings, repo_id, triggers, images, str(counted), list(exports(args, output_dir))))
         if args.push_to_hub:
             sent = upload_run(output_dir, repo_id, run_files, args.hub_token)
             print(f"uploaded {len(sent)} files to https://huggingface.co/{repo_id}: {', '.join(sent)}", flush=True)

@@ -71,9 +71,11 @@ def model_card(
     trigger_words: list[str],
     validation_images: list[str],
     parameter_summary: str,
+    exports: list[str] = (),
 ) -> str:
     """The card text. ``repo_id`` is what the snippet loads (a Hub id or the output folder);
-    ``validation_images`` are paths relative to the card."""
+    ``validation_images`` are paths relative to the card; ``exports`` the names of the ``_kohya`` / ``_comfyui``
+    files written beside the weights."""
     base = settings["pretrained_model_name_or_path"]
     shown_base = public_value(base)
     kind = settings["adapter"]
@@ -143,7 +145,7 @@ image = pipe({prompt!r}, num_inference_steps=30).images[0]
 image.save("out.png")
 ```
 
-{te_note} The weights are `pytorch_lora_weights.safetensors` (diffusers/PEFT layout).
+{te_note} The weights are `pytorch_lora_weights.safetensors` (diffusers/PEFT layout).{_exports_note(exports)}
 
 ## Validation images
 
@@ -156,6 +158,19 @@ image.save("out.png")
 {chr(10).join(rows)}
 """
     return "\n".join(front) + "\n" + body
+
+
+EXPORT_NOTES = {
+    "_kohya.safetensors": "kohya/LyCORIS key names, exact in LyCORIS and kohya's scripts",
+    "_comfyui.safetensors": "for ComfyUI and Forge: kohya names, its `dora_scale` written for their DoRA rule so they "
+    "render it as dora-diffusion does (`load_dora_weights` reads it too)",
+}
+
+
+def _exports_note(exports: list[str]) -> str:
+    """One line per export file: its name and which programs it is for."""
+    lines = [f"- `{name}`: {note}" for name in exports for suffix, note in EXPORT_NOTES.items() if name.endswith(suffix)]
+    return ("\n\nAlso in this folder:\n\n" + "\n".join(lines)) if lines else ""
 
 
 def _tokens(trigger_words: list[str]) -> list[str]:

@@ -8,20 +8,25 @@ recorded belongs to the user: a run never writes over it and ``--overwrite_outpu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..formats import DEFAULT_WEIGHT_NAME
 from .args import PATH_KEYS, RUN_DEFAULTS, RUN_KEYS
-from .checkpoint import CHECKPOINT_RE, STATE_FILE, remove_stale_temporaries
+from .checkpoint import CHECKPOINT_RE, STATE_FILE, CheckpointError, list_checkpoints, remove_stale_temporaries
+from .fingerprint import fingerprint_difference
 from .steplog import LOG_FILE
 
 SETTINGS_FILE = "training_args.json"
 MANIFEST_FILE = "run_files.json"
+LOCK_FILE = ".dora-run.lock"
+"""Held (``flock``) by the run writing into the folder, so that a second run at the same time stops."""
 RESOLVED_KEY = "resolved_paths"
 """Key of ``training_args.json`` holding the absolute form of local paths among ``PATH_KEYS``."""
 
@@ -106,6 +111,8 @@ class RunFiles:
         """Delete every recorded path (a link is removed, never followed) and the manifest; returns what went."""
         removed = []
         for entry in self.entries:
+            if entry == LOCK_FILE:  # held by the run that clears: unlinking it would let a third run lock a new file
+                continue
             parts = PurePosixPath(entry).parts
             if any(self.root.joinpath(*parts[:i]).is_symlink() for i in range(1, len(parts))):
                 continue  # a folder above it became a link: what it points at is not ours
@@ -117,9 +124,41 @@ class RunFiles:
             else:
                 continue
             removed.append(entry)
-        self.entries = []
+        self.entries = [e for e in self.entries if e == LOCK_FILE]
         (self.root / MANIFEST_FILE).unlink(missing_ok=True)
         return removed
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: Path) -> Iterator[None]:
+    """Hold ``output_dir/.dora-run.lock`` (an exclusive ``flock``) for the block; raise ``OutputDirError`` if another
+    run holds it. The lock goes with the process, so a killed run leaves none behind. No-op without ``fcntl``
+    (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:  # never through a link: O_CREAT would make a file wherever the link points
+        fd = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as err:
+        raise OutputDirError(
+            f"{output_dir / LOCK_FILE} cannot be opened as this run's lock ({err.strerror}); it is not a plain file "
+            "of ours: remove it, or choose another --output_dir"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OutputDirError(
+            f"--output_dir {output_dir} is being written by another training run right now (it holds {LOCK_FILE}); "
+            "wait for that run to end, or choose another --output_dir"
+        ) from None
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def normalized_path(value: object) -> object:
@@ -176,8 +215,52 @@ def differences(old: dict, new: dict, keys=RUN_KEYS) -> dict[str, tuple]:
     return out
 
 
-def _listed(diff: dict[str, tuple]) -> str:
-    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+def _listed(diff: dict[str, tuple], limit: int = 8) -> str:
+    shown = ", ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in list(diff.items())[:limit])
+    return shown + (f" and {len(diff) - limit} more" if len(diff) > limit else "")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+NOT_SETTINGS = {RESOLVED_KEY, "output_dir", "logging_dir", "cache_dir", "report_to", "push_to_hub", "hub_model_id"}
+"""Recorded keys that say where things go, not what is trained: never named as a difference between runs."""
+
+
+def all_differences(old: dict, new: dict) -> dict[str, tuple]:
+    """``differences`` over every recorded setting (resolution, steps, learning rate, ...), not only ``RUN_KEYS``."""
+    return differences(old, new, sorted((set(old) | set(new)) - NOT_SETTINGS))
+
+
+def adapter_settings(settings: dict) -> dict:
+    """What a checkpoint records of the run's settings: ``RUN_KEYS``, with the absolute form of local paths."""
+    return with_resolved_paths({k: settings.get(k, RUN_DEFAULTS.get(k)) for k in RUN_KEYS})
+
+
+def check_resume(checkpoint: Path, state, settings: dict, fingerprint: dict, allow_dataset_change: bool) -> None:
+    """Raise ``CheckpointError`` if the checkpoint was trained with other adapter settings than ``settings``, or on
+    other data than ``fingerprint`` says (unless ``allow_dataset_change``). A checkpoint of an older version, which
+    recorded neither, is compared with its run's ``training_args.json`` if it has one."""
+    recorded = state.settings if state.settings is not None else previous_settings(checkpoint.parent)
+    if recorded is not None:
+        diff = differences(recorded, settings, tuple(k for k in RUN_KEYS if k != "dataset"))
+        if diff:
+            raise CheckpointError(
+                f"--resume_from_checkpoint {checkpoint}: it was trained with other adapter settings ({_listed(diff)}); "
+                "an adapter of another shape cannot continue from it. Resume with its settings, or start a new run "
+                "without --resume_from_checkpoint"
+            )
+    if state.dataset is None or allow_dataset_change:
+        return
+    change = fingerprint_difference(state.dataset, fingerprint)
+    if change is not None:
+        raise CheckpointError(
+            f"--resume_from_checkpoint {checkpoint}: it was trained on other data than --dataset {settings.get('dataset')} "
+            f"holds ({change}). Resume with the dataset it was trained on, or pass --allow_dataset_change to continue "
+            "on this one (fixed captions, added images: the data order then differs from an uninterrupted run)"
+        )
 
 
 def check_apart(written: dict[str, str | None], read: dict[str, str | None]) -> None:
@@ -201,13 +284,13 @@ def check_apart(written: dict[str, str | None], read: dict[str, str | None]) -> 
 
 
 def check_output_dir(
-    output_dir: Path, settings: dict, resuming: bool, overwrite: bool, outputs: list[str] = ()
+    output_dir: Path, settings: dict, resuming: bool, overwrite: bool, outputs: list[str] = (), keys=RUN_KEYS
 ) -> RunFiles:
     """Raise ``OutputDirError`` if this run would mix with an earlier one or write over a file it does not own.
 
     Allowed: a new folder, or one without an earlier run; ``--overwrite_output_dir`` when a manifest says
     what the earlier run wrote (only that is removed, see ``RunFiles.clear``); resuming a run whose adapter
-    settings (``RUN_KEYS``) are the same. ``outputs`` are the paths (relative) this run will write; any that
+    settings (``keys``, default ``RUN_KEYS``) are the same. ``outputs`` are the paths (relative) this run will write; any that
     exists and is not a run's is refused. Writes nothing; returns the folder's manifest.
     """
     if output_dir.exists() and not output_dir.is_dir():
@@ -227,7 +310,7 @@ def check_output_dir(
                 files.adopt(found + [n for n in (SETTINGS_FILE, LOG_FILE, DEFAULT_WEIGHT_NAME) if (output_dir / n).is_file()])
     if earlier and not overwrite:
         old = previous_settings(output_dir)
-        diff = differences(old, settings) if old is not None else {}
+        diff = differences(old, settings, keys) if old is not None else {}
         if resuming and diff:
             raise OutputDirError(
                 f"cannot resume in {output_dir}: its checkpoints were made with other adapter settings "
@@ -239,10 +322,16 @@ def check_output_dir(
                 "Choose another --output_dir, or continue that run with its own settings and --resume_from_checkpoint latest"
             )
         if not resuming:
+            other = all_differences(old, settings) if old is not None else {}
+            named = f" (its settings differ: {_listed(other)})" if other else " (with the same settings)" if old is not None else ""
+            advice = (
+                "Pass --resume_from_checkpoint latest to continue it, choose"
+                if list_checkpoints(output_dir)
+                else "It has no checkpoint to continue from. Choose"
+            )
             raise OutputDirError(
-                f"--output_dir {output_dir} already holds an earlier run. Pass --resume_from_checkpoint latest to "
-                "continue it, choose another --output_dir, or pass --overwrite_output_dir to delete that run's files "
-                "and start over"
+                f"--output_dir {output_dir} already holds an earlier run{named}. {advice} another --output_dir, or "
+                "pass --overwrite_output_dir to delete that run's files and start over"
             )
     checkpoints = [c.name for c in output_dir.iterdir() if CHECKPOINT_RE.match(c.name)] if output_dir.is_dir() else []
     taken = files.conflicts(sorted(set(outputs) | set(checkpoints) | {SETTINGS_FILE, LOG_FILE, DEFAULT_WEIGHT_NAME}))
@@ -269,7 +358,7 @@ def remove_leftovers(output_dir: Path) -> None:
         m = _ATOMIC_TMP.match(child.name)
         if m and child.is_file() and not child.is_symlink():
             target = m["target"]
-            if target in (MANIFEST_FILE, SETTINGS_FILE, DEFAULT_WEIGHT_NAME) or target.endswith("_kohya.safetensors"):
+            if target in (MANIFEST_FILE, SETTINGS_FILE, DEFAULT_WEIGHT_NAME) or target.endswith(("_kohya.safetensors", "_comfyui.safetensors")):
                 child.unlink()
 
 
