@@ -55,6 +55,7 @@ def app(files):
         seeds="0-1",
         extra_tabs={"Analysis": analysis_tab},
         upload_dir=files["root"] / "uploads",
+        allow_dirs=[files["root"].parent],  # pytest's base folder: every test's tmp_path
     )
     for attempt in range(5):
         port = free_port()
@@ -314,7 +315,7 @@ def test_restore_fills_the_form_from_a_png(app, tmp_path):
     with pytest.raises(AppError, match="Invalid file type.*image"):  # refused by the upload's file_types
         client.predict(handle_file(str(tmp_path / "notes.txt")), api_name="/restore")
     (tmp_path / "fake.png").write_text("hello")
-    with pytest.raises(AppError, match="fake.png is not an image"):
+    with pytest.raises(AppError, match="fake.png is not a PNG image"):
         client.predict(handle_file(str(tmp_path / "fake.png")), api_name="/restore")
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     with pytest.raises(AppError, match="plain.png carries no generation parameters"):
@@ -500,12 +501,12 @@ def test_toasts_keep_quotes_uploads_are_kept_and_the_banner_names_share(tmp_path
     upload = tmp_path / "cache" / "style.safetensors"
     upload.parent.mkdir()
     upload.write_bytes(b"tensors")
-    kept = keep_upload(upload, tmp_path / "kept")
+    kept, made = keep_upload(upload, tmp_path / "kept")
     upload.unlink()  # Gradio's cache goes; the copy stays
-    assert kept.read_bytes() == b"tensors" and kept.name == "style.safetensors"
+    assert made and kept.read_bytes() == b"tensors" and kept.name == "style.safetensors"
     upload.parent.mkdir(exist_ok=True)
     upload.write_bytes(b"tensors")
-    assert keep_upload(upload, tmp_path / "kept") == kept  # the same file lands on the same path
+    assert keep_upload(upload, tmp_path / "kept") == (kept, False)  # the same file lands on the same path
 
     class Device:
         type = "cpu"

@@ -21,6 +21,8 @@ MAX_STRENGTH = 2.0
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MIN_SIDE, MAX_SIDE = 64, 2048
+MAX_PROMPT_LENGTH = 2000
+"""Longest prompt or negative prompt, in characters (CLIP reads the first 77 tokens, about 300 characters)."""
 BASE_LABEL = "base"
 """Column label of the base model; no adapter may take this name."""
 
@@ -65,6 +67,8 @@ def parse_seeds(text: str, max_count: int | None = None) -> list[int]:
         raise CompareError("enter at least one seed, e.g. '0, 7, 42' or a range '0-3'")
     spans: list[tuple[int, int]] = []
     for item in items:
+        if len(max(re.findall("[1-9][0-9]*", item), key=len, default="")) > len(str(MAX_SEED)):
+            raise CompareError(f"a seed in '{item[:40]}…' is larger than {MAX_SEED}, the largest seed torch accepts")
         if _INT.fullmatch(item):
             lo = hi = int(item)
         elif m := _RANGE.fullmatch(item):
@@ -174,6 +178,14 @@ class GenerationSettings:
     scheduler: str = "Default"
 
     def __post_init__(self) -> None:
+        for label, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt)):
+            if not isinstance(text, str):
+                raise CompareError(f"the {label} must be text, got {type(text).__name__}")
+            if len(text) > MAX_PROMPT_LENGTH:
+                raise CompareError(
+                    f"the {label} is {len(text)} characters long, more than the limit of {MAX_PROMPT_LENGTH} (CLIP "
+                    "reads only its first 77 tokens, about 300 characters); shorten it"
+                )
         steps, width, height = self.num_inference_steps, self.width, self.height
         numbers = (("steps", steps), ("width", width), ("height", height), ("guidance scale", self.guidance_scale))
         for label, value in numbers:
