@@ -74,6 +74,14 @@ def markdown_text(text: str) -> str:
     return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
 
 
+def code_span(text: str) -> str:
+    """``text`` as a Markdown code span, shown as it is (no link, image or HTML): fenced by more backticks than
+    any run inside it, newlines as spaces."""
+    text = " ".join(str(text).split())
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}" if "`" in text else f"{fence}{text}{fence}"
+
+
 def toast_text(message: str) -> str:
     """``message`` as a toast shows it whole and as plain text: cut to ``MAX_MESSAGE_LENGTH`` characters, ``&``,
     ``<`` and ``>`` escaped (Gradio renders a toast's message as HTML), and, since Gradio's page strips the
@@ -428,7 +436,7 @@ class CompareEvents:
             raise self.fail(request, f"could not load {upload or source!r}: {type(err).__name__}: {err}") from None
         adapters = self.comparer.adapters
         values = synced_slots(page_names or [], adapters)
-        status = f"Loaded **{markdown_text(info.name)}**: {info.summary}, from {markdown_text(info.source)}."
+        status = f"Loaded **{info.name}**: {info.summary}, from {code_span(info.source)}."
         return status, self.remove_choices(), self.names(), *slot_updates(adapters, values)
 
     def remove_adapter(self, data: dict, request: gr.Request = None):
@@ -467,9 +475,9 @@ class CompareEvents:
         what = f"grid ({len(restored.seeds)} seeds)" if restored.whole_grid else f"cell (seed {restored.seeds[0]})"
         message = f"Restored the settings of a {what}."
         if missing:
-            message += f" Not loaded here: {markdown_text(', '.join(missing))}; add them under 'Add or remove adapters'."
+            message += f" Not loaded here: {', '.join(missing)}; add them under 'Add or remove adapters'."
         if restored.model and restored.model != self.comparer.model:  # the PNG's text, shown as text
-            model, ours = markdown_text(short_text(restored.model, 200)), markdown_text(self.comparer.model)
+            model, ours = code_span(short_text(restored.model, 200)), code_span(self.comparer.model)
             message += f" It was made with base model {model}; this page runs {ours}."
         return *updates, message
 
