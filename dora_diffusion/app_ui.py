@@ -36,8 +36,10 @@ PAGE_CSS = """
   text-overflow: clip !important; font-size: 11px; line-height: 1.2; padding: 1px 4px !important; opacity: 0.85;
 }
 #grid-image img { object-fit: contain !important; width: 100%; height: auto; }
+#grid-image .image-frame { padding-top: 40px; }
 """
-"""Gallery captions wrap instead of ending in '…', so strength and seed stay readable with many columns."""
+"""Gallery captions wrap instead of ending in '…', so strength and seed stay readable with many columns; the grid
+PNG starts below its label and buttons, which float over the image's top corners and hid the prompt's start."""
 PAGE_JS = """
 () => {
   document.addEventListener("keydown", (e) => {

@@ -675,3 +675,31 @@ def test_a_long_prompt_is_refused_and_png_text_shows_as_text(app, tmp_path):
     with pytest.raises(AppError) as err:
         client.predict(handle_file(str(bad)), api_name="/restore")
     assert "&lt;img src=http://e.example/z.png&gt;" in str(err.value) and "<img" not in str(err.value)
+
+
+def test_huge_form_fields_are_refused_quickly_with_short_messages(app, files):
+    """The adversarial pass on the form (issue 27): each bad request is an error within 1 s whose message is at
+    most 1000 characters, and a server path passed as an upload is refused by Gradio (nothing is read)."""
+    client, comparer, url = app
+    sweep = ", ".join(f"{i / 100_000:g}" for i in range(1, 20_001))  # was a 4 s quadratic duplicate check
+    cases = [
+        (lambda: generate(client, seeds="0", adapters={"dora": sweep}), "20001 images, more than the limit of 64"),
+        (lambda: generate(client, seeds="1 " * 500_000), "500000 seeds are more than the limit of 64"),
+        (lambda: generate(client, seeds="9" * 5000), "is larger than 18446744073709551615"),
+        (lambda: client.predict(str(files["extra"]), None, "n" * 1_000_000, api_name="/add_adapter"),
+         "must be 1 to 64 letters"),
+        (lambda: client.predict("x" * 1_000_000, api_name="/remove_adapter"), "no adapter named"),
+    ]  # fmt: skip
+    for call, message in cases:
+        start = time.perf_counter()
+        with pytest.raises(AppError, match=message) as err:
+            call()
+        assert time.perf_counter() - start < 1.5 and len(str(err.value)) <= 1010, message
+    import httpx
+
+    file_data = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}, "orig_name": "p.safetensors"}
+    for api, data in (("add_adapter", ["", file_data, "", []]), ("restore", [file_data, []])):
+        event = httpx.post(f"{url}gradio_api/call/{api}", json={"data": data}, timeout=30).json()["event_id"]
+        reply = httpx.get(f"{url}gradio_api/call/{api}/{event}", timeout=30).text
+        assert reply.startswith("event: error") and "root:" not in reply
+    assert [a.name for a in comparer.adapters][:2] == ["dora", "lora"]

@@ -65,6 +65,8 @@ def parse_seeds(text: str, max_count: int | None = None) -> list[int]:
     items = [t for t in re.split(r"[,\s]+", text) if t]
     if not items:
         raise CompareError("enter at least one seed, e.g. '0, 7, 42' or a range '0-3'")
+    if max_count is not None and len(items) > max_count:  # before reading them one by one
+        raise CompareError(f"{len(items)} seeds are more than the limit of {max_count}; list fewer seeds")
     spans: list[tuple[int, int]] = []
     for item in items:
         if len(max(re.findall("[1-9][0-9]*", item), key=len, default="")) > len(str(MAX_SEED)):
@@ -110,6 +112,7 @@ def parse_strengths(text: str, name: str = "adapter") -> list[float]:
     An empty text gives ``[]`` (no sweep: the slider's single strength is used).
     """
     values: list[float] = []
+    seen: set[float] = set()
     for item in (t for t in re.split(r"[,\s]+", str(text).strip()) if t):
         try:
             k = float(item)
@@ -118,8 +121,9 @@ def parse_strengths(text: str, name: str = "adapter") -> list[float]:
                 f"{item!r} in the strengths of {name!r} is not a number; write e.g. '0, 0.5, 1, 1.5'"
             ) from None
         k = check_strength(name, k)
-        if k in values:
+        if k in seen:
             raise CompareError(f"strength {k:g} of {name!r} is listed twice; each strength is one column")
+        seen.add(k)
         values.append(k)
     return values
 

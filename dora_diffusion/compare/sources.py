@@ -68,8 +68,8 @@ class AdapterSources:
             )
         local = Path(source)
         if self.allows(local):
-            file = resolve_file(_real(local))
-            if not self.allows(file):  # a link inside an allowed folder that points out of it
+            file = resolve_file(local)  # errors name the path as the visitor wrote it
+            if not self.allows(file):  # a file in an allowed folder that links out of it
                 raise self.refusal(source)
             return file
         if HUB_ID.fullmatch(source) and not source.startswith("."):
