@@ -538,6 +538,10 @@ def test_app_py_checks_adapters_before_loading_the_base(monkeypatch, tmp_path, c
         app_script.main(["--base", "stabilityai/stable-diffusion-xl-base-1.0", "--adapter", f"dora={missing}"])
     with pytest.raises(SystemExit, match="--adapter base=x/y: adapter name 'base' is reserved"):
         app_script.main(["--base", "some/model", "--adapter", "base=x/y"])
+    with pytest.raises(SystemExit):
+        app_script.parse_args(["--base", "some/model", "--allow_dir", str(tmp_path / "none")])
+    assert f"--allow_dir {tmp_path / 'none'}: not an existing folder" in capsys.readouterr().err
+    assert app_script.parse_args(["--base", "m", "--allow_dir", str(tmp_path)]).allow_dir == [str(tmp_path)]
 
 
 def test_a_page_opened_before_adapters_changed_is_synced_by_name():
