@@ -226,14 +226,19 @@ class CompareEvents:
     """The handlers of the Compare tab, sharing the comparer, the run folders and the scorer."""
 
     def __init__(
-        self, comparer: Comparer, runs: Runs, scorer: Scorer | None, upload_dir: Path, sources: AdapterSources
+        self,
+        comparer: Comparer,
+        runs: Runs,
+        scorer: Scorer | None,
+        upload_dir: Path,
+        sources: AdapterSources | None = None,
     ) -> None:
         self.comparer = comparer
         self.runs = runs
         self.scorer = scorer
         self.upload_dir = upload_dir
-        self.sources = sources
-        """The folders the path box may read (``upload_dir`` among them)."""
+        self.sources = sources or AdapterSources([upload_dir])
+        """The folders the path box may read (default: ``upload_dir`` alone)."""
         self.form: Form | None = None
         self._errors: OrderedDict[str, str] = OrderedDict()
         self._errors_lock = threading.Lock()
