@@ -16,8 +16,8 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,8 +49,6 @@ from .formats import AdapterFileError
 
 KEEP_RUNS = 8
 """Output folders of the most recent grids kept on disk; older ones are deleted."""
-
-
 MAX_MESSAGE_LENGTH = 1000
 """Longest error message shown or kept (characters); longer ones are cut in the middle."""
 MAX_KEPT_ERRORS = 64
