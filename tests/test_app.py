@@ -576,20 +576,31 @@ def test_restoring_a_crafted_1kb_png_does_not_hold_up_another_clients_generate(a
 
     def timed_generate() -> float:
         start = time.perf_counter()
-        assert len(generate(other, seeds="0", adapters={"dora": 1.0}, include_base=False)["gallery"]) == 1
+        assert len(generate(other, seeds="0", adapters={"dora": 1.0}, include_base=False, steps=1)["gallery"]) == 1
         return time.perf_counter() - start
+
+    def beside_a_restore(png: Path, message: str) -> tuple[float, float]:
+        """(the slowest of the Generates that one client runs back to back while another restores ``png``, the
+        seconds of the restore)."""
+        times: list[float] = []
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: [times.append(timed_generate()) for _ in iter(done.is_set, True)])
+        worker.start()
+        time.sleep(0.2)  # a Generate is under way
+        start = time.perf_counter()
+        with pytest.raises(AppError, match=message):
+            attacker.predict(handle_file(str(png)), api_name="/restore")
+        restore = time.perf_counter() - start
+        done.set()
+        worker.join(timeout=60)
+        return max(times), restore
 
     alone = min(timed_generate() for _ in range(2))
     for png, message in ((slow, "these generation parameters have no Steps"), (bomb, "longer than 65536 bytes")):
-        job = attacker.submit(handle_file(str(png)), api_name="/restore")
-        time.sleep(0.1)  # the restore is under way
-        beside = timed_generate()
-        start = time.perf_counter()
-        with pytest.raises(AppError, match=message):
-            job.result(timeout=30)
-        print(f"{png.name}: Generate alone {alone:.2f} s, beside the restore {beside:.2f} s")
+        beside, restore = beside_a_restore(png, message)
+        print(f"{png.name}: Generate alone {alone:.2f} s, beside the restore at most {beside:.2f} s; restore {restore:.2f} s")
         assert beside - alone < 1.0, (png.name, alone, beside)
-        assert time.perf_counter() - start < 1.0
+        assert restore < 2.0  # the upload and the refusal
 
 
 def test_the_path_box_reveals_nothing_outside_the_allowed_folders(app, files, tmp_path):
