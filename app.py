@@ -11,6 +11,7 @@ The page is built by ``dora_diffusion.app_ui``; planning, rendering, infotext, d
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -69,6 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Where adapters uploaded on the page are kept (default ~/.cache/dora-diffusion/uploads).",
     )
+    p.add_argument(
+        "--allow_dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="A folder (repeatable) whose adapters visitors may load by path on the page. The page reads local "
+        "files only under these, the --adapter paths, the demo's cache and --upload_dir; other text is a Hub repo id.",
+    )
     args = p.parse_args(argv)
     if not args.demo and not args.base:
         p.error("give --base MODEL (with --adapter NAME=PATH ...), or --demo")
@@ -78,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--demo loads its own two adapters; add more from the page")
     if args.demo and args.device not in (None, "cpu"):
         p.error("--demo runs the toy world's pipeline on the CPU; drop --device")
+    for folder in args.allow_dir:
+        if not os.path.isdir(folder):
+            p.error(f"--allow_dir {folder}: not an existing folder")
     if args.max_cells < 1:
         p.error(f"--max_cells must be at least 1, got {args.max_cells}")
     return args
@@ -118,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
         assets = demo.prepare_demo(args.cache_dir)
         comparer = demo.demo_comparer(assets)
+        allow_dirs = [assets.root, *args.allow_dir]
         prompt, steps, seeds, guidance = demo.PROMPT, demo.STEPS, demo.SEEDS, demo.GUIDANCE
     else:
         try:
@@ -131,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             except (CompareError, AdapterFileError, OSError, ValueError) as err:
                 sys.exit(f"app.py: error: --adapter {name}={source}: {err}")
         prompt, steps, seeds, guidance = "", 25, "0-3", 5.0
+        allow_dirs = list(args.allow_dir)
     comparer.max_cells = args.max_cells
     side = comparer.default_size
     settings = GenerationSettings(prompt, num_inference_steps=steps, guidance_scale=guidance, width=side, height=side)
@@ -143,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         scorer=scorer,
         upload_dir=args.upload_dir,
         host=args.host,
+        allow_dirs=allow_dirs,
     )
     ui.launch(server_name=args.host, server_port=args.port, share=args.share)
 

@@ -9,11 +9,14 @@ values and shows no error badge.
 from __future__ import annotations
 
 import hashlib
+import html
 import queue
+import re
 import shutil
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,16 +44,47 @@ from .compare import (
     score_columns,
     write_table_csv,
 )
+from .compare.sources import AdapterSources
 from .formats import AdapterFileError
 
 KEEP_RUNS = 8
 """Output folders of the most recent grids kept on disk; older ones are deleted."""
+MAX_MESSAGE_LENGTH = 1000
+"""Longest error message shown or kept (characters); longer ones are cut in the middle."""
+MAX_KEPT_ERRORS = 64
+"""Most error messages kept for ``show_error`` (one per browser session; the oldest go first)."""
+_MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")  # every ASCII punctuation character
+
+
+def short_text(text: str, limit: int = MAX_MESSAGE_LENGTH) -> str:
+    """``text`` cut in the middle to at most ``limit`` characters (both ends kept: a path's start, a reason's
+    end)."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    half = (limit - 3) // 2
+    return f"{text[:half]} … {text[-half:]}"
+
+
+def markdown_text(text: str) -> str:
+    """``text`` shown as it is in a ``gr.Markdown``: every ASCII punctuation character escaped, so text from a PNG,
+    an adapter file or a visitor makes no link, image, emphasis or HTML; newlines become spaces."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def code_span(text: str) -> str:
+    """``text`` as a Markdown code span, shown as it is (no link, image or HTML): fenced by more backticks than
+    any run inside it, newlines as spaces."""
+    text = " ".join(str(text).split())
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}" if "`" in text else f"{fence}{text}{fence}"
 
 
 def toast_text(message: str) -> str:
-    """``message`` as a toast shows it whole: Gradio's page strips the quotes of a message that starts and ends
-    with ``'``, so such a message gets a closing full stop."""
-    message = str(message)
+    """``message`` as a toast shows it whole and as plain text: cut to ``MAX_MESSAGE_LENGTH`` characters, ``&``,
+    ``<`` and ``>`` escaped (Gradio renders a toast's message as HTML), and, since Gradio's page strips the
+    quotes of a message that starts and ends with ``'``, such a message gets a closing full stop."""
+    message = html.escape(short_text(message), quote=False)
     return message + "." if message.endswith(("'", '"')) else message
 
 
@@ -59,8 +93,9 @@ def page_error(err: Exception | str) -> gr.Error:
     return gr.Error(toast_text(str(err)), duration=15, print_exception=False)
 
 
-def keep_upload(path: str | Path, directory: Path) -> Path:
-    """Copy an uploaded adapter into ``directory/<sha256 prefix>/<name>`` (once) and return the copy.
+def keep_upload(path: str | Path, directory: Path) -> tuple[Path, bool]:
+    """Copy an uploaded adapter into ``directory/<sha256 prefix>/<name>`` (once); return the copy and whether
+    this call made it (``forget_upload`` deletes only such a copy, after a failed load).
 
     Gradio deletes its upload cache; the copy keeps the ``Adapter source`` of every infotext valid, and one file
     uploaded twice lands on one path.
@@ -71,12 +106,24 @@ def keep_upload(path: str | Path, directory: Path) -> Path:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     target = directory / digest.hexdigest()[:16] / path.name
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(path, tmp)
-        tmp.replace(target)
-    return target
+    if target.is_file():
+        return target, False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(path, tmp)
+    tmp.replace(target)
+    return target, True
+
+
+def forget_upload(kept: Path, directory: Path) -> None:
+    """Delete an upload ``keep_upload`` copied into ``directory`` whose load failed, and its folder if empty."""
+    if kept.parent.parent != directory or kept.is_symlink() or not kept.is_file():
+        return
+    kept.unlink()
+    try:
+        kept.parent.rmdir()
+    except OSError:  # another file of the same digest folder
+        pass
 
 
 class Runs:
@@ -176,13 +223,22 @@ def default_cell(plan: GridPlan, n_done: int) -> int:
 class CompareEvents:
     """The handlers of the Compare tab, sharing the comparer, the run folders and the scorer."""
 
-    def __init__(self, comparer: Comparer, runs: Runs, scorer: Scorer | None, upload_dir: Path) -> None:
+    def __init__(
+        self,
+        comparer: Comparer,
+        runs: Runs,
+        scorer: Scorer | None,
+        upload_dir: Path,
+        sources: AdapterSources | None = None,
+    ) -> None:
         self.comparer = comparer
         self.runs = runs
         self.scorer = scorer
         self.upload_dir = upload_dir
+        self.sources = sources or AdapterSources([upload_dir])
+        """The folders the path box may read (default: ``upload_dir`` alone)."""
         self.form: Form | None = None
-        self._errors: dict[str, str] = {}
+        self._errors: OrderedDict[str, str] = OrderedDict()
         self._errors_lock = threading.Lock()
 
     def names(self) -> list[str]:
@@ -331,15 +387,19 @@ class CompareEvents:
     def fail(self, request: gr.Request | None, err: Exception | str) -> gr.Error:
         """The error to raise, remembered for this browser session so ``show_error`` can write it on the page."""
         error = page_error(err)
-        with self._errors_lock:
-            self._errors[getattr(request, "session_hash", None) or ""] = error.message
+        session = getattr(request, "session_hash", None) or ""
+        with self._errors_lock:  # API clients never ask for theirs: keep the newest MAX_KEPT_ERRORS
+            self._errors.pop(session, None)
+            self._errors[session] = short_text(err)
+            while len(self._errors) > MAX_KEPT_ERRORS:
+                self._errors.popitem(last=False)
         return error
 
     def show_error(self, request: gr.Request) -> str:
         """The message area after a failed Load adapter, Remove or Restore: what went wrong (chained on failure)."""
         with self._errors_lock:
             message = self._errors.pop(request.session_hash or "", None)
-        return f"**Not done:** {message}" if message else gr.skip()
+        return f"**Not done:** {markdown_text(message)}" if message else gr.skip()
 
     # ------------------------------------------------------------------------------------------- adapters
 
@@ -357,7 +417,7 @@ class CompareEvents:
     ):
         """Load adapter (``/add_adapter``): from a local path, a Hub repo id, or an uploaded .safetensors file (kept
         on disk)."""
-        source = (source or "").strip()
+        source, kept = str(source or "").strip(), None
         try:
             if source and upload:
                 raise CompareError("give a path or Hub repo id, or upload a file, not both")
@@ -366,16 +426,20 @@ class CompareEvents:
             if upload:
                 if not (name or "").strip():
                     name = default_adapter_name(Path(upload).name, self.names())  # not the cache folder's name
-                source = str(keep_upload(upload, self.upload_dir))
-            file = self.comparer.resolve(source)  # no lock held: a slow Hub lookup holds up no grid
+                path, made = keep_upload(upload, self.upload_dir)
+                kept, source = (path if made else None), str(path)
+            file = self.sources.resolve(source)  # no lock held: a slow Hub lookup holds up no grid
             info = self.comparer.load_adapter(source, name, file)
-        except (CompareError, AdapterFileError, OSError, ValueError, RuntimeError) as err:
-            raise self.fail(request, err) from None
-        except Exception as err:  # e.g. a Hub error: show it and keep serving
+        except Exception as err:
+            if kept is not None:  # a refused upload is not kept
+                forget_upload(kept, self.upload_dir)
+            if isinstance(err, (CompareError, AdapterFileError, OSError, ValueError, RuntimeError)):
+                raise self.fail(request, err) from None
+            # e.g. a Hub error: show it and keep serving
             raise self.fail(request, f"could not load {upload or source!r}: {type(err).__name__}: {err}") from None
         adapters = self.comparer.adapters
         values = synced_slots(page_names or [], adapters)
-        status = f"Loaded **{info.name}**: {info.summary}, from `{info.source}`."
+        status = f"Loaded **{info.name}**: {info.summary}, from {code_span(info.source)}."
         return status, self.remove_choices(), self.names(), *slot_updates(adapters, values)
 
     def remove_adapter(self, data: dict, request: gr.Request = None):
@@ -415,8 +479,9 @@ class CompareEvents:
         message = f"Restored the settings of a {what}."
         if missing:
             message += f" Not loaded here: {', '.join(missing)}; add them under 'Add or remove adapters'."
-        if restored.model and restored.model != self.comparer.model:
-            message += f" It was made with base model `{restored.model}`; this page runs `{self.comparer.model}`."
+        if restored.model and restored.model != self.comparer.model:  # the PNG's text, shown as text
+            model, ours = code_span(short_text(restored.model, 200)), code_span(self.comparer.model)
+            message += f" It was made with base model {model}; this page runs {ours}."
         return *updates, message
 
     def on_load(self, page_names: list[str]):

@@ -17,7 +17,7 @@ alone carries their error status (no badge on the form). No error changes an inp
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import gradio as gr
@@ -26,6 +26,7 @@ from .app_analysis import analysis_tab
 from .app_events import CompareEvents, Results, Runs
 from .app_form import MAX_SLOTS, build_form
 from .compare import Comparer, GenerationSettings, Scorer
+from .compare.sources import AdapterSources
 
 __all__ = ["ComparePage", "analysis_tab", "banner", "build_ui", "default_upload_dir"]
 
@@ -35,8 +36,10 @@ PAGE_CSS = """
   text-overflow: clip !important; font-size: 11px; line-height: 1.2; padding: 1px 4px !important; opacity: 0.85;
 }
 #grid-image img { object-fit: contain !important; width: 100%; height: auto; }
+#grid-image .image-frame { padding-top: 40px; }
 """
-"""Gallery captions wrap instead of ending in '…', so strength and seed stay readable with many columns."""
+"""Gallery captions wrap instead of ending in '…', so strength and seed stay readable with many columns; the grid
+PNG starts below its label and buttons, which float over the image's top corners and hid the prompt's start."""
 PAGE_JS = """
 () => {
   document.addEventListener("keydown", (e) => {
@@ -87,6 +90,7 @@ def build_ui(
     scorer: Scorer | None = None,
     upload_dir: str | os.PathLike | None = None,
     host: str | None = None,
+    allow_dirs: Sequence[str | os.PathLike] = (),
 ) -> gr.Blocks:
     """The page for ``comparer``, with its queue set up (one job at a time, at most ``max_queue`` waiting).
 
@@ -95,12 +99,18 @@ def build_ui(
     Analysis tab of ``dora_diffusion.app_analysis`` plugs in here). ``scorer`` scores each column
     (``compare.make_scorer``; None: no scores). Uploaded adapters are kept in ``upload_dir`` (default
     ``default_upload_dir()``). ``host`` is where the page is served, for the banner.
+
+    The page's path box reads local files only under ``allow_dirs``, ``upload_dir`` and the local paths of the
+    adapters loaded now (``compare.sources.AdapterSources``); other text is looked up as a Hub repo id, or refused.
     """
     if settings is None:
         settings = GenerationSettings("", width=comparer.default_size, height=comparer.default_size)
     if len(comparer.adapters) > MAX_SLOTS:
         raise ValueError(f"the page shows at most {MAX_SLOTS} adapters, {len(comparer.adapters)} are loaded")
-    events = CompareEvents(comparer, Runs(), scorer, Path(upload_dir) if upload_dir else default_upload_dir())
+    upload_dir = Path(upload_dir) if upload_dir else default_upload_dir()
+    started = [a.source for a in comparer.adapters if a.file is not None and Path(a.source).exists()]
+    sources = AdapterSources([*allow_dirs, upload_dir, *started])
+    events = CompareEvents(comparer, Runs(), scorer, upload_dir, sources)
 
     with ComparePage(title=title, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"## {title}")

@@ -323,3 +323,55 @@ class FakeHub:
         for op in operations:
             data = op.path_or_fileobj
             files[op.path_in_repo] = data if isinstance(data, bytes) else Path(data).read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------- PNG files
+
+
+def png_chunk(ctype: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + ctype + data + struct.pack(">I", zlib.crc32(ctype + data))
+
+
+def text_chunk(text: str, kind: str = "zTXt", keyword: str = "parameters") -> bytes:
+    """A ``tEXt``, ``zTXt`` (level 9) or compressed ``iTXt`` chunk holding ``text``."""
+    import zlib
+
+    key = keyword.encode("latin-1") + b"\x00"
+    if kind == "tEXt":
+        return png_chunk(b"tEXt", key + text.encode("latin-1"))
+    if kind == "zTXt":
+        return png_chunk(b"zTXt", key + b"\x00" + zlib.compress(text.encode("latin-1"), 9))
+    return png_chunk(b"iTXt", key + b"\x01\x00" + b"\x00\x00" + zlib.compress(text.encode("utf-8"), 9))
+
+
+def crafted_png(path, chunks: list[bytes], width: int = 8, height: int = 8) -> int:
+    """Write an RGB PNG of ``width x height`` black pixels with ``chunks`` before its image data; its size in
+    bytes. The pixels are compressed row by row, so a huge image costs no memory to write."""
+    import struct
+    import zlib
+
+    row = b"\x00" * (1 + 3 * width)
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    data = b"\x89PNG\r\n\x1a\n" + ihdr + b"".join(chunks) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    path.write_bytes(data)
+    return len(data)
+
+
+def peak_rss_growth_mb(fn) -> tuple[float, object]:
+    """(growth of this process's peak resident memory in MiB while ``fn()`` runs, its result); Linux only."""
+    import re
+
+    def kib(field: str) -> int:
+        return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read())[1])
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    before = kib("VmRSS")
+    result = fn()
+    return (kib("VmHWM") - before) / 1024, result

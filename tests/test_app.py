@@ -7,9 +7,13 @@ pipeline of their own and watch the Comparer; ``test_app_browser.py`` starts ``p
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
+
+import gradio as gr
 
 import numpy as np
 import pytest
@@ -22,9 +26,9 @@ import dora_diffusion.compare as compare
 import dora_diffusion.compare.render as render
 from dora_diffusion import AdapterFileError
 from dora_diffusion.app_ui import analysis_tab, build_ui
-from dora_diffusion.compare import Comparer, GenerationSettings, load_base_pipeline, parse_infotext
+from dora_diffusion.compare import Comparer, GenerationSettings, infotext, load_base_pipeline, parse_infotext
 from dora_diffusion.testing import save_tiny_sdxl_pipeline
-from helpers import free_port, make_adapter_file
+from helpers import crafted_png, free_port, make_adapter_file, text_chunk
 
 PROMPT = "a photo of TOK toy"
 
@@ -55,6 +59,7 @@ def app(files):
         seeds="0-1",
         extra_tabs={"Analysis": analysis_tab},
         upload_dir=files["root"] / "uploads",
+        allow_dirs=[files["root"].parent],  # pytest's base folder: every test's tmp_path
     )
     for attempt in range(5):
         port = free_port()
@@ -314,7 +319,7 @@ def test_restore_fills_the_form_from_a_png(app, tmp_path):
     with pytest.raises(AppError, match="Invalid file type.*image"):  # refused by the upload's file_types
         client.predict(handle_file(str(tmp_path / "notes.txt")), api_name="/restore")
     (tmp_path / "fake.png").write_text("hello")
-    with pytest.raises(AppError, match="fake.png is not an image"):
+    with pytest.raises(AppError, match="fake.png is not a PNG image"):
         client.predict(handle_file(str(tmp_path / "fake.png")), api_name="/restore")
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     with pytest.raises(AppError, match="plain.png carries no generation parameters"):
@@ -421,7 +426,7 @@ def test_a_slow_hub_lookup_does_not_hold_up_grids(app, monkeypatch):
         time.sleep(4)
         raise AdapterFileError(f"{source!r}: the Hub lookup failed: ConnectError")
 
-    monkeypatch.setattr(comparer, "resolve", slow_hub)
+    monkeypatch.setattr("dora_diffusion.compare.sources.hub_file", slow_hub)  # the page's only way to the Hub
     job = Client(url, verbose=False).submit("user/some-dora", None, "", api_name="/add_adapter")
     time.sleep(0.3)
     start = time.time()
@@ -500,12 +505,12 @@ def test_toasts_keep_quotes_uploads_are_kept_and_the_banner_names_share(tmp_path
     upload = tmp_path / "cache" / "style.safetensors"
     upload.parent.mkdir()
     upload.write_bytes(b"tensors")
-    kept = keep_upload(upload, tmp_path / "kept")
+    kept, made = keep_upload(upload, tmp_path / "kept")
     upload.unlink()  # Gradio's cache goes; the copy stays
-    assert kept.read_bytes() == b"tensors" and kept.name == "style.safetensors"
+    assert made and kept.read_bytes() == b"tensors" and kept.name == "style.safetensors"
     upload.parent.mkdir(exist_ok=True)
     upload.write_bytes(b"tensors")
-    assert keep_upload(upload, tmp_path / "kept") == kept  # the same file lands on the same path
+    assert keep_upload(upload, tmp_path / "kept") == (kept, False)  # the same file lands on the same path
 
     class Device:
         type = "cpu"
@@ -533,6 +538,10 @@ def test_app_py_checks_adapters_before_loading_the_base(monkeypatch, tmp_path, c
         app_script.main(["--base", "stabilityai/stable-diffusion-xl-base-1.0", "--adapter", f"dora={missing}"])
     with pytest.raises(SystemExit, match="--adapter base=x/y: adapter name 'base' is reserved"):
         app_script.main(["--base", "some/model", "--adapter", "base=x/y"])
+    with pytest.raises(SystemExit):
+        app_script.parse_args(["--base", "some/model", "--allow_dir", str(tmp_path / "none")])
+    assert f"--allow_dir {tmp_path / 'none'}: not an existing folder" in capsys.readouterr().err
+    assert app_script.parse_args(["--base", "m", "--allow_dir", str(tmp_path)]).allow_dir == [str(tmp_path)]
 
 
 def test_a_page_opened_before_adapters_changed_is_synced_by_name():
@@ -548,3 +557,164 @@ def test_a_page_opened_before_adapters_changed_is_synced_by_name():
     assert synced_slots(["a", "b", "c"], now) == [None, FRESH_SLOT, FRESH_SLOT]
     c = SlotValues(False, 0.5, "0, 1")
     assert synced_slots(["a", "b", "c"], now, {"a": FRESH_SLOT, "c": c}) == [FRESH_SLOT, c, FRESH_SLOT]
+
+
+# ------------------------------------------------------------------------------------------------ untrusted input
+# (issue 27: what a PNG and a page visitor can do to the page)
+
+
+def test_restoring_a_crafted_1kb_png_does_not_hold_up_another_clients_generate(app, files, tmp_path):
+    """Acceptance (issue 27, high): while one client restores a PNG of under 1 KB whose text the old regular
+    expression read in time quadratic in its length (about 5 s here, holding the GIL), another client's Generate
+    takes no more than 1 s longer than it does alone; a PNG inflating to 900 KB is refused within 1 s."""
+    _, _, url = app
+    slow = tmp_path / "slow.png"
+    assert crafted_png(slow, [text_chunk("a photo\n" + "a" * 30_000)]) < 1024
+    bomb = tmp_path / "bomb.png"
+    assert crafted_png(bomb, [text_chunk("a" * 900_000)]) < 1100
+    other, attacker = Client(url, verbose=False), Client(url, verbose=False)
+
+    def timed_generate() -> float:
+        start = time.perf_counter()
+        assert len(generate(other, seeds="0", adapters={"dora": 1.0}, include_base=False, steps=1)["gallery"]) == 1
+        return time.perf_counter() - start
+
+    def beside_a_restore(png: Path, message: str) -> tuple[float, float]:
+        """(the slowest of the Generates that one client runs back to back while another restores ``png``, the
+        seconds of the restore)."""
+        times: list[float] = []
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: [times.append(timed_generate()) for _ in iter(done.is_set, True)])
+        worker.start()
+        time.sleep(0.2)  # a Generate is under way
+        start = time.perf_counter()
+        with pytest.raises(AppError, match=message):
+            attacker.predict(handle_file(str(png)), api_name="/restore")
+        restore = time.perf_counter() - start
+        done.set()
+        worker.join(timeout=60)
+        return max(times), restore
+
+    alone = min(timed_generate() for _ in range(2))
+    for png, message in ((slow, "these generation parameters have no Steps"), (bomb, "longer than 65536 bytes")):
+        beside, restore = beside_a_restore(png, message)
+        print(f"{png.name}: Generate alone {alone:.2f} s, beside the restore at most {beside:.2f} s; restore {restore:.2f} s")
+        assert beside - alone < 1.0, (png.name, alone, beside)
+        assert restore < 2.0  # the upload and the refusal
+
+
+def test_the_path_box_reveals_nothing_outside_the_allowed_folders(app, files, tmp_path):
+    """Issue 27 (medium): a visitor's path outside the allowed folders gets one message, whatever is there (a
+    file, its first bytes, its size, a folder of .safetensors, nothing); inside them, errors stay precise."""
+    client, comparer, _ = app
+    outside = Path(tempfile.mkdtemp(prefix="dora-outside-"))  # not under pytest's base folder
+    try:
+        (outside / "secret.safetensors").write_bytes((123456789).to_bytes(8, "little") + b"{secret}")
+        (outside / "a.safetensors").write_bytes(b"x")
+        link = tmp_path / "link.safetensors"  # inside an allowed folder, pointing out of it
+        link.symlink_to(outside / "secret.safetensors")
+        paths = [
+            "/etc/passwd", "/etc/no-such-file", "/proc/self/environ", "/etc", str(outside),
+            str(outside / "secret.safetensors"), str(outside / "missing.safetensors"),
+            f"{files['root']}/../../../../../../etc/passwd", str(link),
+        ]  # fmt: skip
+        messages = []
+        for path in paths:
+            with pytest.raises(AppError) as err:
+                client.predict(path, None, "", api_name="/add_adapter")
+            messages.append(str(err.value).replace(repr(path), "PATH"))
+        assert len(set(messages)) == 1, messages
+        assert "is not under a folder this page loads adapters from" in messages[0]
+        for leak in ("123456789", "secret", "bytes", "a.safetensors", "root:"):
+            assert leak not in messages[0]
+        hub_like = []  # text of the form owner/name is a Hub id, never a local path (this test's cwd has tests/)
+        for text in ("tests/helpers.py", "tests/no_such_file.py"):
+            with pytest.raises(AppError) as err:
+                client.predict(text, None, "", api_name="/add_adapter")
+            hub_like.append(str(err.value).replace(text, "TEXT"))
+        assert hub_like[0] == hub_like[1]
+        assert [a.name for a in comparer.adapters][:2] == ["dora", "lora"]
+    finally:
+        shutil.rmtree(outside)
+
+
+def test_errors_kept_per_session_are_bounded_and_refused_uploads_are_deleted(app, files, tmp_path):
+    """Issue 27 (medium): 450 failing calls with 100 KB of text each kept +227 MB; refused uploads stayed."""
+    from types import SimpleNamespace
+
+    from dora_diffusion.app_events import MAX_KEPT_ERRORS, MAX_MESSAGE_LENGTH, CompareEvents, Runs
+    from dora_diffusion.compare.sources import AdapterSources
+
+    client, comparer, _ = app
+    events = CompareEvents(comparer, Runs(), None, tmp_path / "up", AdapterSources([tmp_path]))
+    for i in range(450):
+        with pytest.raises(gr.Error) as err:
+            events.load_adapter(str(tmp_path / ("x" * 100_000)), None, "", request=SimpleNamespace(session_hash=f"s{i}"))
+        assert len(err.value.message) <= MAX_MESSAGE_LENGTH + 2
+    assert len(events._errors) == MAX_KEPT_ERRORS
+    assert sum(len(m) for m in events._errors.values()) <= MAX_KEPT_ERRORS * MAX_MESSAGE_LENGTH
+
+    uploads = files["root"] / "uploads"
+    before = sorted(p.relative_to(uploads) for p in uploads.rglob("*")) if uploads.exists() else []
+    notes = tmp_path / "notes.safetensors"
+    notes.write_bytes(b"these are my notes, not tensors")
+    with pytest.raises(AppError):
+        client.predict("", handle_file(str(notes)), "", api_name="/add_adapter")
+    assert sorted(p.relative_to(uploads) for p in uploads.rglob("*")) == before  # nothing of it is kept
+    # a file the app did not put there in this call is never deleted, even when its load fails
+    from dora_diffusion.app_events import keep_upload
+
+    kept, made = keep_upload(notes, uploads)
+    with pytest.raises(AppError):
+        client.predict("", handle_file(str(notes)), "", api_name="/add_adapter")
+    assert made and kept.read_bytes() == notes.read_bytes()
+    shutil.rmtree(kept.parent)
+
+
+def test_a_long_prompt_is_refused_and_png_text_shows_as_text(app, tmp_path):
+    """Issue 27: a prompt over 2000 characters is refused at once (a 1 MB one held the render slot for 192 s); a
+    PNG's Model text is shown as plain text (no link, no remote image); error toasts carry no HTML."""
+    client, _, _ = app
+    start = time.perf_counter()
+    with pytest.raises(AppError, match="the prompt is 3000 characters long, more than the limit of 2000"):
+        client.predict("p" * 3000, "", "0", 2, 5.0, 64, 64, "Default", True, {}, api_name="/generate")
+    assert time.perf_counter() - start < 2.0
+    model = "![x](http://127.0.0.1:9/x.png) [link](http://e.example) <img src=http://e.example/y.png> `code`"
+    png = tmp_path / "model.png"
+    text = infotext(GenerationSettings(PROMPT, width=64, height=64), compare.Cell(0, 0, 1, compare.Column(None)), model)
+    crafted_png(png, [text_chunk(text)])
+    *_, message = client.predict(handle_file(str(png)), api_name="/restore")
+    assert f"It was made with base model `` {model} ``;" in message  # a code span: shown as it is, nothing rendered
+    bad = tmp_path / "bad.png"
+    crafted_png(bad, [text_chunk(text.replace("Steps: 25", "Steps: <img src=http://e.example/z.png>"))])
+    with pytest.raises(AppError) as err:
+        client.predict(handle_file(str(bad)), api_name="/restore")
+    assert "&lt;img src=http://e.example/z.png&gt;" in str(err.value) and "<img" not in str(err.value)
+
+
+def test_huge_form_fields_are_refused_quickly_with_short_messages(app, files):
+    """The adversarial pass on the form (issue 27): each bad request is an error within 1 s whose message is at
+    most 1000 characters, and a server path passed as an upload is refused by Gradio (nothing is read)."""
+    client, comparer, url = app
+    sweep = ", ".join(f"{i / 100_000:g}" for i in range(1, 20_001))  # was a 4 s quadratic duplicate check
+    cases = [
+        (lambda: generate(client, seeds="0", adapters={"dora": sweep}), "20001 images, more than the limit of 64"),
+        (lambda: generate(client, seeds="1 " * 500_000), "500000 seeds are more than the limit of 64"),
+        (lambda: generate(client, seeds="9" * 5000), "is larger than 18446744073709551615"),
+        (lambda: client.predict(str(files["extra"]), None, "n" * 1_000_000, api_name="/add_adapter"),
+         "must be 1 to 64 letters"),
+        (lambda: client.predict("x" * 1_000_000, api_name="/remove_adapter"), "no adapter named"),
+    ]  # fmt: skip
+    for call, message in cases:
+        start = time.perf_counter()
+        with pytest.raises(AppError, match=message) as err:
+            call()
+        assert time.perf_counter() - start < 1.5 and len(str(err.value)) <= 1010, message
+    import httpx
+
+    file_data = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}, "orig_name": "p.safetensors"}
+    for api, data in (("add_adapter", ["", file_data, "", []]), ("restore", [file_data, []])):
+        event = httpx.post(f"{url}gradio_api/call/{api}", json={"data": data}, timeout=30).json()["event_id"]
+        reply = httpx.get(f"{url}gradio_api/call/{api}/{event}", timeout=30).text
+        assert reply.startswith("event: error") and "root:" not in reply
+    assert [a.name for a in comparer.adapters][:2] == ["dora", "lora"]

@@ -50,7 +50,7 @@ def server(tmp_path_factory):
     log = open(root / "app.log", "w")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, str(REPO / "app.py"), "--base", str(model), "--adapter", f"dora={dora}",
-           "--adapter", f"lora={lora}", "--port", str(port), "--num_threads", "1"]  # fmt: skip
+           "--adapter", f"lora={lora}", "--port", str(port), "--num_threads", "1", "--allow_dir", str(root)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -170,6 +170,12 @@ def test_failed_load_and_restore_leave_the_form_as_it_was(page, tmp_path):
     expect(toast).to_contain_text("'no-such-adapter' is not an existing file or directory")  # first quote kept
     expect(toast).to_contain_text("Hub repo id 'owner/name'.")  # and the last
     expect(page.locator("#message")).to_contain_text("Not done: 'no-such-adapter' is not an existing file")
+    # text from a visitor (or a PNG, or a file) is shown as text: no HTML in the toast, no Markdown on the page
+    page.locator("#add-source textarea, #add-source input").first.fill("/etc/<b>x</b><img src=http://127.0.0.1:9/x.png>")
+    page.click("#add-adapter")
+    expect(toast.filter(has_text="<img src=http://127.0.0.1:9/x.png>")).to_have_count(1)
+    expect(page.locator("#message")).to_contain_text("<b>x</b><img src=")
+    assert page.locator(".toast-body img, .toast-body b, #message img").count() == 0
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     page.get_by_text("Restore settings from a PNG made here").click()
@@ -198,6 +204,17 @@ def test_failed_load_and_restore_leave_the_form_as_it_was(page, tmp_path):
     page.get_by_role("tab", name="Grid PNG").click()
     expect(page.locator("#grid-image img")).to_have_count(1)
     _screenshot(page, tmp_path, "app_sweep_grid.png")
+    # issue 26: the label and the buttons float over the image's top corners; the image (its title) starts below
+    # them, on a desktop and on a phone
+    geometry = """() => { const r = s => document.querySelector(s).getBoundingClientRect();
+        return [r("#grid-image label").bottom, r("#grid-image .icon-button-wrapper").bottom, r("#grid-image img").top]; }"""
+    for width in (1400, 390):
+        page.set_viewport_size({"width": width, "height": 1000})
+        page.wait_for_timeout(300)
+        label_bottom, buttons_bottom, image_top = page.evaluate(geometry)
+        assert label_bottom <= image_top and buttons_bottom <= image_top, (width, label_bottom, buttons_bottom, image_top)
+    page.locator("#grid-image").screenshot(path=str(tmp_path / "grid_phone.png"))
+    page.set_viewport_size({"width": 1400, "height": 1000})
 
     # removing an adapter hides its slot; the others keep their ticks, strengths and sweeps
     page.get_by_role("tab", name="Cells").click()

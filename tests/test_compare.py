@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import struct
+import time
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -41,9 +46,13 @@ from dora_diffusion.compare import (
     save_png,
     scheduler_from_a1111,
 )
+from dora_diffusion.compare import grid_image
 from dora_diffusion.compare.differences import shared_gain
+from dora_diffusion.compare.grid_image import shrink_factor
+from dora_diffusion.compare.infotext import _fields
+from dora_diffusion.compare.plan import MAX_PROMPT_LENGTH
 from dora_diffusion.testing import TINY_RESOLUTION, save_tiny_sdxl_pipeline
-from helpers import make_adapter_file
+from helpers import crafted_png, make_adapter_file, peak_rss_growth_mb, png_chunk, text_chunk
 
 TINY = GenerationSettings("a photo of TOK toy", num_inference_steps=2, width=TINY_RESOLUTION, height=TINY_RESOLUTION)
 
@@ -366,11 +375,184 @@ def test_png_parameters_round_trip_and_bad_files(tmp_path):
     assert read_parameters(path) == "a prompt\nSteps: 2, Sampler: Euler, CFG scale: 5"
     assert np.asarray(Image.open(path)).tolist() == np.asarray(_solid((1, 2, 3))).tolist()
     (tmp_path / "notes.png").write_text("not an image")
-    with pytest.raises(CompareError, match="notes.png is not an image"):
+    with pytest.raises(CompareError, match="notes.png is not a PNG image"):
         read_parameters(tmp_path / "notes.png")
     _solid(0).save(tmp_path / "plain.png")
     with pytest.raises(CompareError, match="plain.png carries no generation parameters"):
         read_parameters(tmp_path / "plain.png")
+
+
+# ------------------------------------------------------------------------------------------------ untrusted PNG text
+# (issue 27: a PNG's text is typed by whoever made the file; every read of it is linear and capped)
+
+CELL_TEXT = infotext(TINY, Cell(0, 1, 42, Column("dora", 0.5)), "tiny", "runs/dora")
+LONG = 20_000  # the quadratic expression took 2 to 13 s on this many characters here, the linear reader milliseconds
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "a" * LONG,  # one run of key characters with no ':' (the expression retried it at each character)
+        "ab " * (LONG // 3),
+        "a-/+ " * (LONG // 5),
+        'k: "' + "x" * LONG,  # an unclosed quote
+        'k: "x, ' * (LONG // 7),
+        "k:" * (LONG // 2),
+        "Steps: 2, CFG scale: 5, " + "b" * LONG + ", Seed: 1",
+    ],
+    ids=["key-run", "words", "key-punctuation", "open-quote", "open-quotes", "empty-values", "inside-fields"],
+)
+def test_parse_infotext_takes_linear_time(line):
+    start = time.perf_counter()
+    parse_infotext(f"a prompt\n{line}")
+    assert time.perf_counter() - start < 0.25
+
+
+def test_parse_infotext_reads_what_the_a1111_expression_reads():
+    """Differential: on 3000 random short lines of the characters that matter, the linear reader finds the same
+    keys and values as the regular expression it replaces (A1111's, with '+' in keys)."""
+    import random
+    import re
+
+    expression = re.compile(r'\s*([\w][\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+    rng = random.Random(0)
+    alphabet = 'ab :,"\\-/+\t1é'
+    for _ in range(3000):
+        line = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+        expected = [(k, v) for k, v in expression.findall(line)]
+        assert [(k, v) for k, v, _ in _fields(line)] == expected, line
+
+
+def test_a_1kb_png_of_900kb_text_is_refused_before_any_parse(tmp_path):
+    """Issue 27 (high): a zTXt chunk of under 1 KB inflating to 900 KB. The reader stops inflating at the limit."""
+    path = tmp_path / "bomb.png"
+    assert crafted_png(path, [text_chunk("a" * 900_000)]) < 1100
+    start = time.perf_counter()
+    growth, _ = peak_rss_growth_mb(lambda: pytest.raises(CompareError, read_parameters, path))
+    with pytest.raises(CompareError, match=r"'parameters' text of bomb.png is longer than 65536 bytes"):
+        read_parameters(path)
+    assert time.perf_counter() - start < 0.5 and growth < 8
+    with pytest.raises(CompareError, match="are 900000 characters long, more than 65536"):
+        restore_form("a" * 900_000)  # the text itself (an API caller's) is refused before it is parsed
+
+
+def test_reading_png_text_decodes_no_pixels(tmp_path):
+    """Issue 27 (low): a 4096 x 4096 PNG of about 50 KB decodes to 48 MiB; its text is read in under 8 MiB. A
+    200-megapixel PNG (over PIL's 179 MP limit) is read too: its pixels are never looked at."""
+    path = tmp_path / "big.png"
+    size = crafted_png(path, [text_chunk(CELL_TEXT)], 4096, 4096)
+    assert size < 100_000
+    growth, text = peak_rss_growth_mb(lambda: read_parameters(path))
+    assert text == CELL_TEXT and growth < 8
+    huge = tmp_path / "huge.png"
+    crafted_png(huge, [text_chunk(CELL_TEXT, "tEXt")], 8, 8)
+    data = bytearray(huge.read_bytes())
+    data[8:33] = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 20_000, 10_000, 8, 2, 0, 0, 0))  # 200 MP
+    huge.write_bytes(bytes(data))
+    assert restore_form(read_parameters(huge)).seeds == (42,)
+
+
+def _png(tmp_path, chunks, name="x.png", after=()):
+    path = tmp_path / name
+    crafted_png(path, list(chunks))
+    if after:  # chunks after the image data (PNG allows text there)
+        data = path.read_bytes()
+        path.write_bytes(data[:-12] + b"".join(after) + data[-12:])
+    return path
+
+
+def test_png_text_chunks_of_every_kind_and_damaged_ones(tmp_path):
+    """The adversarial pass on the PNG reader: each case gives the text, or one CompareError naming the damage."""
+    prompt = "a photo of TOK toy 🧸 über"
+    text = infotext(GenerationSettings(prompt, width=64, height=64), Cell(0, 0, 3, Column(None)), "tiny")
+    assert read_parameters(_png(tmp_path, [text_chunk(text, "iTXt")])) == text  # UTF-8 (PIL writes iTXt for it)
+    latin = CELL_TEXT.replace("a photo", "à photo")
+    for kind in ("tEXt", "zTXt"):
+        assert read_parameters(_png(tmp_path, [text_chunk(latin, kind)])) == latin
+    assert read_parameters(_png(tmp_path, [], after=[text_chunk(CELL_TEXT)])) == CELL_TEXT  # after IDAT
+    others = [text_chunk("x" * 50, "tEXt", f"k{i}") for i in range(5000)]
+    start = time.perf_counter()
+    assert read_parameters(_png(tmp_path, [*others, text_chunk(CELL_TEXT)])) == CELL_TEXT  # 5000 other chunks
+    assert time.perf_counter() - start < 1.0
+
+    cases = {
+        "two": ([text_chunk(CELL_TEXT), text_chunk(CELL_TEXT, "tEXt")], "carries two 'parameters' texts"),
+        "crc": ([text_chunk(CELL_TEXT)[:-1] + b"\x00"], r"checksum \(CRC\) does not match"),
+        "zlib": ([png_chunk(b"zTXt", b"parameters\x00\x00not zlib data")], "its compressed text does not inflate"),
+        "cut-zlib": ([png_chunk(b"zTXt", b"parameters\x00\x00" + zlib.compress(bytes(range(256)) * 4)[:40])], "ends early"),
+        "method": ([png_chunk(b"zTXt", b"parameters\x00\x07" + zlib.compress(b"x"))], "unknown compression method"),
+        "utf8": ([png_chunk(b"iTXt", b"parameters\x00\x00\x00\x00\x00\xff\xfe")], "is not valid UTF-8"),
+        "itxt-head": ([png_chunk(b"iTXt", b"parameters\x00\x00")], "ends inside its header"),
+        "huge-tEXt": ([text_chunk("a" * 70_000, "tEXt")], "is 70011 bytes, longer than 65536"),
+        "length": ([b"\xff\xff\xff\xffzTXtparameters\x00"], r"claims 4294967295 bytes"),
+    }
+    for name, (chunks, message) in cases.items():
+        with pytest.raises(CompareError, match=message):
+            read_parameters(_png(tmp_path, chunks, f"{name}.png"))
+    cut = _png(tmp_path, [text_chunk(CELL_TEXT)], "cut.png")
+    cut.write_bytes(cut.read_bytes()[:60])  # the file ends inside the parameters chunk
+    with pytest.raises(CompareError, match="the file ends inside it"):
+        read_parameters(cut)
+    for name, data in {"empty.png": b"", "jpeg.png": b"\xff\xd8\xff\xe0" + b"\x00" * 100}.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CompareError, match=f"{name} is not a PNG image"):
+            read_parameters(tmp_path / name)
+    many = tmp_path / "many.png"
+    many.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"abCd", b"") * 100_001)
+    start = time.perf_counter()
+    with pytest.raises(CompareError, match="has more than 100000 chunks"):
+        read_parameters(many)
+    assert time.perf_counter() - start < 2.0
+    with pytest.raises(CompareError, match="x.png is not a PNG image|cannot be read"):
+        read_parameters(tmp_path)  # a folder
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"Seeds": "0-2000000"}, "2000001 seeds are more than the limit of 1024"),
+        ({"Seed": "1" * 5000}, "is larger than 18446744073709551615"),
+        ({"Seed": "-5"}, "'-5' is not a seed"),
+        ({"Adapter strength": "nan"}, "strength of 'dora' must be a number from 0 to 2, got nan"),
+        ({"Adapter strength": "1e308"}, "must be a number from 0 to 2"),
+        ({"Adapter": "![x](http://127.0.0.1:1/x.png)"}, "adapter name .* must be 1 to 64 letters"),
+        ({"Columns": "base, dora 1, ![y](http://e) 1"}, "adapter name .* must be 1 to 64 letters"),
+        ({"Columns": "dora inf"}, "must be a number from 0 to 2, got inf"),
+        ({"Size": "99999x64"}, "width must be a multiple of 8 from 64 to 2048"),
+        ({"Steps": "100000"}, "steps must be from 1 to 150"),
+        ({"CFG scale": "nan"}, "guidance scale must be a number"),
+        ({"Model": '"\\q"'}, r"the value of 'Model' is not a readable quoted string"),
+    ],
+)
+def test_restored_numbers_and_names_are_checked_as_the_form_checks_them(change, message):
+    p = parse_infotext(CELL_TEXT)
+    if "Seeds" in change or "Columns" in change:
+        p = {**p, "Seeds": "0", "Columns": "dora 1"}
+    p = {**p, **change}
+    quote = lambda v: json.dumps(v) if any(c in v for c in ",:") else v  # noqa: E731  (as infotext writes)
+    fields = ", ".join(f"{k}: {quote(v)}" for k, v in p.items() if k not in ("Prompt", "Negative prompt"))
+    start = time.perf_counter()
+    with pytest.raises(CompareError, match=message):
+        restore_form(f"{p['Prompt']}\n{fields}")
+    assert time.perf_counter() - start < 0.5
+
+
+def test_prompt_length_and_grid_size_are_capped(monkeypatch):
+    """Issue 27: a 1 MB prompt held the render slot for 192 s and built a 124-megapixel grid PNG."""
+    GenerationSettings("p" * MAX_PROMPT_LENGTH)
+    with pytest.raises(CompareError, match="the prompt is 2001 characters long, more than the limit of 2000"):
+        GenerationSettings("p" * (MAX_PROMPT_LENGTH + 1))
+    with pytest.raises(CompareError, match="the negative prompt is 1000000 characters long"):
+        GenerationSettings("p", "n" * 1_000_000)
+    cells = [[_solid(0, (64, 64))]]
+    short = compose_grid(cells, ["seed 0"], [["base"]], "word " * 40, zoom=4)
+    longest = compose_grid(cells, ["seed 0"], [["base"]], "word " * 400, zoom=4)
+    assert longest.size == short.size == (short.size[0], short.size[1])  # four title lines at most
+    assert short.size[0] * short.size[1] < 500_000
+    assert shrink_factor(8, 8, 2048, 2048) == 2 and shrink_factor(8, 8, 1024, 1024) == 1
+    monkeypatch.setattr(grid_image, "MAX_GRID_PIXELS", 4 * 32 * 32)
+    grid = compose_grid([[_solid(0, (64, 64))] * 2] * 2, ["0", "1"], [["a"], ["b"]])
+    assert grid.size[1] < 2 * 64  # the cells were shrunk to 32 x 32
 
 
 # ------------------------------------------------------------------------------------------------ rendering

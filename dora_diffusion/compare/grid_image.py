@@ -11,6 +11,10 @@ from .plan import Column
 
 GRID_MIN_SIDE = 256
 """Smaller images are zoomed (nearest neighbour, a whole factor) to at least this size in the grid PNG."""
+TITLE_MAX_LINES = 4
+"""Most lines of the prompt drawn above a grid; a longer prompt ends in '…' (the PNG's text holds it whole)."""
+MAX_GRID_PIXELS = 89_478_485
+"""Largest grid PNG (PIL's decompression-bomb warning threshold); larger grids get their cells shrunk."""
 MISSING_FILL = (232, 232, 232)
 """Colour of a cell that was not rendered (a grid stopped early)."""
 
@@ -51,6 +55,23 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
     return lines
 
 
+def _cut(draw: ImageDraw.ImageDraw, line: str, font, width: int) -> str:
+    """``line`` with '…' at its end, cut to fit ``width`` pixels."""
+    line = line[: max(1, width // max(1, font.size // 3))]  # never measure more characters than can fit
+    while line and draw.textlength(line + " …", font=font) > width:
+        line = line[: len(line) * 9 // 10]
+    return f"{line} …"
+
+
+def shrink_factor(n_rows: int, n_cols: int, width: int, height: int) -> int:
+    """Whole factor that brings ``n_rows x n_cols`` cells of ``width x height`` under ``MAX_GRID_PIXELS`` (1 if
+    they are)."""
+    k = 1
+    while n_rows * n_cols * (width // k) * (height // k) > MAX_GRID_PIXELS:
+        k += 1
+    return k
+
+
 def compose_grid(
     images: Sequence[Sequence[Image.Image | None]],
     row_labels: Sequence[str],
@@ -62,8 +83,9 @@ def compose_grid(
 
     All images have one size; a ``None`` (a cell not rendered) is drawn as a light grey box. A column is as wide
     as the wider of its image and its legend, with the image centred; a ``title`` (the prompt) is wrapped above
-    the legends. Pixels are copied as they are, each repeated ``zoom`` x ``zoom`` times (nearest neighbour) to
-    make small images legible.
+    the legends (at most ``TITLE_MAX_LINES`` lines). Pixels are copied as they are, each repeated ``zoom`` x
+    ``zoom`` times (nearest neighbour) to make small images legible; cells that would make the grid larger than
+    ``MAX_GRID_PIXELS`` are shrunk by a whole factor (box filter).
     """
     present = [im for row in images for im in row if im is not None]
     if not images or not images[0] or not present:
@@ -73,6 +95,8 @@ def compose_grid(
         raise ValueError(f"{n_rows}x{n_cols} images need {n_rows} row labels and {n_cols} column labels")
     size = present[0].size
     w, h = size[0] * zoom, size[1] * zoom
+    shrink = shrink_factor(n_rows, n_cols, w, h)
+    w, h = w // shrink, h // shrink
     font = _font(max(12, min(32, min(w, h) // 16)))
     pad, gap = font.size // 2, max(2, min(w, h) // 64)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -83,6 +107,8 @@ def compose_grid(
     header_h = max(len(lines) for lines in column_labels) * line_h + 2 * pad
     grid_w = legend_w + sum(col_w) + gap * (n_cols - 1)
     title_lines = _wrap(probe, title, font, grid_w - 2 * pad) if title else []
+    if len(title_lines) > TITLE_MAX_LINES:
+        title_lines = title_lines[: TITLE_MAX_LINES - 1] + [_cut(probe, title_lines[TITLE_MAX_LINES - 1], font, grid_w - 2 * pad)]
     title_h = len(title_lines) * line_h + (pad if title_lines else 0)
     grid_h = title_h + header_h + n_rows * h + gap * (n_rows - 1)
 
@@ -109,8 +135,8 @@ def compose_grid(
                     raise ValueError(
                         f"image [{r}][{c}] is {image.size[0]}x{image.size[1]}, the first is {size[0]}x{size[1]}"
                     )
-                if zoom != 1:
-                    image = image.resize((w, h), Image.Resampling.NEAREST)
+                if image.size != (w, h):  # zoomed (nearest neighbour), or shrunk to fit MAX_GRID_PIXELS
+                    image = image.resize((w, h), Image.Resampling.NEAREST if shrink == 1 else Image.Resampling.BOX)
                 canvas.paste(image.convert("RGB"), (left, y))
             x += col_w[c] + gap
     return canvas

@@ -10,7 +10,8 @@ import torch
 
 from .plan import CompareError, check_adapter_name, default_adapter_name, parse_adapter_arg
 
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+"""The form of a Hugging Face Hub repo id, ``owner/name``."""
 
 
 def dtype_keyword() -> str:
@@ -51,7 +52,7 @@ def check_adapter_args(texts: Sequence[str]) -> list[tuple[str, str, Path | None
         try:
             name, source = parse_adapter_arg(text)
             name = check_adapter_name(name, taken) if name else default_adapter_name(source, taken)
-            local = Path(source).exists() or not _HUB_ID.fullmatch(source)
+            local = Path(source).exists() or not HUB_ID.fullmatch(source)
             file = resolve_file(source) if local else None
             if file is not None and file.suffix.lower() in PICKLE_SUFFIXES:
                 refuse_pickle(file)

@@ -21,6 +21,8 @@ MAX_STRENGTH = 2.0
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MIN_SIDE, MAX_SIDE = 64, 2048
+MAX_PROMPT_LENGTH = 2000
+"""Longest prompt or negative prompt, in characters (CLIP reads the first 77 tokens, about 300 characters)."""
 BASE_LABEL = "base"
 """Column label of the base model; no adapter may take this name."""
 
@@ -63,8 +65,12 @@ def parse_seeds(text: str, max_count: int | None = None) -> list[int]:
     items = [t for t in re.split(r"[,\s]+", text) if t]
     if not items:
         raise CompareError("enter at least one seed, e.g. '0, 7, 42' or a range '0-3'")
+    if max_count is not None and len(items) > max_count:  # before reading them one by one
+        raise CompareError(f"{len(items)} seeds are more than the limit of {max_count}; list fewer seeds")
     spans: list[tuple[int, int]] = []
     for item in items:
+        if len(max(re.findall("[1-9][0-9]*", item), key=len, default="")) > len(str(MAX_SEED)):
+            raise CompareError(f"a seed in '{item[:40]}…' is larger than {MAX_SEED}, the largest seed torch accepts")
         if _INT.fullmatch(item):
             lo = hi = int(item)
         elif m := _RANGE.fullmatch(item):
@@ -106,6 +112,7 @@ def parse_strengths(text: str, name: str = "adapter") -> list[float]:
     An empty text gives ``[]`` (no sweep: the slider's single strength is used).
     """
     values: list[float] = []
+    seen: set[float] = set()
     for item in (t for t in re.split(r"[,\s]+", str(text).strip()) if t):
         try:
             k = float(item)
@@ -114,8 +121,9 @@ def parse_strengths(text: str, name: str = "adapter") -> list[float]:
                 f"{item!r} in the strengths of {name!r} is not a number; write e.g. '0, 0.5, 1, 1.5'"
             ) from None
         k = check_strength(name, k)
-        if k in values:
+        if k in seen:
             raise CompareError(f"strength {k:g} of {name!r} is listed twice; each strength is one column")
+        seen.add(k)
         values.append(k)
     return values
 
@@ -174,6 +182,14 @@ class GenerationSettings:
     scheduler: str = "Default"
 
     def __post_init__(self) -> None:
+        for label, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt)):
+            if not isinstance(text, str):
+                raise CompareError(f"the {label} must be text, got {type(text).__name__}")
+            if len(text) > MAX_PROMPT_LENGTH:
+                raise CompareError(
+                    f"the {label} is {len(text)} characters long, more than the limit of {MAX_PROMPT_LENGTH} (CLIP "
+                    "reads only its first 77 tokens, about 300 characters); shorten it"
+                )
         steps, width, height = self.num_inference_steps, self.width, self.height
         numbers = (("steps", steps), ("width", width), ("height", height), ("guidance scale", self.guidance_scale))
         for label, value in numbers:

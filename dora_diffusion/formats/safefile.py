@@ -307,6 +307,11 @@ def hub_unreachable(timeout: float = HUB_CONNECT_TIMEOUT) -> str | None:
     return None
 
 
+def hub_file(repo_id: str, weight_name: str | None = None, **hub_kwargs) -> Path:
+    """The adapter file of Hub repo ``repo_id``, downloaded once; never a local path, even one spelt the same."""
+    return _download(repo_id, weight_name, **hub_kwargs)
+
+
 def _download(repo_id: str, weight_name: str | None, **hub_kwargs) -> Path:
     """Fetch an adapter file from the Hugging Face Hub (the path for users; unreachable in tests)."""
     missing = f"{repo_id!r} is not an existing file or directory"
