@@ -52,7 +52,7 @@ def work(tmp_path_factory) -> Path:
 
 def argv(work: Path, output: str, *extra: str, steps: int = 4) -> list[str]:
     """Flags shared by the runs: random flips and dropout (so RNG matters), warm-up (so the schedule state
-    matters), accumulation over an epoch boundary (3 images, 2 per step)."""
+    matters), accumulation over an epoch boundary (3 images, 2 per step); no validation unless ``extra`` asks."""
     return [
         "--pretrained_model_name_or_path", str(work / "model"),
         "--dataset", str(work / "data"),
@@ -69,6 +69,7 @@ def argv(work: Path, output: str, *extra: str, steps: int = 4) -> list[str]:
         "--max_train_steps", str(steps),
         "--checkpointing_steps", "2",
         "--report_to", "none",
+        "--validation_prompt", "none",  # validation costs 4 images x 25 steps a run; tests that check it pass VALIDATION
         *extra,
     ]  # fmt: skip
 
