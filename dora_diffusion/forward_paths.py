@@ -74,7 +74,8 @@ class Call:
         running = tuple((a, a.strength) for a in layer.adapters.values() if a.strength)
         hooked = _has_hooks(layer.base_layer)
         grad_mode = torch.is_grad_enabled()
-        base_grad = grad_mode and any(p.requires_grad for p in layer.base_layer.parameters(recurse=False))
+        bias = layer.geometry.bias
+        base_grad = grad_mode and (w.requires_grad or (bias is not None and bias.requires_grad))
         return cls(
             x=x,
             base_in=x if autocast or x.dtype == w.dtype else x.to(w.dtype),

@@ -123,17 +123,24 @@ def _data_end(header: dict) -> int:
     return max((int(info["data_offsets"][1]) for key, info in header.items() if key != "__metadata__"), default=0)
 
 
+def open_nonblocking(path: str | os.PathLike) -> tuple[int, os.stat_result]:
+    """Open ``path`` read-only without blocking (a FIFO cannot hang the open) and ``fstat`` the descriptor: the
+    caller checks that it is a regular file on what it opened, and closes ``fd`` if not. ``OSError`` passes through
+    (``ENXIO`` for a socket, ``EISDIR`` for a folder where the system refuses to open one)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    return fd, os.fstat(fd)
+
+
 def _open_regular(path: Path) -> tuple[int, int]:
     """Open ``path`` for reading without blocking; returns (fd, size). Refuses FIFOs, devices and folders."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        fd, st = open_nonblocking(path)
     except IsADirectoryError:
         raise AdapterFileError(f"{path} is a directory, not a safetensors file") from None
     except OSError as err:
         if err.errno != errno.ENXIO:  # ENXIO: a socket
             raise
         raise AdapterFileError(f"{path} is not a regular file (a socket); an adapter must be a regular .safetensors file") from None
-    st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"

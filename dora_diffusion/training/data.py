@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..extras import require
+from ..formats.safefile import open_nonblocking
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +102,11 @@ def open_dataset_file(path: str | os.PathLike, root: Path) -> BinaryIO:
     ``root`` and ``NotRegularFile`` if it is not a regular file (checked on the open descriptor)."""
     real = inside(path, root)
     try:
-        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        fd, st = open_nonblocking(real)
     except OSError as err:
         if err.errno in (errno.ENXIO, errno.EISDIR):  # a socket; a folder (Windows)
             raise NotRegularFile(f"{path} is not a regular file (a socket or folder)") from None
         raise
-    st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or not os.path.samestat(st, os.stat(real)):  # swapped since the check: refuse
         os.close(fd)
         kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
