@@ -4,7 +4,7 @@
     python app.py --base stabilityai/stable-diffusion-xl-base-1.0 --adapter dora=runs/dora --adapter lora=runs/lora
     python app.py --demo        # offline on the CPU: the toy world's model, a DoRA and a LoRA trained on a subject
 
-The page is built by ``dora_diffusion.app_ui``; planning, rendering, infotext, differences and scores live in
+The page is built by ``dora_diffusion.app.ui``; planning, rendering, infotext, differences and scores live in
 ``dora_diffusion.compare``.
 """
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from dora_diffusion import AdapterFileError
-    from dora_diffusion.app_ui import analysis_tab, build_ui
+    from dora_diffusion.app.ui import analysis_tab, build_ui
     from dora_diffusion.compare import (
         CompareError,
         Comparer,

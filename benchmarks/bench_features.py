@@ -69,7 +69,7 @@ def train(subject, variant: str, seed: int, work: Path, steps: int) -> Path:
 def evaluate(subject, adapter: Path, variant: str) -> dict[str, float]:
     from dora_diffusion import toyworld
     from dora_diffusion.toyworld.finetune import sample
-    from dora_diffusion.training.pivotal import replace_abstractions, token_plan
+    from dora_diffusion.training.step.pivotal import replace_abstractions, token_plan
 
     pipe = toyworld.load_pipeline()
     pipe.load_dora_weights(adapter)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import interleaved_times, machine_line, peak_bytes, pin_malloc  # noqa: E402
 
 from dora_diffusion import AdapterConfig, add_adapter  # noqa: E402
-from dora_diffusion.inject import adapted_layers, set_recompute  # noqa: E402
+from dora_diffusion.core.inject import adapted_layers, set_recompute  # noqa: E402
 
 PEFT_TARGETS = {
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],

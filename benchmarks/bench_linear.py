@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_layers import train_step  # noqa: E402
 from common import interleaved_times, machine_line  # noqa: E402
 
-from dora_diffusion.layers import AdapterSpec, wrap  # noqa: E402
+from dora_diffusion.core.layers import AdapterSpec, wrap  # noqa: E402
 
 # name, d_in, d_out, bias, tokens
 SHAPES = [

@@ -36,7 +36,7 @@ from bench_unet import build_unet, perturb_b, step, unet_inputs  # noqa: E402
 from common import machine_line, paired_ratio, peak_bytes, pin_malloc  # noqa: E402
 
 from dora_diffusion import AdapterConfig, add_adapter, set_recompute, trainable_parameters  # noqa: E402
-from dora_diffusion.inject import adapted_layers  # noqa: E402
+from dora_diffusion.core.inject import adapted_layers  # noqa: E402
 
 COMPARISONS = (
     ("train dora/lora", "train", "dora", "lora"),

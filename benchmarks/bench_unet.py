@@ -29,7 +29,7 @@ from common import interleaved_times, machine_line  # noqa: E402
 
 import dora_diffusion  # noqa: E402
 from dora_diffusion import AdapterConfig, add_adapter, trainable_parameters  # noqa: E402
-from dora_diffusion.inject import adapted_layers, remove_all, set_recompute  # noqa: E402
+from dora_diffusion.core.inject import adapted_layers, remove_all, set_recompute  # noqa: E402
 
 SDXL_UNET = dict(
     sample_size=128,

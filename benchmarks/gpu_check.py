@@ -36,7 +36,7 @@ from bench_unet import SDXL_UNET, perturb_b, step, unet_inputs  # noqa: E402
 from common import interleaved_times, machine_line  # noqa: E402
 
 from dora_diffusion import AdapterConfig, add_adapter, trainable_parameters  # noqa: E402
-from dora_diffusion.inject import UNET_PRESETS, adapted_layers, remove_all, set_recompute  # noqa: E402
+from dora_diffusion.core.inject import UNET_PRESETS, adapted_layers, remove_all, set_recompute  # noqa: E402
 TEXT_ENCODER = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                     hidden_act="quick_gelu", projection_dim=768)  # fmt: skip
 TEXT_ENCODER_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
@@ -168,7 +168,7 @@ def end_to_end(setup: Setup, model_dir: Path, data_dir: Path, work: Path, precis
     from PIL import Image
 
     from dora_diffusion.training import main
-    from dora_diffusion.training.steplog import read_step_log
+    from dora_diffusion.training.output.steplog import read_step_log
 
     out = work / f"run-{precision}"
     steps = 4

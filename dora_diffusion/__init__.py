@@ -4,13 +4,13 @@
 ``dora_diffusion.pipeline`` as methods of every diffusers pipeline.
 """
 
-from ._version import __version__
-from .config import AdapterConfig
-from .formats import AdapterFileError
-from .inject import add_adapter, find_targets, remove_adapter, set_recompute, trainable_parameters
-from .layers import AdaptedLayer, DoRAConv2d, DoRALinear
-from .adapter_io import save_adapter
-from .pipeline import (
+from dora_diffusion._version import __version__
+from dora_diffusion.core.config import AdapterConfig
+from dora_diffusion.formats import AdapterFileError
+from dora_diffusion.core.inject import add_adapter, find_targets, remove_adapter, set_recompute, trainable_parameters
+from dora_diffusion.core.layers import AdaptedLayer, DoRAConv2d, DoRALinear
+from dora_diffusion.adapter_io import save_adapter
+from dora_diffusion.pipeline import (
     delete_dora_adapters,
     disable_dora,
     enable_dora,

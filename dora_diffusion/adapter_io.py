@@ -10,10 +10,10 @@ from pathlib import Path
 
 from torch import nn
 
-from ._version import __version__
-from .formats import DEFAULT_WEIGHT_NAME, AdapterFileError, ModuleAdapter, to_diffusers, write_safetensors
-from .geometry import geometry_of
-from .inject import adapted_layers, add_adapter_to_modules, linear_conv_names, remove_adapter
+from dora_diffusion._version import __version__
+from dora_diffusion.formats import DEFAULT_WEIGHT_NAME, AdapterFileError, ModuleAdapter, to_diffusers, write_safetensors
+from dora_diffusion.core.geometry import geometry_of
+from dora_diffusion.core.inject import adapted_layers, add_adapter_to_modules, linear_conv_names, remove_adapter
 
 SAVE_FORMATS = ("diffusers", "kohya", "comfyui")
 
@@ -82,8 +82,8 @@ def save_adapter(
     if format == "diffusers":
         state_dict, header = to_diffusers(modules, info)
     else:
-        from .formats.comfyui import to_comfyui
-        from .formats.kohya import sgm_names, to_kohya
+        from dora_diffusion.formats.comfyui import to_comfyui
+        from dora_diffusion.formats.kohya import sgm_names, to_kohya
 
         unet_sgm = sgm_names(linear_conv_names(models["unet"])) if "unet" in models else None
         if format == "kohya":

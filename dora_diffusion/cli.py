@@ -13,8 +13,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from ._version import __version__
-from .formats import (
+from dora_diffusion._version import __version__
+from dora_diffusion.formats import (
     COMPONENTS,
     AdapterFileError,
     ModuleAdapter,
@@ -25,13 +25,13 @@ from .formats import (
     to_diffusers,
     write_safetensors,
 )
-from .formats.safefile import printable
-from .analysis import add_analyze_parser
-from .analysis.scan import load_base
-from .extras import MissingExtraError
-from .formats.comfyui import from_comfyui_modules, to_comfyui
-from .formats.kohya import PREFIXES, key_prefix, to_kohya, to_sdxl_names, unet_naming
-from .pipeline import base_weights
+from dora_diffusion.formats.safefile import printable
+from dora_diffusion.analysis import add_analyze_parser
+from dora_diffusion.analysis.scan import load_base
+from dora_diffusion.extras import MissingExtraError
+from dora_diffusion.formats.comfyui import from_comfyui_modules, to_comfyui
+from dora_diffusion.formats.kohya import PREFIXES, key_prefix, to_kohya, to_sdxl_names, unet_naming
+from dora_diffusion.pipeline import base_weights
 
 PROG = "dora-diffusion"
 PRINTED_LIMIT = 4000

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ._version import __version__
-from .compare import (
+from dora_diffusion._version import __version__
+from dora_diffusion.compare import (
     CellResult,
     ColumnScore,
     CompareError,
@@ -41,10 +41,10 @@ from .compare import (
     save_png,
     score_columns,
 )
-from .compare.scores import ToyWorldScorer
-from .extras import MissingExtraError, require
-from .formats import DEFAULT_WEIGHT_NAME
-from .toyworld import PIPELINE_DIR, RESOLUTION, SUBJECTS, make_subject_dataset
+from dora_diffusion.compare.scores import ToyWorldScorer
+from dora_diffusion.extras import MissingExtraError, require
+from dora_diffusion.formats import DEFAULT_WEIGHT_NAME
+from dora_diffusion.toyworld import PIPELINE_DIR, RESOLUTION, SUBJECTS, make_subject_dataset
 
 SUBJECT = SUBJECTS["dotted_heart"]
 PROMPT = f"{SUBJECT.instance_prompt} on a striped background"
@@ -126,7 +126,7 @@ def prepare_demo(
     log: Callable[[str], None] = print,
 ) -> DemoAssets:
     """Write (or reuse from ``cache_dir``) the subject's images and train (or reuse) the DoRA and LoRA adapters."""
-    from .training import main as train
+    from dora_diffusion.training import main as train
 
     root = Path(cache_dir or default_cache_dir()).expanduser().resolve() / f"recipe-{_recipe_key(train_steps)}"
     if force:

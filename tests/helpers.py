@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import dora_diffusion  # noqa: F401  (installs the pipeline methods)
-from dora_diffusion.layers import AdapterSpec, wrap
+from dora_diffusion.core.layers import AdapterSpec, wrap
 from dora_diffusion.testing import TINY_RESOLUTION, build_tiny_sdxl_pipeline
 
 PROMPT = "a photo of TOK toy on a table"
@@ -101,7 +101,7 @@ def pipeline_state(pipe) -> dict[str, object]:
     (object, ``requires_grad``, dtype, device, shape, strides, the bytes of its value), the tokenizers' vocabularies
     and the text encoders' input embeddings and vocab sizes; and the adapters loaded (per adapted module: the
     wrapper, disabled/fused, each adapter's strength, spec and tensors)."""
-    from dora_diffusion.inject import adapted_layers, base_modules
+    from dora_diffusion.core.inject import adapted_layers, base_modules
 
     state: dict[str, object] = {}
     for comp in STATE_COMPONENTS:
@@ -168,7 +168,7 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def perturb_adapter(model: torch.nn.Module, adapter_name: str, seed: int, b_std: float = 0.05) -> None:
     """Make an untrained adapter look trained: random B, magnitudes scaled by U(0.8, 1.2)."""
-    from dora_diffusion.inject import adapted_layers
+    from dora_diffusion.core.inject import adapted_layers
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -32,7 +32,7 @@ from dora_diffusion.analysis import (
     summarize,
     write_csv,
 )
-from dora_diffusion.inject import adapted_layers
+from dora_diffusion.core.inject import adapted_layers
 from dora_diffusion.pipeline import adaptable_models
 from dora_diffusion.testing import build_tiny_sdxl_pipeline, save_tiny_sdxl_pipeline
 from helpers import make_adapter_file

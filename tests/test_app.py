@@ -25,7 +25,7 @@ from PIL import Image
 import dora_diffusion.compare as compare
 import dora_diffusion.compare.render as render
 from dora_diffusion import AdapterFileError
-from dora_diffusion.app_ui import analysis_tab, build_ui
+from dora_diffusion.app.ui import analysis_tab, build_ui
 from dora_diffusion.compare import Comparer, GenerationSettings, infotext, load_base_pipeline, parse_infotext
 from dora_diffusion.testing import save_tiny_sdxl_pipeline
 from helpers import crafted_png, free_port, make_adapter_file, text_chunk
@@ -494,8 +494,8 @@ def test_analysis_tab_plots_the_chosen_adapters_with_csv(app):
 
 
 def test_toasts_keep_quotes_uploads_are_kept_and_the_banner_names_share(tmp_path):
-    from dora_diffusion.app_events import keep_upload, toast_text
-    from dora_diffusion.app_ui import banner
+    from dora_diffusion.app.events import keep_upload, toast_text
+    from dora_diffusion.app.ui import banner
 
     # Gradio's page strips the quotes of a message that starts and ends with one (issue 17, broken 4)
     assert toast_text("'x' is not a file, nor a Hub repo id 'owner/name'") == (
@@ -547,7 +547,7 @@ def test_app_py_checks_adapters_before_loading_the_base(monkeypatch, tmp_path, c
 def test_a_page_opened_before_adapters_changed_is_synced_by_name():
     """Slots follow names, not positions: a page that still shows [a, b, c] after 'b' was removed elsewhere
     keeps a's values, moves c's kept values up, and ticks a new adapter."""
-    from dora_diffusion.app_form import FRESH_SLOT, SlotValues, synced_slots
+    from dora_diffusion.app.form import FRESH_SLOT, SlotValues, synced_slots
     from dora_diffusion.compare import AdapterInfo
 
     def info(name):
@@ -642,7 +642,7 @@ def test_errors_kept_per_session_are_bounded_and_refused_uploads_are_deleted(app
     """Issue 27 (medium): 450 failing calls with 100 KB of text each kept +227 MB; refused uploads stayed."""
     from types import SimpleNamespace
 
-    from dora_diffusion.app_events import MAX_KEPT_ERRORS, MAX_MESSAGE_LENGTH, CompareEvents, Runs
+    from dora_diffusion.app.events import MAX_KEPT_ERRORS, MAX_MESSAGE_LENGTH, CompareEvents, Runs
     from dora_diffusion.compare.sources import AdapterSources
 
     client, comparer, _ = app
@@ -662,7 +662,7 @@ def test_errors_kept_per_session_are_bounded_and_refused_uploads_are_deleted(app
         client.predict("", handle_file(str(notes)), "", api_name="/add_adapter")
     assert sorted(p.relative_to(uploads) for p in uploads.rglob("*")) == before  # nothing of it is kept
     # a file the app did not put there in this call is never deleted, even when its load fails
-    from dora_diffusion.app_events import keep_upload
+    from dora_diffusion.app.events import keep_upload
 
     kept, made = keep_upload(notes, uploads)
     with pytest.raises(AppError):

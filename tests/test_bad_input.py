@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dora_diffusion import AdapterFileError
-from dora_diffusion.inject import adapted_layers
+from dora_diffusion.core.inject import adapted_layers
 from helpers import assert_unchanged, make_adapter_file, pipeline_state
 
 
@@ -134,7 +134,7 @@ def test_missing_path_and_duplicate_name(tmp_path, pipe, good) -> None:
 
 def test_failure_mid_injection_rolls_back(pipe, good, monkeypatch) -> None:
     """An error after some modules were wrapped leaves no wrapper and no adapter behind."""
-    from dora_diffusion.layers import AdaptedLayer
+    from dora_diffusion.core.layers import AdaptedLayer
 
     calls = {"n": 0}
     real = AdaptedLayer.load_adapter_tensors

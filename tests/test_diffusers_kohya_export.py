@@ -10,7 +10,7 @@ from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_t
 from safetensors.torch import load_file, save_file
 
 from dora_diffusion import AdapterFileError
-from dora_diffusion.inject import adapted_layers
+from dora_diffusion.core.inject import adapted_layers
 from helpers import fresh_pipe, max_diff, render
 
 peft = pytest.importorskip("peft")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from dora_diffusion.layers import AdapterSpec, wrap
-from dora_diffusion.norms import factored_row_norm
+from dora_diffusion.core.layers import AdapterSpec, wrap
+from dora_diffusion.core.norms import factored_row_norm
 from helpers import make_base, make_input, perturb_layer, run_step
 from helpers import saved_bytes as helpers_saved_bytes
 
@@ -72,7 +72,7 @@ def test_recompute_step_equals_plain_autograd(bias, dtype, rank) -> None:
 def test_blocked_backward_equals_plain_autograd(recompute, dtype, monkeypatch) -> None:
     """With a tiny block budget the Linear backward runs in several blocks of rows and of channels
     (channel blocks only in fp32, where grad_x is summed over them); the result is unchanged."""
-    import dora_diffusion.dora_autograd as autograd_mod
+    import dora_diffusion.core.dora_autograd as autograd_mod
 
     monkeypatch.setattr(autograd_mod, "_CHUNK_ELEMENTS", 40)
     monkeypatch.setattr(autograd_mod, "_MIN_COLS", 5)
@@ -94,7 +94,7 @@ def test_blocked_backward_equals_plain_autograd(recompute, dtype, monkeypatch) -
 
 @pytest.mark.parametrize("n,d_out", [(1024, 10240), (1024, 1280), (4096, 1280), (77, 1280), (1, 7), (300000, 4)])
 def test_backward_blocks_cover_and_stay_small(n, d_out) -> None:
-    from dora_diffusion.dora_autograd import _CHUNK_ELEMENTS, _MIN_COLS, _blocks
+    from dora_diffusion.core.dora_autograd import _CHUNK_ELEMENTS, _MIN_COLS, _blocks
 
     rows, cols = _blocks(n, d_out, exact_sum=True)
     assert 1 <= rows <= n and 1 <= cols <= d_out
@@ -137,7 +137,7 @@ def test_lean_step_keeps_no_extra_activation() -> None:
 
 def test_norm_computed_once_per_optimizer_step_under_accumulation_and_checkpointing(monkeypatch) -> None:
     """Gradient accumulation micro-steps and checkpoint recomputation reuse the cached norm."""
-    import dora_diffusion.adapter as adapter_mod
+    import dora_diffusion.core.adapter as adapter_mod
 
     calls = {"n": 0}
     real = adapter_mod.factored_row_norm
@@ -200,7 +200,7 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
 def test_lean_step_under_autocast_matches_plain(recompute, monkeypatch) -> None:
     """Mixed precision as in training (bf16 base, fp32 adapter, CPU autocast): lean step == plain autograd,
     and the recompute path is taken (the input is not copied for A, so keeping it is free)."""
-    import dora_diffusion.forward_paths as paths_mod
+    import dora_diffusion.core.forward_paths as paths_mod
 
     used = []
     real_apply = paths_mod.DoRALinearFunction.apply
@@ -222,7 +222,7 @@ def test_lean_step_under_autocast_matches_plain(recompute, monkeypatch) -> None:
 
 def test_more_zero_magnitudes_than_kept_channels() -> None:
     """Beyond the ``_KEEP`` channels kept exactly, a channel with g = 0 gets dL/dm = 0 (documented); the rest is exact."""
-    from dora_diffusion.dora_autograd import _KEEP
+    from dora_diffusion.core.dora_autograd import _KEEP
 
     base = nn.Linear(24, 12)
     layer = wrap(base.requires_grad_(False))

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-import dora_diffusion.adapter as adapter_mod
-from dora_diffusion.layers import AdapterSpec, wrap
-from dora_diffusion.training.checkpoint import _current_name
+import dora_diffusion.core.adapter as adapter_mod
+from dora_diffusion.core.layers import AdapterSpec, wrap
+from dora_diffusion.training.output.checkpoint import _current_name
 from helpers import make_base, make_input, perturb_layer, run_step
 from helpers import saved_bytes as helpers_saved_bytes
 

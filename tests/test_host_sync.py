@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from dora_diffusion.config import AdapterConfig
-from dora_diffusion.inject import add_adapter
-from dora_diffusion.layers import AdapterSpec, wrap
+from dora_diffusion.core.config import AdapterConfig
+from dora_diffusion.core.inject import add_adapter
+from dora_diffusion.core.layers import AdapterSpec, wrap
 from dora_diffusion.testing import build_tiny_sdxl_pipeline
 from helpers import make_base, make_input, perturb_layer
 

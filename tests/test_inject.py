@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dora_diffusion import AdapterConfig, add_adapter, find_targets, remove_adapter, trainable_parameters
-from dora_diffusion.inject import adapted_layers
+from dora_diffusion.core.inject import adapted_layers
 from dora_diffusion.testing import build_tiny_sdxl_pipeline
 
 

@@ -21,7 +21,7 @@ from dora_diffusion.formats.kohya import (
     sgm_names,
     unet_layout,
 )
-from dora_diffusion.inject import adapted_layers
+from dora_diffusion.core.inject import adapted_layers
 from helpers import file_modules, fresh_pipe, make_adapter_file, max_diff, perturb_adapter, render
 
 COMPONENT_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dora_diffusion.layers import AdapterSpec, DoRAConv2d, DoRALinear, wrap
+from dora_diffusion.core.layers import AdapterSpec, DoRAConv2d, DoRALinear, wrap
 from helpers import make_base, make_input, perturb_layer
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from dora_diffusion import AdapterFileError
-from dora_diffusion.inject import adapted_layers
+from dora_diffusion.core.inject import adapted_layers
 from helpers import assert_unchanged, fresh_pipe, max_diff, pipeline_state, render
 
 TO_Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # Linear 64 -> 64

@@ -64,7 +64,7 @@ def test_peft_linear_and_conv_adapter_loads_exactly(tmp_path, pipe, use_dora: bo
     got = render(pipe)
     assert max_diff(got, want) <= 1e-4
     # Conv2d and Linear modules were both adapted, in all three components.
-    from dora_diffusion.inject import adapted_layers
+    from dora_diffusion.core.inject import adapted_layers
 
     kinds = {type(layer.base_layer).__name__ for layer in adapted_layers(pipe.unet).values()}
     assert kinds == {"Linear", "Conv2d"}

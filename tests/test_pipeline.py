@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import dora_diffusion
-from dora_diffusion.inject import adapted_layers
+from dora_diffusion.core.inject import adapted_layers
 from helpers import assert_unchanged, make_adapter_file, max_diff, pipeline_state, render, unet_output
 
 

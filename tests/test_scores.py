@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dora_diffusion.app_events import CompareEvents
+from dora_diffusion.app.events import CompareEvents
 from dora_diffusion.compare import (
     ClipScorer,
     Column,

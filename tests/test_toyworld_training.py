@@ -63,7 +63,7 @@ def test_full_fine_tuning_written_as_a_full_rank_lora_is_exact(pipe, tmp_path):
     fresh = toyworld.load_pipeline()
     fresh.load_dora_weights(str(path), adapter_name="ft")
     from dora_diffusion.analysis import file_method
-    from dora_diffusion.inject import adapted_layers
+    from dora_diffusion.core.inject import adapted_layers
 
     layers = adapted_layers(fresh.unet)
     tuned_modules = dict(tuned.named_modules())

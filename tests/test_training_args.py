@@ -200,7 +200,7 @@ def test_use_8bit_adam(monkeypatch, capsys):
 
 def test_epochs_to_steps():
     """23 images, batch 3, accumulation 2: 8 micro-batches = 4 steps per epoch."""
-    from dora_diffusion.training.loop import resolve_schedule
+    from dora_diffusion.training.run import resolve_schedule
 
     args = targs.parse_args(["--dataset", "d", "--train_batch_size", "3", "--gradient_accumulation_steps", "2",
                              "--num_train_epochs", "5", "--validation_epochs", "2"])  # fmt: skip

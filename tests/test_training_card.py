@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dora_diffusion.training import parse_args
-from dora_diffusion.training.model_card import model_card
+from dora_diffusion.training.output.model_card import model_card
 
 
 def test_model_card_for_a_hub_base():

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dora_diffusion.training import checkpoint as ckpt
-from dora_diffusion.training.checkpoint import (
+from dora_diffusion.training.output import checkpoint as ckpt
+from dora_diffusion.training.output.checkpoint import (
     TrainingState,
     list_checkpoints,
     load_checkpoint,
@@ -24,7 +24,7 @@ from dora_diffusion.training.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from dora_diffusion.training.rundir import (
+from dora_diffusion.training.output.rundir import (
     MANIFEST_FILE,
     OutputDirError,
     RunFiles,
@@ -33,7 +33,7 @@ from dora_diffusion.training.rundir import (
     with_resolved_paths,
 )
 from dora_diffusion.training.errors import TrainingError
-from dora_diffusion.training.steplog import LOG_FILE, StepLog, read_step_log
+from dora_diffusion.training.output.steplog import LOG_FILE, StepLog, read_step_log
 
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -436,7 +436,7 @@ def test_outputs_of_a_long_run_are_listed_from_the_folder_not_the_schedule(tmp_p
     import argparse
     import time
 
-    from dora_diffusion.training.loop import _outputs
+    from dora_diffusion.training.run import _outputs
 
     for name in ("step-5", "step-100000", "step-100000000", "step-100000001", "step-05", "mine"):
         (tmp_path / "validation" / name).mkdir(parents=True)
@@ -480,7 +480,7 @@ def test_nothing_to_resume_in_a_used_folder_is_an_error_not_a_new_run(tmp_path):
 
 
 def _recorded_state(step, **settings):
-    from dora_diffusion.training.rundir import adapter_settings
+    from dora_diffusion.training.output.rundir import adapter_settings
 
     return TrainingState(step, step * 2, 1, 1, 2, 0, adapter_settings({**SETTINGS, **settings}), None)
 
@@ -499,7 +499,7 @@ def test_resuming_with_other_adapter_settings_names_them(tmp_path, changes, name
     """A checkpoint records the adapter settings it was trained with; resuming it (from any folder) with others is
     refused before any model loads, naming each setting with both values. An older checkpoint without the record
     is compared with its run's training_args.json."""
-    from dora_diffusion.training.rundir import check_resume
+    from dora_diffusion.training.output.rundir import check_resume
 
     old = {**SETTINGS, "rank": 4, "alpha": 4.0, "unet_targets": "attn", "train_text_encoder": False}
     model, named_params, opt, sched = _setup()
@@ -522,8 +522,8 @@ def test_dataset_fingerprint_names_what_changed_and_is_bounded():
     import numpy as np
     from PIL import Image
 
-    from dora_diffusion.training.data import Record
-    from dora_diffusion.training.fingerprint import MAX_ENTRIES, dataset_fingerprint, fingerprint_difference
+    from dora_diffusion.training.data.records import Record
+    from dora_diffusion.training.data.fingerprint import MAX_ENTRIES, dataset_fingerprint, fingerprint_difference
 
     rng = np.random.default_rng(0)
     def photo():  # smooth colour fields, like photos at this scale (noise would average to grey)
@@ -563,7 +563,7 @@ def test_dataset_fingerprint_names_what_changed_and_is_bounded():
 
 
 def test_resuming_on_other_data_is_refused_unless_allowed(tmp_path):
-    from dora_diffusion.training.rundir import check_resume
+    from dora_diffusion.training.output.rundir import check_resume
 
     model, named_params, opt, sched = _setup()
     thumb = "A" * 64  # 48 zero bytes, base64
@@ -687,7 +687,7 @@ def test_special_files_in_a_checkpoint_are_damage_not_a_hang(tmp_path):
         os.unlink(tmp_path / name / "checkpoint-2" / name)
         os.mkfifo(tmp_path / name / "checkpoint-2" / name)
     code = (
-        "import sys; from dora_diffusion.training.checkpoint import resolve_resume\n"
+        "import sys; from dora_diffusion.training.output.checkpoint import resolve_resume\n"
         "for name in sys.argv[2:]: print(resolve_resume(sys.argv[1] + '/' + name, 'latest').name)"
     )
     root = Path(__file__).resolve().parents[1]
@@ -707,7 +707,7 @@ def test_special_files_in_a_checkpoint_are_damage_not_a_hang(tmp_path):
 def test_the_run_lock_excludes_a_second_holder_and_never_follows_a_link(tmp_path):
     """run_lock: a second holder of the same folder gets OutputDirError; a .dora-run.lock that is a link (to a file
     that does not exist yet) is refused, not followed to create a file outside the folder."""
-    from dora_diffusion.training.rundir import LOCK_FILE, run_lock
+    from dora_diffusion.training.output.rundir import LOCK_FILE, run_lock
 
     with run_lock(tmp_path / "out"):
         with pytest.raises(OutputDirError, match="is being written by another training run right now"):

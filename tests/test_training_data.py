@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dora_diffusion.testing import make_toy_imagefolder, make_toy_images
-from dora_diffusion.training.data import (
+from dora_diffusion.training.data.records import (
     DatasetError,
     default_validation_prompt,
     load_records,
@@ -18,7 +18,7 @@ from dora_diffusion.training.data import (
     to_rgb,
     trigger_words,
 )
-from dora_diffusion.training.dataset import (
+from dora_diffusion.training.data.dataset import (
     DreamBoothDataset,
     MicroBatchSampler,
     apply_crop,
@@ -137,7 +137,7 @@ def test_empty_imagefolder(tmp_path):
 def test_hub_dataset_path(tmp_path, monkeypatch):
     """A Hub id is fetched with snapshot_download (here from a filled cache, offline) and read as an imagefolder:
     today's captions give the trigger phrase 'a 3dicon', the old revision's give TOK."""
-    from dora_diffusion.hub_fixtures import ICON_OLD_REVISION, fill_hub_cache, make_3d_icon_like
+    from hub_fixtures import ICON_OLD_REVISION, fill_hub_cache, make_3d_icon_like
 
     cache = tmp_path / "hub"
     fill_hub_cache(cache, "linoyts/3d_icon", make_3d_icon_like(tmp_path / "new"), "dataset")
@@ -164,7 +164,7 @@ def test_hub_dataset_path(tmp_path, monkeypatch):
 
 def test_big_jpeg_is_decoded_small(tmp_path):
     """A 4000 x 3000 JPEG at resolution 64: decoded at 1/8 scale (draft), then resized to exactly 85 x 64."""
-    from dora_diffusion.training.data import open_image
+    from dora_diffusion.training.data.records import open_image
 
     Image.new("RGB", (4000, 3000), (200, 30, 30)).save(tmp_path / "big.jpg")
     image, size = open_image(tmp_path / "big.jpg", 64)
@@ -240,7 +240,7 @@ def test_dataset_repeats_and_prior_pairs():
 
 
 def load_records_stub(n, caption=None):
-    from dora_diffusion.training.data import Record
+    from dora_diffusion.training.data.records import Record
 
     return [Record(im, caption or f"c{i}", f"{i}") for i, im in enumerate(make_toy_images(n, size=24))]
 

@@ -28,14 +28,14 @@ from safetensors.torch import load_file
 import dora_diffusion  # noqa: F401
 from diffusers import DDPMScheduler
 
-from dora_diffusion.inject import adapted_layers
-from dora_diffusion.layers import AdaptedLayer
+from dora_diffusion.core.inject import adapted_layers
+from dora_diffusion.core.layers import AdaptedLayer
 from dora_diffusion.testing import build_tiny_sdxl_pipeline, make_toy_imagefolder, save_tiny_sdxl_pipeline
 from dora_diffusion.training import CheckpointError, DatasetError, OutputDirError, TrainingError, list_checkpoints, main
-from dora_diffusion.training import loop as training_loop
+from dora_diffusion.training import run as training_loop
 from dora_diffusion.training.models import ADAPTER_NAME, Components, add_training_adapters, named_trainable
-from dora_diffusion.training.optim import param_groups
-from dora_diffusion.training.steplog import read_step_log
+from dora_diffusion.training.step.optim import param_groups
+from dora_diffusion.training.output.steplog import read_step_log
 from helpers import FakeHub, max_diff, render
 
 REPO = Path(__file__).resolve().parents[1]
@@ -607,8 +607,8 @@ def test_rank_pattern_magnitude_lr_debiased_and_masked_loss(work, base_images):
 
 def test_class_images_split_across_processes_are_the_same_images(tmp_path):
     """Two processes render disjoint halves; together they are exactly the images one process renders."""
-    from dora_diffusion.training.prior import generate_class_images, missing_class_indices
-    from dora_diffusion.training.validation import NonFiniteImages
+    from dora_diffusion.training.data.prior import generate_class_images, missing_class_indices
+    from dora_diffusion.training.output.validation import NonFiniteImages
 
     pipe = build_tiny_sdxl_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
@@ -783,7 +783,7 @@ def test_users_files_survive_new_overwrite_and_resumed_runs(work):
 def test_a_second_run_into_a_folder_in_use_stops_before_writing(work):
     """While a run holds --output_dir (its flock on .dora-run.lock), a second run there stops with OutputDirError
     before writing anything (was: both wrote training_args.json, the log and checkpoint-N over each other)."""
-    from dora_diffusion.training.rundir import run_lock
+    from dora_diffusion.training.output.rundir import run_lock
 
     out = work / "busy"
     with run_lock(out):

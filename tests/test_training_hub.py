@@ -7,8 +7,8 @@ import json
 import pytest
 
 from dora_diffusion.training import TrainingError
-from dora_diffusion.training.hub import create_hub_repo, public_settings, upload_list, upload_run
-from dora_diffusion.training.rundir import RunFiles
+from dora_diffusion.training.output.hub import create_hub_repo, public_settings, upload_list, upload_run
+from dora_diffusion.training.output.rundir import RunFiles
 from helpers import FakeHub
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from dora_diffusion.training.loss import denoising_loss, min_snr_weights, sample_noise, target_for
+from dora_diffusion.training.step.loss import denoising_loss, min_snr_weights, sample_noise, target_for
 
 
 def _scheduler(prediction_type: str) -> DDPMScheduler:
@@ -60,7 +60,7 @@ def test_noise_offset_adds_a_per_channel_constant():
 def test_debiased_weights_and_masked_loss():
     from diffusers import DDPMScheduler
 
-    from dora_diffusion.training.loss import debiased_weights, denoising_loss, snr
+    from dora_diffusion.training.step.loss import debiased_weights, denoising_loss, snr
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     t = torch.tensor([0, 10, 500, 999])
@@ -90,7 +90,7 @@ def test_magnitude_learning_rate_groups():
 
     from torch import nn
 
-    from dora_diffusion.training.optim import param_groups
+    from dora_diffusion.training.step.optim import param_groups
 
     named = [(f"{c}.x.adapters.default.{k}", nn.Parameter(torch.zeros(2))) for c in ("unet", "text_encoder") for k in ("A", "magnitude")]
     args = argparse.Namespace(learning_rate=1e-4, text_encoder_lr=5e-6, optimizer="adamw", adam_weight_decay=1e-2, magnitude_lr=1e-3)
@@ -102,7 +102,7 @@ def test_magnitude_learning_rate_groups():
 
 
 def test_match_pattern():
-    from dora_diffusion.config import match_pattern
+    from dora_diffusion.core.config import match_pattern
 
     names = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k",
              "down_blocks.10.attentions.0.transformer_blocks.0.attn1.to_q",

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import dora_diffusion  # noqa: F401
 from dora_diffusion.testing import build_tiny_sdxl_pipeline, make_toy_imagefolder, save_tiny_sdxl_pipeline
 from dora_diffusion.training import DatasetError, main
-from dora_diffusion.training.pivotal import replace_abstractions, token_plan
+from dora_diffusion.training.step.pivotal import replace_abstractions, token_plan
 
 PROMPT = "a photo of TOK toy"
 

@@ -23,7 +23,7 @@ from dora_diffusion.cli import convert_file, describe, main, model_named, read_a
 from dora_diffusion.formats import parse_state_dict
 from dora_diffusion.formats.comfyui import RULE_KEY, to_comfyui_modules
 from dora_diffusion.formats.kohya import PREFIXES, resolve_kohya
-from dora_diffusion.inject import adapted_layers
+from dora_diffusion.core.inject import adapted_layers
 from dora_diffusion.testing import save_tiny_sdxl_pipeline
 from helpers import file_modules, fresh_pipe, max_diff, perturb_adapter, render
 

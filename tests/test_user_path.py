@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from dora_diffusion.hub_fixtures import ICON_OLD_REVISION, fill_hub_cache, make_3d_icon_like
+from hub_fixtures import ICON_OLD_REVISION, fill_hub_cache, make_3d_icon_like
 from dora_diffusion.testing import save_tiny_sdxl_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ FAKE_HUB = textwrap.dedent(
     """
     import json, runpy, sys
     from pathlib import Path
-    import dora_diffusion.training.loop as loop
+    import dora_diffusion.training.run as loop
     calls = []
     loop.create_hub_repo = lambda repo_id, token=None, public=False: calls.append(["create", repo_id]) or "me/" + repo_id
     loop.upload_run = lambda output_dir, repo_id, run_files, token=None: calls.append(["upload", str(output_dir), repo_id]) or []

@@ -17,12 +17,12 @@ One module a job:
 - ``command``: ``dora-diffusion analyze``.
 """
 
-from .command import add_analyze_parser, run_analyze
-from .decomposition import Fit, channel_changes, decompose, fit_line
-from .plot import analysis_plot_for, plot
-from .scan import Row, analyze_pipeline, write_csv
-from .sources import adapter_sources, file_method
-from .summary import Summary, format_summary, pool_checkpoints, summarize, summary_markdown
+from dora_diffusion.analysis.command import add_analyze_parser, run_analyze
+from dora_diffusion.analysis.decomposition import Fit, channel_changes, decompose, fit_line
+from dora_diffusion.analysis.plot import analysis_plot_for, plot
+from dora_diffusion.analysis.scan import Row, analyze_pipeline, write_csv
+from dora_diffusion.analysis.sources import adapter_sources, file_method
+from dora_diffusion.analysis.summary import Summary, format_summary, pool_checkpoints, summarize, summary_markdown
 
 __all__ = [
     "Fit",

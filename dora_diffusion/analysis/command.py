@@ -13,13 +13,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ..formats import AdapterFileError
-from ..formats.safefile import printable
-from ..pipeline import delete_dora_adapters, load_dora_weights
-from .plot import plot
-from .scan import BASE_DTYPES, Row, analyze_pipeline, load_base, write_csv
-from .sources import adapter_sources, file_method
-from .summary import format_summary, pool_checkpoints, summarize
+from dora_diffusion.formats import AdapterFileError
+from dora_diffusion.formats.safefile import printable
+from dora_diffusion.pipeline import delete_dora_adapters, load_dora_weights
+from dora_diffusion.analysis.plot import plot
+from dora_diffusion.analysis.scan import BASE_DTYPES, Row, analyze_pipeline, load_base, write_csv
+from dora_diffusion.analysis.sources import adapter_sources, file_method
+from dora_diffusion.analysis.summary import format_summary, pool_checkpoints, summarize
 
 
 def add_analyze_parser(subparsers) -> None:

@@ -12,10 +12,10 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..extras import require
-from ..formats import COMPONENTS
-from .scan import Row, analyze_pipeline, write_csv
-from .summary import by_adapter, fit_rows, short_number, summarize, summary_markdown
+from dora_diffusion.extras import require
+from dora_diffusion.formats import COMPONENTS
+from dora_diffusion.analysis.scan import Row, analyze_pipeline, write_csv
+from dora_diffusion.analysis.summary import by_adapter, fit_rows, short_number, summarize, summary_markdown
 
 
 FIGSIZE = (8.0, 5.5)

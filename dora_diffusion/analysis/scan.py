@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..inject import adapted_layers
-from ..pipeline import adaptable_models, get_dora_adapters
-from .decomposition import decompose
+from dora_diffusion.core.inject import adapted_layers
+from dora_diffusion.pipeline import adaptable_models, get_dora_adapters
+from dora_diffusion.analysis.decomposition import decompose
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..formats import DEFAULT_WEIGHT_NAME, AdapterFileError, read_safetensors, resolve_file
-from ..formats.diffusers import OWN_METADATA_KEY
-from ..training.checkpoint import CHECKPOINT_RE
+from dora_diffusion.formats import DEFAULT_WEIGHT_NAME, AdapterFileError, read_safetensors, resolve_file
+from dora_diffusion.formats.diffusers import OWN_METADATA_KEY
+from dora_diffusion.training.output.checkpoint import CHECKPOINT_RE
 
 
 @dataclass(frozen=True)

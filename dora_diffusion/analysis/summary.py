@@ -12,9 +12,9 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from ..formats import COMPONENTS
-from .decomposition import Fit, fit_line
-from .scan import Row
+from dora_diffusion.formats import COMPONENTS
+from dora_diffusion.analysis.decomposition import Fit, fit_line
+from dora_diffusion.analysis.scan import Row
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ between columns. The modules, in the order a request meets them:
 - ``snippet``: the diffusers code that renders a cell again; ``loading``: the base pipeline.
 """
 
-from .differences import DifferenceMap, abs_difference, difference_maps, difference_pairs, mean_differences
-from .grid_image import GRID_MIN_SIDE, column_legend, compose_grid, row_legend
-from .infotext import (
+from dora_diffusion.compare.differences import DifferenceMap, abs_difference, difference_maps, difference_pairs, mean_differences
+from dora_diffusion.compare.grid_image import GRID_MIN_SIDE, column_legend, compose_grid, row_legend
+from dora_diffusion.compare.infotext import (
     RestoredForm,
     a1111_sampler,
     caption,
@@ -31,8 +31,8 @@ from .infotext import (
     save_png,
     scheduler_from_a1111,
 )
-from .loading import check_adapter_args, dtype_keyword, load_base_pipeline
-from .plan import (
+from dora_diffusion.compare.loading import check_adapter_args, dtype_keyword, load_base_pipeline
+from dora_diffusion.compare.plan import (
     BASE_LABEL,
     DEFAULT_MAX_CELLS,
     MAX_GUIDANCE,
@@ -55,10 +55,10 @@ from .plan import (
     parse_strengths,
     plan_grid,
 )
-from .render import AdapterInfo, CellResult, Comparer
-from .report import column_table, difference_grid, write_table_csv
-from .scores import ClipScorer, ColumnScore, Scorer, ScoringUnavailable, ToyWorldScorer, make_scorer, score_columns
-from .snippet import reproduce_snippet
+from dora_diffusion.compare.render import AdapterInfo, CellResult, Comparer
+from dora_diffusion.compare.report import column_table, difference_grid, write_table_csv
+from dora_diffusion.compare.scores import ClipScorer, ColumnScore, Scorer, ScoringUnavailable, ToyWorldScorer, make_scorer, score_columns
+from dora_diffusion.compare.snippet import reproduce_snippet
 
 __all__ = [
     "BASE_LABEL", "DEFAULT_MAX_CELLS", "GRID_MIN_SIDE", "MAX_GUIDANCE", "MAX_SEED", "MAX_SIDE", "MAX_STEPS",

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .infotext import column_name
-from .plan import Column, GridPlan
+from dora_diffusion.compare.infotext import column_name
+from dora_diffusion.compare.plan import Column, GridPlan
 
 MAX_GAIN = 64
 

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .infotext import format_strength
-from .plan import Column
+from dora_diffusion.compare.infotext import format_strength
+from dora_diffusion.compare.plan import Column
 
 GRID_MIN_SIDE = 256
 """Smaller images are zoomed (nearest neighbour, a whole factor) to at least this size in the grid PNG."""

@@ -21,8 +21,8 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .._version import __version__
-from .plan import (
+from dora_diffusion._version import __version__
+from dora_diffusion.compare.plan import (
     BASE_LABEL,
     SCHEDULERS,
     Cell,
@@ -34,7 +34,7 @@ from .plan import (
     check_strength,
     parse_seeds,
 )
-from .png_text import read_png_text
+from dora_diffusion.compare.png_text import read_png_text
 
 _KARRAS = " Karras"
 

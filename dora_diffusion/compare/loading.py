@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .plan import CompareError, check_adapter_name, default_adapter_name, parse_adapter_arg
+from dora_diffusion.compare.plan import CompareError, check_adapter_name, default_adapter_name, parse_adapter_arg
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 """The form of a Hugging Face Hub repo id, ``owner/name``."""
@@ -43,8 +43,8 @@ def check_adapter_args(texts: Sequence[str]) -> list[tuple[str, str, Path | None
     adapter file now (missing, pickle or empty folders fail here); a Hub repo id is left to load time
     (``file`` None). Raises ``CompareError`` or ``AdapterFileError`` naming the argument.
     """
-    from ..formats import AdapterFileError, resolve_file
-    from ..formats.safefile import PICKLE_SUFFIXES, refuse_pickle
+    from dora_diffusion.formats import AdapterFileError, resolve_file
+    from dora_diffusion.formats.safefile import PICKLE_SUFFIXES, refuse_pickle
 
     out: list[tuple[str, str, Path | None]] = []
     taken: list[str] = []

@@ -13,7 +13,7 @@ import struct
 import zlib
 from pathlib import Path
 
-from .plan import CompareError
+from dora_diffusion.compare.plan import CompareError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PNG_CHUNKS = 100_000

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..formats import resolve_file
-from ..inject import adapted_layers
-from ..pipeline import (
+from dora_diffusion.formats import resolve_file
+from dora_diffusion.core.inject import adapted_layers
+from dora_diffusion.pipeline import (
     adaptable_models,
     delete_dora_adapters,
     disable_dora,
@@ -26,9 +26,9 @@ from ..pipeline import (
     load_dora_weights,
     set_dora_adapters,
 )
-from .grid_image import column_legend, compose_grid, grid_zoom, row_legend
-from .infotext import caption, infotext
-from .plan import (
+from dora_diffusion.compare.grid_image import column_legend, compose_grid, grid_zoom, row_legend
+from dora_diffusion.compare.infotext import caption, infotext
+from dora_diffusion.compare.plan import (
     DEFAULT_MAX_CELLS,
     SCHEDULERS,
     Cell,
@@ -41,7 +41,7 @@ from .plan import (
     parse_seeds,
     plan_grid,
 )
-from .snippet import reproduce_snippet
+from dora_diffusion.compare.snippet import reproduce_snippet
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from .differences import DifferenceMap, mean_differences
-from .grid_image import compose_grid, grid_zoom, row_legend
-from .infotext import column_name
-from .plan import Column, GridPlan
-from .scores import ColumnScore
+from dora_diffusion.compare.differences import DifferenceMap, mean_differences
+from dora_diffusion.compare.grid_image import compose_grid, grid_zoom, row_legend
+from dora_diffusion.compare.infotext import column_name
+from dora_diffusion.compare.plan import Column, GridPlan
+from dora_diffusion.compare.scores import ColumnScore
 
 
 def column_table(

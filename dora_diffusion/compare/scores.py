@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from .plan import Column, GridPlan
+from dora_diffusion.compare.plan import Column, GridPlan
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 INSTANCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -70,7 +70,7 @@ class ToyWorldScorer:
     name = "toy-world scorer (dora_diffusion.toyworld.score)"
 
     def _subject(self, prompt: str):
-        from ..toyworld import SUBJECTS
+        from dora_diffusion.toyworld import SUBJECTS
 
         words = set(re.findall(r"[a-z]+", prompt.lower()))
         return next((s for s in SUBJECTS.values() if s.trigger in words), None)
@@ -80,7 +80,7 @@ class ToyWorldScorer:
 
     def score(self, images: Sequence[Image.Image], prompt: str) -> dict[str, float]:
         """Raises ``ScoringUnavailable`` for a prompt that names nothing of the toy world."""
-        from ..toyworld import score
+        from dora_diffusion.toyworld import score
 
         subject = self._subject(prompt)
         try:
@@ -95,7 +95,7 @@ class ToyWorldScorer:
 
 def is_toyworld_model(model: str) -> bool:
     """True if ``model`` is the toy world's shipped pipeline directory."""
-    from ..toyworld import PIPELINE_DIR
+    from dora_diffusion.toyworld import PIPELINE_DIR
 
     try:
         return Path(model).resolve() == PIPELINE_DIR.resolve()
@@ -124,7 +124,7 @@ def instance_images(directory: str | Path) -> list[Image.Image]:
 def _load_pretrained(name: str, model_cls, processor_cls, what: str, flag: str):
     """A transformers model and its processor from a local folder, the Hugging Face cache, or (if reachable) the
     Hub; ``ScoringUnavailable`` (naming ``what`` and the app's ``flag``) when none of them has it."""
-    from ..formats.safefile import hub_unreachable
+    from dora_diffusion.formats.safefile import hub_unreachable
 
     local = Path(name).is_dir()
     try:

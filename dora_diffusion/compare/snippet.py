@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .loading import dtype_keyword
-from .plan import SCHEDULERS, Cell, GenerationSettings
+from dora_diffusion.compare.loading import dtype_keyword
+from dora_diffusion.compare.plan import SCHEDULERS, Cell, GenerationSettings
 
 
 def reproduce_snippet(

@@ -17,10 +17,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..formats import resolve_file
-from ..formats.safefile import hub_file
-from .loading import HUB_ID
-from .plan import CompareError
+from dora_diffusion.formats import resolve_file
+from dora_diffusion.formats.safefile import hub_file
+from dora_diffusion.compare.loading import HUB_ID
+from dora_diffusion.compare.plan import CompareError
 
 MAX_SOURCE_LENGTH = 4096
 """Longest path or Hub id the page takes (Linux's PATH_MAX)."""

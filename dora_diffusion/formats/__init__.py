@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import torch
 
-from .base import COMPONENTS, ModuleAdapter, ParsedAdapter, build_module
-from .diffusers import is_diffusers_key, parse_diffusers, to_diffusers
-from .safefile import (
+from dora_diffusion.formats.base import COMPONENTS, ModuleAdapter, ParsedAdapter, build_module
+from dora_diffusion.formats.diffusers import is_diffusers_key, parse_diffusers, to_diffusers
+from dora_diffusion.formats.safefile import (
     DEFAULT_WEIGHT_NAME,
     AdapterFileError,
     check_tensors,
@@ -36,8 +36,8 @@ __all__ = [
     "write_safetensors",
 ]
 
-from .comfyui import is_comfyui_rule  # noqa: E402
-from .kohya import PREFIXES as _KOHYA_PREFIX_MAP  # noqa: E402
+from dora_diffusion.formats.comfyui import is_comfyui_rule  # noqa: E402
+from dora_diffusion.formats.kohya import PREFIXES as _KOHYA_PREFIX_MAP  # noqa: E402
 
 _KOHYA_PREFIXES = tuple(_KOHYA_PREFIX_MAP)
 
@@ -65,7 +65,7 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, st
     dialect = detect_dialect(state_dict)
     comfyui = is_comfyui_rule(metadata or {}, dialect)
     if dialect == "kohya":
-        from .kohya import parse_kohya
+        from dora_diffusion.formats.kohya import parse_kohya
 
         parsed = parse_kohya(state_dict, metadata or {})
     else:
@@ -98,7 +98,7 @@ def _resolve_diffusers(component: str, file_names: list[str], model_names: set[s
 def resolver_for(dialect: str) -> Callable[[str, list[str], set[str]], dict[str, str]]:
     """``resolve(component, file module names, model module names) -> {file name: model name}``."""
     if dialect == "kohya":
-        from .kohya import resolve_kohya
+        from dora_diffusion.formats.kohya import resolve_kohya
 
         return resolve_kohya
     return _resolve_diffusers

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import NormAxis
-from ..layers import AdapterSpec
-from .safefile import AdapterFileError
+from dora_diffusion.core.config import NormAxis
+from dora_diffusion.core.layers import AdapterSpec
+from dora_diffusion.formats.safefile import AdapterFileError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 MAX_ALPHA = 1e6

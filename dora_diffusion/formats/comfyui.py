@@ -24,10 +24,10 @@ from collections.abc import Mapping
 
 import torch
 
-from ..norms import EPS, exact_row_norms
-from .base import ModuleAdapter
-from .kohya import to_kohya
-from .safefile import AdapterFileError
+from dora_diffusion.core.norms import EPS, exact_row_norms
+from dora_diffusion.formats.base import ModuleAdapter
+from dora_diffusion.formats.kohya import to_kohya
+from dora_diffusion.formats.safefile import AdapterFileError
 
 RULE_KEY = "dora_diffusion.dora_scale"
 """Header key naming how the file's ``dora_scale`` is to be read."""

@@ -8,9 +8,9 @@ from collections import Counter
 
 import torch
 
-from .base import COMPONENTS, ModuleAdapter, ParsedAdapter, build_module
-from .peft_config import METADATA_KEY, ComponentConfig, component_configs
-from .safefile import AdapterFileError, shown
+from dora_diffusion.formats.base import COMPONENTS, ModuleAdapter, ParsedAdapter, build_module
+from dora_diffusion.formats.peft_config import METADATA_KEY, ComponentConfig, component_configs
+from dora_diffusion.formats.safefile import AdapterFileError, shown
 OWN_METADATA_KEY = "dora_diffusion"
 
 # (key suffix, role): role A = down, B = up, M = magnitude, alpha = scalar alpha.

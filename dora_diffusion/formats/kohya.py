@@ -24,9 +24,9 @@ from datetime import datetime, timezone
 
 import torch
 
-from .base import ModuleAdapter, ParsedAdapter, build_module
-from .diffusers import OWN_METADATA_KEY, _most_common
-from .safefile import AdapterFileError, shown
+from dora_diffusion.formats.base import ModuleAdapter, ParsedAdapter, build_module
+from dora_diffusion.formats.diffusers import OWN_METADATA_KEY, _most_common
+from dora_diffusion.formats.safefile import AdapterFileError, shown
 
 PREFIXES: dict[str, str] = {
     "lora_unet_": "unet",

@@ -14,8 +14,8 @@ import json
 import math
 import re
 
-from .base import COMPONENTS, MAX_ALPHA
-from .safefile import AdapterFileError, shown
+from dora_diffusion.formats.base import COMPONENTS, MAX_ALPHA
+from dora_diffusion.formats.safefile import AdapterFileError, shown
 
 METADATA_KEY = "lora_adapter_metadata"
 

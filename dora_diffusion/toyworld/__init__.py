@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .score import score
-from .subjects import SUBJECTS, Subject, instance_scenes, make_subject_dataset
-from .world import BACKGROUNDS, COLOURS, DECORATIONS, RESOLUTION, SHAPES, Scene, Thing, caption, captions, render, scenes
+from dora_diffusion.toyworld.score import score
+from dora_diffusion.toyworld.subjects import SUBJECTS, Subject, instance_scenes, make_subject_dataset
+from dora_diffusion.toyworld.world import BACKGROUNDS, COLOURS, DECORATIONS, RESOLUTION, SHAPES, Scene, Thing, caption, captions, render, scenes
 
 __all__ = [
     "BACKGROUNDS", "COLOURS", "DECORATIONS", "PIPELINE_DIR", "RESOLUTION", "SHAPES", "SUBJECTS", "Scene", "Subject",
@@ -32,7 +32,7 @@ def load_pipeline(path: str | os.PathLike | None = None, dtype=None):
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from ..compare import dtype_keyword
+    from dora_diffusion.compare import dtype_keyword
 
     root = Path(path) if path is not None else PIPELINE_DIR
     if not (root / "model_index.json").is_file():

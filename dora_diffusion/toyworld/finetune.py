@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig
-from ..inject import add_adapter, adapted_layers, find_targets, trainable_parameters
-from ..adapter_io import save_adapter
-from .subjects import SUBJECTS, Subject, instance_caption, instance_scenes
-from .world import RESOLUTION, render
+from dora_diffusion.core.config import AdapterConfig
+from dora_diffusion.core.inject import add_adapter, adapted_layers, find_targets, trainable_parameters
+from dora_diffusion.adapter_io import save_adapter
+from dora_diffusion.toyworld.subjects import SUBJECTS, Subject, instance_caption, instance_scenes
+from dora_diffusion.toyworld.world import RESOLUTION, render
 
 METHODS = ("dora", "lora", "ft")
 ADAPTER_NAME = "default"

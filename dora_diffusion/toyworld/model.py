@@ -22,8 +22,8 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from ..testing import MODEL_MAX_LENGTH, _byte_level_vocab, _sdxl_scheduler, _text_config, sdxl_unet
-from .world import BACKGROUNDS, COLOURS, SHAPES
+from dora_diffusion.testing import MODEL_MAX_LENGTH, _byte_level_vocab, _sdxl_scheduler, _text_config, sdxl_unet
+from dora_diffusion.toyworld.world import BACKGROUNDS, COLOURS, SHAPES
 
 WORDS = (
     *SHAPES, *COLOURS, *BACKGROUNDS, "a", "an", "on", "and", "background", "with", "ring", "dots", "photo", "of",

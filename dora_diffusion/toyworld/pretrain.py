@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..training.loss import min_snr_weights
-from .model import build_untrained_pipeline
-from .world import RESOLUTION, caption, render, scenes
+from dora_diffusion.training.step.loss import min_snr_weights
+from dora_diffusion.toyworld.model import build_untrained_pipeline
+from dora_diffusion.toyworld.world import RESOLUTION, caption, render, scenes
 
 TIME_IDS = (RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION)  # original size, crop corner, target size
 
@@ -176,8 +176,8 @@ def heldout_fidelity(pipe, emas: dict[str, torch.nn.Module], n: int = 32) -> flo
     """Prompt fidelity of the EMA weights on ``n`` held-out captions (20 Euler steps, guidance 4, seeds 0..n-1)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from .score import score
-    from .world import captions as world_captions
+    from dora_diffusion.toyworld.score import score
+    from dora_diffusion.toyworld.world import captions as world_captions
 
     sampler = StableDiffusionXLPipeline(**{**pipe.components, **emas})
     sampler.set_progress_bar_config(disable=True)
@@ -254,7 +254,7 @@ def pretrain(args: argparse.Namespace) -> Path:
     if args.init and args.vae_from:
         raise SystemExit("--init already brings its VAE: give --init or --vae_from, not both")
     if args.init:
-        from . import load_pipeline
+        from dora_diffusion.toyworld import load_pipeline
 
         pipe = load_pipeline(args.init)
     else:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .world import BACKGROUNDS, COLOURS, DECORATIONS, RESOLUTION, SHAPES, Scene, Thing, render
+from dora_diffusion.toyworld.world import BACKGROUNDS, COLOURS, DECORATIONS, RESOLUTION, SHAPES, Scene, Thing, render
 
 ASSET_PATH = Path(__file__).with_name("assets") / "reader.safetensors"
 _SHAPE_INDEX = {s: i for i, s in enumerate(SHAPES)}

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from .subjects import SUBJECTS, Subject, instance_caption, instance_scenes
-from .world import BACKGROUNDS, COLOURS, DECORATIONS, RESOLUTION, SHAPES, Scene, Thing, caption, render, scenes
+from dora_diffusion.toyworld.subjects import SUBJECTS, Subject, instance_caption, instance_scenes
+from dora_diffusion.toyworld.world import BACKGROUNDS, COLOURS, DECORATIONS, RESOLUTION, SHAPES, Scene, Thing, caption, render, scenes
 
 if TYPE_CHECKING:
-    from .reader import Reading
+    from dora_diffusion.toyworld.reader import Reading
 
 _DECORATION_WORDS = {"ring": "ring", "rings": "ring", "dots": "dotted", "dotted": "dotted", "plain": "plain"}
 _TRIGGERS = {s.trigger: s for s in SUBJECTS.values()}
@@ -117,7 +117,7 @@ def images_to_tensor(images: Sequence[Image.Image] | np.ndarray) -> torch.Tensor
 @functools.lru_cache(maxsize=None)
 def _subject_reference(name: str) -> torch.Tensor:
     """Mean reader embedding of the subject's six reference instances (seed 0), shape (51,)."""
-    from .reader import load_reader
+    from dora_diffusion.toyworld.reader import load_reader
 
     refs = images_to_tensor([render(s) for s in instance_scenes(name, 6, seed=0)])
     return load_reader().embed(refs).mean(0)
@@ -125,7 +125,7 @@ def _subject_reference(name: str) -> torch.Tensor:
 
 def _checks(named: Named, r: Reading, i: int) -> list[bool]:
     """The checks of image ``i`` against what its prompt names (module docstring), each True if the reader agrees."""
-    from .reader import pair_index
+    from dora_diffusion.toyworld.reader import pair_index
 
     checks = []
     if named.background is not None:
@@ -152,7 +152,7 @@ def score(
     ``prior_preservation`` (over the ``n_class`` other images; ``None`` if none), with per-image lists of both
     over every image (``per_image_subject_fidelity``, ``per_image_prior_preservation``).
     """
-    from .reader import load_reader
+    from dora_diffusion.toyworld.reader import load_reader
 
     x = images_to_tensor(images)
     prompts = list(prompts)
@@ -231,7 +231,7 @@ def validation_figures(n_world: int = 200, seed: int = 7) -> dict[str, float]:
         mismatched[i] = prompts[order[(k + 1) % len(order)]]
     noise = np.random.default_rng(seed).integers(0, 256, (64, RESOLUTION, RESOLUTION, 3), dtype=np.uint8)
 
-    from ..testing import build_tiny_sdxl_pipeline
+    from dora_diffusion.testing import build_tiny_sdxl_pipeline
 
     pipe = build_tiny_sdxl_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)

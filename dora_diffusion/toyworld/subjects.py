@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .world import BACKGROUNDS, Scene, Thing, render
+from dora_diffusion.toyworld.world import BACKGROUNDS, Scene, Thing, render
 
 
 @dataclass(frozen=True)

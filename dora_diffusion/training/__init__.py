@@ -7,11 +7,11 @@ batch order), ``prior`` (class images), ``models`` (SDXL components, adapters), 
 ``loop`` (the run).
 """
 
-from .args import parse_args
-from .checkpoint import CheckpointError, list_checkpoints
-from .data import DatasetError
-from .errors import TrainingError, TrainingInterrupted
-from .loop import main, train
-from .rundir import OutputDirError
+from dora_diffusion.training.args import parse_args
+from dora_diffusion.training.output.checkpoint import CheckpointError, list_checkpoints
+from dora_diffusion.training.data.records import DatasetError
+from dora_diffusion.training.errors import TrainingError, TrainingInterrupted
+from dora_diffusion.training.run import main, train
+from dora_diffusion.training.output.rundir import OutputDirError
 
 __all__ = ["CheckpointError", "DatasetError", "OutputDirError", "TrainingError", "TrainingInterrupted", "list_checkpoints", "main", "parse_args", "train"]

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .args import resolve_mixed_precision
-from .errors import TrainingError
+from dora_diffusion.training.args import resolve_mixed_precision
+from dora_diffusion.training.errors import TrainingError
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 """How long a process waits at a barrier or collective: the main process may be writing a checkpoint or

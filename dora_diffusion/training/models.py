@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import AdapterConfig, match_pattern
-from ..inject import add_adapter, adapted_layers, find_targets, trainable_parameters
-from .args import parse_targets
+from dora_diffusion.core.config import AdapterConfig, match_pattern
+from dora_diffusion.core.inject import add_adapter, adapted_layers, find_targets, trainable_parameters
+from dora_diffusion.training.args import parse_targets
 
 logger = logging.getLogger(__name__)
 

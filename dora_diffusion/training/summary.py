@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import lora_scale
-from .data import LoadedDataset
+from dora_diffusion.core.config import lora_scale
+from dora_diffusion.training.data.records import LoadedDataset
 
 
 def summary(

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_io import attach_adapter, check_fits, save_adapter
-from .formats import (
+from dora_diffusion.adapter_io import attach_adapter, check_fits, save_adapter
+from dora_diffusion.formats import (
     COMPONENTS,
     AdapterFileError,
     ModuleAdapter,
@@ -29,8 +29,8 @@ from .formats import (
     resolver_for,
     shown,
 )
-from .formats.comfyui import from_comfyui_modules
-from .inject import (
+from dora_diffusion.formats.comfyui import from_comfyui_modules
+from dora_diffusion.core.inject import (
     adapted_layers,
     base_modules,
     linear_conv_names,
@@ -38,8 +38,8 @@ from .inject import (
     remove_adapter,
     remove_all,
 )
-from .embeddings import find_embeddings, load_embeddings, unload_embeddings
-from .layers import AdaptedLayer
+from dora_diffusion.pipeline.embeddings import find_embeddings, load_embeddings, unload_embeddings
+from dora_diffusion.core.layers import AdaptedLayer
 
 logger = logging.getLogger(__name__)
 

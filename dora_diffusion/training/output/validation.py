@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import TrainingError
-from .models import Components
+from dora_diffusion.training.errors import TrainingError
+from dora_diffusion.training.models import Components
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from .compare import (
+from dora_diffusion.compare import (
     MAX_GUIDANCE,
     MAX_SIDE,
     MAX_STEPS,

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import NormAxis, lora_scale
-from .geometry import Geometry, stale
-from .norms import EPS, dense_col_norm, factored_row_norm
+from dora_diffusion.core.config import NormAxis, lora_scale
+from dora_diffusion.core.geometry import Geometry, stale
+from dora_diffusion.core.norms import EPS, dense_col_norm, factored_row_norm
 
 _ADD_ORDER = itertools.count()
 """Global sequence number of created adapters, so adapters can be listed in the order they came."""

@@ -13,8 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .config import AdapterConfig
-from .layers import AdaptedLayer, AdapterSpec, wrap
+from dora_diffusion.core.config import AdapterConfig
+from dora_diffusion.core.layers import AdaptedLayer, AdapterSpec, wrap
 
 UNET_PRESETS: dict[str, list[str]] = {
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],

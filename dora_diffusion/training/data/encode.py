@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dataset import DreamBoothDataset, to_unit_range
-from .models import Components, encode_prompts
+from dora_diffusion.training.data.dataset import DreamBoothDataset, to_unit_range
+from dora_diffusion.training.models import Components, encode_prompts
 
 
 class LatentSource:

@@ -16,7 +16,7 @@ import hashlib
 
 from PIL import Image
 
-from .data import Record
+from dora_diffusion.training.data.records import Record
 
 MAX_ENTRIES = 1000
 PIXEL_TOLERANCE = 12

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import NormAxis
-from .norms import row_sq_norms
+from dora_diffusion.core.config import NormAxis
+from dora_diffusion.core.norms import row_sq_norms
 
 
 class Geometry:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import Record, resized_size
+from dora_diffusion.training.data.records import Record, resized_size
 
 
 def derive_seed(*parts: int) -> int:
@@ -136,7 +136,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         buckets: list[tuple[int, int]] | None = None,
         mask_factor: int = 8,
     ) -> None:
-        from .buckets import nearest_bucket
+        from dora_diffusion.training.data.buckets import nearest_bucket
 
         if not records:
             raise ValueError("DreamBoothDataset needs at least one image")

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dataset import ADAPTER_INIT, derive_seed
-from .models import Components
+from dora_diffusion.training.data.dataset import ADAPTER_INIT, derive_seed
+from dora_diffusion.training.models import Components
 
 EMBEDDINGS = ("text_encoder", "text_encoder_2")
 """The text encoders that get new rows; the parameter of each is named ``<encoder>.token_embedding.new``."""

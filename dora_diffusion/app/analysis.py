@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .compare import Comparer
+from dora_diffusion.compare import Comparer
 
 
 def analysis_tab(comparer: Comparer) -> None:
@@ -16,7 +16,7 @@ def analysis_tab(comparer: Comparer) -> None:
     A person ticks the adapters to analyse (none ticked: all), may draw one panel per adapter so that no adapter's
     points hide another's, and gets the plot, a summary and the per-module rows as CSV (``/analysis``).
     """
-    from .analysis import analysis_plot_for
+    from dora_diffusion.analysis import analysis_plot_for
 
     out_dir = Path(tempfile.mkdtemp(prefix="dora-diffusion-analysis-"))
 

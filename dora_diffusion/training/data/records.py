@@ -38,8 +38,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..extras import require
-from ..formats.safefile import open_nonblocking
+from dora_diffusion.extras import require
+from dora_diffusion.formats.safefile import open_nonblocking
 
 logger = logging.getLogger(__name__)
 

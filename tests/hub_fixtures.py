@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .testing import make_toy_images
+from dora_diffusion.testing import make_toy_images
 
 ICON_SUBJECTS = (
     "spotify app icon with music notes", "a pizza", "a rocket", "a cat", "a camera", "a coffee cup", "a house",

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapter import Adapter, AdapterSpec
-from .forward_paths import Call, choose
-from .geometry import Geometry, geometry_of
+from dora_diffusion.core.adapter import Adapter, AdapterSpec
+from dora_diffusion.core.forward_paths import Call, choose
+from dora_diffusion.core.geometry import Geometry, geometry_of
 
 __all__ = ["AdaptedLayer", "Adapter", "AdapterSpec", "DoRAConv2d", "DoRALinear", "wrap"]
 

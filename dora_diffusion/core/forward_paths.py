@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import Adapter
-from .dora_autograd import DoRALinearFunction, DoRAScaleFunction
-from .norms import EPS
+from dora_diffusion.core.adapter import Adapter
+from dora_diffusion.core.dora_autograd import DoRALinearFunction, DoRAScaleFunction
+from dora_diffusion.core.norms import EPS
 
 if TYPE_CHECKING:
-    from .layers import AdaptedLayer
+    from dora_diffusion.core.layers import AdaptedLayer
 
 
 @dataclass(frozen=True)

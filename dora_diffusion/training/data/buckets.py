@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .dataset import EPOCH_ORDER, MicroBatchSampler, derive_seed
+from dora_diffusion.training.data.dataset import EPOCH_ORDER, MicroBatchSampler, derive_seed
 
 
 def make_buckets(resolution: int, step: int = 64, min_side: int | None = None, max_side: int | None = None) -> list[tuple[int, int]]:

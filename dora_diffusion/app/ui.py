@@ -22,11 +22,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from .app_analysis import analysis_tab
-from .app_events import CompareEvents, Results, Runs
-from .app_form import MAX_SLOTS, build_form
-from .compare import Comparer, GenerationSettings, Scorer
-from .compare.sources import AdapterSources
+from dora_diffusion.app.analysis import analysis_tab
+from dora_diffusion.app.events import CompareEvents, Results, Runs
+from dora_diffusion.app.form import MAX_SLOTS, build_form
+from dora_diffusion.compare import Comparer, GenerationSettings, Scorer
+from dora_diffusion.compare.sources import AdapterSources
 
 __all__ = ["ComparePage", "analysis_tab", "banner", "build_ui", "default_upload_dir"]
 
@@ -96,7 +96,7 @@ def build_ui(
 
     The form starts at ``settings`` (default: an empty prompt at the base model's native size) and ``seeds``.
     ``extra_tabs`` maps a tab title to a function that builds the tab's content from ``comparer`` (the
-    Analysis tab of ``dora_diffusion.app_analysis`` plugs in here). ``scorer`` scores each column
+    Analysis tab of ``dora_diffusion.app.analysis`` plugs in here). ``scorer`` scores each column
     (``compare.make_scorer``; None: no scores). Uploaded adapters are kept in ``upload_dir`` (default
     ``default_upload_dir()``). ``host`` is where the page is served, for the banner.
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from .app_form import MAX_SLOTS, Form, FormValues, read_slots, restored_updates, slot_updates, synced_slots
-from .compare import (
+from dora_diffusion.app.form import MAX_SLOTS, Form, FormValues, read_slots, restored_updates, slot_updates, synced_slots
+from dora_diffusion.compare import (
     CellResult,
     CompareError,
     Comparer,
@@ -44,8 +44,8 @@ from .compare import (
     score_columns,
     write_table_csv,
 )
-from .compare.sources import AdapterSources
-from .formats import AdapterFileError
+from dora_diffusion.compare.sources import AdapterSources
+from dora_diffusion.formats import AdapterFileError
 
 KEEP_RUNS = 8
 """Output folders of the most recent grids kept on disk; older ones are deleted."""

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..extras import require
-from ..formats import DEFAULT_WEIGHT_NAME
-from ..inject import set_recompute
-from ..adapter_io import save_adapter
-from .args import RUN_KEYS, notices, parse_args, run_settings
-from .checkpoint import (
+from dora_diffusion.extras import require
+from dora_diffusion.formats import DEFAULT_WEIGHT_NAME
+from dora_diffusion.core.inject import set_recompute
+from dora_diffusion.adapter_io import save_adapter
+from dora_diffusion.training.args import RUN_KEYS, notices, parse_args, run_settings
+from dora_diffusion.training.output.checkpoint import (
     CheckpointError,
     TrainingState,
     list_checkpoints,
@@ -34,18 +34,18 @@ from .checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from .data import DatasetError, default_validation_prompt, load_masks, load_records, trigger_words
-from .buckets import BucketBatchSampler, make_buckets, micro_batches_per_epoch, nearest_bucket
-from .dataset import ADAPTER_INIT, STEP_NOISE, DreamBoothDataset, MicroBatchSampler, collate, derive_seed
-from .distributed import adapters_in_sync, average_gradients, broadcast_parameters, make_accelerator, refuse_sharding
-from ..embeddings import embeddings_name, write_embeddings
-from .encode import LatentSource, PromptSource
-from .errors import TrainingError, TrainingInterrupted
-from .signals import stop_on_signals
-from .hub import create_hub_repo, upload_run
-from .loss import denoising_loss, sample_noise, target_for
-from .model_card import CARD_NAMES, model_card, write_model_card
-from .models import (
+from dora_diffusion.training.data.records import DatasetError, default_validation_prompt, load_masks, load_records, trigger_words
+from dora_diffusion.training.data.buckets import BucketBatchSampler, make_buckets, micro_batches_per_epoch, nearest_bucket
+from dora_diffusion.training.data.dataset import ADAPTER_INIT, STEP_NOISE, DreamBoothDataset, MicroBatchSampler, collate, derive_seed
+from dora_diffusion.training.distributed import adapters_in_sync, average_gradients, broadcast_parameters, make_accelerator, refuse_sharding
+from dora_diffusion.pipeline.embeddings import embeddings_name, write_embeddings
+from dora_diffusion.training.data.encode import LatentSource, PromptSource
+from dora_diffusion.training.errors import TrainingError, TrainingInterrupted
+from dora_diffusion.training.signals import stop_on_signals
+from dora_diffusion.training.output.hub import create_hub_repo, upload_run
+from dora_diffusion.training.step.loss import denoising_loss, sample_noise, target_for
+from dora_diffusion.training.output.model_card import CARD_NAMES, model_card, write_model_card
+from dora_diffusion.training.models import (
     ADAPTER_NAME,
     Components,
     add_training_adapters,
@@ -55,11 +55,11 @@ from .models import (
     named_trainable,
     vae_dtype,
 )
-from .optim import build_lr_scheduler, build_optimizer, param_groups
-from .pivotal import add_new_tokens, mentions, new_token_rows, replace_abstractions, ti_steps, token_plan
-from .prior import generate_class_images, load_class_records, missing_class_indices
-from .fingerprint import dataset_fingerprint, fingerprint_difference
-from .rundir import (
+from dora_diffusion.training.step.optim import build_lr_scheduler, build_optimizer, param_groups
+from dora_diffusion.training.step.pivotal import add_new_tokens, mentions, new_token_rows, replace_abstractions, ti_steps, token_plan
+from dora_diffusion.training.data.prior import generate_class_images, load_class_records, missing_class_indices
+from dora_diffusion.training.data.fingerprint import dataset_fingerprint, fingerprint_difference
+from dora_diffusion.training.output.rundir import (
     LOCK_FILE,
     SETTINGS_FILE,
     adapter_settings,
@@ -71,9 +71,9 @@ from .rundir import (
     with_resolved_paths,
     write_json_atomic,
 )
-from .steplog import LOG_FILE, StepLog
-from .summary import summary
-from .validation import log_images, render, save_images, validation_folder, validation_pipeline
+from dora_diffusion.training.output.steplog import LOG_FILE, StepLog
+from dora_diffusion.training.summary import summary
+from dora_diffusion.training.output.validation import log_images, render, save_images, validation_folder, validation_pipeline
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .formats.safefile import AdapterFileError, check_floats, read_safetensors, shown, write_safetensors
+from dora_diffusion.formats.safefile import AdapterFileError, check_floats, read_safetensors, shown, write_safetensors
 
 EMB_SUFFIX = "_emb.safetensors"
 ENCODERS = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2")}

@@ -30,8 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..formats import DEFAULT_WEIGHT_NAME
-from .errors import TrainingError
+from dora_diffusion.formats import DEFAULT_WEIGHT_NAME
+from dora_diffusion.training.errors import TrainingError
 
 logger = logging.getLogger(__name__)
 

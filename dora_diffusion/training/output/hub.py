@@ -14,8 +14,8 @@ import re
 import stat
 from pathlib import Path, PurePosixPath
 
-from .errors import TrainingError
-from .rundir import RESOLVED_KEY, SETTINGS_FILE, RunFiles
+from dora_diffusion.training.errors import TrainingError
+from dora_diffusion.training.output.rundir import RESOLVED_KEY, SETTINGS_FILE, RunFiles
 
 PUBLISHED = re.compile(
     r"(training_args\.json|training_log\.jsonl|README\.md|model_card\.md|pytorch_lora_weights\.safetensors"

@@ -17,11 +17,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from ..formats import DEFAULT_WEIGHT_NAME
-from .args import PATH_KEYS, RUN_DEFAULTS, RUN_KEYS
-from .checkpoint import CHECKPOINT_RE, STATE_FILE, CheckpointError, list_checkpoints, remove_stale_temporaries
-from .fingerprint import fingerprint_difference
-from .steplog import LOG_FILE
+from dora_diffusion.formats import DEFAULT_WEIGHT_NAME
+from dora_diffusion.training.args import PATH_KEYS, RUN_DEFAULTS, RUN_KEYS
+from dora_diffusion.training.output.checkpoint import CHECKPOINT_RE, STATE_FILE, CheckpointError, list_checkpoints, remove_stale_temporaries
+from dora_diffusion.training.data.fingerprint import fingerprint_difference
+from dora_diffusion.training.output.steplog import LOG_FILE
 
 SETTINGS_FILE = "training_args.json"
 MANIFEST_FILE = "run_files.json"

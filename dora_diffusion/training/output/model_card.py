@@ -10,8 +10,8 @@ import json
 import re
 from pathlib import Path
 
-from .args import SDXL_BASE
-from .hub import public_value
+from dora_diffusion.training.args import SDXL_BASE
+from dora_diffusion.training.output.hub import public_value
 
 CARD_NAMES = ("README.md", "model_card.md")
 """Where the card goes: README.md (what the Hub shows), or model_card.md when README.md is the user's."""
