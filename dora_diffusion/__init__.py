@@ -1,7 +1,9 @@
 """DoRA (weight-decomposed low-rank adaptation) for SDXL in diffusers.
 
 ``import dora_diffusion`` adds ``load_dora_weights``, ``set_dora_adapters``, ``fuse_dora`` and the rest of
-``dora_diffusion.pipeline`` as methods of every diffusers pipeline.
+``DoRAPipelineMixin`` as methods of every diffusers pipeline (``DORA_DIFFUSION_PIPELINE_METHODS=0`` before the
+import leaves diffusers' classes as they are; the same functions take the pipeline first). The rooms of the
+package and which way they depend: docs/architecture.md.
 """
 
 from dora_diffusion._version import __version__
@@ -11,6 +13,8 @@ from dora_diffusion.core.inject import add_adapter, find_targets, remove_adapter
 from dora_diffusion.core.layers import AdaptedLayer, DoRAConv2d, DoRALinear
 from dora_diffusion.adapter_io import save_adapter
 from dora_diffusion.pipeline import (
+    AdapterRegistry,
+    DoRAPipelineMixin,
     delete_dora_adapters,
     disable_dora,
     enable_dora,
@@ -32,6 +36,8 @@ __all__ = [
     "AdapterConfig",
     "AdapterFileError",
     "AdaptedLayer",
+    "AdapterRegistry",
+    "DoRAPipelineMixin",
     "DoRAConv2d",
     "DoRALinear",
     "add_adapter",

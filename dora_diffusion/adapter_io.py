@@ -1,6 +1,7 @@
-"""Adapters in and out of models: collect one adapter's tensors, write them in a file dialect, check that file
-tensors fit a module, and load them into models all or nothing. The pipeline API and the training loop both
-go through here.
+"""Adapters between files and models: read a source (file, folder or Hub repo) into the in-memory form, check
+that its tensors fit a module, load them into models all or nothing, and collect one adapter's tensors to write
+them in a dialect. The pipeline API, the CLI and the training run all go through here; the dialects themselves are
+``formats``' business, where a source comes from ``hub``'s.
 """
 
 from __future__ import annotations
@@ -10,12 +11,26 @@ from pathlib import Path
 
 from torch import nn
 
+from dora_diffusion import formats
 from dora_diffusion._version import __version__
-from dora_diffusion.formats import DEFAULT_WEIGHT_NAME, AdapterFileError, ModuleAdapter, to_diffusers, write_safetensors
 from dora_diffusion.core.geometry import geometry_of
 from dora_diffusion.core.inject import adapted_layers, add_adapter_to_modules, linear_conv_names, remove_adapter
+from dora_diffusion.core.layers import AdaptedLayer
+from dora_diffusion.formats import DEFAULT_WEIGHT_NAME, AdapterFileError, ModuleAdapter, ParsedAdapter, write_safetensors
+from dora_diffusion.hub import resolve_file
 
-SAVE_FORMATS = ("diffusers", "kohya", "comfyui")
+SAVE_FORMATS = formats.WRITE_FORMATS
+
+
+def read_adapter(
+    source: str | os.PathLike | dict, weight_name: str | None = None, **hub_kwargs
+) -> tuple[ParsedAdapter, Path | None]:
+    """The adapter at ``source`` (a .safetensors file, a folder holding one, a Hub repo id, or a state dict) in
+    the in-memory form, and the file it came from (None for a state dict)."""
+    if isinstance(source, dict):
+        return formats.parse_state_dict(dict(source), {}), None
+    path = resolve_file(source, weight_name, **hub_kwargs)
+    return formats.read_file(path), Path(path)
 
 
 def check_fits(where: str, module: nn.Module, ma: ModuleAdapter) -> None:
@@ -26,28 +41,42 @@ def check_fits(where: str, module: nn.Module, ma: ModuleAdapter) -> None:
         raise AdapterFileError(f"shape mismatch at {where}: {problem}. Was the adapter trained for a different base model?")
 
 
-def attach_adapter(models: dict[str, nn.Module], adapter_name: str, modules: dict[str, dict[str, ModuleAdapter]]) -> None:
+Layers = dict[str, dict[str, AdaptedLayer]]
+"""``{component: {module name: wrapper}}``: a caller's record of the wrappers in its models (``adapted_layers``)."""
+
+
+def attach_adapter(
+    models: dict[str, nn.Module],
+    adapter_name: str,
+    modules: dict[str, dict[str, ModuleAdapter]],
+    layers: Layers | None = None,
+) -> None:
     """Add ``adapter_name`` to ``models`` (component -> model) with the tensors of ``modules`` (component ->
-    module name -> tensors, names as in the models). All or nothing: on any error no model keeps a trace."""
+    module name -> tensors, names as in the models). ``layers``, if given, is kept in step and spares walking the
+    models. All or nothing: on any error no model keeps a trace."""
+    layers = {comp: adapted_layers(model) for comp, model in models.items()} if layers is None else layers
     done: list[str] = []
     try:
         for comp, mods in modules.items():
             done.append(comp)
             specs = {n: ma.spec() for n, ma in mods.items()}
-            layers = add_adapter_to_modules(models[comp], adapter_name, specs, init=False)
-            for layer, ma in zip(layers, mods.values()):
+            added = add_adapter_to_modules(models[comp], adapter_name, specs, init=False, layers=layers.setdefault(comp, {}))
+            for layer, ma in zip(added, mods.values()):
                 layer.load_adapter_tensors(adapter_name, ma.a, ma.b, ma.magnitude)
     except BaseException:
         for comp in done:
-            remove_adapter(models[comp], adapter_name)
+            remove_adapter(models[comp], adapter_name, layers[comp])
         raise
 
 
-def collect_adapter(models: dict[str, nn.Module], adapter_name: str) -> dict[str, dict[str, ModuleAdapter]]:
+def collect_adapter(
+    models: dict[str, nn.Module], adapter_name: str, layers: Layers | None = None
+) -> dict[str, dict[str, ModuleAdapter]]:
     """The tensors of ``adapter_name`` per component and module, detached copies on the CPU."""
+    layers = {comp: adapted_layers(model) for comp, model in models.items()} if layers is None else layers
     out: dict[str, dict[str, ModuleAdapter]] = {}
-    for comp, model in models.items():
-        for name, layer in adapted_layers(model).items():
+    for comp in models:
+        for name, layer in layers.get(comp, {}).items():
             if adapter_name not in layer.adapters:
                 continue
             adapter = layer.adapters[adapter_name]
@@ -68,32 +97,27 @@ def save_adapter(
     weight_name: str | None = None,
     format: str = "diffusers",
     metadata: dict | None = None,
+    layers: Layers | None = None,
 ) -> Path:
     """Write one adapter of ``models`` (component -> model) to ``save_directory/weight_name``.
 
     ``format``: ``"diffusers"``, ``"kohya"`` (UNet names in SGM form, following the UNet's own block layout) or
     ``"comfyui"`` (kohya, with ``dora_scale`` computed against the models' base weights for ComfyUI's rule; see
-    ``formats.comfyui``).
+    ``formats.comfyui``). ``layers`` as in ``attach_adapter``.
     """
     if format not in SAVE_FORMATS:
         raise ValueError(f"format must be one of {', '.join(map(repr, SAVE_FORMATS))}, got {format!r}")
-    modules = collect_adapter(models, adapter_name)
+    layers = {comp: adapted_layers(model) for comp, model in models.items()} if layers is None else layers
+    modules = collect_adapter(models, adapter_name, layers)
     info = {"library": "dora-diffusion", "version": __version__, "adapter_name": adapter_name, **(metadata or {})}
-    if format == "diffusers":
-        state_dict, header = to_diffusers(modules, info)
-    else:
-        from dora_diffusion.formats.comfyui import to_comfyui
-        from dora_diffusion.formats.kohya import sgm_names, to_kohya
+    unet_sgm = base = None
+    if format != "diffusers" and "unet" in models:
+        from dora_diffusion.formats.kohya import sgm_names
 
-        unet_sgm = sgm_names(linear_conv_names(models["unet"])) if "unet" in models else None
-        if format == "kohya":
-            state_dict, header = to_kohya(modules, info, unet_sgm)
-        else:
-            layers = {comp: adapted_layers(model) for comp, model in models.items()}
-            if any(layer.fused for comp in layers.values() for layer in comp.values()):
-                raise RuntimeError(
-                    "adapters are fused into the weights; call unfuse_dora() before saving format='comfyui'"
-                )
-            base = {comp: {name: layers[comp][name].weight.detach() for name in mods} for comp, mods in modules.items()}
-            state_dict, header = to_comfyui(modules, base, info, unet_sgm)
+        unet_sgm = sgm_names(linear_conv_names(models["unet"]))
+    if format == "comfyui":
+        if any(layer.fused for comp in layers.values() for layer in comp.values()):
+            raise RuntimeError("adapters are fused into the weights; call unfuse_dora() before saving format='comfyui'")
+        base = {comp: {name: layers[comp][name].weight.detach() for name in mods} for comp, mods in modules.items()}
+    state_dict, header = formats.write(modules, format, info, unet_sgm, base)
     return write_safetensors(state_dict, Path(save_directory) / (weight_name or DEFAULT_WEIGHT_NAME), header)

@@ -13,30 +13,21 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from dora_diffusion import formats
 from dora_diffusion._version import __version__
-from dora_diffusion.formats import (
-    COMPONENTS,
-    AdapterFileError,
-    ModuleAdapter,
-    ParsedAdapter,
-    parse_state_dict,
-    read_safetensors,
-    resolve_file,
-    to_diffusers,
-    write_safetensors,
-)
-from dora_diffusion.formats.safefile import printable
+from dora_diffusion.adapter_io import read_adapter as read_source
 from dora_diffusion.analysis import add_analyze_parser
 from dora_diffusion.analysis.scan import load_base
 from dora_diffusion.extras import MissingExtraError
-from dora_diffusion.formats.comfyui import from_comfyui_modules, to_comfyui
-from dora_diffusion.formats.kohya import PREFIXES, key_prefix, to_kohya, to_sdxl_names, unet_naming
+from dora_diffusion.formats import COMPONENTS, AdapterFileError, ModuleAdapter, ParsedAdapter, write_safetensors
+from dora_diffusion.formats.kohya import PREFIXES, key_prefix, to_sdxl_names, unet_naming
+from dora_diffusion.formats.safefile import printable
 from dora_diffusion.pipeline import base_weights
 
 PROG = "dora-diffusion"
 PRINTED_LIMIT = 4000
 """Longest line the command prints about a file (file names and error messages, control characters escaped)."""
-CONVERT_FORMATS = ("diffusers", "kohya", "comfyui")
+CONVERT_FORMATS = formats.WRITE_FORMATS
 
 LEGACY_TO_DIFFUSERS = (
     "{path} holds per-input (legacy LyCORIS < 3.2 / OneTrainer) DoRA: its magnitude rescales input columns, "
@@ -53,12 +44,8 @@ def read_adapter(path: str | Path) -> tuple[Path, ParsedAdapter]:
     path = Path(path)
     if not path.exists():
         raise AdapterFileError(f"{path} does not exist")
-    path = resolve_file(path)
-    state_dict, metadata = read_safetensors(path)
-    try:
-        return path, parse_state_dict(state_dict, metadata)
-    except AdapterFileError as err:
-        raise AdapterFileError(f"{path}: {err}") from None
+    parsed, file = read_source(path)
+    return file, parsed
 
 
 def model_named(parsed: ParsedAdapter) -> dict[str, dict[str, ModuleAdapter]]:
@@ -69,12 +56,6 @@ def model_named(parsed: ParsedAdapter) -> dict[str, dict[str, ModuleAdapter]]:
 
 
 # ---------------------------------------------------------------------------------------------- convert
-
-
-def _needs_base(parsed: ParsedAdapter, to: str) -> bool:
-    """True if converting needs base weights: per-output DoRA modules written for or read from ComfyUI's rule."""
-    dora_out = any(m.use_dora and m.norm_axis == "out" for mods in parsed.modules.values() for m in mods.values())
-    return dora_out and (to == "comfyui" or parsed.comfyui_dora_scale)
 
 
 def convert_file(
@@ -96,7 +77,7 @@ def convert_file(
     src, parsed = read_adapter(src)
     modules = model_named(parsed)
     weights = None
-    if _needs_base(parsed, to):
+    if formats.needs_base(parsed, to):
         if base is None:
             what = "writing --to comfyui"
             if parsed.comfyui_dora_scale:
@@ -107,19 +88,18 @@ def convert_file(
             )
         pipe = load_base(str(base)) if isinstance(base, (str, Path)) else base
         weights = base_weights(pipe, modules)
-    if parsed.comfyui_dora_scale and weights is not None:
-        modules = from_comfyui_modules(modules, weights)
+    if weights is not None:
+        modules = formats.apply_base(parsed, modules, lambda _: weights)
     info = {"library": "dora-diffusion", "version": __version__, "adapter_name": dst.stem}
     info["converted_from"] = parsed.dialect + (" (ComfyUI dora_scale)" if parsed.comfyui_dora_scale else "")
     carried = {k: v for k, v in parsed.metadata.items() if k.startswith(("ss_", "modelspec."))}  # training info
     if to == "diffusers":
         if any(m.use_dora and m.norm_axis == "in" for mods in modules.values() for m in mods.values()):
             raise AdapterFileError(LEGACY_TO_DIFFUSERS.format(path=src))
-        state_dict, header = to_diffusers(modules, {**info, "source_metadata": carried} if carried else info)
-    elif to == "kohya":
-        state_dict, header = to_kohya(modules, {**carried, **info})
+        info = {**info, "source_metadata": carried} if carried else info
     else:
-        state_dict, header = to_comfyui(modules, weights or {}, {**carried, **info})
+        info = {**carried, **info}
+    state_dict, header = formats.write(modules, to, info, base=weights)
     return write_safetensors(state_dict, dst, header)
 
 

@@ -102,6 +102,7 @@ def pipeline_state(pipe) -> dict[str, object]:
     and the text encoders' input embeddings and vocab sizes; and the adapters loaded (per adapted module: the
     wrapper, disabled/fused, each adapter's strength, spec and tensors)."""
     from dora_diffusion.core.inject import adapted_layers, base_modules
+    from dora_diffusion.pipeline import AdapterRegistry
 
     state: dict[str, object] = {}
     for comp in STATE_COMPONENTS:
@@ -125,7 +126,8 @@ def pipeline_state(pipe) -> dict[str, object]:
         if hasattr(model, "get_input_embeddings"):
             emb = model.get_input_embeddings()
             state[f"{comp} (input embeddings)"] = (id(emb), tuple(emb.weight.shape), model.config.vocab_size)
-    state["embeddings of adapters"] = copy.deepcopy(getattr(pipe, "_dora_embeddings", {}))
+    loaded = AdapterRegistry.of(pipe).loaded.values()
+    state["embeddings of adapters"] = {a.name: list(a.tokens) for a in loaded if a.tokens}
     for comp in ("tokenizer", "tokenizer_2"):
         tok = getattr(pipe, comp, None)
         if tok is not None:

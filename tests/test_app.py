@@ -439,7 +439,7 @@ def test_a_slow_hub_lookup_does_not_hold_up_grids(app, monkeypatch):
 def test_the_hub_counts_as_unreachable_within_seconds(monkeypatch):
     from huggingface_hub import constants
 
-    from dora_diffusion.formats.safefile import hub_unreachable
+    from dora_diffusion.hub import hub_unreachable
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):

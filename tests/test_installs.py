@@ -139,7 +139,7 @@ def test_core_loads_fuses_saves_and_converts_without_any_extra(core_only, tmp_pa
     import dora_diffusion
     from dora_diffusion import AdapterConfig, add_adapter
     from dora_diffusion.core.inject import adapted_layers
-    from dora_diffusion.pipeline import save_adapter
+    from dora_diffusion.adapter_io import save_adapter
     from dora_diffusion.testing import build_tiny_sdxl_pipeline
     from dora_diffusion import cli
 

@@ -140,3 +140,56 @@ def test_text_encoder_keys_with_and_without_text_model(tmp_path, pipe) -> None:
     pipe.unload_dora_weights()
     pipe.load_dora_weights(renamed, adapter_name="renamed")
     assert max_diff(render(pipe), want) == 0.0
+
+
+def _count_walks(monkeypatch, pipe) -> dict[str, int]:
+    """Count ``named_modules`` calls on the pipeline's three models (``parameters()`` walks through it too)."""
+    models = {id(m): c for c in ("unet", "text_encoder", "text_encoder_2") if (m := getattr(pipe, c, None)) is not None}
+    calls = {c: 0 for c in models.values()}
+    original = torch.nn.Module.named_modules
+
+    def counting(self, *args, **kwargs):
+        if id(self) in models:
+            calls[models[id(self)]] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "named_modules", counting)
+    return calls
+
+
+def test_a_load_walks_each_model_once_and_switching_walks_none(tmp_path, pipe, monkeypatch) -> None:
+    first = make_adapter_file(tmp_path / "a", seed=1)
+    second = make_adapter_file(tmp_path / "b", seed=2, use_dora=False)
+    calls = _count_walks(monkeypatch, pipe)
+    pipe.load_dora_weights(first, adapter_name="a")
+    assert calls == {"unet": 1, "text_encoder": 1, "text_encoder_2": 1}  # the registry is built by the first load
+    pipe.load_dora_weights(second, adapter_name="b")
+    pipe.set_dora_adapters(["a", "b"], [0.5, 1.0])
+    pipe.disable_dora()
+    pipe.enable_dora()
+    assert pipe.get_dora_adapters() == ["a", "b"]
+    assert pipe.get_active_dora_adapters() == {"a": 0.5, "b": 1.0}
+    pipe.fuse_dora()
+    pipe.unfuse_dora()
+    pipe.delete_dora_adapters("a")
+    assert calls == {"unet": 1, "text_encoder": 1, "text_encoder_2": 1}  # nothing after the first load walked
+    from dora_diffusion.core.inject import add_adapter
+    from dora_diffusion import AdapterConfig
+
+    add_adapter(pipe.unet, AdapterConfig(rank=2, targets="attn"), "behind")  # behind the registry's back: noticed
+    assert pipe.get_dora_adapters() == ["b", "behind"]
+    assert calls["text_encoder"] == 2 and calls["text_encoder_2"] == 2  # one rebuild: one more walk each
+
+
+def test_old_positional_order_still_works_with_a_deprecation(tmp_path, pipe) -> None:
+    path = make_adapter_file(tmp_path, seed=3)
+    with pytest.warns(FutureWarning, match="by position is deprecated"):
+        name = dora_diffusion.load_dora_weights(pipe, path.parent, path.name, "old")
+    assert name == "old" and pipe.get_dora_adapters() == ["old"]
+    with pytest.raises(TypeError, match="both by position and by keyword"):
+        pipe.load_dora_weights(path.parent, path.name, weight_name=path.name)
+    with pytest.warns(FutureWarning):
+        pipe.fuse_dora(["old"], 0.5)
+    pipe.unfuse_dora()
+    with pytest.warns(UserWarning, match="already loaded as adapter 'old'"):
+        assert pipe.load_dora_weights(path, adapter_name="new") == "new"  # diffusers' order, by keyword

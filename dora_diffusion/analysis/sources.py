@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from dora_diffusion.formats import DEFAULT_WEIGHT_NAME, AdapterFileError, read_safetensors, resolve_file
+from dora_diffusion.formats import DEFAULT_WEIGHT_NAME, AdapterFileError, read_safetensors
+from dora_diffusion.hub import resolve_file
 from dora_diffusion.formats.diffusers import OWN_METADATA_KEY
 from dora_diffusion.training.output.checkpoint import CHECKPOINT_RE
 

@@ -31,7 +31,8 @@ from dora_diffusion.compare.infotext import (
     save_png,
     scheduler_from_a1111,
 )
-from dora_diffusion.compare.loading import check_adapter_args, dtype_keyword, load_base_pipeline
+from dora_diffusion.compare.loading import check_adapter_args
+from dora_diffusion.hub import dtype_keyword, load_base_pipeline
 from dora_diffusion.compare.plan import (
     BASE_LABEL,
     DEFAULT_MAX_CELLS,

@@ -1,4 +1,4 @@
-"""Loading: the base model (``from_pretrained`` with the installed diffusers' dtype keyword); ``--adapter`` checks."""
+"""``--adapter NAME=PATH`` arguments checked before the (slow) base model loads."""
 
 from __future__ import annotations
 
@@ -6,34 +6,10 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from dora_diffusion.compare.plan import CompareError, check_adapter_name, default_adapter_name, parse_adapter_arg
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 """The form of a Hugging Face Hub repo id, ``owner/name``."""
-
-
-def dtype_keyword() -> str:
-    """``dtype``, the name diffusers >= 0.37 uses in ``from_pretrained``, or ``torch_dtype`` for older releases."""
-    from diffusers.utils import deprecation_utils
-
-    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
-
-
-def load_base_pipeline(model: str, device: str | None = None, dtype: str = "auto", variant: str | None = None):
-    """``StableDiffusionXLPipeline.from_pretrained(model)`` on ``device`` (default: cuda if present, else cpu).
-
-    ``dtype="auto"`` is float16 on a GPU and float32 on the CPU.
-    """
-    from diffusers import StableDiffusionXLPipeline
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        dtype = "float32" if device == "cpu" else "float16"
-    torch_dtype = getattr(torch, dtype)
-    pipe = StableDiffusionXLPipeline.from_pretrained(model, variant=variant, **{dtype_keyword(): torch_dtype})
-    return pipe.to(device)
 
 
 def check_adapter_args(texts: Sequence[str]) -> list[tuple[str, str, Path | None]]:
@@ -43,7 +19,8 @@ def check_adapter_args(texts: Sequence[str]) -> list[tuple[str, str, Path | None
     adapter file now (missing, pickle or empty folders fail here); a Hub repo id is left to load time
     (``file`` None). Raises ``CompareError`` or ``AdapterFileError`` naming the argument.
     """
-    from dora_diffusion.formats import AdapterFileError, resolve_file
+    from dora_diffusion.formats import AdapterFileError
+    from dora_diffusion.hub import resolve_file
     from dora_diffusion.formats.safefile import PICKLE_SUFFIXES, refuse_pickle
 
     out: list[tuple[str, str, Path | None]] = []

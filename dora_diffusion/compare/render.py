@@ -15,14 +15,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dora_diffusion.formats import resolve_file
-from dora_diffusion.core.inject import adapted_layers
+from dora_diffusion.hub import resolve_file
 from dora_diffusion.pipeline import (
-    adaptable_models,
+    AdapterRegistry,
     delete_dora_adapters,
     disable_dora,
     enable_dora,
-    get_dora_adapters,
     load_dora_weights,
     set_dora_adapters,
 )
@@ -54,7 +52,7 @@ class AdapterInfo:
     ranks: tuple[int, ...]
     modules: int
     file: Path | None = None
-    """The resolved adapter file (None for adapters loaded before the Comparer existed)."""
+    """The resolved adapter file (None for a state dict)."""
 
     @property
     def summary(self) -> str:
@@ -107,11 +105,9 @@ class Comparer:
         self.dtype = pipe.unet.dtype
         self._scheduler_cls = type(pipe.scheduler)
         self._scheduler_config = pipe.scheduler.config
-        self._adapters: dict[str, AdapterInfo] = {}
+        self._labels: dict[str, str] = {}  # adapter name -> the source as the visitor gave it
         self._lock = threading.Lock()
         pipe.set_progress_bar_config(disable=True)
-        for name in get_dora_adapters(pipe):
-            self._adapters[name] = self._describe(name, "(loaded before the app started)", None)
 
     @property
     def lock(self) -> threading.Lock:
@@ -134,12 +130,15 @@ class Comparer:
 
     @property
     def adapters(self) -> list[AdapterInfo]:
-        """Loaded adapters in load order."""
-        return list(self._adapters.values())
+        """Loaded adapters in load order (the pipeline's ``AdapterRegistry`` is their one record)."""
+        return [self._describe(name) for name in self._names()]
+
+    def _names(self) -> list[str]:
+        return AdapterRegistry.of(self.pipe).names()
 
     def kinds(self) -> dict[str, str]:
         """``{name: "DoRA" | "LoRA" | "DoRA + LoRA"}`` of the loaded adapters."""
-        return {a.name: a.kind for a in self._adapters.values()}
+        return {a.name: a.kind for a in self.adapters}
 
     def resolve(self, source: str) -> Path:
         """The adapter file of ``source`` (a file, a directory holding one, or a Hub repo id, downloaded once).
@@ -160,42 +159,39 @@ class Comparer:
         unreadable or does not fit the base model (the pipeline is then left as it was).
         """
         source = str(source).strip()
-        taken = list(self._adapters)
+        taken = self._names()
         name = check_adapter_name(name.strip(), taken) if name and name.strip() else default_adapter_name(source, taken)
         file = file if file is not None else self.resolve(source)
         with self._lock:
-            for other in self._adapters.values():
+            for other in self.adapters:
                 if other.file is not None and _same_file(other.file, file):
                     raise CompareError(
                         f"{source} is already loaded as {other.name!r}; a strength sweep ('0, 0.5, 1') shows one "
                         "adapter at several strengths"
                     )
-            if name in self._adapters:  # taken while this call waited for the lock
+            if name in self._names():  # taken while this call waited for the lock
                 raise CompareError(f"an adapter named {name!r} is already loaded; pick another name")
             folder = Path(source) if Path(source).is_dir() else None  # a training run's folder: also its embeddings
             if folder is not None and Path(file).parent.resolve() == folder.resolve():
                 load_dora_weights(self.pipe, str(folder), weight_name=Path(file).name, adapter_name=name)
             else:
                 load_dora_weights(self.pipe, str(file), adapter_name=name)
-            info = self._describe(name, source, file)
-            self._adapters[name] = info
-        return info
+            self._labels[name] = source
+        return self._describe(name)
 
     def remove_adapter(self, name: str) -> None:
         """Unload adapter ``name``: its modules get their original weights back and its column goes."""
         with self._lock:
-            if name not in self._adapters:
-                raise CompareError(f"no adapter named {name!r} is loaded; loaded adapters: {list(self._adapters)}")
+            if name not in self._names():
+                raise CompareError(f"no adapter named {name!r} is loaded; loaded adapters: {self._names()}")
             delete_dora_adapters(self.pipe, name)
-            del self._adapters[name]
+            self._labels.pop(name, None)
 
-    def _describe(self, name: str, source: str, file: Path | None) -> AdapterInfo:
-        specs = [
-            layer.adapters[name].spec
-            for model in adaptable_models(self.pipe).values()
-            for layer in adapted_layers(model).values()
-            if name in layer.adapters
-        ]
+    def _describe(self, name: str) -> AdapterInfo:
+        registry = AdapterRegistry.of(self.pipe)
+        specs = [layer.adapters[name].spec for layer in registry.all_layers() if name in layer.adapters]
+        source = self._labels.get(name, "(loaded before the app started)")
+        file = registry.loaded[name].file
         dora = {s.use_dora for s in specs}
         kind = "DoRA + LoRA" if len(dora) == 2 else ("DoRA" if True in dora else "LoRA")
         return AdapterInfo(name, source, kind, tuple(sorted({s.rank for s in specs})), len(specs), file)
@@ -211,10 +207,10 @@ class Comparer:
         seeds may be text like ``"0-3"``."""
         if isinstance(seeds, str):
             seeds = parse_seeds(seeds, self.max_cells)
-        return plan_grid(settings, seeds, adapters, include_base, list(self._adapters), self.max_cells)
+        return plan_grid(settings, seeds, adapters, include_base, self._names(), self.max_cells)
 
     def source(self, column: Column) -> str | None:
-        return None if column.adapter is None else self._adapters[column.adapter].source
+        return None if column.adapter is None else self._labels.get(column.adapter, "(loaded before the app started)")
 
     def infotext(self, plan: GridPlan, cell: Cell) -> str:
         return infotext(plan.settings, cell, self.model, self.source(cell.column), self.default_sampler)

@@ -8,7 +8,7 @@
   over CLS embeddings. DreamBooth reports all three this way.
 
 No scoring model at hand (not cached, Hub unreachable) gives a ``ScoringUnavailable`` whose message says what to
-do; it never waits on a dead network (``formats.safefile.hub_unreachable`` is checked first).
+do; it never waits on a dead network (``hub.hub_unreachable`` is checked first).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def instance_images(directory: str | Path) -> list[Image.Image]:
 def _load_pretrained(name: str, model_cls, processor_cls, what: str, flag: str):
     """A transformers model and its processor from a local folder, the Hugging Face cache, or (if reachable) the
     Hub; ``ScoringUnavailable`` (naming ``what`` and the app's ``flag``) when none of them has it."""
-    from dora_diffusion.formats.safefile import hub_unreachable
+    from dora_diffusion.hub import hub_unreachable
 
     local = Path(name).is_dir()
     try:

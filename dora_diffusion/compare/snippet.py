@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dora_diffusion.compare.loading import dtype_keyword
+from dora_diffusion.hub import dtype_keyword
 from dora_diffusion.compare.plan import SCHEDULERS, Cell, GenerationSettings
 
 

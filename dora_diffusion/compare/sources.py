@@ -17,8 +17,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from dora_diffusion.formats import resolve_file
-from dora_diffusion.formats.safefile import hub_file
+from dora_diffusion.hub import hub_file, resolve_file
 from dora_diffusion.compare.loading import HUB_ID
 from dora_diffusion.compare.plan import CompareError
 

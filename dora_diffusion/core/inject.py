@@ -7,6 +7,7 @@ or ends with ``"." + name``), or a regular expression that must match a full mod
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Iterable
 from typing import Literal
 
@@ -70,6 +71,19 @@ def set_recompute(model: nn.Module, mode: RecomputeMode = "cheap") -> None:
         layer.recompute_output = _recomputes(name, layer, mode)
 
 
+_GENERATION: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def generation(model: nn.Module) -> int:
+    """How many times adapters were added to or removed from ``model`` through this module: a registry that knows
+    the count it saw knows, without walking the model, whether its list of wrappers is still true."""
+    return _GENERATION.get(model, 0)
+
+
+def _changed(model: nn.Module) -> None:
+    _GENERATION[model] = generation(model) + 1
+
+
 def is_text_encoder(model: nn.Module) -> bool:
     """True for the CLIP text encoders (presets use their module names)."""
     return type(model).__name__.startswith("CLIPText")
@@ -80,26 +94,36 @@ def presets_for(model: nn.Module) -> dict[str, list[str]]:
     return TEXT_ENCODER_PRESETS if is_text_encoder(model) else UNET_PRESETS
 
 
-def base_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every module of ``model`` by full name, seen through adapter wrappers (a wrapper stands for its base)."""
+def walk(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, AdaptedLayer]]:
+    """One walk of ``model``: every module by full name seen through adapter wrappers (a wrapper stands for its
+    base), and the wrappers by the name of the module each wraps."""
     out: dict[str, nn.Module] = {}
-    wrappers: set[str] = set()
+    layers: dict[str, AdaptedLayer] = {}
+    inside: set[str] = set()
     for name, module in model.named_modules():
         parent = name.rpartition(".")[0]
-        if name and parent in wrappers:
-            wrappers.add(name)  # inside a wrapper: skip it, and so its children too
+        if name and parent in inside:
+            inside.add(name)  # inside a wrapper: skip it, and so its children too
             continue
         if isinstance(module, AdaptedLayer):
             out[name] = module.base_layer
-            wrappers.add(name)
+            layers[name] = module
+            inside.add(name)
         else:
             out[name] = module
-    return out
+    return out, layers
 
 
-def linear_conv_names(model: nn.Module) -> list[str]:
-    """Names of the Linear and Conv2d modules of ``model`` (base modules, seen through adapter wrappers)."""
-    return [n for n, m in base_modules(model).items() if isinstance(m, (nn.Linear, nn.Conv2d))]
+def base_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module of ``model`` by full name, seen through adapter wrappers (a wrapper stands for its base)."""
+    return walk(model)[0]
+
+
+def linear_conv_names(model: nn.Module | dict[str, nn.Module]) -> list[str]:
+    """Names of the Linear and Conv2d modules of ``model`` (base modules, seen through adapter wrappers; or a
+    ``base_modules`` dict already made)."""
+    modules = model if isinstance(model, dict) else base_modules(model)
+    return [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
 def find_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
@@ -157,26 +181,31 @@ def add_adapter_to_modules(
     dropout: float = 0.0,
     dtype: torch.dtype = torch.float32,
     init: bool = True,
+    layers: dict[str, AdaptedLayer] | None = None,
 ) -> list[AdaptedLayer]:
     """Add ``adapter_name`` with one ``AdapterSpec`` per module name; wraps modules as needed.
 
-    ``init=False`` leaves the tensors unset, for a caller that fills them (loading a file).
-    All-or-nothing: on any error the adapter is removed again and new wrappers are undone.
+    ``init=False`` leaves the tensors unset, for a caller that fills them (loading a file). ``layers``: the
+    model's wrappers by name, if the caller keeps them (``adapted_layers``); they are kept in step, and the
+    model is not walked. All-or-nothing: on any error the adapter is removed again and new wrappers are undone.
     """
-    if adapter_name in adapter_names(model):
+    layers = adapted_layers(model) if layers is None else layers
+    if adapter_name in ordered_adapter_names(layers.values()):
         raise ValueError(f"adapter {adapter_name!r} already exists in {type(model).__name__}")
     done: list[AdaptedLayer] = []
+    _changed(model)
     try:
         for name, spec in specs.items():
-            module = model.get_submodule(name)
+            module = layers[name] if name in layers else model.get_submodule(name)
             if not isinstance(module, AdaptedLayer):
                 module = wrap(module)
                 module.recompute_output = _recomputes(name, module, "cheap")
                 _set_submodule(model, name, module)
+                layers[name] = module
             module.new_adapter(adapter_name, spec, dropout, dtype, init)
             done.append(module)
     except BaseException:
-        remove_adapter(model, adapter_name)
+        remove_adapter(model, adapter_name, layers)
         raise
     return done
 
@@ -215,20 +244,28 @@ def adapter_names(model: nn.Module) -> list[str]:
     return ordered_adapter_names(adapted_layers(model).values())
 
 
-def remove_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Delete one adapter; layers left with no adapter are replaced by their original module."""
-    for name, layer in adapted_layers(model).items():
+def remove_adapter(model: nn.Module, adapter_name: str, layers: dict[str, AdaptedLayer] | None = None) -> None:
+    """Delete one adapter; layers left with no adapter are replaced by their original module. ``layers`` as in
+    ``add_adapter_to_modules``: kept in step when given."""
+    layers = adapted_layers(model) if layers is None else layers
+    _changed(model)
+    for name, layer in list(layers.items()):
         if adapter_name in layer.adapters:
             layer.delete_adapter(adapter_name)
         if not layer.adapters:
             _set_submodule(model, name, layer.base_layer)
+            del layers[name]
 
 
-def remove_all(model: nn.Module) -> None:
-    """Unfuse and delete every adapter, restoring the original module objects."""
-    for name, layer in adapted_layers(model).items():
+def remove_all(model: nn.Module, layers: dict[str, AdaptedLayer] | None = None) -> None:
+    """Unfuse and delete every adapter, restoring the original module objects. ``layers`` as in
+    ``add_adapter_to_modules``: emptied when given."""
+    layers = adapted_layers(model) if layers is None else layers
+    _changed(model)
+    for name, layer in list(layers.items()):
         layer.unfuse()
         _set_submodule(model, name, layer.base_layer)
+        del layers[name]
 
 
 def _adapter_params(layer: AdaptedLayer) -> list[nn.Parameter]:

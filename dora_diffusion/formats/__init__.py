@@ -1,8 +1,15 @@
-"""File dialects: detection from keys and shapes (never from the file name), parsing, name resolution."""
+"""File dialects: the only place that knows them.
+
+``read_file`` reads any dialect into one in-memory form (``ParsedAdapter``: ``ModuleAdapter`` tensors per component
+and module); ``match`` maps its module names onto a model's; ``apply_base`` finishes a file whose magnitudes need
+the base weights (ComfyUI's rule); ``write`` writes the in-memory form in a dialect. Detection is from keys and
+shapes, never from the file name.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
 import torch
 
@@ -13,7 +20,6 @@ from dora_diffusion.formats.safefile import (
     AdapterFileError,
     check_tensors,
     read_safetensors,
-    resolve_file,
     shown,
     write_safetensors,
 )
@@ -28,8 +34,13 @@ __all__ = [
     "check_tensors",
     "detect_dialect",
     "parse_state_dict",
+    "WRITE_FORMATS",
+    "apply_base",
+    "match",
+    "needs_base",
+    "read_file",
     "read_safetensors",
-    "resolve_file",
+    "write",
     "resolver_for",
     "shown",
     "to_diffusers",
@@ -102,3 +113,83 @@ def resolver_for(dialect: str) -> Callable[[str, list[str], set[str]], dict[str,
 
         return resolve_kohya
     return _resolve_diffusers
+
+
+def read_file(path: str | Path) -> ParsedAdapter:
+    """Read the safetensors adapter file at ``path`` in whichever dialect it is written; errors name the file."""
+    state_dict, metadata = read_safetensors(path)
+    try:
+        return parse_state_dict(state_dict, metadata)
+    except AdapterFileError as err:
+        raise AdapterFileError(f"{path}: {err}") from None
+
+
+def match(
+    parsed: ParsedAdapter, model_names: Mapping[str, Iterable[str]]
+) -> tuple[dict[str, dict[str, ModuleAdapter]], list[str]]:
+    """Map every module of ``parsed`` onto a module of the models: ``model_names`` is ``{component: names of its
+    Linear and Conv2d modules}``. Returns ``{component: {model module name: ModuleAdapter}}`` and the file keys
+    that match nothing (a component the models lack included)."""
+    resolve = resolver_for(parsed.dialect)
+    matched: dict[str, dict[str, ModuleAdapter]] = {}
+    unmatched: list[str] = []
+    for comp, mods in parsed.modules.items():
+        names = model_names.get(comp)
+        mapping = {} if names is None else resolve(comp, list(mods), set(names))
+        for fname, ma in mods.items():
+            if fname in mapping:
+                matched.setdefault(comp, {})[mapping[fname]] = ma
+            else:
+                unmatched += parsed.source_keys.get((comp, fname), [f"{comp}.{fname}"])
+    return matched, unmatched
+
+
+def needs_base(parsed: ParsedAdapter, to: str | None = None) -> bool:
+    """True if reading ``parsed`` (or writing it ``to`` a dialect) needs the base weights ``W0``: per-output DoRA
+    modules read from, or written for, ComfyUI's ``dora_scale`` rule."""
+    dora_out = any(m.use_dora and m.norm_axis == "out" for mods in parsed.modules.values() for m in mods.values())
+    return dora_out and (to == "comfyui" or parsed.comfyui_dora_scale)
+
+
+def apply_base(
+    parsed: ParsedAdapter,
+    modules: dict[str, dict[str, ModuleAdapter]],
+    base_weights: Callable[[dict[str, dict[str, ModuleAdapter]]], Mapping[str, Mapping[str, torch.Tensor]]],
+) -> dict[str, dict[str, ModuleAdapter]]:
+    """``modules`` of ``parsed`` with their true magnitudes ``m``: unchanged, unless the file was written for
+    ComfyUI's rule (``dora_scale = m (||W0|| + eps) / ||W0 + s B A||``), which ``base_weights(modules)`` (``{component:
+    {module name: W0}}``) undoes."""
+    if not parsed.comfyui_dora_scale:
+        return modules
+    from dora_diffusion.formats.comfyui import from_comfyui_modules
+
+    return from_comfyui_modules(modules, base_weights(modules))
+
+
+WRITE_FORMATS = ("diffusers", "kohya", "comfyui")
+"""The dialects ``write`` writes: diffusers/PEFT, kohya (LyCORIS), and kohya with ComfyUI's ``dora_scale`` rule."""
+
+
+def write(
+    modules: dict[str, dict[str, ModuleAdapter]],
+    format: str,
+    info: dict,
+    unet_sgm: Mapping[str, str] | None = None,
+    base: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict and header of ``modules`` in ``format`` (one of ``WRITE_FORMATS``).
+
+    ``unet_sgm``: the UNet's module names in SGM form (``kohya.sgm_names``), for kohya files written from a model
+    whose block layout is not SDXL base's; ``base``: the base weights ``{component: {module name: W0}}``, needed by
+    ``"comfyui"`` for per-output DoRA modules.
+    """
+    if format not in WRITE_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(map(repr, WRITE_FORMATS))}, got {format!r}")
+    if format == "diffusers":
+        return to_diffusers(modules, info)
+    from dora_diffusion.formats.comfyui import to_comfyui
+    from dora_diffusion.formats.kohya import to_kohya
+
+    if format == "kohya":
+        return to_kohya(modules, info, unet_sgm)
+    return to_comfyui(modules, base or {}, info, unet_sgm)

@@ -32,7 +32,7 @@ def load_pipeline(path: str | os.PathLike | None = None, dtype=None):
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from dora_diffusion.compare import dtype_keyword
+    from dora_diffusion.hub import dtype_keyword
 
     root = Path(path) if path is not None else PIPELINE_DIR
     if not (root / "model_index.json").is_file():
