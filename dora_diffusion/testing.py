@@ -28,9 +28,11 @@ import random
 import tempfile
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image, ImageDraw
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from dora_diffusion.tiny_sdxl import MODEL_MAX_LENGTH, byte_level_vocab, sdxl_scheduler, sdxl_unet, text_config
 
 __all__ = [
     "MODEL_MAX_LENGTH",
@@ -46,30 +48,12 @@ __all__ = [
 TINY_RESOLUTION = 64
 """Default image side in pixels: the tiny UNet's ``sample_size`` (8) times the VAE's downscale factor (8)."""
 
-MODEL_MAX_LENGTH = 77
-"""Token sequence length of both tokenizers and text encoders, as in SDXL."""
-
 _TEXT_ENCODER_HIDDEN = 32
 _TEXT_ENCODER_2_HIDDEN = 48
 _PROJECTION_DIM = 32
 _ADDITION_TIME_EMBED_DIM = 8
-_BOS, _EOS, _PAD_2 = "<|startoftext|>", "<|endoftext|>", "!"
+_PAD_2 = "!"
 _CAPTION_DETAILS = ("", ", close-up", ", plain background", ", soft light")
-
-
-def _byte_level_alphabet() -> list[str]:
-    """The 256 printable characters GPT-2/CLIP use for the bytes 0..255, in CLIP's vocabulary order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    unprintable = [b for b in range(256) if b not in printable]
-    # printable bytes stand for themselves; the others are shifted to the code points 256, 257, ...
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(unprintable))]
-
-
-def _byte_level_vocab() -> dict[str, int]:
-    """Token -> id: the 256 byte characters, the same with ``</w>``, then start and end of text (514 tokens)."""
-    alphabet = _byte_level_alphabet()
-    tokens = [*alphabet, *(c + "</w>" for c in alphabet), _BOS, _EOS]
-    return {token: i for i, token in enumerate(tokens)}
 
 
 def _tiny_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
@@ -80,55 +64,11 @@ def _tiny_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
     """
     with tempfile.TemporaryDirectory(prefix="dora_diffusion_tokenizer_") as directory:
         root = pathlib.Path(directory)
-        (root / "vocab.json").write_text(json.dumps(_byte_level_vocab(), ensure_ascii=False), encoding="utf-8")
+        (root / "vocab.json").write_text(json.dumps(byte_level_vocab(), ensure_ascii=False), encoding="utf-8")
         (root / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
         tokenizer = CLIPTokenizer.from_pretrained(root, model_max_length=MODEL_MAX_LENGTH)
         tokenizer_2 = CLIPTokenizer.from_pretrained(root, model_max_length=MODEL_MAX_LENGTH, pad_token=_PAD_2)
     return tokenizer, tokenizer_2
-
-
-def _text_config(tokenizer: CLIPTokenizer, hidden_size: int, num_layers: int, hidden_act: str) -> CLIPTextConfig:
-    """A small CLIP text config whose vocabulary and special ids are the tokenizer's."""
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        projection_dim=_PROJECTION_DIM,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        max_position_embeddings=MODEL_MAX_LENGTH,
-        hidden_act=hidden_act,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def sdxl_unet(
-    sample_size: int, block_out_channels: tuple[int, int, int], text_dims: tuple[int, int], time_embed_dim: int,
-    projection_dim: int, **sizes,
-) -> UNet2DConditionModel:
-    """SDXL's UNet layout (3 down blocks, the first without attention, text_time conditioning) at the given sizes.
-
-    ``text_dims``: the two text encoders' hidden sizes, concatenated into the cross-attention dim. ``sizes``:
-    ``layers_per_block``, ``transformer_layers_per_block``, ``attention_head_dim``, ``norm_num_groups``.
-    """
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=block_out_channels,
-        cross_attention_dim=sum(text_dims),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_embed_dim,
-        # 6 micro-conditioning numbers (original size, crop corner, target size) plus text_encoder_2's pooled output
-        projection_class_embeddings_input_dim=6 * time_embed_dim + projection_dim,
-        **sizes,
-    )
 
 
 def _tiny_unet() -> UNet2DConditionModel:
@@ -163,21 +103,6 @@ def _tiny_vae() -> AutoencoderKL:
     )
 
 
-def _sdxl_scheduler() -> EulerDiscreteScheduler:
-    """The Euler scheduler with the values of SDXL base's ``scheduler_config.json``."""
-    return EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        interpolation_type="linear",
-        use_karras_sigmas=False,
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
-
-
 def build_tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> StableDiffusionXLPipeline:
     """A ``StableDiffusionXLPipeline`` with SDXL's architecture at toy size and random weights, built offline.
 
@@ -192,9 +117,9 @@ def build_tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) 
         torch.manual_seed(seed)
         vae = _tiny_vae()
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(_text_config(tokenizer, _TEXT_ENCODER_HIDDEN, 2, "quick_gelu"))
+        text_encoder = CLIPTextModel(text_config(tokenizer, _TEXT_ENCODER_HIDDEN, 2, "quick_gelu"))
         torch.manual_seed(seed)
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, _TEXT_ENCODER_2_HIDDEN, 3, "gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2, _TEXT_ENCODER_2_HIDDEN, 3, "gelu"))
     for model in (unet, vae, text_encoder, text_encoder_2):
         # plain nn.Module.to: diffusers' ModelMixin.to warns about "modules to keep in float32" even when there are none
         torch.nn.Module.to(model, dtype=dtype)
@@ -205,7 +130,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) 
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=_sdxl_scheduler(),
+        scheduler=sdxl_scheduler(),
         force_zeros_for_empty_prompt=True,
     )
 
@@ -234,7 +159,7 @@ def save_tiny_clip(path: str | os.PathLike, seed: int = 0, image_size: int = 32)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               image_size=image_size, patch_size=8, projection_dim=_PROJECTION_DIM)  # fmt: skip
     config = CLIPConfig(
-        text_config=_text_config(tokenizer, 32, 2, "quick_gelu").to_dict(),
+        text_config=text_config(tokenizer, 32, 2, "quick_gelu").to_dict(),
         vision_config=vision.to_dict(),
         projection_dim=_PROJECTION_DIM,
     )

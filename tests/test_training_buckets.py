@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from dora_diffusion.testing import make_toy_images, save_tiny_sdxl_pipeline
 from dora_diffusion.training import main
-from dora_diffusion.training.data.buckets import BucketBatchSampler, make_buckets, micro_batches_per_epoch, nearest_bucket
+from dora_diffusion.training.data.buckets import make_buckets, nearest_bucket
+from dora_diffusion.training.data.sampling import BucketBatchSampler, micro_batches_per_epoch
 from dora_diffusion.training.data.records import Record
 from dora_diffusion.training.data.dataset import DreamBoothDataset
 

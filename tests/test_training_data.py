@@ -20,11 +20,11 @@ from dora_diffusion.training.data.records import (
 )
 from dora_diffusion.training.data.dataset import (
     DreamBoothDataset,
-    MicroBatchSampler,
     apply_crop,
     collate,
     plan_crop,
 )
+from dora_diffusion.training.data.sampling import MicroBatchSampler
 
 
 def _write_folder(path, n, captions=None, size=32):

@@ -26,9 +26,9 @@ the backward pass and in how many passes they make over the output:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +36,20 @@ from torch import nn
 
 from dora_diffusion.core.adapter import Adapter
 from dora_diffusion.core.dora_autograd import DoRALinearFunction, DoRAScaleFunction
+from dora_diffusion.core.geometry import Geometry
 from dora_diffusion.core.norms import EPS
 
-if TYPE_CHECKING:
-    from dora_diffusion.core.layers import AdaptedLayer
+
+class AdaptedLayer(Protocol):
+    """What the paths read of a layer (``layers.AdaptedLayer`` is the one implementation)."""
+
+    base_layer: nn.Module
+    geometry: Geometry
+    adapters: Mapping[str, Adapter]
+    disabled: bool
+    fused: dict[str, float]
+    lean_training: bool
+    recompute_output: bool
 
 
 @dataclass(frozen=True)

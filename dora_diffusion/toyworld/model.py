@@ -22,7 +22,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from dora_diffusion.testing import MODEL_MAX_LENGTH, _byte_level_vocab, _sdxl_scheduler, _text_config, sdxl_unet
+from dora_diffusion.tiny_sdxl import MODEL_MAX_LENGTH, byte_level_vocab, sdxl_scheduler, sdxl_unet, text_config
 from dora_diffusion.toyworld.world import BACKGROUNDS, COLOURS, SHAPES
 
 WORDS = (
@@ -64,7 +64,7 @@ def _word_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
 
 def build_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
     """SDXL's two tokenizers for the toy world (the second pads with ``"!"`` like SDXL's ``tokenizer_2``)."""
-    vocab = _byte_level_vocab()
+    vocab = byte_level_vocab()
     merges = _word_merges(WORDS)
     for left, right in merges:
         vocab.setdefault(left + right, len(vocab))
@@ -112,7 +112,7 @@ def build_scheduler():
     from that leak, which pure noise at sampling time does not have. Lin et al. 2023 ("Common Diffusion Noise
     Schedules and Sample Steps are Flawed") recommend trailing spacing; diffusers' scheduler supports it as a setting.
     """
-    return EulerDiscreteScheduler.from_config({**_sdxl_scheduler().config, "timestep_spacing": "trailing"})
+    return EulerDiscreteScheduler.from_config({**sdxl_scheduler().config, "timestep_spacing": "trailing"})
 
 
 def build_untrained_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
@@ -121,8 +121,8 @@ def build_untrained_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet, vae = build_unet(), build_vae()
-        text_encoder = CLIPTextModel(_text_config(tokenizer, _TEXT_HIDDEN, 2, "quick_gelu"))
-        cfg2 = _text_config(tokenizer_2, _TEXT_HIDDEN, 2, "gelu")
+        text_encoder = CLIPTextModel(text_config(tokenizer, _TEXT_HIDDEN, 2, "quick_gelu"))
+        cfg2 = text_config(tokenizer_2, _TEXT_HIDDEN, 2, "gelu")
         cfg2.projection_dim = _PROJECTION_DIM
         text_encoder_2 = CLIPTextModelWithProjection(cfg2)
     return StableDiffusionXLPipeline(

@@ -35,8 +35,16 @@ from dora_diffusion.training.output.checkpoint import (
     save_checkpoint,
 )
 from dora_diffusion.training.data.records import DatasetError, default_validation_prompt, load_masks, load_records, trigger_words
-from dora_diffusion.training.data.buckets import BucketBatchSampler, make_buckets, micro_batches_per_epoch, nearest_bucket
-from dora_diffusion.training.data.dataset import ADAPTER_INIT, STEP_NOISE, DreamBoothDataset, MicroBatchSampler, collate, derive_seed
+from dora_diffusion.training.data.buckets import make_buckets, nearest_bucket
+from dora_diffusion.training.data.dataset import DreamBoothDataset, collate
+from dora_diffusion.training.data.sampling import (
+    ADAPTER_INIT,
+    STEP_NOISE,
+    BucketBatchSampler,
+    MicroBatchSampler,
+    derive_seed,
+    micro_batches_per_epoch,
+)
 from dora_diffusion.training.distributed import adapters_in_sync, average_gradients, broadcast_parameters, make_accelerator, refuse_sharding
 from dora_diffusion.pipeline.embeddings import embeddings_name, write_embeddings
 from dora_diffusion.training.data.encode import LatentSource, PromptSource

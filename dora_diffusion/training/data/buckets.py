@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from dora_diffusion.training.data.dataset import EPOCH_ORDER, MicroBatchSampler, derive_seed
-
 
 def make_buckets(resolution: int, step: int = 64, min_side: int | None = None, max_side: int | None = None) -> list[tuple[int, int]]:
     """The bucket sizes (w, h), sorted by aspect ratio w / h (see the module docstring).
@@ -39,40 +35,3 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> int
     """Index of the bucket whose aspect ratio is nearest (in log ratio) that of an image of ``size`` (w, h)."""
     ratio = math.log(size[0] / size[1])
     return min(range(len(buckets)), key=lambda i: (abs(math.log(buckets[i][0] / buckets[i][1]) - ratio), i))
-
-
-class BucketBatchSampler(MicroBatchSampler):
-    """``MicroBatchSampler`` whose global micro-batches each hold samples of one bucket.
-
-    Epoch ``e``: the seeded permutation of all samples, split by bucket (keeping that order), each bucket's list
-    wrapped around to whole global micro-batches of ``batch_size * num_processes``, then those micro-batches in a
-    second seeded order. A pure function of ``(seed, epoch)``, so resuming at micro-batch ``j`` is exact.
-    """
-
-    def __init__(
-        self, bucket_of: list[int], batch_size: int, num_processes: int, rank: int, seed: int, start: int = 0
-    ) -> None:
-        super().__init__(len(bucket_of), batch_size, num_processes, rank, seed, start)
-        self.bucket_of = bucket_of
-        self.per_epoch = micro_batches_per_epoch(bucket_of, batch_size * num_processes)
-
-    def epoch_order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(derive_seed(self.seed, EPOCH_ORDER, epoch))
-        order = torch.randperm(self.num_items, generator=g).tolist()
-        group = self.batch_size * self.num_processes
-        chunks = []
-        for bucket in sorted(set(self.bucket_of)):
-            members = [i for i in order if self.bucket_of[i] == bucket]
-            need = -(-len(members) // group) * group
-            members = (members * (need // len(members) + 1))[:need]
-            chunks += [members[k : k + group] for k in range(0, need, group)]
-        g2 = torch.Generator().manual_seed(derive_seed(self.seed, EPOCH_ORDER, epoch, 1))
-        return [i for c in torch.randperm(len(chunks), generator=g2).tolist() for i in chunks[c]]
-
-
-def micro_batches_per_epoch(bucket_of: list[int], group: int) -> int:
-    """Global micro-batches of ``group`` samples in one epoch: each bucket rounded up to whole micro-batches."""
-    counts: dict[int, int] = {}
-    for b in bucket_of:
-        counts[b] = counts.get(b, 0) + 1
-    return sum(-(-n // group) for n in counts.values())

@@ -1,4 +1,4 @@
-"""Training samples: resize + crop + flip with SDXL micro-conditioning, and the order micro-batches come in.
+"""Training samples: resize + crop + flip with SDXL micro-conditioning (the order they come in: ``sampling``).
 
 Every sample is resized, cropped and flipped once, when the dataset is built, and kept as uint8 pixels
 (3 MB per sample at 1024 px): a training step only converts them to floats.
@@ -12,23 +12,15 @@ micro-batches an uninterrupted run would.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
+from dora_diffusion.training.data.buckets import nearest_bucket
 from dora_diffusion.training.data.records import Record, resized_size
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (``numpy.random.SeedSequence``)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
-
-
-# stream ids for derive_seed, so different uses never share a seed
-AUGMENT, CLASS_AUGMENT, EPOCH_ORDER, STEP_NOISE, CLASS_GENERATION, ADAPTER_INIT = range(6)
+from dora_diffusion.training.data.sampling import AUGMENT, CLASS_AUGMENT, derive_seed
 
 
 @dataclass(frozen=True)
@@ -136,8 +128,6 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         buckets: list[tuple[int, int]] | None = None,
         mask_factor: int = 8,
     ) -> None:
-        from dora_diffusion.training.data.buckets import nearest_bucket
-
         if not records:
             raise ValueError("DreamBoothDataset needs at least one image")
         self.records = records
@@ -211,44 +201,3 @@ def collate(items: list[dict]) -> dict:
         if "pixels" in batch:
             batch["pixels"] = torch.cat([batch["pixels"], torch.stack([it["class_pixels"] for it in items])])
     return batch
-
-
-class MicroBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Endless micro-batches of dataset indices for one process, starting at global micro-batch ``start``.
-
-    Epoch ``e`` is a permutation seeded by ``(seed, e)``, padded by wrapping around so every process gets
-    full batches; global micro-batch ``j`` of the epoch holds ``batch_size * num_processes`` indices and
-    process ``rank`` takes its slice.
-    """
-
-    def __init__(self, num_items: int, batch_size: int, num_processes: int, rank: int, seed: int, start: int = 0) -> None:
-        self.num_items, self.batch_size, self.num_processes, self.rank = num_items, batch_size, num_processes, rank
-        self.seed, self.start = seed, start
-        self.per_epoch = -(-num_items // (batch_size * num_processes))
-        """Micro-batches per epoch (ceil)."""
-
-    def epoch_order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(derive_seed(self.seed, EPOCH_ORDER, epoch))
-        order = torch.randperm(self.num_items, generator=g).tolist()
-        need = self.per_epoch * self.batch_size * self.num_processes
-        while len(order) < need:
-            order += order[: need - len(order)]
-        return order
-
-    def _take(self, order: list[int], pos: int) -> list[int]:
-        first = (pos * self.num_processes + self.rank) * self.batch_size
-        return order[first : first + self.batch_size]
-
-    def batch(self, j: int) -> list[int]:
-        """Indices of global micro-batch ``j`` for this process."""
-        epoch, pos = divmod(j, self.per_epoch)
-        return self._take(self.epoch_order(epoch), pos)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        j = self.start
-        while True:
-            epoch, pos = divmod(j, self.per_epoch)
-            order = self.epoch_order(epoch)  # once per epoch
-            for p in range(pos, self.per_epoch):
-                yield self._take(order, p)
-            j = (epoch + 1) * self.per_epoch

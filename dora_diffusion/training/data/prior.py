@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dora_diffusion.training.data.records import IMAGE_SUFFIXES, Record, open_image
-from dora_diffusion.training.data.dataset import CLASS_GENERATION, derive_seed
+from dora_diffusion.training.data.sampling import CLASS_GENERATION, derive_seed
 from dora_diffusion.training.output.validation import NonFiniteImages, generate, to_pil
 
 logger = logging.getLogger(__name__)

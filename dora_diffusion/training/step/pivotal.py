@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dora_diffusion.training.data.dataset import ADAPTER_INIT, derive_seed
+from dora_diffusion.training.data.sampling import ADAPTER_INIT, derive_seed
 from dora_diffusion.training.models import Components
 
 EMBEDDINGS = ("text_encoder", "text_encoder_2")
