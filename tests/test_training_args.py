@@ -200,15 +200,16 @@ def test_use_8bit_adam(monkeypatch, capsys):
 
 def test_epochs_to_steps():
     """23 images, batch 3, accumulation 2: 8 micro-batches = 4 steps per epoch."""
-    from dora_diffusion.training.run import resolve_schedule
+    from dora_diffusion.training.plan import resolve_schedule
 
     args = targs.parse_args(["--dataset", "d", "--train_batch_size", "3", "--gradient_accumulation_steps", "2",
                              "--num_train_epochs", "5", "--validation_epochs", "2"])  # fmt: skip
-    assert resolve_schedule(args, 23, 1) == 8
-    assert (args.max_train_steps, args.validation_steps) == (20, 8)
+    schedule = resolve_schedule(args, 23, 1)  # the schedule is returned; the parsed flags stay as they were
+    assert schedule.per_epoch == 8
+    assert (schedule.max_train_steps, schedule.validation_steps) == (20, 8)
     args = targs.parse_args(["--dataset", "d", "--validation_epochs", "2", "--validation_steps", "7"])
-    resolve_schedule(args, 23, 2)
-    assert (args.max_train_steps, args.validation_steps) == (500, 7)  # --validation_steps wins
+    schedule = resolve_schedule(args, 23, 2)
+    assert (schedule.max_train_steps, schedule.validation_steps) == (500, 7)  # --validation_steps wins
 
 
 def test_hub_repo_is_private_unless_hub_public(capsys):

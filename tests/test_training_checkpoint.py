@@ -436,7 +436,7 @@ def test_outputs_of_a_long_run_are_listed_from_the_folder_not_the_schedule(tmp_p
     import argparse
     import time
 
-    from dora_diffusion.training.run import _outputs
+    from dora_diffusion.training.plan import planned_outputs as _outputs
 
     for name in ("step-5", "step-100000", "step-100000000", "step-100000001", "step-05", "mine"):
         (tmp_path / "validation" / name).mkdir(parents=True)

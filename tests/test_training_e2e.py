@@ -33,6 +33,7 @@ from dora_diffusion.core.layers import AdaptedLayer
 from dora_diffusion.testing import build_tiny_sdxl_pipeline, make_toy_imagefolder, save_tiny_sdxl_pipeline
 from dora_diffusion.training import CheckpointError, DatasetError, OutputDirError, TrainingError, list_checkpoints, main
 from dora_diffusion.training import run as training_loop
+from dora_diffusion.training.step import step as training_step
 from dora_diffusion.training.models import ADAPTER_NAME, Components, add_training_adapters, named_trainable
 from dora_diffusion.training.step.optim import param_groups
 from dora_diffusion.training.output.steplog import read_step_log
@@ -340,7 +341,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resume_is_bit_identical(work, dora_r
     bit for bit (was: steps after checkpoint-2 lost)."""
     from dora_diffusion.training import TrainingInterrupted
 
-    real = training_loop.denoising_loss
+    real = training_step.denoising_loss
     calls = {"n": 0}
 
     def sigterm_in_step_3(*args, **kwargs):
@@ -354,7 +355,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resume_is_bit_identical(work, dora_r
 
     previous = signal.signal(signal.SIGTERM, guard)  # without training's handler, SIGTERM must not end pytest
     try:
-        monkeypatch.setattr(training_loop, "denoising_loss", sigterm_in_step_3)
+        monkeypatch.setattr(training_step, "denoising_loss", sigterm_in_step_3)
         with pytest.raises(TrainingInterrupted) as err:
             run(argv(work, "sigterm"))
         assert signal.getsignal(signal.SIGTERM) is guard
@@ -368,7 +369,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resume_is_bit_identical(work, dora_r
     assert err.value.signum == signal.SIGTERM and calls["n"] == 6  # step 3 finished, step 4 never started
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
     assert not (out / WEIGHTS).exists() and [r["step"] for r in read_step_log(out)] == [1, 2, 3]
-    monkeypatch.setattr(training_loop, "denoising_loss", real)
+    monkeypatch.setattr(training_step, "denoising_loss", real)
     _, stdout = run(argv(work, "sigterm", "--resume_from_checkpoint", "latest"))
     assert "checkpoint-3 at step 3" in stdout
     straight, resumed = load_file(dora_run[0] / WEIGHTS), load_file(out / WEIGHTS)
@@ -652,7 +653,7 @@ def test_push_to_hub_fails_before_training(work, monkeypatch):
 
 # ---------------------------------------------------------------- bad input
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(work, monkeypatch):
-    real = training_loop.denoising_loss
+    real = training_step.denoising_loss
     calls = {"n": 0}
 
     def nan_on_third_step(*args, **kwargs):
@@ -660,7 +661,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(work, monkeypatch):
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(training_loop, "denoising_loss", nan_on_third_step)
+    monkeypatch.setattr(training_step, "denoising_loss", nan_on_third_step)
     flags = ["--gradient_accumulation_steps", "1", "--checkpointing_steps", "1", "--no_gradient_checkpointing"]
     with pytest.raises(TrainingError, match=r"the loss became nan at step 3.*checkpoint-2, is intact.*--resume_from_checkpoint latest"):
         run(argv(work, "nan", *flags, steps=4))
@@ -671,7 +672,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(work, monkeypatch):
     rows = read_step_log(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and math.isnan(rows[-1]["loss"])
     # the intact checkpoint resumes (the NaN came from the patched loss, now gone)
-    monkeypatch.setattr(training_loop, "denoising_loss", real)
+    monkeypatch.setattr(training_step, "denoising_loss", real)
     run(argv(work, "nan", *flags, "--resume_from_checkpoint", "latest", steps=3))
     assert (out / WEIGHTS).is_file()
 

@@ -4,8 +4,9 @@ The quality benchmark and the section-3 analysis train hundreds of small runs; t
 ``train_dreambooth_dora.py`` does for one of them (same objective and optimiser settings) without re-reading the
 pipeline and the images per run, and adds the paper's full fine-tuning (FT) reference, which the script has not:
 
-- objective: SDXL's epsilon loss ``|eps - eps_theta(sqrt(a_t) z0 + sqrt(1 - a_t) eps, t, c)|^2``, ``t`` uniform
-  over the 1000 training steps, on the instance images' VAE latents (means, scaled) and captions;
+- objective: the script's own (``training.step.step.predict`` and ``training.step.loss.denoising_loss``): SDXL's
+  epsilon loss ``|eps - eps_theta(sqrt(a_t) z0 + sqrt(1 - a_t) eps, t, c)|^2``, ``t`` uniform over the 1000 training
+  steps, on the instance images' VAE latents (means, scaled) and captions (no Min-SNR, no prior preservation);
 - AdamW (betas 0.9 / 0.999, eps 1e-8), constant learning rate, weight decay 1e-4 (not on DoRA magnitudes),
   gradients clipped to norm 1, ``batch_size`` images per step drawn without replacement within an epoch;
 - DoRA / LoRA: ``add_adapter`` with the script's ``AdapterConfig`` (alpha = rank, so ``s = 1``) on ``targets``;
@@ -25,12 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dora_diffusion.core.config import AdapterConfig
 from dora_diffusion.core.inject import add_adapter, adapted_layers, find_targets, trainable_parameters
 from dora_diffusion.adapter_io import save_adapter
+from dora_diffusion.training.step.loss import denoising_loss
+from dora_diffusion.training.step.step import predict
 from dora_diffusion.toyworld.subjects import SUBJECTS, Subject, instance_caption, instance_scenes
 from dora_diffusion.toyworld.world import RESOLUTION, render
 
@@ -85,6 +87,13 @@ def _optimizer(unet: nn.Module, method: str, learning_rate: float) -> tuple[torc
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8), params
 
 
+def training_scheduler(pipe):
+    """The DDPM scheduler of ``pipe``'s config: what the script trains with (``training.models.load_components``)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
 def prepare_unet(base_unet: nn.Module, method: str, rank: int = 4, targets: str = "attn") -> nn.Module:
     """A float32 copy of ``base_unet`` set up for ``method``: an adapter added, or the targets' weights trainable."""
     if method not in METHODS:
@@ -118,7 +127,8 @@ def train_subject(
     unet = prepare_unet(pipe.unet, method, rank, targets)
     unet.train()
     optimizer, params = _optimizer(unet, method, learning_rate)
-    alphas = pipe.scheduler.alphas_cumprod.float()
+    scheduler = training_scheduler(pipe)
+    num_timesteps = scheduler.config.num_train_timesteps
     gen = torch.Generator().manual_seed(seed)
     time_ids = torch.tensor([TIME_IDS], dtype=torch.float32)
     order: list[int] = []
@@ -127,15 +137,10 @@ def train_subject(
             order += torch.randperm(len(data.latents), generator=gen).tolist()
         idx, order = order[:batch_size], order[batch_size:]
         z0 = data.latents[idx]
-        t = torch.randint(0, len(alphas), (len(idx),), generator=gen)
+        t = torch.randint(0, num_timesteps, (len(idx),), generator=gen)
         eps = torch.randn(z0.shape, generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        pred = unet(
-            noisy, t, data.hidden[idx],
-            added_cond_kwargs={"text_embeds": data.pooled[idx], "time_ids": time_ids.repeat(len(idx), 1)},
-        ).sample  # fmt: skip
-        loss = F.mse_loss(pred, eps)
+        pred, target = predict(unet, scheduler, z0, eps, t, data.hidden[idx], data.pooled[idx], time_ids.repeat(len(idx), 1))
+        loss = denoising_loss(pred, target, t, scheduler)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

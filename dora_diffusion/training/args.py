@@ -39,8 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="DreamBooth DoRA (or LoRA) adapters for SDXL. "
         "Example: accelerate launch train_dreambooth_dora.py --dataset linoyts/3d_icon",
     )
-    add = p.add_argument
+    _model_flags(p)
+    _data_flags(p)
+    _prior_flags(p)
+    _adapter_flags(p)
+    _optimisation_flags(p)
+    _validation_flags(p)
+    _output_flags(p)
+    _compat_flags(p)
+    _pivotal_flags(p)
+    return p
 
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    """The model flags."""
     g = p.add_argument_group("model")
     add = g.add_argument
     add("--pretrained_model_name_or_path", default=SDXL_BASE, help="SDXL base: Hub id or local diffusers directory.")
@@ -54,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--variant", default=None, help="Weight variant of the base model files, e.g. fp16.")
     add("--cache_dir", default=None, help="Where downloaded models and datasets are cached.")
 
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    """The data flags."""
     g = p.add_argument_group("data")
     add = g.add_argument
     add(
@@ -93,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max_bucket_side", "--max_bucket_reso", dest="max_bucket_side", type=int_in(8, MAX_SIDE), default=None, help="Default: 2 x resolution.")
     add("--dataloader_num_workers", type=int_in(0, 256), default=0, help="Worker processes that prepare images.")
 
+
+def _prior_flags(p: argparse.ArgumentParser) -> None:
+    """The prior preservation flags."""
     g = p.add_argument_group("prior preservation")
     add = g.add_argument
     add("--with_prior_preservation", action="store_true", help="Add a prior-preservation loss on class images.")
@@ -103,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sample_batch_size", type=int_in(1, 4096), default=4, help="Batch size when generating class images.")
     add("--prior_generation_steps", type=int_in(1, 10_000), default=30, help="Denoising steps per generated class image.")
 
+
+def _adapter_flags(p: argparse.ArgumentParser) -> None:
+    """The adapter flags."""
     g = p.add_argument_group("adapter")
     add = g.add_argument
     add("--adapter", choices=("dora", "lora"), default="dora", help="DoRA (magnitude + direction) or plain LoRA.")
@@ -127,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--text_encoder_targets", default="attn", help="Text-encoder modules: a preset (attn, all), names, or re:<regex>.")
     add("--text_encoder_lr", type=float, default=5e-6, help="Learning rate of the text-encoder adapters.")
 
+
+def _optimisation_flags(p: argparse.ArgumentParser) -> None:
+    """The optimisation flags."""
     g = p.add_argument_group("optimisation")
     add = g.add_argument
     add("--optimizer", choices=("adamw", "adamw8bit", "prodigy"), default="adamw", type=str.lower, help="Optimizer.")
@@ -175,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere GPUs.")
     add("--seed", type=int_in(0, MAX_SEED), default=0, help="Seed of everything random (data order, crops, noise, validation).")
 
+
+def _validation_flags(p: argparse.ArgumentParser) -> None:
+    """The validation and logging flags."""
     g = p.add_argument_group("validation and logging")
     add = g.add_argument
     add(
@@ -191,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--report_to", choices=("tensorboard", "wandb", "none"), default=None, help="Tracker (default: tensorboard if installed).")
     add("--logging_dir", default="logs", help="Tracker directory, relative to output_dir.")
 
+
+def _output_flags(p: argparse.ArgumentParser) -> None:
+    """The checkpoints and output flags."""
     g = p.add_argument_group("checkpoints and output")
     add = g.add_argument
     add("--output_dir", default=None, help="Default: <dataset name>-sdxl-<adapter> in the current directory.")
@@ -233,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
 
+
+def _compat_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of diffusers' scripts, accepted as they are."""
     g = p.add_argument_group(
         "diffusers flags", "Accepted so that commands written for diffusers' SDXL DreamBooth scripts run as they are."
     )
@@ -245,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Accepted and not needed: attention runs through PyTorch's scaled_dot_product_attention (SDPA).",
     )
 
+
+def _pivotal_flags(p: argparse.ArgumentParser) -> None:
+    """The pivotal tuning flags."""
     g = p.add_argument_group("pivotal tuning", "New tokens for the concept, trained with the adapter (diffusers' flags).")
     add = g.add_argument
     add(
@@ -256,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--train_text_encoder_ti_frac", type=float, default=0.5, help="Fraction of the steps the embeddings train.")
     add("--token_abstraction", default="TOK", help="Caption word(s), comma-separated, that become new tokens.")
     add("--num_new_tokens_per_abstraction", type=int_in(1, 64), default=2, help="New tokens per abstraction word.")
-    return p
+
 
 
 FLOAT_RANGES = {

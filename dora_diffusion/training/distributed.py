@@ -7,7 +7,6 @@ gradient (text_encoder's last layer, whose output SDXL does not use) and accumul
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from dora_diffusion.training.args import resolve_mixed_precision
+from dora_diffusion.training.config import TrainConfig
 from dora_diffusion.training.errors import TrainingError
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
@@ -50,8 +50,8 @@ def refuse_sharding(accelerator=None) -> None:
         )
 
 
-def make_accelerator(args: argparse.Namespace, output_dir: Path):
-    """An ``accelerate.Accelerator`` for this run; resolves ``args.mixed_precision`` on the device.
+def make_accelerator(config: TrainConfig, output_dir: Path) -> tuple[object, str]:
+    """An ``accelerate.Accelerator`` for this run, and ``--mixed_precision`` resolved on its device.
 
     Launched as several processes on a machine without CUDA (``accelerate launch --multi_gpu
     --num_processes 2``, ``torchrun``), it asks accelerate for a gloo group on the CPU: without
@@ -64,19 +64,20 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path):
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1
     cpu = launched and not torch.cuda.is_available()
     state = PartialState(cpu=cpu, timeout=COLLECTIVE_TIMEOUT)
-    args.mixed_precision = resolve_mixed_precision(args.mixed_precision, state.device.type)
+    precision = resolve_mixed_precision(config.mixed_precision, state.device.type)
     shared = AcceleratorState._shared_state
-    if shared and shared.get("_mixed_precision") != args.mixed_precision and state.num_processes == 1:
+    if shared and shared.get("_mixed_precision") != precision and state.num_processes == 1:
         # a second in-process run (tests, the Gradio demo) with another precision
         AcceleratorState._reset_state()
-    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
-    return Accelerator(
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir))
+    accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        mixed_precision=precision,
+        log_with=None if config.report_to == "none" else config.report_to,
         project_config=project,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
     )
+    return accelerator, precision
 
 
 def average_gradients(params: list[nn.Parameter], accelerator) -> None:

@@ -198,3 +198,8 @@ def encode_prompts(
         hidden.append(out.hidden_states[-2])  # (N, 77, d)
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
     return torch.cat(hidden, dim=-1), pooled
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent pixel along a side: 8 for SDXL's VAE, 4 for the toy world's (diffusers' rule)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)

@@ -65,22 +65,10 @@ def _yaml(value: str) -> str:
     return _HIDDEN.sub(lambda m: f"\\u{ord(m[0]):04x}", json.dumps(value, ensure_ascii=False))
 
 
-def model_card(
-    settings: dict,
-    repo_id: str,
-    trigger_words: list[str],
-    validation_images: list[str],
-    parameter_summary: str,
-    exports: list[str] = (),
-) -> str:
-    """The card text. ``repo_id`` is what the snippet loads (a Hub id or the output folder);
-    ``validation_images`` are paths relative to the card; ``exports`` the names of the ``_kohya`` / ``_comfyui``
-    files written beside the weights."""
+def _front_matter(settings: dict, trigger_words: list[str], validation_images: list[str], prompt: str) -> list[str]:
+    """The card's YAML header: base model, license, the Hub widget's trigger and images."""
     base = settings["pretrained_model_name_or_path"]
-    shown_base = public_value(base)
     kind = settings["adapter"]
-    label = "DoRA" if kind == "dora" else "LoRA"
-    prompt = settings.get("validation_prompt") or settings.get("instance_prompt") or " ".join(trigger_words) or "a photo"
     front = ["---", "library_name: diffusers"]
     if not Path(base).exists() and public_value(base) == base:  # a Hub id; a local folder means nothing on the Hub
         front.insert(1, f"base_model: {_yaml(base)}")
@@ -95,8 +83,11 @@ def model_card(
         for path in validation_images:
             front += [f"- text: {_yaml(prompt)}", "  output:", f"    url: {_yaml(path)}"]
     front.append("---")
+    return front
 
-    title = f"SDXL {label} adapter: {Path(repo_id).name}"
+
+def _trigger_note(settings: dict, repo_id: str, trigger_words: list[str]) -> str:
+    """How to prompt: the trigger words, and where pivotal tuning's embeddings are."""
     triggers = (
         "Trigger words: " + ", ".join(code(w) for w in trigger_words) + " (use them in the prompt)."
         if trigger_words
@@ -111,12 +102,11 @@ def model_card(
             "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)`, and `clip_g` with `text_encoder_2`/`tokenizer_2`; "
             "A1111 and ComfyUI read the file as an embedding."
         )
-    te_note = (
-        "The text encoders were trained too. diffusers' own `load_lora_weights` drops text-encoder DoRA "
-        "magnitudes under transformers 5, so load it with dora-diffusion as above."
-        if settings.get("train_text_encoder") and kind == "dora"
-        else "diffusers' own `pipe.load_lora_weights(...)` reads this file too."
-    )
+    return triggers
+
+
+def _settings_table(settings: dict) -> list[str]:
+    """The training settings worth showing, as Markdown table rows."""
     rows = ["| setting | value |", "|---|---|"]
     text_encoder_keys = ("text_encoder_targets", "text_encoder_lr")
     for key, name in CARD_SETTINGS:
@@ -124,6 +114,34 @@ def model_card(
             continue
         if key in ("adapter", "rank", "seed") or settings.get(key) not in (None, False, "", 0, 0.0):
             rows.append(f"| {name} | {code(public_value(settings.get(key)), table=True)} |")
+    return rows
+
+
+def model_card(
+    settings: dict,
+    repo_id: str,
+    trigger_words: list[str],
+    validation_images: list[str],
+    parameter_summary: str,
+    exports: list[str] = (),
+) -> str:
+    """The card text. ``repo_id`` is what the snippet loads (a Hub id or the output folder);
+    ``validation_images`` are paths relative to the card; ``exports`` the names of the ``_kohya`` / ``_comfyui``
+    files written beside the weights."""
+    shown_base = public_value(settings["pretrained_model_name_or_path"])
+    kind = settings["adapter"]
+    label = "DoRA" if kind == "dora" else "LoRA"
+    prompt = settings.get("validation_prompt") or settings.get("instance_prompt") or " ".join(trigger_words) or "a photo"
+    front = _front_matter(settings, trigger_words, validation_images, prompt)
+    title = f"SDXL {label} adapter: {Path(repo_id).name}"
+    triggers = _trigger_note(settings, repo_id, trigger_words)
+    te_note = (
+        "The text encoders were trained too. diffusers' own `load_lora_weights` drops text-encoder DoRA "
+        "magnitudes under transformers 5, so load it with dora-diffusion as above."
+        if settings.get("train_text_encoder") and kind == "dora"
+        else "diffusers' own `pipe.load_lora_weights(...)` reads this file too."
+    )
+    rows = _settings_table(settings)
     gallery = "\n".join(f"![validation image {i}]({p})" for i, p in enumerate(validation_images))
     body = f"""
 # {title}
