@@ -1,6 +1,6 @@
 """What the Compare tab's buttons do: check, generate (with Stop), add / remove adapters, restore, show a cell.
 
-Each handler is a method of ``CompareEvents``; ``app_ui`` connects them to the components of ``app_form.Form``
+Each handler is a method of ``CompareEvents``; ``ui`` connects them to the components of ``form.Form``
 and ``Results``. Errors raise ``page_error`` (a toast, and an error for API clients); the events of Load adapter,
 Remove and Restore confine their error status to the message area (``show_progress_on``), so the form keeps its
 values and shows no error badge.

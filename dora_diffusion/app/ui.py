@@ -1,7 +1,7 @@
 """The Gradio page of ``app.py``: adapters side by side at fixed seeds.
 
 The page has a "Compare" tab (the form on the left, results on the right) and room for more tabs
-(``extra_tabs``). Its events (handlers in ``app_events``, form in ``app_form``):
+(``extra_tabs``). Its events (handlers in ``events``, form in ``form``):
 
 - Generate (or Ctrl+Enter): a quick check of the form (never waiting behind a running grid), so a mistake shows
   at once; then ``/generate``, queued with one job at a time, which yields the gallery after every cell and ends

@@ -16,15 +16,12 @@ from torch import nn
 
 from dora_diffusion.training.args import resolve_mixed_precision
 from dora_diffusion.training.config import TrainConfig
-from dora_diffusion.training.errors import TrainingError
+from dora_diffusion.training.errors import ShardingNotSupported, TrainingError
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 """How long a process waits at a barrier or collective: the main process may be writing a checkpoint or
 rendering validation images meanwhile, and downloads or class images may take long (NCCL's default is 10 min)."""
 
-
-class ShardingNotSupported(TrainingError):
-    """An accelerate config asks for DeepSpeed or FSDP, which this script does not support."""
 
 
 def refuse_sharding(accelerator=None) -> None:

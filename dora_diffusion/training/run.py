@@ -85,7 +85,8 @@ from dora_diffusion.training.output.rundir import (
     write_json_atomic,
 )
 from dora_diffusion.training.output.steplog import LOG_FILE, StepLog
-from dora_diffusion.training.output.validation import log_images, render, save_images, validation_folder, validation_pipeline
+from dora_diffusion.training.images import validation_pipeline
+from dora_diffusion.training.output.validation import log_images, render, save_images, validation_folder
 from dora_diffusion.training.plan import apply_token_plan, exports, inside_output, planned_outputs, resolve_schedule, resolve_triggers
 from dora_diffusion.training.signals import stop_on_signals
 from dora_diffusion.training.step.optim import build_lr_scheduler, build_optimizer, param_groups

@@ -10,7 +10,7 @@ import torch
 
 from dora_diffusion.training.data.records import IMAGE_SUFFIXES, Record, open_image
 from dora_diffusion.training.data.sampling import CLASS_GENERATION, derive_seed
-from dora_diffusion.training.output.validation import NonFiniteImages, generate, to_pil
+from dora_diffusion.training.images import NonFiniteImages, generate, to_pil
 
 logger = logging.getLogger(__name__)
 

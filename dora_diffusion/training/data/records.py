@@ -40,6 +40,7 @@ from PIL import Image, ImageOps
 
 from dora_diffusion.extras import require
 from dora_diffusion.formats.safefile import open_nonblocking
+from dora_diffusion.training.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +57,6 @@ MAX_METADATA_LINE = 1 << 20
 """Longest line of ``metadata.jsonl`` / ``metadata.csv`` accepted (1 MiB); ``datasets`` holds several times a
 line's size in memory while parsing it."""
 
-
-class DatasetError(ValueError):
-    """The dataset cannot be used for training; the message says why and what to do."""
 
 
 MAX_DECODED_BYTES = 256 << 20

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dora_diffusion.formats import DEFAULT_WEIGHT_NAME
-from dora_diffusion.training.errors import TrainingError
+from dora_diffusion.training.errors import CheckpointError, TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,6 @@ class TrainingState:
     dataset: dict | None = None
     """The fingerprint of the training data (``fingerprint.py``); None in older checkpoints."""
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from; the message names it and says why."""
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

@@ -22,6 +22,7 @@ from dora_diffusion.training.args import PATH_KEYS, RUN_DEFAULTS, RUN_KEYS
 from dora_diffusion.training.output.checkpoint import CHECKPOINT_RE, STATE_FILE, CheckpointError, list_checkpoints, remove_stale_temporaries
 from dora_diffusion.training.data.fingerprint import fingerprint_difference
 from dora_diffusion.training.output.steplog import LOG_FILE
+from dora_diffusion.training.errors import OutputDirError
 
 SETTINGS_FILE = "training_args.json"
 MANIFEST_FILE = "run_files.json"
@@ -30,9 +31,6 @@ LOCK_FILE = ".dora-run.lock"
 RESOLVED_KEY = "resolved_paths"
 """Key of ``training_args.json`` holding the absolute form of local paths among ``PATH_KEYS``."""
 
-
-class OutputDirError(ValueError):
-    """The output directory holds something this run must not overwrite."""
 
 
 def _checked_entry(entry: object) -> str:
