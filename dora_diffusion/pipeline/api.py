@@ -29,6 +29,12 @@ logger = logging.getLogger(__name__)
 
 AdapterWeight = float | dict[str, float]
 
+__all__ = [  # what `dora_diffusion.pipeline` re-exports
+    "adaptable_models", "base_weights", "delete_dora_adapters", "disable_dora", "enable_dora", "fuse_dora",
+    "get_active_dora_adapters", "get_dora_adapters", "load_dora_weights", "save_dora_weights", "set_dora_adapters",
+    "unfuse_dora", "unload_dora_weights",
+]  # fmt: skip
+
 
 
 def _old_positional(function: str, args: tuple, names: tuple[str, ...], given: dict) -> dict:
