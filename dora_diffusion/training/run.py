@@ -27,7 +27,7 @@ from dora_diffusion.core.inject import set_recompute
 from dora_diffusion.extras import require
 from dora_diffusion.formats import DEFAULT_WEIGHT_NAME
 from dora_diffusion.pipeline.embeddings import embeddings_name, write_embeddings
-from dora_diffusion.training.args import RUN_KEYS, notices, parse_args, run_settings
+from dora_diffusion.training.args import RUN_KEYS, check_sides, notices, parse_args, run_settings
 from dora_diffusion.training.config import TrainConfig
 from dora_diffusion.training.data.buckets import make_buckets, nearest_bucket
 from dora_diffusion.training.data.dataset import DreamBoothDataset, collate
@@ -58,6 +58,7 @@ from dora_diffusion.training.models import (
     enable_checkpointing,
     load_components,
     named_trainable,
+    native_resolution,
     vae_dtype,
     vae_scale_factor,
 )
@@ -186,6 +187,7 @@ class TrainingRun:
         refuse_sharding(self.accelerator)
         for line in notices(self.config):
             self.accelerator.print(f"note: {line}", flush=True)
+        self._resolve_resolution()
         self._read_data()
         self._check_output_dir()
         self._create_hub_repo()
@@ -195,6 +197,35 @@ class TrainingRun:
         self._data_pipeline()
         self._optimiser()
         self._claim_output_dir()
+
+    def _resolve_resolution(self) -> None:
+        """``--resolution``, by default the base model's own size (read from its configs, no weights); a warning when
+        the size given is far from it."""
+        c = self.config
+        try:
+            native = native_resolution(c)
+        except Exception as err:  # noqa: BLE001 - a missing or unreadable config: loading the model says why
+            if c.resolution is None:
+                raise TrainingError(
+                    f"--pretrained_model_name_or_path {c.pretrained_model_name_or_path}: could not read its UNet and VAE "
+                    f"configs to choose the training size ({type(err).__name__}: {err}). Check the path or Hub id, or "
+                    "pass --resolution"
+                ) from None
+            return
+        if c.resolution is None:
+            self.config = c = c.resolved(resolution=native)
+            try:
+                check_sides(c)
+            except ValueError as err:
+                raise TrainingError(f"{err} (--resolution {native}: the base model's own size)") from None
+            self.accelerator.print(f"--resolution {native}: the base model's own size (unet sample_size x VAE scale)", flush=True)
+        elif max(c.resolution, native) >= 2 * min(c.resolution, native):
+            logger.warning(
+                "--resolution %d is far from the base model's own size, %d px: it %s",
+                c.resolution, native,
+                f"costs about {(c.resolution / native) ** 2:.0f}x the compute per step of {native} px, at a size the "
+                "model never learned" if c.resolution > native else "trains at a size the model never learned, where it draws poorly",
+            )  # fmt: skip
 
     def _read_data(self) -> None:
         """Images and captions, pivotal tuning's tokens, triggers, buckets; resolves the schedule and the prompt."""
