@@ -78,6 +78,7 @@ from dora_diffusion.training.output.rundir import (
     SETTINGS_FILE,
     adapter_settings,
     check_apart,
+    check_nothing_to_resume,
     check_output_dir,
     check_resume,
     remove_leftovers,
@@ -262,6 +263,8 @@ class TrainingRun:
         """The checkpoint to resume from (checked against these settings and data) and the output folder's rules."""
         c = self.config
         self.resume_path = resolve_resume(self.output_dir, c.resume_from_checkpoint)
+        if self.resume_path is None and c.resume_from_checkpoint is not None:
+            check_nothing_to_resume(self.output_dir)
         self.keys = RUN_KEYS
         if self.resume_path is not None:
             resume_state = read_state(self.resume_path)
@@ -408,7 +411,7 @@ class TrainingRun:
                 logger.warning("resuming with another processes/batch/accumulation/seed layout: data order will differ")
             acc.print(f"resumed from {self.resume_path} at step {self.start_step}", flush=True)
         elif c.resume_from_checkpoint is not None:
-            acc.print(f"no checkpoint in {self.output_dir} yet; starting a new run", flush=True)
+            acc.print(f"--resume_from_checkpoint latest: {self.output_dir} holds no run yet; starting a new one", flush=True)
         if acc.num_processes > 1:
             broadcast_parameters(self.params)
 
