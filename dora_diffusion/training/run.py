@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,7 +95,7 @@ from dora_diffusion.training.signals import stop_on_signals
 from dora_diffusion.training.step.optim import build_lr_scheduler, build_optimizer, param_groups
 from dora_diffusion.training.step.pivotal import add_new_tokens, new_token_rows, ti_steps
 from dora_diffusion.training.step.step import micro_batch_loss
-from dora_diffusion.training.summary import summary
+from dora_diffusion.training.summary import final_report, summary
 
 logger = logging.getLogger(__name__)
 
@@ -518,6 +519,7 @@ class TrainingRun:
             total=self.max_steps, initial=self.start_step, desc="steps", disable=not self.main_process, dynamic_ncols=True
         )
         self.micro = self.start_micro
+        self.started, self.losses = time.monotonic(), []
         with stop_on_signals() as request:
             for step in range(self.start_step, self.max_steps):
                 value = self.step(step)
@@ -572,6 +574,7 @@ class TrainingRun:
         lr = self.lr_scheduler.get_last_lr()[0]
         self.progress.update(1)
         self.progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+        self.losses.append(value)
         self.accelerator.log({"loss": value, "lr": lr}, step=global_step)
         if self.step_log is not None:
             self.step_log.write(global_step, value, lr)
@@ -612,7 +615,11 @@ class TrainingRun:
             if self.config.push_to_hub:
                 sent = upload_run(out, self.repo_id, self.run_files, self.config.hub_token)
                 print(f"uploaded {len(sent)} files to https://huggingface.co/{self.repo_id}: {', '.join(sent)}", flush=True)
-            print(f"saved {out / 'pytorch_lora_weights.safetensors'}", flush=True)
+            report = final_report(
+                self.config, out, time.monotonic() - self.started, (self.start_step, self.max_steps), self.losses,
+                self.validated.get(self.max_steps, []), self.card,
+            )  # fmt: skip
+            print(report, flush=True)
         acc.wait_for_everyone()
         acc.end_training()
         return out
@@ -635,7 +642,7 @@ class TrainingRun:
         out = self.output_dir
         self.repo_id = self.repo_id or str(out)
         images = [str(p.relative_to(out).as_posix()) for p in self.validated.get(self.max_steps, [])]
-        card = next((n for n in CARD_NAMES if not self.run_files.conflicts([n])), None)
+        self.card = card = next((n for n in CARD_NAMES if not self.run_files.conflicts([n])), None)
         if card is None:
             logger.warning("%s: README.md and model_card.md are not this run's; no model card was written", out)
             return
