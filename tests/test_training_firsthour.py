@@ -99,7 +99,8 @@ def test_default_resolution_is_the_base_models_own_size(tmp_path, monkeypatch):
     Hub cache holding only the two config.json files, so no weights could have been loaded)."""
     from dora_diffusion.toyworld import PIPELINE_DIR, RESOLUTION
 
-    assert parse_args(["--dataset", "d"]).resolution is None
+    assert parse_args(["--dataset", "d"]).resolution == 1024  # SDXL base, known without a download (NATIVE_RESOLUTIONS)
+    assert parse_args(["--dataset", "d", "--pretrained_model_name_or_path", "me/other"]).resolution is None
     toy = parse_args(["--dataset", "d", "--pretrained_model_name_or_path", str(PIPELINE_DIR)])
     assert native_resolution(toy) == RESOLUTION == 64
     unet, vae = tmp_path / "sdxl", tmp_path / "vae"

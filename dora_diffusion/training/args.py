@@ -16,6 +16,9 @@ SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 """The default base model."""
 SDXL_FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
 """The VAE used with ``SDXL_BASE`` by default: SDXL's own VAE overflows in fp16."""
+NATIVE_RESOLUTIONS = {SDXL_BASE: 1024}
+"""Own size of well-known bases (its unet config's sample_size 128 x its VAE's scale 8): the default --resolution at
+parsing. Any other base's is read from its configs when the run starts (``models.native_resolution``)."""
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OPTIONAL_PACKAGES = {
     "adamw8bit": ("bitsandbytes", "bitsandbytes"),
@@ -429,6 +432,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.resolution is None and args.pretrained_model_name_or_path.rstrip("/") in NATIVE_RESOLUTIONS:
+        args.resolution = NATIVE_RESOLUTIONS[args.pretrained_model_name_or_path.rstrip("/")]
     try:
         check_args(args, parser)
     except ValueError as err:
