@@ -92,6 +92,8 @@ def convert_file(
         modules = formats.apply_base(parsed, modules, lambda _: weights)
     info = {"library": "dora-diffusion", "version": __version__, "adapter_name": dst.stem}
     info["converted_from"] = parsed.dialect + (" (ComfyUI dora_scale)" if parsed.comfyui_dora_scale else "")
+    recorded_base, triggers = recorded_base_and_triggers(parsed.metadata)
+    info.update({"base_model": recorded_base} if recorded_base else {}, **({"trigger_words": triggers} if triggers else {}))
     carried = {k: v for k, v in parsed.metadata.items() if k.startswith(("ss_", "modelspec."))}  # training info
     if to == "diffusers":
         if any(m.use_dora and m.norm_axis == "in" for mods in modules.values() for m in mods.values()):
@@ -112,7 +114,7 @@ def add_convert_parser(subparsers) -> None:
     )
     p.add_argument("input", help="adapter .safetensors file (or a directory holding one)")
     p.add_argument("output", help="where to write the converted .safetensors file")
-    p.add_argument("--to", required=True, choices=CONVERT_FORMATS,
+    p.add_argument("--to", required=True, choices=CONVERT_FORMATS, type=str.lower,
                    help="dialect to write: diffusers, kohya (LyCORIS-exact) or comfyui (kohya with a dora_scale that "
                    "ComfyUI/Forge render exactly; needs --base)")  # fmt: skip
     p.add_argument("--base", metavar="MODEL", default=None,
@@ -197,10 +199,33 @@ def describe(parsed: ParsedAdapter) -> dict[str, str]:
         "parameters": f"{params:,}",
         "base model": _likely_base(parsed),
     }
+    base, triggers = recorded_base_and_triggers(parsed.metadata)
+    if base:
+        out["base model"] = f"{printable(base, PRINTED_LIMIT)} (from the file's metadata; by its shapes: {out['base model']})"
+    out["trigger words"] = printable(", ".join(triggers), PRINTED_LIMIT) if triggers else "none recorded in the file"
     meta = [f"{k}={printable(parsed.metadata[k])}" for k in _SHOWN_METADATA if k in parsed.metadata]
     if meta:
         out["metadata"] = "; ".join(meta)
     return out
+
+
+def recorded_base_and_triggers(metadata: dict[str, str]) -> tuple[str | None, list[str]]:
+    """The base model and trigger words a file's header records: dora-diffusion's ``dora_diffusion`` JSON
+    (``base_model``, ``trigger_words``), else kohya's ``ss_sd_model_name`` and ``modelspec.trigger_phrase``."""
+    import json
+
+    ours: dict = {}
+    try:
+        value = json.loads(metadata.get("dora_diffusion", "{}"))
+        ours = value if isinstance(value, dict) else {}
+    except (ValueError, RecursionError):
+        pass
+    base = ours.get("base_model") if isinstance(ours.get("base_model"), str) else metadata.get("ss_sd_model_name")
+    words = ours.get("trigger_words")
+    if not (isinstance(words, list) and all(isinstance(w, str) for w in words)):
+        phrase = metadata.get("modelspec.trigger_phrase", "")
+        words = [w.strip() for w in phrase.split(",") if w.strip()]
+    return base or None, words
 
 
 def add_inspect_parser(subparsers) -> None:
@@ -208,7 +233,7 @@ def add_inspect_parser(subparsers) -> None:
         "inspect",
         help="describe an adapter file",
         description="Print an adapter file's dialect, DoRA/LoRA and norm axis, ranks, alphas, module counts per "
-        "component (Linear vs Conv2d), parameter count and likely base model.",
+        "component (Linear vs Conv2d), parameter count, base model and trigger words.",
     )
     p.add_argument("file", help="adapter .safetensors file (or a directory holding one)")
     p.set_defaults(func=run_inspect)

@@ -200,3 +200,21 @@ def test_card_snippet_follows_the_runs_precision(precision, line):
     settings = {"pretrained_model_name_or_path": SDXL_BASE, "adapter": "dora", "mixed_precision": precision, "rank": 4}
     card = model_card(settings, "me/x", ["TOK"], [], "params")
     assert line in card and card.count("from_pretrained(") == 1
+
+
+# ---------------------------------------------------------------- dora-diffusion inspect / convert
+def test_inspect_shows_base_and_trigger_words_and_convert_keeps_them(work, trained, capsys):
+    """`inspect` reads the base model and trigger words from the file's metadata (was: 'base model: unknown'), also
+    after `convert --to Kohya` (the format's name in any case) and back."""
+    from dora_diffusion.cli import main as cli
+
+    out = trained[0]
+    kohya, back = work / "k.safetensors", work / "d.safetensors"
+    assert cli(["convert", str(out), str(kohya), "--to", "Kohya"]) == 0
+    assert cli(["convert", str(kohya), str(back), "--to", "DIFFUSERS"]) == 0
+    capsys.readouterr()
+    for path in (out, kohya, back):
+        assert cli(["inspect", str(path)]) == 0
+        rows = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+        assert rows["trigger words"].strip() == "TOK"
+        assert rows["base model"].strip().startswith(f"{work / 'model'} (from the file's metadata; by its shapes: ")
