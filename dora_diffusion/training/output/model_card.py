@@ -139,7 +139,7 @@ def model_card(
         "The text encoders were trained too. diffusers' own `load_lora_weights` drops text-encoder DoRA "
         "magnitudes under transformers 5, so load it with dora-diffusion as above."
         if settings.get("train_text_encoder") and kind == "dora"
-        else "diffusers' own `pipe.load_lora_weights(...)` reads this file too."
+        else "diffusers' own `pipe.load_lora_weights(...)` reads this file too (it needs `pip install peft`)."
     )
     rows = _settings_table(settings)
     gallery = "\n".join(f"![validation image {i}]({p})" for i, p in enumerate(validation_images))
