@@ -1,8 +1,9 @@
 """The ``dora-diffusion`` command: ``convert`` and ``inspect`` adapter files without loading a model.
 
-Each subcommand is a pair of functions: ``add_<name>_parser(subparsers)`` declares its arguments and sets
-``func`` to ``run_<name>(args) -> int``. Add a subcommand by writing the pair and listing the first in
-``SUBCOMMANDS``. Errors a user can fix print one line to stderr and give a non-zero exit status (1 for a bad file, 2 for bad arguments).
+Each subcommand is a pair of functions: ``add_<name>_parser(subparsers)`` registers the arguments that
+``dora_diffusion_cli.declare_<name>`` declares (the entry point parses there before torch is imported) and sets
+``func`` to ``run_<name>(args) -> int``. Add a subcommand by writing the pair and the declaration, listing the
+first in ``SUBCOMMANDS``, the declaration in ``dora_diffusion_cli.DECLARATIONS`` and the function in ``run_parsed``. Errors a user can fix print one line to stderr and give a non-zero exit status (1 for a bad file, 2 for bad arguments).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from dora_diffusion import formats
 from dora_diffusion._version import __version__
 from dora_diffusion.adapter_io import read_adapter as read_source
-from dora_diffusion.analysis import add_analyze_parser
+from dora_diffusion.analysis import add_analyze_parser, run_analyze
 from dora_diffusion.analysis.scan import load_base
 from dora_diffusion.extras import MissingExtraError
 from dora_diffusion.formats import COMPONENTS, AdapterFileError, ModuleAdapter, ParsedAdapter, write_safetensors
@@ -24,7 +25,9 @@ from dora_diffusion.formats.kohya import PREFIXES, key_prefix, to_sdxl_names, un
 from dora_diffusion.formats.safefile import printable
 from dora_diffusion.pipeline import base_weights
 
-PROG = "dora-diffusion"
+import dora_diffusion_cli as launcher
+from dora_diffusion_cli import PROG, declare_convert, declare_inspect
+
 PRINTED_LIMIT = 4000
 """Longest line the command prints about a file (file names and error messages, control characters escaped)."""
 CONVERT_FORMATS = formats.WRITE_FORMATS
@@ -92,6 +95,8 @@ def convert_file(
         modules = formats.apply_base(parsed, modules, lambda _: weights)
     info = {"library": "dora-diffusion", "version": __version__, "adapter_name": dst.stem}
     info["converted_from"] = parsed.dialect + (" (ComfyUI dora_scale)" if parsed.comfyui_dora_scale else "")
+    recorded_base, triggers = recorded_base_and_triggers(parsed.metadata)
+    info.update({"base_model": recorded_base} if recorded_base else {}, **({"trigger_words": triggers} if triggers else {}))
     carried = {k: v for k, v in parsed.metadata.items() if k.startswith(("ss_", "modelspec."))}  # training info
     if to == "diffusers":
         if any(m.use_dora and m.norm_axis == "in" for mods in modules.values() for m in mods.values()):
@@ -104,22 +109,8 @@ def convert_file(
 
 
 def add_convert_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "convert",
-        help="rewrite an adapter file in the diffusers or kohya dialect",
-        description="Convert an SDXL DoRA/LoRA file between the diffusers/PEFT and kohya/LyCORIS dialects "
-        "(kohya UNet names are written in SGM form). No model is loaded, except --base for ComfyUI-rule files.",
-    )
-    p.add_argument("input", help="adapter .safetensors file (or a directory holding one)")
-    p.add_argument("output", help="where to write the converted .safetensors file")
-    p.add_argument("--to", required=True, choices=CONVERT_FORMATS,
-                   help="dialect to write: diffusers, kohya (LyCORIS-exact) or comfyui (kohya with a dora_scale that "
-                   "ComfyUI/Forge render exactly; needs --base)")  # fmt: skip
-    p.add_argument("--base", metavar="MODEL", default=None,
-                   help="the base SDXL pipeline (directory or Hub id) the adapter was trained on; needed to write "
-                   "--to comfyui and to read a file written that way")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    p.set_defaults(func=run_convert)
+    """Register ``convert`` (its arguments are declared in ``dora_diffusion_cli``)."""
+    declare_convert(subparsers).set_defaults(func=run_convert)
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -197,21 +188,38 @@ def describe(parsed: ParsedAdapter) -> dict[str, str]:
         "parameters": f"{params:,}",
         "base model": _likely_base(parsed),
     }
+    base, triggers = recorded_base_and_triggers(parsed.metadata)
+    if base:
+        out["base model"] = f"{printable(base, PRINTED_LIMIT)} (from the file's metadata; by its shapes: {out['base model']})"
+    out["trigger words"] = printable(", ".join(triggers), PRINTED_LIMIT) if triggers else "none recorded in the file"
     meta = [f"{k}={printable(parsed.metadata[k])}" for k in _SHOWN_METADATA if k in parsed.metadata]
     if meta:
         out["metadata"] = "; ".join(meta)
     return out
 
 
+def recorded_base_and_triggers(metadata: dict[str, str]) -> tuple[str | None, list[str]]:
+    """The base model and trigger words a file's header records: dora-diffusion's ``dora_diffusion`` JSON
+    (``base_model``, ``trigger_words``), else kohya's ``ss_sd_model_name`` and ``modelspec.trigger_phrase``."""
+    import json
+
+    ours: dict = {}
+    try:
+        value = json.loads(metadata.get("dora_diffusion", "{}"))
+        ours = value if isinstance(value, dict) else {}
+    except (ValueError, RecursionError):
+        pass
+    base = ours.get("base_model") if isinstance(ours.get("base_model"), str) else metadata.get("ss_sd_model_name")
+    words = ours.get("trigger_words")
+    if not (isinstance(words, list) and all(isinstance(w, str) for w in words)):
+        phrase = metadata.get("modelspec.trigger_phrase", "")
+        words = [w.strip() for w in phrase.split(",") if w.strip()]
+    return base or None, words
+
+
 def add_inspect_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "inspect",
-        help="describe an adapter file",
-        description="Print an adapter file's dialect, DoRA/LoRA and norm axis, ranks, alphas, module counts per "
-        "component (Linear vs Conv2d), parameter count and likely base model.",
-    )
-    p.add_argument("file", help="adapter .safetensors file (or a directory holding one)")
-    p.set_defaults(func=run_inspect)
+    """Register ``inspect`` (its arguments are declared in ``dora_diffusion_cli``)."""
+    declare_inspect(subparsers).set_defaults(func=run_inspect)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -229,11 +237,8 @@ SUBCOMMANDS = [add_convert_parser, add_inspect_parser, add_analyze_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="DoRA adapters for SDXL: convert and inspect adapter files, analyze what they changed.")
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in SUBCOMMANDS:
-        add(subparsers)
+    """The ``dora-diffusion`` parser, each subcommand with its function (``func``)."""
+    parser, _ = launcher.build_parser(SUBCOMMANDS)
     return parser
 
 
@@ -244,8 +249,14 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, usage errors (argparse already printed)
         return int(exit_.code or 0)
+    return run_parsed(args)
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run the subcommand ``args.command`` with its parsed arguments; errors a user can fix are one line, status 1."""
+    func = getattr(args, "func", None) or {"convert": run_convert, "inspect": run_inspect, "analyze": run_analyze}[args.command]
     try:
-        return args.func(args)
+        return func(args)
     except (AdapterFileError, MissingExtraError, ValueError, OSError) as err:
         print(printable(f"{PROG} {args.command}: error: {err}", PRINTED_LIMIT), file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from dora_diffusion_cli import declare_analyze
 from dora_diffusion.formats import AdapterFileError
 from dora_diffusion.formats.safefile import printable
 from dora_diffusion.pipeline import delete_dora_adapters, load_dora_weights
@@ -23,25 +24,8 @@ from dora_diffusion.analysis.summary import format_summary, pool_checkpoints, su
 
 
 def add_analyze_parser(subparsers) -> None:
-    """Register ``dora-diffusion analyze``."""
-    p = subparsers.add_parser(
-        "analyze",
-        help="magnitude and direction change per module (DoRA paper, Figure 2)",
-        description="Apply each adapter alone to the base model and measure, per adapted module, the mean change of "
-        "the output-channel norms (delta_M) and of their directions (delta_D, mean 1 - cos). Prints the slope and "
-        "Pearson r of delta_M against delta_D per adapter, writes analysis.csv and the scatter plot analysis.png.",
-    )
-    p.add_argument("--base", required=True, metavar="MODEL",
-                   help="the SDXL model the adapters were trained on: Hub id or local diffusers directory")  # fmt: skip
-    p.add_argument("adapters", nargs="+", metavar="ADAPTER",
-                   help="adapter .safetensors file or directory; a training output directory expands to its "
-                   "checkpoint-N/ folders, ordered by step")  # fmt: skip
-    p.add_argument("--out", default="analysis", metavar="DIR", help="output directory (default: ./analysis)")
-    p.add_argument("--dtype", default="float32", choices=sorted(BASE_DTYPES),
-                   help="precision to load the base in; float16 halves memory (default: float32)")  # fmt: skip
-    p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16 (as in from_pretrained)")
-    p.add_argument("--title", default=None, help="plot title")
-    p.set_defaults(func=run_analyze)
+    """Register ``dora-diffusion analyze`` (its arguments are declared in ``dora_diffusion_cli``)."""
+    declare_analyze(subparsers).set_defaults(func=run_analyze)
 
 
 PRINTED_LIMIT = 4000

@@ -16,6 +16,9 @@ SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 """The default base model."""
 SDXL_FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
 """The VAE used with ``SDXL_BASE`` by default: SDXL's own VAE overflows in fp16."""
+NATIVE_RESOLUTIONS = {SDXL_BASE: 1024}
+"""Own size of well-known bases (its unet config's sample_size 128 x its VAE's scale 8): the default --resolution at
+parsing. Any other base's is read from its configs when the run starts (``models.native_resolution``)."""
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OPTIONAL_PACKAGES = {
     "adamw8bit": ("bitsandbytes", "bitsandbytes"),
@@ -32,9 +35,57 @@ MAX_RANK = 4096
 MAX_SIDE = 16384
 
 
+class FlagParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line and a pointer to ``--help`` (not the whole usage), that
+    suggests the nearest flag for an unknown one (``--rnak`` -> ``--rank``) and never expands abbreviations."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(allow_abbrev=False, formatter_class=DefaultsFormatter, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown flag is an error naming the nearest known flags."""
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(unknown_flags_message(extras, [o for a in self._actions for o in a.option_strings if a.help != argparse.SUPPRESS]))
+        return parsed, extras
+
+    def error(self, message: str):
+        """Print ``prog: error: message`` and where to find every flag; exit with status 2."""
+        self.exit(2, f"{self.prog}: error: {message}\nSee `python {self.prog} --help` for every flag and its default.\n")
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """``--help`` shows ``(default: X)`` after each flag that has a default its help does not already state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if text == argparse.SUPPRESS or default in (None, False, argparse.SUPPRESS) or default == {} or "default" in text.lower():
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+def unknown_flags_message(extras: list[str], known: list[str]) -> str:
+    """``unrecognized arguments: --rnak 8 (--rnak: did you mean --rank?)``: each unknown flag with its nearest
+    known ones, if any is close."""
+    import difflib
+
+    hints = []
+    for word in extras:
+        if not word.startswith("--"):
+            continue
+        name = word.split("=", 1)[0]
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
+        if close:
+            hints.append(f"{name}: did you mean {' or '.join(close)}?")
+    shown = " ".join(extras)
+    shown = shown if len(shown) <= 200 else shown[:197] + "..."
+    return f"unrecognized arguments: {shown}" + (f" ({'; '.join(hints)})" if hints else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (every flag with its default and a one-line help)."""
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         prog="train_dreambooth_dora.py",
         description="DreamBooth DoRA (or LoRA) adapters for SDXL. "
         "Example: accelerate launch train_dreambooth_dora.py --dataset linoyts/3d_icon",
@@ -92,7 +143,13 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
         "a rare token such as TOK in all of them, else the phrase all start with (linoyts/3d_icon: 'a 3dicon').",
     )
     add("--repeats", type=int_in(1, 10_000), default=1, help="How many times each image appears in one epoch.")
-    add("--resolution", type=int_in(8, MAX_SIDE), default=1024, help="Square training resolution in pixels (a multiple of 8).")
+    add(
+        "--resolution",
+        type=int_in(8, MAX_SIDE),
+        default=None,
+        help="Square training resolution in pixels (a multiple of 8). Default: the base model's own size, its UNet's "
+        "sample_size x the VAE's scale factor (1024 for SDXL, 64 for the toy world).",
+    )
     add("--center_crop", action="store_true", help="Crop the centre after resizing (default: a random crop).")
     add("--random_flip", action="store_true", help="Flip half of the images horizontally.")
     add(
@@ -375,6 +432,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.resolution is None and args.pretrained_model_name_or_path.rstrip("/") in NATIVE_RESOLUTIONS:
+        args.resolution = NATIVE_RESOLUTIONS[args.pretrained_model_name_or_path.rstrip("/")]
     try:
         check_args(args, parser)
     except ValueError as err:
@@ -418,11 +477,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None 
                 re.compile(targets)
             except re.error as err:
                 raise ValueError(f"--{name} re:{targets} is not a valid regular expression: {err}") from None
-    if args.resolution <= 0 or args.resolution % 8:
-        raise ValueError(
-            f"--resolution {args.resolution} is not a positive multiple of 8; SDXL's VAE downsamples by 8 "
-            "(use e.g. 1024, 768 or 512)"
-        )
+    if args.resolution is not None:
+        check_sides(args)
     positive = ("rank", "repeats", "train_batch_size", "gradient_accumulation_steps", "num_validation_images")
     for name in positive:
         if getattr(args, name) < 1:
@@ -443,14 +499,6 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None 
         raise ValueError(f"--num_new_tokens_per_abstraction must be at least 1, got {args.num_new_tokens_per_abstraction}")
     if args.validation_epochs is not None and args.validation_epochs < 1:
         raise ValueError(f"--validation_epochs must be at least 1, got {args.validation_epochs}")
-    if args.buckets:
-        if args.bucket_step < 8 or args.bucket_step % 8:
-            raise ValueError(f"--bucket_step must be a positive multiple of 8, got {args.bucket_step}")
-        low, high = args.min_bucket_side, args.max_bucket_side
-        if low is not None and (low % args.bucket_step or low > args.resolution):
-            raise ValueError(f"--min_bucket_side {low} must be a multiple of --bucket_step and at most --resolution")
-        if high is not None and (high % args.bucket_step or high < args.resolution):
-            raise ValueError(f"--max_bucket_side {high} must be a multiple of --bucket_step and at least --resolution")
     if args.hub_public and args.hub_private_repo:
         raise ValueError("--hub_public and --hub_private_repo contradict each other; pass one")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
@@ -476,6 +524,24 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None 
             if not _installed(module):
                 flag = "--optimizer" if option == args.optimizer else "--report_to"
                 raise ValueError(f"{flag} {option} needs the optional package {package}: pip install {package}")
+
+
+def check_sides(args) -> None:
+    """Raise ``ValueError`` if ``--resolution`` or the bucket sides cannot work. Run when the resolution is known: at
+    parsing if it was given, else once the base model's own size has been read (``TrainingRun``)."""
+    if args.resolution <= 0 or args.resolution % 8:
+        raise ValueError(
+            f"--resolution {args.resolution} is not a positive multiple of 8; SDXL's VAE downsamples by 8 "
+            "(use e.g. 1024, 768 or 512)"
+        )
+    if args.buckets:
+        if args.bucket_step < 8 or args.bucket_step % 8:
+            raise ValueError(f"--bucket_step must be a positive multiple of 8, got {args.bucket_step}")
+        low, high = args.min_bucket_side, args.max_bucket_side
+        if low is not None and (low % args.bucket_step or low > args.resolution):
+            raise ValueError(f"--min_bucket_side {low} must be a multiple of --bucket_step and at most --resolution")
+        if high is not None and (high % args.bucket_step or high < args.resolution):
+            raise ValueError(f"--max_bucket_side {high} must be a multiple of --bucket_step and at least --resolution")
 
 
 def _installed(module: str) -> bool:

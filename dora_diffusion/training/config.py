@@ -32,7 +32,7 @@ class TrainConfig:
     instance_prompt: str | None
     trigger: str | None
     repeats: int
-    resolution: int
+    resolution: int | None  # None until read from the base model's config (TrainingRun.setup)
     center_crop: bool
     random_flip: bool
     buckets: bool

@@ -74,6 +74,21 @@ def load_components(args: argparse.Namespace, dtype: torch.dtype = torch.float32
     return Components(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, noise_scheduler)
 
 
+def native_resolution(args: argparse.Namespace) -> int:
+    """The base model's own image side in pixels, ``unet.config.sample_size * vae_scale_factor`` (1024 for SDXL, 64
+    for the toy world), read from the UNet's and the VAE's ``config.json`` without loading any weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    base = args.pretrained_model_name_or_path
+    hub = {"revision": args.revision, "cache_dir": args.cache_dir}
+    unet = UNet2DConditionModel.load_config(base, subfolder="unet", **hub)
+    if args.pretrained_vae_model_name_or_path is None:
+        vae = AutoencoderKL.load_config(base, subfolder="vae", **hub)
+    else:
+        vae = AutoencoderKL.load_config(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def _transformers_dtype_kwarg() -> str:
     """``dtype`` (transformers >= 4.56, where ``torch_dtype`` is deprecated) or ``torch_dtype`` (older)."""
     import transformers

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from dora_diffusion.core.inject import set_recompute
 from dora_diffusion.extras import require
 from dora_diffusion.formats import DEFAULT_WEIGHT_NAME
 from dora_diffusion.pipeline.embeddings import embeddings_name, write_embeddings
-from dora_diffusion.training.args import RUN_KEYS, notices, parse_args, run_settings
+from dora_diffusion.training.args import RUN_KEYS, check_sides, notices, parse_args, run_settings
 from dora_diffusion.training.config import TrainConfig
 from dora_diffusion.training.data.buckets import make_buckets, nearest_bucket
 from dora_diffusion.training.data.dataset import DreamBoothDataset, collate
@@ -58,6 +59,7 @@ from dora_diffusion.training.models import (
     enable_checkpointing,
     load_components,
     named_trainable,
+    native_resolution,
     vae_dtype,
     vae_scale_factor,
 )
@@ -77,6 +79,7 @@ from dora_diffusion.training.output.rundir import (
     SETTINGS_FILE,
     adapter_settings,
     check_apart,
+    check_nothing_to_resume,
     check_output_dir,
     check_resume,
     remove_leftovers,
@@ -92,7 +95,7 @@ from dora_diffusion.training.signals import stop_on_signals
 from dora_diffusion.training.step.optim import build_lr_scheduler, build_optimizer, param_groups
 from dora_diffusion.training.step.pivotal import add_new_tokens, new_token_rows, ti_steps
 from dora_diffusion.training.step.step import micro_batch_loss
-from dora_diffusion.training.summary import summary
+from dora_diffusion.training.summary import final_report, summary
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +189,7 @@ class TrainingRun:
         refuse_sharding(self.accelerator)
         for line in notices(self.config):
             self.accelerator.print(f"note: {line}", flush=True)
+        self._resolve_resolution()
         self._read_data()
         self._check_output_dir()
         self._create_hub_repo()
@@ -195,6 +199,35 @@ class TrainingRun:
         self._data_pipeline()
         self._optimiser()
         self._claim_output_dir()
+
+    def _resolve_resolution(self) -> None:
+        """``--resolution``, by default the base model's own size (read from its configs, no weights); a warning when
+        the size given is far from it."""
+        c = self.config
+        try:
+            native = native_resolution(c)
+        except Exception as err:  # noqa: BLE001 - a missing or unreadable config: loading the model says why
+            if c.resolution is None:
+                raise TrainingError(
+                    f"--pretrained_model_name_or_path {c.pretrained_model_name_or_path}: could not read its UNet and VAE "
+                    f"configs to choose the training size ({type(err).__name__}: {err}). Check the path or Hub id, or "
+                    "pass --resolution"
+                ) from None
+            return
+        if c.resolution is None:
+            self.config = c = c.resolved(resolution=native)
+            try:
+                check_sides(c)
+            except ValueError as err:
+                raise TrainingError(f"{err} (--resolution {native}: the base model's own size)") from None
+            self.accelerator.print(f"--resolution {native}: the base model's own size (unet sample_size x VAE scale)", flush=True)
+        elif max(c.resolution, native) >= 2 * min(c.resolution, native):
+            logger.warning(
+                "--resolution %d is far from the base model's own size, %d px: it %s",
+                c.resolution, native,
+                f"costs about {(c.resolution / native) ** 2:.0f}x the compute per step of {native} px, at a size the "
+                "model never learned" if c.resolution > native else "trains at a size the model never learned, where it draws poorly",
+            )  # fmt: skip
 
     def _read_data(self) -> None:
         """Images and captions, pivotal tuning's tokens, triggers, buckets; resolves the schedule and the prompt."""
@@ -231,6 +264,8 @@ class TrainingRun:
         """The checkpoint to resume from (checked against these settings and data) and the output folder's rules."""
         c = self.config
         self.resume_path = resolve_resume(self.output_dir, c.resume_from_checkpoint)
+        if self.resume_path is None and c.resume_from_checkpoint is not None:
+            check_nothing_to_resume(self.output_dir)
         self.keys = RUN_KEYS
         if self.resume_path is not None:
             resume_state = read_state(self.resume_path)
@@ -377,7 +412,7 @@ class TrainingRun:
                 logger.warning("resuming with another processes/batch/accumulation/seed layout: data order will differ")
             acc.print(f"resumed from {self.resume_path} at step {self.start_step}", flush=True)
         elif c.resume_from_checkpoint is not None:
-            acc.print(f"no checkpoint in {self.output_dir} yet; starting a new run", flush=True)
+            acc.print(f"--resume_from_checkpoint latest: {self.output_dir} holds no run yet; starting a new one", flush=True)
         if acc.num_processes > 1:
             broadcast_parameters(self.params)
 
@@ -484,6 +519,7 @@ class TrainingRun:
             total=self.max_steps, initial=self.start_step, desc="steps", disable=not self.main_process, dynamic_ncols=True
         )
         self.micro = self.start_micro
+        self.started, self.losses = time.monotonic(), []
         with stop_on_signals() as request:
             for step in range(self.start_step, self.max_steps):
                 value = self.step(step)
@@ -538,6 +574,7 @@ class TrainingRun:
         lr = self.lr_scheduler.get_last_lr()[0]
         self.progress.update(1)
         self.progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+        self.losses.append(value)
         self.accelerator.log({"loss": value, "lr": lr}, step=global_step)
         if self.step_log is not None:
             self.step_log.write(global_step, value, lr)
@@ -578,7 +615,11 @@ class TrainingRun:
             if self.config.push_to_hub:
                 sent = upload_run(out, self.repo_id, self.run_files, self.config.hub_token)
                 print(f"uploaded {len(sent)} files to https://huggingface.co/{self.repo_id}: {', '.join(sent)}", flush=True)
-            print(f"saved {out / 'pytorch_lora_weights.safetensors'}", flush=True)
+            report = final_report(
+                self.config, out, time.monotonic() - self.started, (self.start_step, self.max_steps), self.losses,
+                self.validated.get(self.max_steps, []), self.card,
+            )  # fmt: skip
+            print(report, flush=True)
         acc.wait_for_everyone()
         acc.end_training()
         return out
@@ -601,7 +642,7 @@ class TrainingRun:
         out = self.output_dir
         self.repo_id = self.repo_id or str(out)
         images = [str(p.relative_to(out).as_posix()) for p in self.validated.get(self.max_steps, [])]
-        card = next((n for n in CARD_NAMES if not self.run_files.conflicts([n])), None)
+        self.card = card = next((n for n in CARD_NAMES if not self.run_files.conflicts([n])), None)
         if card is None:
             logger.warning("%s: README.md and model_card.md are not this run's; no model card was written", out)
             return

@@ -80,3 +80,62 @@ def summary(
     width = max(len(k) for k, _ in rows)
     title = f"DreamBooth {kind} training for SDXL"
     return "\n".join([title, "-" * len(title), *(f"{k.ljust(width)}  {v}" for k, v in rows)])
+
+
+def _duration(seconds: float) -> str:
+    """``"1 h 02 min"``, ``"3 min 05 s"``, ``"4.2 s"``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(round(seconds), 60)
+    return f"{minutes} min {sec:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def counterpart_dir(output_dir: Path, adapter: str) -> Path:
+    """Where the same run with the other adapter kind would go: ``x-sdxl-dora`` -> ``x-sdxl-lora``."""
+    other = "lora" if adapter == "dora" else "dora"
+    name = output_dir.name
+    return output_dir.with_name(name[: -len(adapter)] + other if name.endswith(f"-{adapter}") else f"{name}-{other}")
+
+
+def final_report(
+    args: argparse.Namespace,
+    output_dir: Path,
+    seconds: float,
+    steps: tuple[int, int],
+    losses: list[float],
+    validation_images: list[Path],
+    card: str | None,
+) -> str:
+    """What the end of a run prints: the weights, the time, the final loss, the validation images, and the next
+    commands (load it in Python; train the other kind and open both in the page). ``steps`` is (first, last)."""
+    import shlex
+
+    first, last = steps
+    kind = "DoRA" if args.adapter == "dora" else "LoRA"
+    q = shlex.quote
+    out = output_dir
+    lines = [f"saved {out / 'pytorch_lora_weights.safetensors'}"]
+    timing = f"steps {first + 1}-{last} took {_duration(seconds)} (training and validation)" if last > first else f"no step trained (already at step {last})"
+    if losses:
+        tail = losses[-10:]
+        timing += f"; final loss {losses[-1]:.4f} (mean of the last {len(tail)} steps {sum(tail) / len(tail):.4f})"
+    lines.append(timing)
+    if validation_images:
+        lines.append(f"validation images: {validation_images[0].parent} ({len(validation_images)} x {args.validation_prompt!r})")
+    else:
+        lines.append("validation images: none (--validation_prompt none)")
+    if card:
+        lines.append(f"model card: {out / card}")
+    other = counterpart_dir(out, args.adapter)
+    other_kind = "lora" if args.adapter == "dora" else "dora"
+    base = args.pretrained_model_name_or_path
+    lines += [
+        "next:",
+        f"  load it in Python:     pipe.load_dora_weights({str(out)!r})  # after `import dora_diffusion` (the card has the full snippet)",
+        f"  train the {'LoRA' if other_kind == 'lora' else 'DoRA'} to compare: the same command with --adapter {other_kind} --output_dir {q(str(other))}",
+        f"  open both in the page: python app.py --base {q(str(base))} --adapter {args.adapter}={q(str(out))} "
+        f"--adapter {other_kind}={q(str(other))}",
+    ]
+    if kind == "DoRA" and args.train_text_encoder:
+        lines.append("  (diffusers' own load_lora_weights needs peft installed, and drops text-encoder DoRA magnitudes)")
+    return "\n".join(lines)

@@ -402,12 +402,25 @@ def hub_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | Non
             f"--dataset {repo_id}: no such dataset on the Hugging Face Hub (or it is private: run `hf auth login`)"
         ) from None
     except LocalEntryNotFoundError as err:
-        where = f" at revision {revision}" if revision else ""
-        raise DatasetError(
-            f"--dataset {repo_id}{where} is not in the Hugging Face cache and the Hub cannot be reached "
-            f"(offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}). Connect once, or pass a local "
-            f"folder, e.g. `hf download {repo_id} --repo-type dataset --local-dir ./{repo_id.split('/')[-1]}` ({err})"
-        ) from None
+        raise DatasetError(_unreachable(repo_id, revision, err)) from None
+    except OSError as err:  # the network itself (httpx's ConnectError chains): one line, not the chain
+        raise DatasetError(_unreachable(repo_id, revision, err)) from None
+
+
+def _unreachable(repo_id: str, revision: str | None, err: BaseException) -> str:
+    """One line for a ``--dataset`` that is no local folder and no Hub dataset this machine can reach."""
+    where = f" at revision {revision}" if revision else ""
+    parent = Path(repo_id).parent
+    local = f"no folder {repo_id} (nor {parent})" if not parent.is_dir() else f"no folder {Path(repo_id).name!r} in {parent}/"
+    offline = os.environ.get("HF_HUB_OFFLINE", "unset")
+    lines = str(err).strip().splitlines()
+    cause = f"HF_HUB_OFFLINE={offline}" + (f"; {lines[0][:100]}" if lines and offline in ("unset", "0") else "")
+    return (
+        f"--dataset {repo_id}: there is {local}, and as a Hub dataset id{where} it is not in the Hugging Face cache "
+        f"and the Hub cannot be reached ({cause}). "
+        f"Check the folder's path, or connect once, or `hf download {repo_id} --repo-type dataset --local-dir "
+        f"./{repo_id.split('/')[-1]}`"
+    )
 
 
 def _from_folder(path: Path, instance_prompt: str | None, resolution: int | None = None) -> LoadedDataset:

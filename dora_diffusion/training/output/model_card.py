@@ -139,7 +139,7 @@ def model_card(
         "The text encoders were trained too. diffusers' own `load_lora_weights` drops text-encoder DoRA "
         "magnitudes under transformers 5, so load it with dora-diffusion as above."
         if settings.get("train_text_encoder") and kind == "dora"
-        else "diffusers' own `pipe.load_lora_weights(...)` reads this file too."
+        else "diffusers' own `pipe.load_lora_weights(...)` reads this file too (it needs `pip install peft`)."
     )
     rows = _settings_table(settings)
     gallery = "\n".join(f"![validation image {i}]({p})" for i, p in enumerate(validation_images))
@@ -157,7 +157,7 @@ import torch
 import dora_diffusion  # adds load_dora_weights and friends to diffusers pipelines
 from diffusers import StableDiffusionXLPipeline
 
-pipe = StableDiffusionXLPipeline.from_pretrained({shown_base!r}, torch_dtype=torch.float16).to("cuda")
+{_load_line(shown_base, settings.get("mixed_precision"))}
 pipe.load_dora_weights({repo_id!r})
 image = pipe({prompt!r}, num_inference_steps=30).images[0]
 image.save("out.png")
@@ -176,6 +176,23 @@ image.save("out.png")
 {chr(10).join(rows)}
 """
     return "\n".join(front) + "\n" + body
+
+
+SNIPPET_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+"""The snippet loads the base in the precision the run trained in (``mixed_precision``), on the GPU it needed."""
+
+
+def _load_line(base: str, mixed_precision: str | None) -> str:
+    """The snippet's ``from_pretrained`` line: a half-precision run (a GPU's) in its dtype on ``cuda``; a float32 run
+    (the CPU's, e.g. the toy world) in float32 on whatever device the reader has, since float16 on a CPU is slow
+    or fails."""
+    dtype = SNIPPET_DTYPES.get(mixed_precision or "")
+    if dtype:
+        return f'pipe = StableDiffusionXLPipeline.from_pretrained({base!r}, torch_dtype=torch.{dtype}).to("cuda")'
+    return (
+        'device = "cuda" if torch.cuda.is_available() else "cpu"  # trained in float32 (mixed_precision no)\n'
+        f"pipe = StableDiffusionXLPipeline.from_pretrained({base!r}, torch_dtype=torch.float32).to(device)"
+    )
 
 
 EXPORT_NOTES = {

@@ -261,6 +261,24 @@ def check_resume(checkpoint: Path, state, settings: dict, fingerprint: dict, all
         )
 
 
+def check_nothing_to_resume(output_dir: Path) -> None:
+    """``--resume_from_checkpoint latest`` found no checkpoint: raise ``CheckpointError`` if ``output_dir`` holds
+    anything an earlier run wrote (its settings, manifest, log, validation images), since a new run there would
+    write over them. Only a folder with no run of ours (missing, empty, or the user's files alone) starts a new run,
+    so one command serves the first start and every restart."""
+    found = [n for n in (SETTINGS_FILE, MANIFEST_FILE, LOG_FILE) if (output_dir / n).is_file()]
+    if not found:
+        return
+    old = previous_settings(output_dir) or {}
+    when = f" (trained at --resolution {old['resolution']})" if "resolution" in old else ""
+    raise CheckpointError(
+        f"--resume_from_checkpoint latest: {output_dir} holds an earlier run{when} ({', '.join(found)}) but no checkpoint "
+        "to continue from, so there is nothing to resume and nothing was started or written. Drop "
+        "--resume_from_checkpoint to see what differs, pass --overwrite_output_dir (without --resume_from_checkpoint) "
+        "to delete that run's files and start over, or choose another --output_dir"
+    )
+
+
 def check_apart(written: dict[str, str | None], read: dict[str, str | None]) -> None:
     """Raise ``OutputDirError`` if a folder the run writes (``{flag: path}``) is, holds or lies inside a folder it
     reads: the run's images would become training data on the next run. Hub ids and unset flags are skipped."""
