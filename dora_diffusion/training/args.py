@@ -30,6 +30,10 @@ MAX_STEPS = 10**8
 MAX_RANK = 4096
 """Twice the widest SDXL layer (a rank above a layer's width adds memory, not capacity)."""
 MAX_SIDE = 16384
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+"""``--loss_type`` values, kohya's names (``step/loss.py`` ``elementwise_loss``)."""
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
+"""``--huber_schedule`` values, kohya's names (``step/loss.py`` ``huber_threshold``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flags(p)
     _compat_flags(p)
     _pivotal_flags(p)
+    _other_trainers_flags(p)
     return p
 
 
@@ -294,6 +299,69 @@ def _pivotal_flags(p: argparse.ArgumentParser) -> None:
     add("--num_new_tokens_per_abstraction", type=int_in(1, 64), default=2, help="New tokens per abstraction word.")
 
 
+def _other_trainers_flags(p: argparse.ArgumentParser) -> None:
+    """The options people pick other trainers for, under those trainers' names (docs/training.md says whose)."""
+    g = p.add_argument_group(
+        "options of other trainers", "EMA, LoRA+, caption dropout and shuffling, a timestep range, Huber loss."
+    )
+    add = g.add_argument
+    add(
+        "--use_ema",
+        action="store_true",
+        help="Keep an exponential moving average of the adapter tensors; validation and the saved adapter use it, "
+        "the raw weights train (checkpoints keep both).",
+    )
+    add(
+        "--ema_decay",
+        type=float,
+        default=0.995,
+        help="EMA decay: after step t the average takes min(decay, (1+k)/(10+k)), k = t - 1, of itself (diffusers' EMAModel).",
+    )
+    add(
+        "--loraplus_lr_ratio",
+        type=float,
+        default=None,
+        help="LoRA+: the B matrices learn at this ratio x the learning rate of A (16 is the paper's; kohya's network "
+        "arg). DoRA magnitudes keep their own rate.",
+    )
+    add("--caption_dropout_rate", type=float, default=0.0, help="Probability that a sample trains with the empty caption.")
+    add("--shuffle_caption", action="store_true", help="Shuffle each caption's comma-separated tags every epoch.")
+    add("--keep_tokens", type=int_in(0, 1000), default=0, help="With --shuffle_caption: keep the first N tags in front.")
+    add("--min_timestep", type=int_in(0, 999), default=None, help="Lowest training timestep (default 0).")
+    add("--max_timestep", type=int_in(1, 1000), default=None, help="Training timesteps stay below this (default 1000).")
+    add(
+        "--loss_type",
+        choices=LOSS_TYPES,
+        default="l2",
+        help="Error per element: l2 (squared), l1, huber (pseudo-Huber 2c(sqrt(d^2+c^2)-c)) or smooth_l1 "
+        "(2(sqrt(d^2+c^2)-c)), kohya's.",
+    )
+    add("--huber_c", type=float, default=0.1, help="Threshold c of huber and smooth_l1 (kohya's default 0.1).")
+    add(
+        "--huber_schedule",
+        choices=HUBER_SCHEDULES,
+        default="snr",
+        help="How c varies with the timestep: snr ((1-c)/(1+sigma_t)^2 + c), exponential (c^(t/T)) or constant.",
+    )
+
+
+def check_other_trainers_flags(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` naming the flag of ``_other_trainers_flags`` whose value cannot work or does nothing."""
+    if not 0.0 < args.ema_decay < 1.0:
+        raise ValueError(f"--ema_decay must be in (0, 1), got {args.ema_decay} (0.995 is the default; 0.999 averages longer)")
+    if args.loraplus_lr_ratio is not None and args.loraplus_lr_ratio <= 0:
+        raise ValueError(f"--loraplus_lr_ratio must be positive, got {args.loraplus_lr_ratio} (16 is the paper's)")
+    if not 0.0 <= args.caption_dropout_rate < 1.0:
+        raise ValueError(f"--caption_dropout_rate must be in [0, 1), got {args.caption_dropout_rate}")
+    if args.keep_tokens and not args.shuffle_caption:
+        raise ValueError(f"--keep_tokens {args.keep_tokens} does nothing without --shuffle_caption; add it or drop --keep_tokens")
+    low = args.min_timestep if args.min_timestep is not None else 0
+    high = args.max_timestep if args.max_timestep is not None else 1000
+    if low >= high:
+        raise ValueError(f"--min_timestep {low} must be below --max_timestep {high} (timesteps are drawn from [min, max))")
+    if args.loss_type in ("huber", "smooth_l1") and not 0.0 < args.huber_c <= 1.0:
+        raise ValueError(f"--huber_c must be in (0, 1] (kohya's schedules assume it), got {args.huber_c}")
+
 
 FLOAT_RANGES = {
     "adam_beta1": (0.0, 1.0),
@@ -398,6 +466,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> None:
     """Raise ``ValueError`` naming the first flag whose value cannot work (before anything is loaded or written)."""
+    check_other_trainers_flags(args)
     for action in (parser or build_parser())._actions:
         value = getattr(args, action.dest, None)
         if action.type is float and isinstance(value, float) and not math.isfinite(value):
