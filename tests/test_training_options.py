@@ -158,6 +158,33 @@ def test_ema_follows_diffusers_decay_and_swaps_back_bit_exactly():
     assert torch.equal(p.detach(), raw)
 
 
+def test_checkpoints_refuse_a_resume_that_toggles_ema_or_loraplus(tmp_path):
+    """An average cannot continue from a checkpoint without one; LoRA+ has optimizer groups of its own."""
+    from dora_diffusion.training.errors import CheckpointError
+    from dora_diffusion.training.output.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+
+    named = [(f"unet.x.adapters.default.{k}", nn.Parameter(torch.ones(2))) for k in ("A", "B", "magnitude")]
+
+    def optimizer(ratio):
+        args = argparse.Namespace(learning_rate=1e-3, text_encoder_lr=1e-3, optimizer="adamw", adam_weight_decay=0.0,
+                                  magnitude_lr=None, loraplus_lr_ratio=ratio)  # fmt: skip
+        opt = torch.optim.AdamW(param_groups(named, args))
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+    ema = AdapterEMA(named, 0.9)
+    with torch.no_grad():
+        ema.shadow["unet.x.adapters.default.B"].fill_(0.5)
+    plain = save_checkpoint(tmp_path, TrainingState(1, 2, 1, 1, 2, 0), named, *optimizer(None))
+    with pytest.raises(CheckpointError, match=r"--use_ema: checkpoint .*checkpoint-1 has no ema_state.safetensors"):
+        load_checkpoint(plain, named, *optimizer(None), ema=AdapterEMA(named, 0.9))
+    with pytest.raises(CheckpointError, match=r"groups of sizes \[2, 1\], this run \[1, 1, 1\].*--loraplus_lr_ratio"):
+        load_checkpoint(plain, named, *optimizer(4.0))
+    averaged = save_checkpoint(tmp_path, TrainingState(2, 4, 1, 1, 2, 0), named, *optimizer(4.0), ema_state=ema.state_dict())
+    restored = AdapterEMA(named, 0.9)
+    load_checkpoint(averaged, named, *optimizer(4.0), ema=restored)
+    assert restored.shadow["unet.x.adapters.default.B"].tolist() == [0.5, 0.5]
+
+
 # ---------------------------------------------------------------- flags
 @pytest.mark.parametrize(
     ("argv", "message"),

@@ -445,6 +445,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         check_args(args, parser)
+        check_other_trainers_flags(args)
     except ValueError as err:
         parser.error(str(err))
     if args.use_8bit_adam:
@@ -466,7 +467,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> None:
     """Raise ``ValueError`` naming the first flag whose value cannot work (before anything is loaded or written)."""
-    check_other_trainers_flags(args)
     for action in (parser or build_parser())._actions:
         value = getattr(args, action.dest, None)
         if action.type is float and isinstance(value, float) and not math.isfinite(value):

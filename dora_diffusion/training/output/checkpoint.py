@@ -372,7 +372,8 @@ def _check_optimizer_state(path: Path, saved: object, optimizer) -> None:
     if sizes != [len(g["params"]) for g in ours]:
         raise CheckpointError(
             f"checkpoint {path}: optimizer.pt has parameter groups of sizes {sizes}, this run {[len(g['params']) for g in ours]}; "
-            "was it made with other adapter settings?"
+            "was it made with other adapter settings, or with --loraplus_lr_ratio on one side only (LoRA+ gives B "
+            "groups of its own)?"
         )
     by_id = dict(zip([i for g in ours for i in g["params"]], [p for g in optimizer.param_groups for p in g["params"]]))
     for key, values in state.items():
