@@ -296,3 +296,17 @@ def test_options_reach_the_step_and_a_resume_is_bit_identical(work, monkeypatch)
     assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
     raw2b, ema2b = _ckpt(resumed, 2)
     assert all(torch.equal(raw2[k], raw2b[k]) and torch.equal(ema2[k], ema2b[k]) for k in raw2)
+    # --use_ema from a checkpoint without an average stops before any model loads
+    import shutil
+
+    from test_training_e2e import argv
+
+    from dora_diffusion.training import CheckpointError, main
+    from dora_diffusion.training import run as training_run
+
+    plain = work / "plain" / "checkpoint-1"
+    shutil.copytree(out / "checkpoint-1", plain)
+    (plain / "ema_state.safetensors").unlink()
+    monkeypatch.setattr(training_run, "load_components", lambda *a: pytest.fail("models loaded"))
+    with pytest.raises(CheckpointError, match=r"--use_ema: checkpoint .*checkpoint-1 has no ema_state.safetensors"):
+        main(argv(work, "plain-resumed", *OPTIONS, "--resume_from_checkpoint", str(plain)))

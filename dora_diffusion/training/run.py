@@ -65,6 +65,7 @@ from dora_diffusion.training.models import (
 from dora_diffusion.training.output.checkpoint import (
     CheckpointError,
     TrainingState,
+    check_ema_state,
     list_checkpoints,
     load_checkpoint,
     read_state,
@@ -243,6 +244,8 @@ class TrainingRun:
                     "pytorch_lora_weights.safetensors as it is"
                 )
             check_resume(self.resume_path, resume_state, self.settings, self.fingerprint, c.allow_dataset_change)
+            if c.use_ema:
+                check_ema_state(self.resume_path)  # before any model loads
             same_data = resume_state.dataset is not None and fingerprint_difference(resume_state.dataset, self.fingerprint) is None
             if c.allow_dataset_change or same_data:  # the same data may have moved to another folder
                 self.keys = tuple(k for k in RUN_KEYS if k != "dataset")

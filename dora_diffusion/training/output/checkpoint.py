@@ -388,13 +388,18 @@ def _check_optimizer_state(path: Path, saved: object, optimizer) -> None:
                 )
 
 
-def _load_ema(path: Path, ema) -> None:
-    """``ema_state.safetensors`` of the checkpoint ``path`` into ``ema``, or ``CheckpointError`` saying why not."""
-    if not (path / EMA_FILE).is_file():
+def check_ema_state(path: str | os.PathLike) -> None:
+    """Raise ``CheckpointError`` if the checkpoint ``path`` has no ``ema_state.safetensors`` for ``--use_ema``."""
+    if not (Path(path) / EMA_FILE).is_file():
         raise CheckpointError(
             f"--use_ema: checkpoint {path} has no {EMA_FILE} (it was trained without --use_ema), so the average "
             "cannot continue; resume without --use_ema, or start a new run with it"
         )
+
+
+def _load_ema(path: Path, ema) -> None:
+    """``ema_state.safetensors`` of the checkpoint ``path`` into ``ema``, or ``CheckpointError`` saying why not."""
+    check_ema_state(path)
     saved = {_current_name(k): v for k, v in load_file(path / EMA_FILE).items()}
     try:
         ema.load_state_dict(saved)
