@@ -204,6 +204,18 @@ def test_bad_option_values_name_the_flag(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_a_run_recorded_before_these_flags_trained_with_their_defaults():
+    """An output folder of an older version has none of these settings: they are not named as differences."""
+    from dora_diffusion.training.args import OTHER_TRAINERS_DEFAULTS, run_settings
+    from dora_diffusion.training.output.rundir import all_differences
+
+    settings = run_settings(parse_args(["--dataset", "x"]))
+    assert {k: settings[k] for k in OTHER_TRAINERS_DEFAULTS} == OTHER_TRAINERS_DEFAULTS
+    older = {k: v for k, v in settings.items() if k not in OTHER_TRAINERS_DEFAULTS}
+    assert all_differences(older, settings) == {}
+    assert all_differences(older, run_settings(parse_args(["--dataset", "x", "--use_ema"]))) == {"use_ema": (False, True)}
+
+
 # ---------------------------------------------------------------- one run, and its resume
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):

@@ -345,6 +345,14 @@ def _other_trainers_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+OTHER_TRAINERS_DEFAULTS = {
+    "use_ema": False, "ema_decay": 0.995, "loraplus_lr_ratio": None, "caption_dropout_rate": 0.0,
+    "shuffle_caption": False, "keep_tokens": 0, "min_timestep": None, "max_timestep": None, "loss_type": "l2",
+    "huber_c": 0.1, "huber_schedule": "snr",
+}  # fmt: skip
+"""The defaults of ``_other_trainers_flags``: what a run recorded before they existed trained with (``RUN_DEFAULTS``)."""
+
+
 def check_other_trainers_flags(args: argparse.Namespace) -> None:
     """Raise ``ValueError`` naming the flag of ``_other_trainers_flags`` whose value cannot work or does nothing."""
     if not 0.0 < args.ema_decay < 1.0:
@@ -650,7 +658,7 @@ RUN_KEYS = (
     "alpha_pattern",
 )
 """Settings that define the adapter being trained: a checkpoint made with other values cannot be resumed."""
-RUN_DEFAULTS = {"rank_pattern": {}, "alpha_pattern": {}}
+RUN_DEFAULTS = {"rank_pattern": {}, "alpha_pattern": {}, **OTHER_TRAINERS_DEFAULTS}
 """What a setting recorded by an older version, which did not have it, meant."""
 PATH_KEYS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset")
 """Settings that may be local paths: compared by what they point at, not as strings."""
