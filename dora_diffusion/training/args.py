@@ -315,7 +315,8 @@ def _other_trainers_flags(p: argparse.ArgumentParser) -> None:
         "--ema_decay",
         type=float,
         default=0.995,
-        help="EMA decay: after step t the average takes min(decay, (1+k)/(10+k)), k = t - 1, of itself (diffusers' EMAModel).",
+        help="EMA decay (default 0.995): after step t the average keeps min(decay, (1+k)/(10+k)), k = t - 1, of itself "
+        "(diffusers' EMAModel).",
     )
     add(
         "--loraplus_lr_ratio",
@@ -341,7 +342,8 @@ def _other_trainers_flags(p: argparse.ArgumentParser) -> None:
         "--huber_schedule",
         choices=HUBER_SCHEDULES,
         default="snr",
-        help="How c varies with the timestep: snr ((1-c)/(1+sigma_t)^2 + c), exponential (c^(t/T)) or constant.",
+        help="How c varies with the timestep: snr ((1-c)/(1+sigma_t)^2 + c; kohya's default), exponential (c^(t/T)) "
+        "or constant.",
     )
 
 
