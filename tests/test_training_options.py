@@ -184,6 +184,7 @@ def test_checkpoints_refuse_a_resume_that_toggles_ema_or_loraplus(tmp_path):
     restored = AdapterEMA(named, 0.9)
     load_checkpoint(averaged, named, *optimizer(4.0), ema=restored)
     assert restored.shadow["unet.x.adapters.default.B"].tolist() == [0.5, 0.5]
+    assert load_checkpoint(averaged, named, *optimizer(4.0)).global_step == 2  # without --use_ema: the average is left
 
 
 # ---------------------------------------------------------------- flags
