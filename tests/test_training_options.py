@@ -193,10 +193,13 @@ def test_checkpoints_refuse_a_resume_that_toggles_ema_or_loraplus(tmp_path):
     [
         (["--keep_tokens", "1"], "--keep_tokens 1 does nothing without --shuffle_caption"),
         (["--min_timestep", "500", "--max_timestep", "500"], "--min_timestep 500 must be below --max_timestep 500"),
-        (["--ema_decay", "1"], "--ema_decay must be in (0, 1), got 1.0"),
+        (["--use_ema", "--ema_decay", "1"], "--ema_decay must be in (0, 1), got 1.0"),
         (["--loraplus_lr_ratio", "0"], "--loraplus_lr_ratio must be positive, got 0.0"),
         (["--caption_dropout_rate", "1"], "--caption_dropout_rate must be in [0, 1), got 1.0"),
         (["--loss_type", "huber", "--huber_c", "0"], "--huber_c must be in (0, 1]"),
+        (["--ema_decay", "0.99"], "--ema_decay does nothing without --use_ema; add --use_ema or drop --ema_decay"),
+        (["--huber_c", "0.2"], "--huber_c does nothing with --loss_type l2; pass --loss_type huber or smooth_l1"),
+        (["--loss_type", "l1", "--huber_schedule", "snr"], "--huber_schedule does nothing with --loss_type l1"),
     ],
 )
 def test_bad_option_values_name_the_flag(argv, message, capsys):

@@ -314,7 +314,7 @@ def _other_trainers_flags(p: argparse.ArgumentParser) -> None:
     add(
         "--ema_decay",
         type=float,
-        default=0.995,
+        default=None,
         help="EMA decay (default 0.995): after step t the average keeps min(decay, (1+k)/(10+k)), k = t - 1, of itself "
         "(diffusers' EMAModel).",
     )
@@ -337,11 +337,11 @@ def _other_trainers_flags(p: argparse.ArgumentParser) -> None:
         help="Error per element: l2 (squared), l1, huber (pseudo-Huber 2c(sqrt(d^2+c^2)-c)) or smooth_l1 "
         "(2(sqrt(d^2+c^2)-c)), kohya's.",
     )
-    add("--huber_c", type=float, default=0.1, help="Threshold c of huber and smooth_l1 (kohya's default 0.1).")
+    add("--huber_c", type=float, default=None, help="Threshold c of huber and smooth_l1 (kohya's default 0.1).")
     add(
         "--huber_schedule",
         choices=HUBER_SCHEDULES,
-        default="snr",
+        default=None,
         help="How c varies with the timestep: snr ((1-c)/(1+sigma_t)^2 + c; kohya's default), exponential (c^(t/T)) "
         "or constant.",
     )
@@ -356,7 +356,19 @@ OTHER_TRAINERS_DEFAULTS = {
 
 
 def check_other_trainers_flags(args: argparse.Namespace) -> None:
-    """Raise ``ValueError`` naming the flag of ``_other_trainers_flags`` whose value cannot work or does nothing."""
+    """Raise ``ValueError`` naming the flag of ``_other_trainers_flags`` whose value cannot work or does nothing;
+    then fill in the defaults of ``--ema_decay``, ``--huber_c`` and ``--huber_schedule`` (None when not given, so that
+    one given without the flag it tunes is refused)."""
+    if args.ema_decay is not None and not args.use_ema:
+        raise ValueError("--ema_decay does nothing without --use_ema; add --use_ema or drop --ema_decay")
+    for name in ("huber_c", "huber_schedule"):
+        if getattr(args, name) is not None and args.loss_type not in ("huber", "smooth_l1"):
+            raise ValueError(
+                f"--{name} does nothing with --loss_type {args.loss_type}; pass --loss_type huber or smooth_l1, or drop --{name}"
+            )
+    for name in ("ema_decay", "huber_c", "huber_schedule"):
+        if getattr(args, name) is None:
+            setattr(args, name, OTHER_TRAINERS_DEFAULTS[name])
     if not 0.0 < args.ema_decay < 1.0:
         raise ValueError(f"--ema_decay must be in (0, 1), got {args.ema_decay} (0.995 is the default; 0.999 averages longer)")
     if args.loraplus_lr_ratio is not None and args.loraplus_lr_ratio <= 0:
