@@ -1,8 +1,11 @@
 """Training features on the toy world, through train_dreambooth_dora.py itself: pivotal tuning, the magnitude
-learning rate, the debiased loss, each against plain DoRA at equal steps.
+learning rate, the debiased loss, and the options of other trainers (EMA, LoRA+, caption dropout, Huber loss; issue
+31 item 5), each against plain DoRA at equal steps.
 
-    python benchmarks/bench_features.py --out bench-features            # about 15 minutes on 2 cores
-    python benchmarks/bench_features.py --out bench-features --markdown features.md
+    python benchmarks/bench_features.py --out bench-features --variants "dora,dora + pivotal tuning,dora magnitude lr x10,dora magnitude lr x0.1,dora + debiased loss,lora"   # about 15 minutes on 2 cores
+    python benchmarks/bench_features.py --out bench-features --markdown features.md   # every variant: about twice as long
+    python benchmarks/bench_features.py --out bench-options --markdown options.md \
+        --variants "dora,dora + EMA,dora + LoRA+ x16,dora + LoRA+ x4,dora + caption dropout 0.1,dora + huber"   # issue 31 item 5
 
 Every subject x variant x seed is one run of ``dora_diffusion.training.main`` on the shipped toy-world model with the
 demo's recipe (rank 4, AdamW lr 2e-3, 4 images per step, 150 steps, cached latents, ``attn`` targets) on the
@@ -40,6 +43,11 @@ VARIANTS = {
     "dora magnitude lr x0.1": ["--magnitude_lr", "2e-4"],
     "dora + debiased loss": ["--debiased_estimation_loss"],
     "lora": ["--adapter", "lora"],
+    "dora + EMA": ["--use_ema"],  # default decay 0.995; at step 150 the warm-up gives 150/159
+    "dora + LoRA+ x16": ["--loraplus_lr_ratio", "16"],  # the paper's ratio
+    "dora + LoRA+ x4": ["--loraplus_lr_ratio", "4"],
+    "dora + caption dropout 0.1": ["--caption_dropout_rate", "0.1"],
+    "dora + huber": ["--loss_type", "huber"],  # kohya's defaults: --huber_c 0.1, --huber_schedule snr
 }
 """Variant -> flags added to the demo's recipe."""
 FIELDS = ("subject", "variant", "seed", "subject_fidelity", "prompt_fidelity", "prior_preservation", "train_s")

@@ -33,6 +33,10 @@ MAX_STEPS = 10**8
 MAX_RANK = 4096
 """Twice the widest SDXL layer (a rank above a layer's width adds memory, not capacity)."""
 MAX_SIDE = 16384
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+"""``--loss_type`` values, kohya's names (``step/loss.py`` ``elementwise_loss``)."""
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
+"""``--huber_schedule`` values, kohya's names (``step/loss.py`` ``huber_threshold``)."""
 
 
 class FlagParser(argparse.ArgumentParser):
@@ -99,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flags(p)
     _compat_flags(p)
     _pivotal_flags(p)
+    _other_trainers_flags(p)
     return p
 
 
@@ -351,6 +356,91 @@ def _pivotal_flags(p: argparse.ArgumentParser) -> None:
     add("--num_new_tokens_per_abstraction", type=int_in(1, 64), default=2, help="New tokens per abstraction word.")
 
 
+def _other_trainers_flags(p: argparse.ArgumentParser) -> None:
+    """The options people pick other trainers for, under those trainers' names (docs/training.md says whose)."""
+    g = p.add_argument_group(
+        "options of other trainers", "EMA, LoRA+, caption dropout and shuffling, a timestep range, Huber loss."
+    )
+    add = g.add_argument
+    add(
+        "--use_ema",
+        action="store_true",
+        help="Keep an exponential moving average of the adapter tensors; validation and the saved adapter use it, "
+        "the raw weights train (checkpoints keep both).",
+    )
+    add(
+        "--ema_decay",
+        type=float,
+        default=None,
+        help="EMA decay (default 0.995): after step t the average keeps min(decay, (1+k)/(10+k)), k = t - 1, of itself "
+        "(diffusers' EMAModel).",
+    )
+    add(
+        "--loraplus_lr_ratio",
+        type=float,
+        default=None,
+        help="LoRA+: the B matrices learn at this ratio x the learning rate of A (16 is the paper's; kohya's network "
+        "arg). DoRA magnitudes keep their own rate.",
+    )
+    add("--caption_dropout_rate", type=float, default=0.0, help="Probability that a sample trains with the empty caption.")
+    add("--shuffle_caption", action="store_true", help="Shuffle each caption's comma-separated tags every epoch.")
+    add("--keep_tokens", type=int_in(0, 1000), default=0, help="With --shuffle_caption: keep the first N tags in front.")
+    add("--min_timestep", type=int_in(0, 999), default=None, help="Lowest training timestep (default 0).")
+    add("--max_timestep", type=int_in(1, 1000), default=None, help="Training timesteps stay below this (default 1000).")
+    add(
+        "--loss_type",
+        choices=LOSS_TYPES,
+        default="l2",
+        help="Error per element: l2 (squared), l1, huber (pseudo-Huber 2c(sqrt(d^2+c^2)-c)) or smooth_l1 "
+        "(2(sqrt(d^2+c^2)-c)), kohya's.",
+    )
+    add("--huber_c", type=float, default=None, help="Threshold c of huber and smooth_l1 (kohya's default 0.1).")
+    add(
+        "--huber_schedule",
+        choices=HUBER_SCHEDULES,
+        default=None,
+        help="How c varies with the timestep: snr ((1-c)/(1+sigma_t)^2 + c; kohya's default), exponential (c^(t/T)) "
+        "or constant.",
+    )
+
+
+OTHER_TRAINERS_DEFAULTS = {
+    "use_ema": False, "ema_decay": 0.995, "loraplus_lr_ratio": None, "caption_dropout_rate": 0.0,
+    "shuffle_caption": False, "keep_tokens": 0, "min_timestep": None, "max_timestep": None, "loss_type": "l2",
+    "huber_c": 0.1, "huber_schedule": "snr",
+}  # fmt: skip
+"""The defaults of ``_other_trainers_flags``: what a run recorded before they existed trained with (``RUN_DEFAULTS``)."""
+
+
+def check_other_trainers_flags(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` naming the flag of ``_other_trainers_flags`` whose value cannot work or does nothing;
+    then fill in the defaults of ``--ema_decay``, ``--huber_c`` and ``--huber_schedule`` (None when not given, so that
+    one given without the flag it tunes is refused)."""
+    if args.ema_decay is not None and not args.use_ema:
+        raise ValueError("--ema_decay does nothing without --use_ema; add --use_ema or drop --ema_decay")
+    for name in ("huber_c", "huber_schedule"):
+        if getattr(args, name) is not None and args.loss_type not in ("huber", "smooth_l1"):
+            raise ValueError(
+                f"--{name} does nothing with --loss_type {args.loss_type}; pass --loss_type huber or smooth_l1, or drop --{name}"
+            )
+    for name in ("ema_decay", "huber_c", "huber_schedule"):
+        if getattr(args, name) is None:
+            setattr(args, name, OTHER_TRAINERS_DEFAULTS[name])
+    if not 0.0 < args.ema_decay < 1.0:
+        raise ValueError(f"--ema_decay must be in (0, 1), got {args.ema_decay} (0.995 is the default; 0.999 averages longer)")
+    if args.loraplus_lr_ratio is not None and args.loraplus_lr_ratio <= 0:
+        raise ValueError(f"--loraplus_lr_ratio must be positive, got {args.loraplus_lr_ratio} (16 is the paper's)")
+    if not 0.0 <= args.caption_dropout_rate < 1.0:
+        raise ValueError(f"--caption_dropout_rate must be in [0, 1), got {args.caption_dropout_rate}")
+    if args.keep_tokens and not args.shuffle_caption:
+        raise ValueError(f"--keep_tokens {args.keep_tokens} does nothing without --shuffle_caption; add it or drop --keep_tokens")
+    low = args.min_timestep if args.min_timestep is not None else 0
+    high = args.max_timestep if args.max_timestep is not None else 1000
+    if low >= high:
+        raise ValueError(f"--min_timestep {low} must be below --max_timestep {high} (timesteps are drawn from [min, max))")
+    if args.loss_type in ("huber", "smooth_l1") and not 0.0 < args.huber_c <= 1.0:
+        raise ValueError(f"--huber_c must be in (0, 1] (kohya's schedules assume it), got {args.huber_c}")
+
 
 FLOAT_RANGES = {
     "adam_beta1": (0.0, 1.0),
@@ -436,6 +526,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.resolution = NATIVE_RESOLUTIONS[args.pretrained_model_name_or_path.rstrip("/")]
     try:
         check_args(args, parser)
+        check_other_trainers_flags(args)
     except ValueError as err:
         parser.error(str(err))
     if args.use_8bit_adam:
@@ -647,7 +738,7 @@ RUN_KEYS = (
     "alpha_pattern",
 )
 """Settings that define the adapter being trained: a checkpoint made with other values cannot be resumed."""
-RUN_DEFAULTS = {"rank_pattern": {}, "alpha_pattern": {}}
+RUN_DEFAULTS = {"rank_pattern": {}, "alpha_pattern": {}, **OTHER_TRAINERS_DEFAULTS}
 """What a setting recorded by an older version, which did not have it, meant."""
 PATH_KEYS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset")
 """Settings that may be local paths: compared by what they point at, not as strings."""

@@ -125,6 +125,18 @@ class TrainConfig:
     train_text_encoder_ti_frac: float
     token_abstraction: str
     num_new_tokens_per_abstraction: int
+    # options of other trainers (kohya, diffusers, SimpleTuner): args.py _other_trainers_flags
+    use_ema: bool
+    ema_decay: float
+    loraplus_lr_ratio: float | None
+    caption_dropout_rate: float
+    shuffle_caption: bool
+    keep_tokens: int
+    min_timestep: int | None
+    max_timestep: int | None
+    loss_type: str
+    huber_c: float
+    huber_schedule: str
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:

@@ -31,6 +31,7 @@ from dora_diffusion.pipeline.embeddings import embeddings_name, write_embeddings
 from dora_diffusion.training.args import RUN_KEYS, check_sides, notices, parse_args, run_settings
 from dora_diffusion.training.config import TrainConfig
 from dora_diffusion.training.data.buckets import make_buckets, nearest_bucket
+from dora_diffusion.training.data.captions import draw_batch_captions
 from dora_diffusion.training.data.dataset import DreamBoothDataset, collate
 from dora_diffusion.training.data.encode import LatentSource, PromptSource
 from dora_diffusion.training.data.fingerprint import dataset_fingerprint, fingerprint_difference
@@ -66,6 +67,7 @@ from dora_diffusion.training.models import (
 from dora_diffusion.training.output.checkpoint import (
     CheckpointError,
     TrainingState,
+    check_ema_state,
     list_checkpoints,
     load_checkpoint,
     read_state,
@@ -92,6 +94,7 @@ from dora_diffusion.training.images import validation_pipeline
 from dora_diffusion.training.output.validation import log_images, render, save_images, validation_folder
 from dora_diffusion.training.plan import apply_token_plan, exports, inside_output, planned_outputs, resolve_schedule, resolve_triggers
 from dora_diffusion.training.signals import stop_on_signals
+from dora_diffusion.training.step.ema import AdapterEMA
 from dora_diffusion.training.step.optim import build_lr_scheduler, build_optimizer, param_groups
 from dora_diffusion.training.step.pivotal import add_new_tokens, new_token_rows, ti_steps
 from dora_diffusion.training.step.step import micro_batch_loss
@@ -276,6 +279,8 @@ class TrainingRun:
                     "pytorch_lora_weights.safetensors as it is"
                 )
             check_resume(self.resume_path, resume_state, self.settings, self.fingerprint, c.allow_dataset_change)
+            if c.use_ema:
+                check_ema_state(self.resume_path)  # before any model loads
             same_data = resume_state.dataset is not None and fingerprint_difference(resume_state.dataset, self.fingerprint) is None
             if c.allow_dataset_change or same_data:  # the same data may have moved to another folder
                 self.keys = tuple(k for k in RUN_KEYS if k != "dataset")
@@ -319,7 +324,7 @@ class TrainingRun:
         weight_dtype = DTYPES[c.mixed_precision]
         self.components = comps = load_components(c, weight_dtype)
         self.offload = self.device.type != "cpu"
-        self.text_offload = self.offload and not c.train_text_encoder and self.new_tokens is None
+        self.text_offload = self.offload and not c.train_text_encoder and self.new_tokens is None and not c.shuffle_caption
         # nn.Module.to: diffusers' ModelMixin.to warns about "modules to keep in float32" even when there are none
         nn.Module.to(comps.unet, self.device, weight_dtype)
         for te in (comps.text_encoder, comps.text_encoder_2):
@@ -355,6 +360,7 @@ class TrainingRun:
         self.named = named + self.ti_named
         self.params = [p for _, p in self.named]
         self.counted = count_parameters(self.models)
+        self.ema = AdapterEMA(named, c.ema_decay) if c.use_ema else None  # of the adapter, not of new token rows
         self.accelerator.print(self.counted, flush=True)
         self.accelerator.print(f"training target: {comps.noise_scheduler.config.prediction_type} (the scheduler config's)", flush=True)
         if c.gradient_checkpointing:
@@ -375,7 +381,8 @@ class TrainingRun:
             self.class_records, c.class_prompt, self.masks, self.buckets, vae_scale_factor(comps.vae),
         )  # fmt: skip
         self.latents = LatentSource(comps.vae, self.device, next(comps.vae.parameters()).dtype)
-        self.prompts = PromptSource(comps, self.device, trained=c.train_text_encoder or self.new_tokens is not None)
+        encoded = c.train_text_encoder or self.new_tokens is not None or c.shuffle_caption  # shuffled: too many to cache
+        self.prompts = PromptSource(comps, self.device, trained=encoded)
         self.ti_frozen = self.new_tokens is None
         if self.new_tokens is None and not c.train_text_encoder:
             self.freeze_prompts()
@@ -389,10 +396,11 @@ class TrainingRun:
         c = self.config
         for _, p in self.ti_named:
             p.requires_grad_(False)
-        if c.train_text_encoder:
+        if c.train_text_encoder or c.shuffle_caption:
             return
         self.prompts.trained = False
-        self.prompts.fill_cache([r.caption for r in self.loaded.records] + ([c.class_prompt] if self.class_records else []))
+        dropped = [""] if c.caption_dropout_rate else []
+        self.prompts.fill_cache([r.caption for r in self.loaded.records] + dropped + ([c.class_prompt] if self.class_records else []))
         if self.offload:
             self.components.text_encoder.to("cpu"), self.components.text_encoder_2.to("cpu")
 
@@ -405,7 +413,7 @@ class TrainingRun:
         self.optimizer = acc.prepare(optimizer)
         self.start_step, self.start_micro = 0, 0
         if self.resume_path is not None:
-            state = load_checkpoint(self.resume_path, self.named, self.optimizer, self.lr_scheduler, acc.scaler)
+            state = load_checkpoint(self.resume_path, self.named, self.optimizer, self.lr_scheduler, acc.scaler, self.ema)
             self.start_step, self.start_micro = state.global_step, state.micro_batch
             layout = (acc.num_processes, c.train_batch_size, c.gradient_accumulation_steps, c.seed)
             if layout != (state.num_processes, state.train_batch_size, state.gradient_accumulation_steps, state.seed):
@@ -457,14 +465,24 @@ class TrainingRun:
             write_embeddings(emb, new_token_rows(self.components), tokens, abstraction)
         return save_adapter(self.models, directory, ADAPTER_NAME, weight_name=weight_name, format=format, metadata=meta)
 
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """With ``--use_ema``, the adapter holds its moving average within the block; otherwise nothing changes."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+    def write_averaged_weights(self, directory: Path) -> Path:
+        """``write_weights`` of the adapter a user loads: its moving average with ``--use_ema``."""
+        with self.averaged():
+            return self.write_weights(directory)
+
     def validate(self, step: int) -> None:
-        """Render the validation prompt with the adapter as it is at ``step`` (main process) and save the images."""
+        """Render the validation prompt with the adapter as it is at ``step`` (its average with ``--use_ema``; main
+        process) and save the images."""
         c, comps = self.config, self.components
         if self.main_process:
             pipe = validation_pipeline(comps, comps.unet, self.device)
             movable = [comps.text_encoder, comps.text_encoder_2] if self.text_offload else []
             movable += [comps.vae] if c.cache_latents and self.offload else []
-            with on_device(movable, self.device, bool(movable)):
+            with on_device(movable, self.device, bool(movable)), self.averaged():
                 images = render(
                     pipe, c.validation_prompt, c.num_validation_images, c.seed, c.resolution,
                     c.validation_inference_steps, c.validation_guidance_scale,
@@ -484,8 +502,9 @@ class TrainingRun:
             )  # fmt: skip
             self.run_files.claim(f"checkpoint-{global_step}")
             save_checkpoint(
-                self.output_dir, state, self.named, self.optimizer, self.lr_scheduler, acc.scaler, self.write_weights,
+                self.output_dir, state, self.named, self.optimizer, self.lr_scheduler, acc.scaler, self.write_averaged_weights,
                 c.checkpoints_total_limit, lambda ckpt: self.run_files.owns(ckpt.name),
+                self.ema.state_dict() if self.ema is not None else None,
             )  # fmt: skip
         acc.wait_for_everyone()
 
@@ -537,7 +556,7 @@ class TrainingRun:
             self.ti_frozen = True
         for _ in range(ga):
             torch.manual_seed(derive_seed(c.seed, STEP_NOISE, self.micro, acc.process_index))
-            batch = next(self.batches)
+            batch = self.draw_captions(next(self.batches))
             loss = micro_batch_loss(batch, self.components, self.latents, self.prompts, c, acc.autocast)
             acc.backward(loss / ga)
             loss_sum += loss.detach()
@@ -553,7 +572,20 @@ class TrainingRun:
         if not self.optimizer.step_was_skipped:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(step + 1)
         return value
+
+    def draw_captions(self, batch: dict) -> dict:
+        """The micro-batch with its instance captions dropped or shuffled (``--caption_dropout_rate``,
+        ``--shuffle_caption``), drawn from the seed, the epoch and each sample's index."""
+        c = self.config
+        if c.caption_dropout_rate or c.shuffle_caption:
+            batch["captions"] = draw_batch_captions(
+                batch["captions"], batch["index"].tolist(), c.seed, self.micro // self.per_epoch,
+                c.caption_dropout_rate, c.shuffle_caption, c.keep_tokens,
+            )  # fmt: skip
+        return batch
 
     def _stop_on_bad_loss(self, step: int, value: float) -> None:
         if self.step_log is not None:
@@ -607,7 +639,8 @@ class TrainingRun:
             raise TrainingError(f"the {acc.num_processes} processes ended with different adapters; nothing was saved")
         acc.wait_for_everyone()
         if self.main_process:
-            self._write_outputs()
+            with self.averaged():
+                self._write_outputs()
         if self.config.validation_prompt and self.max_steps not in self.validated:
             self.validate(self.max_steps)
         if self.main_process:

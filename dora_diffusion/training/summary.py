@@ -73,6 +73,9 @@ def summary(
         ("output", f"{args.output_dir}{' (overwriting)' if args.overwrite_output_dir else ''}"),
         ("tracker", args.report_to + ("" if args.report_to == "none" else f" in {Path(args.output_dir) / args.logging_dir}")),
     ]
+    others = other_trainers_options(args)
+    if others:
+        rows.insert(next(i for i, (k, _) in enumerate(rows) if k == "loss") + 1, ("also", others))
     if args.push_to_hub:
         rows.append(("hub", f"push to {args.hub_model_id or Path(args.output_dir).name}"))
     if args.export_kohya:
@@ -139,3 +142,23 @@ def final_report(
     if kind == "DoRA" and args.train_text_encoder:
         lines.append("  (diffusers' own load_lora_weights needs peft installed, and drops text-encoder DoRA magnitudes)")
     return "\n".join(lines)
+
+
+def other_trainers_options(args: argparse.Namespace) -> str:
+    """The options of other trainers this run uses (EMA, LoRA+, captions, timesteps, loss type), or ``""``."""
+    out = []
+    if getattr(args, "use_ema", False):
+        out.append(f"EMA decay {args.ema_decay:g}")
+    if getattr(args, "loraplus_lr_ratio", None):
+        out.append(f"LoRA+ B lr x{args.loraplus_lr_ratio:g}")
+    if getattr(args, "caption_dropout_rate", 0.0):
+        out.append(f"caption dropout {args.caption_dropout_rate:g}")
+    if getattr(args, "shuffle_caption", False):
+        out.append(f"shuffled tags (first {args.keep_tokens} kept)")
+    low, high = getattr(args, "min_timestep", None), getattr(args, "max_timestep", None)
+    if low is not None or high is not None:
+        out.append(f"timesteps [{low or 0}, {high if high is not None else 'T'})")
+    if getattr(args, "loss_type", "l2") != "l2":
+        c = f" c {args.huber_c:g} ({args.huber_schedule})" if args.loss_type in ("huber", "smooth_l1") else ""
+        out.append(f"{args.loss_type} loss{c}")
+    return ", ".join(out)

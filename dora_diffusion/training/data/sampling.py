@@ -20,6 +20,7 @@ def derive_seed(*parts: int) -> int:
 
 # stream ids for derive_seed, so different uses never share a seed
 AUGMENT, CLASS_AUGMENT, EPOCH_ORDER, STEP_NOISE, CLASS_GENERATION, ADAPTER_INIT = range(6)
+CAPTION_DRAW = 6
 
 
 class MicroBatchSampler(torch.utils.data.Sampler[list[int]]):

@@ -6,6 +6,8 @@ crash mid-save leaves the previous checkpoints untouched and never a half-writte
 Contents: ``adapter_state.safetensors`` (the trained parameters, fp32, by parameter name),
 ``optimizer.pt``, ``lr_scheduler.pt``, ``grad_scaler.pt`` (fp16 only), ``training_state.json``
 (written last) and ``pytorch_lora_weights.safetensors``, loadable with ``pipe.load_dora_weights(checkpoint)``.
+With ``--use_ema`` also ``ema_state.safetensors`` (the average of each trained tensor, fp32, by the same names);
+the loadable file then holds the average, ``adapter_state.safetensors`` the raw weights that train on.
 RNG states are not stored: every micro-batch reseeds from ``(seed, micro-batch, process)``, so the
 random stream after a resume is the uninterrupted run's by construction.
 """
@@ -40,6 +42,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
 MAX_STATE_BYTES = 16 * 1024 * 1024
 """``training_state.json`` is a few kB (up to ~50 kB with a dataset fingerprint); a bigger one is not ours."""
 STATE_FILE = "training_state.json"
+EMA_FILE = "ema_state.safetensors"
 TMP_PREFIX = ".tmp-checkpoint-"
 
 
@@ -114,10 +117,14 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
             if not stat.S_ISREG(os.stat(path / name).st_mode):  # a link to /dev/zero or a FIFO would be read forever
                 return f"{name} is not a regular file"
         read_state(path)
-        for name, tensor in load_file(path / "adapter_state.safetensors").items():
-            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-                kind = "not floating point" if not tensor.is_floating_point() else "not finite"
-                return f"adapter_state.safetensors: {name[:120]!r} is {kind} ({tensor.dtype})"
+        tensor_files = ["adapter_state.safetensors"] + ([EMA_FILE] if os.path.lexists(path / EMA_FILE) else [])
+        for file in tensor_files:
+            if not stat.S_ISREG(os.stat(path / file).st_mode):
+                return f"{file} is not a regular file"
+            for name, tensor in load_file(path / file).items():
+                if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                    kind = "not floating point" if not tensor.is_floating_point() else "not finite"
+                    return f"{file}: {name[:120]!r} is {kind} ({tensor.dtype})"
         for name in ("optimizer.pt", "lr_scheduler.pt"):
             with zipfile.ZipFile(path / name) as archive:
                 bad = archive.testzip()
@@ -238,11 +245,13 @@ def save_checkpoint(
     write_weights=None,
     total_limit: int | None = None,
     owned: Callable[[Path], bool] | None = None,
+    ema_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``checkpoint-<global_step>`` atomically; then keep only the newest ``total_limit`` checkpoints.
 
     ``write_weights(directory)`` adds the loadable adapter file. ``owned(checkpoint)`` says which checkpoints
-    the pruning may delete (default: all). Call on the main process only.
+    the pruning may delete (default: all). ``ema_state`` (``--use_ema``'s averages) goes to ``ema_state.safetensors``.
+    Call on the main process only.
     """
     root = Path(output_dir)
     final = root / f"checkpoint-{state.global_step}"
@@ -251,6 +260,8 @@ def save_checkpoint(
     try:
         params = {name: p.detach().float().cpu().contiguous() for name, p in named_params}
         save_file(params, tmp / "adapter_state.safetensors")
+        if ema_state is not None:
+            save_file(ema_state, tmp / EMA_FILE)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
         if grad_scaler is not None:
@@ -299,8 +310,12 @@ def load_checkpoint(
     optimizer,
     lr_scheduler,
     grad_scaler=None,
+    ema=None,
 ) -> TrainingState:
-    """Restore parameters, optimizer, schedule and counters from ``path``; every process calls this."""
+    """Restore parameters, optimizer, schedule and counters from ``path``; every process calls this.
+
+    ``ema`` (an ``AdapterEMA``, with ``--use_ema``) gets the checkpoint's averages; a checkpoint without them is an
+    error (a run without ``--use_ema`` resumes from one with them, and leaves them)."""
     path = Path(path)
     state = read_state(path)
     saved = {_current_name(k): v for k, v in load_file(path / "adapter_state.safetensors").items()}
@@ -318,6 +333,8 @@ def load_checkpoint(
                 f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, this run's has {tuple(p.shape)}; "
                 "was it made with another --rank or --rank_pattern?"
             )
+    if ema is not None:
+        _load_ema(path, ema)
     loaded = {}
     for name in ("optimizer.pt", "lr_scheduler.pt") + (("grad_scaler.pt",) if grad_scaler is not None else ()):
         if name == "grad_scaler.pt" and not (path / name).is_file():
@@ -355,7 +372,8 @@ def _check_optimizer_state(path: Path, saved: object, optimizer) -> None:
     if sizes != [len(g["params"]) for g in ours]:
         raise CheckpointError(
             f"checkpoint {path}: optimizer.pt has parameter groups of sizes {sizes}, this run {[len(g['params']) for g in ours]}; "
-            "was it made with other adapter settings?"
+            "was it made with other adapter settings, or with --loraplus_lr_ratio on one side only (LoRA+ gives B "
+            "groups of its own)?"
         )
     by_id = dict(zip([i for g in ours for i in g["params"]], [p for g in optimizer.param_groups for p in g["params"]]))
     for key, values in state.items():
@@ -368,3 +386,22 @@ def _check_optimizer_state(path: Path, saved: object, optimizer) -> None:
                     f"checkpoint {path}: optimizer.pt's {field!r:.40} of parameter {key} has shape {tuple(t.shape)}, "
                     f"the parameter {tuple(p.shape)}"
                 )
+
+
+def check_ema_state(path: str | os.PathLike) -> None:
+    """Raise ``CheckpointError`` if the checkpoint ``path`` has no ``ema_state.safetensors`` for ``--use_ema``."""
+    if not (Path(path) / EMA_FILE).is_file():
+        raise CheckpointError(
+            f"--use_ema: checkpoint {path} has no {EMA_FILE} (it was trained without --use_ema), so the average "
+            "cannot continue; resume without --use_ema, or start a new run with it"
+        )
+
+
+def _load_ema(path: Path, ema) -> None:
+    """``ema_state.safetensors`` of the checkpoint ``path`` into ``ema``, or ``CheckpointError`` saying why not."""
+    check_ema_state(path)
+    saved = {_current_name(k): v for k, v in load_file(path / EMA_FILE).items()}
+    try:
+        ema.load_state_dict(saved)
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: {EMA_FILE} does not fit this run's adapter ({err})") from None

@@ -15,24 +15,34 @@ def param_groups(named: list[tuple[str, nn.Parameter]], args: argparse.Namespace
     """Groups: UNet and text encoders get their own learning rate; magnitudes get no weight decay
     (decaying ``m`` towards 0 would shrink the adapted weights, not regularise the update) and their own
     learning rate, ``--magnitude_lr`` (the DoRA knob: how fast the per-channel scale moves against the
-    direction), which scales the text encoders' magnitudes by the same ratio."""
+    direction), which scales the text encoders' magnitudes by the same ratio.
+
+    With ``--loraplus_lr_ratio`` (LoRA+, Hayou et al. 2024; kohya's network arg, PEFT's
+    ``create_loraplus_optimizer``) the ``B`` matrices get their own groups at ratio x the learning rate of ``A``
+    (UNet and text encoders alike); magnitudes keep theirs, as in kohya/LyCORIS (PEFT puts 1-D magnitudes with B).
+    """
     unet_lr = args.learning_rate * lr_scale
     # Prodigy estimates one step size; diffusers gives every group the same lr with it.
     te_lr = unet_lr if args.optimizer == "prodigy" else args.text_encoder_lr * lr_scale
     magnitude_lr = getattr(args, "magnitude_lr", None)
     ratio = 1.0 if magnitude_lr is None else magnitude_lr / args.learning_rate
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    plus = getattr(args, "loraplus_lr_ratio", None)
+    groups: dict[tuple[str, str], list[nn.Parameter]] = {}
     for name, p in named:
         comp = "unet" if name.startswith("unet.") else "text_encoders"
-        groups.setdefault((comp, name.endswith(".magnitude")), []).append(p)
+        kind = "magnitude" if name.endswith(".magnitude") else "lowrank"
+        if plus is not None and name.endswith(".B"):
+            kind = "B"
+        groups.setdefault((comp, kind), []).append(p)
     out = []
-    for (comp, is_magnitude), params in groups.items():
+    for (comp, kind), params in groups.items():
+        factor = {"magnitude": ratio, "B": plus, "lowrank": 1.0}[kind]
         out.append(
             {
                 "params": params,
-                "lr": (unet_lr if comp == "unet" else te_lr) * (ratio if is_magnitude else 1.0),
-                "weight_decay": 0.0 if is_magnitude else args.adam_weight_decay,
-                "name": f"{comp}.{'magnitude' if is_magnitude else 'lowrank'}",
+                "lr": (unet_lr if comp == "unet" else te_lr) * factor,
+                "weight_decay": 0.0 if kind == "magnitude" else args.adam_weight_decay,
+                "name": f"{comp}.{kind}",
             }
         )
     return out

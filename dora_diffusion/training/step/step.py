@@ -2,8 +2,8 @@
 
 ``predict`` noises clean latents at timesteps and returns the UNet's prediction beside its target (the noise for
 epsilon models, the velocity for v-prediction ones); ``micro_batch_loss`` draws the noise and timesteps of a
-script micro-batch and weighs the error with ``loss.denoising_loss`` (Min-SNR, debiased estimation, masks, prior
-preservation).
+script micro-batch (timesteps uniform in ``[--min_timestep, --max_timestep)``) and weighs the error with
+``loss.denoising_loss`` (the ``--loss_type``, Min-SNR, debiased estimation, masks, prior preservation).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from dora_diffusion.training.step.loss import denoising_loss, sample_noise, target_for
+from dora_diffusion.training.step.loss import denoising_loss, huber_threshold, sample_noise, target_for
 
 if TYPE_CHECKING:
     from dora_diffusion.training.config import TrainConfig
@@ -57,13 +57,31 @@ def micro_batch_loss(
     device = latents.device
     z = latents.latents(batch)  # (N, 4, h, w)
     noise = sample_noise(z, config.noise_offset)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (z.shape[0],), device=device)
+    low, high = timestep_range(config, scheduler)
+    timesteps = torch.randint(low, high, (z.shape[0],), device=device)
     with autocast():
         hidden, pooled = prompts.embeddings(batch["captions"])
     pred, target = predict(components.unet, scheduler, z, noise, timesteps, hidden, pooled, batch["time_ids"].to(device), autocast)
     num_class = len(batch["class_index"]) if "class_index" in batch else 0
     mask = batch["mask"].to(device) if "mask" in batch else None
+    huber_c = None
+    if config.loss_type in ("huber", "smooth_l1"):
+        huber_c = huber_threshold(scheduler, timesteps, config.huber_c, config.huber_schedule)
     return denoising_loss(
         pred, target, timesteps, scheduler, config.snr_gamma, num_class, config.prior_loss_weight,
-        config.debiased_estimation_loss, mask,
+        config.debiased_estimation_loss, mask, config.loss_type, huber_c,
     )  # fmt: skip
+
+
+def timestep_range(config: TrainConfig, scheduler) -> tuple[int, int]:
+    """``[low, high)`` of the training timesteps: ``--min_timestep`` (default 0) and ``--max_timestep`` (default
+    the scheduler's ``num_train_timesteps``), as kohya draws them; a range outside the scheduler's is an error."""
+    total = scheduler.config.num_train_timesteps
+    low = config.min_timestep if config.min_timestep is not None else 0
+    high = config.max_timestep if config.max_timestep is not None else total
+    if not 0 <= low < high <= total:
+        raise ValueError(
+            f"--min_timestep {low} / --max_timestep {high}: the timesteps must satisfy 0 <= min < max <= {total} "
+            "(the scheduler's num_train_timesteps)"
+        )
+    return low, high
