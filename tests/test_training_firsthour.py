@@ -66,7 +66,7 @@ def snapshot(folder: Path) -> dict[str, bytes | None]:
     "flags, message",
     [
         (["--rnak", "8"], "unrecognized arguments: --rnak 8 (--rnak: did you mean --rank?)"),
-        (["--max_train_step", "3"], "unrecognized arguments: --max_train_step 3 (--max_train_step: did you mean --max_train_steps?)"),
+        (["--max_train_step", "3"], "unrecognized arguments: --max_train_step 3 (--max_train_step: did you mean --max_train_steps or --max_timestep?)"),
         (["--learning_rat=1e-4"], "(--learning_rat: did you mean --learning_rate?)"),
         (["--rank", "0"], "argument --rank: must be an integer from 1 to 4096, got '0'"),
         (["--zzz"], "unrecognized arguments: --zzz\n"),
