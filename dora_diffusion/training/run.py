@@ -192,8 +192,10 @@ class TrainingRun:
         refuse_sharding(self.accelerator)
         for line in notices(self.config):
             self.accelerator.print(f"note: {line}", flush=True)
-        self._resolve_resolution()
+        unreadable = self._resolve_resolution()
         self._read_data()
+        if unreadable is not None:  # the data were checked first: their errors are the ones to fix first
+            raise unreadable
         self._check_output_dir()
         self._create_hub_repo()
         self._load_models()
@@ -203,20 +205,22 @@ class TrainingRun:
         self._optimiser()
         self._claim_output_dir()
 
-    def _resolve_resolution(self) -> None:
+    def _resolve_resolution(self) -> TrainingError | None:
         """``--resolution``, by default the base model's own size (read from its configs, no weights); a warning when
-        the size given is far from it."""
+        the size given is far from it. Returns the error to raise once the data are checked if the configs cannot be
+        read and no size was given (the data are then read at SDXL's 1024)."""
         c = self.config
         try:
             native = native_resolution(c)
         except Exception as err:  # noqa: BLE001 - a missing or unreadable config: loading the model says why
             if c.resolution is None:
-                raise TrainingError(
+                self.config = c.resolved(resolution=1024)
+                return TrainingError(
                     f"--pretrained_model_name_or_path {c.pretrained_model_name_or_path}: could not read its UNet and VAE "
                     f"configs to choose the training size ({type(err).__name__}: {err}). Check the path or Hub id, or "
                     "pass --resolution"
-                ) from None
-            return
+                )
+            return None
         if c.resolution is None:
             self.config = c = c.resolved(resolution=native)
             try:
