@@ -220,6 +220,22 @@ def test_a_run_recorded_before_these_flags_trained_with_their_defaults():
     assert all_differences(older, run_settings(parse_args(["--dataset", "x", "--use_ema"]))) == {"use_ema": (False, True)}
 
 
+def test_the_model_card_names_the_options_in_use():
+    from dora_diffusion.training.args import run_settings
+    from dora_diffusion.training.output.model_card import model_card
+
+    def card(*flags):
+        return model_card(run_settings(parse_args(["--dataset", "x", *flags])), "me/x", ["TOK"], [], "1 parameter", [])
+
+    plain = card()
+    assert not any(w in plain for w in ("EMA", "LoRA+", "Huber", "caption dropout", "timestep", "| loss |"))
+    used = card("--use_ema", "--loraplus_lr_ratio", "16", "--loss_type", "huber", "--caption_dropout_rate", "0.1", "--max_timestep", "800")
+    for row in ("| EMA of the adapter (the file holds it) | `True` |", "| EMA decay | `0.995` |", "| loss | `huber` |",
+                "| Huber c | `0.1` |", "| Huber schedule | `snr` |", "| LoRA+ ratio (B's learning rate / A's) | `16.0` |",
+                "| caption dropout | `0.1` |", "| timesteps below | `800` |"):  # fmt: skip
+        assert row in used, row
+
+
 # ---------------------------------------------------------------- one run, and its resume
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
