@@ -220,6 +220,22 @@ def test_a_run_recorded_before_these_flags_trained_with_their_defaults():
     assert all_differences(older, run_settings(parse_args(["--dataset", "x", "--use_ema"]))) == {"use_ema": (False, True)}
 
 
+def test_the_model_card_names_the_options_in_use():
+    from dora_diffusion.training.args import run_settings
+    from dora_diffusion.training.output.model_card import model_card
+
+    def card(*flags):
+        return model_card(run_settings(parse_args(["--dataset", "x", *flags])), "me/x", ["TOK"], [], "1 parameter", [])
+
+    plain = card()
+    assert not any(w in plain for w in ("EMA", "LoRA+", "Huber", "caption dropout", "timestep", "| loss |"))
+    used = card("--use_ema", "--loraplus_lr_ratio", "16", "--loss_type", "huber", "--caption_dropout_rate", "0.1", "--max_timestep", "800")
+    for row in ("| EMA of the adapter (the file holds it) | `True` |", "| EMA decay | `0.995` |", "| loss | `huber` |",
+                "| Huber c | `0.1` |", "| Huber schedule | `snr` |", "| LoRA+ ratio (B's learning rate / A's) | `16.0` |",
+                "| caption dropout | `0.1` |", "| timesteps below | `800` |"):  # fmt: skip
+        assert row in used, row
+
+
 # ---------------------------------------------------------------- one run, and its resume
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
@@ -230,8 +246,8 @@ def work(tmp_path_factory):
 
 
 OPTIONS = [
-    "--use_ema", "--ema_decay", "0.1", "--loraplus_lr_ratio", "4", "--caption_dropout_rate", "0.75",
-    "--shuffle_caption", "--keep_tokens", "1", "--min_timestep", "400", "--max_timestep", "500",
+    "--use_ema", "--ema_decay", "0.1", "--loraplus_lr_ratio", "4", "--caption_dropout_rate", "0.5", "--seed", "3",
+    "--shuffle_caption", "--keep_tokens", "1", "--min_timestep", "450", "--max_timestep", "460", "--gradient_accumulation_steps", "1",
     "--loss_type", "huber", "--huber_schedule", "constant", "--huber_c", "0.2",
     "--validation_prompt", "TOK", "--validation_steps", "2", "--num_validation_images", "1", "--checkpointing_steps", "1",
 ]  # fmt: skip
@@ -280,15 +296,16 @@ def _ckpt(out, step: int) -> tuple[dict, dict]:
 @pytest.mark.exactness
 def test_options_reach_the_step_and_a_resume_is_bit_identical(work, monkeypatch):
     out, stdout, seen = _run_recording(work, "straight", monkeypatch)
-    assert "EMA decay 0.1, LoRA+ B lr x4, caption dropout 0.75, shuffled tags (first 1 kept), timesteps [400, 500), huber loss c 0.2 (constant)" in stdout
-    # captions: drawn from (seed, epoch, index); 3 images, 1 per micro-batch: micro-batch j is in epoch j // 3
+    assert "EMA decay 0.1, LoRA+ B lr x4, caption dropout 0.5, shuffled tags (first 1 kept), timesteps [450, 460), huber loss c 0.2 (constant)" in stdout
+    # captions: drawn from (seed, epoch, index); 3 images, 1 per micro-batch: micro-batch j is in epoch j // 3 (seed 3:
+    # the first caption is shuffled, the second dropped)
     originals = ["TOK, toy, red, round" + d for d in ("", ", close-up", ", plain background")]
     for j, (indices, captions) in enumerate(seen["captions"]):
-        assert captions == draw_batch_captions([originals[i] for i in indices], indices, 0, j // 3, 0.75, True, 1)
+        assert captions == draw_batch_captions([originals[i] for i in indices], indices, 3, j // 3, 0.5, True, 1)
     flat = [c for _, cs in seen["captions"] for c in cs]
     assert "" in flat and any(c and c not in originals for c in flat)  # both draws happened
     steps = torch.cat(seen["timesteps"])
-    assert len(steps) == 4 and 400 <= int(steps.min()) and int(steps.max()) < 500  # by chance: 0.1 ** 4
+    assert len(steps) == 2 and 450 <= int(steps.min()) and int(steps.max()) < 460  # by chance: 0.01 ** 2
     assert all(kind == "huber" and torch.equal(c, torch.full_like(c, 0.2)) for kind, c in seen["loss"])
     # LoRA+: the optimizer's B groups start at 4 x the rate of A
     groups = {g["name"]: g["initial_lr"] for g in torch.load(out / "checkpoint-1" / "optimizer.pt")["param_groups"]}

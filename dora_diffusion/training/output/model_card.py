@@ -38,6 +38,17 @@ CARD_SETTINGS = (
     ("mixed_precision", "mixed precision"),
     ("snr_gamma", "Min-SNR gamma"),
     ("noise_offset", "noise offset"),
+    ("loss_type", "loss"),
+    ("huber_c", "Huber c"),
+    ("huber_schedule", "Huber schedule"),
+    ("min_timestep", "lowest timestep"),
+    ("max_timestep", "timesteps below"),
+    ("use_ema", "EMA of the adapter (the file holds it)"),
+    ("ema_decay", "EMA decay"),
+    ("loraplus_lr_ratio", "LoRA+ ratio (B's learning rate / A's)"),
+    ("caption_dropout_rate", "caption dropout"),
+    ("shuffle_caption", "shuffled caption tags"),
+    ("keep_tokens", "tags kept in front"),
     ("with_prior_preservation", "prior preservation"),
     ("seed", "seed"),
     ("pretrained_vae_model_name_or_path", "VAE"),
@@ -109,8 +120,13 @@ def _settings_table(settings: dict) -> list[str]:
     """The training settings worth showing, as Markdown table rows."""
     rows = ["| setting | value |", "|---|---|"]
     text_encoder_keys = ("text_encoder_targets", "text_encoder_lr")
+    huber = settings.get("loss_type") in ("huber", "smooth_l1")
+    unused = {"ema_decay": not settings.get("use_ema"), "loss_type": settings.get("loss_type", "l2") == "l2",
+              "huber_c": not huber, "huber_schedule": not huber}  # fmt: skip
     for key, name in CARD_SETTINGS:
         if key in text_encoder_keys and not settings.get("train_text_encoder"):
+            continue
+        if unused.get(key, False):
             continue
         if key in ("adapter", "rank", "seed") or settings.get(key) not in (None, False, "", 0, 0.0):
             rows.append(f"| {name} | {code(public_value(settings.get(key)), table=True)} |")

@@ -62,8 +62,6 @@ def debiased_weights(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     return 1.0 / torch.sqrt(s)
 
 
-
-
 def huber_threshold(scheduler, timesteps: torch.Tensor, huber_c: float, schedule: str = "snr") -> torch.Tensor:
     """The pseudo-Huber threshold ``c_t`` per sample (N,), float32, as kohya's ``get_huber_threshold_if_needed``
     (with ``huber_scale`` 1): ``constant`` ``c``; ``exponential`` ``c ** (t / T)`` (1 at t = 0, ``c`` at the last
