@@ -124,6 +124,12 @@ def to_diffusers(
             raise ValueError(
                 f"{comp} mixes DoRA and LoRA modules, which diffusers metadata cannot express; save with format='kohya'"
             )
+        dense = sorted({m.kind for m in mods.values()} - {"lowrank"})
+        if dense:
+            raise ValueError(
+                f"{comp} has {', '.join(dense)} modules (LyCORIS LoHa/LoKr/Tucker/full), which diffusers/PEFT files "
+                "cannot hold; save with format='kohya'"
+            )
         if any(m.norm_axis != "out" for m in mods.values()):
             raise ValueError(
                 "per-input (legacy LyCORIS) DoRA has no lossless diffusers/PEFT form; save with format='kohya'"
