@@ -88,7 +88,7 @@ def apply_lycoris(
             kind = kinds if isinstance(kinds, str) else kinds[i % len(kinds)]
             cls, kwargs, rank_linear, rank_conv, std = KINDS[kind]
             rank = rank_conv if isinstance(module, nn.Conv2d) else rank_linear
-            alpha = (0, 3.0, 8.0)[i % 3] if kind != "lokr_full" else 10000.0  # 0: LyCORIS uses alpha = rank
+            alpha = (0, 3.0, 8.0)[i % 3]  # 0: LyCORIS uses alpha = rank (the key is then dropped below)
             i += 1
             wd = {"weight_decompose": dora != "off", "wd_on_out": dora == "out"} if cls is not FullModule else {}
             lyco = cls("m", module, 1.0, rank, alpha, bypass_mode=False, **wd, **kwargs)
@@ -97,6 +97,8 @@ def apply_lycoris(
             applied.append(lyco)
             prefix = kohya_key(comp, name, naming)
             for key, value in lyco.custom_state_dict().items():
+                if key == "alpha" and kind == "lokr_full":
+                    value = torch.tensor(10000.0)  # LyCORIS writes alpha = rank here; other trainers a placeholder
                 if not (key == "alpha" and alpha == 0):
                     state_dict[f"{prefix}.{key}"] = value.detach().float().contiguous()
     save_file(state_dict, path)
