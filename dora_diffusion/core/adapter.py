@@ -203,9 +203,10 @@ class DenseAdapter(Adapter):
     """An adapter of a dense delta kind (``tucker``, ``hadamard``, ``kronecker``, ``full``): its factors, the
     magnitude ``m`` (DoRA) and, for ``full``, a change of bias ``diff_b``.
 
-    ``ΔW`` is materialised: ``s ΔW`` and the norm ``n`` of ``W0 + s ΔW`` are built once and cached together,
-    keyed on the factors' and ``W0``'s storage and version, and the forward's ``k (W' - W0)`` once more per
-    strength and magnitude. Costs: one d_out x K fp32 matrix per cached item and one dense product per call.
+    ``ΔW`` is materialised: ``s ΔW`` and the norm ``n`` of ``W0 + s ΔW`` are built together and cached, keyed on
+    the factors' and ``W0``'s storage and version, and the forward's ``k (W' - W0)`` once per strength and
+    magnitude, after which ``s ΔW`` is let go (the norm stays). Costs: one d_out x K fp32 matrix held (two while
+    it is built) and one dense product per call.
     The DoRA formula itself is ``Adapter``'s (``scaled``, ``change``, ``factor``), applied to ``update()``.
     """
 
@@ -299,6 +300,7 @@ class DenseAdapter(Adapter):
         if self._change is None or self._change[0] != key or stale(self._change[1]):
             with torch.no_grad():
                 self._change = (key, super().change(k))
+            self._update = None  # the norm stays cached; s ΔW is rebuilt only if k or m changes: one matrix held
         return self._change[1]
 
     def extra_repr(self) -> str:
