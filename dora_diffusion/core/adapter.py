@@ -266,7 +266,7 @@ class DenseAdapter(Adapter):
     def scaled_update(self) -> torch.Tensor:
         """``s ΔW`` (d_out, K) fp32: built once per change of the factors or W0 (with autograd, when it is on and a
         factor requires grad, built fresh)."""
-        if torch.is_grad_enabled() and any(t.requires_grad for t in self.factors.values()):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in self.factors.values())):
             return self.spec.scale * self.update()
         key = self.norm_key()
         if self._update is None or self._update[0] != key or stale(self._update[1]):
@@ -293,7 +293,7 @@ class DenseAdapter(Adapter):
 
     def change(self, k: float) -> torch.Tensor:
         """``k (W' - W0)`` (fp32, shaped like W0); without autograd cached per (factors, W0, m, k)."""
-        if torch.is_grad_enabled() and self.trainable:
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self.trainable):
             return super().change(k)
         m = self.magnitude
         key = (self.norm_key(), k, None if m is None else (m.data_ptr(), m._version))
