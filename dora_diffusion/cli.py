@@ -198,7 +198,7 @@ def describe(parsed: ParsedAdapter) -> dict[str, str]:
                 "; ComfyUI variant: dora_scale = m ||W0|| / ||W0 + sBA|| (exact in ComfyUI/Forge; dora-diffusion "
                 "reads it against the base model)"
             )
-    kinds = Counter(_AXIS_LABELS[m.norm_axis] if m.use_dora else "LoRA" for m in mods)
+    kinds = Counter(_AXIS_LABELS[m.norm_axis] if m.use_dora else "LoRA" if m.kind == "lowrank" else "no DoRA" for m in mods)
     adapter = next(iter(kinds)) if len(kinds) == 1 else "mixed: " + _counts(kinds.elements())
     per_comp, per_kind = [], []
     for comp, cm in sorted(parsed.modules.items(), key=lambda item: COMPONENTS.index(item[0])):

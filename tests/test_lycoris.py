@@ -311,10 +311,15 @@ def test_convert_round_trips_and_comfyui_file_is_exact_under_comfyui_rule(stacke
     twice = load_file(str(convert_file(str(kohya), str(tmp_path / "again.safetensors"), "kohya")))
     assert twice.keys() == out.keys() and all(torch.equal(twice[k], out[k]) for k in out)
 
-    model = save_tiny_sdxl_pipeline(tmp_path / "model")
-    comfy = load_file(str(convert_file(str(path_a), str(tmp_path / "comfy.safetensors"), "comfyui", base=str(model))))
     pipe = fresh_pipe()
     name = pipe.load_dora_weights(path_a)
+    saved = load_file(str(pipe.save_dora_weights(tmp_path / "saved", adapter_name=name, format="kohya")))
+    assert saved.keys() == out.keys() and all(torch.equal(saved[k], out[k]) for k in out)  # from the model: the same
+    with pytest.raises(ValueError, match="format='kohya'"):
+        pipe.save_dora_weights(tmp_path / "diffusers", adapter_name=name)
+
+    model = save_tiny_sdxl_pipeline(tmp_path / "model")
+    comfy = load_file(str(convert_file(str(path_a), str(tmp_path / "comfy.safetensors"), "comfyui", base=str(model))))
     worst_comfy, worst_standard, n = 0.0, 0.0, 0
     for (comp, mname), lyco in lycos.items():
         layer = getattr(pipe, comp).get_submodule(mname)

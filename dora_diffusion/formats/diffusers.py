@@ -119,16 +119,16 @@ def to_diffusers(
     for comp, mods in modules.items():
         if not mods:
             continue
-        kinds = {m.use_dora for m in mods.values()}
-        if len(kinds) > 1:
-            raise ValueError(
-                f"{comp} mixes DoRA and LoRA modules, which diffusers metadata cannot express; save with format='kohya'"
-            )
         dense = sorted({m.kind for m in mods.values()} - {"lowrank"})
         if dense:
             raise ValueError(
                 f"{comp} has {', '.join(dense)} modules (LyCORIS LoHa/LoKr/Tucker/full), which diffusers/PEFT files "
                 "cannot hold; save with format='kohya'"
+            )
+        kinds = {m.use_dora for m in mods.values()}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"{comp} mixes DoRA and LoRA modules, which diffusers metadata cannot express; save with format='kohya'"
             )
         if any(m.norm_axis != "out" for m in mods.values()):
             raise ValueError(
