@@ -334,6 +334,9 @@ def test_convert_round_trips_and_comfyui_file_is_exact_under_comfyui_rule(stacke
         n += 1
     print(f"{n} modules: ComfyUI rule on the comfyui file {worst_comfy:.1e}, on the standard file {worst_standard:.1e}")
     assert worst_comfy <= 1e-5 and worst_standard > 1e-3
+    back = fresh_pipe()  # the ComfyUI file read back against the pipeline's base weights: the same adapter
+    back.load_dora_weights(tmp_path / "comfy.safetensors")
+    assert close(unet_output(back, grad=False), unet_output(pipe, grad=False)) <= 1e-6
 
 
 def test_inspect_and_comparer_name_the_kinds(stacked, tmp_path) -> None:
