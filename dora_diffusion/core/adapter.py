@@ -154,14 +154,19 @@ class Adapter(nn.Module):
         """``g = m / max(n, eps)`` in fp32; gradients reach ``m`` only (the norm is detached)."""
         return self.magnitude.float() / self.norm().clamp_min(EPS)
 
+    def up_factor(self) -> tuple[float, torch.Tensor]:
+        """``(s, B)``: the scale and the tensor ``scaled`` multiplies per output row (``DenseAdapter``: ``(1, s ΔW)``)."""
+        return self.spec.scale, self.B
+
     def scaled(self, k: float) -> tuple[torch.Tensor | None, torch.Tensor]:
         """``(c, B')`` with ``k (W' - W0) = c * W0 + B' A`` per output row: ``c = k (g - 1)`` (None for LoRA),
-        ``B' = k s g B`` (fp32 for DoRA, where ``g`` is fp32). Per-output adapters only."""
-        spec, b = self.spec, self.B
-        if not spec.use_dora:
-            return None, (k * spec.scale) * b
+        ``B' = k s g B`` (fp32 for DoRA, where ``g`` is fp32). Per-output adapters only. Any delta kind: with
+        ``(s, B) = up_factor()`` (a dense kind's ``B'`` is ``k g s ΔW`` and ``expand`` is the identity)."""
+        scale, b = self.up_factor()
+        if not self.spec.use_dora:
+            return None, (k * scale) * b
         g = self.factor()
-        return k * (g - 1.0), ((k * spec.scale) * g).view((-1,) + (1,) * (b.dim() - 1)) * b
+        return k * (g - 1.0), ((k * scale) * g).view((-1,) + (1,) * (b.dim() - 1)) * b
 
     def update(self) -> torch.Tensor:
         """The unscaled ``ΔW = B A`` as (d_out, K) (``delta_kinds``' ``lowrank``)."""
@@ -280,15 +285,12 @@ class DenseAdapter(Adapter):
             w = self.geometry.w0_2d().float() + self.scaled_update().detach()  # (d_out, K)
             return dense_norm(w, self.spec.norm_axis, self.geometry.in_features)
 
-    def scaled(self, k: float) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """``(c, B')`` with ``k (W' - W0) = c * W0 + B'`` per output row, ``B' = k s g ΔW`` dense (d_out, K)."""
-        s_update = self.scaled_update()
-        if not self.spec.use_dora:
-            return None, k * s_update
-        g = self.factor()
-        return k * (g - 1.0), (k * g).view(-1, 1) * s_update
+    def up_factor(self) -> tuple[float, torch.Tensor]:
+        """``(1, s ΔW)``: ``scaled`` then gives ``B' = k g s ΔW``, dense (d_out, K)."""
+        return 1.0, self.scaled_update()
 
     def expand(self, b_scaled: torch.Tensor) -> torch.Tensor:
+        """``B'`` is already the dense change: (d_out, K) fp32."""
         return b_scaled.float()
 
     def change(self, k: float) -> torch.Tensor:
