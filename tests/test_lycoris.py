@@ -17,6 +17,7 @@ from lycoris.modules.full import FullModule
 from lycoris.modules.locon import LoConModule
 from lycoris.modules.loha import LohaModule
 from lycoris.modules.lokr import LokrModule
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -57,7 +58,7 @@ def kohya_key(comp: str, name: str, naming: str) -> str:
 
 
 @torch.no_grad()
-def randomise(lyco: nn.Module, kind: str, std: float, g: torch.Generator) -> None:
+def randomise(lyco: nn.Module, std: float, g: torch.Generator) -> None:
     """Trained-looking tensors: every factor random, the magnitude 0.8-1.2 x LyCORIS's initial ||W0||."""
     for name, p in lyco.named_parameters():
         if name == "dora_scale":
@@ -100,7 +101,7 @@ def apply_lycoris(
             i += 1
             wd = {"weight_decompose": dora != "off", "wd_on_out": dora == "out"} if cls is not FullModule else {}
             lyco = cls("m", module, 1.0, rank, alpha, bypass_mode=False, **wd, **kwargs)
-            randomise(lyco, kind, std, g)
+            randomise(lyco, std, g)
             lyco.apply_to()
             applied[comp, name] = lyco
             prefix = kohya_key(comp, name, naming)
@@ -114,8 +115,6 @@ def apply_lycoris(
 
 
 def factor_keys(path) -> set[str]:
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         return {k.split(".", 1)[1] for k in f.keys()}
 
@@ -395,7 +394,7 @@ def test_lycoris_merged_weight_squares_the_scale_for_loha_and_lokr() -> None:
         for alpha, ratio in ((8.0, 8.0 / rank), (float(rank), 1.0)):
             base = nn.Linear(64, 64)
             lyco = cls("m", base, 1.0, rank, alpha, bypass_mode=False)
-            randomise(lyco, "", 0.3, g)
+            randomise(lyco, 0.3, g)
             with torch.no_grad():
                 merged = lyco.get_merged_weight(1.0)[0] - base.weight
                 lyco.apply_to()
