@@ -401,3 +401,25 @@ def test_lycoris_merged_weight_squares_the_scale_for_loha_and_lokr() -> None:
                 forward = (base(torch.eye(64)) - base.bias).t() - base.weight  # s ΔW as trained (no DoRA)
                 lyco.restore()
             assert close(merged, ratio * forward) <= 1e-5, (cls.__name__, alpha)
+
+
+M = "lora_unet_input_blocks_4_1_proj_in"
+
+
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ({"hada_w1_a": (64, 4), "hada_w1_b": (4, 64), "hada_w2_a": (64, 4)}, r"LoHa needs the factors"),
+        ({"hada_w1_a": (64, 4), "hada_w1_b": (3, 64), "hada_w2_a": (64, 4), "hada_w2_b": (4, 64)}, r"hada_w1_a has shape"),
+        ({"lokr_w1": (), "lokr_w2": (8, 8)}, r"matrices or 4-D conv kernels"),
+        ({"lokr_w1": (8, 8), "lokr_w2_a": (8, 2), "lokr_w2_b": (3, 8)}, r"not a rank pair"),
+        ({"diff": (64, 64), "diff_b": (32,)}, r"diff_b has shape"),
+        ({"lokr_w1": (8, 8), "hada_w1_a": (64, 4)}, r"mixes the keys of hadamard and kronecker"),
+        ({"lora_down.weight": (4, 64), "lora_up.weight": (64, 4), "lokr_w1": (8, 8)}, r"mixes lora_down/lora_up"),
+        ({"lokr_w1": (8, 8), "lokr_w2": (8, 8), "dora_scale": (2, 64)}, r"dora_scale has shape \(2, 64\)"),
+    ],
+)
+def test_malformed_lycoris_modules_are_named(tensors, message) -> None:
+    sd = {f"{M}.{k}": torch.zeros(shape) for k, shape in tensors.items()}
+    with pytest.raises(AdapterFileError, match=message):
+        parse_state_dict(sd)

@@ -205,6 +205,9 @@ class DeltaKind:
             return f"{self.label} needs the factors {options}, the file has {{{', '.join(sorted(shapes))}}}"
         if any(0 in s for s in shapes.values()):
             return f"a {self.label} factor has a dimension of size 0: {dict(shapes)}"
+        odd = {r: s for r, s in shapes.items() if len(s) not in ((1,) if r == "diff_b" else (2, 4))}
+        if odd:
+            return f"{self.label} factors are matrices or 4-D conv kernels (diff_b a vector), got {odd}"
         return self.checks(shapes)
 
 
