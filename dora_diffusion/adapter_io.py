@@ -6,6 +6,7 @@ them in a dialect. The pipeline API, the CLI and the training run all go through
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from dora_diffusion import formats
 from dora_diffusion._version import __version__
-from dora_diffusion.core.geometry import geometry_of
+from dora_diffusion.core.geometry import Geometry, geometry_of
 from dora_diffusion.core.inject import adapted_layers, add_adapter_to_modules, linear_conv_names, remove_adapter
 from dora_diffusion.core.layers import AdaptedLayer
 from dora_diffusion.formats import DEFAULT_WEIGHT_NAME, AdapterFileError, ModuleAdapter, ParsedAdapter, write_safetensors
@@ -36,9 +37,29 @@ def read_adapter(
 def check_fits(where: str, module: nn.Module, ma: ModuleAdapter) -> None:
     """Raise ``AdapterFileError`` if the adapter tensors do not fit ``module``, naming both shapes."""
     numel = None if ma.magnitude is None else ma.magnitude.numel()
-    problem = geometry_of(module).check_fit(ma.rank, tuple(ma.a.shape), tuple(ma.b.shape), numel, ma.norm_axis)
+    if ma.kind != "lowrank":
+        problem = _dense_fit(geometry_of(module), ma)
+    else:
+        problem = geometry_of(module).check_fit(ma.rank, tuple(ma.a.shape), tuple(ma.b.shape), numel, ma.norm_axis)
     if problem is not None:
         raise AdapterFileError(f"shape mismatch at {where}: {problem}. Was the adapter trained for a different base model?")
+
+
+def _dense_fit(geom: Geometry, ma: ModuleAdapter) -> str | None:
+    """None if a dense delta kind's factors fit the module behind ``geom``, else a message naming both shapes."""
+    w = tuple(geom.weight.shape)
+    d_out, k = ma.size()
+    what = f"the {ma.kind} adapter changes a ({d_out}, {k}) weight (out, in x kernel taps)"
+    if (d_out, k) != (w[0], math.prod(w[1:])):
+        return f"{what}, this {geom.kind} has weight {w}"
+    kernels = {tuple(t.shape[2:]) for r, t in ma.factors.items() if t.dim() == 4 and r not in ("down", "up")}
+    if any(kernel != w[2:] for kernel in kernels) or ("diff" in ma.factors and tuple(ma.factors["diff"].shape) != w):
+        return f"{what} with kernel {sorted(kernels)}, this {geom.kind} has weight {w}"
+    if ma.magnitude is not None and ma.magnitude.numel() != geom.magnitude_size(ma.norm_axis):
+        return f"magnitude has {ma.magnitude.numel()} values, this {geom.kind} needs {geom.magnitude_size(ma.norm_axis)}"
+    if "diff_b" in ma.factors and geom.bias is None:
+        return f"the full diff changes the bias (diff_b), this {geom.kind} has none"
+    return None
 
 
 Layers = dict[str, dict[str, AdaptedLayer]]
@@ -62,7 +83,10 @@ def attach_adapter(
             specs = {n: ma.spec() for n, ma in mods.items()}
             added = add_adapter_to_modules(models[comp], adapter_name, specs, init=False, layers=layers.setdefault(comp, {}))
             for layer, ma in zip(added, mods.values()):
-                layer.load_adapter_tensors(adapter_name, ma.a, ma.b, ma.magnitude)
+                if ma.kind == "lowrank":
+                    layer.load_adapter_tensors(adapter_name, ma.a, ma.b, ma.magnitude)
+                else:
+                    layer.load_adapter_factors(adapter_name, ma.factors, ma.magnitude)
     except BaseException:
         for comp in done:
             remove_adapter(models[comp], adapter_name, layers[comp])
@@ -82,6 +106,15 @@ def collect_adapter(
             adapter = layer.adapters[adapter_name]
             copy = lambda t: None if t is None else t.detach().float().cpu().clone()  # noqa: E731
             spec = adapter.spec
+            if spec.kind != "lowrank":
+                factors = {role: copy(t) for role, t in adapter.factors.items()}
+                if adapter.bias_delta is not None:
+                    factors["diff_b"] = copy(adapter.bias_delta)
+                out.setdefault(comp, {})[name] = ModuleAdapter(
+                    None, None, copy(adapter.magnitude), spec.alpha, spec.norm_axis, False, spec.kind, factors,
+                    layer.weight.dim(),
+                )
+                continue
             out.setdefault(comp, {})[name] = ModuleAdapter(
                 copy(adapter.A), copy(adapter.B), copy(adapter.magnitude), spec.alpha, spec.norm_axis, spec.use_rslora
             )

@@ -142,7 +142,7 @@ def _likely_base(parsed: ParsedAdapter) -> str:
     """A best guess from the UNet's cross-attention width, else the file's metadata, else a second text encoder."""
     for name, m in parsed.modules.get("unet", {}).items():
         if name.endswith(("attn2_to_k", "attn2.to_k")):
-            dim = int(m.a.shape[1])
+            dim = m.size()[1]
             if dim in _CONTEXT_DIMS:
                 return f"{_CONTEXT_DIMS[dim]} (UNet cross-attention width {dim})"
             return f"unknown: UNet cross-attention width {dim} (SDXL 2048, SD 1.x 768, SD 2.x 1024)"
@@ -152,6 +152,26 @@ def _likely_base(parsed: ParsedAdapter) -> str:
     if "text_encoder_2" in parsed.modules:
         return "SDXL (has a second text encoder)"
     return "unknown"
+
+
+_DORA_SHORT = {"out": "DoRA per-output", "in": "DoRA per-input"}
+
+
+def kind_label(m: ModuleAdapter) -> str:
+    """One module's delta kind, rank or Kronecker factor, and DoRA axis: ``"LoKr w1 4x8 full, w2 rank 2, DoRA
+    per-output"``, ``"LoHa Tucker rank 4"``, ``"LoRA/LoCon rank 8"``, ``"full diff + bias"``."""
+    f = m.factors
+    if m.kind == "kronecker":
+        w1 = f["w1"].shape if "w1" in f else (f["w1_a"].shape[0], f["w1_b"].shape[1])
+        side1 = f"w1 {w1[0]}x{w1[1]} " + ("full" if "w1" in f else f"rank {f['w1_b'].shape[0]}")
+        side2 = "w2 full" if "w2" in f else f"w2 rank {f['w2_b'].shape[0]}" + (" Tucker" if "t2" in f else "")
+        text = f"LoKr {side1}, {side2}"
+    elif m.kind == "full":
+        text = "full diff" + (" + bias" if "diff_b" in f else "")
+    else:
+        label = {"lowrank": "LoRA/LoCon", "tucker": "Tucker LoCon", "hadamard": "LoHa"}[m.kind]
+        text = f"{label}{' Tucker' if 't1' in f else ''} rank {m.rank}"
+    return text + (f", {_DORA_SHORT[m.norm_axis]}" if m.use_dora else "")
 
 
 def describe(parsed: ParsedAdapter) -> dict[str, str]:
@@ -169,20 +189,22 @@ def describe(parsed: ParsedAdapter) -> dict[str, str]:
                 "; ComfyUI variant: dora_scale = m ||W0|| / ||W0 + sBA|| (exact in ComfyUI/Forge; dora-diffusion "
                 "reads it against the base model)"
             )
-    kinds = Counter(_AXIS_LABELS[m.norm_axis] if m.use_dora else "LoRA" for m in mods)
+    kinds = Counter(_AXIS_LABELS[m.norm_axis] if m.use_dora else "LoRA" if m.kind == "lowrank" else "no DoRA" for m in mods)
     adapter = next(iter(kinds)) if len(kinds) == 1 else "mixed: " + _counts(kinds.elements())
-    per_comp = []
+    per_comp, per_kind = [], []
     for comp, cm in sorted(parsed.modules.items(), key=lambda item: COMPONENTS.index(item[0])):
         n_conv = sum(1 for m in cm.values() if m.is_conv)
         per_comp.append(f"{comp} {len(cm)} (Linear {len(cm) - n_conv}, Conv2d {n_conv})")
-    params = sum(m.a.numel() + m.b.numel() + (0 if m.magnitude is None else m.magnitude.numel()) for m in mods)
+        per_kind.append(f"{comp}: {_counts(kind_label(m) for m in cm.values())}")
+    params = sum(t.numel() for m in mods for t in m.tensors())
     alphas = _counts([m.alpha for m in mods])
     if any(m.use_rslora for m in mods):
         alphas += " (rsLoRA: scale alpha/sqrt(rank))"
     out = {
         "dialect": dialect,
         "adapter": adapter,
-        "rank": _counts([m.rank for m in mods]),
+        "kind": "; ".join(per_kind),
+        "rank": _counts([m.rank if m.rank else "none (full matrices)" for m in mods]),
         "alpha": alphas,
         "modules": "; ".join(per_comp),
         "parameters": f"{params:,}",

@@ -363,9 +363,9 @@ def test_rslora_alpha_is_folded_for_kohya_readers(tmp_path) -> None:
 @pytest.mark.parametrize(
     "param, what",
     [
-        ("lora_mid.weight", "Tucker"),
-        ("hada_w1_a", "LoHa"),
-        ("lokr_w1", "LoKr"),
+        # lora_mid (Tucker LoCon), hada_* (LoHa), lokr_* (LoKr) and diff load since issue 30 (tests/test_lycoris.py)
+        ("w_norm", "trained norm layers"),
+        ("oft_blocks", "OFT/BOFT"),
         ("lora_middle.weight", "suffix 'lora_middle.weight'"),
     ],
 )

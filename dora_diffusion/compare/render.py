@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dora_diffusion.core.delta_kinds import KINDS
 from dora_diffusion.hub import resolve_file
 from dora_diffusion.pipeline import (
     AdapterRegistry,
@@ -194,6 +195,9 @@ class Comparer:
         file = registry.loaded[name].file
         dora = {s.use_dora for s in specs}
         kind = "DoRA + LoRA" if len(dora) == 2 else ("DoRA" if True in dora else "LoRA")
+        deltas = sorted({KINDS[s.kind].label for s in specs if s.kind != "lowrank"})
+        if deltas:  # LyCORIS kinds: "LoKr DoRA", "LoHa + LoRA/LoCon LoRA"
+            kind = " + ".join(deltas + (["LoRA/LoCon"] if any(s.kind == "lowrank" for s in specs) else [])) + " " + kind
         return AdapterInfo(name, source, kind, tuple(sorted({s.rank for s in specs})), len(specs), file)
 
     def plan_grid(

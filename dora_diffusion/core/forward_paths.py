@@ -10,6 +10,10 @@ the backward pass and in how many passes they make over the output:
 
     path                 when                                               keeps for backward
     base                 disabled, fused, or nothing running                the base module's own
+    dense                a running adapter of a dense delta kind (LoHa,     the low-rank adapters' path's,
+                         LoKr, Tucker, full): the low-rank ones take their  plus autograd's for k (W' - W0) x
+                         own path, each dense one adds k (W' - W0) x, its
+                         change of weight cached (``DenseAdapter.change``)
     lean_linear          training one per-output DoRA adapter at k = 1      y (or x, with recompute_output)
                          against a frozen base, on a Linear called
                          directly (no hooks)
@@ -27,7 +31,7 @@ the backward pass and in how many passes they make over the output:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -112,6 +116,10 @@ def _nothing_to_add(layer: AdaptedLayer, call: Call) -> bool:
     return layer.disabled or bool(layer.fused) or len(call.running) == 0
 
 
+def _has_dense(layer: AdaptedLayer, call: Call) -> bool:
+    return any(a.spec.kind != "lowrank" for a, _ in call.running)
+
+
 def _lean(layer: AdaptedLayer, call: Call) -> bool:
     """Training exactly one per-output DoRA adapter at strength 1 against a frozen base."""
     if not (layer.lean_training and call.grad and not call.base_grad and not call.compiling and len(call.running) == 1):
@@ -139,6 +147,24 @@ def _always(layer: AdaptedLayer, call: Call) -> bool:
 # ---------------------------------------------------------------------------------------------- paths
 def _base(layer: AdaptedLayer, call: Call) -> torch.Tensor:
     return layer.base_layer(call.base_in)
+
+
+def _dense_run(layer: AdaptedLayer, call: Call) -> torch.Tensor:
+    """Low-rank adapters through the path they would take alone; each dense-kind adapter adds
+    ``k (W' - W0) x`` (and ``k diff_b`` for a full diff), its change of weight materialised once per change of
+    its tensors or W0 (``DenseAdapter.change``)."""
+    low = replace(call, running=tuple((a, k) for a, k in call.running if a.spec.kind == "lowrank"))
+    y = choose(layer, low).run(layer, low)
+    geom = layer.geometry
+    for adapter, k in call.running:
+        if adapter.spec.kind == "lowrank":
+            continue
+        d = adapter.change(k)  # (d_out, in[, kh, kw]) fp32
+        x = call.base_in
+        y = y + geom.apply(x, d if call.autocast or d.dtype == x.dtype else d.to(x.dtype)).to(y.dtype)
+        if adapter.bias_delta is not None:
+            y = y + geom.channel(k * adapter.bias_delta).to(y.dtype)
+    return y
 
 
 def _lean_linear_run(layer: AdaptedLayer, call: Call) -> torch.Tensor:
@@ -260,6 +286,7 @@ def _reference(layer: AdaptedLayer, call: Call) -> torch.Tensor:
 
 FORWARD_PATHS: tuple[ForwardPath, ...] = (
     ForwardPath("base", _nothing_to_add, _base),
+    ForwardPath("dense", _has_dense, _dense_run),
     ForwardPath("lean_linear", _lean_linear, _lean_linear_run),
     ForwardPath("lean_scaled", _lean, _lean_scaled_run),
     ForwardPath("inference", _no_autograd, _inference),

@@ -101,6 +101,10 @@ class Geometry:
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """``W0 x`` without bias."""
+        return self.apply(x, self.weight)
+
+    def apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``W x`` without bias for a weight ``w`` shaped like ``W0`` (a dense change of weight)."""
         raise NotImplementedError
 
     def channel(self, v: torch.Tensor) -> torch.Tensor:
@@ -134,8 +138,8 @@ class LinearGeometry(Geometry):
         else:
             y.view(-1, y.shape[-1]).addmm_(h2, b.t())  # no N x d_out temporary
 
-    def base(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+    def apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w)
 
     def channel(self, v: torch.Tensor) -> torch.Tensor:
         return v
@@ -165,9 +169,9 @@ class Conv2dGeometry(Geometry):
     def up(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.conv2d(h, b)  # (N, d_out, H', W')
 
-    def base(self, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         c = self.module
-        return F.conv2d(x, self.weight, None, c.stride, c.padding, c.dilation)
+        return F.conv2d(x, w, None, c.stride, c.padding, c.dilation)
 
     def channel(self, v: torch.Tensor) -> torch.Tensor:
         return v.view(1, -1, 1, 1)

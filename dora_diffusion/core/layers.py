@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dora_diffusion.core.adapter import Adapter, AdapterSpec
+from dora_diffusion.core.adapter import Adapter, AdapterSpec, DenseAdapter, make_adapter
 from dora_diffusion.core.forward_paths import Call, choose
 from dora_diffusion.core.geometry import Geometry, geometry_of
 
@@ -48,6 +48,7 @@ class AdaptedLayer(nn.Module):
         ``inject.set_recompute`` sets it by module name."""
         self.fused: dict[str, float] = {}
         self._backup: torch.Tensor | None = None
+        self._bias_backup: torch.Tensor | None = None
 
     weight = property(lambda self: self.geometry.weight, doc="The base module's weight ``W0``.")
     in_features = property(lambda self: self.geometry.in_features, doc="Input features (Conv2d: input channels).")
@@ -67,13 +68,22 @@ class AdaptedLayer(nn.Module):
             raise ValueError(f"adapter {name!r} already exists on this layer; delete it first")
         if self.fused:
             raise RuntimeError("adapters are fused into the base weights; call unfuse() before adding one")
-        self.adapters[name] = Adapter(spec, self.geometry, dropout, dtype, init)
+        self.adapters[name] = make_adapter(spec, self.geometry, dropout, dtype, init)
         return self.adapters[name]
 
     def load_adapter_tensors(self, name: str, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor | None = None) -> None:
         """Copy trained factors (file shapes) into adapter ``name``, checking every shape."""
         try:
             self.adapters[name].load(a, b, magnitude)
+        except ValueError as err:
+            raise ValueError(f"adapter {name!r}: {err}") from None
+
+    def load_adapter_factors(
+        self, name: str, factors: dict[str, torch.Tensor], magnitude: torch.Tensor | None = None
+    ) -> None:
+        """Copy the factors of a dense delta kind (``DenseAdapter``, file shapes) into adapter ``name``."""
+        try:
+            self.adapters[name].load(factors, magnitude)
         except ValueError as err:
             raise ValueError(f"adapter {name!r}: {err}") from None
 
@@ -108,7 +118,14 @@ class AdaptedLayer(nn.Module):
             return
         w = self.weight
         delta = sum(self.adapters[n].delta(k) for n, k in weights.items())
+        bias_delta = [k * self.adapters[n].bias_delta.float() for n, k in weights.items() if _bias_delta(self.adapters[n])]
         self._backup = w.detach().to("cpu", copy=True)
+        if bias_delta:
+            bias = self.geometry.bias
+            if bias is None:
+                raise RuntimeError("an adapter changes the bias (diff_b) of a layer that has none")
+            self._bias_backup = bias.detach().to("cpu", copy=True)
+            bias.copy_((bias.float() + sum(bias_delta)).to(bias.dtype))
         w.copy_((w.float() + delta).to(w.dtype))
         self.fused = dict(weights)
 
@@ -118,7 +135,9 @@ class AdaptedLayer(nn.Module):
         if not self.fused:
             return
         self.weight.copy_(self._backup.to(self.weight.device))
-        self._backup = None
+        if self._bias_backup is not None:
+            self.geometry.bias.copy_(self._bias_backup.to(self.geometry.bias.device))
+        self._backup = self._bias_backup = None
         self.fused = {}
 
     # ------------------------------------------------------------------ forward
@@ -150,6 +169,10 @@ class DoRAConv2d(AdaptedLayer):
         if not isinstance(base_layer, nn.Conv2d):
             raise TypeError(f"DoRAConv2d wraps nn.Conv2d, got {type(base_layer).__name__}")
         super().__init__(base_layer)
+
+
+def _bias_delta(adapter: Adapter) -> bool:
+    return isinstance(adapter, DenseAdapter) and adapter.bias_delta is not None
 
 
 def wrap(module: nn.Module) -> AdaptedLayer:

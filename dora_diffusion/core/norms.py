@@ -88,3 +88,11 @@ def exact_row_norms(
     ba = b.reshape(-1, r).to(w.device, torch.float64) @ a.reshape(r, -1).to(w.device, torch.float64)  # (d_out, K)
     adapted = w + scale * ba
     return w.norm(dim=1), adapted.norm(dim=1)
+
+
+def dense_norm(w: torch.Tensor, norm_axis: str, in_channels: int) -> torch.Tensor:
+    """DoRA's norm of an adapted weight given whole, ``w = W0 + s ΔW`` as (d_out, K) fp32: per output row
+    (d_out,), or for legacy per-input files per input channel over (out, kh, kw), (in_channels,)."""
+    if norm_axis == "out":
+        return w.norm(dim=1)
+    return (w * w).sum(dim=0).view(in_channels, -1).sum(dim=1).sqrt()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dora_diffusion.core.config import NormAxis
+from dora_diffusion.core.delta_kinds import KINDS
 from dora_diffusion.core.layers import AdapterSpec
 from dora_diffusion.formats.safefile import AdapterFileError
 
@@ -18,18 +19,33 @@ MAX_ALPHA = 1e6
 
 @dataclass
 class ModuleAdapter:
-    """One module's adapter tensors, in file shapes: A (r, in[, kh, kw]), B (out, r[, 1, 1]), m 1-D."""
+    """One module's adapter tensors, in file shapes: A (r, in[, kh, kw]), B (out, r[, 1, 1]), m 1-D.
 
-    a: torch.Tensor
-    b: torch.Tensor
+    For the other delta kinds (``core.delta_kinds``: ``tucker``, ``hadamard``, ``kronecker``, ``full``) ``a`` and
+    ``b`` are None and ``factors`` holds the file's tensors by role (``w1_a``, ``t2``, ``diff``, ``diff_b``...);
+    ``ndim`` is the weight's number of dimensions where the file says it (a 4-D factor or ``dora_scale``), else 0.
+    """
+
+    a: torch.Tensor | None
+    b: torch.Tensor | None
     magnitude: torch.Tensor | None
     alpha: float
     norm_axis: NormAxis = "out"
     use_rslora: bool = False
+    kind: str = "lowrank"
+    factors: dict[str, torch.Tensor] = field(default_factory=dict)
+    ndim: int = 0
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{role: shape}`` of a dense kind's factors."""
+        return {role: tuple(t.shape) for role, t in self.factors.items()}
 
     @property
     def rank(self) -> int:
-        return int(self.a.shape[0])
+        """The rank the scale divides by (0 for LoKr with both sides full and for full diffs)."""
+        if self.kind == "lowrank":
+            return int(self.a.shape[0])
+        return KINDS[self.kind].rank(self.shapes())
 
     @property
     def use_dora(self) -> bool:
@@ -37,10 +53,26 @@ class ModuleAdapter:
 
     @property
     def is_conv(self) -> bool:
-        return self.a.dim() == 4
+        if self.kind == "lowrank":
+            return self.a.dim() == 4
+        return self.ndim == 4
+
+    def size(self) -> tuple[int, int]:
+        """``(d_out, K)`` of the weight this module changes (``K = in * kh * kw``)."""
+        if self.kind == "lowrank":
+            return int(self.b.shape[0]), math.prod(self.a.shape[1:])
+        return KINDS[self.kind].size(self.shapes())
 
     def spec(self) -> AdapterSpec:
-        return AdapterSpec(self.rank, self.alpha, self.use_dora, self.norm_axis, self.use_rslora)
+        if self.kind == "lowrank":
+            return AdapterSpec(self.rank, self.alpha, self.use_dora, self.norm_axis, self.use_rslora)
+        shapes = tuple(sorted(self.shapes().items()))
+        return AdapterSpec(self.rank, self.alpha, self.use_dora, self.norm_axis, False, self.kind, shapes)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the module (factors, magnitude)."""
+        own = [self.a, self.b] if self.kind == "lowrank" else list(self.factors.values())
+        return own + ([] if self.magnitude is None else [self.magnitude])
 
 
 @dataclass
@@ -130,3 +162,39 @@ def bounded_rank(where: str, ma: ModuleAdapter) -> ModuleAdapter:
     else:
         a, b = delta.reshape(d_out, *ma.a.shape[1:]), torch.eye(d_out).reshape(d_out, d_out, *ones)
     return ModuleAdapter(a, b, ma.magnitude, float(min(d_out, k)), ma.norm_axis, use_rslora=False)
+
+
+def build_dense_module(
+    where: str,
+    kind: str,
+    factors: dict[str, torch.Tensor],
+    magnitude: torch.Tensor | None,
+    alpha: float | None,
+    norm_axis: NormAxis = "out",
+    ndim: int = 0,
+) -> ModuleAdapter:
+    """Check the factors of a dense delta kind (``core.delta_kinds``) and return them as a ``ModuleAdapter``.
+
+    ``magnitude`` is already flat, with one value per output (``norm_axis="out"``) or input channel.
+    """
+    shapes = {role: tuple(t.shape) for role, t in factors.items()}
+    problem = KINDS[kind].problem(shapes)
+    if problem is not None:
+        raise AdapterFileError(f"adapter module {where!r}: {problem}")
+    d_out, k = KINDS[kind].size(shapes)
+    rank = KINDS[kind].rank(shapes)
+    if alpha is None:
+        alpha = float(rank) if rank else 1.0
+    if not math.isfinite(alpha) or abs(alpha) > MAX_ALPHA:
+        raise AdapterFileError(f"adapter module {where!r} has alpha {alpha!r}; expected a finite number within +-{MAX_ALPHA:g}")
+    if magnitude is not None:
+        n = magnitude.numel()
+        if (norm_axis == "out" and n != d_out) or (norm_axis == "in" and k % max(n, 1) != 0):
+            raise AdapterFileError(
+                f"adapter module {where!r}: magnitude has {n} values; this {KINDS[kind].label} module changes a "
+                f"weight of {d_out} outputs and {k} inputs x kernel taps"
+            )
+        magnitude = magnitude.reshape(n)
+    if not ndim:
+        ndim = 4 if any(t.dim() == 4 for t in factors.values()) else 0
+    return ModuleAdapter(None, None, magnitude, float(alpha), norm_axis, False, kind, dict(factors), ndim)

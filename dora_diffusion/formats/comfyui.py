@@ -20,10 +20,13 @@ back inverts the same formula, ``m = d ||W0 + s B A|| / (||W0|| + eps)``; both d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
+from dora_diffusion.core.delta_kinds import delta_weight
 from dora_diffusion.core.norms import EPS, exact_row_norms
 from dora_diffusion.formats.base import ModuleAdapter
 from dora_diffusion.formats.kohya import to_kohya
@@ -58,11 +61,17 @@ def is_comfyui_rule(metadata: Mapping[str, str], dialect: str) -> bool:
 
 
 def _norms(w0: torch.Tensor, ma: ModuleAdapter) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(||W0|| + eps, ||W0 + s B A||)`` per output channel, float64, shape (out,).
+    """``(||W0|| + eps, ||W0 + s ΔW||)`` per output channel, float64, shape (out,); ``ΔW = B A`` or any other
+    delta kind's (``core.delta_kinds``: ComfyUI divides by ``||W0||`` for LoHa and LoKr too).
 
-    The second is floored at ``norms.EPS`` as in the layers (an all-zero row of ``W0 + s B A`` stays zero).
+    The second is floored at ``norms.EPS`` as in the layers (an all-zero row of ``W0 + s ΔW`` stays zero).
     """
-    base, adapted = exact_row_norms(w0, ma.a, ma.b, ma.spec().scale)
+    if ma.kind == "lowrank":
+        base, adapted = exact_row_norms(w0, ma.a, ma.b, ma.spec().scale)
+    else:
+        w = w0.reshape(w0.shape[0], -1).double()  # (d_out, K)
+        factors = {r: t.to(w.device, torch.float64) for r, t in ma.factors.items() if r != "diff_b"}
+        base, adapted = w.norm(dim=1), (w + ma.spec().scale * delta_weight(ma.kind, factors)).norm(dim=1)
     return base + COMFYUI_EPS, adapted.clamp_min(EPS)
 
 
@@ -91,13 +100,18 @@ def _convert(
                         f"the ComfyUI-rule dora_scale of {comp}.{name} is m ||W0|| / ||W0 + s B A||, so it needs the "
                         f"base model's weight of that module, which was not given; {hint}"
                     )
-                if tuple(w0.shape[:2]) != (ma.b.shape[0], ma.a.shape[1]) or w0.dim() != ma.a.dim():
+                if ma.kind != "lowrank" and ma.size() != (w0.shape[0], math.prod(w0.shape[1:])):
+                    raise ValueError(
+                        f"{comp}.{name}: base weight {tuple(w0.shape)} does not fit the {ma.kind} module's "
+                        f"{ma.size()} (out, in x kernel taps); is it the base model the adapter was trained on?"
+                    )
+                if ma.kind == "lowrank" and (tuple(w0.shape[:2]) != (ma.b.shape[0], ma.a.shape[1]) or w0.dim() != ma.a.dim()):
                     raise ValueError(
                         f"{comp}.{name}: base weight {tuple(w0.shape)} does not fit lora_down {tuple(ma.a.shape)} / "
                         f"lora_up {tuple(ma.b.shape)}; is it the base model the adapter was trained on?"
                     )
                 mag = (comfyui_dora_scale if forward else magnitude_from_comfyui)(w0, ma)
-                ma = ModuleAdapter(ma.a, ma.b, mag, ma.alpha, ma.norm_axis, ma.use_rslora)
+                ma = replace(ma, magnitude=mag)
             out.setdefault(comp, {})[name] = ma
     return out
 

@@ -119,6 +119,12 @@ def to_diffusers(
     for comp, mods in modules.items():
         if not mods:
             continue
+        dense = sorted({m.kind for m in mods.values()} - {"lowrank"})
+        if dense:
+            raise ValueError(
+                f"{comp} has {', '.join(dense)} modules (LyCORIS LoHa/LoKr/Tucker/full), which diffusers/PEFT files "
+                "cannot hold; save with format='kohya'"
+            )
         kinds = {m.use_dora for m in mods.values()}
         if len(kinds) > 1:
             raise ValueError(

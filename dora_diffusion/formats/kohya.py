@@ -24,7 +24,8 @@ from datetime import datetime, timezone
 
 import torch
 
-from dora_diffusion.formats.base import ModuleAdapter, ParsedAdapter, build_module
+from dora_diffusion.core.delta_kinds import KINDS
+from dora_diffusion.formats.base import ModuleAdapter, ParsedAdapter, build_dense_module, build_module
 from dora_diffusion.formats.diffusers import OWN_METADATA_KEY, _most_common
 from dora_diffusion.formats.safefile import AdapterFileError, shown
 
@@ -44,14 +45,22 @@ _PARAMS = {
     "dora_scale": "dora_scale",
     "magnitude": "magnitude",  # ai-toolkit
 }
+FACTOR_KEYS: dict[str, tuple[str, str]] = {
+    "lora_mid.weight": ("tucker", "mid"),
+    **{f"hada_{r}": ("hadamard", r) for r in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
+    **{f"lokr_{r}": ("kronecker", r) for r in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
+    "diff": ("full", "diff"),
+    "diff_b": ("full", "diff_b"),
+}
+"""LyCORIS key suffix -> (delta kind, factor role) for the kinds other than plain LoRA/LoCon."""
+_FILE_KEY = {(kind, role): key for key, (kind, role) in FACTOR_KEYS.items()}
+_PARAM_KEY = {"down": "lora_down.weight", "up": "lora_up.weight"}
 _UNSUPPORTED: list[tuple[str, str]] = [
-    ("lora_mid.", "Tucker/CP-decomposed LoCon (lora_mid)"),
-    ("hada_", "LoHa (hada_*)"),
-    ("lokr_", "LoKr (lokr_*)"),
     ("oft_", "OFT/BOFT"),
-    ("diff", "full-rank diff (LyCORIS 'full')"),
-    ("w_norm", "trained norm layers"),
-    ("b_norm", "trained norm layers"),
+    ("w_norm", "trained norm layers (LyCORIS 'norm', w_norm/b_norm)"),
+    ("b_norm", "trained norm layers (LyCORIS 'norm', w_norm/b_norm)"),
+    ("a1.weight", "GLoRA (a1/a2/b1/b2)"),
+    ("on_input", "IA3"),
 ]
 
 SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"
@@ -262,13 +271,14 @@ def _split_key(key: str) -> tuple[str, str, str, str]:
         lora_name, param = lora_name[: -len(_DIFFUSERS_LORA)], "lora_" + param
     if prefix is None or not dot or len(lora_name) == len(prefix):
         raise AdapterFileError(f"adapter key {shown(key)} is not a kohya/LyCORIS key ('lora_unet_<module>.<param>')")
-    role = _PARAMS.get(param)
+    role = _PARAMS.get(param) or ("factor:" + param if param in FACTOR_KEYS else None)
     if role is None:
         kind = next((label for start, label in _UNSUPPORTED if param.startswith(start)), None)
         what = f"{kind} modules are" if kind else f"the key suffix {param!r} is"
         raise AdapterFileError(
-            f"adapter key {shown(key)}: {what} not supported. dora-diffusion reads LoRA/LoCon and DoRA modules "
-            f"({', '.join('.' + p for p in _PARAMS)}); nothing was loaded"
+            f"adapter key {shown(key)}: {what} not supported. dora-diffusion reads LoRA/LoCon, Tucker LoCon, LoHa, "
+            f"LoKr and full-diff modules, with or without DoRA ({', '.join('.' + p for p in [*_PARAMS, *FACTOR_KEYS])}); "
+            "nothing was loaded"
         )
     return PREFIXES[prefix], lora_name[len(prefix) :], role, lora_name
 
@@ -311,7 +321,53 @@ def _peft_magnitude(where: str, m: torch.Tensor, down: torch.Tensor | None, up: 
     return m
 
 
+def _kind(where: str, slot: dict[str, torch.Tensor]) -> str:
+    """The delta kind of a module's keys: ``lowrank`` unless a LyCORIS factor key names another (one only)."""
+    kinds = {FACTOR_KEYS[r.removeprefix("factor:")][0] for r in slot if r.startswith("factor:")}
+    if len(kinds) > 1:
+        raise AdapterFileError(f"adapter module {where!r} mixes the keys of {' and '.join(sorted(kinds))} modules")
+    kind = next(iter(kinds), "lowrank")
+    if kind not in ("lowrank", "tucker") and ("down" in slot or "up" in slot):
+        raise AdapterFileError(f"adapter module {where!r} mixes lora_down/lora_up with {kind} keys")
+    return kind
+
+
+def _dense_dora_axis(where: str, scale: torch.Tensor, d_out: int, k: int) -> str:
+    """Norm axis of a dense kind's ``dora_scale``: (out, 1[, 1, 1]) per output, (1, in[, 1, 1]) per input."""
+    if scale.dim() == 1 or (scale.shape[0] == d_out and all(n == 1 for n in scale.shape[1:])):
+        return "out"
+    if scale.dim() >= 2 and scale.shape[0] == 1 and all(n == 1 for n in scale.shape[2:]) and k % scale.shape[1] == 0:
+        return "in"
+    raise AdapterFileError(
+        f"{where}.dora_scale has shape {tuple(scale.shape)}; for a weight of {d_out} outputs and {k} inputs x kernel "
+        f"taps it must be ({d_out}, 1[, 1, 1]) (per-output norm) or (1, in[, 1, 1]) (legacy per-input)"
+    )
+
+
+def _build_dense(where: str, kind: str, slot: dict[str, torch.Tensor]) -> ModuleAdapter:
+    factors = {FACTOR_KEYS[r.removeprefix("factor:")][1]: t for r, t in slot.items() if r.startswith("factor:")}
+    if kind == "tucker":
+        factors.update({role: slot[role] for role in ("down", "up") if role in slot})
+    if "peft_magnitude" in slot:
+        raise AdapterFileError(f"adapter module {where!r}: a PEFT magnitude on a {kind} module; expected .dora_scale")
+    if "dora_scale" in slot and "magnitude" in slot:
+        raise AdapterFileError(f"adapter module {where!r} has both .dora_scale and .magnitude; expected one magnitude")
+    magnitude = slot.get("dora_scale", slot.get("magnitude"))
+    axis, ndim = "out", 0
+    if magnitude is not None:
+        problem = KINDS[kind].problem({r: tuple(t.shape) for r, t in factors.items()})
+        if problem is not None:
+            raise AdapterFileError(f"adapter module {where!r}: {problem}")
+        d_out, k = KINDS[kind].size({r: tuple(t.shape) for r, t in factors.items()})
+        axis = _dense_dora_axis(where, magnitude, d_out, k)
+        ndim = magnitude.dim() if magnitude.dim() > 1 else 0
+    return build_dense_module(where, kind, factors, magnitude, _alpha(where, slot.get("alpha")), axis, ndim)
+
+
 def _build(where: str, slot: dict[str, torch.Tensor]) -> ModuleAdapter:
+    kind = _kind(where, slot)
+    if kind != "lowrank":
+        return _build_dense(where, kind, slot)
     down, up = slot.get("down"), slot.get("up")
     given = [k for k in ("dora_scale", "magnitude", "peft_magnitude") if k in slot]
     if len(given) > 1:
@@ -454,6 +510,12 @@ def _network_metadata(modules: dict[str, dict[str, ModuleAdapter]], info: dict) 
     conv = [m for m in mods if m.is_conv]
     dora = [m for m in mods if m.use_dora]
     args: dict[str, str] = {"algo": "locon" if conv else "lora"}
+    kinds = {m.kind for m in mods}
+    if len(kinds) == 1 and kinds != {"lowrank"}:
+        kind = next(iter(kinds))
+        args["algo"] = {"tucker": "locon", "hadamard": "loha", "kronecker": "lokr", "full": "full"}[kind]
+        if kind == "tucker" or any(r in m.factors for m in mods for r in ("t1", "t2")):
+            args["use_tucker"] = "True"
     if conv:
         args["conv_dim"] = str(_most_common([m.rank for m in conv]))
         args["conv_alpha"] = _fmt(_most_common([_file_alpha(m) for m in conv]))
@@ -506,16 +568,22 @@ def to_kohya(
     stored as JSON under ``dora_diffusion``. ``unet_sgm``: the UNet's SGM names (see ``kohya_module_name``).
     """
     state_dict: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
     for comp, mods in modules.items():
         for name, m in mods.items():
             key = kohya_module_name(comp, name, unet_sgm)
-            if f"{key}.lora_down.weight" in state_dict:
+            if key in used:
                 raise ValueError(f"two {comp} modules map to the kohya name {key!r}")
-            state_dict[f"{key}.lora_down.weight"] = m.a
-            state_dict[f"{key}.lora_up.weight"] = m.b
-            state_dict[f"{key}.alpha"] = torch.tensor(_file_alpha(m), dtype=torch.float32)
+            used.add(key)
+            if m.kind == "lowrank":
+                state_dict[f"{key}.lora_down.weight"] = m.a
+                state_dict[f"{key}.lora_up.weight"] = m.b
+            for role, t in m.factors.items():
+                state_dict[f"{key}.{_FILE_KEY.get((m.kind, role), _PARAM_KEY.get(role))}"] = t
+            if m.kind != "full":  # LyCORIS's full module has no alpha
+                state_dict[f"{key}.alpha"] = torch.tensor(_file_alpha(m), dtype=torch.float32)
             if m.magnitude is not None:
-                ones = (1,) * (m.a.dim() - 2)
+                ones = (1,) * ((m.a.dim() if m.kind == "lowrank" else max(m.ndim, 2)) - 2)
                 shape = (-1, 1, *ones) if m.norm_axis == "out" else (1, -1, *ones)
                 state_dict[f"{key}.dora_scale"] = m.magnitude.reshape(shape).to(torch.float32)
     if not state_dict:
