@@ -199,6 +199,10 @@ def test_merge_loras_stack_exactly_and_dora_goes_through_the_weights(world) -> N
     for c, n, _, _ in MODULES:
         ta, tb, _ = world["lora"][c, n]
         assert rel(got[c, n], ref_weight(world["w0"][c, n], ta, tb, None, k=-1.5)) < 1e-6
+    # a kohya input (the stacked file, UNet in SGM names of the tiny layout) bakes at its rank exactly
+    again = bake(root / "stack.safetensors", root / "stack_baked.safetensors", rank=8, base=world["base"], overwrite=True)
+    a, b = load_file(root / "stack.safetensors"), load_file(root / "stack_baked.safetensors")
+    assert again.exact and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     mixed = merge_adapters([root / "dora.safetensors", root / "lora.safetensors"], root / "mixed.safetensors",
                            strengths=[1.0, 0.5], base=world["base"], rank=8, overwrite=True)  # fmt: skip
     assert not mixed.exact

@@ -41,6 +41,21 @@ def check_same_model(finetuned: ModelFolder, base: ModelFolder) -> None:
             raise ValueError(f"mismatched bases: {finetuned.path} and {base.path} differ in {comp}: {what}; is it the base model of the fine-tune?")
 
 
+def other_changes(finetuned: ModelFolder, base: ModelFolder, components: list[str]) -> int:
+    """How many tensors besides the Linear/Conv2d weights (biases, norms, embeddings) differ: an adapter cannot
+    carry them, so the extraction leaves them at the base's values."""
+    changed = 0
+    for comp in components:
+        covered = set()
+        for name in finetuned.shapes(comp):
+            covered |= {f"{name}.weight", f"text_model.{name}.weight", f"{name.removeprefix('text_model.')}.weight"}
+        for key in finetuned.keys(comp):
+            if key not in covered:
+                theirs = base.tensor(comp, key)
+                changed += theirs is None or not torch.equal(finetuned.tensor(comp, key), theirs)
+    return changed
+
+
 def fit_module(target: torch.Tensor, w0: torch.Tensor, kind: str, rank: int | None, energy: float | None, iterations: int) -> ModuleAdapter:
     """An adapter of ``kind`` for one module whose fine-tuned weight is ``target`` over ``w0`` (file shapes)."""
     shape = tuple(w0.shape)
@@ -100,6 +115,9 @@ def extract(
     if not modules:
         raise ValueError(f"no Linear or Conv2d weight of {finetuned} differs from {base} in {wanted}; nothing to extract")
     report.notes.append(f"{unchanged} modules unchanged (skipped)")
+    others = other_changes(ft, b0, wanted)
+    if others:
+        report.notes.append(f"{others} other tensors (biases, norms, embeddings) differ; an adapter cannot carry them")
     settings = {"kind": kind, "rank": rank, "energy": energy, "iterations": iterations, "components": wanted}
     info = tool_info("extract", {"finetuned": finetuned, "base": base}, settings, report)
     report.output = write_adapter(modules, out, to, info, b0)

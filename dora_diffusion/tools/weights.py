@@ -158,16 +158,27 @@ class ModelFolder:
         self._files[component] = files
         return files
 
-    def weight(self, component: str, name: str) -> torch.Tensor:
-        """The weight of one module, read from its file alone (a copy; the file is memory-mapped)."""
+    def keys(self, component: str) -> list[str]:
+        """Every tensor name of the component's weight files."""
+        return list(self._key_files(component))
+
+    def tensor(self, component: str, key: str) -> torch.Tensor | None:
+        """One tensor of the component's weight files by its file name, or None if there is none."""
         from safetensors import safe_open
 
         files = self._key_files(component)
+        if key not in files:
+            return None
+        if files[key] not in self._handles:  # kept open: its header is parsed once
+            self._handles[files[key]] = safe_open(files[key], "pt")
+        return self._handles[files[key]].get_tensor(key)
+
+    def weight(self, component: str, name: str) -> torch.Tensor:
+        """The weight of one module, read from its file alone (a copy; the file is memory-mapped)."""
         for key in (f"{name}.weight", f"{name.removeprefix('text_model.')}.weight", f"text_model.{name}.weight"):
-            if key in files:
-                if files[key] not in self._handles:  # kept open: its header is parsed once
-                    self._handles[files[key]] = safe_open(files[key], "pt")
-                return self._handles[files[key]].get_tensor(key)
+            found = self.tensor(component, key)
+            if found is not None:
+                return found
         raise ValueError(f"{self.path}/{component} holds no weight for module {name!r}; is the folder complete?")
 
     def modules(self) -> Iterator[tuple[str, str, tuple[int, ...]]]:
