@@ -15,7 +15,7 @@ same error, relative to the DoRA's change ``W' - W0``) and images.
 
 ``sdxl``: SDXL base's UNet from its config with random weights (fp16 files), and a "fine-tune" with a random
 rank-16 plus dense perturbation of every Linear and Conv2d weight, both written as diffusers folders; then
-``dora-diffusion extract`` and ``dora-diffusion merge`` (two DoRAs through the merged weights) each run in a child
+``dora-diffusion extract`` and ``dora-diffusion merge`` (two DoRAs: exactly, and through the merged weights) each in a child
 process, whose wall time and peak resident memory (``ru_maxrss``) are printed. About 10 GB of disk.
 """
 
@@ -264,15 +264,17 @@ def run_sdxl(args: argparse.Namespace) -> None:
     lines = ["| job | wall s | peak RSS GiB |", "|---|---:|---:|"]
     dora = root / "extracted_dora.safetensors"
     jobs = [
-        ("extract DoRA", ["extract", tuned, base, dora, "--rank", args.rank, "--iterations", args.iterations]),
-        ("extract LoRA", ["extract", tuned, base, root / "extracted_lora.safetensors", "--rank", args.rank, "--kind", "lora"]),
-        ("merge 2 DoRAs", ["merge", dora, dora, "-o", root / "merged.safetensors", "--strengths", "1", "-0.5",
+        (f"extract DoRA, rank {args.rank}", ["extract", tuned, base, dora, "--rank", args.rank, "--iterations", args.iterations]),
+        (f"extract LoRA, rank {args.rank}", ["extract", tuned, base, root / "extracted_lora.safetensors", "--rank", args.rank, "--kind", "lora"]),
+        (f"merge 2 DoRAs exactly, rank {2 * args.rank}", ["merge", dora, dora, "-o", root / "merged_exact.safetensors",
+                                                 "--strengths", "1", "-0.5", "--base", base]),  # fmt: skip
+        (f"merge 2 DoRAs through the weights, rank {args.rank}", ["merge", dora, dora, "-o", root / "merged.safetensors", "--strengths", "1", "-0.5",
                            "--base", base, "--rank", args.rank, "--iterations", args.iterations]),  # fmt: skip
     ]
     for label, argv in jobs:
         wall, peak, tail = timed([str(a) for a in argv] + ["--summary-only", "--overwrite"], args.threads)
         print(tail, flush=True)
-        lines.append(f"| {label} (rank {args.rank}) | {wall:.0f} | {peak:.2f} |")
+        lines.append(f"| {label} | {wall:.0f} | {peak:.2f} |")
     weights = sum((p.stat().st_size for p in (base / "unet").iterdir() if p.suffix == ".safetensors")) / 2**30
     text = "\n".join(lines) + f"\n\nUNet weights file: {weights:.2f} GiB (fp16); {os.cpu_count()} CPUs, threads {args.threads or 'default'}.\n"
     print(text)

@@ -4,9 +4,10 @@ Into one file, the merged change of a module is ``sum_j k_j (W'_j - W0)``:
 
 - LoRAs only: stacked, ``A = [A_1; A_2; ...]``, ``B = [k_1 s_1 B_1, k_2 s_2 B_2, ...]``, alpha = the total rank
   (scale 1). Exact, without the base. With ``--rank`` a stack over it is truncated by SVD (then not exact).
-- any DoRA: ``W'_j`` depends on ``W0`` and DoRA's normalisation does not add, so the merged weight
-  ``W = W0 + sum_j k_j (W'_j - W0)`` is formed per module (``--base`` needed) and extracted at ``--rank`` /
-  ``--energy`` as a DoRA (``m`` = its row norms, exactly) or a LoRA (``--kind lora``), the error printed.
+- any DoRA (``--base`` needed: ``W'_j`` depends on ``W0``): exactly, a DoRA of the stacked ranks (``dora_stack``:
+  the merged weight is a row scaling of ``W0`` plus the stacked low-rank terms); with ``--rank`` below the stacked
+  rank, ``--energy`` or ``--kind lora``, the merged weight ``W = W0 + sum_j k_j (W'_j - W0)`` is extracted
+  instead (``extract.fit_module``: DoRA with ``m`` = its row norms exactly, or LoRA), the error printed.
 
 Into the base (``merge_into_base``): the pipeline with the adapters fused (``fuse_dora``) and saved with
 ``save_pretrained``, optionally in fp16.
@@ -25,7 +26,16 @@ from dora_diffusion.formats import ModuleAdapter
 from dora_diffusion.tools.extract import KINDS, fit_module
 from dora_diffusion.tools.output import Report, check_output, tool_info, write_adapter
 from dora_diffusion.tools.svd import check_fraction, check_rank, low_rank_svd
-from dora_diffusion.tools.weights import ModelFolder, Modules, adapter_delta, factors_shaped, flat, model_modules, relative
+from dora_diffusion.tools.weights import (
+    ModelFolder,
+    Modules,
+    adapter_delta,
+    factors_shaped,
+    flat,
+    layer_adapter,
+    model_modules,
+    relative,
+)
 
 
 def _strengths(sources: Sequence, strengths: Sequence[float] | None) -> list[float]:
@@ -62,6 +72,37 @@ def _stack(parts: list[tuple[ModuleAdapter, float]]) -> ModuleAdapter:
     return ModuleAdapter(a, b, None, float(a.shape[0]))
 
 
+SCALE_FLOOR = 1e-6
+"""Smallest ``|1 + sum_j c_j|`` of a row for which ``dora_stack`` divides by it."""
+
+
+@torch.no_grad()
+def dora_stack(where: str, parts: list[tuple[ModuleAdapter, float]], w0: torch.Tensor) -> ModuleAdapter | None:
+    """One DoRA of the stacked ranks giving exactly ``W0 + sum_j k_j (W'_j - W0)``, or None where none exists.
+
+    Each part changes the weight by ``k_j (W'_j - W0) = c_j * W0 + B'_j A_j`` per output row (``Adapter.scaled``;
+    LoRA: ``c_j = 0``), so the merged weight is ``W = diag(a) (W0 + B A)`` with ``a = 1 + sum_j c_j``, ``A = [A_1;
+    A_2; ...]`` and ``B = [diag(1/a) B'_1, ...]``: a DoRA with ``m = a ||row(W0 + B A)||`` (signed where a row's
+    scale turned negative). None if a row has ``|a| < SCALE_FLOOR`` or a part is a per-input (legacy) DoRA.
+    """
+    if any(ma.use_dora and ma.norm_axis != "out" for ma, _ in parts):
+        return None
+    scale = torch.ones(w0.shape[0])
+    bs = []
+    for ma, k in parts:
+        c, b_scaled = layer_adapter(where, ma, w0).scaled(k)
+        scale += 0 if c is None else c.float()
+        bs.append(b_scaled.float())
+    if float(scale.abs().min()) < SCALE_FLOOR:
+        return None
+    view = (-1,) + (1,) * (bs[0].dim() - 1)
+    b = torch.cat([bb / scale.view(view) for bb in bs], dim=1)
+    a = torch.cat([ma.a.float() for ma, _ in parts], dim=0)
+    direction = flat(w0.float()) + flat(b) @ a.reshape(a.shape[0], -1)  # (d_out, K)
+    magnitude = scale * direction.double().norm(dim=1).float()
+    return ModuleAdapter(a, b, magnitude, float(a.shape[0]))
+
+
 def merge_adapters(
     sources: Sequence[str | os.PathLike],
     output: str | os.PathLike,
@@ -75,8 +116,9 @@ def merge_adapters(
     overwrite: bool = False,
 ) -> Report:
     """Merge the adapters at ``sources`` with ``strengths`` (default 1 each) into one file at ``output``; returns the
-    report (``report.exact`` says whether the result is exact). ``kind`` ``"dora"`` / ``"lora"`` forces the
-    extraction route (default: stacked if all are LoRAs, else a DoRA extraction)."""
+    report (``report.exact`` says whether the result is exact). Default: LoRAs stacked, or with a DoRA an exact DoRA
+    of the stacked ranks; ``rank`` below the stacked rank, ``energy`` or ``kind="lora"`` extract the merged
+    weights instead."""
     ks = _strengths(sources, strengths)
     check_rank(rank)
     check_fraction(energy, "--energy")
@@ -88,14 +130,15 @@ def merge_adapters(
     any_dora = any(ma.use_dora for mods in all_modules for comp in mods.values() for ma in comp.values())
     stacked = kind is None and not any_dora and energy is None
     if not stacked and folder is None:
-        raise ValueError("merging DoRA adapters (or --kind / --energy) goes through the merged weights W0 + sum k (W' - W0): pass --base")
-    if not stacked and rank is None and energy is None:
-        raise ValueError("merging DoRA adapters extracts the merged weights: give --rank or --energy")
+        raise ValueError("merging DoRA adapters (or --kind / --energy) needs the base weights W0 (W' depends on them): pass --base")
+    exact_dora = any_dora and kind in (None, "dora") and energy is None
+    if not stacked and not exact_dora and rank is None and energy is None:
+        raise ValueError("extracting the merged weights (--kind, or --energy) needs --rank or --energy")
     names: dict[str, list[str]] = {}
     for mods in all_modules:
         for comp, per in mods.items():
             names.setdefault(comp, []).extend(n for n in per if n not in names[comp])
-    report, merged = Report("merge", exact=stacked), {}
+    report, merged = Report("merge", exact=stacked or exact_dora), {}
     kind = kind or ("dora" if any_dora else "lora")
     for comp, per in names.items():
         for name in per:
@@ -113,11 +156,23 @@ def merge_adapters(
                 continue
             w0 = folder.weight(comp, name).float()
             delta = sum(adapter_delta(f"{comp}.{name}", p, w0, k) for p, k in parts)
-            ma = fit_module(w0 + delta, w0, kind, rank, energy, iterations)
+            total = sum(p.rank for p, _ in parts)
+            ma = dora_stack(f"{comp}.{name}", parts, w0) if exact_dora and (rank is None or total <= rank) else None
+            if ma is None:
+                if rank is None and energy is None:
+                    raise ValueError(
+                        f"{comp}.{name} has no exact merged DoRA (a per-input DoRA, or a row whose scale cancels): "
+                        "give --rank or --energy to extract the merged weights"
+                    )
+                report.exact = False
+                ma = fit_module(w0 + delta, w0, kind, rank, energy, iterations)
             diff = float((adapter_delta(f"{comp}.{name}", ma, w0) - delta).norm())
             report.add(comp, name, ma.rank, relative(diff, float((w0 + delta).norm())), relative(diff, float(delta.norm())))
             merged.setdefault(comp, {})[name] = ma
-    report.notes.append("exact: LoRAs stacked" if report.exact else f"through the merged weights, extracted as a {kind}" if not stacked else "stacked, then truncated to --rank")
+    if stacked:
+        report.notes.append("exact: LoRAs stacked" if report.exact else "LoRAs stacked, then truncated to --rank")
+    else:
+        report.notes.append("exact: a DoRA of the stacked ranks" if report.exact else f"through the merged weights, extracted as a {kind}")
     settings = {"strengths": ks, "rank": rank, "energy": energy, "kind": kind, "stacked": stacked}
     info = tool_info("merge", {f"adapter_{i}": s for i, s in enumerate(sources)} | {"base": base}, settings, report)
     report.output = write_adapter(merged, out, to, info, folder)

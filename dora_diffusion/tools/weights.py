@@ -52,10 +52,9 @@ def _module_for(w0: torch.Tensor) -> nn.Module:
     return module
 
 
-@torch.no_grad()
-def adapter_delta(where: str, ma: ModuleAdapter, w0: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-    """``k (W' - W0)`` of one module in fp32, shaped like ``w0``: the formula every forward path uses (per-output
-    and legacy per-input DoRA, LoRA). Raises ``AdapterFileError`` naming ``where`` if the tensors do not fit."""
+def layer_adapter(where: str, ma: ModuleAdapter, w0: torch.Tensor) -> Adapter:
+    """``ma`` as the layer core's ``Adapter`` over the base weight ``w0`` (fp32): its ``delta`` and ``scaled`` are
+    the formulas every forward path uses. Raises ``AdapterFileError`` naming ``where`` if the tensors do not fit."""
     check_low_rank(where, ma)
     geometry = geometry_of(_module_for(w0.float()))
     numel = None if ma.magnitude is None else ma.magnitude.numel()
@@ -65,7 +64,13 @@ def adapter_delta(where: str, ma: ModuleAdapter, w0: torch.Tensor, strength: flo
     adapter = Adapter(ma.spec(), geometry, init=False)
     mag = None if ma.magnitude is None else ma.magnitude.float()
     adapter.load(ma.a.float(), ma.b.float(), mag)
-    return adapter.delta(strength)
+    return adapter
+
+
+@torch.no_grad()
+def adapter_delta(where: str, ma: ModuleAdapter, w0: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """``k (W' - W0)`` of one module in fp32, shaped like ``w0`` (per-output and legacy per-input DoRA, LoRA)."""
+    return layer_adapter(where, ma, w0).delta(strength)
 
 
 def flat(w: torch.Tensor) -> torch.Tensor:
