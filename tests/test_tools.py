@@ -93,7 +93,15 @@ def test_merge_into_base_fuses_the_reference_weights(world) -> None:
         assert rel(ft.weight(c, n), ref_weight(world["w0"][c, n], a, b, m)) < 1e-6
     assert torch.equal(ft.weight("unet", "conv_in"), world["folder"].weight("unet", "conv_in"))  # not adapted
     info = json.loads((world["root"] / "finetuned" / "dora_diffusion_merge.json").read_text())
-    assert info["made_by"] == "dora-diffusion merge --into-base" and len(world["fused"].rows) == len(MODULES)
+    assert info["made_by"] == "dora-diffusion merge --into-base" and info["settings"] == {"strengths": [1.0], "fp16": False}
+    assert world["fused"].exact and f"fused {len(MODULES)} modules of 1 adapters into {world['base']}" in world["fused"].notes
+    half = merge_into_base([world["root"] / "lora.safetensors"], world["base"], world["root"] / "fp16", [0.5], fp16=True)
+    c, n, _, _ = MODULES[1]
+    a, b, _ = world["lora"][c, n]
+    w = ModelFolder(world["root"] / "fp16").weight(c, n)
+    assert not half.exact and w.dtype == torch.float16
+    want = ref_weight(world["w0"][c, n], a, b, None, k=0.5)
+    assert bool(((w.double() - want).abs() <= want.abs() * 2**-11 + 2**-25).all())  # fp16 rounding: half an ulp
 
 
 @pytest.mark.parametrize("kind", ["dora", "lora"])

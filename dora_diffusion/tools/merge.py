@@ -193,7 +193,7 @@ def merge_into_base(
 ) -> Report:
     """Fuse the adapters at ``sources`` with ``strengths`` into the SDXL pipeline ``base`` (a diffusers folder or
     Hub id) and ``save_pretrained`` it to the folder ``output`` (fp16 with ``fp16``), with ``MERGE_INFO_NAME``
-    beside it; returns the report (one row per fused module: its change ``||W - W0|| / ||W0||`` as the error)."""
+    beside it; returns the report (no rows: the fused weights are exact in fp32; its notes count the modules)."""
     from dora_diffusion.hub import load_base_pipeline
     from dora_diffusion.pipeline import fuse_dora, load_dora_weights, set_dora_adapters, unload_dora_weights
     from dora_diffusion.pipeline.registry import AdapterRegistry
@@ -208,20 +208,22 @@ def merge_into_base(
     fuse_dora(pipe)
     fused = {c: {n: layer.weight.detach().clone() for n, layer in per.items()} for c, per in registry.layers.items()}
     unload_dora_weights(pipe)
-    report = Report("merge", exact=not fp16)
+    report, largest = Report("merge --into-base", exact=not fp16), 0.0
     with torch.no_grad():
         for comp, per in fused.items():
             model = getattr(pipe, comp)
             for name, weight in per.items():
                 model.get_submodule(name).weight.copy_(weight)
                 w0 = originals[comp][name].float()
-                report.add(comp, name, 0, relative(float((weight - w0).norm()), float(w0.norm())), 0.0)
+                largest = max(largest, relative(float((weight.float() - w0).norm()), float(w0.norm())))
+    count = sum(len(per) for per in fused.values())
     if fp16:
         pipe.to(torch.float16)
     pipe.save_pretrained(out, safe_serialization=True)
     info = tool_info("merge --into-base", {f"adapter_{i}": s for i, s in enumerate(sources)} | {"base": base},
                      {"strengths": ks, "fp16": fp16}, report)  # fmt: skip
     (out / MERGE_INFO_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    report.notes.append(f"fused {len(report.rows)} modules of {len(sources)} adapters into {base}" + (" (fp16)" if fp16 else ""))
+    report.notes.append(f"fused {count} modules of {len(sources)} adapters into {base}" + (" (saved in fp16)" if fp16 else ""))
+    report.notes.append(f"largest change of a weight, ||W - W0|| / ||W0||: {largest:.3e}")
     report.output = out
     return report

@@ -50,7 +50,7 @@ class Report:
     def summary(self) -> dict[str, object]:
         """Counts, ranks and the mean / max errors (the max naming its module)."""
         if not self.rows:
-            return {"modules": 0}
+            return {"exact": self.exact}
         worst = max(self.rows, key=lambda r: r.change_error)
         return {
             "modules": len(self.rows),
