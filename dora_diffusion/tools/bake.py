@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from dora_diffusion.adapter_io import read_adapter
 from dora_diffusion.formats import ModuleAdapter
 from dora_diffusion.tools.output import Report, check_output, tool_info, write_adapter
@@ -18,11 +20,13 @@ from dora_diffusion.tools.weights import ModelFolder, adapter_delta, factors_sha
 
 
 def rank_for(fit: Svd, threshold: float) -> int:
-    """The smallest rank whose truncation's relative error ``fit.tail(r)`` is at most ``threshold``."""
-    for r in range(1, fit.s.numel() + 1):
-        if fit.tail(r) <= threshold:
-            return r
-    return max(1, fit.s.numel())
+    """The smallest rank whose truncation's relative error (``fit.tail(r)``) is at most ``threshold``."""
+    sq = fit.s.double().square()
+    total = float(sq.sum())
+    if total == 0:
+        return 1
+    tails = (total - torch.cumsum(sq, 0)).clamp_min(0).div(total).sqrt()  # tails[r - 1] = fit.tail(r)
+    return min(int((tails > threshold).sum()) + 1, fit.s.numel())
 
 
 def _lora(fit: Svd, rank: int, shape: tuple[int, ...]) -> ModuleAdapter:

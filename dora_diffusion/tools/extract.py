@@ -7,8 +7,8 @@ For each Linear/Conv2d module whose weight differs (``W_t`` fine-tuned, ``W0`` b
 - LoRA: the rank-r truncated SVD of ``W_t - W0``.
 
 The rank is ``--rank`` or, per module, the smallest keeping ``--energy`` of the change's Frobenius norm (capped by
-``--rank`` if both are given). Only two weights of one module are held at a time; the folders' files are
-memory-mapped. The error printed per module is ``||W' - W_t|| / ||W_t||`` and ``||W' - W_t|| / ||W_t - W0||``.
+``--rank`` if both are given). Only two weights of one module are held at a time (``weights.WeightFile`` reads
+them without a memory map). The error printed per module is ``||W' - W_t|| / ||W_t||`` and ``||W' - W_t|| / ||W_t - W0||``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 ``ModelFolder`` lists the Linear and Conv2d modules of each component (``unet``, ``text_encoder``,
 ``text_encoder_2``) from a skeleton built on the ``meta`` device (no weights allocated) and reads one weight at a
-time from the folder's safetensors files, memory-mapped: the jobs hold a few weights of one module, never a model.
+time from the folder's safetensors files (``WeightFile``: plain reads, no memory map): the jobs hold a few weights
+of one module, never a model.
 ``adapter_delta`` computes ``k (W' - W0)`` with the layer core's own formula (``core.adapter.Adapter.delta``).
 """
 
@@ -87,6 +88,54 @@ def factors_shaped(b: torch.Tensor, a: torch.Tensor, weight_shape: tuple[int, ..
     return b.contiguous(), a.contiguous()
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}  # fmt: skip
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class WeightFile:
+    """A model's safetensors file read one tensor at a time with plain reads (no memory map: resident memory
+    holds the tensors asked for, not the pages of a multi-GB file); the header is checked against the file size."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            first = f.read(8)
+            n = int.from_bytes(first, "little") if len(first) == 8 else -1
+            if not 0 < n <= min(_MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"{path} is not a safetensors file (truncated, or its header claims {n} bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as err:
+                raise ValueError(f"{path} has a corrupt safetensors header: {err}") from None
+        self.path, self.start = path, 8 + n
+        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                dtype, shape, (begin, end) = _DTYPES[info["dtype"]], [int(d) for d in info["shape"]], info["data_offsets"]
+                fits = 0 <= begin <= end <= size - self.start and end - begin == math.prod(shape) * dtype.itemsize
+            except (KeyError, TypeError, ValueError):
+                fits = False
+            if not fits:
+                raise ValueError(f"{path}: tensor {shown(key)} has a header entry that does not fit the file")
+            self.entries[key] = (dtype, list(shape), begin, end)
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, read from the file (a fresh copy)."""
+        dtype, shape, begin, end = self.entries[key]
+        data = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            if f.readinto(data) != len(data):
+                raise ValueError(f"{self.path} was truncated while reading {shown(key)}")
+        if not data:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+
 @functools.lru_cache(maxsize=8)
 def _skeleton_shapes(library: str, class_name: str, config_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """The Linear/Conv2d module names and weight shapes of ``class_name`` built from a config on the ``meta``
@@ -120,7 +169,7 @@ class ModelFolder:
             raise ValueError(f"{path}/model_index.json names no unet; the toolbox reads SDXL pipeline folders")
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
         self._files: dict[str, dict[str, Path]] = {}
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, WeightFile] = {}
 
     def __repr__(self) -> str:
         return f"ModelFolder({str(self.path)!r})"
@@ -144,14 +193,12 @@ class ModelFolder:
     def _key_files(self, component: str) -> dict[str, Path]:
         if component in self._files:
             return self._files[component]
-        from safetensors import safe_open
-
         where = self.path / component
         single = [where / f for f in _WEIGHT_FILES if (where / f).is_file()]
         indexes = [where / (f + ".index.json") for f in _WEIGHT_FILES if (where / (f + ".index.json")).is_file()]
         if single:
-            with safe_open(single[0], "pt") as f:
-                files = {k: single[0] for k in f.keys()}
+            self._handles[single[0]] = WeightFile(single[0])
+            files = {k: single[0] for k in self._handles[single[0]].entries}
         elif indexes:
             weight_map = json.loads(indexes[0].read_text(encoding="utf-8"))["weight_map"]
             files = {k: where / v for k, v in weight_map.items()}
@@ -169,17 +216,15 @@ class ModelFolder:
 
     def tensor(self, component: str, key: str) -> torch.Tensor | None:
         """One tensor of the component's weight files by its file name, or None if there is none."""
-        from safetensors import safe_open
-
         files = self._key_files(component)
         if key not in files:
             return None
-        if files[key] not in self._handles:  # kept open: its header is parsed once
-            self._handles[files[key]] = safe_open(files[key], "pt")
-        return self._handles[files[key]].get_tensor(key)
+        if files[key] not in self._handles:  # its header is read once
+            self._handles[files[key]] = WeightFile(files[key])
+        return self._handles[files[key]].get(key)
 
     def weight(self, component: str, name: str) -> torch.Tensor:
-        """The weight of one module, read from its file alone (a copy; the file is memory-mapped)."""
+        """The weight of one module, read from its file alone."""
         for key in (f"{name}.weight", f"{name.removeprefix('text_model.')}.weight", f"text_model.{name}.weight"):
             found = self.tensor(component, key)
             if found is not None:
