@@ -131,9 +131,9 @@ def merge_adapters(
     stacked = kind is None and not any_dora and energy is None
     if not stacked and folder is None:
         raise ValueError("merging DoRA adapters (or --kind / --energy) needs the base weights W0 (W' depends on them): pass --base")
-    exact_dora = any_dora and kind in (None, "dora") and energy is None
+    exact_dora = (kind == "dora" or (kind is None and any_dora)) and energy is None
     if not stacked and not exact_dora and rank is None and energy is None:
-        raise ValueError("extracting the merged weights (--kind, or --energy) needs --rank or --energy")
+        raise ValueError("extracting the merged weights (--kind lora) needs --rank or --energy")
     names: dict[str, list[str]] = {}
     for mods in all_modules:
         for comp, per in mods.items():
@@ -204,7 +204,6 @@ def merge_into_base(
     names = [load_dora_weights(pipe, src, adapter_name=f"merge_{i}") for i, src in enumerate(sources)]
     set_dora_adapters(pipe, names, ks)
     registry = AdapterRegistry.of(pipe)
-    originals = {c: {n: layer.weight.detach().clone() for n, layer in per.items()} for c, per in registry.layers.items()}
     fuse_dora(pipe)
     fused = {c: {n: layer.weight.detach().clone() for n, layer in per.items()} for c, per in registry.layers.items()}
     unload_dora_weights(pipe)
@@ -213,9 +212,9 @@ def merge_into_base(
         for comp, per in fused.items():
             model = getattr(pipe, comp)
             for name, weight in per.items():
-                model.get_submodule(name).weight.copy_(weight)
-                w0 = originals[comp][name].float()
-                largest = max(largest, relative(float((weight.float() - w0).norm()), float(w0.norm())))
+                target = model.get_submodule(name).weight  # W0 again: unloading restored it
+                largest = max(largest, relative(float((weight.float() - target.float()).norm()), float(target.float().norm())))
+                target.copy_(weight)
     count = sum(len(per) for per in fused.values())
     if fp16:
         pipe.to(torch.float16)
