@@ -289,3 +289,32 @@ def test_cli_extract_prints_errors_and_summary(world, capsys) -> None:
     assert sum(1 for line in lines if line.rstrip().endswith(MODULES[0][1])) == 1
     assert "modules: 3" in lines and any(line.startswith("max error: ") and float(line.split()[-1]) < 1e-4 for line in lines)
     assert lines[-1] == f"wrote {root / 'cli.safetensors'}"
+
+
+COMMANDS = {  # each command's arguments around an output path OUT; IN is the LoRA file
+    "bake": ["bake", "IN", "OUT", "--rank", "R"],
+    "resize": ["resize", "IN", "OUT", "--rank", "R"],
+    "merge": ["merge", "IN", "IN", "-o", "OUT", "--rank", "R"],
+    "extract": ["extract", "FT", "BASE", "OUT", "--rank", "R"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_refuses_rank_0_its_inputs_and_existing_files(world, capsys, tmp_path, command) -> None:
+    root = world["root"]
+    lora = root / "lora.safetensors"
+    swap = {"IN": lora, "FT": root / "finetuned", "BASE": world["base"]}
+
+    def argv(out, rank="2"):
+        return [swap.get(a, out if a == "OUT" else rank if a == "R" else a) for a in COMMANDS[command]]
+
+    code, _, err = run(capsys, *argv(tmp_path / "a.safetensors", rank="0"))
+    assert code == 1 and "--rank must be a positive whole number, got 0" in err
+    onto = lora if command != "extract" else world["base"] / "unet" / "x.safetensors"  # extract: inside an input folder
+    before = lora.read_bytes()
+    code, _, err = run(capsys, *argv(onto), "--overwrite")
+    assert code == 1 and "is (or is inside, or holds) the input" in err and lora.read_bytes() == before
+    (tmp_path / "taken.safetensors").write_bytes(b"mine")
+    code, _, err = run(capsys, *argv(tmp_path / "taken.safetensors"))
+    assert code == 1 and "already exists; pass --overwrite" in err and (tmp_path / "taken.safetensors").read_bytes() == b"mine"
+    assert not (world["base"] / "unet" / "x.safetensors").exists() and not (tmp_path / "a.safetensors").exists()
