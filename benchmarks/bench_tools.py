@@ -27,7 +27,6 @@ import csv
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys

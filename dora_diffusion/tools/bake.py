@@ -58,7 +58,9 @@ def bake(
     folder = None if base is None else ModelFolder(base)
     modules = model_modules(parsed, str(path), folder)
     if folder is None and any(m.use_dora for mods in modules.values() for m in mods.values()):
-        raise ValueError(f"{path} is a DoRA: its weights W' depend on the base weights W0; pass --base (the SDXL folder it was trained on)")
+        raise ValueError(
+            f"{path} is a DoRA: its weights W' depend on the base weights W0; pass --base (the SDXL folder it was trained on)"
+        )
     report, baked, recommended = Report("bake", exact=True), {}, 1
     for comp, mods in modules.items():
         for name, ma in mods.items():
@@ -86,7 +88,8 @@ def bake(
             else:
                 delta = adapter_delta(where, ma, w0) if delta is None else delta
                 err = float((adapter_delta(where, new, w0) - delta).norm())
-                report.add(comp, name, new.rank, relative(err, float((w0 + delta).norm())), relative(err, float(delta.norm())))
+                weight_error = relative(err, float((w0 + delta).norm()))
+                report.add(comp, name, new.rank, weight_error, relative(err, float(delta.norm())))
     report.notes.append(f"recommended rank for a change error <= {threshold:g} in every module: {recommended}")
     if folder is None:
         report.notes.append("no --base: the error column is the change error (the weight error needs W0)")

@@ -38,7 +38,10 @@ def check_same_model(finetuned: ModelFolder, base: ModelFolder) -> None:
             only = sorted(set(a) ^ set(b))
             shapes = sorted(n for n in set(a) & set(b) if a[n] != b[n])
             what = f"modules {only[:3]} are in one only" if only else f"{comp}.{shapes[0]} is {a[shapes[0]]} vs {b[shapes[0]]}"
-            raise ValueError(f"mismatched bases: {finetuned.path} and {base.path} differ in {comp}: {what}; is it the base model of the fine-tune?")
+            raise ValueError(
+                f"mismatched bases: {finetuned.path} and {base.path} differ in {comp}: {what}; is it the base model of the "
+                "fine-tune?"
+            )
 
 
 def other_changes(finetuned: ModelFolder, base: ModelFolder, components: list[str]) -> int:
@@ -56,7 +59,9 @@ def other_changes(finetuned: ModelFolder, base: ModelFolder, components: list[st
     return changed
 
 
-def fit_module(target: torch.Tensor, w0: torch.Tensor, kind: str, rank: int | None, energy: float | None, iterations: int) -> ModuleAdapter:
+def fit_module(
+    target: torch.Tensor, w0: torch.Tensor, kind: str, rank: int | None, energy: float | None, iterations: int
+) -> ModuleAdapter:
     """An adapter of ``kind`` for one module whose fine-tuned weight is ``target`` over ``w0`` (file shapes)."""
     shape = tuple(w0.shape)
     if kind == "dora":

@@ -130,7 +130,9 @@ def merge_adapters(
     any_dora = any(ma.use_dora for mods in all_modules for comp in mods.values() for ma in comp.values())
     stacked = kind is None and not any_dora and energy is None
     if not stacked and folder is None:
-        raise ValueError("merging DoRA adapters (or --kind / --energy) needs the base weights W0 (W' depends on them): pass --base")
+        raise ValueError(
+            "merging DoRA adapters (or --kind / --energy) needs the base weights W0 (W' depends on them): pass --base"
+        )
     exact_dora = (kind == "dora" or (kind is None and any_dora)) and energy is None
     if not stacked and not exact_dora and rank is None and energy is None:
         raise ValueError("extracting the merged weights (--kind lora) needs --rank or --energy")
@@ -172,7 +174,8 @@ def merge_adapters(
     if stacked:
         report.notes.append("exact: LoRAs stacked" if report.exact else "LoRAs stacked, then truncated to --rank")
     else:
-        report.notes.append("exact: a DoRA of the stacked ranks" if report.exact else f"through the merged weights, extracted as a {kind}")
+        how = "exact: a DoRA of the stacked ranks" if report.exact else f"through the merged weights, extracted as a {kind}"
+        report.notes.append(how)
     settings = {"strengths": ks, "rank": rank, "energy": energy, "kind": kind, "stacked": stacked}
     info = tool_info("merge", {f"adapter_{i}": s for i, s in enumerate(sources)} | {"base": base}, settings, report)
     report.output = write_adapter(merged, out, to, info, folder)
@@ -213,7 +216,8 @@ def merge_into_base(
             model = getattr(pipe, comp)
             for name, weight in per.items():
                 target = model.get_submodule(name).weight  # W0 again: unloading restored it
-                largest = max(largest, relative(float((weight.float() - target.float()).norm()), float(target.float().norm())))
+                change = relative(float((weight.float() - target.float()).norm()), float(target.float().norm()))
+                largest = max(largest, change)
                 target.copy_(weight)
     count = sum(len(per) for per in fused.values())
     if fp16:
@@ -222,7 +226,8 @@ def merge_into_base(
     info = tool_info("merge --into-base", {f"adapter_{i}": s for i, s in enumerate(sources)} | {"base": base},
                      {"strengths": ks, "fp16": fp16}, report)  # fmt: skip
     (out / MERGE_INFO_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    report.notes.append(f"fused {count} modules of {len(sources)} adapters into {base}" + (" (saved in fp16)" if fp16 else ""))
+    saved = " (saved in fp16)" if fp16 else ""
+    report.notes.append(f"fused {count} modules of {len(sources)} adapters into {base}{saved}")
     report.notes.append(f"largest change of a weight, ||W - W0|| / ||W0||: {largest:.3e}")
     report.output = out
     return report

@@ -45,6 +45,7 @@ class Report:
     output: Path | None = None
 
     def add(self, component: str, module: str, rank: int, error: float, change_error: float) -> None:
+        """Record one module's result."""
         self.rows.append(ModuleError(component, module, rank, float(error), float(change_error)))
 
     def summary(self) -> dict[str, object]:
@@ -78,10 +79,13 @@ class Report:
 
     def metadata(self) -> dict[str, object]:
         """The summary as header metadata (numbers rounded to 4 significant digits)."""
-        return {k: (float(f"{v:.4g}") if isinstance(v, float) and math.isfinite(v) else v) for k, v in self.summary().items()}
+        rounded = lambda v: float(f"{v:.4g}") if isinstance(v, float) and math.isfinite(v) else v  # noqa: E731
+        return {k: rounded(v) for k, v in self.summary().items()}
 
 
-def check_output(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], overwrite: bool, folder: bool = False) -> Path:
+def check_output(
+    output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], overwrite: bool, folder: bool = False
+) -> Path:
     """The output path, checked: a ``.safetensors`` file name (or a folder, with ``folder``), never one of the
     ``inputs`` (or inside one), and not an existing file or non-empty folder unless ``overwrite``."""
     out = Path(output)

@@ -37,7 +37,9 @@ def resize(
         if dynamic_method not in DYNAMIC_METHODS:
             raise ValueError(f"--dynamic-method must be one of {', '.join(DYNAMIC_METHODS)}, got {dynamic_method!r}")
         if dynamic_param is None:
-            raise ValueError(f"--dynamic-method {dynamic_method} needs --dynamic-param (a ratio >= 1 for sv_ratio, a fraction for the others)")
+            raise ValueError(
+                f"--dynamic-method {dynamic_method} needs --dynamic-param (a ratio >= 1 for sv_ratio, a fraction for the others)"
+            )
     out = check_output(output, [source, base], overwrite)
     parsed, path = read_adapter(source)
     folder = None if base is None else ModelFolder(base)

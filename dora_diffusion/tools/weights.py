@@ -164,7 +164,8 @@ class ModelFolder:
         if not index.is_file():
             raise ValueError(f"{path} has no model_index.json; is it a diffusers pipeline folder (save_pretrained)?")
         self.path = path
-        self.classes = {c: v for c, v in json.loads(index.read_text(encoding="utf-8")).items() if c in COMPONENTS and v and v[0]}
+        listed = json.loads(index.read_text(encoding="utf-8"))
+        self.classes = {c: v for c, v in listed.items() if c in COMPONENTS and v and v[0]}
         if "unet" not in self.classes:
             raise ValueError(f"{path}/model_index.json names no unet; the toolbox reads SDXL pipeline folders")
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -176,6 +177,7 @@ class ModelFolder:
 
     @property
     def components(self) -> list[str]:
+        """The SDXL components the folder has (``unet`` first), in ``COMPONENTS`` order."""
         return [c for c in COMPONENTS if c in self.classes]
 
     def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
