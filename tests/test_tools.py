@@ -184,6 +184,8 @@ def test_bake_lora_is_exact_and_dora_error_is_the_svd_tail(world) -> None:
     assert header["ss_training_comment"].startswith("dora-diffusion bake") and header["ss_network_dim"] == "3"
     assert not any(k.endswith("dora_scale") for k in load_file(out))
     got = file_weights(out, world["folder"])
+    dynamic = bake(root / "dora.safetensors", root / "dynamic.safetensors", rank=3, base=world["base"], threshold=0.2,
+                   dynamic=True, overwrite=True)  # fmt: skip
     recommended = 1
     for c, n, shape, _ in MODULES:
         ta, tb, m = world["dora"][c, n]
@@ -191,7 +193,9 @@ def test_bake_lora_is_exact_and_dora_error_is_the_svd_tail(world) -> None:
         delta = (ref_weight(w0, ta, tb, m) - w0).reshape(shape[0], -1)
         s = torch.linalg.svdvals(delta)
         tails = [float(s[r:].norm() / s.norm()) for r in range(1, s.numel() + 1)]
-        recommended = max(recommended, next(r for r, t in enumerate(tails, 1) if t <= 0.2))
+        need = next(r for r, t in enumerate(tails, 1) if t <= 0.2)
+        recommended = max(recommended, need)
+        assert row(dynamic, n).rank == min(need, 3) and row(dynamic, n).change_error == pytest.approx(tails[min(need, 3) - 1], rel=1e-3)
         assert rel(got[c, n] - w0, delta.reshape(shape)) == pytest.approx(tails[2], rel=1e-3)
     assert f"recommended rank for a change error <= 0.2 in every module: {recommended}" in report.notes
 
