@@ -295,6 +295,17 @@ def test_cli_extract_prints_errors_and_summary(world, capsys) -> None:
     assert lines[-1] == f"wrote {root / 'cli.safetensors'}"
 
 
+def test_model_folder_reads_an_fp16_variant_and_refuses_a_broken_header(world, tmp_path) -> None:
+    variant = tmp_path / "variant"
+    shutil.copytree(world["base"], variant, ignore=shutil.ignore_patterns("vae", "text_encoder*", "tokenizer*"))
+    (variant / "unet" / "diffusion_pytorch_model.safetensors").rename(variant / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    c, n, _, _ = MODULES[1]
+    assert torch.equal(ModelFolder(variant).weight(c, n), load_file(world["base"] / "unet" / "diffusion_pytorch_model.safetensors")[f"{n}.weight"])
+    (variant / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ValueError, match="is not a safetensors file"):
+        ModelFolder(variant).weight(c, n)
+
+
 COMMANDS = {  # each command's arguments around an output path OUT; IN is the LoRA file
     "bake": ["bake", "IN", "OUT", "--rank", "R"],
     "resize": ["resize", "IN", "OUT", "--rank", "R"],

@@ -30,6 +30,8 @@ Modules = dict[str, dict[str, ModuleAdapter]]
 """``{component: {module name: ModuleAdapter}}``, names as in the models."""
 
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+_VARIANT_FILES = ("diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors")
+"""Read when a component has no full-precision file (the weights are upcast to fp32 per module anyway)."""
 
 
 def check_low_rank(where: str, ma: ModuleAdapter) -> None:
@@ -196,7 +198,7 @@ class ModelFolder:
         if component in self._files:
             return self._files[component]
         where = self.path / component
-        single = [where / f for f in _WEIGHT_FILES if (where / f).is_file()]
+        single = [where / f for f in _WEIGHT_FILES + _VARIANT_FILES if (where / f).is_file()]
         indexes = [where / (f + ".index.json") for f in _WEIGHT_FILES if (where / (f + ".index.json")).is_file()]
         if single:
             self._handles[single[0]] = WeightFile(single[0])
@@ -206,8 +208,8 @@ class ModelFolder:
             files = {k: where / v for k, v in weight_map.items()}
         else:
             raise ValueError(
-                f"{where} has no {' or '.join(_WEIGHT_FILES)} (or a sharded index of one); the toolbox reads "
-                "safetensors weights only (fp16 variants: pass the folder of a full-precision copy)"
+                f"{where} has no {' or '.join(_WEIGHT_FILES)} (or its fp16 variant, or a sharded index of one); the "
+                "toolbox reads safetensors weights only"
             )
         self._files[component] = files
         return files
