@@ -253,9 +253,81 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- the toolbox
+
+
+def _print_report(report, per_module: bool = True) -> None:
+    for line in report.lines(per_module):
+        print(printable(line, PRINTED_LIMIT))
+
+
+def add_bake_parser(subparsers) -> None:
+    """Register ``bake`` (its arguments are declared in ``dora_diffusion_cli``)."""
+    launcher.declare_bake(subparsers).set_defaults(func=run_bake)
+
+
+def run_bake(args: argparse.Namespace) -> int:
+    from dora_diffusion.tools import bake
+
+    report = bake(args.input, args.output, args.rank, args.base, args.threshold, args.dynamic, args.to, args.overwrite)
+    _print_report(report, not args.summary_only)
+    return 0
+
+
+def add_resize_parser(subparsers) -> None:
+    """Register ``resize`` (its arguments are declared in ``dora_diffusion_cli``)."""
+    launcher.declare_resize(subparsers).set_defaults(func=run_resize)
+
+
+def run_resize(args: argparse.Namespace) -> int:
+    from dora_diffusion.tools import resize
+
+    report = resize(args.input, args.output, args.rank, args.dynamic_method, args.dynamic_param, args.base, args.to,
+                    args.overwrite)  # fmt: skip
+    _print_report(report, not args.summary_only)
+    return 0
+
+
+def add_extract_parser(subparsers) -> None:
+    """Register ``extract`` (its arguments are declared in ``dora_diffusion_cli``)."""
+    launcher.declare_extract(subparsers).set_defaults(func=run_extract)
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from dora_diffusion.tools import extract
+
+    report = extract(args.finetuned, args.base, args.output, args.rank, args.energy, args.kind, args.components,
+                     args.iterations, args.to, args.overwrite)  # fmt: skip
+    _print_report(report, not args.summary_only)
+    return 0
+
+
+def add_merge_parser(subparsers) -> None:
+    """Register ``merge`` (its arguments are declared in ``dora_diffusion_cli``)."""
+    launcher.declare_merge(subparsers).set_defaults(func=run_merge)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from dora_diffusion.tools import merge_adapters, merge_into_base
+
+    if args.into_base:
+        if args.base is None:
+            raise ValueError("--into-base needs --base (the SDXL pipeline to fuse the adapters into)")
+        report = merge_into_base(args.adapters, args.base, args.output, args.strengths, args.fp16, args.overwrite)
+        _print_report(report, per_module=False)
+        return 0
+    if args.fp16:
+        raise ValueError("--fp16 applies to --into-base only")
+    report = merge_adapters(args.adapters, args.output, args.strengths, args.base, args.rank, args.energy, args.kind,
+                            args.iterations, args.to, args.overwrite)  # fmt: skip
+    _print_report(report, not args.summary_only)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 
-SUBCOMMANDS = [add_convert_parser, add_inspect_parser, add_analyze_parser]
+SUBCOMMANDS = [add_convert_parser, add_inspect_parser, add_analyze_parser, add_extract_parser, add_resize_parser,
+               add_merge_parser, add_bake_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_parsed(args: argparse.Namespace) -> int:
     """Run the subcommand ``args.command`` with its parsed arguments; errors a user can fix are one line, status 1."""
-    func = getattr(args, "func", None) or {"convert": run_convert, "inspect": run_inspect, "analyze": run_analyze}[args.command]
+    func = getattr(args, "func", None) or {
+        "convert": run_convert, "inspect": run_inspect, "analyze": run_analyze, "extract": run_extract,
+        "resize": run_resize, "merge": run_merge, "bake": run_bake,
+    }[args.command]  # fmt: skip
     try:
         return func(args)
     except (AdapterFileError, MissingExtraError, ValueError, OSError) as err:

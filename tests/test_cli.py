@@ -342,6 +342,12 @@ def test_entry_point_declarations_match_the_package():
 
     assert dora_diffusion_cli.CONVERT_FORMATS == WRITE_FORMATS
     assert dora_diffusion_cli.ANALYZE_DTYPES == tuple(sorted(BASE_DTYPES))
+    from dora_diffusion.formats import COMPONENTS
+    from dora_diffusion.tools.output import OUTPUT_FORMATS
+    from dora_diffusion.tools.svd import DYNAMIC_METHODS
+
+    assert dora_diffusion_cli.TOOL_FORMATS == OUTPUT_FORMATS and dora_diffusion_cli.DYNAMIC_METHODS == DYNAMIC_METHODS
+    assert dora_diffusion_cli.COMPONENTS == COMPONENTS
     import tomllib
 
     scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
