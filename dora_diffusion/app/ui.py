@@ -16,6 +16,7 @@ alone carries their error status (no badge on the form). No error changes an inp
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -94,7 +95,8 @@ def build_ui(
 ) -> gr.Blocks:
     """The page for ``comparer``, with its queue set up (one job at a time, at most ``max_queue`` waiting).
 
-    The form starts at ``settings`` (default: an empty prompt at the base model's native size) and ``seeds``.
+    The form starts at ``settings`` (default: the base model's native size) and ``seeds``; an empty prompt is
+    filled with the loaded adapters' trigger words (``Comparer.trigger_prompt``).
     ``extra_tabs`` maps a tab title to a function that builds the tab's content from ``comparer`` (the
     Analysis tab of ``dora_diffusion.app.analysis`` plugs in here). ``scorer`` scores each column
     (``compare.make_scorer``; None: no scores). Uploaded adapters are kept in ``upload_dir`` (default
@@ -105,6 +107,8 @@ def build_ui(
     """
     if settings is None:
         settings = GenerationSettings("", width=comparer.default_size, height=comparer.default_size)
+    if not settings.prompt.strip():  # start from the loaded adapters' trigger words (their files' headers)
+        settings = dataclasses.replace(settings, prompt=comparer.trigger_prompt())
     if len(comparer.adapters) > MAX_SLOTS:
         raise ValueError(f"the page shows at most {MAX_SLOTS} adapters, {len(comparer.adapters)} are loaded")
     upload_dir = Path(upload_dir) if upload_dir else default_upload_dir()
@@ -163,6 +167,11 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
     with gr.Row():
         with gr.Column(scale=2, min_width=360):
             form = build_form(d, default_seeds, loaded)
+            pair_choice = gr.Dropdown(
+                choices=events.pair_choices().choices, label="Difference pair", allow_custom_value=True,
+                info="its maps and its mean difference in the table, beside each adapter against the base",
+                elem_id="difference-pair",
+            )  # fmt: skip
             with gr.Accordion("Add or remove adapters", open=False):
                 add_source = gr.Textbox(label="Local path or Hub repo id", placeholder="runs/my-dora  or  user/repo",
                                         elem_id="add-source")  # fmt: skip
@@ -193,7 +202,7 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
     )
     checked.success(
         events.generate,
-        form.fields + [selection],
+        form.fields + [selection, pair_choice],
         [*results.outputs, message, results.state],
         api_name="generate",
         concurrency_id="pipeline",
@@ -206,7 +215,7 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
     added = add_button.click(
         events.load_adapter,
         [add_source, add_upload, add_name, form.slot_names],
-        [message, remove_choice, form.slot_names, *slot_outputs],
+        [message, remove_choice, pair_choice, form.slot_names, *slot_outputs],
         api_name="add_adapter",
         concurrency_id="adapters",
         concurrency_limit=1,
@@ -215,7 +224,7 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
     removed = remove_button.click(
         events.remove_adapter,
         {remove_choice, form.slot_names, *form.slot_inputs},
-        [message, remove_choice, form.slot_names, *slot_outputs],
+        [message, remove_choice, pair_choice, form.slot_names, *slot_outputs],
         concurrency_id="pipeline",
         concurrency_limit=1,
         show_progress_on=[message],
@@ -232,4 +241,4 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
     )
     for event in (added, removed, restored):  # the error's text stays on the message area after its toast
         event.failure(events.show_error, None, message, queue=False, api_visibility="private")
-    return events.on_load, [form.slot_names], [remove_choice, form.slot_names, *slot_outputs]
+    return events.on_load, [form.slot_names], [remove_choice, pair_choice, form.slot_names, *slot_outputs]
