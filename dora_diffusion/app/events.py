@@ -354,12 +354,16 @@ class CompareEvents:
             )
         return names[0], names[1]
 
+    def pair_options(self) -> tuple[list[str], str | None]:
+        """The difference pair's choices (every ordered pair of loaded adapters, ``"a vs b"``) and its default."""
+        names = self.names()
+        pair = default_pair(names, self.comparer.kinds())
+        return [f"{a} vs {b}" for a in names for b in names if a != b], (f"{pair[0]} vs {pair[1]}" if pair else None)
+
     def pair_choices(self) -> gr.Dropdown:
-        """The difference pair's choices (every ordered pair of loaded adapters) and its default."""
-        names, kinds = self.names(), self.comparer.kinds()
-        choices = [f"{a} vs {b}" for a in names for b in names if a != b]
-        pair = default_pair(names, kinds)
-        return gr.Dropdown(choices=choices, value=f"{pair[0]} vs {pair[1]}" if pair else None)
+        """``pair_options`` as an update of the Difference pair dropdown."""
+        choices, value = self.pair_options()
+        return gr.Dropdown(choices=choices, value=value)
 
     def finish(
         self, p: GridPlan, done: list[CellResult], out: Path, items, infos, stopped: bool, seconds: float,
