@@ -233,8 +233,9 @@ def explain_scores(scores: Sequence[ColumnScore]) -> str:
         f"{base[sf]:.2f}, DoRA {dora[sf]:.2f}, LoRA {lora[sf]:.2f}, so both adapters learned the subject. Prompt "
         f"fidelity (0-1, like CLIP-T) is how much they show the rest of the prompt, here the striped background: "
         f"base {base[pf]:.2f}, DoRA {dora[pf]:.2f}, LoRA {lora[pf]:.2f}. It drops because an adapter trained on "
-        f"six images of the subject draws the subject's look everywhere, over the background the prompt asks for "
-        f"(language drift); prior preservation (training with --with_prior_preservation on class images) reduces it."
+        f"{N_IMAGES} images of the subject draws the subject's look everywhere, over the background the prompt "
+        f"asks for (language drift); prior preservation (training with --with_prior_preservation on class images) "
+        f"reduces it."
     )
 
 

@@ -245,8 +245,8 @@ LAYOUT_CHECKS = {
         .map(e => e.innerText)""",
     "a table header breaks inside a word or overflows": """() => [...document.querySelectorAll('#scores th')]
         .filter(e => { const s = getComputedStyle(e.querySelector('span') || e);
-          return s.wordBreak !== 'normal' || !['normal', 'anywhere'].includes(s.overflowWrap) && s.overflowWrap !== 'normal'
-            || e.scrollWidth > e.clientWidth + 1; }).map(e => e.innerText)""",
+          return s.wordBreak !== 'normal' || s.overflowWrap !== 'normal' || e.scrollWidth > e.clientWidth + 1; })
+        .map(e => e.innerText)""",
 }
 
 

@@ -264,7 +264,10 @@ class CompareEvents:
         """Why an empty prompt is refused, with the loaded adapters' trigger words to start from."""
         triggers = {name: words for name, words in self.comparer.trigger_words().items() if words}
         if not triggers:
-            return "the prompt is empty; describe the image to generate (none of the loaded adapters' files names trigger words)"
+            return (
+                "the prompt is empty; describe the image to generate (none of the loaded adapters' files names "
+                "trigger words)"
+            )
         named = "; ".join(f"{name}: {', '.join(words)}" for name, words in triggers.items())
         return f"the prompt is empty; describe the image to generate, with the adapters' trigger words ({named})"
 
