@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--instance_dir",
         default=None,
-        help="Folder of the subject's instance images: adds subject fidelity (CLIP-I) to the scores.",
+        help="Folder of the subject's instance images: adds subject fidelity (CLIP-I) to the scores. Not read on the "
+        "toy world's model, whose scorer knows the subject by its trigger word.",
     )
     p.add_argument(
         "--subject_model",

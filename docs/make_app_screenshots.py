@@ -4,8 +4,9 @@
     python docs/make_app_screenshots.py --cache_dir /tmp/demo --out docs/img
 
 Starts ``python app.py --demo`` on a free 127.0.0.1 port, renders a sweep of the DoRA adapter (0, 0.5, 1, 1.5)
-beside the base model and the LoRA for seeds 0-3, and saves the Cells, Differences, Grid PNG and Analysis views.
-Prints the per-column table and the difference means it read from the page.
+beside the base model and the LoRA for seeds 0-3, and saves the Cells (the whole page at 1400x1800), Differences,
+Grid PNG and Analysis views, and the page on a phone (390x844: the form, then the results). Prints the per-column
+table and the difference means it read from the page.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def main() -> None:
                 time.sleep(0.5)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
             page.set_default_timeout(300_000)
             page.goto(url)
             page.wait_for_selector("#generate")
@@ -72,6 +73,15 @@ def main() -> None:
             page.get_by_role("tab", name="Grid PNG").click()
             page.wait_for_timeout(1000)
             page.locator("#grid-image").screenshot(path=str(out / "app_grid.png"))
+            page.get_by_role("tab", name="Cells").click()
+            page.set_viewport_size({"width": 390, "height": 844})
+            page.evaluate("() => window.scrollTo(0, 0)")
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(out / "app_phone.png"))
+            page.evaluate("() => document.querySelector('#message').scrollIntoView()")
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(out / "app_phone_results.png"))
+            page.set_viewport_size({"width": 1400, "height": 1800})
             page.get_by_role("tab", name="Analysis").click()
             page.locator("#analysis-panels input").check()
             page.click("#analyse")
@@ -79,7 +89,8 @@ def main() -> None:
             page.wait_for_timeout(1000)
             page.screenshot(path=str(out / "app_analysis.png"), full_page=True)
             browser.close()
-        for name in ("app_cells.png", "app_differences.png", "app_grid.png", "app_analysis.png"):
+        for name in ("app_cells.png", "app_differences.png", "app_grid.png", "app_analysis.png", "app_phone.png",
+                     "app_phone_results.png"):
             shrink(out / name)
     finally:
         proc.terminate()

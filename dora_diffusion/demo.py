@@ -28,19 +28,26 @@ from pathlib import Path
 import torch
 
 from dora_diffusion._version import __version__
+from PIL import Image
+
 from dora_diffusion.compare import (
     CellResult,
     ColumnScore,
     CompareError,
     Comparer,
+    DifferenceMap,
     GenerationSettings,
     GridPlan,
+    compose_grid,
+    difference_grid,
+    difference_maps,
     grid_infotext,
     load_base_pipeline,
     parse_seeds,
     save_png,
     score_columns,
 )
+from dora_diffusion.compare.grid_image import grid_zoom, stack_images, text_image
 from dora_diffusion.compare.scores import ToyWorldScorer
 from dora_diffusion.extras import MissingExtraError, require
 from dora_diffusion.formats import DEFAULT_WEIGHT_NAME
@@ -79,6 +86,8 @@ class DemoAssets:
     root: Path
     model_dir: Path
     adapters: dict[str, Path]
+    data_dir: Path | None = None
+    """The subject's instance images (the training data), shown beside the grid."""
 
 
 def default_cache_dir() -> Path:
@@ -138,7 +147,7 @@ def prepare_demo(
     for kind in ("dora", "lora"):
         out = root / kind
         if (out / DEFAULT_WEIGHT_NAME).is_file():
-            log(f"reusing the demo {kind} adapter: {out}")
+            log(f"reusing the demo {kind} adapter from {_home_relative(out)} (--force retrains)")
         else:
             log(f"training the demo {kind} adapter ({train_steps} steps on {N_IMAGES} images of {SUBJECT.name}) ...")
             start = time.perf_counter()
@@ -153,7 +162,15 @@ def prepare_demo(
             ])  # fmt: skip
             log(f"trained the demo {kind} adapter in {time.perf_counter() - start:.0f} s: {out}")
         adapters[kind] = out
-    return DemoAssets(root, model_dir, adapters)
+    return DemoAssets(root, model_dir, adapters, data_dir)
+
+
+def _home_relative(path: Path) -> str:
+    """``path`` with the home folder written as ``~`` (the cache location as a person types it)."""
+    try:
+        return f"~/{path.relative_to(Path.home())}"
+    except ValueError:
+        return str(path)
 
 
 def demo_comparer(assets: DemoAssets) -> Comparer:
@@ -171,10 +188,12 @@ def render_demo_grid(
     seeds: str = SEEDS,
     steps: int = STEPS,
     log: Callable[[str], None] = print,
+    training_images: Sequence[Image.Image] = (),
 ) -> Path:
-    """Render base | dora | lora at strength 1 for ``seeds``; write the grid PNG (with its parameters) to ``output``.
+    """Render base | dora | lora at strength 1 for ``seeds``; write the demo's PNG (``demo_figure``, with the
+    grid's parameters) to ``output``.
 
-    Logs each column's scores (``column_scores``).
+    Logs each column's scores (``column_scores``) and what they mean (``explain_scores``).
     """
     settings = GenerationSettings(
         PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, width=RESOLUTION, height=RESOLUTION
@@ -184,14 +203,75 @@ def render_demo_grid(
     for result in comparer.render(plan):
         results.append(result)
         log(f"cell {len(results)} of {len(plan)}: {result.caption}")
-    for row in column_scores(plan, results):
+    scores = column_scores(plan, results)
+    for row in scores:
         log(
             f"{row.column.label:>8}: subject fidelity {row.values['subject fidelity']:.2f}, "
             f"prompt fidelity {row.values['prompt fidelity']:.2f}  (toyworld.score over {row.n} images)"
         )
+    explanation = explain_scores(scores)
+    log(explanation)
+    images = {(r.cell.seed, r.cell.column): r.image for r in results}
+    maps = difference_maps(plan, images, comparer.kinds())
+    notes = {row.column: [f"{k} {v:.2f}" for k, v in row.values.items()] for row in scores}
+    grid = comparer.grid(plan, results, notes=notes)
+    figure = demo_figure(plan, grid, maps, training_images, explanation)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    return save_png(comparer.grid(plan, results), output, grid_infotext(plan, comparer.model, comparer.default_sampler))
+    return save_png(figure, output, grid_infotext(plan, comparer.model, comparer.default_sampler))
+
+
+def explain_scores(scores: Sequence[ColumnScore]) -> str:
+    """One plain paragraph on what the demo's scores say, with the figures of ``scores`` (base, DoRA, LoRA)."""
+    by = {row.column.label: row.values for row in scores}
+    base, dora, lora = by.get("base"), by.get("dora"), by.get("lora")
+    if not (base and dora and lora):
+        return "Scores need the base, DoRA and LoRA columns."
+    sf, pf = "subject fidelity", "prompt fidelity"
+    return (
+        f"Subject fidelity (0-1, like DINO) is how much the images show the subject of the training images: base "
+        f"{base[sf]:.2f}, DoRA {dora[sf]:.2f}, LoRA {lora[sf]:.2f}, so both adapters learned the subject. Prompt "
+        f"fidelity (0-1, like CLIP-T) is how much they show the rest of the prompt, here the striped background: "
+        f"base {base[pf]:.2f}, DoRA {dora[pf]:.2f}, LoRA {lora[pf]:.2f}. It drops because an adapter trained on "
+        f"{N_IMAGES} images of the subject draws the subject's look everywhere, over the background the prompt "
+        f"asks for (language drift); prior preservation (training with --with_prior_preservation on class images) "
+        f"reduces it."
+    )
+
+
+def demo_figure(
+    plan: GridPlan,
+    grid: Image.Image,
+    maps: Sequence[DifferenceMap],
+    training_images: Sequence[Image.Image] = (),
+    explanation: str = "",
+) -> Image.Image:
+    """The demo's PNG, top to bottom: the training images; ``grid`` (``Comparer.grid`` of ``plan``: base | DoRA |
+    LoRA, with scores under each column's legend) with the difference maps (|adapter - base|, |DoRA - LoRA|) on
+    its right; ``explanation``."""
+    parts = []
+    zoom = grid_zoom(plan.settings.width, plan.settings.height)
+    if training_images:
+        parts.append(compose_grid(
+            [list(training_images)], ["training"], [[f"image {i + 1}"] for i in range(len(training_images))],
+            f"The training images of the subject ({SUBJECT.trigger}): {len(training_images)} images", zoom,
+        ))  # fmt: skip
+    parts.append(stack_images([grid, difference_grid(plan, maps)], gap=24, across=True) if maps else grid)
+    width = max(p.width for p in parts)
+    if explanation:
+        parts.append(text_image(explanation, width, font_size=max(14, min(24, width // 60))))
+    return stack_images(parts, gap=24)
+
+
+def training_images(assets: DemoAssets) -> list[Image.Image]:
+    """The subject's instance images the demo adapters were trained on, sorted by name."""
+    if assets.data_dir is None:
+        return []
+    images = []
+    for path in sorted(assets.data_dir.glob("*.png")):
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    return images
 
 
 def column_scores(plan: GridPlan, results: Sequence[CellResult]) -> list[ColumnScore]:
@@ -233,12 +313,13 @@ def main(argv: list[str] | None = None) -> Path:
         torch.set_num_threads(args.num_threads)
     start = time.perf_counter()
     assets = prepare_demo(args.cache_dir, args.train_steps, args.force)
+    print(f"demo cache: {_home_relative(assets.root)} (a second run reuses it; --cache_dir moves it)")
     comparer = demo_comparer(assets)
     output = Path(args.output) if args.output else assets.root / "dora_vs_lora_grid.png"
-    path = render_demo_grid(comparer, output, args.seeds, args.steps)
+    path = render_demo_grid(comparer, output, args.seeds, args.steps, training_images=training_images(assets))
     print(
-        f"\nDemo finished in {time.perf_counter() - start:.0f} s. Side-by-side grid (rows: seeds; columns: "
-        f"base model, DoRA, LoRA):\n{path.resolve()}"
+        f"\nDemo finished in {time.perf_counter() - start:.0f} s. Side-by-side grid (top: the training images; "
+        f"rows: seeds; columns: base model, DoRA, LoRA, with scores; below: difference maps):\n{path.resolve()}"
     )
     return path
 

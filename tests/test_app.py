@@ -718,3 +718,41 @@ def test_huge_form_fields_are_refused_quickly_with_short_messages(app, files):
         reply = httpx.get(f"{url}gradio_api/call/{api}/{event}", timeout=30).text
         assert reply.startswith("event: error") and "root:" not in reply
     assert [a.name for a in comparer.adapters][:2] == ["dora", "lora"]
+
+
+# ------------------------------------------------------------------------------------------------ issue 29
+
+
+def test_an_empty_prompt_starts_from_trigger_words_and_is_refused(app, tmp_path):
+    """Issue 29 (5): the page's prompt starts from the loaded adapters' trigger words (file headers); /generate
+    refuses an empty prompt with a message naming them; a difference pair that is not two loaded adapters is
+    refused too."""
+    from dora_diffusion.formats import read_safetensors, write_safetensors
+
+    client, comparer, _ = app
+    with pytest.raises(Exception, match="the prompt is empty; describe the image to generate \\(none of the loaded"):
+        client.predict("  ", "", "0", 2, 5.0, 64, 64, "Default", True, {"dora": 1.0}, api_name="/generate")
+    with pytest.raises(Exception, match="difference pair 'dora vs nope' is not two different loaded adapters"):
+        client.predict(PROMPT, "", "0", 2, 5.0, 64, 64, "Default", True, {"dora": 1.0}, "dora vs nope",
+                       api_name="/generate")  # fmt: skip
+    state, meta = read_safetensors(comparer.adapters[0].file)
+    path = tmp_path / "trig.safetensors"
+    write_safetensors(state, path, {**meta, "modelspec.trigger_phrase": "TOK, sks"})
+    comparer.load_adapter(str(path), "trig")
+    try:
+        with pytest.raises(Exception, match="adapters' trigger words \\(trig: TOK, sks\\)"):
+            client.predict("", "", "0", 2, 5.0, 64, 64, "Default", True, {"dora": 1.0}, api_name="/generate")
+        page = build_ui(comparer, GenerationSettings("", width=64, height=64))
+        prompt = next(b for b in page.blocks.values() if getattr(b, "elem_id", None) == "prompt")
+        assert prompt.value == "TOK, sks"
+    finally:
+        comparer.remove_adapter("trig")
+
+
+def test_the_demo_names_its_cache_with_a_tilde(monkeypatch, tmp_path):
+    """Issue 29 (1): the cache folder is printed as a person types it (``~/.cache/...``)."""
+    from dora_diffusion.demo import _home_relative
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _home_relative(tmp_path / ".cache" / "dora-diffusion" / "demo") == "~/.cache/dora-diffusion/demo"
+    assert _home_relative(Path("/elsewhere/demo")) == "/elsewhere/demo"

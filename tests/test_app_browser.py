@@ -92,9 +92,9 @@ def page(server):
             browser.close()
 
 
-def _screenshot(page, tmp_path: Path, name: str) -> Path:
+def _screenshot(page, tmp_path: Path, name: str, full_page: bool = True) -> Path:
     path = tmp_path / name
-    page.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(path), full_page=full_page)
     keep = os.environ.get("DORA_SCREENSHOT_DIR")
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
@@ -224,3 +224,104 @@ def test_failed_load_and_restore_leave_the_form_as_it_was(page, tmp_path):
     expect(page.locator("#message")).to_contain_text("Removed lora")
     expect(page.locator("#slot-1")).to_be_hidden()
     assert page.locator("#sweep-0 textarea").input_value() == "0, 0.25, 0.5, 0.75, 1"
+
+
+def _png_with_parameters(path: Path, seed: int) -> Path:
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", f"{PROMPT}\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: {seed}, Size: 64x64, Model: m")
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+# each row: the check, and the JavaScript that returns the offending elements' text ([] when the layout holds)
+LAYOUT_CHECKS = {
+    "a gallery scrolls sideways": """() => [...document.querySelectorAll('#gallery .grid-wrap, #differences .grid-wrap')]
+        .filter(e => e.offsetParent && e.scrollWidth > e.clientWidth + 1).map(e => e.closest('[id]').id)""",
+    "a caption covers its image or is cut": """() => [...document.querySelectorAll('#gallery .thumbnail-item, #differences .thumbnail-item')]
+        .filter(e => e.offsetParent).filter(e => { const c = e.querySelector('.caption-label'), i = e.querySelector('img');
+          return c && (c.getBoundingClientRect().top < i.getBoundingClientRect().bottom - 1 || c.scrollWidth > c.clientWidth + 1); })
+        .map(e => e.innerText)""",
+    "a table header breaks inside a word or overflows": """() => [...document.querySelectorAll('#scores th')]
+        .filter(e => { const s = getComputedStyle(e.querySelector('span') || e);
+          return s.wordBreak !== 'normal' || s.overflowWrap !== 'normal' || e.scrollWidth > e.clientWidth + 1; })
+        .map(e => e.innerText)""",
+}
+
+
+PROGRESS_WATCH = """() => {
+  window.progressShownOn = new Set(); window.timerShown = false;
+  new MutationObserver(() => {
+    document.querySelectorAll('.progress-level').forEach(e => { if (e.offsetParent) window.progressShownOn.add(e.closest('[id]').id); });
+    document.querySelectorAll('.meta-text').forEach(e => { if (e.offsetParent && /[0-9.]+s/.test(e.innerText)) window.timerShown = true; });
+  }).observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
+}"""
+"""Records, while a grid renders, which outputs showed a progress bar and whether an elapsed-time counter showed."""
+
+
+def test_the_page_fits_a_desktop_and_a_phone(page, tmp_path, tmp_path_factory):
+    """Issue 29 (4, 5, 7, 8): an empty prompt is refused (its placeholder is no prompt); one progress bar, on the
+    gallery, without a timer; captions under their images; whole table headers; the chosen difference pair named
+    in the table and the message; a wrapped snippet, a grey Stop while idle, local fonts; on a phone no gallery
+    scrolls sideways and Generate is on the first screen; a second PNG restores without removing the first."""
+    expect = sync_api.expect
+    page.set_viewport_size({"width": 1400, "height": 1800})
+    if not page.evaluate("() => [...document.querySelectorAll('#slot-1')].some(e => e.offsetParent)"):  # an earlier test of this server removed the LoRA: load it again
+        lora = next(tmp_path_factory.getbasetemp().glob("browser*/lora/*.safetensors"))
+        page.get_by_text("Add or remove adapters").click()
+        page.locator("#add-source textarea, #add-source input").first.fill(str(lora))
+        page.click("#add-adapter")
+        expect(page.locator("#message")).to_contain_text("Loaded lora")
+        page.get_by_text("Add or remove adapters").click()
+    prompt = page.locator("#prompt textarea")
+    assert prompt.input_value() == ""  # the tiny adapters' files name no trigger words
+    assert prompt.get_attribute("placeholder").startswith("(empty) describe the image")
+    page.click("#generate")
+    expect(page.locator(".toast-body.error")).to_contain_text("the prompt is empty")
+    page.locator(".toast-body.error").get_by_label("Close").click()
+    assert "secondary" in page.locator("#stop").get_attribute("class")  # not the red 'stop' variant while idle
+    assert page.evaluate("() => getComputedStyle(document.querySelector('h2')).fontFamily").startswith('"DejaVu Sans"')
+
+    prompt.fill(PROMPT)
+    page.locator("#seeds textarea").fill("0")
+    page.locator("#steps input[type=number]").fill("4")
+    page.locator("#sweep-0 textarea").fill("0, 0.5, 1")  # 5 columns: base, dora x 3, lora
+    page.locator("#difference-pair input").fill("lora vs dora")
+    page.locator("#difference-pair input").press("Enter")
+    page.evaluate(PROGRESS_WATCH)  # the grid may take well under a second: record what its progress showed
+    page.click("#generate")
+    expect(page.locator("#message")).to_contain_text("Done: 5 cells", timeout=60_000)
+    shown = page.evaluate("() => [[...window.progressShownOn], window.timerShown]")
+    assert shown == [["gallery"], False]  # one progress bar, not one per output, and no elapsed-time counter
+    expect(page.locator("#message")).to_contain_text("mean |lora − dora| compares lora with dora at the same strength")
+    expect(page.locator("#scores th").last).to_contain_text("mean |lora − dora|")
+    assert page.locator("#snippet .cm-lineWrapping").count() == 1
+    for name, script in LAYOUT_CHECKS.items():
+        assert page.evaluate(script) == [], name
+    _screenshot(page, tmp_path, "app_desktop.png")
+    page.get_by_role("tab", name="Differences").click()
+    expect(page.locator("#differences img")).to_have_count(5)  # 4 against the base, 1 pair
+    expect(page.locator("#differences").get_by_text("|lora 1.00 − dora 1.00| · seed 0", exact=False)).to_be_visible()
+    assert page.evaluate(LAYOUT_CHECKS["a caption covers its image or is cut"]) == []
+    page.get_by_role("tab", name="Cells").click()
+
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.evaluate("() => window.scrollTo(0, 0)")
+    page.wait_for_timeout(200)
+    assert page.locator("#generate").bounding_box()["y"] + page.locator("#generate").bounding_box()["height"] <= 844
+    for name, script in LAYOUT_CHECKS.items():
+        assert page.evaluate(script) == [], f"phone: {name}"
+    _screenshot(page, tmp_path, "app_phone.png", full_page=False)  # the form, Generate at the bottom
+    page.evaluate("() => document.querySelector('#message').scrollIntoView()")
+    page.wait_for_timeout(200)
+    _screenshot(page, tmp_path, "app_phone_results.png", full_page=False)
+    page.set_viewport_size({"width": 1400, "height": 1800})
+
+    page.get_by_text("Restore settings from a PNG made here").click()
+    upload = page.locator("#restore-upload input[type=file]")
+    upload.set_input_files(str(_png_with_parameters(tmp_path / "seed3.png", 3)))
+    expect(page.locator("#seeds textarea")).to_have_value("3")
+    expect(page.locator("#restore-upload").get_by_text("seed3.png")).to_have_count(0)  # the box is empty again
+    upload.set_input_files(str(_png_with_parameters(tmp_path / "seed4.png", 4)))
+    expect(page.locator("#seeds textarea")).to_have_value("4")

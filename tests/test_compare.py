@@ -25,6 +25,7 @@ from dora_diffusion.compare import (
     abs_difference,
     caption,
     column_table,
+    default_pair,
     difference_grid,
     check_adapter_args,
     check_adapter_name,
@@ -32,6 +33,7 @@ from dora_diffusion.compare import (
     default_adapter_name,
     difference_maps,
     difference_pairs,
+    pair_header,
     grid_infotext,
     infotext,
     load_base_pipeline,
@@ -753,3 +755,81 @@ def test_a_file_loads_once_and_adapters_can_be_removed(bench, tmp_path):
         bench.remove_adapter("extra")
     assert bench.load_adapter(str(extra), "extra").name == "extra"  # removed, it loads again
     bench.remove_adapter("extra")
+
+
+# ------------------------------------------------------------------------------------------------ issue 29
+
+
+def test_a_chosen_difference_pair_replaces_every_dora_against_every_lora():
+    """Issue 29 (8): the DoRA − LoRA maps compare the chosen pair only, whatever its kinds, and the table names it."""
+    cols = [Column(None), Column("d", 1.0), Column("l", 1.0), Column("x", 1.0), Column("x", 0.5)]
+    kinds = {"d": "DoRA", "l": "LoRA", "x": "DoRA"}
+    pairs = difference_pairs(cols, kinds, ("x", "d"))
+    assert [(a.label, a.strength, b.label) for a, b in pairs[4:]] == [("x", 1.0, "d")]  # same strength only
+    assert default_pair(["x", "l", "d"], kinds) == ("x", "l")
+    assert default_pair(["x", "d"], kinds) == ("x", "d") and default_pair(["x"], kinds) is None
+    assert pair_header(("d", "l"), kinds) == "mean |DoRA − LoRA|"
+    assert pair_header(("x", "d"), kinds) == "mean |x − d|"
+    plan = plan_grid(TINY, [7], {"d": 1.0, "l": 1.0, "x": 1.0}, True, ["d", "l", "x"])
+    images = {(7, Column(None)): _solid((0, 0, 0)), (7, Column("d", 1.0)): _solid((4, 4, 4)),
+              (7, Column("l", 1.0)): _solid((0, 0, 0)), (7, Column("x", 1.0)): _solid((10, 10, 10))}  # fmt: skip
+    maps = difference_maps(plan, images, kinds, ("x", "d"))
+    assert [m.label for m in maps][3:] == ["|x 1.00 − d 1.00|"] and maps[3].mean == 6.0
+    table = column_table(plan, images, [], maps, pair_header(("x", "d"), kinds))
+    assert table["headers"][-1] == "mean |x − d|"
+    assert [row[-1] for row in table["data"]] == [None, None, None, 6.0]
+
+
+def test_trigger_words_from_each_dialect_and_the_comparers_prompt(bench, tmp_path):
+    """Issue 29 (5): trigger words come from our header, kohya's trigger phrase or ss_tag_frequency; the comparer
+    joins those of its loaded adapters into a prompt."""
+    from dora_diffusion.formats import read_metadata, read_safetensors, trigger_words, write_safetensors
+
+    assert trigger_words({"dora_diffusion": json.dumps({"trigger_words": ["a zwx pink heart", " "]})}) == ["a zwx pink heart"]
+    assert trigger_words({"modelspec.trigger_phrase": "TOK, sks dog"}) == ["TOK", "sks dog"]
+    tags = {"10_sks dog": {"sks": 12, "dog": 12, "grass": 3}, "5_more": {"sks": 2, "dog": 2, "snow": 9}}
+    assert trigger_words({"ss_tag_frequency": json.dumps(tags)}) == ["sks", "dog"]
+    assert trigger_words({"ss_tag_frequency": "not json"}) == [] and trigger_words({}) == []
+    assert bench.trigger_prompt() == ""  # the bench's files name none
+    state, meta = read_safetensors(bench.adapters[0].file)
+    path = tmp_path / "trig.safetensors"
+    write_safetensors(state, path, {**meta, "modelspec.trigger_phrase": "TOK, sks"})
+    assert trigger_words(read_metadata(path)) == ["TOK", "sks"]
+    bench.load_adapter(str(path), "trig")
+    try:
+        assert bench.trigger_words()["trig"] == ["TOK", "sks"] and bench.trigger_words()["dora"] == []
+        assert bench.trigger_prompt() == "TOK, sks"
+    finally:
+        bench.remove_adapter("trig")
+
+
+def test_the_demo_figure_shows_training_images_grid_differences_and_the_explanation():
+    """Issue 29 (1): training images on top, the grid and its difference maps side by side, then the sentence;
+    the explanation carries the scores it was given and names language drift and prior preservation."""
+    from dora_diffusion.compare.scores import ColumnScore as Score
+    from dora_diffusion.demo import demo_figure, explain_scores
+
+    plan = plan_grid(TINY, [0], {"dora": 1.0, "lora": 1.0}, True, ["dora", "lora"])
+    images = {(0, Column(None)): _solid((0, 0, 0)), (0, Column("dora", 1.0)): _solid((4, 4, 4)),
+              (0, Column("lora", 1.0)): _solid((0, 0, 0))}  # fmt: skip
+    maps = difference_maps(plan, images, {"dora": "DoRA", "lora": "LoRA"})
+    scores = [Score(Column(None), 1, {"subject fidelity": 0.51, "prompt fidelity": 0.75}),
+              Score(Column("dora", 1.0), 1, {"subject fidelity": 0.81, "prompt fidelity": 0.25}),
+              Score(Column("lora", 1.0), 1, {"subject fidelity": 0.76, "prompt fidelity": 0.5})]  # fmt: skip
+    text = explain_scores(scores)
+    for part in ("base 0.51, DoRA 0.81, LoRA 0.76", "base 0.75, DoRA 0.25, LoRA 0.50", "language drift",
+                 "--with_prior_preservation"):  # fmt: skip
+        assert part in text, part
+    grid = Image.new("RGB", (300, 200), (0, 255, 0))
+    training = [Image.new("RGB", (16, 16), (255, 0, 0))] * 3
+    figure = demo_figure(plan, grid, maps, training, text)
+    pixels = np.asarray(figure)
+    red = np.argwhere((pixels == (255, 0, 0)).all(axis=2))
+    green = np.argwhere((pixels == (0, 255, 0)).all(axis=2))
+    assert len(red) == 3 * 64 * 64  # the training images, zoomed x4 like the grid's cells
+    assert red[:, 0].max() < green[:, 0].min()  # above the grid
+    assert len(green) == 300 * 200 and green[:, 1].min() == 0
+    assert figure.width > 300 + difference_grid(plan, maps).width  # the difference maps on the grid's right
+    text_top = figure.height - grid_image.text_image(text, figure.width, max(14, min(24, figure.width // 60))).height
+    assert green[:, 0].max() < text_top  # the sentence below
+    assert grid_image.drawable("|a − b| ×2 — Δ") == "|a - b| x2 - d"

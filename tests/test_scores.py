@@ -113,3 +113,13 @@ def test_no_scoring_model_offline_is_a_note_not_a_hang(monkeypatch, tmp_path):
     with pytest.raises(ScoringUnavailable, match="does not exist"):
         ClipScorer(str(save_tiny_clip(tmp_path / "clip")), tmp_path / "missing").score(list(images.values()), "a cat")
     assert np.isfinite(ClipScorer(str(tmp_path / "clip")).score(list(images.values()), "a cat")["CLIP-T"])
+
+
+def test_instance_dir_on_the_toy_model_keeps_the_toy_scorer_and_says_so(tmp_path):
+    """Issue 29 (8): --instance_dir on the toy world's model no longer switches to CLIP (which cannot load
+    offline); the scorer's name, shown under Generate, says the folder is not read."""
+    scorer = make_scorer(str(PIPELINE_DIR), "openai/clip-vit-base-patch32", str(tmp_path))
+    assert isinstance(scorer, ToyWorldScorer)
+    assert f"--instance_dir {tmp_path} is not read" in scorer.name
+    assert scorer.metrics("a zwx pink heart") == ("prompt fidelity", "subject fidelity")
+    assert ToyWorldScorer().name == "toy-world scorer (dora_diffusion.toyworld.score)"

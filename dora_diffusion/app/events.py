@@ -33,11 +33,13 @@ from dora_diffusion.compare import (
     ScoringUnavailable,
     column_table,
     default_adapter_name,
+    default_pair,
     difference_grid,
     difference_maps,
     difference_pairs,
     format_strength,
     grid_infotext,
+    pair_header,
     read_parameters,
     restore_form,
     save_png,
@@ -251,10 +253,23 @@ class CompareEvents:
         try:
             if adapters is not None and not isinstance(adapters, dict):
                 raise CompareError(f"adapters must be a {{name: strength}} mapping, got {type(adapters).__name__}")
+            if not (values.prompt or "").strip():
+                raise CompareError(self.empty_prompt_message())
             settings, seeds, include_base = values.settings(), values.seeds or "", bool(values.include_base)
             return self.comparer.plan_grid(settings, seeds, adapters or {}, include_base)
         except CompareError as err:
             raise page_error(err) from None
+
+    def empty_prompt_message(self) -> str:
+        """Why an empty prompt is refused, with the loaded adapters' trigger words to start from."""
+        triggers = {name: words for name, words in self.comparer.trigger_words().items() if words}
+        if not triggers:
+            return (
+                "the prompt is empty; describe the image to generate (none of the loaded adapters' files names "
+                "trigger words)"
+            )
+        named = "; ".join(f"{name}: {', '.join(words)}" for name, words in triggers.items())
+        return f"the prompt is empty; describe the image to generate, with the adapters' trigger words ({named})"
 
     def check(self, data: dict) -> dict:
         """Check the form and turn the ticked slots into ``{adapter: strength or [strengths]}`` for /generate."""
@@ -278,19 +293,23 @@ class CompareEvents:
         scheduler: str,
         include_base: bool,
         adapters: dict,
-        request: gr.Request,
+        difference_pair: str | None = None,
+        request: gr.Request = None,
         progress=gr.Progress(),
     ):
         """Render the grid: one column per adapter and strength in ``adapters`` ({name: strength, or a list of
         strengths for a sweep}) and the base model if ``include_base``, one row per seed. Yields the gallery after
-        each cell, then the difference maps, the grid PNG, the scores and a message."""
+        each cell, then the difference maps, the grid PNG, the scores and a message. ``difference_pair``
+        (``"a vs b"``; empty: the first DoRA and the first LoRA) is the pair whose difference maps and mean
+        difference the results show besides each adapter against the base."""
         values = FormValues(prompt, negative_prompt, seeds, num_inference_steps, guidance_scale, width, height,
                             scheduler, include_base)  # fmt: skip
         p = self.plan_from_form(values, adapters)
+        pair = self.chosen_pair(difference_pair, p)
         stop = self.runs.start_job(request.session_hash or "")
         out = self.runs.new_dir()
         n, n_steps, n_cols = len(p), p.settings.num_inference_steps, len(p.columns)
-        n_pairs = max(1, len(difference_pairs(p.columns, self.comparer.kinds())))
+        n_pairs = max(1, len(difference_pairs(p.columns, self.comparer.kinds(), pair)))
         progress((0, n * n_steps), desc=f"cell 1 of {n}")
         start = time.perf_counter()
         done: list[CellResult] = []
@@ -323,12 +342,40 @@ class CompareEvents:
             yield *skip, f"Stopped before the first of {n} cells finished; nothing to show.", infos
             return
         stopped = len(done) < n
-        yield self.finish(p, done, out, items, infos, stopped, time.perf_counter() - start)
+        yield self.finish(p, done, out, items, infos, stopped, time.perf_counter() - start, pair)
 
-    def finish(self, p: GridPlan, done: list[CellResult], out: Path, items, infos, stopped: bool, seconds: float):
+    def chosen_pair(self, text: str | None, p: GridPlan) -> tuple[str, str] | None:
+        """The difference pair ``"a vs b"`` of a request, checked; empty: ``default_pair`` of the grid's adapters."""
+        kinds = self.comparer.kinds()
+        if not (text or "").strip():
+            return default_pair(list(dict.fromkeys(c.adapter for c in p.columns if c.adapter)), kinds)
+        names = [n.strip() for n in str(text).split(" vs ")]
+        if len(names) != 2 or names[0] == names[1] or any(n not in kinds for n in names):
+            raise page_error(
+                f"difference pair {text!r} is not two different loaded adapters written 'a vs b'; loaded: "
+                f"{', '.join(kinds) or 'none'}"
+            )
+        return names[0], names[1]
+
+    def pair_options(self) -> tuple[list[str], str | None]:
+        """The difference pair's choices (every ordered pair of loaded adapters, ``"a vs b"``) and its default."""
+        names = self.names()
+        pair = default_pair(names, self.comparer.kinds())
+        return [f"{a} vs {b}" for a in names for b in names if a != b], (f"{pair[0]} vs {pair[1]}" if pair else None)
+
+    def pair_choices(self) -> gr.Dropdown:
+        """``pair_options`` as an update of the Difference pair dropdown."""
+        choices, value = self.pair_options()
+        return gr.Dropdown(choices=choices, value=value)
+
+    def finish(
+        self, p: GridPlan, done: list[CellResult], out: Path, items, infos, stopped: bool, seconds: float,
+        pair: tuple[str, str] | None = None,
+    ):  # fmt: skip
         """The last yield of a grid (whole, or stopped early): difference maps, grid PNGs, scores, message."""
         images = {(r.cell.seed, r.cell.column): r.image for r in done}
-        maps = difference_maps(p, images, self.comparer.kinds())
+        kinds = self.comparer.kinds()
+        maps = difference_maps(p, images, kinds, pair)
         diff_items = []
         for k, m in enumerate(maps):
             path = save_png(m.image, out / f"diff{k:03d}_seed{m.seed}.png", m.caption)
@@ -346,8 +393,10 @@ class CompareEvents:
         if maps:
             parameters = grid_infotext(p, self.comparer.model, self.comparer.default_sampler)
             downloads.append(str(save_png(difference_grid(p, maps), out / "differences.png", parameters)))
-        table = column_table(p, images, scores, maps)
+        header = pair_header(pair, kinds) if pair else "mean |DoRA − LoRA|"
+        table = column_table(p, images, scores, maps, header)
         downloads.append(str(write_table_csv(table, out / "scores.csv")))
+
         shown = infos[default_cell(p, len(infos))]
         n = len(p)
         message = (
@@ -355,6 +404,9 @@ class CompareEvents:
             if stopped
             else f"Done: {n} cells in {seconds:.1f} s."
         )
+        if pair:
+            a, b = (markdown_text(n) for n in pair)
+            message += f" {markdown_text(header)} compares **{a}** with **{b}** at the same strength (Difference pair)."
         if score_note:
             message += f"\n\n{score_note}"
         return (list(items), diff_items, str(grid), downloads, table, shown["infotext"], shown["snippet"], message,
@@ -440,7 +492,7 @@ class CompareEvents:
         adapters = self.comparer.adapters
         values = synced_slots(page_names or [], adapters)
         status = f"Loaded **{info.name}**: {info.summary}, from {code_span(info.source)}."
-        return status, self.remove_choices(), self.names(), *slot_updates(adapters, values)
+        return status, self.remove_choices(), self.pair_choices(), self.names(), *slot_updates(adapters, values)
 
     def remove_adapter(self, data: dict, request: gr.Request = None):
         """Unload the chosen adapter; the other slots keep their ticks, strengths and sweeps."""
@@ -455,7 +507,7 @@ class CompareEvents:
             raise self.fail(request, err) from None
         adapters = self.comparer.adapters
         updates = slot_updates(adapters, synced_slots(page_names, adapters, kept))
-        return f"Removed **{name}**.", self.remove_choices(), self.names(), *updates
+        return f"Removed **{name}**.", self.remove_choices(), self.pair_choices(), self.names(), *updates
 
     def remove_adapter_api(self, name: str) -> str:
         """Unload adapter ``name`` (``/remove_adapter``); returns a message. Open pages show it gone when reloaded."""
@@ -492,4 +544,4 @@ class CompareEvents:
         """
         adapters = self.comparer.adapters
         updates = slot_updates(adapters, synced_slots(page_names, adapters))
-        return self.remove_choices(), self.names(), *updates
+        return self.remove_choices(), self.pair_choices(), self.names(), *updates

@@ -130,8 +130,9 @@ def read_slots(form: Form, data: Mapping[gr.components.Component, object]) -> tu
 def build_form(d: GenerationSettings, default_seeds: str, loaded: Sequence[AdapterInfo]) -> Form:
     """The form's components (call inside a ``gr.Column``), showing one slot per loaded adapter."""
     prompt = gr.Textbox(
-        d.prompt, label="Prompt", lines=2, placeholder="a photo of TOK ...  (Ctrl+Enter generates)", elem_id="prompt"
-    )
+        d.prompt, label="Prompt", lines=2, elem_id="prompt",
+        placeholder="(empty) describe the image, with your adapters' trigger words; Ctrl+Enter generates",
+    )  # fmt: skip
     negative = gr.Textbox(d.negative_prompt, label="Negative prompt", elem_id="negative-prompt")
     with gr.Row():
         seeds = gr.Textbox(

@@ -16,6 +16,7 @@ alone carries their error status (no badge on the form). No error changes an inp
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,15 +32,45 @@ from dora_diffusion.compare.sources import AdapterSources
 __all__ = ["ComparePage", "analysis_tab", "banner", "build_ui", "default_upload_dir"]
 
 PAGE_CSS = """
-#gallery .caption-label, #differences .caption-label {
-  white-space: normal !important; max-width: 100% !important; overflow: visible !important;
-  text-overflow: clip !important; font-size: 11px; line-height: 1.2; padding: 1px 4px !important; opacity: 0.85;
+#gallery .grid-container, #differences .grid-container {
+  grid-template-columns: repeat(var(--grid-cols), minmax(0, 1fr)) !important;
+  grid-template-rows: none !important; grid-auto-rows: auto !important;
 }
+#gallery .thumbnail-item, #differences .thumbnail-item {
+  aspect-ratio: auto !important; height: auto !important; display: flex !important; flex-direction: column;
+}
+#gallery .thumbnail-item > img, #differences .thumbnail-item > img {
+  aspect-ratio: 1 / 1; height: auto !important; flex: none;
+}
+#gallery .caption-label, #differences .caption-label {
+  position: static !important; white-space: normal !important; max-width: 100% !important;
+  overflow: visible !important; text-overflow: clip !important; overflow-wrap: normal !important;
+  word-break: normal !important; border: none !important; border-radius: 0 !important; font-size: 11px;
+  line-height: 1.2; padding: 2px 3px !important;
+}
+#gallery .meta-text { display: none !important; }
 #grid-image img { object-fit: contain !important; width: 100%; height: auto; }
 #grid-image .image-frame { padding-top: 40px; }
+#scores th, #scores th * { word-break: normal !important; overflow-wrap: normal !important; hyphens: none !important; }
+#gallery .grid-wrap, #differences .grid-wrap { padding-top: 36px !important; }
+.gradio-container { overflow: clip !important; }
+@media (max-width: 768px) {
+  #actions { position: sticky; bottom: 0; z-index: 20; background: var(--background-fill-primary);
+             padding: 6px 0; flex-wrap: nowrap !important; box-shadow: 0 -2px 6px rgba(0, 0, 0, 0.12); }
+  #actions > * { min-width: 0 !important; }
+  #scores th, #scores td { padding: 4px !important; }
+}
 """
-"""Gallery captions wrap instead of ending in '…', so strength and seed stay readable with many columns; the grid
-PNG starts below its label and buttons, which float over the image's top corners and hid the prompt's start."""
+"""Gallery captions sit under their image and wrap between words (never cut with '…', never covering the image,
+which matters most for difference maps), and the gallery's columns shrink to the page instead of scrolling
+sideways on a phone; the progress shows only its text (no elapsed-time counter, which restarts at every step);
+table headers wrap between words only; the grid PNG starts below its label and buttons, which float over the
+image's top corners, and so do the galleries' cells; on a phone the Generate / Stop row stays at the bottom of the
+screen while the form scrolls (the page's container clips instead of hiding overflow, which would stop that)."""
+PAGE_FONTS = ["DejaVu Sans", "Liberation Sans", "Helvetica", "Arial", "system-ui", "sans-serif"]
+PAGE_MONO_FONTS = ["DejaVu Sans Mono", "Liberation Mono", "Menlo", "Consolas", "monospace"]
+"""Fonts installed on the machine: the default theme's web fonts come from Google and cannot load offline (a
+fallback font then drew some letters, like the capital A of DoRA, in another face)."""
 PAGE_JS = """
 () => {
   document.addEventListener("keydown", (e) => {
@@ -59,10 +90,11 @@ def default_upload_dir() -> Path:
 
 
 class ComparePage(gr.Blocks):
-    """``gr.Blocks`` whose ``launch`` adds the page's CSS and its Ctrl+Enter shortcut."""
+    """``gr.Blocks`` whose ``launch`` adds the page's CSS, its local fonts and its Ctrl+Enter shortcut."""
 
-    def launch(self, *args, css: str | None = None, js: str | None = None, **kwargs):
-        return super().launch(*args, css=PAGE_CSS + (css or ""), js=js or PAGE_JS, **kwargs)
+    def launch(self, *args, css: str | None = None, js: str | None = None, theme=None, **kwargs):
+        theme = theme or gr.themes.Default(font=PAGE_FONTS, font_mono=PAGE_MONO_FONTS)
+        return super().launch(*args, css=PAGE_CSS + (css or ""), js=js or PAGE_JS, theme=theme, **kwargs)
 
 
 def banner(comparer: Comparer, host: str | None) -> str:
@@ -94,7 +126,8 @@ def build_ui(
 ) -> gr.Blocks:
     """The page for ``comparer``, with its queue set up (one job at a time, at most ``max_queue`` waiting).
 
-    The form starts at ``settings`` (default: an empty prompt at the base model's native size) and ``seeds``.
+    The form starts at ``settings`` (default: the base model's native size) and ``seeds``; an empty prompt is
+    filled with the loaded adapters' trigger words (``Comparer.trigger_prompt``).
     ``extra_tabs`` maps a tab title to a function that builds the tab's content from ``comparer`` (the
     Analysis tab of ``dora_diffusion.app.analysis`` plugs in here). ``scorer`` scores each column
     (``compare.make_scorer``; None: no scores). Uploaded adapters are kept in ``upload_dir`` (default
@@ -105,6 +138,8 @@ def build_ui(
     """
     if settings is None:
         settings = GenerationSettings("", width=comparer.default_size, height=comparer.default_size)
+    if not settings.prompt.strip():  # start from the loaded adapters' trigger words (their files' headers)
+        settings = dataclasses.replace(settings, prompt=comparer.trigger_prompt())
     if len(comparer.adapters) > MAX_SLOTS:
         raise ValueError(f"the page shows at most {MAX_SLOTS} adapters, {len(comparer.adapters)} are loaded")
     upload_dir = Path(upload_dir) if upload_dir else default_upload_dir()
@@ -153,7 +188,7 @@ def _results(n_columns: int) -> Results:
                         elem_id="grid-file")  # fmt: skip
     cell_info = gr.Textbox(label="Parameters of the chosen cell (PNG text 'parameters')", lines=3)
     snippet = gr.Code(language="python", label="Reproduce the chosen cell with diffusers", interactive=False,
-                      elem_id="snippet")  # fmt: skip
+                      wrap_lines=True, elem_id="snippet")  # fmt: skip
     return Results(gallery, differences, grid_image, downloads, scores, cell_info, snippet, gr.State([]))
 
 
@@ -163,6 +198,11 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
     with gr.Row():
         with gr.Column(scale=2, min_width=360):
             form = build_form(d, default_seeds, loaded)
+            pair_choice = gr.Dropdown(
+                choices=events.pair_options()[0], label="Difference pair", allow_custom_value=True,
+                info="its maps and its mean difference in the table, beside each adapter against the base",
+                elem_id="difference-pair",
+            )  # fmt: skip
             with gr.Accordion("Add or remove adapters", open=False):
                 add_source = gr.Textbox(label="Local path or Hub repo id", placeholder="runs/my-dora  or  user/repo",
                                         elem_id="add-source")  # fmt: skip
@@ -176,9 +216,9 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
             with gr.Accordion("Restore settings from a PNG made here (a cell or a whole grid)", open=False):
                 restore_upload = gr.File(label="PNG with generation parameters", file_types=["image"],
                                          elem_id="restore-upload")  # fmt: skip
-            with gr.Row():
+            with gr.Row(elem_id="actions"):
                 generate_button = gr.Button("Generate (Ctrl+Enter)", variant="primary", elem_id="generate")
-                stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                stop_button = gr.Button("Stop", variant="secondary", elem_id="stop")  # not red while idle
             message = gr.Markdown(elem_id="message")
             selection = gr.JSON(visible=False)
         with gr.Column(scale=3, min_width=480):
@@ -193,11 +233,12 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
     )
     checked.success(
         events.generate,
-        form.fields + [selection],
+        form.fields + [selection, pair_choice],
         [*results.outputs, message, results.state],
         api_name="generate",
         concurrency_id="pipeline",
         concurrency_limit=1,
+        show_progress_on=[results.gallery],  # one progress bar, not one on every output
     )
     stop_button.click(events.request_stop, None, message, queue=False, api_name="stop", api_visibility="undocumented")
     results.gallery.select(events.show_cell, results.state, [results.cell_info, results.snippet], queue=False,
@@ -206,7 +247,7 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
     added = add_button.click(
         events.load_adapter,
         [add_source, add_upload, add_name, form.slot_names],
-        [message, remove_choice, form.slot_names, *slot_outputs],
+        [message, remove_choice, pair_choice, form.slot_names, *slot_outputs],
         api_name="add_adapter",
         concurrency_id="adapters",
         concurrency_limit=1,
@@ -215,7 +256,7 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
     removed = remove_button.click(
         events.remove_adapter,
         {remove_choice, form.slot_names, *form.slot_inputs},
-        [message, remove_choice, form.slot_names, *slot_outputs],
+        [message, remove_choice, pair_choice, form.slot_names, *slot_outputs],
         concurrency_id="pipeline",
         concurrency_limit=1,
         show_progress_on=[message],
@@ -232,4 +273,6 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
     )
     for event in (added, removed, restored):  # the error's text stays on the message area after its toast
         event.failure(events.show_error, None, message, queue=False, api_visibility="private")
-    return events.on_load, [form.slot_names], [remove_choice, form.slot_names, *slot_outputs]
+    # the PNG is read: empty the box, so the next PNG drops in without removing this one by hand
+    restored.then(lambda: None, None, restore_upload, queue=False, api_visibility="private")
+    return events.on_load, [form.slot_names], [remove_choice, pair_choice, form.slot_names, *slot_outputs]

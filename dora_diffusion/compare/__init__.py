@@ -14,7 +14,7 @@ between columns. The modules, in the order a request meets them:
 - ``snippet``: the diffusers code that renders a cell again; ``loading``: the base pipeline.
 """
 
-from dora_diffusion.compare.differences import DifferenceMap, abs_difference, difference_maps, difference_pairs, mean_differences
+from dora_diffusion.compare.differences import DifferenceMap, abs_difference, default_pair, difference_maps, difference_pairs, mean_differences
 from dora_diffusion.compare.grid_image import GRID_MIN_SIDE, column_legend, compose_grid, row_legend
 from dora_diffusion.compare.infotext import (
     RestoredForm,
@@ -57,7 +57,7 @@ from dora_diffusion.compare.plan import (
     plan_grid,
 )
 from dora_diffusion.compare.render import AdapterInfo, CellResult, Comparer
-from dora_diffusion.compare.report import column_table, difference_grid, write_table_csv
+from dora_diffusion.compare.report import column_table, difference_grid, pair_header, write_table_csv
 from dora_diffusion.compare.scores import ClipScorer, ColumnScore, Scorer, ScoringUnavailable, ToyWorldScorer, make_scorer, score_columns
 from dora_diffusion.compare.snippet import reproduce_snippet
 
@@ -67,9 +67,9 @@ __all__ = [
     "ColumnScore", "CompareError", "Comparer", "DifferenceMap", "GenerationSettings", "GridPlan", "RestoredForm",
     "Scorer", "ScoringUnavailable", "ToyWorldScorer", "a1111_sampler", "abs_difference", "caption",
     "check_adapter_args", "check_adapter_name", "check_strength", "column_legend", "column_name", "column_table",
-    "compose_grid", "default_adapter_name", "difference_grid", "difference_maps", "difference_pairs", "dtype_keyword",
+    "compose_grid", "default_adapter_name", "default_pair", "difference_grid", "difference_maps", "difference_pairs", "dtype_keyword",
     "format_strength", "grid_infotext", "infotext", "load_base_pipeline", "make_scorer", "mean_differences",
-    "parse_adapter_arg", "parse_infotext", "parse_seeds", "parse_strengths", "plan_grid", "png_info",
+    "pair_header", "parse_adapter_arg", "parse_infotext", "parse_seeds", "parse_strengths", "plan_grid", "png_info",
     "read_parameters", "reproduce_snippet", "restore_form", "row_legend", "save_png", "scheduler_from_a1111",
     "score_columns", "write_table_csv",
 ]  # fmt: skip

@@ -45,10 +45,14 @@ class DifferenceMap:
         return f"{self.label} · seed {self.seed} · mean {self.mean:.2f}/255 · ×{self.gain}"
 
 
-def difference_pairs(columns: Sequence[Column], kinds: Mapping[str, str]) -> list[tuple[Column, Column]]:
+def difference_pairs(
+    columns: Sequence[Column], kinds: Mapping[str, str], pair: tuple[str, str] | None = None
+) -> list[tuple[Column, Column]]:
     """The column pairs a grid's difference view shows (module docstring), in column order.
 
-    ``kinds`` maps adapter names to ``"DoRA"`` or ``"LoRA"`` (``Comparer.kinds()``).
+    ``kinds`` maps adapter names to ``"DoRA"`` or ``"LoRA"`` (``Comparer.kinds()``). ``pair`` (two adapter names)
+    replaces "every DoRA against every LoRA" with the columns of ``pair[0]`` against those of ``pair[1]`` at the
+    same strength, whatever their kinds.
     """
     pairs = []
     base = next((c for c in columns if c.adapter is None), None)
@@ -57,9 +61,24 @@ def difference_pairs(columns: Sequence[Column], kinds: Mapping[str, str]) -> lis
         pairs += [(c, base) for c in adapters]
     for a in adapters:
         for b in adapters:
-            if kinds.get(a.adapter) == "DoRA" and kinds.get(b.adapter) == "LoRA" and a.strength == b.strength:
+            chosen = (
+                (a.adapter, b.adapter) == pair
+                if pair is not None
+                else kinds.get(a.adapter) == "DoRA" and kinds.get(b.adapter) == "LoRA"
+            )
+            if chosen and a.strength == b.strength and a.adapter != b.adapter:
                 pairs.append((a, b))
     return pairs
+
+
+def default_pair(names: Sequence[str], kinds: Mapping[str, str]) -> tuple[str, str] | None:
+    """The pair the difference view starts with: the first DoRA and the first LoRA of ``names`` (load order),
+    else the first two adapters; None with fewer than two."""
+    dora = next((n for n in names if kinds.get(n) == "DoRA"), None)
+    lora = next((n for n in names if kinds.get(n) == "LoRA"), None)
+    if dora and lora:
+        return dora, lora
+    return (names[0], names[1]) if len(names) >= 2 else None
 
 
 def abs_difference(a: Image.Image, b: Image.Image) -> np.ndarray:
@@ -80,16 +99,20 @@ def shared_gain(maps: Sequence[np.ndarray]) -> int:
 
 
 def difference_maps(
-    plan: GridPlan, images: Mapping[tuple[int, Column], Image.Image], kinds: Mapping[str, str]
+    plan: GridPlan,
+    images: Mapping[tuple[int, Column], Image.Image],
+    kinds: Mapping[str, str],
+    pair: tuple[str, str] | None = None,
 ) -> list[DifferenceMap]:
-    """The difference maps of a grid, row by row (seed by seed), pair by pair (``difference_pairs``).
+    """The difference maps of a grid, row by row (seed by seed), pair by pair (``difference_pairs``, with
+    ``pair``).
 
     ``images`` maps ``(seed, column)`` to the rendered cell; pairs with a cell missing (a grid stopped early)
     are left out.
     """
     raw = []
     for seed in plan.seeds:
-        for a, b in difference_pairs(plan.columns, kinds):
+        for a, b in difference_pairs(plan.columns, kinds, pair):
             if (seed, a) in images and (seed, b) in images:
                 raw.append((seed, a, b, abs_difference(images[seed, a], images[seed, b])))
     gains = {group: shared_gain([d for _, _, b, d in raw if (b.adapter is None) == group]) for group in (True, False)}

@@ -39,6 +39,15 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
+_NO_GLYPH = str.maketrans({"−": "-", "×": "x", "—": "-", "–": "-", "Δ": "d"})
+"""Characters PIL's built-in font draws as an empty box, and the ones drawn instead."""
+
+
+def drawable(text: str) -> str:
+    """``text`` with the characters PIL's built-in font lacks (``−``, ``×``, ``—``, ``Δ``) replaced by ASCII ones."""
+    return text.translate(_NO_GLYPH)
+
+
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
     """Greedy word wrap of ``text`` into lines at most ``width`` pixels wide (a long word stays whole)."""
     lines: list[str] = []
@@ -87,6 +96,9 @@ def compose_grid(
     ``zoom`` times (nearest neighbour) to make small images legible; cells that would make the grid larger than
     ``MAX_GRID_PIXELS`` are shrunk by a whole factor (box filter).
     """
+    row_labels = [drawable(t) for t in row_labels]
+    column_labels = [[drawable(t) for t in lines] for lines in column_labels]
+    title = drawable(title) if title else title
     present = [im for row in images for im in row if im is not None]
     if not images or not images[0] or not present:
         raise ValueError("compose_grid needs at least one image")
@@ -139,4 +151,33 @@ def compose_grid(
                     image = image.resize((w, h), Image.Resampling.NEAREST if shrink == 1 else Image.Resampling.BOX)
                 canvas.paste(image.convert("RGB"), (left, y))
             x += col_w[c] + gap
+    return canvas
+
+
+def text_image(text: str, width: int, font_size: int = 16) -> Image.Image:
+    """``text`` (paragraphs split by ``"\\n"``) word-wrapped in black on white, ``width`` pixels wide."""
+    font = _font(font_size)
+    pad = font_size // 2
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = _wrap(probe, drawable(text), font, width - 2 * pad)
+    line_h = font_size + font_size // 3
+    canvas = Image.new("RGB", (width, len(lines) * line_h + 2 * pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((pad, pad + i * line_h), line, fill="black", font=font)
+    return canvas
+
+
+def stack_images(images: Sequence[Image.Image], gap: int = 8, across: bool = False) -> Image.Image:
+    """``images`` one below the other (``across``: side by side) on white, each at its own size, aligned at the
+    top left, ``gap`` pixels apart."""
+    if not images:
+        raise ValueError("stack_images needs at least one image")
+    along = sum(im.width if across else im.height for im in images) + gap * (len(images) - 1)
+    other = max(im.height if across else im.width for im in images)
+    canvas = Image.new("RGB", (along, other) if across else (other, along), "white")
+    offset = 0
+    for im in images:
+        canvas.paste(im.convert("RGB"), (offset, 0) if across else (0, offset))
+        offset += (im.width if across else im.height) + gap
     return canvas

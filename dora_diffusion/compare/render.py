@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from dora_diffusion.core.delta_kinds import KINDS
+from dora_diffusion.formats import AdapterFileError, read_metadata, trigger_words
 from dora_diffusion.hub import resolve_file
 from dora_diffusion.pipeline import (
     AdapterRegistry,
@@ -136,6 +137,26 @@ class Comparer:
 
     def _names(self) -> list[str]:
         return AdapterRegistry.of(self.pipe).names()
+
+    def trigger_words(self) -> dict[str, list[str]]:
+        """``{name: trigger words}`` of the loaded adapters, from their files' headers (``formats.trigger_words``:
+        our ``trigger_words``, kohya's ``modelspec.trigger_phrase`` or ``ss_tag_frequency``); ``[]`` for an
+        adapter whose file names none or that has no file."""
+        registry = AdapterRegistry.of(self.pipe)
+        out = {}
+        for name in registry.names():
+            file = registry.loaded[name].file
+            try:
+                out[name] = trigger_words(read_metadata(file)) if file is not None else []
+            except (OSError, AdapterFileError):  # the file moved or changed since it was loaded
+                out[name] = []
+        return out
+
+    def trigger_prompt(self) -> str:
+        """A prompt made of the loaded adapters' trigger words (each once, in load order); ``""`` if none names
+        any."""
+        words = dict.fromkeys(w for ws in self.trigger_words().values() for w in ws)
+        return ", ".join(words)
 
     def kinds(self) -> dict[str, str]:
         """``{name: "DoRA" | "LoRA" | "DoRA + LoRA"}`` of the loaded adapters."""

@@ -21,9 +21,11 @@ def column_table(
     images: Mapping[tuple[int, Column], Image.Image],
     scores: Sequence[ColumnScore],
     maps: Sequence[DifferenceMap],
+    pair_header: str = "mean |DoRA − LoRA|",
 ) -> dict:
     """``{"headers": [...], "data": [...]}``, a row per column: images rendered, each score, and the mean
-    |difference| from the base column and between DoRA and LoRA (0-255 units, over the seeds)."""
+    |difference| from the base column and from its partner in the maps' second group (DoRA against LoRA, or the
+    chosen pair: ``pair_header`` names it), in 0-255 units over the seeds."""
     metrics = list(dict.fromkeys(k for row in scores for k in row.values))
     by_column = {row.column: row for row in scores}
     vs_base: dict[Column, list[float]] = {}
@@ -40,7 +42,15 @@ def column_table(
         n = sum((s, column) in images for s in p.seeds)
         values = [round(row.values[k], 3) if row and row.values.get(k) is not None else None for k in metrics]
         rows.append([column_name(column), n, *values, mean(vs_base.get(column)), mean(vs_other.get(column))])
-    return {"headers": ["column", "images", *metrics, "mean |Δ| vs base", "mean |DoRA − LoRA|"], "data": rows}
+    return {"headers": ["column", "images", *metrics, "mean |Δ| vs base", pair_header], "data": rows}
+
+
+def pair_header(pair: tuple[str, str], kinds: Mapping[str, str]) -> str:
+    """The table's header for the mean difference of ``pair``: ``"mean |DoRA − LoRA|"`` for a DoRA and a LoRA
+    (the page's label names them), else ``"mean |a − b|"`` with their names."""
+    if (kinds.get(pair[0]), kinds.get(pair[1])) == ("DoRA", "LoRA"):
+        return "mean |DoRA − LoRA|"
+    return f"mean |{pair[0]} − {pair[1]}|"
 
 
 def write_table_csv(table: Mapping, path: str | Path) -> Path:

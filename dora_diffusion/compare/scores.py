@@ -69,6 +69,13 @@ class ToyWorldScorer:
 
     name = "toy-world scorer (dora_diffusion.toyworld.score)"
 
+    def __init__(self, instance_dir: str | Path | None = None) -> None:
+        if instance_dir:  # said in the page's "Scores by ..." note, never dropped silently
+            self.name = (
+                f"{ToyWorldScorer.name}; --instance_dir {instance_dir} is not read: on the toy world's model, subject "
+                "fidelity compares with the subject the prompt's trigger word names"
+            )
+
     def _subject(self, prompt: str):
         from dora_diffusion.toyworld import SUBJECTS
 
@@ -229,13 +236,14 @@ def make_scorer(
     device: str = "cpu",
     subject_model: str | None = None,
 ) -> Scorer | None:
-    """The scorer for base ``model``: the toy-world scorer for the toy world's model, else CLIP ``score_model``
+    """The scorer for base ``model``: the toy-world scorer for the toy world's model (with or without
+    ``instance_dir``: CLIP knows nothing of the toy world and cannot load offline), else CLIP ``score_model``
     (plus DINO ``subject_model`` when there are instance images).
 
     ``score_model`` ``"none"`` (or None) turns scoring off for real models.
     """
-    if is_toyworld_model(model) and not instance_dir:
-        return ToyWorldScorer()
+    if is_toyworld_model(model):
+        return ToyWorldScorer(instance_dir)
     if not score_model or score_model.lower() == "none":
         return None
     if subject_model and subject_model.lower() == "none":

@@ -19,10 +19,12 @@ from dora_diffusion.formats.safefile import (
     DEFAULT_WEIGHT_NAME,
     AdapterFileError,
     check_tensors,
+    read_metadata,
     read_safetensors,
     shown,
     write_safetensors,
 )
+from dora_diffusion.formats.triggers import trigger_words
 
 __all__ = [
     "COMPONENTS",
@@ -39,7 +41,9 @@ __all__ = [
     "match",
     "needs_base",
     "read_file",
+    "read_metadata",
     "read_safetensors",
+    "trigger_words",
     "write",
     "resolver_for",
     "shown",

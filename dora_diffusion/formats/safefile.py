@@ -238,3 +238,18 @@ def write_safetensors(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` string map of a safetensors file, read from its header alone (no tensor is loaded);
+    the header is checked as ``read_safetensors`` checks it."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        first = f.read(8)
+        n = _header_length(path, first, size)
+        header = _check_header(path, f.read(n), size - 8 - n)
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise AdapterFileError(f"{path}: safetensors metadata is not a string map")
+    return {str(k): str(v) for k, v in metadata.items()}
