@@ -20,7 +20,7 @@ from dora_diffusion.adapter_io import read_adapter as read_source
 from dora_diffusion.analysis import add_analyze_parser, run_analyze
 from dora_diffusion.analysis.scan import load_base
 from dora_diffusion.extras import MissingExtraError
-from dora_diffusion.formats import COMPONENTS, AdapterFileError, ModuleAdapter, ParsedAdapter, write_safetensors
+from dora_diffusion.formats import COMPONENTS, AdapterFileError, ModuleAdapter, ParsedAdapter, trigger_words, write_safetensors
 from dora_diffusion.formats.kohya import PREFIXES, key_prefix, to_sdxl_names, unet_naming
 from dora_diffusion.formats.safefile import printable
 from dora_diffusion.pipeline import base_weights
@@ -222,7 +222,7 @@ def describe(parsed: ParsedAdapter) -> dict[str, str]:
 
 def recorded_base_and_triggers(metadata: dict[str, str]) -> tuple[str | None, list[str]]:
     """The base model and trigger words a file's header records: dora-diffusion's ``dora_diffusion`` JSON
-    (``base_model``, ``trigger_words``), else kohya's ``ss_sd_model_name`` and ``modelspec.trigger_phrase``."""
+    (``base_model``), else kohya's ``ss_sd_model_name``; the words as ``formats.trigger_words`` reads them."""
     import json
 
     ours: dict = {}
@@ -232,11 +232,7 @@ def recorded_base_and_triggers(metadata: dict[str, str]) -> tuple[str | None, li
     except (ValueError, RecursionError):
         pass
     base = ours.get("base_model") if isinstance(ours.get("base_model"), str) else metadata.get("ss_sd_model_name")
-    words = ours.get("trigger_words")
-    if not (isinstance(words, list) and all(isinstance(w, str) for w in words)):
-        phrase = metadata.get("modelspec.trigger_phrase", "")
-        words = [w.strip() for w in phrase.split(",") if w.strip()]
-    return base or None, words
+    return base or None, trigger_words(metadata)
 
 
 def add_inspect_parser(subparsers) -> None:
