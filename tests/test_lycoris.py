@@ -360,6 +360,10 @@ def test_inspect_and_comparer_name_the_kinds(stacked, tmp_path) -> None:
     images = [np.asarray(r.image, dtype=np.float64) / 255 for r in results]
     assert len(images) == 2 and max_diff(images[0], images[1]) > 1e-2
     assert comparer.grid(plan, results).width >= 2 * TINY_RESOLUTION
+    from dora_diffusion.compare.render import AdapterInfo
+
+    both_full = AdapterInfo("lokr", "f", "LoKr DoRA", (0, 4), 56)  # a LoKr whose w1 and w2 are both full: rank 0
+    assert both_full.summary == "LoKr DoRA · rank full/4 · 56 modules"
 
 
 @pytest.mark.exactness

@@ -58,7 +58,7 @@ class AdapterInfo:
 
     @property
     def summary(self) -> str:
-        ranks = "/".join(map(str, self.ranks))
+        ranks = "/".join("full" if r == 0 else str(r) for r in self.ranks)  # 0: a side with no rank (LoKr, full diff)
         return f"{self.kind} · rank {ranks} · {self.modules} modules"
 
 
