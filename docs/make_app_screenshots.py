@@ -32,6 +32,32 @@ def shrink(path: Path) -> None:
     small.save(path, optimize=True)
 
 
+def start_app(flags: list[str]) -> tuple[subprocess.Popen, str]:
+    """``python app.py FLAGS`` on a free 127.0.0.1 port; returns the process and its URL once it answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), *flags, "--port", str(port)], cwd=REPO)
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    return proc, url
+
+
+def open_page(pw, url: str):
+    """Headless Debian chromium on ``url`` at 1400x1800, once the page's Generate button is there."""
+    browser = pw.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=["--no-sandbox"])
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    page.set_default_timeout(300_000)
+    page.goto(url)
+    page.wait_for_selector("#generate")
+    return browser, page
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache_dir", default=None, help="the demo's cache (python -m dora_diffusion.demo --cache_dir)")
@@ -39,28 +65,12 @@ def main() -> None:
     args = p.parse_args()
     from playwright.sync_api import expect, sync_playwright
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, str(REPO / "app.py"), "--demo", "--port", str(port)]
-    if args.cache_dir:
-        cmd += ["--cache_dir", args.cache_dir]
-    proc = subprocess.Popen(cmd, cwd=REPO)
+    cmd = ["--demo"] + (["--cache_dir", args.cache_dir] if args.cache_dir else [])
+    proc, url = start_app(cmd)
     out = Path(args.out)
     try:
-        url = f"http://127.0.0.1:{port}/"
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            page.set_default_timeout(300_000)
-            page.goto(url)
-            page.wait_for_selector("#generate")
+            browser, page = open_page(pw, url)
             page.locator("#sweep-0 textarea").fill("0, 0.5, 1, 1.5")
             page.locator("#prompt textarea").press("Control+Enter")
             expect(page.locator("#message")).to_contain_text("Done", timeout=300_000)

@@ -13,12 +13,8 @@ demo's LoRA, renders both at seeds 0-3 and screenshots the page (1400x1800).
 from __future__ import annotations
 
 import argparse
-import shutil
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,9 +30,7 @@ def train_lokr_dora(pipe, data, path: Path, steps: int, seed: int = 0) -> Path:
     from lycoris.modules.lokr import LokrModule
     from safetensors.torch import save_file
 
-    from dora_diffusion.toyworld.finetune import TIME_IDS, training_scheduler
-    from dora_diffusion.training.step.loss import denoising_loss
-    from dora_diffusion.training.step.step import predict
+    from dora_diffusion.toyworld.finetune import fit
 
     torch.manual_seed(seed)
     unet = pipe.unet.float().requires_grad_(False)
@@ -47,21 +41,7 @@ def train_lokr_dora(pipe, data, path: Path, steps: int, seed: int = 0) -> Path:
         lyco.apply_to()
         lycos[name] = lyco
     params = [p for lyco in lycos.values() for p in lyco.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=1e-4)
-    scheduler = training_scheduler(pipe)
-    gen = torch.Generator().manual_seed(seed)
-    time_ids = torch.tensor([TIME_IDS], dtype=torch.float32)
-    for _ in range(steps):
-        idx = torch.randperm(len(data.latents), generator=gen)[:4].tolist()
-        z0 = data.latents[idx]
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-        eps = torch.randn(z0.shape, generator=gen)
-        pred, target = predict(unet, scheduler, z0, eps, t, data.hidden[idx], data.pooled[idx], time_ids.repeat(len(idx), 1))
-        loss = denoising_loss(pred, target, t, scheduler)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+    fit(pipe, unet, data, torch.optim.AdamW(params, lr=2e-3, weight_decay=1e-4), params, steps, seed)
     state = {}
     for name, lyco in lycos.items():
         for key, value in lyco.custom_state_dict().items():
@@ -83,7 +63,7 @@ def main() -> None:
     from dora_diffusion import toyworld
     from dora_diffusion.demo import SUBJECT, prepare_demo
     from dora_diffusion.toyworld.finetune import encode_subject
-    from make_app_screenshots import shrink
+    from make_app_screenshots import open_page, shrink, start_app
 
     torch.set_num_threads(2)
     work = Path(args.work)
@@ -93,26 +73,11 @@ def main() -> None:
     start = time.perf_counter()
     lokr = train_lokr_dora(pipe, encode_subject(pipe, SUBJECT), work / "lokr_dora.safetensors", args.steps)
     print(f"trained the LoKr-DoRA ({args.steps} steps) in {time.perf_counter() - start:.0f} s: {lokr}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, str(REPO / "app.py"), "--base", str(assets.model_dir), "--adapter", f"lokr_dora={lokr}",
-           "--adapter", f"lora={assets.adapters['lora']}", "--port", str(port), "--num_threads", "2"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO)
+    proc, url = start_app(["--base", str(assets.model_dir), "--adapter", f"lokr_dora={lokr}",
+                           "--adapter", f"lora={assets.adapters['lora']}", "--num_threads", "2"])  # fmt: skip
     try:
-        url = f"http://127.0.0.1:{port}/"
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            page.set_default_timeout(300_000)
-            page.goto(url)
-            page.wait_for_selector("#generate")
+            browser, page = open_page(pw, url)
             page.locator("#prompt textarea").fill(f"{SUBJECT.instance_prompt} on a striped background")
             page.locator("#prompt textarea").press("Control+Enter")
             expect(page.locator("#message")).to_contain_text("Done", timeout=300_000)

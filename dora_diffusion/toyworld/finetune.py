@@ -127,6 +127,24 @@ def train_subject(
     unet = prepare_unet(pipe.unet, method, rank, targets)
     unet.train()
     optimizer, params = _optimizer(unet, method, learning_rate)
+    fit(pipe, unet, data, optimizer, params, steps, seed, batch_size, callback)
+    return unet.eval().requires_grad_(False)
+
+
+def fit(
+    pipe,
+    unet: nn.Module,
+    data: SubjectData,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 4,
+    callback: Callable[[int, nn.Module], None] | None = None,
+) -> None:
+    """``steps`` optimiser steps of ``unet`` (whatever adapters it carries: ours, or LyCORIS's modules applied to
+    it) on ``data`` with the script's objective: ``batch_size`` images per step drawn without replacement within an
+    epoch, uniform timesteps, gradients of ``params`` clipped to norm 1; noise, timesteps and order from ``seed``."""
     scheduler = training_scheduler(pipe)
     num_timesteps = scheduler.config.num_train_timesteps
     gen = torch.Generator().manual_seed(seed)
@@ -147,7 +165,6 @@ def train_subject(
         optimizer.step()
         if callback is not None:
             callback(step + 1, unet)
-    return unet.eval().requires_grad_(False)
 
 
 @torch.no_grad()
