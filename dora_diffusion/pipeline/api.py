@@ -79,6 +79,11 @@ def _fit(pipe, registry: AdapterRegistry, matched: dict[str, dict[str, ModuleAda
             check_fits(f"{type(pipe).__name__}.{comp}.{name}", registry.modules[comp][name], ma)
 
 
+def _registry_weights(registry: AdapterRegistry, modules: dict[str, dict[str, ModuleAdapter]]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{component: {module name: W0}}`` of modules already named as in the pipeline."""
+    return {comp: {name: registry.modules[comp][name].weight.detach() for name in mods} for comp, mods in modules.items()}
+
+
 def _new_adapter_name(registry: AdapterRegistry) -> str:
     taken = set(registry.names())
     i = 0
@@ -153,7 +158,8 @@ def load_dora_weights(
         raise RuntimeError("adapters are fused into the weights; call unfuse_dora() before loading another")
     matched, unmatched = formats.match(parsed, registry.linear_conv_names())
     _fit(pipe, registry, matched)
-    matched = formats.apply_base(parsed, matched, lambda modules: base_weights(pipe, modules))
+    # the names are the pipeline's and _fit checked the shapes: W0 is read straight from the registry
+    matched = formats.apply_base(parsed, matched, lambda modules: _registry_weights(registry, modules))
     if not matched:
         raise AdapterFileError(
             f"no key of this {parsed.dialect} adapter matches a module of {type(pipe).__name__} "
