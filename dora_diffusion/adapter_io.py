@@ -15,7 +15,7 @@ from torch import nn
 from dora_diffusion import formats
 from dora_diffusion._version import __version__
 from dora_diffusion.core.geometry import Geometry, geometry_of
-from dora_diffusion.core.inject import adapted_layers, add_adapter_to_modules, linear_conv_names, remove_adapter
+from dora_diffusion.core.inject import adapted_layers, add_adapter_to_modules, linear_conv_names, remove_adapter, uncompiled
 from dora_diffusion.core.layers import AdaptedLayer
 from dora_diffusion.formats import DEFAULT_WEIGHT_NAME, AdapterFileError, ModuleAdapter, ParsedAdapter, write_safetensors
 from dora_diffusion.hub import resolve_file
@@ -136,10 +136,12 @@ def save_adapter(
 
     ``format``: ``"diffusers"``, ``"kohya"`` (UNet names in SGM form, following the UNet's own block layout) or
     ``"comfyui"`` (kohya, with ``dora_scale`` computed against the models' base weights for ComfyUI's rule; see
-    ``formats.comfyui``). ``layers`` as in ``attach_adapter``.
+    ``formats.comfyui``). ``layers`` as in ``attach_adapter``. A ``torch.compile``d model is saved under its own
+    module names (no ``_orig_mod.`` prefix).
     """
     if format not in SAVE_FORMATS:
         raise ValueError(f"format must be one of {', '.join(map(repr, SAVE_FORMATS))}, got {format!r}")
+    models = {comp: uncompiled(model) for comp, model in models.items()}
     layers = {comp: adapted_layers(model) for comp, model in models.items()} if layers is None else layers
     modules = collect_adapter(models, adapter_name, layers)
     info = {"library": "dora-diffusion", "version": __version__, "adapter_name": adapter_name, **(metadata or {})}

@@ -23,7 +23,8 @@ the backward pass and in how many passes they make over the output:
                          per-output norms only
     lora_in_place        plain LoRA adapters on a Linear called directly    what LoRA needs, no N x d_out copy
     reference            anything else (legacy per-input norms, several     plain autograd
-                         adapters in training, torch.compile)
+                         adapters in training, torch.compile unless the
+                         layer's ``compile_lean`` is set)
 
 ``AdaptedLayer.forward_path(x)`` names the path a call would take.
 """
@@ -53,6 +54,7 @@ class AdaptedLayer(Protocol):
     disabled: bool
     fused: dict[str, float]
     lean_training: bool
+    compile_lean: bool
     recompute_output: bool
 
 
@@ -74,7 +76,8 @@ class Call:
     """Gradients may reach the base module's own parameters: only the paths that call the base module or
     ``F.linear`` with its weight under autograd give them."""
     compiling: bool
-    """Inside ``torch.compile``: inductor fuses the reference path; the custom autograd functions would break graphs."""
+    """Inside ``torch.compile``: inductor fuses the reference path; the lean functions run there only with
+    ``compile_lean`` (they trace without a graph break; the norm is then computed in the graph, not cached)."""
     hooked: bool
     """The base module has hooks (e.g. accelerate offloading): it must be called, and its weight may not be
     where the hook put it by the time of the backward."""
@@ -122,7 +125,8 @@ def _has_dense(layer: AdaptedLayer, call: Call) -> bool:
 
 def _lean(layer: AdaptedLayer, call: Call) -> bool:
     """Training exactly one per-output DoRA adapter at strength 1 against a frozen base."""
-    if not (layer.lean_training and call.grad and not call.base_grad and not call.compiling and len(call.running) == 1):
+    compiled_ok = not call.compiling or layer.compile_lean
+    if not (layer.lean_training and call.grad and not call.base_grad and compiled_ok and len(call.running) == 1):
         return False
     adapter, k = call.running[0]
     return k == 1.0 and adapter.spec.use_dora and adapter.spec.norm_axis == "out"
@@ -175,8 +179,12 @@ def _lean_linear_run(layer: AdaptedLayer, call: Call) -> torch.Tensor:
     ((adapter, _),) = call.running
     geom, x, base_in = layer.geometry, call.x, call.base_in
     xd, h = _low_rank_input(layer, call, adapter)
-    key, w0x = adapter.norm_key(), []
-    n, w = adapter.cached_norm(key), geom.weight
+    w, w0x = geom.weight, []
+    if call.compiling:  # the cache's key compares data pointers, which dynamo cannot trace: the norm is in the graph
+        n = adapter.norm()
+    else:
+        key = adapter.norm_key()
+        n = adapter.cached_norm(key)
     if n is None and not call.autocast and w.dtype == adapter.A.dtype == base_in.dtype == torch.float32:
         with torch.no_grad():
             x2 = base_in.reshape(-1, base_in.shape[-1])

@@ -163,6 +163,13 @@ def find_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     return names
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (its ``OptimizedModule`` names every parameter ``_orig_mod.*``), or
+    ``model`` itself when it is not compiled."""
+    inner = getattr(model, "_orig_mod", None)
+    return uncompiled(inner) if isinstance(inner, nn.Module) else model
+
+
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
     """Every adapter wrapper in ``model``, by the full name of the module it wraps."""
     return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLayer)}

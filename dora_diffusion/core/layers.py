@@ -42,6 +42,9 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
         self.lean_training = True
         """Use the lean DoRA training functions (``dora_autograd``) where they apply; False forces plain autograd."""
+        self.compile_lean = False
+        """Inside ``torch.compile``, run the lean DoRA functions too (they trace without a graph break) instead of the
+        ``reference`` path that inductor fuses; off by default (``benchmarks/bench_compile.py`` compares them)."""
         self.recompute_output = False
         """Lean DoRA step: keep ``x`` (already kept for ``A``'s gradient) instead of the output ``y``, and
         recompute ``W0 x + s B h`` in the backward. Worth it only when nothing downstream keeps ``y``;

@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _compat_flags(p)
     _pivotal_flags(p)
     _other_trainers_flags(p)
+    _compile_flags(p)
     return p
 
 
@@ -404,6 +405,33 @@ def _other_trainers_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _compile_flags(p: argparse.ArgumentParser) -> None:
+    """``--compile`` (kohya's ``--torch_compile``) and its backend (kohya's ``--dynamo_backend``)."""
+    g = p.add_argument_group("compilation", "torch.compile of the UNet's training step (docs/training.md, 'Compiling the UNet').")
+    add = g.add_argument
+    add(
+        "--compile",
+        "--torch_compile",
+        dest="compile",
+        action="store_true",
+        help="Train through torch.compile(unet): the first step compiles (minutes for SDXL), later steps run the fused "
+        "graph. Validation and the saved files use the eager UNet.",
+    )
+    add("--dynamo_backend", default=None, help="The torch.compile backend with --compile (default inductor).")
+
+
+def check_compile_flags(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` naming ``--dynamo_backend`` when it is given without ``--compile`` or is unknown; then fill
+    in its default."""
+    if args.dynamo_backend is not None and not args.compile:
+        raise ValueError(f"--dynamo_backend {args.dynamo_backend} does nothing without --compile; add --compile or drop it")
+    if args.compile:
+        from dora_diffusion.training.step.compiled import DEFAULT_BACKEND, check_backend
+
+        args.dynamo_backend = args.dynamo_backend or DEFAULT_BACKEND
+        check_backend(args.dynamo_backend)
+
+
 OTHER_TRAINERS_DEFAULTS = {
     "use_ema": False, "ema_decay": 0.995, "loraplus_lr_ratio": None, "caption_dropout_rate": 0.0,
     "shuffle_caption": False, "keep_tokens": 0, "min_timestep": None, "max_timestep": None, "loss_type": "l2",
@@ -527,6 +555,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         check_args(args, parser)
         check_other_trainers_flags(args)
+        check_compile_flags(args)
     except ValueError as err:
         parser.error(str(err))
     if args.use_8bit_adam:

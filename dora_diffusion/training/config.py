@@ -137,6 +137,9 @@ class TrainConfig:
     loss_type: str
     huber_c: float
     huber_schedule: str
+    # torch.compile (args.py _compile_flags)
+    compile: bool
+    dynamo_backend: str | None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dora_diffusion.core.config import AdapterConfig, match_pattern
-from dora_diffusion.core.inject import add_adapter, adapted_layers, find_targets, trainable_parameters
+from dora_diffusion.core.inject import add_adapter, adapted_layers, find_targets, trainable_parameters, uncompiled
 from dora_diffusion.training.args import parse_targets
 
 logger = logging.getLogger(__name__)
@@ -153,9 +153,11 @@ def enable_checkpointing(text_encoder: nn.Module) -> None:
 
 
 def named_trainable(models: dict[str, nn.Module]) -> list[tuple[str, nn.Parameter]]:
-    """``(component.parameter name, parameter)`` of the trained adapter, in a fixed order (checkpoint keys)."""
+    """``(component.parameter name, parameter)`` of the trained adapter, in a fixed order (checkpoint keys; a
+    ``torch.compile``d model's names without its ``_orig_mod.`` prefix)."""
     out = []
     for comp, model in models.items():
+        model = uncompiled(model)
         wanted = {id(p) for p in trainable_parameters(model, ADAPTER_NAME)}
         out += [(f"{comp}.{n}", p) for n, p in model.named_parameters() if id(p) in wanted]
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -94,6 +95,7 @@ from dora_diffusion.training.images import validation_pipeline
 from dora_diffusion.training.output.validation import log_images, render, save_images, validation_folder
 from dora_diffusion.training.plan import apply_token_plan, exports, inside_output, planned_outputs, resolve_schedule, resolve_triggers
 from dora_diffusion.training.signals import stop_on_signals
+from dora_diffusion.training.step.compiled import CompiledUNet
 from dora_diffusion.training.step.ema import AdapterEMA
 from dora_diffusion.training.step.optim import build_lr_scheduler, build_optimizer, param_groups
 from dora_diffusion.training.step.pivotal import add_new_tokens, new_token_rows, ti_steps
@@ -376,6 +378,18 @@ class TrainingRun:
                 set_recompute(model, "none")
         for model in self.models.values():
             model.train()
+        self.step_components = self._compiled_step_components()
+
+    def _compiled_step_components(self):
+        """The components the training step calls: with ``--compile`` the UNet is its ``CompiledUNet`` (everything
+        else, validation and saving included, keeps the eager ``self.components.unet``)."""
+        c, comps = self.config, self.components
+        if not c.compile:
+            return comps
+        sides = "sides dynamic across buckets" if c.buckets else "one static shape"
+        self.accelerator.print(f"--compile: the UNet's training step runs through torch.compile (backend {c.dynamo_backend}, "
+                               f"{sides}); the first step compiles it", flush=True)  # fmt: skip
+        return dataclasses.replace(comps, unet=CompiledUNet(comps.unet, c.dynamo_backend, dynamic_sides=c.buckets))
 
     def _data_pipeline(self) -> None:
         """Samples, and the latent and prompt sources (caches when nothing upstream trains)."""
@@ -561,7 +575,7 @@ class TrainingRun:
         for _ in range(ga):
             torch.manual_seed(derive_seed(c.seed, STEP_NOISE, self.micro, acc.process_index))
             batch = self.draw_captions(next(self.batches))
-            loss = micro_batch_loss(batch, self.components, self.latents, self.prompts, c, acc.autocast)
+            loss = micro_batch_loss(batch, self.step_components, self.latents, self.prompts, c, acc.autocast)
             acc.backward(loss / ga)
             loss_sum += loss.detach()
             self.micro += 1
