@@ -426,10 +426,14 @@ def check_compile_flags(args: argparse.Namespace) -> None:
     if args.dynamo_backend is not None and not args.compile:
         raise ValueError(f"--dynamo_backend {args.dynamo_backend} does nothing without --compile; add --compile or drop it")
     if args.compile:
-        from dora_diffusion.training.step.compiled import DEFAULT_BACKEND, check_backend
+        import torch._dynamo
 
-        args.dynamo_backend = args.dynamo_backend or DEFAULT_BACKEND
-        check_backend(args.dynamo_backend)
+        args.dynamo_backend = args.dynamo_backend or "inductor"
+        known = set(torch._dynamo.list_backends(exclude_tags=())) | {"eager"}
+        if args.dynamo_backend not in known:
+            raise ValueError(
+                f"--dynamo_backend {args.dynamo_backend!r} is not a torch.compile backend here; choose one of {', '.join(sorted(known))}"
+            )
 
 
 OTHER_TRAINERS_DEFAULTS = {

@@ -22,22 +22,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-DEFAULT_BACKEND = "inductor"
-
-
-def check_backend(name: str) -> None:
-    """Raise ``ValueError`` naming ``--dynamo_backend`` if torch has no dynamo backend called ``name``."""
-    import torch._dynamo
-
-    known = set(torch._dynamo.list_backends(exclude_tags=())) | {"eager"}
-    if name not in known:
-        raise ValueError(f"--dynamo_backend {name!r} is not a torch.compile backend here; choose one of {', '.join(sorted(known))}")
-
 
 class CompiledUNet:
     """A UNet's ``torch.compile``d forward, called like the UNet; ``module`` is the UNet itself (shared parameters)."""
 
-    def __init__(self, unet: nn.Module, backend: str = DEFAULT_BACKEND, dynamic_sides: bool = False) -> None:
+    def __init__(self, unet: nn.Module, backend: str = "inductor", dynamic_sides: bool = False) -> None:
         """Compile lazily (the first call compiles): ``backend`` is a ``torch.compile`` backend; ``dynamic_sides``
         marks the sample's height and width dynamic at every call (aspect-ratio buckets)."""
         self.module = unet
