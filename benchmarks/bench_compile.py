@@ -32,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch._functorch.config
+import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -164,9 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first_step_latent", type=int, help=argparse.SUPPRESS)  # ... in the full-UNet case
     args = ap.parse_args(argv)
     torch.set_grad_enabled(True)
-    import torch._functorch.config
-    import torch._inductor.config
-
     torch._inductor.config.fx_graph_cache = False  # compile times from nothing, also on a second run of the script
     torch._functorch.config.enable_autograd_cache = False
     if args.first_step and args.first_step_latent is None:

@@ -1,7 +1,8 @@
-"""``--compile`` (issue 31 item 4): a DoRA Linear and Conv2d compiled by inductor under gradient checkpointing equal the
-eager lean step within the tolerance docs/training.md states, a compiled model saves under its own names, the latent
-sides of aspect buckets share one graph, the lean DoRA functions trace with no graph break, and the script's step
-goes through the compiled UNet while validation, checkpoints and a resume keep the eager one."""
+"""``--compile`` (issue 31 item 4): a DoRA Linear and Conv2d compiled under gradient checkpointing (aot_eager here;
+inductor with ``DORA_TEST_INDUCTOR=1``) equal the eager lean step within the tolerance docs/training.md states, a
+compiled model saves under its own names, the latent sides of aspect buckets share one graph, the lean DoRA functions
+trace with no graph break, and the script's step goes through the compiled UNet while validation, checkpoints and a
+resume keep the eager one."""
 
 from __future__ import annotations
 
