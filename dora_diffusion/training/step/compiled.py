@@ -6,9 +6,11 @@ prefix in any file), and the eager inference path for the images, so a validatio
 a CFG batch of two) nor differs from what a user who loads the file gets.
 
 Shapes: without ``--buckets`` every micro-batch has the same shape and one static graph serves the run. With
-``--buckets`` the latent sides change from batch to batch; they are marked dynamic before the first call
-(``torch._dynamo.maybe_mark_dynamic``), so one graph with symbolic sides serves every bucket instead of a recompile
-at the second bucket (dynamo's automatic dynamic shapes) or one per bucket (``dynamic=False``).
+``--buckets`` the latent sides change from batch to batch; they are marked dynamic at every call
+(``torch._dynamo.maybe_mark_dynamic``), so the first graph has symbolic sides and later buckets reuse it instead of
+recompiling when each side first changes (dynamo's automatic dynamic shapes) or once per bucket (``dynamic=False``).
+Guards on sizes that tracing records (a convolution backend chosen by the input's size, on a CPU) can still make a
+bucket across such a threshold compile once more.
 
 Inside the compiled graph the adapted layers take the ``reference`` forward path (``core/forward_paths.py``),
 which inductor fuses; the lean DoRA functions trace too (no graph break) and run there with
