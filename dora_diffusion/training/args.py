@@ -771,7 +771,7 @@ RUN_KEYS = (
     "alpha_pattern",
 )
 """Settings that define the adapter being trained: a checkpoint made with other values cannot be resumed."""
-RUN_DEFAULTS = {"rank_pattern": {}, "alpha_pattern": {}, **OTHER_TRAINERS_DEFAULTS}
+RUN_DEFAULTS = {"rank_pattern": {}, "alpha_pattern": {}, **OTHER_TRAINERS_DEFAULTS, "compile": False, "dynamo_backend": None}
 """What a setting recorded by an older version, which did not have it, meant."""
 PATH_KEYS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset")
 """Settings that may be local paths: compared by what they point at, not as strings."""
