@@ -292,8 +292,9 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
     add(
         "--resume_from_checkpoint",
         default=None,
-        help="'latest' (in a folder with no run yet: start one) or a checkpoint directory. Refused if the checkpoint "
-        "was trained with other adapter settings or on other images or captions.",
+        help="'latest' (the newest intact checkpoint; with none, stop and write nothing), 'auto' (as latest, but start "
+        "a new run in a folder that holds no run yet: one command for every start) or a checkpoint directory. Refused "
+        "if the checkpoint was trained with other adapter settings or on other images or captions.",
     )
     add(
         "--allow_dataset_change",

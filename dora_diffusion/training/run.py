@@ -272,7 +272,7 @@ class TrainingRun:
         c = self.config
         self.resume_path = resolve_resume(self.output_dir, c.resume_from_checkpoint)
         if self.resume_path is None and c.resume_from_checkpoint is not None:
-            check_nothing_to_resume(self.output_dir)
+            check_nothing_to_resume(self.output_dir, c.resume_from_checkpoint)
         self.keys = RUN_KEYS
         if self.resume_path is not None:
             resume_state = read_state(self.resume_path)
@@ -424,7 +424,7 @@ class TrainingRun:
                 logger.warning("resuming with another processes/batch/accumulation/seed layout: data order will differ")
             acc.print(f"resumed from {self.resume_path} at step {self.start_step}", flush=True)
         elif c.resume_from_checkpoint is not None:
-            acc.print(f"--resume_from_checkpoint latest: {self.output_dir} holds no run yet; starting a new one", flush=True)
+            acc.print(f"--resume_from_checkpoint auto: {self.output_dir} holds no run yet; starting a new one", flush=True)
         if acc.num_processes > 1:
             broadcast_parameters(self.params)
 
