@@ -23,6 +23,7 @@ toy-world scorer on the toy world, by CLIP elsewhere when a CLIP model is at han
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -35,10 +36,11 @@ from torch import nn
 
 from dora_diffusion.core.inject import remove_adapter
 from dora_diffusion.formats import DEFAULT_WEIGHT_NAME
-from dora_diffusion.training.args import PAIR, default_output_dir
+from dora_diffusion.extras import require
+from dora_diffusion.training.args import PAIR, default_output_dir, parse_args
 from dora_diffusion.training.config import TrainConfig
 from dora_diffusion.training.data.sampling import ADAPTER_INIT, derive_seed
-from dora_diffusion.training.distributed import make_accelerator
+from dora_diffusion.training.distributed import make_accelerator, refuse_sharding
 from dora_diffusion.training.errors import OutputDirError, TrainingError
 from dora_diffusion.training.models import ADAPTER_NAME, Components, load_components
 from dora_diffusion.training.output.rundir import (
@@ -52,6 +54,7 @@ from dora_diffusion.training.output.rundir import (
     write_json_atomic,
 )
 from dora_diffusion.training.run import DTYPES, TrainingRun
+from dora_diffusion.training.run import train as train_one
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +207,22 @@ def is_finished(half: PairHalf, record: dict) -> bool:
 # -------------------------------------------------------------------------------------------------- train
 
 
+def main(argv: list[str] | None = None) -> Path:
+    """Run ``train_dreambooth_dora.py`` with ``argv`` (default: ``sys.argv[1:]``): one run, or the pair of
+    ``--adapter dora,lora``; returns the output folder (the pair's, holding ``dora/`` and ``lora/``)."""
+    return train(parse_args(argv))
+
+
+def train(args: argparse.Namespace | TrainConfig) -> Path:
+    """Train with parsed flags or a ``TrainConfig``: ``train_pair`` for ``--adapter dora,lora``, else ``run.train``."""
+    config = args if isinstance(args, TrainConfig) else TrainConfig.from_args(args)
+    if "," in config.adapter:
+        require("train", "training", ("accelerate",))
+        refuse_sharding()
+        return train_pair(config)
+    return train_one(config)
+
+
 def train_pair(config: TrainConfig) -> Path:
     """Train ``--adapter dora,lora`` (or ``lora,dora``: that order): both halves' data, checkpoints and output folders
     are checked before any model loads; then each half trains, sharing what it can; then the grid. Returns
@@ -352,4 +371,7 @@ def grid_scorer(config: TrainConfig, device: torch.device):
     return ClipScorer(DEFAULT_CLIP, str(data) if local else None, device.type)
 
 
-__all__ = ["GRID_FILE", "PAIR_FILE", "PairHalf", "PairShared", "check_pair_folder", "half_config", "pair_grid_image", "train_pair"]
+__all__ = [
+    "GRID_FILE", "PAIR_FILE", "PairHalf", "PairShared", "check_pair_folder", "half_config", "main", "pair_grid_image",
+    "train", "train_pair",
+]  # fmt: skip

@@ -106,7 +106,8 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """Run ``train_dreambooth_dora.py`` with ``argv`` (default: ``sys.argv[1:]``); returns the output folder."""
+    """Run ``train_dreambooth_dora.py`` with ``argv`` (default: ``sys.argv[1:]``); returns the output folder. One run:
+    ``dora_diffusion.training.main`` (``pair.main``) also trains ``--adapter dora,lora``."""
     return train(parse_args(argv))
 
 
@@ -118,10 +119,6 @@ def train(args: argparse.Namespace | TrainConfig) -> Path:
     require("train", "training", ("accelerate",))
     refuse_sharding()
     config = args if isinstance(args, TrainConfig) else TrainConfig.from_args(args)
-    if "," in config.adapter:  # --adapter dora,lora: two runs sharing their setup (pair.py)
-        from dora_diffusion.training.pair import train_pair
-
-        return train_pair(config)
     output_dir = Path(config.output_dir)
     accelerator, precision = make_accelerator(config, output_dir)
     config = config.resolved(mixed_precision=precision)
