@@ -292,7 +292,12 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
     """The checkpoints and output flags."""
     g = p.add_argument_group("checkpoints and output")
     add = g.add_argument
-    add("--output_dir", default=None, help="Default: <dataset name>-sdxl-<adapter> in the current directory.")
+    add(
+        "--output_dir",
+        default=None,
+        help="Default: <dataset name>-sdxl-<adapter> in the current directory (a pair: <dataset name>-sdxl-dora-lora, "
+        "holding dora/ and lora/).",
+    )
     add("--overwrite_output_dir", action="store_true", help="Replace a previous run in output_dir.")
     add("--checkpointing_steps", type=int_in(0, MAX_STEPS), default=250, help="Save a resumable checkpoint every N steps (0: never).")
     add("--checkpoints_total_limit", type=int_in(1, MAX_STEPS), default=None, help="Keep at most this many checkpoints.")

@@ -287,29 +287,43 @@ def train_pair(config: TrainConfig) -> Path:
 
 def pair_report(config: TrainConfig, out: Path, halves: list[PairHalf], shared: PairShared, files: RunFiles, device, accelerator) -> str:
     """Render the grid (``pair_grid_image``) and say where everything is, with the page's command."""
+    from dora_diffusion.compare import CompareError, grid_infotext, save_png
+    from dora_diffusion.formats import AdapterFileError
+
     half = halves[0]
     folders = {h.kind: h.output_dir for h in halves}
     lines = [f"pair: {', '.join(f'{k} {folders[k]}' for k in PAIR)} (the same data order, noise, timesteps and seeds)"]
     prompt = half.config.validation_prompt
+    pivotal = config.train_text_encoder_ti
     if not prompt:
         lines.append("grid: none (--validation_prompt none)")
+    elif pivotal:
+        lines.append(
+            "grid: none: both halves add the same new tokens (pivotal tuning), which one pipeline cannot hold twice; "
+            f"compare their validation images in {folders['dora'] / 'validation'} and {folders['lora'] / 'validation'}"
+        )
     else:
         components = shared.components
-        if components is None:  # not shared (pivotal tuning), or both halves finished earlier
+        if components is None:  # both halves finished earlier
             components = load_components(half.config, DTYPES[half.config.mixed_precision])
-        grid, table = pair_grid_image(half.config, components, folders, device, accelerator)
-        from dora_diffusion.compare import grid_infotext, save_png
-
-        path = save_png(grid["image"], files.claim(GRID_FILE), grid_infotext(grid["plan"], grid["model"], grid["sampler"]))
-        seeds = grid["plan"].seeds
-        rows = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
-        lines.append(f"grid: {path} (base | DoRA | LoRA, {rows}, {prompt!r})")
-        lines += table
+        try:
+            grid, table = pair_grid_image(half.config, components, folders, device, accelerator)
+        except (CompareError, AdapterFileError) as err:
+            lines.append(f"grid: not made ({err}); the adapters are saved")
+        else:
+            infotext = grid_infotext(grid["plan"], grid["model"], grid["sampler"])
+            path = save_png(grid["image"], files.claim(GRID_FILE), infotext)
+            seeds = grid["plan"].seeds
+            rows = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+            lines.append(f"grid: {path} (base | DoRA | LoRA, {rows}, {prompt!r})")
+            lines += table
     q = shlex.quote
-    lines.append(
-        f"open both in the page: python app.py --base {q(str(config.pretrained_model_name_or_path))} "
-        f"--adapter dora={q(str(folders['dora']))} --adapter lora={q(str(folders['lora']))}"
-    )
+    page = f"python app.py --base {q(str(config.pretrained_model_name_or_path))}"
+    if pivotal:
+        lines.append(f"open each in the page (one at a time: the same new tokens): {page} --adapter dora={q(str(folders['dora']))}")
+        lines.append(f"  and {page} --adapter lora={q(str(folders['lora']))}")
+    else:
+        lines.append(f"open both in the page: {page} --adapter dora={q(str(folders['dora']))} --adapter lora={q(str(folders['lora']))}")
     return "\n".join(lines)
 
 
