@@ -186,3 +186,19 @@ def test_adapter_flag(flags, adapter, output_dir, error, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert error in capsys.readouterr().err
+
+
+def test_the_grid_is_scored_by_the_toy_world_scorer_on_the_toy_world_and_by_clip_elsewhere(work):
+    from dora_diffusion.compare.scores import ClipScorer, ToyWorldScorer
+    from dora_diffusion.toyworld import PIPELINE_DIR
+
+    def config(base, dataset):
+        return pair_module.TrainConfig.from_args(parse_args(["--pretrained_model_name_or_path", str(base), "--dataset", str(dataset), "--resolution", "64"]))
+
+    assert isinstance(pair_module.grid_scorer(config(PIPELINE_DIR, work / "data"), torch.device("cpu")), ToyWorldScorer)
+    (work / "photos").mkdir()
+    Image.new("RGB", (8, 8)).save(work / "photos" / "a.png")
+    clip = pair_module.grid_scorer(config(work / "model", work / "photos"), torch.device("cpu"))
+    assert isinstance(clip, ClipScorer) and clip.metrics("a photo") == ("CLIP-T", "CLIP-I")  # the photos are the instances
+    clip = pair_module.grid_scorer(config(work / "model", "owner/hub-dataset"), torch.device("cpu"))
+    assert clip.metrics("a photo") == ("CLIP-T",)

@@ -41,7 +41,7 @@ from dora_diffusion.training.args import PAIR, default_output_dir, parse_args
 from dora_diffusion.training.config import TrainConfig
 from dora_diffusion.training.data.sampling import ADAPTER_INIT, derive_seed
 from dora_diffusion.training.distributed import make_accelerator, refuse_sharding
-from dora_diffusion.training.errors import OutputDirError, TrainingError
+from dora_diffusion.training.errors import CheckpointError, OutputDirError, TrainingError
 from dora_diffusion.training.models import ADAPTER_NAME, Components, load_components
 from dora_diffusion.training.output.rundir import (
     LOCK_FILE,
@@ -150,8 +150,7 @@ class PairHalf(TrainingRun):
         """Drop what this half holds (models, caches, optimiser) once it finished: what is shared stays in ``shared``."""
         for name in ("components", "models", "named", "params", "optimizer", "lr_scheduler", "ema", "dataset", "latents", "prompts", "batches"):
             setattr(self, name, None)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.accelerator.free_memory()  # its references to the prepared optimizer; empties the CUDA cache
 
 
 # -------------------------------------------------------------------------------------------------- the pair folder
@@ -250,7 +249,9 @@ def train_pair(config: TrainConfig) -> Path:
                 if not half.finished:
                     try:
                         half.check()
-                    except (OutputDirError, TrainingError) as err:
+                    except (OutputDirError, CheckpointError, TrainingError) as err:  # name the half in the message
+                        if type(err) not in (OutputDirError, CheckpointError, TrainingError):
+                            raise
                         raise type(err)(f"the {kind} half of --adapter {config.adapter}: {err}") from None
                 half.start_state = rng_state(device)
                 halves.append(half)
