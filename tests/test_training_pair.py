@@ -202,3 +202,15 @@ def test_the_grid_is_scored_by_the_toy_world_scorer_on_the_toy_world_and_by_clip
     assert isinstance(clip, ClipScorer) and clip.metrics("a photo") == ("CLIP-T", "CLIP-I")  # the photos are the instances
     clip = pair_module.grid_scorer(config(work / "model", "owner/hub-dataset"), torch.device("cpu"))
     assert clip.metrics("a photo") == ("CLIP-T",)
+
+
+def test_each_half_is_the_single_run_of_its_folder_and_hub_repo():
+    args = ["--dataset", "owner/dogs", "--pretrained_model_name_or_path", "model", "--resolution", "64", "--use_dora"]
+    config = pair_module.TrainConfig.from_args(parse_args([*args, "--adapter", "lora,dora", "--push_to_hub"]))
+    halves = {k: pair_module.half_config(config, k) for k in ("dora", "lora")}
+    assert [(h.adapter, h.output_dir, h.hub_model_id, h.use_dora) for h in halves.values()] == [
+        ("dora", str(Path("dogs-sdxl-dora-lora") / "dora"), "dogs-sdxl-dora", True),
+        ("lora", str(Path("dogs-sdxl-dora-lora") / "lora"), "dogs-sdxl-lora", False),
+    ]
+    config = pair_module.TrainConfig.from_args(parse_args([*args, "--adapter", "dora,lora", "--push_to_hub", "--hub_model_id", "me/dogs"]))
+    assert pair_module.half_config(config, "lora").hub_model_id == "me/dogs-lora"

@@ -286,7 +286,10 @@ def train_pair(config: TrainConfig) -> Path:
 # -------------------------------------------------------------------------------------------------- the grid
 
 
-def pair_report(config: TrainConfig, out: Path, halves: list[PairHalf], shared: PairShared, files: RunFiles, device, accelerator) -> str:
+def pair_report(
+    config: TrainConfig, out: Path, halves: list[PairHalf], shared: PairShared, files: RunFiles, device: torch.device,
+    accelerator,
+) -> str:
     """Render the grid (``pair_grid_image``) and say where everything is, with the page's command."""
     from dora_diffusion.compare import CompareError, grid_infotext, save_png
     from dora_diffusion.formats import AdapterFileError
