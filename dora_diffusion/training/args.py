@@ -186,15 +186,19 @@ def _prior_flags(p: argparse.ArgumentParser) -> None:
 
 def _adapter_flags(p: argparse.ArgumentParser) -> None:
     """The adapter flags."""
-    g = p.add_argument_group("adapter")
+    g = p.add_argument_group(
+        "adapter",
+        "--adapter dora,lora (or lora,dora) trains both, one after the other on the same data order, noise, timesteps "
+        "and seeds, into <output_dir>/dora and <output_dir>/lora, then renders a base | DoRA | LoRA grid "
+        "(docs/training.md, 'A DoRA/LoRA pair in one command').",
+    )
     add = g.add_argument
     add(
         "--adapter",
         type=adapter_choice,
         default="dora",
-        help="dora (magnitude + direction), lora (plain LoRA), or dora,lora: both, one after the other on the same data "
-        "order, noise, timesteps and seeds, into <output_dir>/dora and <output_dir>/lora, then a base | DoRA | LoRA "
-        "grid (docs/training.md, 'A DoRA/LoRA pair').",
+        metavar="dora|lora|dora,lora",
+        help="DoRA (magnitude + direction) or plain LoRA.",
     )
     add("--rank", type=int_in(1, MAX_RANK), default=8, help="Rank r of the low-rank update.")
     add("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha / rank (default alpha = rank).")
