@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dora_diffusion.testing import make_toy_imagefolder, save_tiny_sdxl_pipeline
-from dora_diffusion.training import OutputDirError, TrainingInterrupted, main, parse_args
+from dora_diffusion.training import CheckpointError, OutputDirError, TrainingInterrupted, main, parse_args
 from dora_diffusion.training import pair as pair_module
 from dora_diffusion.training.output.steplog import read_step_log
 from dora_diffusion.training.step import step as training_step
@@ -163,6 +163,9 @@ def test_a_single_run_in_the_pairs_folder_is_never_trained_over(runs, work, monk
     assert {p: p.read_bytes() for p in (out / "dora").rglob("*") if p.is_file()} == before
     with pytest.raises(OutputDirError, match="holds a single run"):
         run(argv(work, "single-lora", "dora,lora"))
+    with pytest.raises(CheckpointError, match="the dora half of --adapter dora,lora: --resume_from_checkpoint latest: .* does not exist, so there is nothing to resume"):
+        run(argv(work, "nothing", "dora,lora", "--resume_from_checkpoint", "latest"))
+    assert not (work / "nothing").exists()
 
 
 @pytest.mark.parametrize(
@@ -214,3 +217,8 @@ def test_each_half_is_the_single_run_of_its_folder_and_hub_repo():
     ]
     config = pair_module.TrainConfig.from_args(parse_args([*args, "--adapter", "dora,lora", "--push_to_hub", "--hub_model_id", "me/dogs"]))
     assert pair_module.half_config(config, "lora").hub_model_id == "me/dogs-lora"
+    # latest continues the pair: once a half finished or holds a checkpoint, a half with no run yet starts
+    for value, started, half in [("latest", True, "auto"), ("latest", False, "latest"), ("auto", False, "auto"), (None, True, None)]:
+        flags = ["--resume_from_checkpoint", value] if value else []
+        config = pair_module.TrainConfig.from_args(parse_args([*args, "--adapter", "dora,lora", *flags]))
+        assert pair_module.half_config(config, "lora", started).resume_from_checkpoint == half

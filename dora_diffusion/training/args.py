@@ -700,10 +700,10 @@ def check_pair_flags(args: argparse.Namespace) -> None:
     """Raise ``ValueError`` for a flag a pair (``--adapter dora,lora``) cannot take as a single run does."""
     if "," not in args.adapter:
         return
-    if args.resume_from_checkpoint not in (None, "latest"):
+    if args.resume_from_checkpoint not in (None, "latest", "auto"):
         raise ValueError(
             f"--adapter {args.adapter} with --resume_from_checkpoint {args.resume_from_checkpoint}: a pair resumes each "
-            "half from its own latest checkpoint; pass --resume_from_checkpoint latest"
+            "half from its own latest checkpoint; pass --resume_from_checkpoint latest (or auto)"
         )
 
 

@@ -43,6 +43,7 @@ from dora_diffusion.training.data.sampling import ADAPTER_INIT, derive_seed
 from dora_diffusion.training.distributed import make_accelerator, refuse_sharding
 from dora_diffusion.training.errors import CheckpointError, OutputDirError, TrainingError
 from dora_diffusion.training.models import ADAPTER_NAME, Components, load_components
+from dora_diffusion.training.output.checkpoint import list_checkpoints
 from dora_diffusion.training.output.rundir import (
     LOCK_FILE,
     SETTINGS_FILE,
@@ -88,16 +89,25 @@ def set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
-def half_config(config: TrainConfig, kind: str) -> TrainConfig:
+def half_config(config: TrainConfig, kind: str, started: bool = False) -> TrainConfig:
     """The config of the pair's ``kind`` half: the single run ``--adapter kind --output_dir <output_dir>/kind``. With
-    ``--push_to_hub`` each half goes to its own repo: ``<hub_model_id>-<kind>``, or ``<dataset>-sdxl-<kind>``."""
+    ``--push_to_hub`` each half goes to its own repo: ``<hub_model_id>-<kind>``, or ``<dataset>-sdxl-<kind>``.
+
+    ``--resume_from_checkpoint latest`` continues the pair: once the pair has ``started`` (a half finished or holds a
+    checkpoint), a half with no run yet starts (its ``auto``); before that, ``latest`` stops as a single run's does."""
     hub_id = config.hub_model_id
     if config.push_to_hub:
         hub_id = f"{hub_id}-{kind}" if hub_id else default_output_dir(config.dataset, kind)
+    resume = "auto" if config.resume_from_checkpoint == "latest" and started else config.resume_from_checkpoint
     return config.resolved(
         adapter=kind, output_dir=str(Path(config.output_dir) / kind), hub_model_id=hub_id,
-        use_dora=config.use_dora and kind == "dora",
+        use_dora=config.use_dora and kind == "dora", resume_from_checkpoint=resume,
     )  # fmt: skip
+
+
+def pair_started(output_dir: Path, record: dict) -> bool:
+    """True if a half of the pair in ``output_dir`` finished (``pair.json``) or holds a checkpoint."""
+    return bool(record["finished"]) or any(list_checkpoints(output_dir / kind) for kind in PAIR)
 
 
 class PairHalf(TrainingRun):
@@ -235,6 +245,7 @@ def train_pair(config: TrainConfig) -> Path:
     halves: list[PairHalf] = []
     shared = PairShared()
     share = not config.train_text_encoder_ti  # pivotal tuning changes the tokenizers and text encoders
+    started = pair_started(out, record)
     accelerators = {k: make_accelerator(half_config(config, k), out / k) for k in kinds}  # (accelerator, precision)
     first_acc = accelerators[kinds[0]][0]
     device = first_acc.device
@@ -242,7 +253,8 @@ def train_pair(config: TrainConfig) -> Path:
         with contextlib.ExitStack() as held:
             for kind in kinds:
                 acc, precision = accelerators[kind]
-                half = PairHalf(half_config(config, kind).resolved(mixed_precision=precision), acc, held, shared, share)
+                c = half_config(config, kind, started).resolved(mixed_precision=precision)
+                half = PairHalf(c, acc, held, shared, share)
                 torch.manual_seed(derive_seed(config.seed, ADAPTER_INIT))  # as train() seeds a single run
                 half.read()
                 half.finished = config.resume_from_checkpoint is not None and is_finished(half, record)
