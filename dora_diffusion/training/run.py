@@ -106,7 +106,8 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """Run ``train_dreambooth_dora.py`` with ``argv`` (default: ``sys.argv[1:]``); returns the output folder."""
+    """Run ``train_dreambooth_dora.py`` with ``argv`` (default: ``sys.argv[1:]``); returns the output folder. One run:
+    ``dora_diffusion.training.main`` (``pair.main``) also trains ``--adapter dora,lora``."""
     return train(parse_args(argv))
 
 
@@ -176,6 +177,8 @@ class TrainingRun:
         self.device = accelerator.device
         self.main_process = accelerator.is_main_process
         self.validated: dict[int, list[Path]] = {}
+        self.next_steps = True
+        """The final report ends with the next commands (a pair prints its own)."""
 
     def run(self) -> Path:
         """Train and write the outputs; returns the output folder."""
@@ -188,6 +191,12 @@ class TrainingRun:
     def setup(self) -> None:
         """Everything before the first step. Data and output folder fail fast, before any model is loaded; nothing
         is written to the output folder before ``_claim_output_dir``."""
+        self.read()
+        self.check()
+        self.build()
+
+    def read(self) -> None:
+        """Read the data and settle the config (resolution, schedule, validation prompt): no model, no output folder."""
         _show_logs(self.main_process)
         refuse_sharding(self.accelerator)
         for line in notices(self.config):
@@ -196,8 +205,14 @@ class TrainingRun:
         self._read_data()
         if unreadable is not None:  # the data were checked first: their errors are the ones to fix first
             raise unreadable
+
+    def check(self) -> None:
+        """The checkpoint to resume, the output folder's rules and the Hub repo, before any model loads."""
         self._check_output_dir()
         self._create_hub_repo()
+
+    def build(self) -> None:
+        """Models, class images, adapters, data pipeline and optimiser; then the output folder is claimed."""
         self._load_models()
         self._class_images()
         self._add_adapters()
@@ -326,7 +341,7 @@ class TrainingRun:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         weight_dtype = DTYPES[c.mixed_precision]
-        self.components = comps = load_components(c, weight_dtype)
+        self.components = comps = self._components(weight_dtype)
         self.offload = self.device.type != "cpu"
         self.text_offload = self.offload and not c.train_text_encoder and self.new_tokens is None and not c.shuffle_caption
         # nn.Module.to: diffusers' ModelMixin.to warns about "modules to keep in float32" even when there are none
@@ -334,6 +349,10 @@ class TrainingRun:
         for te in (comps.text_encoder, comps.text_encoder_2):
             te.to(self.device, dtype=weight_dtype)
         nn.Module.to(comps.vae, self.device, vae_dtype(comps.vae, weight_dtype))
+
+    def _components(self, weight_dtype: torch.dtype):
+        """The frozen SDXL components, loaded in ``weight_dtype`` (a pair's second run gets the first one's)."""
+        return load_components(self.config, weight_dtype)
 
     def _class_images(self) -> None:
         """Prior preservation: generate the class images that are missing (each process its share), then read them."""
@@ -654,7 +673,7 @@ class TrainingRun:
                 print(f"uploaded {len(sent)} files to https://huggingface.co/{self.repo_id}: {', '.join(sent)}", flush=True)
             report = final_report(
                 self.config, out, time.monotonic() - self.started, (self.start_step, self.max_steps), self.losses,
-                self.validated.get(self.max_steps, []), self.card,
+                self.validated.get(self.max_steps, []), self.card, self.next_steps,
             )  # fmt: skip
             print(report, flush=True)
         acc.wait_for_everyone()
