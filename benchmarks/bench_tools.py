@@ -228,7 +228,12 @@ def make_folders(root: Path, config: dict, dtype: torch.dtype, seed: int = 0) ->
     if (tuned / "unet" / "diffusion_pytorch_model.safetensors").is_file():
         return base, tuned
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its own dtype: one copy of the weights in memory, not an fp32 one too
+    try:
+        unet = UNet2DConditionModel(**config)
+    finally:
+        torch.set_default_dtype(default)
     conv_linear = {f"{n}.weight" for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     state = {k: v.to(dtype).contiguous() for k, v in unet.state_dict().items()}
     del unet

@@ -443,7 +443,7 @@ class TrainingRun:
                 logger.warning("resuming with another processes/batch/accumulation/seed layout: data order will differ")
             acc.print(f"resumed from {self.resume_path} at step {self.start_step}", flush=True)
         elif c.resume_from_checkpoint is not None:
-            acc.print(f"--resume_from_checkpoint auto: {self.output_dir} holds no run yet; starting a new one", flush=True)
+            acc.print(f"--resume_from_checkpoint {c.resume_from_checkpoint}: {self.output_dir} holds no run yet; starting a new one", flush=True)
         if acc.num_processes > 1:
             broadcast_parameters(self.params)
 
