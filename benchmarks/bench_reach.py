@@ -40,9 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CONFIGS: dict[str, list[str]] = {
     "attn r4 100": ["--max_train_steps", "100"],  # the style test's recipe (tests/test_toyworld_style.py)
     "attn r4 150": ["--max_train_steps", "150"],  # the demo's recipe
+    "all r4 100": ["--unet_targets", "all", "--max_train_steps", "100"],
     "attn r8 400": ["--rank", "8", "--max_train_steps", "400"],
     "attn_ff r8 400": ["--unet_targets", "attn_ff", "--rank", "8", "--max_train_steps", "400"],
     "all r8 400": ["--unet_targets", "all", "--rank", "8", "--learning_rate", "1e-3", "--max_train_steps", "400"],
+    "all r8 800": ["--unet_targets", "all", "--rank", "8", "--learning_rate", "1e-3", "--max_train_steps", "800"],
     "all r8 400 + prior": ["--unet_targets", "all", "--rank", "8", "--learning_rate", "1e-3", "--max_train_steps", "400",
                            "--with_prior_preservation", "--num_class_images", "12", "--prior_generation_steps", "20"],
 }  # fmt: skip
@@ -232,6 +234,7 @@ def main() -> None:
     ap.add_argument("--layers", action="store_true", help="Print the UNet's adaptable layers by resolution and stop.")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--train_only", action="store_true", help="Train the runs, score none (a later call scores them).")
+    ap.add_argument("--grid_only", action="store_true", help="Run nothing new: only --grid, from the runs there are.")
     ap.add_argument("--grid", default=None, help="Also write a picture grid PNG here (seed 0 of each configuration).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -246,7 +249,7 @@ def main() -> None:
     rows = read_rows(path)
     done = {(r["target"], r["config"], r["seed"]) for r in rows}
     start = time.perf_counter()
-    for name in args.target.split(","):
+    for name in [] if args.grid_only else args.target.split(","):
         target = target_of(name)
         for config in (c for c in args.configs.split(",") if c):
             if config != "base" and config not in CONFIGS:
@@ -272,6 +275,8 @@ def main() -> None:
                       f"{row['fidelity']:.2f}, prompt {row['prompt_fidelity']:.2f}, preservation {row['preservation']:.2f}",
                       flush=True)  # fmt: skip
     print(report(rows))
+    if args.grid_only and not args.grid:
+        ap.error("--grid_only needs --grid PNG")
     if args.grid:
         configs = [c for c in args.configs.split(",") if c]
         for name in args.target.split(","):  # runs scored before images were kept: sample them again from the adapter

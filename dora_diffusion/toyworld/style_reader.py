@@ -110,12 +110,21 @@ def style_reader_scene(rng: random.Random) -> tuple[Scene, str]:
     return Scene(background, (moved,)), look
 
 
+@functools.lru_cache(maxsize=1)
+def _shipped_vae():
+    """The shipped toy-world pipeline's VAE in float32 (read from its folder, not through ``load_pipeline``)."""
+    from diffusers import AutoencoderKL
+
+    from dora_diffusion.hub import dtype_keyword
+
+    folder = Path(__file__).with_name("assets") / "pipeline" / "vae"
+    return AutoencoderKL.from_pretrained(folder, **{dtype_keyword(): torch.float32}).eval()
+
+
 @torch.no_grad()
 def vae_round_trip(images: torch.Tensor, batch: int = 64) -> torch.Tensor:
     """``images`` (N, 3, 64, 64) in [0, 1] encoded and decoded by the shipped toy-world VAE (latent means)."""
-    from dora_diffusion.toyworld import load_pipeline
-
-    vae = load_pipeline().vae
+    vae = _shipped_vae()
     out = []
     for chunk in images.split(batch):
         z = vae.encode(chunk * 2 - 1).latent_dist.mean
