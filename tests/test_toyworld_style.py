@@ -14,13 +14,14 @@ from dora_diffusion.toyworld import finetune
 from dora_diffusion.toyworld.score import score, style_validation_figures
 from dora_diffusion.toyworld.styles import STYLES, eval_objects, make_style_dataset
 
-STYLE_MARGIN = 0.025
-"""How much a DoRA trained through the script (the demo's recipe, STYLE_STEPS steps) must raise style fidelity over
-the base model's (probability units). Measured with `python benchmarks/bench_reach.py --out DIR --target icon
---configs "base,attn r4 100" --seeds 0,1,2`: base 0.0005, trained +0.059, +0.051, +0.060 (seeds 0, 1, 2), so half the
-smallest. 100 steps only start the look (docs/quality.md, "The style subject": 0.17 at 300 steps); this is a bounded
-check that training through the script moves the style measure, not that the style is learnt."""
+STYLE_MARGIN = 0.14
+"""How much a DoRA trained through the script (the demo's recipe with ``--unet_targets all``, STYLE_STEPS steps) must
+raise style fidelity over the base model's (probability units). Measured with `python benchmarks/bench_reach.py --out
+DIR --target icon --configs "base,all r4 100" --seeds 0,1,2`: base 0.0005, trained 0.64, 0.46, 0.28 (seeds 0, 1, 2),
+so half the smallest rise. On the attention targets alone 100 steps give only 0.05-0.06 (docs/quality.md, "The style
+subject")."""
 STYLE_STEPS = 100
+STYLE_FLAGS = ("--unet_targets", "all")
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,8 @@ def test_score_reads_a_style_or_a_subject_not_both():
 
 
 def test_a_dora_trained_by_the_script_learns_the_style(tmp_path):
-    """train_dreambooth_dora.py's code, the demo's recipe for STYLE_STEPS steps: bounded CPU time, style fidelity on
-    8 objects the instances never show up by the margin."""
+    """train_dreambooth_dora.py's code, the demo's recipe on every UNet layer kind for STYLE_STEPS steps: bounded CPU
+    time, style fidelity on 8 objects the instances never show up by the margin."""
     from dora_diffusion.demo import TRAIN_FLAGS
     from dora_diffusion.training import main as train
 
@@ -76,7 +77,7 @@ def test_a_dora_trained_by_the_script_learns_the_style(tmp_path):
         cpu = time.process_time()
         train(["--pretrained_model_name_or_path", str(toyworld.PIPELINE_DIR), "--dataset", str(data),
                "--output_dir", str(tmp_path / "dora"), "--adapter", "dora", "--max_train_steps", str(STYLE_STEPS),
-               *TRAIN_FLAGS])  # fmt: skip
+               *TRAIN_FLAGS, *STYLE_FLAGS])  # fmt: skip
         cpu = time.process_time() - cpu
         assert cpu <= 60, f"training took {cpu:.0f} s of CPU time"
         pipe = toyworld.load_pipeline()
