@@ -38,9 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CONFIGS: dict[str, list[str]] = {
-    "attn r4 100": ["--max_train_steps", "100"],  # the style test's recipe (tests/test_toyworld_style.py)
+    "attn r4 100": ["--max_train_steps", "100"],
+    "attn r4 200": ["--max_train_steps", "200"],
+    "attn r4 300": ["--max_train_steps", "300"],
     "attn r4 150": ["--max_train_steps", "150"],  # the demo's recipe
-    "all r4 100": ["--unet_targets", "all", "--max_train_steps", "100"],
+    "all r4 50": ["--unet_targets", "all", "--max_train_steps", "50"],
+    "all r4 100": ["--unet_targets", "all", "--max_train_steps", "100"],  # the style test's recipe
     "attn r8 400": ["--rank", "8", "--max_train_steps", "400"],
     "attn_ff r8 400": ["--unet_targets", "attn_ff", "--rank", "8", "--max_train_steps", "400"],
     "all r8 400": ["--unet_targets", "all", "--rank", "8", "--learning_rate", "1e-3", "--max_train_steps", "400"],

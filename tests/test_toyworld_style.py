@@ -18,8 +18,8 @@ STYLE_MARGIN = 0.14
 """How much a DoRA trained through the script (the demo's recipe with ``--unet_targets all``, STYLE_STEPS steps) must
 raise style fidelity over the base model's (probability units). Measured with `python benchmarks/bench_reach.py --out
 DIR --target icon --configs "base,all r4 100" --seeds 0,1,2`: base 0.0005, trained 0.64, 0.46, 0.28 (seeds 0, 1, 2),
-so half the smallest rise. On the attention targets alone 100 steps give only 0.05-0.06 (docs/quality.md, "The style
-subject")."""
+so half the smallest rise. On the attention targets alone 100 steps give only 0.05-0.06, and `all` at 50 steps
+0.02-0.05 (docs/quality.md, "The style subject"): 100 steps of `all` is the cheapest recipe measured that learns it."""
 STYLE_STEPS = 100
 STYLE_FLAGS = ("--unet_targets", "all")
 
