@@ -208,6 +208,22 @@ def picture_grid(work: Path, targets: list[str], configs: list[str], path: Path)
     return path
 
 
+def vae_ceiling(subject_name: str) -> str:
+    """Subject fidelity of a subject's 6 instance images (seed 1) rendered, and after the shipped VAE's round trip."""
+    from dora_diffusion import toyworld
+    from dora_diffusion.toyworld.score import images_to_tensor
+    from dora_diffusion.toyworld.style_reader import vae_round_trip
+    from dora_diffusion.toyworld.subjects import instance_caption
+
+    subject = toyworld.SUBJECTS[subject_name]
+    scenes = toyworld.instance_scenes(subject, 6, seed=1)
+    images = images_to_tensor([toyworld.render(s) for s in scenes])
+    prompts = [instance_caption(subject, s) for s in scenes]
+    rendered = toyworld.score(images.permute(0, 2, 3, 1).numpy(), prompts, subject)["subject_fidelity"]
+    through = toyworld.score(vae_round_trip(images).permute(0, 2, 3, 1).numpy(), prompts, subject)["subject_fidelity"]
+    return f"{subject_name} instances: subject fidelity {rendered:.3f} rendered, {through:.3f} after the VAE's round trip"
+
+
 def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -243,6 +259,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.layers:
         print(layer_table())
+        print(vae_ceiling("ring_star"))
         return
     if not args.out:
         ap.error("--out is required unless --layers")
