@@ -59,8 +59,13 @@ def memory_case(base: str, latent: int, targets: str, rank: int) -> dict:
     unet.requires_grad_(False)
     unet.enable_gradient_checkpointing()
     unet.train()
+    norm_dev = None
     if base == "fp8":
+        layers = lambda: {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}  # noqa: E731
+        before = {n: row_norms(m.weight) for n, m in layers().items()}
         to_float8(unet)
+        dev = torch.cat([(row_norms(m.weight) / before[n] - 1).abs() for n, m in layers().items()])
+        norm_dev = (float(dev.mean()), float(dev.max()))
     weights = weight_bytes(unet)
     add_adapter(unet, AdapterConfig(rank=rank, use_dora=True, targets=targets), "dora")
     set_recompute(unet, "none")
@@ -69,7 +74,12 @@ def memory_case(base: str, latent: int, targets: str, rank: int) -> dict:
     resident = _status("VmRSS")
     step(unet, inputs, params, torch.bfloat16)  # warm-up: norms cached, allocator settled
     peak = peak_bytes(lambda: step(unet, inputs, params, torch.bfloat16), repeats=3)
-    return {"base": base, "weights": weights, "resident": resident, "step_peak": peak}
+    return {"base": base, "weights": weights, "resident": resident, "step_peak": peak, "row_norm_change": norm_dev}
+
+
+def row_norms(w: torch.Tensor) -> torch.Tensor:
+    """``||row_i(W)||`` in fp32, (d_out,): DoRA's initial magnitude of a layer with this weight."""
+    return w.detach().float().reshape(w.shape[0], -1).norm(dim=1)
 
 
 def memory(args) -> None:
@@ -87,6 +97,8 @@ def memory(args) -> None:
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['base']} | {r['weights'] / gib:.2f} | {r['resident'] / gib:.2f} | {r['step_peak'] / gib:.2f} |")
+    dev = rows[-1]["row_norm_change"]
+    print(f"\nRow norms ||row(W~)|| / ||row(W)|| - 1 over every Linear/Conv2d weight: mean {dev[0]:.2e}, max {dev[1]:.2e}")
 
 
 # ---------------------------------------------------------------------------------------------- toy world
