@@ -99,13 +99,14 @@ class Float8Weight:
         return self.product(x, self.bias)
 
     def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)  # a dtype change casts every floating buffer, the float8 one too
-        q = self.weight_fp8
-        if q.dtype != float8_dtype():  # exact: the values came from float8
-            self.compute_dtype = q.dtype
-            self.weight_fp8 = q.to(float8_dtype())
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = self.weight_scale.float()
+        q, scale = self.weight_fp8, self.weight_scale
+        super()._apply(fn, recurse)  # a dtype change casts every floating buffer, the float8 values and scale too
+        device = self.weight_fp8.device
+        if self.weight_fp8.dtype != q.dtype:  # module.to(dtype): compute in it, keep the stored values as they were
+            self.compute_dtype = self.weight_fp8.dtype
+            self.weight_fp8 = q.to(device)
+        if self.weight_scale.dtype != scale.dtype:  # an fp16 cast could flush a scale below 2^-24 to zero
+            self.weight_scale = scale.to(device)
         return self
 
     def extra_repr(self) -> str:
