@@ -10,7 +10,7 @@ Linear/Conv2d to float8 e4m3fn with its per-channel scale (``core/fp8.to_float8`
 DoRA adapter on ``--targets``, as ``train_dreambooth_dora.py`` puts it (gradient checkpointing on, ``set_recompute
 none``), and one training step under bf16 autocast at a ``--latent`` x ``--latent`` latent, batch 1. Reported: the
 weights' bytes (parameters and buffers), resident memory after building, and the step's peak resident memory above
-the resident memory before it (median of 3 steps; ``common.peak_bytes``).
+the resident memory before it (one step after a warm-up step; ``common.peak_bytes``).
 
 ``toyworld``: for each subject and seed, DoRA trained through ``train_dreambooth_dora.py`` with the demo's recipe
 (fp32), once on the full-precision base and once with ``--fp8_base``. The fp8-trained adapter is rendered on the
@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 METRICS = ("subject_fidelity", "prompt_fidelity", "prior_preservation")
+REPEATS = 1
+"""Measured training steps after the warm-up step (the peak of a step is the same each step; 1 keeps a CPU run short)."""
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -73,7 +75,7 @@ def memory_case(base: str, latent: int, targets: str, rank: int) -> dict:
     inputs = unet_inputs(latent, "cpu", torch.bfloat16)
     resident = _status("VmRSS")
     step(unet, inputs, params, torch.bfloat16)  # warm-up: norms cached, allocator settled
-    peak = peak_bytes(lambda: step(unet, inputs, params, torch.bfloat16), repeats=3)
+    peak = peak_bytes(lambda: step(unet, inputs, params, torch.bfloat16), repeats=REPEATS)
     return {"base": base, "weights": weights, "resident": resident, "step_peak": peak, "row_norm_change": norm_dev}
 
 
