@@ -8,9 +8,9 @@ A ``Float8Linear`` / ``Float8Conv2d`` replaces a frozen ``nn.Linear`` / ``nn.Con
 448 is e4m3fn's largest finite value. The scale is a power of two, so ``q * s`` is exact in bf16, fp16 (within
 its range) and fp32 alike: the dequantized ``W~`` is the same number whatever dtype computes with it. A plain
 cast (kohya's ``--fp8_base``: ``unet.to(torch.float8_e4m3fn)``, upcast per op by autocast) has no scale, and
-e4m3fn's smallest normal is 2^-6: SDXL's weights, most of them below 0.05 in magnitude, would keep 1 to 3
-significant bits or flush to zero; with the per-channel scale every weight within 2^-6 of its row's largest keeps
-e4m3fn's 4 significant bits.
+e4m3fn's smallest normal is 2^-6: SDXL's weights are mostly below 0.05 in magnitude, and those below 2^-6 keep 1
+to 3 significant bits or flush to zero; with the per-channel scale a row's largest weight lands in (224, 448] and every
+weight down to 1/14336 of it (2^-6 s) keeps e4m3fn's 4 significant bits.
 
 The product ``W~ x`` runs through ``Float8Product``, which dequantizes in its forward and again in its backward,
 so autograd keeps no dequantized copy of the weight between them (a plain ``F.linear(x, W~)`` would keep one per
