@@ -178,7 +178,7 @@ def to_float8(model: nn.Module, compute_dtype: torch.dtype | None = None) -> int
     Call it on a frozen model before adapters are added: their initial magnitudes must come from the dequantized
     weights, so a model that already carries adapters is refused."""
     float8_dtype()
-    if any(hasattr(m, "adapters") and hasattr(m, "base_layer") for m in model.modules()):
+    if any(hasattr(m, "base_layer") and len(getattr(m, "adapters", ())) for m in model.modules()):
         raise ValueError(
             f"{type(model).__name__} already carries adapters: store the base in float8 first, then add the adapters "
             "(their magnitudes start at the norms of the dequantized weights)"

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from dora_diffusion.core.fp8 import to_float8, weight_bytes
+from dora_diffusion.core.fp8 import Float8Weight, to_float8, weight_bytes
 from dora_diffusion.training.models import Components
 
 @dataclass(frozen=True)
 class Float8Report:
-    """What ``store_in_float8`` did: layers converted per model and the weight bytes before and after."""
+    """What ``store_in_float8`` left: float8 layers per model, and the weight bytes before and after."""
 
     layers: dict[str, int]
     bytes_before: int
@@ -27,8 +27,12 @@ class Float8Report:
         parts = ", ".join(f"{name} {n}" for name, n in self.layers.items())
         return (
             f"--fp8_base: {sum(self.layers.values())} Linear/Conv2d weights stored in float8 e4m3fn ({parts}); "
-            f"weights {self.bytes_before / 2**30:.2f} GiB -> {self.bytes_after / 2**30:.2f} GiB"
+            f"weights {_size(self.bytes_before)} -> {_size(self.bytes_after)}"
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def text_encoders_train(args) -> bool:
@@ -44,5 +48,7 @@ def store_in_float8(components: Components, args, compute_dtype: torch.dtype) ->
     if not text_encoders_train(args):
         models.update(text_encoder=components.text_encoder, text_encoder_2=components.text_encoder_2)
     before = sum(weight_bytes(m) for m in models.values())
-    layers = {name: to_float8(model, compute_dtype) for name, model in models.items()}
+    for model in models.values():
+        to_float8(model, compute_dtype)  # a pair's second half gets the models the first one converted: nothing to do
+    layers = {name: sum(isinstance(m, Float8Weight) for m in model.modules()) for name, model in models.items()}
     return Float8Report(layers, before, sum(weight_bytes(m) for m in models.values()))
