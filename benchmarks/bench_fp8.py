@@ -1,6 +1,6 @@
 """``--fp8_base`` (issue 31 item 3): memory on the full-size SDXL UNet, and what a float8 base does to a DoRA adapter.
 
-    python benchmarks/bench_fp8.py memory                 # SDXL UNet from config (random weights), CPU, about 10 GiB
+    python benchmarks/bench_fp8.py memory                 # SDXL UNet from config (random weights), CPU, about 6 GiB of RAM
     python benchmarks/bench_fp8.py memory --latent 32 --targets attn
     python benchmarks/bench_fp8.py toyworld --out bench-fp8   # 2 subjects x 3 seeds x 2 runs, about 10 minutes
 
