@@ -2,7 +2,7 @@
 
     python benchmarks/bench_fp8.py memory                 # SDXL UNet from config (random weights), CPU, about 6 GiB of RAM
     python benchmarks/bench_fp8.py memory --latent 32 --targets attn
-    python benchmarks/bench_fp8.py toyworld --out bench-fp8   # 2 subjects x 3 seeds x 2 runs, about 10 minutes
+    python benchmarks/bench_fp8.py toyworld --out bench-fp8   # 2 subjects x 3 seeds x 2 runs of 150 steps, 5 renders each (not timed)
 
 ``memory``: each case in a fresh process (``pin_malloc``: resident memory tracks live tensors). The UNet is built
 from SDXL's config in bf16 (``bench_unet.SDXL_UNET``), frozen; ``bf16`` keeps it so, ``fp8`` converts every
