@@ -47,7 +47,9 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = weight.detach().float()
     amax = w.reshape(w.shape[0], -1).abs().amax(dim=1)  # (d_out,)
     if not torch.isfinite(amax).all():
-        raise ValueError(f"a weight of shape {tuple(weight.shape)} has NaN or infinite values: it cannot be stored in float8")
+        raise ValueError(
+            f"a weight of shape {tuple(weight.shape)} has NaN or infinite values: it cannot be stored in float8"
+        )
     exponent = torch.ceil(torch.log2(amax / E4M3_MAX))
     scale = torch.where(amax > 0, torch.exp2(exponent), torch.ones_like(amax))  # (d_out,)
     q = (w / _per_row(scale, w)).to(float8_dtype())  # |w / s| <= 448: no overflow
@@ -78,7 +80,8 @@ class Float8Weight:
         q, scale = quantize(weight)
         self.register_buffer("weight_fp8", q)
         self.register_buffer("weight_scale", scale)
-        self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False))
+        kept = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        self.register_parameter("bias", kept)
         self.compute_dtype = compute_dtype
 
     @property
@@ -110,7 +113,8 @@ class Float8Weight:
         return self
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, weight float8_e4m3fn x per-channel scale, compute {str(self.compute_dtype).removeprefix('torch.')}"
+        compute = str(self.compute_dtype).removeprefix("torch.")
+        return f"{super().extra_repr()}, weight float8_e4m3fn x per-channel scale, compute {compute}"
 
 
 class Float8Linear(Float8Weight, nn.Linear):

@@ -15,6 +15,7 @@ import torch
 from dora_diffusion.core.fp8 import Float8Weight, to_float8, weight_bytes
 from dora_diffusion.training.models import Components
 
+
 @dataclass(frozen=True)
 class Float8Report:
     """What ``store_in_float8`` left: float8 layers per model, and the weight bytes before and after."""
