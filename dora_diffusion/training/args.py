@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _compat_flags(p)
     _pivotal_flags(p)
     _other_trainers_flags(p)
+    _fp8_flags(p)
     return p
 
 
@@ -429,6 +430,28 @@ OTHER_TRAINERS_DEFAULTS = {
 """The defaults of ``_other_trainers_flags``: what a run recorded before they existed trained with (``RUN_DEFAULTS``)."""
 
 
+def _fp8_flags(p: argparse.ArgumentParser) -> None:
+    """``--fp8_base`` (issue 31 item 3; ``training/fp8_base.py``)."""
+    g = p.add_argument_group("float8 base")
+    g.add_argument(
+        "--fp8_base",
+        action="store_true",
+        help="Store the frozen UNet (and the text encoders unless they train) in float8 e4m3fn with a per-channel "
+        "scale, computed per layer in the training dtype: about half the weight memory of bf16 (kohya's --fp8_base).",
+    )
+
+
+def check_fp8_flags(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` if ``--fp8_base`` cannot work here (a torch without float8_e4m3fn)."""
+    if args.fp8_base:
+        from dora_diffusion.core.fp8 import float8_dtype
+
+        try:
+            float8_dtype()
+        except RuntimeError as err:
+            raise ValueError(f"--fp8_base: {err}") from None
+
+
 def check_other_trainers_flags(args: argparse.Namespace) -> None:
     """Raise ``ValueError`` naming the flag of ``_other_trainers_flags`` whose value cannot work or does nothing;
     then fill in the defaults of ``--ema_decay``, ``--huber_c`` and ``--huber_schedule`` (None when not given, so that
@@ -544,6 +567,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         check_args(args, parser)
         check_other_trainers_flags(args)
+        check_fp8_flags(args)
     except ValueError as err:
         parser.error(str(err))
     if args.use_8bit_adam:
@@ -785,7 +809,7 @@ RUN_KEYS = (
     "alpha_pattern",
 )
 """Settings that define the adapter being trained: a checkpoint made with other values cannot be resumed."""
-RUN_DEFAULTS = {"rank_pattern": {}, "alpha_pattern": {}, **OTHER_TRAINERS_DEFAULTS}
+RUN_DEFAULTS = {"rank_pattern": {}, "alpha_pattern": {}, **OTHER_TRAINERS_DEFAULTS, "fp8_base": False}
 """What a setting recorded by an older version, which did not have it, meant."""
 PATH_KEYS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset")
 """Settings that may be local paths: compared by what they point at, not as strings."""

@@ -137,6 +137,8 @@ class TrainConfig:
     loss_type: str
     huber_c: float
     huber_schedule: str
+    # float8 base (training/fp8_base.py)
+    fp8_base: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:

@@ -53,6 +53,7 @@ from dora_diffusion.training.distributed import (
     refuse_sharding,
 )
 from dora_diffusion.training.errors import TrainingError, TrainingInterrupted
+from dora_diffusion.training.fp8_base import store_in_float8
 from dora_diffusion.training.models import (
     ADAPTER_NAME,
     add_training_adapters,
@@ -349,6 +350,8 @@ class TrainingRun:
         for te in (comps.text_encoder, comps.text_encoder_2):
             te.to(self.device, dtype=weight_dtype)
         nn.Module.to(comps.vae, self.device, vae_dtype(comps.vae, weight_dtype))
+        if c.fp8_base:  # before the adapters: their magnitudes start at the norms of the dequantized weights
+            self.accelerator.print(store_in_float8(comps, c, weight_dtype), flush=True)
 
     def _components(self, weight_dtype: torch.dtype):
         """The frozen SDXL components, loaded in ``weight_dtype`` (a pair's second run gets the first one's)."""
@@ -476,7 +479,7 @@ class TrainingRun:
         s, out = self.settings, self.output_dir
         meta = {"base_model": self.config.pretrained_model_name_or_path, "trigger_words": self.triggers, "training": {
             k: s[k] for k in ("adapter", "rank", "alpha", "resolution", "max_train_steps", "unet_targets",
-                              "train_text_encoder", "text_encoder_targets", "seed")}}  # fmt: skip
+                              "train_text_encoder", "text_encoder_targets", "seed", "fp8_base")}}  # fmt: skip
         if directory == out:
             self.run_files.claim(weight_name or DEFAULT_WEIGHT_NAME)
         if self.new_tokens and format == "diffusers":  # the new tokens' embeddings beside the adapter (also in checkpoints)
