@@ -129,7 +129,8 @@ def report(rows: list[dict]) -> str:
         for m in METRICS:
             mean, half, n = paired(rows, variant, m)
             cells.append(f"{mean:+.3f} ± {half:.3f}")
-        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {n} |")
+        if n >= 2:  # a variant not run (or run once) has no interval: no row, rather than a row of nan
+            lines.append(f"| {variant} | " + " | ".join(cells) + f" | {n} |")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ the base UNet and scored on the trigger prompts ``bench_quality.py`` uses (8 ima
 mean / max pixel difference (0..255) from the FT model's own images. Then one DoRA run per subject and seed, baked
 (``tools.bake``) and resized (``tools.resize``) through files at each rank, against the DoRA's own weights (the
 same error, relative to the DoRA's change ``W' - W0``) and images.
+Each (subject, seed) is written to ``<out>/parts/`` when done; a rerun with the same ``--out`` skips those.
 
 ``sdxl``: SDXL base's UNet from its config with random weights (fp16 files), and a "fine-tune" with a random
 rank-16 plus dense perturbation of every Linear and Conv2d weight, both written as diffusers folders; then
@@ -161,6 +162,13 @@ def toy_table(rows: list[dict]) -> str:
     return "\n".join(out + paired) + "\n"
 
 
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=TOY_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def run_toy(args: argparse.Namespace) -> None:
     from dora_diffusion import toyworld
     from dora_diffusion.toyworld.finetune import encode_subject, train_subject
@@ -169,20 +177,27 @@ def run_toy(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = toyworld.load_pipeline(args.pipeline)
-    rows = []
     start = time.perf_counter()
+    parts = out / "parts"  # one CSV per (subject, seed): a rerun with the same --out skips the finished ones
+    parts.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench_tools_") as tmp:
         for subject in args.subjects:
-            data = encode_subject(pipe, subject)
+            data = None
             for seed in args.seeds:
+                part = parts / f"{subject}-{seed}.csv"
+                if part.exists():
+                    print(f"{subject} seed {seed}: done in an earlier run ({part})", flush=True)
+                    continue
+                data = data if data is not None else encode_subject(pipe, subject)
                 ft = train_subject(pipe, data, "ft", 1, args.ft_lr, args.steps, seed)
-                rows += extraction_rows(pipe, ft, subject, seed, args.ranks, args.iterations)
+                rows = extraction_rows(pipe, ft, subject, seed, args.ranks, args.iterations)
                 rows += bake_resize_rows(pipe, data, subject, seed, args, Path(tmp))
+                _write_rows(part.with_suffix(".tmp"), rows)
+                part.with_suffix(".tmp").replace(part)
                 print(f"{subject} seed {seed}: {len(rows)} rows, {time.perf_counter() - start:.0f} s", flush=True)
-    with open(out / "runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=TOY_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    rows = [row for subject in args.subjects for seed in args.seeds
+            for row in csv.DictReader(open(parts / f"{subject}-{seed}.csv", newline=""))]  # fmt: skip
+    _write_rows(out / "runs.csv", rows)
     text = toy_table(rows)
     print(text)
     settings = (f"\n`python benchmarks/bench_tools.py toy` with subjects {args.subjects}, seeds {args.seeds}, "
@@ -213,7 +228,12 @@ def make_folders(root: Path, config: dict, dtype: torch.dtype, seed: int = 0) ->
     if (tuned / "unet" / "diffusion_pytorch_model.safetensors").is_file():
         return base, tuned
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its own dtype: one copy of the weights in memory, not an fp32 one too
+    try:
+        unet = UNet2DConditionModel(**config)
+    finally:
+        torch.set_default_dtype(default)
     conv_linear = {f"{n}.weight" for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     state = {k: v.to(dtype).contiguous() for k, v in unet.state_dict().items()}
     del unet

@@ -756,3 +756,15 @@ def test_the_demo_names_its_cache_with_a_tilde(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert _home_relative(tmp_path / ".cache" / "dora-diffusion" / "demo") == "~/.cache/dora-diffusion/demo"
     assert _home_relative(Path("/elsewhere/demo")) == "/elsewhere/demo"
+
+
+def test_the_per_column_table_widths_follow_its_longest_words():
+    """The table's column widths (% of the page) are in proportion to each column's longest word plus one, so a
+    6-column table fits a phone (390 px) without scrolling sideways (the browser test checks the page)."""
+    from dora_diffusion.app.events import column_widths
+
+    table = {"headers": ["column", "images", "subject fidelity", "mean |DoRA − LoRA|"],
+             "data": [["dora 1.50", 4, 0.739, None], ["lora 1.00", 4, 0.7, 17.123]]}  # fmt: skip
+    widths = column_widths(table)
+    need = [7, 7, 9, 7]  # 'column'/'images', 'fidelity', '17.123' (longer than 'mean', '|DoRA', 'LoRA|'), each + 1
+    assert widths == [f"{100 * n / sum(need):.1f}%" for n in need]

@@ -85,8 +85,12 @@ def page(server):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(60_000)
-            page.goto(server)
+            # the page's load event shows the adapters loaded now; on a busy machine its answer can land after a
+            # test's first step (and hide a slot that step just added), so wait for it
+            with page.expect_response(lambda r: r.request.method == "POST" and "/run/predict" in r.url):
+                page.goto(server)
             page.wait_for_selector("#generate")
+            page.wait_for_timeout(300)
             yield page
         finally:
             browser.close()
@@ -243,6 +247,9 @@ LAYOUT_CHECKS = {
         .filter(e => e.offsetParent).filter(e => { const c = e.querySelector('.caption-label'), i = e.querySelector('img');
           return c && (c.getBoundingClientRect().top < i.getBoundingClientRect().bottom - 1 || c.scrollWidth > c.clientWidth + 1); })
         .map(e => e.innerText)""",
+    "a table scrolls sideways": """() => [...document.querySelectorAll('#scores *')]
+        .filter(e => e.offsetParent && e.scrollWidth > e.clientWidth + 1 && /auto|scroll/.test(getComputedStyle(e).overflowX))
+        .map(e => e.tagName + '.' + e.className + ' ' + e.scrollWidth + '>' + e.clientWidth)""",
     "a table header breaks inside a word or overflows": """() => [...document.querySelectorAll('#scores th')]
         .filter(e => { const s = getComputedStyle(e.querySelector('span') || e);
           return s.wordBreak !== 'normal' || s.overflowWrap !== 'normal' || e.scrollWidth > e.clientWidth + 1; })
@@ -325,3 +332,33 @@ def test_the_page_fits_a_desktop_and_a_phone(page, tmp_path, tmp_path_factory):
     expect(page.locator("#restore-upload").get_by_text("seed3.png")).to_have_count(0)  # the box is empty again
     upload.set_input_files(str(_png_with_parameters(tmp_path / "seed4.png", 4)))
     expect(page.locator("#seeds textarea")).to_have_value("4")
+
+
+def test_adding_an_adapter_fills_an_empty_prompt_with_its_trigger_words(page, tmp_path_factory):
+    """Issue 29 (5): the prompt is filled from trigger words whenever an adapter is added while the box is empty
+    (was: only when the page was built); a prompt the person typed is never replaced."""
+    from dora_diffusion.formats import read_safetensors, write_safetensors
+
+    expect = sync_api.expect
+    root = next(tmp_path_factory.getbasetemp().glob("browser*"))
+    state, meta = read_safetensors(next((root / "dora").glob("*.safetensors")))
+    for name, words in (("trig", "TOK, sks"), ("trig2", "zwx")):
+        write_safetensors(state, root / f"{name}.safetensors", {**meta, "modelspec.trigger_phrase": words})
+    prompt = page.locator("#prompt textarea")
+    prompt.fill("")
+    page.get_by_text("Add or remove adapters").click()
+    page.locator("#add-source textarea, #add-source input").first.fill(str(root / "trig.safetensors"))
+    page.click("#add-adapter")
+    expect(page.locator("#message")).to_contain_text("Loaded trig")
+    expect(prompt).to_have_value("TOK, sks")
+    prompt.fill(PROMPT)
+    page.locator("#add-source textarea, #add-source input").first.fill(str(root / "trig2.safetensors"))
+    page.click("#add-adapter")
+    expect(page.locator("#message")).to_contain_text("Loaded trig2")
+    page.wait_for_timeout(300)
+    assert prompt.input_value() == PROMPT
+    for name in ("trig", "trig2"):  # leave the server as the other tests expect it
+        page.locator("#remove-choice input").click()
+        page.get_by_role("option", name=name, exact=True).click()
+        page.click("#remove-adapter")
+        expect(page.locator("#message")).to_contain_text(f"Removed {name}")

@@ -320,6 +320,20 @@ def test_training_metadata_reaches_the_kohya_header(tmp_path) -> None:
     assert all(isinstance(v, str) for v in header.values())
 
 
+def test_the_kohya_header_states_the_trained_resolution(tmp_path) -> None:
+    """modelspec.resolution says the size the adapter was trained at (was: 1024x1024 even for a 64 px model);
+    without training metadata it is SDXL's own size."""
+    trained = trained_pipe()
+    models = {c: getattr(trained, c) for c in ("unet", "text_encoder", "text_encoder_2")}
+    headers = []
+    for name, meta in (("t64", {"training": {"resolution": 64}}), ("plain", {})):
+        path = save_adapter(models, tmp_path, "a", weight_name=f"{name}.safetensors", format="kohya", metadata=meta)
+        with safe_open(str(path), "pt") as f:
+            headers.append(f.metadata())
+    assert headers[0]["modelspec.resolution"] == "64x64" and headers[0]["ss_resolution"] == "(64, 64)"
+    assert headers[1]["modelspec.resolution"] == "1024x1024" and "ss_resolution" not in headers[1]
+
+
 @pytest.mark.parametrize("use_dora", [True, False])
 def test_diffusers_kohya_diffusers_round_trip_is_bit_exact(tmp_path, use_dora) -> None:
     src = make_adapter_file(tmp_path / "src", use_dora=use_dora)

@@ -162,6 +162,24 @@ def test_latest_with_nothing_to_resume_stops_and_writes_nothing(work, trained):
     assert snapshot(killed) == before
 
 
+def test_latest_in_a_missing_or_empty_folder_stops_and_auto_starts(work):
+    """`latest` asks to continue a run: with no checkpoint anywhere it stops and writes nothing, not even the folder
+    (was: a new run). `auto` is the diffusers idiom (one command for the first start and every restart): in a
+    folder with no run yet it starts one."""
+    missing, empty = work / "never-made", work / "made-empty"
+    empty.mkdir()
+    for folder in (missing, empty):
+        with pytest.raises(CheckpointError) as err:
+            main(argv(work, folder.name, "--resume_from_checkpoint", "latest"))
+        state = "does not exist" if folder is missing else "holds no checkpoint-N folder and no run"
+        assert str(err.value).startswith(f"--resume_from_checkpoint latest: {folder} {state}, so there is nothing to "
+                                         "resume; nothing was started or written. Drop --resume_from_checkpoint")
+    assert not missing.exists() and list(empty.iterdir()) == []
+    path, stdout = run(argv(work, "never-made", "--resume_from_checkpoint", "auto"))
+    assert f"--resume_from_checkpoint auto: {missing} holds no run yet; starting a new one" in stdout
+    assert (missing / "pytorch_lora_weights.safetensors").is_file() and path == missing
+
+
 # ---------------------------------------------------------------- the dataset and the end of the run
 @pytest.mark.parametrize("name, where", [("nobody/photos", "no folder nobody/photos (nor nobody)"), ("data/photos", "no folder 'photos' in data/")])
 def test_a_dataset_that_is_nowhere_is_one_line(work, monkeypatch, name, where):

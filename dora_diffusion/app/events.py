@@ -216,6 +216,17 @@ class Results:
                 self.snippet]  # fmt: skip
 
 
+def column_widths(table: dict) -> list[str]:
+    """Widths of the per-column table's columns in % of the page, each in proportion to the longest word of its
+    header or cells (at least 4 characters), so the table fits a phone's width instead of scrolling sideways."""
+    def longest(cell) -> int:
+        return max((len(w) for w in str("" if cell is None else cell).split()), default=0)
+
+    need = [1 + max(4, longest(h), *(longest(row[k]) for row in table["data"])) for k, h in enumerate(table["headers"])]
+    total = sum(need)
+    return [f"{100 * n / total:.1f}%" for n in need]
+
+
 def default_cell(plan: GridPlan, n_done: int) -> int:
     """Gallery index whose parameters and snippet show first: the first adapter cell, else the first cell."""
     first_adapter = 1 if plan.columns[0].adapter is None and len(plan.columns) > 1 else 0
@@ -409,7 +420,8 @@ class CompareEvents:
             message += f" {markdown_text(header)} compares **{a}** with **{b}** at the same strength (Difference pair)."
         if score_note:
             message += f"\n\n{score_note}"
-        return (list(items), diff_items, str(grid), downloads, table, shown["infotext"], shown["snippet"], message,
+        shown_table = gr.Dataframe(value=table, column_widths=column_widths(table))
+        return (list(items), diff_items, str(grid), downloads, shown_table, shown["infotext"], shown["snippet"], message,
                 infos)  # fmt: skip
 
     def score(self, p: GridPlan, images: dict) -> tuple[list, str]:
@@ -493,6 +505,11 @@ class CompareEvents:
         values = synced_slots(page_names or [], adapters)
         status = f"Loaded **{info.name}**: {info.summary}, from {code_span(info.source)}."
         return status, self.remove_choices(), self.pair_choices(), self.names(), *slot_updates(adapters, values)
+
+    def prompt_after_load(self, prompt: str | None) -> str:
+        """The prompt after an adapter was added: the person's text as it is, or, if the box is empty, the loaded
+        adapters' trigger words (their files' headers; still empty when none names any)."""
+        return prompt if (prompt or "").strip() else self.comparer.trigger_prompt()
 
     def remove_adapter(self, data: dict, request: gr.Request = None):
         """Unload the chosen adapter; the other slots keep their ticks, strengths and sweeps."""

@@ -58,7 +58,13 @@ PAGE_CSS = """
   #actions { position: sticky; bottom: 0; z-index: 20; background: var(--background-fill-primary);
              padding: 6px 0; flex-wrap: nowrap !important; box-shadow: 0 -2px 6px rgba(0, 0, 0, 0.12); }
   #actions > * { min-width: 0 !important; }
-  #scores th, #scores td { padding: 4px !important; }
+  #scores th, #scores td { padding: 0 !important; }
+  #scores .cell-wrap { padding: 3px 1px !important; }
+  #scores .header-content { gap: 0 !important; }
+  #scores .cell-menu-button { display: none !important; }
+  #scores th, #scores th *, #scores .body-cell, #scores .body-cell * {
+    font-family: "DejaVu Sans", sans-serif !important; font-size: 11.5px !important; }
+  #scores .body-cell, #scores .body-cell * { word-break: normal !important; overflow-wrap: normal !important; }
 }
 """
 """Gallery captions sit under their image and wrap between words (never cut with '…', never covering the image,
@@ -127,7 +133,8 @@ def build_ui(
     """The page for ``comparer``, with its queue set up (one job at a time, at most ``max_queue`` waiting).
 
     The form starts at ``settings`` (default: the base model's native size) and ``seeds``; an empty prompt is
-    filled with the loaded adapters' trigger words (``Comparer.trigger_prompt``).
+    filled with the loaded adapters' trigger words (``Comparer.trigger_prompt``), at start and whenever an adapter
+    is added while the prompt is empty.
     ``extra_tabs`` maps a tab title to a function that builds the tab's content from ``comparer`` (the
     Analysis tab of ``dora_diffusion.app.analysis`` plugs in here). ``scorer`` scores each column
     (``compare.make_scorer``; None: no scores). Uploaded adapters are kept in ``upload_dir`` (default
@@ -271,6 +278,7 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
         api_name="restore",
         show_progress_on=[message],
     )
+    added.success(events.prompt_after_load, form.prompt, form.prompt, queue=False, api_visibility="private")
     for event in (added, removed, restored):  # the error's text stays on the message area after its toast
         event.failure(events.show_error, None, message, queue=False, api_visibility="private")
     # the PNG is read: empty the box, so the next PNG drops in without removing this one by hand

@@ -124,8 +124,8 @@ class Adapter(nn.Module):
 
     def norm_key(self) -> tuple:
         """What the cached norm depends on: A, B and W0, by storage and version."""
-        a, b, w = self.A, self.B, self.geometry.weight
-        return (a.data_ptr(), a._version, b.data_ptr(), b._version, w.data_ptr(), w._version, self.spec)
+        a, b = self.A, self.B
+        return (a.data_ptr(), a._version, b.data_ptr(), b._version, *self.geometry.weight_key(), self.spec)
 
     def cached_norm(self, key: tuple) -> torch.Tensor | None:
         """The cached norm if it was made for ``key`` (``norm_key()``) and can still be used, else None."""
@@ -260,8 +260,7 @@ class DenseAdapter(Adapter):
 
     def norm_key(self) -> tuple:
         """What ``s ΔW`` and the norm depend on: the factors and W0, by storage and version."""
-        w = self.geometry.weight
-        return (*((t.data_ptr(), t._version) for t in self.factors.values()), w.data_ptr(), w._version, self.spec)
+        return (*((t.data_ptr(), t._version) for t in self.factors.values()), *self.geometry.weight_key(), self.spec)
 
     def update(self) -> torch.Tensor:
         """The unscaled ``ΔW`` of the kind as (d_out, K) in fp32, with autograd."""

@@ -86,16 +86,16 @@ class Call:
 
     @classmethod
     def of(cls, layer: AdaptedLayer, x: torch.Tensor) -> Call:
-        w = layer.geometry.weight
+        geom = layer.geometry
         autocast = torch.is_autocast_enabled(x.device.type)
         running = tuple((a, a.strength) for a in layer.adapters.values() if a.strength)
         hooked = _has_hooks(layer.base_layer)
         grad_mode = torch.is_grad_enabled()
-        bias = layer.geometry.bias
-        base_grad = grad_mode and (w.requires_grad or (bias is not None and bias.requires_grad))
+        bias, dtype = geom.bias, geom.dtype
+        base_grad = grad_mode and (geom.weight_requires_grad or (bias is not None and bias.requires_grad))
         return cls(
             x=x,
-            base_in=x if autocast or x.dtype == w.dtype else x.to(w.dtype),
+            base_in=x if autocast or x.dtype == dtype else x.to(dtype),
             out_dtype=torch.get_autocast_dtype(x.device.type) if autocast else x.dtype,
             running=running,
             autocast=autocast,
@@ -103,7 +103,7 @@ class Call:
             base_grad=base_grad,
             compiling=torch.compiler.is_compiling(),
             hooked=hooked,
-            direct=layer.geometry.direct and not hooked,
+            direct=geom.direct and not hooked,
         )
 
 
@@ -276,7 +276,7 @@ def _reference(layer: AdaptedLayer, call: Call) -> torch.Tensor:
         if spec.norm_axis == "in":
             cin = geom.input_channel(adapter.factor())  # per input channel
             term = geom.up(geom.down(xd * cin, a), (k * spec.scale) * adapter.B)
-            shifted = (x.to(a.dtype) * (cin - 1.0)).to(geom.weight.dtype)
+            shifted = (x.to(a.dtype) * (cin - 1.0)).to(geom.dtype)
             term = term + k * geom.base(shifted).to(term.dtype)
         else:
             c, b_scaled = adapter.scaled(k)

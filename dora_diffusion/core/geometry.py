@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dora_diffusion.core.config import NormAxis
+from dora_diffusion.core.fp8 import Float8Weight
 from dora_diffusion.core.norms import row_sq_norms
 
 
@@ -34,10 +35,33 @@ class Geometry:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self._sq: tuple[tuple, torch.Tensor] | None = None
+        self.quantized = isinstance(module, Float8Weight)
+        """The weight is stored in float8 (``fp8.Float8Weight``): ``weight`` dequantizes it on each read, and the base
+        product goes through the module (``Float8Product``), which keeps no dequantized copy for the backward."""
+        if self.quantized:
+            self.direct = False
 
     @property
     def weight(self) -> torch.Tensor:
+        """``W0`` (a float8 base's dequantized weight, built on each read)."""
         return self.module.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the base product computes in (without reading a float8 weight)."""
+        return self.module.compute_dtype if self.quantized else self.module.weight.dtype
+
+    @property
+    def weight_requires_grad(self) -> bool:
+        """True if gradients must reach ``W0`` itself (never for a float8 base, which is frozen)."""
+        return not self.quantized and self.module.weight.requires_grad
+
+    def weight_key(self) -> tuple:
+        """What ``W0`` is, by storage and version: the cache key of anything computed from it."""
+        if self.quantized:
+            return self.module.weight_key()
+        w = self.module.weight
+        return (w.data_ptr(), w._version, w.dtype, w.device)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -79,10 +103,9 @@ class Geometry:
 
     def w0_sq(self) -> torch.Tensor:
         """``rowsum(W0^2)`` in fp32, (d_out,); cached until the weight's storage or version changes."""
-        w = self.weight
         if torch.compiler.is_compiling():
             return row_sq_norms(self.w0_2d())
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        key = self.weight_key()
         if self._sq is None or self._sq[0] != key or stale(self._sq[1]):
             self._sq = (key, row_sq_norms(self.w0_2d()))
         return self._sq[1]
@@ -101,6 +124,8 @@ class Geometry:
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """``W0 x`` without bias."""
+        if self.quantized:
+            return self.module.product(x)
         return self.apply(x, self.weight)
 
     def apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

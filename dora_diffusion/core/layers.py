@@ -116,6 +116,11 @@ class AdaptedLayer(nn.Module):
         """
         if self.fused:
             raise RuntimeError("adapters are already fused; call unfuse() first")
+        if self.geometry.quantized:
+            raise RuntimeError(
+                "the base weight is stored in float8 (--fp8_base): an adapter cannot be fused into it; run unfused, "
+                "or load the adapter on a bf16/fp32 base to fuse it"
+            )
         weights = {n: k for n, k in (self.active if weights is None else weights).items() if n in self.adapters}
         if not weights:
             return

@@ -528,6 +528,12 @@ def _network_metadata(modules: dict[str, dict[str, ModuleAdapter]], info: dict) 
     extra = {}
     if isinstance(info.get("base_model"), str):
         extra["ss_sd_model_name"] = info["base_model"]
+    trained = info.get("training") if isinstance(info.get("training"), dict) else {}
+    size = trained.get("resolution")
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:  # the size it was trained at (SDXL: 1024)
+        extra["ss_resolution"] = f"({size}, {size})"
+    else:
+        size = 1024
     if info.get("trigger_words"):
         words = info["trigger_words"]
         extra["modelspec.trigger_phrase"] = words if isinstance(words, str) else ", ".join(map(str, words))
@@ -544,7 +550,7 @@ def _network_metadata(modules: dict[str, dict[str, ModuleAdapter]], info: dict) 
         "modelspec.architecture": SDXL_ARCHITECTURE,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": name,
-        "modelspec.resolution": "1024x1024",
+        "modelspec.resolution": f"{size}x{size}",
         "modelspec.prediction_type": "epsilon",
         "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
     }

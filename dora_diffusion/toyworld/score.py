@@ -13,7 +13,12 @@ prompts ``p_i`` (i = 1..N) and an optional subject ``S`` (trigger ``t``, shape `
 - ``prior_preservation = mean_{i : t not in p_i} shape_s(x_i) * (1 - decoration_d(x_i))``: the probability that the
   class is drawn plain, as the base model draws it (1: no language drift; 0: the class took the subject's look).
 
-Validate the scorer: ``python -m dora_diffusion.toyworld.score --validate``.
+With a style subject (``styles.STYLES``: one look, many objects) ``score(images, prompts, style=...)`` gives
+``style_fidelity``, ``object_fidelity`` and ``style_preservation`` instead (``style_scores``), read by the style
+reader (``style_reader.py``).
+
+Validate the scorer: ``python -m dora_diffusion.toyworld.score --validate`` (``--validate_style`` for the style
+measures).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from dora_diffusion.toyworld.styles import LOOKS, STYLES, Style, render_look, style_instances, styled_scene
 from dora_diffusion.toyworld.subjects import SUBJECTS, Subject, instance_caption, instance_scenes
 from dora_diffusion.toyworld.world import BACKGROUNDS, COLOURS, DECORATIONS, RESOLUTION, SHAPES, Scene, Thing, caption, render, scenes
 
@@ -143,14 +149,19 @@ def _checks(named: Named, r: Reading, i: int) -> list[bool]:
 
 
 def score(
-    images: Sequence[Image.Image] | np.ndarray, prompts: Sequence[str], subject: Subject | str | None = None
+    images: Sequence[Image.Image] | np.ndarray,
+    prompts: Sequence[str],
+    subject: Subject | str | None = None,
+    style: Style | str | None = None,
 ) -> dict:
     """Score ``images`` against the ``prompts`` they were generated from (see the module docstring for the math).
 
     Returns ``n``, ``prompt_fidelity`` and ``per_image_prompt_fidelity``; with ``subject`` also
     ``subject_fidelity`` (over the ``n_subject`` images whose prompt holds the trigger; ``None`` if none) and
     ``prior_preservation`` (over the ``n_class`` other images; ``None`` if none), with per-image lists of both
-    over every image (``per_image_subject_fidelity``, ``per_image_prior_preservation``).
+    over every image (``per_image_subject_fidelity``, ``per_image_prior_preservation``). With ``style`` (a style
+    subject, ``styles.STYLES``) instead the style measures of ``style_scores`` (its keys added; ``prompt_fidelity``
+    is then not computed: the reader never saw an object on a badge, ``object_fidelity`` reads it instead).
     """
     from dora_diffusion.toyworld.reader import load_reader
 
@@ -158,6 +169,10 @@ def score(
     prompts = list(prompts)
     if len(prompts) != len(x):
         raise ValueError(f"got {len(x)} images but {len(prompts)} prompts; give one prompt per image")
+    if style is not None:
+        if subject is not None:
+            raise ValueError("score one of subject= or style= at a time")
+        return {"n": len(x), **style_scores(x, prompts, style)}
     if isinstance(subject, str):
         if subject not in SUBJECTS:
             raise ValueError(f"unknown subject {subject!r}; one of {sorted(SUBJECTS)}")
@@ -194,13 +209,61 @@ def score(
     return out
 
 
+def style_scores(images: Sequence[Image.Image] | np.ndarray | torch.Tensor, prompts: Sequence[str], style: Style | str) -> dict:
+    """The style measures of ``images`` generated from ``prompts``, read by the style reader (``style_reader.py``).
+
+    For images ``x_i`` with prompts ``p_i``, ``T`` the images whose prompt holds the style's trigger and ``C`` the others:
+
+    - ``style_fidelity = mean_{i in T} P(look = style's look | x_i)``: 1 when drawn in the style, 0 when drawn plain
+      or in another look;
+    - ``object_fidelity = mean_{i in T} ([argmax shape = named] + [argmax colour = named]) / 2``: the object the
+      prompt names is kept (an adapter must learn a look, not its instances' objects); only what is named counts;
+    - ``style_preservation = mean_{i in C} (1 - P(look = style's look | x_i))``: the plain prompts still draw plain
+      (1: no drift; 0: every prompt took the style).
+
+    Each is ``None`` over an empty set; ``per_image_style_fidelity`` lists ``P(look)`` of every image.
+    """
+    from dora_diffusion.toyworld.style_reader import load_style_reader
+
+    if isinstance(style, str):
+        if style not in STYLES:
+            raise ValueError(f"unknown style {style!r}; one of {sorted(STYLES)}")
+        style = STYLES[style]
+    x = images if isinstance(images, torch.Tensor) else images_to_tensor(images)
+    r = load_style_reader().read(x)
+    p_look = r.look[:, LOOKS.index(style.look)].tolist()
+    has_trigger = [style.trigger in re.findall(r"[a-z]+", p.lower()) for p in prompts]
+    kept = []
+    for i, (prompt, t) in enumerate(zip(prompts, has_trigger)):
+        if not t:
+            continue
+        named = parse_prompt(prompt).objects
+        checks = []
+        if named and named[0].shape:
+            checks.append(int(r.shape[i].argmax()) == SHAPES.index(named[0].shape))
+        if named and named[0].colour:
+            checks.append(int(r.colour[i].argmax()) == list(COLOURS).index(named[0].colour))
+        if checks:
+            kept.append(sum(checks) / len(checks))
+    styled = [p for p, t in zip(p_look, has_trigger) if t]
+    plain = [1 - p for p, t in zip(p_look, has_trigger) if not t]
+    return {
+        "n_style": len(styled),
+        "style_fidelity": float(np.mean(styled)) if styled else None,
+        "object_fidelity": float(np.mean(kept)) if kept else None,
+        "n_class": len(plain),
+        "style_preservation": float(np.mean(plain)) if plain else None,
+        "per_image_style_fidelity": p_look,
+    }
+
+
 # ------------------------------------------------------------------------------------------------ validation
 
 
 def _restyle(scene: Scene, decoration: str | None = None, colour: str | None = None) -> Scene:
     """``scene`` with every object's decoration and / or colour replaced."""
     return Scene(scene.background, tuple(
-        Thing(t.shape, colour or t.colour, t.x, t.y, t.size, decoration or t.decoration) for t in scene.things
+        Thing(t.shape, colour or t.colour, t.x, t.y, t.size, decoration or t.decoration, t.ring_width) for t in scene.things
     ))
 
 
@@ -276,14 +339,70 @@ def validation_figures(n_world: int = 200, seed: int = 7) -> dict[str, float]:
     return figures
 
 
+def style_validation_figures(style: Style | str = "icon", n: int = 48, seed: int = 7) -> dict[str, float]:
+    """The style measures on images whose truth is known (seeds other than the style reader's training data).
+
+    ``<style>_*``: ``style_fidelity`` with the style's trigger prompts of ``n`` rendered scenes in the style
+    (``instances``), the same after the shipped VAE's round trip (``vae_round_trip``: the ceiling a UNet can reach)
+    or blurred and JPEG-compressed, drawn plain (``world_plain``), as the ring or dotted subjects (``decorated``), and
+    in each other look (``look_<name>``); ``object_fidelity`` of the styled images against their own prompts
+    (``own_objects``) and against other images' prompts (``chance_objects``); ``style_preservation`` of plain class
+    images (``class_plain``) and of class prompts drawn in the style (``class_styled``).
+    """
+    style = STYLES[style] if isinstance(style, str) else style
+    rng = random.Random(f"validate-style|{seed}")
+    from dora_diffusion.toyworld.world import triples
+
+    picks = [rng.choice(triples("train") + triples("heldout")) for _ in range(n)]
+    styled = [styled_scene(shape, colour, bg, rng, style.look) for shape, colour, bg in picks]
+    prompts = [style.prompt(t.things[0].shape, t.things[0].colour, t.background) for t in styled]
+    plain_prompts = [style.class_prompt(t.things[0].shape, t.things[0].colour, t.background) for t in styled]
+    images = [render_look(sc, style.look) for sc in styled]
+    world = [render(sc) for sc in styled]  # the same objects, plain, where the world draws them
+    decorated = [render(_restyle(sc, decoration=("ring", "dotted")[k % 2])) for k, sc in enumerate(styled)]
+    from dora_diffusion.toyworld.style_reader import vae_round_trip
+
+    round_trip = vae_round_trip(images_to_tensor(images))
+    shifted = prompts[1:] + prompts[:1]
+
+    def fid(imgs, texts=prompts) -> float:
+        return style_scores(imgs, texts, style)["style_fidelity"]
+
+    name = style.name
+    figures = {
+        f"{name}_instances": fid(images),
+        f"{name}_vae_round_trip": fid(round_trip),
+        f"{name}_blurred_jpeg": fid([_blur_jpeg(im) for im in images]),
+        f"{name}_world_plain": fid(world),
+        f"{name}_decorated": fid(decorated),
+    }
+    for look in LOOKS:
+        if look not in ("none", style.look):
+            figures[f"{name}_look_{look}"] = fid([render_look(sc, look) for sc in styled])
+    figures[f"{name}_own_objects"] = style_scores(images, prompts, style)["object_fidelity"]
+    figures[f"{name}_vae_round_trip_own_objects"] = style_scores(round_trip, prompts, style)["object_fidelity"]
+    figures[f"{name}_chance_objects"] = style_scores(images, shifted, style)["object_fidelity"]
+    figures[f"{name}_class_plain"] = style_scores(world, plain_prompts, style)["style_preservation"]
+    figures[f"{name}_class_styled"] = style_scores(images, plain_prompts, style)["style_preservation"]
+    figures[f"{name}_train_instances"] = fid([render_look(sc, style.look) for sc in style_instances(style)],
+                                             [style.prompt(sc.things[0].shape, sc.things[0].colour, sc.background)
+                                              for sc in style_instances(style)])  # fmt: skip
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="The toy-world scorer.")
     parser.add_argument("--validate", action="store_true", help="print the scorer's figures on known images")
+    parser.add_argument("--validate_style", action="store_true", help="print the style measures' figures on known images")
     args = parser.parse_args()
-    if not args.validate:
-        parser.error("nothing to do; pass --validate (score() is the library entry point)")
+    if not (args.validate or args.validate_style):
+        parser.error("nothing to do; pass --validate or --validate_style (score() is the library entry point)")
     torch.set_num_threads(1)
-    for name, value in validation_figures().items():
+    figures = validation_figures() if args.validate else {}
+    if args.validate_style:
+        for style in STYLES.values():
+            figures.update(style_validation_figures(style))
+    for name, value in figures.items():
         print(f"{name:40s} {value:.3f}")
 
 

@@ -54,6 +54,8 @@ class Thing:
     y: float
     size: float
     decoration: str = "plain"
+    ring_width: float = 0.16
+    """A ``ring``'s width as a fraction of the object's radius; the object inside shrinks by as much."""
 
 
 @dataclass(frozen=True)
@@ -183,8 +185,8 @@ def _thing(draw: ImageDraw.ImageDraw, t: Thing, side: int) -> None:
     fill = COLOURS[t.colour]
     if t.decoration == "ring":
         ring = (250, 250, 250) if t.colour != "white" else (30, 30, 30)
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=ring, width=max(1, int(r * 0.16)))
-        r *= 0.72
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=ring, width=max(1, int(r * t.ring_width)))
+        r *= 0.72 - (t.ring_width - 0.16)  # exactly 0.72 at the default width
     if t.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:

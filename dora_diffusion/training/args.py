@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pivotal_flags(p)
     _other_trainers_flags(p)
     _compile_flags(p)
+    _fp8_flags(p)
     return p
 
 
@@ -187,9 +188,20 @@ def _prior_flags(p: argparse.ArgumentParser) -> None:
 
 def _adapter_flags(p: argparse.ArgumentParser) -> None:
     """The adapter flags."""
-    g = p.add_argument_group("adapter")
+    g = p.add_argument_group(
+        "adapter",
+        "--adapter dora,lora (or lora,dora) trains both, one after the other on the same data order, noise, timesteps "
+        "and seeds, into <output_dir>/dora and <output_dir>/lora, then renders a base | DoRA | LoRA grid "
+        "(docs/training.md, 'A DoRA/LoRA pair in one command').",
+    )
     add = g.add_argument
-    add("--adapter", choices=("dora", "lora"), default="dora", help="DoRA (magnitude + direction) or plain LoRA.")
+    add(
+        "--adapter",
+        type=adapter_choice,
+        default="dora",
+        metavar="dora|lora|dora,lora",
+        help="DoRA (magnitude + direction) or plain LoRA.",
+    )
     add("--rank", type=int_in(1, MAX_RANK), default=8, help="Rank r of the low-rank update.")
     add("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha / rank (default alpha = rank).")
     add("--dropout", "--lora_dropout", dest="dropout", type=float, default=0.0, help="Dropout on the input of the low-rank path.")
@@ -286,15 +298,21 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
     """The checkpoints and output flags."""
     g = p.add_argument_group("checkpoints and output")
     add = g.add_argument
-    add("--output_dir", default=None, help="Default: <dataset name>-sdxl-<adapter> in the current directory.")
+    add(
+        "--output_dir",
+        default=None,
+        help="Default: <dataset name>-sdxl-<adapter> in the current directory (a pair: <dataset name>-sdxl-dora-lora, "
+        "holding dora/ and lora/).",
+    )
     add("--overwrite_output_dir", action="store_true", help="Replace a previous run in output_dir.")
     add("--checkpointing_steps", type=int_in(0, MAX_STEPS), default=250, help="Save a resumable checkpoint every N steps (0: never).")
     add("--checkpoints_total_limit", type=int_in(1, MAX_STEPS), default=None, help="Keep at most this many checkpoints.")
     add(
         "--resume_from_checkpoint",
         default=None,
-        help="'latest' (in a folder with no run yet: start one) or a checkpoint directory. Refused if the checkpoint "
-        "was trained with other adapter settings or on other images or captions.",
+        help="'latest' (the newest intact checkpoint; with none, stop and write nothing), 'auto' (as latest, but start "
+        "a new run in a folder that holds no run yet: one command for every start) or a checkpoint directory. Refused "
+        "if the checkpoint was trained with other adapter settings or on other images or captions.",
     )
     add(
         "--allow_dataset_change",
@@ -444,6 +462,28 @@ OTHER_TRAINERS_DEFAULTS = {
 """The defaults of ``_other_trainers_flags``: what a run recorded before they existed trained with (``RUN_DEFAULTS``)."""
 
 
+def _fp8_flags(p: argparse.ArgumentParser) -> None:
+    """``--fp8_base`` (issue 31 item 3; ``training/fp8_base.py``)."""
+    g = p.add_argument_group("float8 base")
+    g.add_argument(
+        "--fp8_base",
+        action="store_true",
+        help="Store the frozen UNet (and the text encoders unless they train) in float8 e4m3fn with a per-channel "
+        "scale, computed per layer in the training dtype: about half the weight memory of bf16 (kohya's --fp8_base).",
+    )
+
+
+def check_fp8_flags(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` if ``--fp8_base`` cannot work here (a torch without float8_e4m3fn)."""
+    if args.fp8_base:
+        from dora_diffusion.core.fp8 import float8_dtype
+
+        try:
+            float8_dtype()
+        except RuntimeError as err:
+            raise ValueError(f"--fp8_base: {err}") from None
+
+
 def check_other_trainers_flags(args: argparse.Namespace) -> None:
     """Raise ``ValueError`` naming the flag of ``_other_trainers_flags`` whose value cannot work or does nothing;
     then fill in the defaults of ``--ema_decay``, ``--huber_c`` and ``--huber_schedule`` (None when not given, so that
@@ -560,6 +600,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_args(args, parser)
         check_other_trainers_flags(args)
         check_compile_flags(args)
+        check_fp8_flags(args)
     except ValueError as err:
         parser.error(str(err))
     if args.use_8bit_adam:
@@ -611,7 +652,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None 
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be at least 1, got {value}")
-    if args.use_dora and args.adapter != "dora":
+    check_pair_flags(args)
+    if args.use_dora and "dora" not in args.adapter.split(","):
         raise ValueError(f"--use_dora and --adapter {args.adapter} contradict each other; pass one")
     if args.use_8bit_adam and args.optimizer not in ("adamw", "adamw8bit"):
         raise ValueError(f"--use_8bit_adam and --optimizer {args.optimizer} contradict each other; pass one")
@@ -687,10 +729,39 @@ def resolve_vae(base: str, vae: str | None) -> str | None:
 
 
 def default_output_dir(dataset: str, adapter: str) -> str:
-    """``<last part of the dataset name>-sdxl-<adapter>``: ``linoyts/3d_icon`` -> ``3d_icon-sdxl-dora``."""
+    """``<last part of the dataset name>-sdxl-<adapter>``: ``linoyts/3d_icon`` -> ``3d_icon-sdxl-dora``; a pair
+    (``dora,lora`` in either order) -> ``3d_icon-sdxl-dora-lora``."""
     name = Path(dataset.rstrip("/\\")).name or "dataset"
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "dataset"
-    return f"{name}-sdxl-{adapter}"
+    return f"{name}-sdxl-{'-'.join(PAIR) if ',' in adapter else adapter}"
+
+
+PAIR = ("dora", "lora")
+"""The adapters of ``--adapter dora,lora``, and the names of their folders in the output folder."""
+
+
+def adapter_choice(text: str) -> str:
+    """``--adapter``: ``dora``, ``lora``, or a pair ``dora,lora`` / ``lora,dora`` (trained in the order given)."""
+    kinds = [k.strip().lower() for k in text.split(",")]
+    if len(kinds) == 1 and kinds[0] in PAIR:
+        return kinds[0]
+    if sorted(kinds) == sorted(PAIR):
+        return ",".join(kinds)
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: choose dora, lora, or dora,lora (a DoRA and a LoRA trained as a pair; lora,dora trains the LoRA "
+        "first)"
+    )
+
+
+def check_pair_flags(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` for a flag a pair (``--adapter dora,lora``) cannot take as a single run does."""
+    if "," not in args.adapter:
+        return
+    if args.resume_from_checkpoint not in (None, "latest", "auto"):
+        raise ValueError(
+            f"--adapter {args.adapter} with --resume_from_checkpoint {args.resume_from_checkpoint}: a pair resumes each "
+            "half from its own latest checkpoint; pass --resume_from_checkpoint latest (or auto)"
+        )
 
 
 def resolve_mixed_precision(requested: str | None, device_type: str, env: dict | None = None) -> str:
@@ -771,7 +842,7 @@ RUN_KEYS = (
     "alpha_pattern",
 )
 """Settings that define the adapter being trained: a checkpoint made with other values cannot be resumed."""
-RUN_DEFAULTS = {"rank_pattern": {}, "alpha_pattern": {}, **OTHER_TRAINERS_DEFAULTS, "compile": False, "dynamo_backend": None}
+RUN_DEFAULTS = {"rank_pattern": {}, "alpha_pattern": {}, **OTHER_TRAINERS_DEFAULTS, "fp8_base": False, "compile": False, "dynamo_backend": None}
 """What a setting recorded by an older version, which did not have it, meant."""
 PATH_KEYS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset")
 """Settings that may be local paths: compared by what they point at, not as strings."""

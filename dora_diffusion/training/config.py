@@ -140,6 +140,8 @@ class TrainConfig:
     # torch.compile (args.py _compile_flags)
     compile: bool
     dynamo_backend: str | None
+    # float8 base (training/fp8_base.py)
+    fp8_base: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:

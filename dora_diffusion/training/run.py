@@ -54,6 +54,7 @@ from dora_diffusion.training.distributed import (
     refuse_sharding,
 )
 from dora_diffusion.training.errors import TrainingError, TrainingInterrupted
+from dora_diffusion.training.fp8_base import store_in_float8
 from dora_diffusion.training.models import (
     ADAPTER_NAME,
     add_training_adapters,
@@ -108,7 +109,8 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """Run ``train_dreambooth_dora.py`` with ``argv`` (default: ``sys.argv[1:]``); returns the output folder."""
+    """Run ``train_dreambooth_dora.py`` with ``argv`` (default: ``sys.argv[1:]``); returns the output folder. One run:
+    ``dora_diffusion.training.main`` (``pair.main``) also trains ``--adapter dora,lora``."""
     return train(parse_args(argv))
 
 
@@ -178,6 +180,8 @@ class TrainingRun:
         self.device = accelerator.device
         self.main_process = accelerator.is_main_process
         self.validated: dict[int, list[Path]] = {}
+        self.next_steps = True
+        """The final report ends with the next commands (a pair prints its own)."""
 
     def run(self) -> Path:
         """Train and write the outputs; returns the output folder."""
@@ -190,6 +194,12 @@ class TrainingRun:
     def setup(self) -> None:
         """Everything before the first step. Data and output folder fail fast, before any model is loaded; nothing
         is written to the output folder before ``_claim_output_dir``."""
+        self.read()
+        self.check()
+        self.build()
+
+    def read(self) -> None:
+        """Read the data and settle the config (resolution, schedule, validation prompt): no model, no output folder."""
         _show_logs(self.main_process)
         refuse_sharding(self.accelerator)
         for line in notices(self.config):
@@ -198,8 +208,14 @@ class TrainingRun:
         self._read_data()
         if unreadable is not None:  # the data were checked first: their errors are the ones to fix first
             raise unreadable
+
+    def check(self) -> None:
+        """The checkpoint to resume, the output folder's rules and the Hub repo, before any model loads."""
         self._check_output_dir()
         self._create_hub_repo()
+
+    def build(self) -> None:
+        """Models, class images, adapters, data pipeline and optimiser; then the output folder is claimed."""
         self._load_models()
         self._class_images()
         self._add_adapters()
@@ -274,7 +290,7 @@ class TrainingRun:
         c = self.config
         self.resume_path = resolve_resume(self.output_dir, c.resume_from_checkpoint)
         if self.resume_path is None and c.resume_from_checkpoint is not None:
-            check_nothing_to_resume(self.output_dir)
+            check_nothing_to_resume(self.output_dir, c.resume_from_checkpoint)
         self.keys = RUN_KEYS
         if self.resume_path is not None:
             resume_state = read_state(self.resume_path)
@@ -328,7 +344,7 @@ class TrainingRun:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         weight_dtype = DTYPES[c.mixed_precision]
-        self.components = comps = load_components(c, weight_dtype)
+        self.components = comps = self._components(weight_dtype)
         self.offload = self.device.type != "cpu"
         self.text_offload = self.offload and not c.train_text_encoder and self.new_tokens is None and not c.shuffle_caption
         # nn.Module.to: diffusers' ModelMixin.to warns about "modules to keep in float32" even when there are none
@@ -336,6 +352,12 @@ class TrainingRun:
         for te in (comps.text_encoder, comps.text_encoder_2):
             te.to(self.device, dtype=weight_dtype)
         nn.Module.to(comps.vae, self.device, vae_dtype(comps.vae, weight_dtype))
+        if c.fp8_base:  # before the adapters: their magnitudes start at the norms of the dequantized weights
+            self.accelerator.print(store_in_float8(comps, c, weight_dtype), flush=True)
+
+    def _components(self, weight_dtype: torch.dtype):
+        """The frozen SDXL components, loaded in ``weight_dtype`` (a pair's second run gets the first one's)."""
+        return load_components(self.config, weight_dtype)
 
     def _class_images(self) -> None:
         """Prior preservation: generate the class images that are missing (each process its share), then read them."""
@@ -438,7 +460,7 @@ class TrainingRun:
                 logger.warning("resuming with another processes/batch/accumulation/seed layout: data order will differ")
             acc.print(f"resumed from {self.resume_path} at step {self.start_step}", flush=True)
         elif c.resume_from_checkpoint is not None:
-            acc.print(f"--resume_from_checkpoint latest: {self.output_dir} holds no run yet; starting a new one", flush=True)
+            acc.print(f"--resume_from_checkpoint {c.resume_from_checkpoint}: {self.output_dir} holds no run yet; starting a new one", flush=True)
         if acc.num_processes > 1:
             broadcast_parameters(self.params)
 
@@ -471,7 +493,7 @@ class TrainingRun:
         s, out = self.settings, self.output_dir
         meta = {"base_model": self.config.pretrained_model_name_or_path, "trigger_words": self.triggers, "training": {
             k: s[k] for k in ("adapter", "rank", "alpha", "resolution", "max_train_steps", "unet_targets",
-                              "train_text_encoder", "text_encoder_targets", "seed")}}  # fmt: skip
+                              "train_text_encoder", "text_encoder_targets", "seed", "fp8_base")}}  # fmt: skip
         if directory == out:
             self.run_files.claim(weight_name or DEFAULT_WEIGHT_NAME)
         if self.new_tokens and format == "diffusers":  # the new tokens' embeddings beside the adapter (also in checkpoints)
@@ -668,7 +690,7 @@ class TrainingRun:
                 print(f"uploaded {len(sent)} files to https://huggingface.co/{self.repo_id}: {', '.join(sent)}", flush=True)
             report = final_report(
                 self.config, out, time.monotonic() - self.started, (self.start_step, self.max_steps), self.losses,
-                self.validated.get(self.max_steps, []), self.card,
+                self.validated.get(self.max_steps, []), self.card, self.next_steps,
             )  # fmt: skip
             print(report, flush=True)
         acc.wait_for_everyone()

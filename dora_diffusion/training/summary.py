@@ -108,9 +108,11 @@ def final_report(
     losses: list[float],
     validation_images: list[Path],
     card: str | None,
+    next_steps: bool = True,
 ) -> str:
     """What the end of a run prints: the weights, the time, the final loss, the validation images, and the next
-    commands (load it in Python; train the other kind and open both in the page). ``steps`` is (first, last)."""
+    commands (load it in Python; train the other kind and open both in the page; not with ``next_steps=False``).
+    ``steps`` is (first, last)."""
     import shlex
 
     first, last = steps
@@ -129,6 +131,8 @@ def final_report(
         lines.append("validation images: none (--validation_prompt none)")
     if card:
         lines.append(f"model card: {out / card}")
+    if not next_steps:
+        return "\n".join(lines)
     other = counterpart_dir(out, args.adapter)
     other_kind = "lora" if args.adapter == "dora" else "dora"
     base = args.pretrained_model_name_or_path

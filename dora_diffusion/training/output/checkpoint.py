@@ -138,17 +138,18 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
 
 
 def resolve_resume(output_dir: str | os.PathLike, value: str | None) -> Path | None:
-    """The checkpoint ``--resume_from_checkpoint`` names: ``latest`` or a path (absolute, or a name inside
+    """The checkpoint ``--resume_from_checkpoint`` names: ``latest``/``auto`` or a path (absolute, or a name inside
     ``output_dir``).
 
-    ``latest`` skips damaged checkpoints (with a warning) and takes the newest intact one. In a folder with no
-    run yet it is None (a new run: one command serves the first start and every restart, as in diffusers); in a
-    folder that holds a run's weights or checkpoints but no intact checkpoint it is an error, since a new run
-    there would write over that run's weights. A named checkpoint that is damaged is an error.
+    ``latest`` and ``auto`` skip damaged checkpoints (with a warning) and take the newest intact one. In a folder
+    with no checkpoint and no weights they give None: the caller (``rundir.check_nothing_to_resume``) decides
+    whether that stops (``latest``) or starts a new run (``auto``). In a folder that holds a run's weights or
+    checkpoints but no intact checkpoint it is an error, since a new run there would write over that run's
+    weights. A named checkpoint that is damaged is an error.
     """
     if value is None:
         return None
-    if value == "latest":
+    if value in ("latest", "auto"):
         for candidate in reversed(list_checkpoints(output_dir)):
             problem = checkpoint_problem(candidate)
             if problem is None:
@@ -158,7 +159,7 @@ def resolve_resume(output_dir: str | os.PathLike, value: str | None) -> Path | N
         found = sorted(c.name for c in root.iterdir() if CHECKPOINT_RE.match(c.name) or c.name == DEFAULT_WEIGHT_NAME) if root.is_dir() else []
         if found:
             raise CheckpointError(
-                f"--resume_from_checkpoint latest: {root} holds an earlier run ({', '.join(found[:4])}"
+                f"--resume_from_checkpoint {value}: {root} holds an earlier run ({', '.join(found[:4])}"
                 f"{', ...' if len(found) > 4 else ''}) but no intact checkpoint to continue from; a new run there would "
                 "write over its weights, so nothing was started. Choose another --output_dir, or drop "
                 "--resume_from_checkpoint and pass --overwrite_output_dir to delete that run's files and start over"

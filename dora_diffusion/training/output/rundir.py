@@ -261,18 +261,28 @@ def check_resume(checkpoint: Path, state, settings: dict, fingerprint: dict, all
         )
 
 
-def check_nothing_to_resume(output_dir: Path) -> None:
-    """``--resume_from_checkpoint latest`` found no checkpoint: raise ``CheckpointError`` if ``output_dir`` holds
-    anything an earlier run wrote (its settings, manifest, log, validation images), since a new run there would
-    write over them. Only a folder with no run of ours (missing, empty, or the user's files alone) starts a new run,
-    so one command serves the first start and every restart."""
+def check_nothing_to_resume(output_dir: Path, value: str = "latest") -> None:
+    """``--resume_from_checkpoint latest|auto`` found no checkpoint in ``output_dir``: raise ``CheckpointError``
+    unless a new run may start there. A folder holding anything an earlier run wrote (its settings, manifest, log)
+    always stops, since a new run would write over them. A folder with no run of ours (missing, empty, or the user's
+    files alone) starts a new run only with ``auto`` (one command for the first start and every restart, the
+    diffusers idiom); ``latest`` asks to continue something, so with nothing to continue it stops and writes
+    nothing, not even the folder."""
     found = [n for n in (SETTINGS_FILE, MANIFEST_FILE, LOG_FILE) if (output_dir / n).is_file()]
     if not found:
-        return
+        if value == "auto":
+            return
+        state = "does not exist" if not output_dir.exists() else "holds no checkpoint-N folder and no run"
+        raise CheckpointError(
+            f"--resume_from_checkpoint {value}: {output_dir} {state}, so there is nothing to resume; nothing was "
+            "started or written. Drop --resume_from_checkpoint to start a new run there, or pass "
+            "--resume_from_checkpoint auto to continue from the newest checkpoint when there is one and start a new "
+            "run when the folder holds no run (one command for the first start and every restart)"
+        )
     old = previous_settings(output_dir) or {}
     when = f" (trained at --resolution {old['resolution']})" if "resolution" in old else ""
     raise CheckpointError(
-        f"--resume_from_checkpoint latest: {output_dir} holds an earlier run{when} ({', '.join(found)}) but no checkpoint "
+        f"--resume_from_checkpoint {value}: {output_dir} holds an earlier run{when} ({', '.join(found)}) but no checkpoint "
         "to continue from, so there is nothing to resume and nothing was started or written. Drop "
         "--resume_from_checkpoint to see what differs, pass --overwrite_output_dir (without --resume_from_checkpoint) "
         "to delete that run's files and start over, or choose another --output_dir"
