@@ -216,9 +216,15 @@ class Results:
                 self.snippet]  # fmt: skip
 
 
-def column_widths(table: dict) -> list[str]:
+def column_widths(table) -> list[str]:
     """Widths of the per-column table's columns in % of the page, each in proportion to the longest word of its
-    header or cells (at least 4 characters), so the table fits a phone's width instead of scrolling sideways."""
+    header or cells (at least 4 characters) plus one, so the table fits a phone's width instead of scrolling
+    sideways. ``table``: ``{"headers": [...], "data": [...]}`` or the pandas DataFrame the page's table holds."""
+    if not isinstance(table, dict):
+        table = {"headers": [str(c) for c in table.columns], "data": table.values.tolist()}
+    if not table["headers"]:
+        return []
+
     def longest(cell) -> int:
         return max((len(w) for w in str("" if cell is None else cell).split()), default=0)
 
@@ -420,8 +426,7 @@ class CompareEvents:
             message += f" {markdown_text(header)} compares **{a}** with **{b}** at the same strength (Difference pair)."
         if score_note:
             message += f"\n\n{score_note}"
-        shown_table = gr.Dataframe(value=table, column_widths=column_widths(table))
-        return (list(items), diff_items, str(grid), downloads, shown_table, shown["infotext"], shown["snippet"], message,
+        return (list(items), diff_items, str(grid), downloads, table, shown["infotext"], shown["snippet"], message,
                 infos)  # fmt: skip
 
     def score(self, p: GridPlan, images: dict) -> tuple[list, str]:
@@ -505,6 +510,12 @@ class CompareEvents:
         values = synced_slots(page_names or [], adapters)
         status = f"Loaded **{info.name}**: {info.summary}, from {code_span(info.source)}."
         return status, self.remove_choices(), self.pair_choices(), self.names(), *slot_updates(adapters, values)
+
+    @staticmethod
+    def table_layout(table) -> gr.Dataframe:
+        """After a grid: the per-column table's column widths for its columns (``column_widths``). A separate step of
+        the page's chain, so ``/generate`` still returns the table itself."""
+        return gr.Dataframe(column_widths=column_widths(table))
 
     def prompt_after_load(self, prompt: str | None) -> str:
         """The prompt after an adapter was added: the person's text as it is, or, if the box is empty, the loaded

@@ -48,7 +48,7 @@ PAGE_CSS = """
   word-break: normal !important; border: none !important; border-radius: 0 !important; font-size: 11px;
   line-height: 1.2; padding: 2px 3px !important;
 }
-#gallery .meta-text { display: none !important; }
+#gallery .meta-text, #scores .meta-text { display: none !important; }
 #grid-image img { object-fit: contain !important; width: 100%; height: auto; }
 #grid-image .image-frame { padding-top: 40px; }
 #scores th, #scores th * { word-break: normal !important; overflow-wrap: normal !important; hyphens: none !important; }
@@ -238,7 +238,7 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
     checked = generate_button.click(
         events.check, {*form.everything, form.slot_names}, selection, concurrency_limit=None, api_visibility="private"
     )
-    checked.success(
+    generated = checked.success(
         events.generate,
         form.fields + [selection, pair_choice],
         [*results.outputs, message, results.state],
@@ -247,6 +247,8 @@ def _compare_tab(events: CompareEvents, d: GenerationSettings, default_seeds: st
         concurrency_limit=1,
         show_progress_on=[results.gallery],  # one progress bar, not one on every output
     )
+    generated.then(events.table_layout, results.scores, results.scores, queue=False, show_progress="hidden",
+                   api_visibility="private")
     stop_button.click(events.request_stop, None, message, queue=False, api_name="stop", api_visibility="undocumented")
     results.gallery.select(events.show_cell, results.state, [results.cell_info, results.snippet], queue=False,
                            api_visibility="private")  # fmt: skip
