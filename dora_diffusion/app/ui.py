@@ -49,6 +49,7 @@ PAGE_CSS = """
   line-height: 1.2; padding: 2px 3px !important;
 }
 #gallery .meta-text, #scores .meta-text { display: none !important; }
+#banner code { overflow-wrap: anywhere; word-break: break-all; }
 #grid-image img { object-fit: contain !important; width: 100%; height: auto; }
 #grid-image .image-frame { padding-top: 40px; }
 #scores th, #scores th * { word-break: normal !important; overflow-wrap: normal !important; hyphens: none !important; }
@@ -70,7 +71,7 @@ PAGE_CSS = """
 """Gallery captions sit under their image and wrap between words (never cut with '…', never covering the image,
 which matters most for difference maps), and the gallery's columns shrink to the page instead of scrolling
 sideways on a phone; the progress shows only its text (no elapsed-time counter, which restarts at every step);
-table headers wrap between words only; the grid PNG starts below its label and buttons, which float over the
+table headers wrap between words only; a path in the banner wraps anywhere rather than being cut; the grid PNG starts below its label and buttons, which float over the
 image's top corners, and so do the galleries' cells; on a phone the Generate / Stop row stays at the bottom of the
 screen while the form scrolls (the page's container clips instead of hiding overflow, which would stop that)."""
 PAGE_FONTS = ["DejaVu Sans", "Liberation Sans", "Helvetica", "Arial", "system-ui", "sans-serif"]
