@@ -24,6 +24,7 @@ import argparse
 import functools
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,7 @@ class Reading:
     decoration: torch.Tensor  # (N, 3) sigmoid
 
 
-def _block(c_in: int, c_out: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
+def conv_block(c_in: int, c_out: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
     conv = nn.Conv2d(c_in, c_out, kernel, stride, 1, bias=False)
     return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
@@ -76,9 +77,9 @@ class Reader(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            _block(3, 24, 2, kernel=4), _block(24, 32),  # (N, 32, 32, 32)
-            _block(32, 48, 2), _block(48, 64),  # (N, 64, 16, 16)
-            _block(64, 96, 2), _block(96, 128), _block(128, 128),  # (N, 128, 8, 8)
+            conv_block(3, 24, 2, kernel=4), conv_block(24, 32),  # (N, 32, 32, 32)
+            conv_block(32, 48, 2), conv_block(48, 64),  # (N, 64, 16, 16)
+            conv_block(64, 96, 2), conv_block(96, 128), conv_block(128, 128),  # (N, 128, 8, 8)
         )
         n_presence = sum(n for name, n in _HEADS.items() if name != "background")
         self.presence = nn.Sequential(nn.Conv2d(128, 128, 1), nn.ReLU(inplace=True), nn.Conv2d(128, n_presence, 1))
@@ -270,12 +271,21 @@ def train_reader(
         if step % 200 == 0:
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.monotonic() - start:.0f} s")
 
+    return ship_weights(reader, out_path, lambda r: accuracies(r, val_images, val_target), done, start)
+
+
+def ship_weights(
+    reader: nn.Module, out_path: str | Path, check: Callable[[nn.Module], dict[str, float]], steps: int, start: float
+) -> dict[str, float]:
+    """Save ``reader``'s weights in fp16 to ``out_path``, load them back (what ships is what is checked), and return
+    and print ``check(reader)``, the held-out accuracy per head, after ``steps`` steps begun at ``start``
+    (``time.monotonic``)."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().half().contiguous() for k, v in reader.state_dict().items()}, str(out_path))
-    reader.load_state_dict({k: v.float() for k, v in load_file(str(out_path)).items()})  # validate what ships
-    acc = accuracies(reader, val_images, val_target)
-    print(f"trained {done} steps in {time.monotonic() - start:.0f} s; saved {out_path}")
+    reader.load_state_dict({k: v.float() for k, v in load_file(str(out_path)).items()})
+    acc = check(reader)
+    print(f"trained {steps} steps in {time.monotonic() - start:.0f} s; saved {out_path}")
     print("held-out accuracy per head: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     return acc
 

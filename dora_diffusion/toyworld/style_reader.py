@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from dora_diffusion.toyworld.reader import degrade, to_tensor
+from dora_diffusion.toyworld.reader import conv_block, degrade, ship_weights, to_tensor
 from dora_diffusion.toyworld.styles import LOOKS, render_look, styled_scene
 from dora_diffusion.toyworld.world import BACKGROUNDS, COLOURS, DECORATIONS, RESOLUTION, SHAPES, Scene, Thing
 
@@ -45,17 +45,13 @@ class StyleReading:
     colour: torch.Tensor  # (N, 8) softmax over COLOURS
 
 
-def _block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
-
-
 class StyleReader(nn.Module):
     """CNN 64 -> 32 -> 16 -> 8 pixels; each head reads the features' mean and maximum over the 8 x 8 places."""
 
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            _block(3, 24, 2), _block(24, 32), _block(32, 48, 2), _block(48, 64), _block(64, 96, 2), _block(96, 96),
+            conv_block(3, 24, 2), conv_block(24, 32), conv_block(32, 48, 2), conv_block(48, 64), conv_block(64, 96, 2), conv_block(96, 96),
         )  # (N, 96, 8, 8)
         self.heads = nn.Linear(2 * 96, sum(_HEADS.values()))
 
@@ -181,14 +177,7 @@ def train_style_reader(
         schedule.step()
         if step % 250 == 0:
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.monotonic() - start:.0f} s", flush=True)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().half().contiguous() for k, v in reader.state_dict().items()}, str(out_path))
-    reader.load_state_dict({k: v.float() for k, v in load_file(str(out_path)).items()})  # validate what ships
-    acc = accuracies(reader, val_images, val_target)
-    print(f"trained {steps} steps in {time.monotonic() - start:.0f} s; saved {out_path}")
-    print("held-out accuracy per head: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-    return acc
+    return ship_weights(reader, out_path, lambda r: accuracies(r, val_images, val_target), steps, start)
 
 
 def main() -> None:
