@@ -52,8 +52,13 @@ class Svd:
 
 
 def svd(delta: torch.Tensor) -> Svd:
-    """The economy SVD of a 2-D matrix, computed in fp32."""
-    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    """The economy SVD of a 2-D matrix, computed in fp32. A wide matrix (SDXL's convolutions flatten to 1280 x
+    11520) is decomposed through its transpose: the same factors, about 4x faster with LAPACK on CPU."""
+    d = delta.float()
+    if d.shape[0] < d.shape[1]:
+        u, s, vh = torch.linalg.svd(d.t(), full_matrices=False)
+        return Svd(vh.t(), s, u.t())
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
     return Svd(u, s, vh)
 
 
