@@ -1,0 +1,319 @@
+"""Sweep v2 (issue 33 item 3): DoRA against LoRA at ranks 1, 2, 4 and 8, and full fine-tuning (FT, the paper's
+reference), every run through the training script itself, on the toy world's three targets.
+
+    python benchmarks/bench_sweep.py --out bench-sweep --part attn --workers 2     # one part (resumable)
+    python benchmarks/bench_sweep.py --out bench-sweep --part all,prior,ft --workers 2
+    python benchmarks/bench_sweep.py --out bench-sweep --report --markdown sweep.md --figure docs/img/sweep.png
+
+A run is one call of ``dora_diffusion.training.main`` (train_dreambooth_dora.py) on the shipped toy-world model with
+the part's recipe (below) at one seed. Its output folder is loaded with ``load_dora_weights`` and scored as
+bench_reach.py does: 8 trigger prompts over backgrounds (subjects) or objects (the style) that no instance image
+shows, seeds 100-107, and 4 class prompts, seeds 200-203; 20 Euler steps, guidance 4. Targets:
+
+- ``dotted_heart`` (a subject every method learns on ``attn``), ``wide_ring_star`` (a subject only the convolutions
+  learn: a wide white ring around a yellow star) and the style ``icon`` (a round framed badge under any object);
+- ``fidelity`` is subject fidelity (style fidelity for ``icon``), ``prompt_fidelity`` prompt fidelity (object
+  fidelity), ``preservation`` prior preservation (style preservation) on the class prompts.
+
+Parts (each method x rank x target x seed; ``--seeds`` defaults to 0-4):
+
+- ``attn``: the demo's recipe (``--unet_targets attn``, AdamW 2e-3, 4 images a step, 150 steps), DoRA and LoRA at
+  ranks 1, 2, 4, 8, checkpoints every 50 steps (for the analysis of item 4);
+- ``all``: the same recipe on ``--unet_targets all`` (attention, feed-forward and every convolution);
+- ``prior``: ``attn`` with ``--with_prior_preservation`` (12 class images from the base model, 20 steps each, weight 1),
+  the two subjects only: a style has no single class prompt;
+- ``ft``: ``--adapter full`` (the same weights trained themselves) on ``attn`` at lr 5e-4 (the best FT learning rate of
+  bench_quality.py's sweep), 150 steps, on ``attn`` (checkpoints every 50 steps) and on ``all``.
+
+Rows go to ``OUT/runs.csv`` as runs finish; a rerun skips the runs it holds, so a part can be stopped and resumed.
+``--report`` reads every row there: per configuration the mean and sd over seeds, and DoRA - LoRA paired on (part,
+target, rank, seed) with a 95% t interval, per rank and pooled, written with ``--markdown``; ``--figure`` draws DoRA -
+LoRA against rank with those intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGETS = ("dotted_heart", "wide_ring_star", "icon")
+RANKS = (1, 2, 4, 8)
+ATTN = ("--unet_targets", "attn", "--learning_rate", "2e-3", "--max_train_steps", "150")
+ALL = ("--unet_targets", "all", "--learning_rate", "2e-3", "--max_train_steps", "150")
+PRIOR = ("--with_prior_preservation", "--num_class_images", "12", "--prior_generation_steps", "20")
+CHECKPOINTS = ("--checkpointing_steps", "50")
+PARTS: dict[str, tuple[str, ...]] = {"attn": ATTN + CHECKPOINTS, "all": ALL, "prior": ATTN + PRIOR}
+"""Part -> flags on top of the demo's recipe (``demo.TRAIN_FLAGS``; a later flag wins)."""
+FT = {"attn": ("--unet_targets", "attn", "--learning_rate", "5e-4", "--max_train_steps", "150") + CHECKPOINTS,
+      "all": ("--unet_targets", "all", "--learning_rate", "5e-4", "--max_train_steps", "150")}  # fmt: skip
+"""FT's flags per target set (part ``ft``; its rows carry the target set as ``targets``)."""
+FIELDS = ("part", "targets", "target", "method", "rank", "seed", "fidelity", "prompt_fidelity", "preservation", "train_s")
+METRICS = ("fidelity", "prompt_fidelity", "preservation")
+
+
+def jobs(parts: list[str], seeds: list[int]) -> list[dict]:
+    """Every run the parts name: dicts with part, targets, target, method, rank, seed and the flags."""
+    from dora_diffusion.toyworld.styles import STYLES
+
+    out = []
+    for part in parts:
+        for target in TARGETS:
+            if part == "prior" and target in STYLES:
+                continue
+            if part == "ft":
+                for targets, flags in FT.items():
+                    out += [dict(part=part, targets=targets, target=target, method="ft", rank=0, seed=s,
+                                 flags=("--adapter", "full", *flags)) for s in seeds]  # fmt: skip
+                continue
+            targets = "all" if part == "all" else "attn"
+            for rank in RANKS:
+                for method in ("dora", "lora"):
+                    out += [dict(part=part, targets=targets, target=target, method=method, rank=rank, seed=s,
+                                 flags=("--adapter", method, "--rank", str(rank), *PARTS[part])) for s in seeds]  # fmt: skip
+    return out
+
+
+def run_name(job: dict) -> str:
+    return f"{job['part']}-{job['targets']}-{job['target']}-{job['method']}-r{job['rank']}-s{job['seed']}"
+
+
+def key(row: dict) -> tuple:
+    return (row["part"], row["targets"], row["target"], row["method"], int(row["rank"]), int(row["seed"]))
+
+
+def prepare(work: Path, job: dict) -> None:
+    """The target's dataset (and for prior preservation its class images, by one run of the script), made once
+    before the workers start: two workers must not write the same folder."""
+    from bench_reach import target_of
+
+    from dora_diffusion.toyworld import make_subject_dataset
+    from dora_diffusion.toyworld.styles import Style, make_style_dataset
+
+    target = target_of(job["target"])
+    data = work / f"data-{target.name}"
+    if not data.exists():
+        (make_style_dataset if isinstance(target, Style) else make_subject_dataset)(data, target)
+
+
+def train(work: Path, job: dict) -> Path:
+    """One run of the training script; returns its output folder (a finished run is not trained again)."""
+    from bench_reach import target_of
+
+    from dora_diffusion.demo import TRAIN_FLAGS
+    from dora_diffusion.toyworld import PIPELINE_DIR
+    from dora_diffusion.training import main
+
+    target = target_of(job["target"])
+    out = work / "runs" / run_name(job)
+    if (out / "pytorch_lora_weights.safetensors").is_file() and (out / "training_args.json").is_file():
+        return out
+    extra = list(job["flags"])
+    if "--with_prior_preservation" in extra:
+        extra += ["--class_prompt", target.class_prompt, "--class_data_dir", str(work / f"class-{target.name}")]
+    argv = ["--pretrained_model_name_or_path", str(PIPELINE_DIR), "--dataset", str(work / f"data-{target.name}"),
+            "--output_dir", str(out), "--overwrite_output_dir", *TRAIN_FLAGS, "--seed", str(job["seed"]), *extra]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(argv)
+    return out
+
+
+def run_one(work: str, job: dict, threads: int) -> dict:
+    """Train and score one job (in a worker process)."""
+    import torch
+
+    from bench_reach import evaluate, target_of
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    folder = train(Path(work), job)
+    train_s = time.perf_counter() - start
+    figures = evaluate(target_of(job["target"]), folder)
+    return {**{k: job[k] for k in FIELDS[:6]}, **figures, "train_s": round(train_s, 1)}
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{**r, "rank": int(r["rank"]), "seed": int(r["seed"]), **{k: float(r[k]) for k in (*METRICS, "train_s")}}
+                for r in csv.DictReader(f)]  # fmt: skip
+
+
+def sweep(work: Path, parts: list[str], seeds: list[int], workers: int, threads: int) -> None:
+    path = work / "runs.csv"
+    done = {key(r) for r in read_rows(path)}
+    todo = [j for j in jobs(parts, seeds) if key(j) not in done]
+    print(f"{len(todo)} runs to do ({len(done)} in {path})", flush=True)
+    for job in todo:
+        prepare(work, job)
+    first = {}  # prior preservation: the first run of each subject generates its class images, alone
+    for job in todo:
+        if job["part"] == "prior" and not (work / f"class-{job['target']}").is_dir():
+            first.setdefault(job["target"], job)
+    start = time.perf_counter()
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        if new:
+            writer.writeheader()
+
+        def write(row: dict, k: int) -> None:
+            writer.writerow(row)
+            f.flush()
+            print(f"[{k}/{len(todo)} {time.perf_counter() - start:.0f} s] {run_name(row)}: fidelity {row['fidelity']:.2f}, "
+                  f"prompt {row['prompt_fidelity']:.2f}, preservation {row['preservation']:.2f}, train {row['train_s']:.0f} s",
+                  flush=True)  # fmt: skip
+
+        count = 0
+        for job in first.values():
+            count += 1
+            write(run_one(str(work), job, threads), count)
+        rest = [j for j in todo if j not in first.values()]
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(run_one, str(work), j, threads) for j in rest]
+            for fut in futures:
+                count += 1
+                write(fut.result(), count)
+
+
+def _t95(df: int) -> float:
+    table = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
+             14: 2.14, 16: 2.12, 20: 2.09, 25: 2.06, 30: 2.04, 40: 2.02, 60: 2.00}  # fmt: skip
+    return next((v for k, v in sorted(table.items()) if k >= df), 1.96)
+
+
+def interval(values: list[float]) -> tuple[float, float, int]:
+    """Mean and 95% t half-interval."""
+    n = len(values)
+    if n < 2:
+        return (values[0] if values else math.nan), math.nan, n
+    return statistics.mean(values), _t95(n - 1) * statistics.stdev(values) / math.sqrt(n), n
+
+
+def differences(rows: list[dict], metric: str, **where) -> list[float]:
+    """DoRA - LoRA of ``metric`` over runs paired on (part, targets, target, rank, seed) that match ``where``."""
+    by = {key(r): r[metric] for r in rows if all(r[k] == v for k, v in where.items())}
+    return [v - by[k[:3] + ("lora",) + k[4:]] for k, v in by.items() if k[3] == "dora" and k[:3] + ("lora",) + k[4:] in by]
+
+
+def _cell(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.2f}" if values else "-"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _signed(values: list[float]) -> str:
+    mean, half, n = interval(values)
+    return "-" if n < 2 else f"{mean:+.3f} ± {half:.3f}"
+
+
+def report(rows: list[dict]) -> str:
+    parts = list(dict.fromkeys(r["part"] for r in rows))
+    lines = ["### DoRA - LoRA, paired on target and seed (mean ± 95% interval; n pairs)", "",
+             "| part | rank | targets | n | fidelity | prompt fidelity | preservation |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for part in (p for p in parts if p != "ft"):
+        for rank in (*RANKS, None):
+            where = {"part": part} if rank is None else {"part": part, "rank": rank}
+            for target in (*TARGETS, None):
+                sel = dict(where) if target is None else {**where, "target": target}
+                d = {m: differences(rows, m, **sel) for m in METRICS}
+                if not d["fidelity"]:
+                    continue
+                label = "**all three**" if target is None else target
+                lines.append(f"| {part} | {'all' if rank is None else rank} | {label} | {len(d['fidelity'])} | "
+                             + " | ".join(_signed(d[m]) for m in METRICS) + " |")  # fmt: skip
+    lines += ["", "### Every configuration (mean ± sd over seeds)", "",
+              "| part | target set | target | method | rank | seeds | fidelity | prompt fidelity | preservation | train s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    configs = dict.fromkeys((r["part"], r["targets"], r["target"], r["method"], r["rank"]) for r in rows)
+    order = {t: i for i, t in enumerate(TARGETS)}
+    for c in sorted(configs, key=lambda c: (c[0] == "ft", c[0], order.get(c[2], 9), c[1], c[3], c[4])):
+        sel = [r for r in rows if (r["part"], r["targets"], r["target"], r["method"], r["rank"]) == c]
+        rank = "-" if c[3] == "ft" else c[4]
+        lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {c[3]} | {rank} | {len(sel)} | "
+                     + " | ".join(_cell([r[m] for r in sel]) for m in METRICS)
+                     + f" | {statistics.mean(r['train_s'] for r in sel):.0f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], path: Path) -> Path:
+    """DoRA - LoRA against rank, one panel per metric, one line per part (pooled over targets), 95% intervals."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 3.8), dpi=110)
+    FigureCanvasAgg(fig)
+    titles = {"fidelity": "subject / style fidelity", "prompt_fidelity": "prompt / object fidelity",
+              "preservation": "prior / style preservation"}  # fmt: skip
+    parts = [p for p in dict.fromkeys(r["part"] for r in rows) if p != "ft"]
+    for k, metric in enumerate(METRICS):
+        ax = fig.add_subplot(1, 3, k + 1)
+        ax.axhline(0, color="gray", lw=0.8)
+        for j, part in enumerate(parts):
+            xs, ys, hs = [], [], []
+            for rank in RANKS:
+                mean, half, n = interval(differences(rows, metric, part=part, rank=rank))
+                if n >= 2:
+                    xs.append(math.log2(rank) + (j - (len(parts) - 1) / 2) * 0.08)
+                    ys.append(mean)
+                    hs.append(half)
+            if xs:
+                n = len(differences(rows, metric, part=part))
+                ax.errorbar(xs, ys, yerr=hs, marker="o", capsize=3, label=f"{part} ({n} pairs)")
+        ax.set_xticks([math.log2(r) for r in RANKS], [str(r) for r in RANKS])
+        ax.set_xlabel("rank")
+        ax.set_title(f"DoRA − LoRA: {titles[metric]}", fontsize=10)
+        if k == 0:
+            ax.set_ylabel("paired difference (95% interval)")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="Work folder; its runs.csv makes a stopped sweep resume.")
+    ap.add_argument("--part", default="", help=f"Comma-separated parts to run: {', '.join([*PARTS, 'ft'])}.")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
+    ap.add_argument("--threads", type=int, default=1, help="Torch threads per worker.")
+    ap.add_argument("--report", action="store_true", help="Print the tables of every row in OUT/runs.csv.")
+    ap.add_argument("--markdown", default=None)
+    ap.add_argument("--figure", default=None)
+    args = ap.parse_args()
+    work = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    parts = [p for p in args.part.split(",") if p]
+    unknown = [p for p in parts if p not in (*PARTS, "ft")]
+    if unknown:
+        ap.error(f"unknown part(s) {unknown}; choose from {', '.join([*PARTS, 'ft'])}")
+    if parts:
+        start = time.perf_counter()
+        sweep(work, parts, [int(s) for s in args.seeds.split(",")], args.workers, args.threads)
+        print(f"parts {','.join(parts)}: {time.perf_counter() - start:.0f} s wall, {args.workers} workers x {args.threads} thread(s)")
+    if args.report or args.markdown or args.figure:
+        rows = read_rows(work / "runs.csv")
+        text = report(rows)
+        print(text)
+        if args.markdown:
+            Path(args.markdown).write_text(text + "\n")
+        if args.figure:
+            print(f"wrote {figure(rows, Path(args.figure))}")
+
+
+if __name__ == "__main__":
+    main()
