@@ -196,6 +196,35 @@ def test_a_dataset_that_is_nowhere_is_one_line(work, monkeypatch, name, where):
     assert "\n" not in text and not (work / "nowhere").exists()
 
 
+def test_a_dead_network_is_not_waited_on(work, tmp_path, monkeypatch, recwarn):
+    """No network and no HF_HUB_OFFLINE: the default base's configs are looked up in the Hub cache only (the Hub client
+    retries a dead network for about 25 s a file: a typo in --dataset took 41 s to report), and huggingface_hub's
+    deprecation warning about an argument diffusers passes it is not shown to the user."""
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+
+    def dead(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    slept: list[float] = []
+    monkeypatch.setattr(socket, "getaddrinfo", dead)
+    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.chdir(work)
+    with pytest.raises(DatasetError) as err:
+        main(["--dataset", "nobody/photos", "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "hub")])
+    assert str(err.value).startswith("--dataset nobody/photos: there is no folder nobody/photos (nor nobody), and as a Hub")
+    assert slept == []  # no retry waited on
+    assert [str(w.message) for w in recwarn if "local_dir_use_symlinks" in str(w.message)] == []
+    assert not (tmp_path / "out").exists()
+
+
 def test_end_of_run_report_and_card_snippet(work, trained):
     out, stdout = trained
     tail = stdout[stdout.index(f"saved {out / 'pytorch_lora_weights.safetensors'}"):].splitlines()
