@@ -10,6 +10,7 @@ import importlib.util
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -199,8 +200,13 @@ def _adapter_flags(p: argparse.ArgumentParser) -> None:
         "--adapter",
         type=adapter_choice,
         default="dora",
-        metavar="dora|lora|dora,lora",
-        help="DoRA (magnitude + direction) or plain LoRA.",
+        metavar="dora|lora|full|dora,lora",
+        help="DoRA (magnitude + direction), plain LoRA, or full: full fine-tuning (FT) of the --unet_targets modules' own "
+        "Linear/Conv2d weights (not their biases), the DoRA paper's reference, at --learning_rate with "
+        "--adam_weight_decay; written as an exact LoRA of the change (metadata method FT). full trains in fp32 "
+        "(--mixed_precision no) and refuses rank, alpha, dropout, DoRA, LoRA+ and text-encoder flags. On SDXL it is "
+        "large: attn is 955M weights (3.6 GiB fp32), held with a CPU base copy, gradients and Adam's two states; each "
+        "checkpoint holds the weights, the optimiser state and the LoRA file (attn: about 17 GiB in all).",
     )
     add("--rank", type=int_in(1, MAX_RANK), default=8, help="Rank r of the low-rank update.")
     add("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha / rank (default alpha = rank).")
@@ -598,6 +604,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.resolution = NATIVE_RESOLUTIONS[args.pretrained_model_name_or_path.rstrip("/")]
     try:
         check_args(args, parser)
+        check_full_flags(args, given_flags(sys.argv[1:] if argv is None else argv))
         check_other_trainers_flags(args)
         check_compile_flags(args)
         check_fp8_flags(args)
@@ -741,16 +748,48 @@ PAIR = ("dora", "lora")
 
 
 def adapter_choice(text: str) -> str:
-    """``--adapter``: ``dora``, ``lora``, or a pair ``dora,lora`` / ``lora,dora`` (trained in the order given)."""
+    """``--adapter``: ``dora``, ``lora``, ``full`` (full fine-tuning, ``training/full.py``), or a pair ``dora,lora`` /
+    ``lora,dora`` (trained in the order given)."""
     kinds = [k.strip().lower() for k in text.split(",")]
-    if len(kinds) == 1 and kinds[0] in PAIR:
+    if len(kinds) == 1 and kinds[0] in (*PAIR, "full"):
         return kinds[0]
+    if "full" in kinds:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: full fine-tuning is not part of a pair (a pair is dora,lora); run --adapter full on its own, "
+            "with the same flags and seed as the pair, for the same data order, noise and timesteps"
+        )
     if sorted(kinds) == sorted(PAIR):
         return ",".join(kinds)
     raise argparse.ArgumentTypeError(
         f"{text!r}: choose dora, lora, or dora,lora (a DoRA and a LoRA trained as a pair; lora,dora trains the LoRA "
         "first)"
     )
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The ``--flags`` written in ``argv`` (``--rank=4`` as ``--rank``), to tell a flag given from its default."""
+    return {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
+def check_full_flags(args: argparse.Namespace, given: set[str]) -> None:
+    """Raise ``ValueError`` for a flag ``--adapter full`` (full fine-tuning) has no use for; ``given``: the flags in
+    the command (``--rank`` and ``--alpha`` are refused when written, even at their defaults)."""
+    if args.adapter != "full":
+        return
+    lowrank = [f for f in ("--rank", "--alpha") if f in given]
+    lowrank += [f"--{n}" for n in ("rslora", "rank_pattern", "alpha_pattern") if getattr(args, n)]
+    lowrank += ["--dropout"] if args.dropout else []
+    refused = {
+        "a low-rank adapter's shape (full fine-tuning has no rank: its file's rank per module is min(out, in x kh x kw))": lowrank,
+        "DoRA's magnitudes or LoRA's B matrices (full fine-tuning trains the weights at --learning_rate)":
+            [f"--{n}" for n in ("magnitude_lr", "loraplus_lr_ratio") if getattr(args, n) is not None],
+        "the text encoders (full fine-tuning trains the UNet only)":
+            [f"--{n}" for n in ("train_text_encoder", "train_text_encoder_ti") if getattr(args, n)],
+        "a frozen float8 base (full fine-tuning trains those weights in fp32)": ["--fp8_base"] if args.fp8_base else [],
+    }  # fmt: skip
+    for what, flags in refused.items():
+        if flags:
+            raise ValueError(f"--adapter full with {' '.join(flags)}: that sets {what}; drop {' and '.join(flags)}")
 
 
 def check_pair_flags(args: argparse.Namespace) -> None:

@@ -29,7 +29,7 @@ from dora_diffusion.core.inject import set_recompute
 from dora_diffusion.extras import require
 from dora_diffusion.formats import DEFAULT_WEIGHT_NAME
 from dora_diffusion.pipeline.embeddings import embeddings_name, write_embeddings
-from dora_diffusion.training.args import RUN_KEYS, check_sides, notices, parse_args, run_settings
+from dora_diffusion.training.args import RUN_KEYS, check_sides, notices, parse_args, parse_targets, run_settings
 from dora_diffusion.training.config import TrainConfig
 from dora_diffusion.training.data.buckets import make_buckets, nearest_bucket
 from dora_diffusion.training.data.captions import draw_batch_captions
@@ -55,6 +55,7 @@ from dora_diffusion.training.distributed import (
 )
 from dora_diffusion.training.errors import TrainingError, TrainingInterrupted
 from dora_diffusion.training.fp8_base import store_in_float8
+from dora_diffusion.training.full import FullFineTune, check_full_precision
 from dora_diffusion.training.models import (
     ADAPTER_NAME,
     add_training_adapters,
@@ -202,6 +203,8 @@ class TrainingRun:
         """Read the data and settle the config (resolution, schedule, validation prompt): no model, no output folder."""
         _show_logs(self.main_process)
         refuse_sharding(self.accelerator)
+        if self.config.adapter == "full":
+            check_full_precision(self.config.mixed_precision)
         for line in notices(self.config):
             self.accelerator.print(f"note: {line}", flush=True)
         unreadable = self._resolve_resolution()
@@ -381,13 +384,14 @@ class TrainingRun:
     def _add_adapters(self) -> None:
         """The adapters (and pivotal tuning's token rows): what trains."""
         c, comps = self.config, self.components
-        self.models = add_training_adapters(comps, c)
-        named = named_trainable(self.models)
+        self.full = FullFineTune(comps.unet, parse_targets(c.unet_targets)) if c.adapter == "full" else None
+        self.models = {"unet": comps.unet} if self.full else add_training_adapters(comps, c)
+        named = self.full.named if self.full else named_trainable(self.models)
         self.ti_named = add_new_tokens(comps, self.new_tokens, c.seed) if self.new_tokens else []
         self.ti_until = ti_steps(self.max_steps, c.train_text_encoder_ti_frac) if self.new_tokens else 0
         self.named = named + self.ti_named
         self.params = [p for _, p in self.named]
-        self.counted = count_parameters(self.models)
+        self.counted = self.full.count() if self.full else count_parameters(self.models)
         self.ema = AdapterEMA(named, c.ema_decay) if c.use_ema else None  # of the adapter, not of new token rows
         self.accelerator.print(self.counted, flush=True)
         self.accelerator.print(f"training target: {comps.noise_scheduler.config.prediction_type} (the scheduler config's)", flush=True)
@@ -503,6 +507,8 @@ class TrainingRun:
             abstraction = {w: "".join(ts) for w, ts in self.new_tokens.items()}
             tokens = [t for ts in self.new_tokens.values() for t in ts]
             write_embeddings(emb, new_token_rows(self.components), tokens, abstraction)
+        if getattr(self, "full", None):  # the change of the fine-tuned weights, as an exact LoRA named FT
+            return self.full.save(directory, weight_name, format, meta)
         return save_adapter(self.models, directory, ADAPTER_NAME, weight_name=weight_name, format=format, metadata=meta)
 
     def averaged(self) -> contextlib.AbstractContextManager:

@@ -53,7 +53,9 @@ def summary(
         ("trigger words", ", ".join(triggers) or "none found in the captions"),
         ("images", f"{args.resolution}px{', aspect-ratio buckets' if getattr(args, 'buckets', False) else ''}, {crop}"
          f"{', random flip' if args.random_flip else ''}, repeats {args.repeats}"),
-        ("adapter", f"{kind} rank {args.rank}, alpha {args.alpha:g} (scale {scale:g}{', rsLoRA' if args.rslora else ''}), "
+        ("adapter", f"full fine-tuning (FT) of the weights of {targets} (biases frozen), written as an exact LoRA"
+         if args.adapter == "full" else
+         f"{kind} rank {args.rank}, alpha {args.alpha:g} (scale {scale:g}{', rsLoRA' if args.rslora else ''}), "
          f"dropout {args.dropout:g} on {targets}"
          + "".join(f", {flag} {value}" for flag, value in (("ranks", getattr(args, "rank_pattern", None)),
                                                           ("alphas", getattr(args, "alpha_pattern", None))) if value)),

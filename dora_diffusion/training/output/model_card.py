@@ -146,7 +146,7 @@ def model_card(
     files written beside the weights."""
     shown_base = public_value(settings["pretrained_model_name_or_path"])
     kind = settings["adapter"]
-    label = "DoRA" if kind == "dora" else "LoRA"
+    label = {"dora": "DoRA", "full": "full fine-tuning (FT, written as an exact LoRA)"}.get(kind, "LoRA")
     prompt = settings.get("validation_prompt") or settings.get("instance_prompt") or " ".join(trigger_words) or "a photo"
     front = _front_matter(settings, trigger_words, validation_images, prompt)
     title = f"SDXL {label} adapter: {Path(repo_id).name}"
