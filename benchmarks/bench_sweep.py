@@ -122,8 +122,12 @@ def train(work: Path, job: dict) -> Path:
     extra = list(job["flags"])
     if "--with_prior_preservation" in extra:
         extra += ["--class_prompt", target.class_prompt, "--class_data_dir", str(work / f"class-{target.name}")]
+    recipe = list(TRAIN_FLAGS)
+    if job["method"] == "ft":  # full fine-tuning has no rank (the script refuses --rank with --adapter full)
+        k = recipe.index("--rank")
+        del recipe[k : k + 2]
     argv = ["--pretrained_model_name_or_path", str(PIPELINE_DIR), "--dataset", str(work / f"data-{target.name}"),
-            "--output_dir", str(out), "--overwrite_output_dir", *TRAIN_FLAGS, "--seed", str(job["seed"]), *extra]  # fmt: skip
+            "--output_dir", str(out), "--overwrite_output_dir", *recipe, "--seed", str(job["seed"]), *extra]  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):
         main(argv)
     return out
