@@ -83,6 +83,20 @@ def test_a_flag_error_is_one_line_and_a_pointer_to_help(flags, message, capsys):
     assert len(err.splitlines()) == 2 and "usage:" not in err
 
 
+def test_a_missing_dataset_is_reported_with_the_typos_beside_it(capsys):
+    """``--rnak 8`` without ``--dataset``: both mistakes in one line (argparse stops at the missing flag, so the typo
+    showed only after the user had fixed it)."""
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--rnak", "8", "--rank=4", "--learning_rat", "1e-4"])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(err) == 2
+    assert err[0] == (
+        "train_dreambooth_dora.py: error: the following arguments are required: --dataset/--dataset_name/"
+        "--instance_data_dir; and unrecognized arguments: --rnak --learning_rat (--rnak: did you mean --rank?; "
+        "--learning_rat: did you mean --learning_rate?)"
+    )
+
+
 def test_help_shows_every_default():
     text = " ".join(build_parser().format_help().split())
     for shown in ("--rank RANK Rank r of the low-rank update. (default: 8)",

@@ -47,15 +47,25 @@ class FlagParser(argparse.ArgumentParser):
     def __init__(self, **kwargs) -> None:
         super().__init__(allow_abbrev=False, formatter_class=DefaultsFormatter, **kwargs)
 
+    def _known_flags(self) -> list[str]:
+        return [o for a in self._actions for o in a.option_strings if a.help != argparse.SUPPRESS]
+
     def parse_known_args(self, args=None, namespace=None):
         """As argparse's, but an unknown flag is an error naming the nearest known flags."""
+        words = sys.argv[1:] if args is None else list(args)
+        every = {o for a in self._actions for o in a.option_strings}
+        self._unknown = [w for w in words if w.startswith("--") and w != "--" and w.split("=", 1)[0] not in every]
         parsed, extras = super().parse_known_args(args, namespace)
         if extras:
-            self.error(unknown_flags_message(extras, [o for a in self._actions for o in a.option_strings if a.help != argparse.SUPPRESS]))
+            self.error(unknown_flags_message(extras, self._known_flags()))
         return parsed, extras
 
     def error(self, message: str):
-        """Print ``prog: error: message`` and where to find every flag; exit with status 2."""
+        """Print ``prog: error: message`` and where to find every flag; exit with status 2. A missing required flag
+        is reported with the unknown flags of the same command (``--rnak 8`` without ``--dataset``: both at once)."""
+        unknown = getattr(self, "_unknown", [])
+        if message.startswith("the following arguments are required") and unknown:
+            message += "; and " + unknown_flags_message(unknown, self._known_flags())
         self.exit(2, f"{self.prog}: error: {message}\nSee `python {self.prog} --help` for every flag and its default.\n")
 
 
