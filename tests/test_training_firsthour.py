@@ -101,8 +101,9 @@ def test_help_shows_every_default():
     text = " ".join(build_parser().format_help().split())
     for shown in ("--rank RANK Rank r of the low-rank update. (default: 8)",
                   "(prodigy: use 1.0). (default: 0.0001)", "Images per process per micro-batch. (default: 1)",
-                  "(0: never). (default: 250)", "DoRA (magnitude + direction) or plain LoRA. (default: dora)",
-                  "Default: the base model's own size", "Micro-batches per optimizer step. (default: 4)"):  # fmt: skip
+                  "(0: never). (default: 250)", "DoRA (magnitude + direction) or plain LoRA; full:",
+                  "Default: the base model's own size", "Micro-batches per optimizer step. (default: 4)",
+                  "dora,lora: both as a pair. (default: dora)"):  # fmt: skip
         assert shown in text, shown
     assert "(default: None)" not in text and "(default: False)" not in text and "(default: {})" not in text
 

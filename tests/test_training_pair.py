@@ -168,6 +168,27 @@ def test_a_single_run_in_the_pairs_folder_is_never_trained_over(runs, work, monk
     assert not (work / "nothing").exists()
 
 
+@pytest.mark.parametrize("extra", [(), ("--overwrite_output_dir",), ("--resume_from_checkpoint", "latest")])
+def test_a_pairs_folder_is_never_a_single_runs(runs, work, monkeypatch, extra):
+    """``--adapter dora --output_dir <a pair's folder>``: refused before any model loads, with or without
+    --overwrite_output_dir or --resume_from_checkpoint (it would write beside the halves, or delete the pair's grid);
+    nothing in the pair's folder changes."""
+    before = {p: p.read_bytes() for p in (work / "pair").rglob("*") if p.is_file()}
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models loaded before the output folder was checked")
+
+    monkeypatch.setattr(pair_module.TrainingRun, "_components", no_loading)
+    with pytest.raises(OutputDirError) as err:
+        run(argv(work, "pair", "dora", *extra))
+    assert str(err.value) == (
+        f"--output_dir {work / 'pair'} holds a DoRA/LoRA pair (--adapter dora,lora: dora/, lora/, pair.json); a single "
+        "run would write its files beside the pair's halves. Choose another --output_dir, or continue the pair with "
+        "--adapter dora,lora --resume_from_checkpoint latest"
+    )
+    assert {p: p.read_bytes() for p in (work / "pair").rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize(
     "flags, adapter, output_dir, error",
     [

@@ -211,12 +211,9 @@ def _adapter_flags(p: argparse.ArgumentParser) -> None:
         type=adapter_choice,
         default="dora",
         metavar="dora|lora|full|dora,lora",
-        help="DoRA (magnitude + direction), plain LoRA, or full: full fine-tuning (FT) of the --unet_targets modules' own "
-        "Linear/Conv2d weights (not their biases), the DoRA paper's reference, at --learning_rate with "
-        "--adam_weight_decay; written as an exact LoRA of the change (metadata method FT). full trains in fp32 "
-        "(--mixed_precision no) and refuses rank, alpha, dropout, DoRA, LoRA+ and text-encoder flags. On SDXL it is "
-        "large: attn is 955M weights (3.6 GiB fp32), held with a CPU base copy, gradients and Adam's two states; each "
-        "checkpoint holds the weights, the optimiser state and the LoRA file (attn: about 17 GiB in all).",
+        help="DoRA (magnitude + direction) or plain LoRA; full: full fine-tuning (FT) of the --unet_targets weights "
+        "themselves, the DoRA paper's reference, written as an exact LoRA of the change (fp32; large on SDXL, `attn` "
+        "checkpoints about 17 GiB: docs/training.md); dora,lora: both as a pair.",
     )
     add("--rank", type=int_in(1, MAX_RANK), default=8, help="Rank r of the low-rank update.")
     add("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha / rank (default alpha = rank).")

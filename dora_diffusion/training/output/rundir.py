@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from dora_diffusion.formats import DEFAULT_WEIGHT_NAME
-from dora_diffusion.training.args import PATH_KEYS, RUN_DEFAULTS, RUN_KEYS
+from dora_diffusion.training.args import PAIR, PATH_KEYS, RUN_DEFAULTS, RUN_KEYS
 from dora_diffusion.training.output.checkpoint import CHECKPOINT_RE, STATE_FILE, CheckpointError, list_checkpoints, remove_stale_temporaries
 from dora_diffusion.training.data.fingerprint import fingerprint_difference
 from dora_diffusion.training.output.steplog import LOG_FILE
@@ -261,6 +261,20 @@ def check_resume(checkpoint: Path, state, settings: dict, fingerprint: dict, all
         )
 
 
+def refuse_pair_folder(output_dir: Path) -> None:
+    """Raise ``OutputDirError`` if ``output_dir`` holds a pair's halves (``--adapter dora,lora``): a single run there
+    would write beside them (or, with ``--overwrite_output_dir``, delete the pair's own files)."""
+    halves = [kind for kind in PAIR if holds_run(output_dir / kind) or (output_dir / kind / SETTINGS_FILE).is_file()]
+    record = ["pair.json"] if (output_dir / "pair.json").is_file() else []
+    if halves or record:
+        raise OutputDirError(
+            f"--output_dir {output_dir} holds a DoRA/LoRA pair (--adapter dora,lora: "
+            f"{', '.join([f'{k}/' for k in halves] + record)}); a single run would write its files beside the pair's "
+            "halves. Choose another --output_dir, or continue the pair with --adapter dora,lora "
+            "--resume_from_checkpoint latest"
+        )
+
+
 def check_nothing_to_resume(output_dir: Path, value: str = "latest") -> None:
     """``--resume_from_checkpoint latest|auto`` found no checkpoint in ``output_dir``: raise ``CheckpointError``
     unless a new run may start there. A folder holding anything an earlier run wrote (its settings, manifest, log)
@@ -268,6 +282,7 @@ def check_nothing_to_resume(output_dir: Path, value: str = "latest") -> None:
     files alone) starts a new run only with ``auto`` (one command for the first start and every restart, the
     diffusers idiom); ``latest`` asks to continue something, so with nothing to continue it stops and writes
     nothing, not even the folder."""
+    refuse_pair_folder(output_dir)
     found = [n for n in (SETTINGS_FILE, MANIFEST_FILE, LOG_FILE) if (output_dir / n).is_file()]
     if not found:
         if value == "auto":
@@ -321,6 +336,7 @@ def check_output_dir(
     """
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputDirError(f"--output_dir {output_dir} is a file")
+    refuse_pair_folder(output_dir)
     files = RunFiles(output_dir)
     earlier = holds_run(output_dir)
     if earlier and not files.found:
