@@ -76,6 +76,9 @@ def declare_analyze(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=ANALYZE_DTYPES,
                    help="precision to load the base in; float16 halves memory (default: float32)")  # fmt: skip
     p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16 (as in from_pretrained)")
+    p.add_argument("--modules", default=None, metavar="NAME[,NAME]",
+                   help="only modules whose name ends with one of these (after a dot), e.g. to_q: the paper fits the "
+                   "query matrices (Figure 2) or the value matrices (to_v, Figure 7), one kind of module at a time")  # fmt: skip
     p.add_argument("--title", default=None, help="plot title")
     return p
 

@@ -357,6 +357,25 @@ def test_analyze_command_end_to_end(base_dir, files, tmp_path, capsys):
     assert Image.open(out / "analysis.png").size == (800, 550)
 
 
+def test_analyze_command_fits_one_kind_of_module(base_dir, files, tmp_path, capsys):
+    """``--modules to_q``: the paper's Figure 2 fits the query matrices alone; the summary, CSV and plot hold only
+    them, with the same numbers as the unfiltered run's query rows."""
+    everything, queries = tmp_path / "all", tmp_path / "q"
+    assert _run("--base", str(base_dir), str(files["dora"]), "--out", str(everything)) == 0
+    assert _run("--base", str(base_dir), str(files["dora"]), "--out", str(queries), "--modules", "to_q,.attn2.to_v") == 0
+    read = lambda d: list(csv.DictReader(open(d / "analysis.csv", newline="")))  # noqa: E731
+    full, kept = read(everything), read(queries)
+    expected = [r for r in full if r["module"].endswith((".to_q", ".attn2.to_v"))]
+    assert kept == expected and 0 < len(kept) < len(full)
+    assert {r["module"].rsplit(".", 1)[1] for r in kept} == {"to_q", "to_v"}
+    summary = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in summary if line.startswith("dora ")][-1] == ["dora", "DoRA", str(len(kept))]
+    assert _run("--base", str(base_dir), str(files["dora"]), "--modules", "to_qq", "--out", str(tmp_path / "n")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("dora-diffusion analyze: error: --modules to_qq: no module an adapter changes has a name ending with to_qq")
+    assert not (tmp_path / "n").exists()
+
+
 def test_analyze_command_errors(base_dir, files, tmp_path, capsys):
     assert _run("--base", str(tmp_path / "missing"), str(files["dora"])) == 2
     err = capsys.readouterr().err.strip()

@@ -84,6 +84,13 @@ def run_analyze(args: argparse.Namespace) -> int:
         method = printable(method, 100) if method else method
         rows += [replace(r, method=method) for r in found] if method else found
         delete_dora_adapters(pipe, name)
+    if args.modules:
+        names = [n.strip().strip(".") for n in args.modules.split(",") if n.strip().strip(".")]
+        kept = [r for r in rows if any(r.module == n or r.module.endswith("." + n) for n in names)]
+        if not kept:
+            return _error(f"--modules {args.modules}: no module an adapter changes has a name ending with "
+                          f"{' or '.join(names) or 'that'} (e.g. {rows[0].module if rows else 'attn1.to_q'})")  # fmt: skip
+        rows = kept
     out = Path(args.out)
     _print(format_summary(summarize(rows)))
     pooled = pool_checkpoints(rows)
