@@ -13,7 +13,9 @@ checkpoints at 50, 100 and 150 steps. For each checkpoint and each adapted modul
   (query) and Figure 7 (value) pool them: one point per layer and checkpoint;
 - ``per step q``: the query matrices at one checkpoint (r across layers only), the mean over the run's checkpoints;
 - ``mixed``: every adapted module (to_q, to_k, to_v, to_out of self- and cross-attention) and checkpoint pooled, as
-  docs/analysis.md's example did (r = +0.84 for FT).
+  docs/analysis.md's example did (r = +0.84 for FT);
+- ``q, relative ΔM``: ``paper q`` with each layer's ΔM divided by its base weight's mean row norm (a layer with
+  larger weights shows a larger ΔM for the same relative change: is the sign made by the layers' scales?).
 
 Per method (FT, LoRA, DoRA) the table gives the mean r and slope over runs (targets x seeds x ranks) with a 95% t
 interval, and how many runs have a negative slope. Rows are cached in ``SWEEP/decomposition.csv`` (a rerun measures
@@ -35,27 +37,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_sweep import interval  # noqa: E402
 
-RUN = re.compile(r"^(?P<part>attn|ft)-attn-(?P<target>[a-z_]+)-(?P<method>dora|lora|ft)-r(?P<rank>\d+)-s(?P<seed>\d+)$")
-FIELDS = ("run", "method", "rank", "target", "seed", "step", "module", "delta_M", "delta_D")
-WAYS = ("paper q", "paper v", "per step q", "mixed")
+RUN = re.compile(r"^(?P<part>attn|ft|ft_low)-attn-(?P<target>[a-z_]+)-(?P<method>dora|lora|ft)-r(?P<rank>\d+)-s(?P<seed>\d+)$")
+FIELDS = ("run", "method", "rank", "target", "seed", "step", "module", "delta_M", "delta_D", "m0")
+WAYS = ("paper q", "paper v", "per step q", "mixed", "q, relative ΔM")
 
 
 def measure(runs: list[Path]) -> list[dict]:
-    """ΔM and ΔD of every module at every checkpoint of ``runs`` (the toy world's base model)."""
+    """ΔM and ΔD of every module at every checkpoint of ``runs`` (the toy world's base model), with the base weight's
+    mean row norm ``m0``."""
+    import torch
+
     from dora_diffusion import toyworld
     from dora_diffusion.analysis import analyze_pipeline
     from dora_diffusion.pipeline import delete_dora_adapters
 
     pipe = toyworld.load_pipeline()
+    norms = {n: float(m.weight.detach().flatten(1).norm(dim=1).mean()) for n, m in pipe.unet.named_modules()
+             if hasattr(m, "weight") and isinstance(getattr(m, "weight"), torch.Tensor) and m.weight.dim() >= 2}  # fmt: skip
     rows = []
     for run in runs:
         m = RUN.match(run.name)
         for ckpt in sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
             pipe.load_dora_weights(ckpt / "pytorch_lora_weights.safetensors", adapter_name="x")
+            method = "ft lr 1e-4" if m["part"] == "ft_low" else m["method"]
             for r in analyze_pipeline(pipe, ["x"]):
-                rows.append({"run": run.name, "method": m["method"], "rank": int(m["rank"]), "target": m["target"],
+                rows.append({"run": run.name, "method": method, "rank": int(m["rank"]), "target": m["target"],
                              "seed": int(m["seed"]), "step": int(ckpt.name.split("-")[1]), "module": r.module,
-                             "delta_M": r.delta_M, "delta_D": r.delta_D})  # fmt: skip
+                             "delta_M": r.delta_M, "delta_D": r.delta_D, "m0": norms[r.module]})  # fmt: skip
             delete_dora_adapters(pipe, "x")
     return rows
 
@@ -83,13 +91,15 @@ def fits(rows: list[dict]) -> dict[str, dict[str, list[tuple[float, float]]]]:
         per = [fit([p for p in q if p["step"] == s]) for s in steps]
         ways["per step q"].append((statistics.mean(x[0] for x in per), statistics.mean(x[1] for x in per)))
         ways["mixed"].append(fit(points))
+        f = fit_line([p["delta_D"] for p in q], [p["delta_M"] / p["m0"] for p in q])
+        ways["q, relative ΔM"].append((f.r, f.slope))
     return out
 
 
 def table(result: dict[str, dict[str, list[tuple[float, float]]]]) -> str:
     lines = ["| method | points fitted | runs | r (mean ± 95%) | slope (mean ± 95%) | runs with slope < 0 |",
              "|---|---|---|---|---|---|"]  # fmt: skip
-    for method in ("ft", "lora", "dora"):
+    for method in ("ft", "ft lr 1e-4", "lora", "dora"):
         for way in WAYS:
             vals = [v for v in result.get(method, {}).get(way, []) if not math.isnan(v[0])]
             if not vals:
@@ -99,7 +109,8 @@ def table(result: dict[str, dict[str, list[tuple[float, float]]]]) -> str:
             neg = sum(v[1] < 0 for v in vals)
             rtxt = f"{r:+.2f} ± {rh:.2f}" if n > 1 else f"{r:+.2f}"
             stxt = f"{s:+.3g} ± {sh:.2g}" if n > 1 else f"{s:+.3g}"
-            lines.append(f"| {method.upper() if method == 'ft' else method.capitalize().replace('ora', 'oRA')} | {way} | "
+            label = {"ft": "FT (lr 5e-4)", "ft lr 1e-4": "FT (lr 1e-4)", "lora": "LoRA", "dora": "DoRA"}[method]
+            lines.append(f"| {label} | {way} | "
                          f"{n} | {rtxt} | {stxt} | {neg} of {n} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -148,7 +159,8 @@ def main() -> None:
     if cache.is_file():
         with open(cache, newline="") as f:
             rows = [{**r, "rank": int(r["rank"]), "seed": int(r["seed"]), "step": int(r["step"]),
-                     "delta_M": float(r["delta_M"]), "delta_D": float(r["delta_D"])} for r in csv.DictReader(f)]  # fmt: skip
+                     "delta_M": float(r["delta_M"]), "delta_D": float(r["delta_D"]), "m0": float(r["m0"])}
+                    for r in csv.DictReader(f)]  # fmt: skip
     done = {r["run"] for r in rows}
     runs = [p for p in sorted((sweep / "runs").iterdir()) if RUN.match(p.name) and p.name not in done
             and (p / "pytorch_lora_weights.safetensors").is_file()]  # fmt: skip

@@ -23,7 +23,8 @@ Parts (each method x rank x target x seed; ``--seeds`` defaults to 0-4):
 - ``prior``: ``attn`` with ``--with_prior_preservation`` (12 class images from the base model, 20 steps each, weight 1),
   the two subjects only: a style has no single class prompt;
 - ``ft``: ``--adapter full`` (the same weights trained themselves) on ``attn`` at lr 5e-4 (the best FT learning rate of
-  bench_quality.py's sweep), 150 steps, on ``attn`` (checkpoints every 50 steps) and on ``all``.
+  bench_quality.py's sweep), 150 steps, on ``attn`` (checkpoints every 50 steps) and on ``all``;
+- ``ft_low``: FT on ``attn`` at lr 1e-4 (checkpoints every 50 steps), for bench_decomposition.py.
 
 Rows go to ``OUT/runs.csv`` as runs finish; a rerun skips the runs it holds, so a part can be stopped and resumed.
 ``--report`` reads every row there: per configuration the mean and sd over seeds, and DoRA - LoRA paired on (part,
@@ -59,6 +60,10 @@ PARTS: dict[str, tuple[str, ...]] = {"attn": ATTN + CHECKPOINTS, "all": ALL, "pr
 FT = {"attn": ("--unet_targets", "attn", "--learning_rate", "5e-4", "--max_train_steps", "150") + CHECKPOINTS,
       "all": ("--unet_targets", "all", "--learning_rate", "5e-4", "--max_train_steps", "150")}  # fmt: skip
 """FT's flags per target set (part ``ft``; its rows carry the target set as ``targets``)."""
+FT_LOW = {"attn": ("--unet_targets", "attn", "--learning_rate", "1e-4", "--max_train_steps", "150") + CHECKPOINTS}
+"""Part ``ft_low``: FT on ``attn`` at a fifth of the learning rate (for the analysis of item 4: does the sign of the
+ΔM-ΔD slope depend on how far a run moves the weights?)."""
+FT_PARTS = {"ft": FT, "ft_low": FT_LOW}
 FIELDS = ("part", "targets", "target", "method", "rank", "seed", "fidelity", "prompt_fidelity", "preservation", "train_s")
 METRICS = ("fidelity", "prompt_fidelity", "preservation")
 
@@ -72,8 +77,8 @@ def jobs(parts: list[str], seeds: list[int]) -> list[dict]:
         for target in TARGETS:
             if part == "prior" and target in STYLES:
                 continue
-            if part == "ft":
-                for targets, flags in FT.items():
+            if part in FT_PARTS:
+                for targets, flags in FT_PARTS[part].items():
                     out += [dict(part=part, targets=targets, target=target, method="ft", rank=0, seed=s,
                                  flags=("--adapter", "full", *flags)) for s in seeds]  # fmt: skip
                 continue
@@ -227,7 +232,7 @@ def report(rows: list[dict]) -> str:
     parts = list(dict.fromkeys(r["part"] for r in rows))
     lines = ["### DoRA - LoRA, paired on target and seed (mean ± 95% interval; n pairs)", "",
              "| part | rank | targets | n | fidelity | prompt fidelity | preservation |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for part in (p for p in parts if p != "ft"):
+    for part in (p for p in parts if p not in FT_PARTS):
         for rank in (*RANKS, None):
             where = {"part": part} if rank is None else {"part": part, "rank": rank}
             for target in (*TARGETS, None):
@@ -243,7 +248,7 @@ def report(rows: list[dict]) -> str:
               "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     configs = dict.fromkeys((r["part"], r["targets"], r["target"], r["method"], r["rank"]) for r in rows)
     order = {t: i for i, t in enumerate(TARGETS)}
-    for c in sorted(configs, key=lambda c: (c[0] == "ft", c[0], order.get(c[2], 9), c[1], c[3], c[4])):
+    for c in sorted(configs, key=lambda c: (c[0] in FT_PARTS, c[0], order.get(c[2], 9), c[1], c[3], c[4])):
         sel = [r for r in rows if (r["part"], r["targets"], r["target"], r["method"], r["rank"]) == c]
         rank = "-" if c[3] == "ft" else c[4]
         lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {c[3]} | {rank} | {len(sel)} | "
@@ -261,7 +266,7 @@ def figure(rows: list[dict], path: Path) -> Path:
     FigureCanvasAgg(fig)
     titles = {"fidelity": "subject / style fidelity", "prompt_fidelity": "prompt / object fidelity",
               "preservation": "prior / style preservation"}  # fmt: skip
-    parts = [p for p in dict.fromkeys(r["part"] for r in rows) if p != "ft"]
+    parts = [p for p in dict.fromkeys(r["part"] for r in rows) if p not in FT_PARTS]
     for k, metric in enumerate(METRICS):
         ax = fig.add_subplot(1, 3, k + 1)
         ax.axhline(0, color="gray", lw=0.8)
@@ -291,7 +296,7 @@ def figure(rows: list[dict], path: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="Work folder; its runs.csv makes a stopped sweep resume.")
-    ap.add_argument("--part", default="", help=f"Comma-separated parts to run: {', '.join([*PARTS, 'ft'])}.")
+    ap.add_argument("--part", default="", help=f"Comma-separated parts to run: {', '.join([*PARTS, *FT_PARTS])}.")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
     ap.add_argument("--threads", type=int, default=1, help="Torch threads per worker.")
@@ -302,9 +307,9 @@ def main() -> None:
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     parts = [p for p in args.part.split(",") if p]
-    unknown = [p for p in parts if p not in (*PARTS, "ft")]
+    unknown = [p for p in parts if p not in (*PARTS, *FT_PARTS)]
     if unknown:
-        ap.error(f"unknown part(s) {unknown}; choose from {', '.join([*PARTS, 'ft'])}")
+        ap.error(f"unknown part(s) {unknown}; choose from {', '.join([*PARTS, *FT_PARTS])}")
     if parts:
         start = time.perf_counter()
         sweep(work, parts, [int(s) for s in args.seeds.split(",")], args.workers, args.threads)
