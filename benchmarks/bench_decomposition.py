@@ -132,7 +132,7 @@ def figure(rows: list[dict], path: Path) -> Path:
         for step in sorted({r["step"] for r in q}):
             pts = [r for r in q if r["step"] == step]
             ax.scatter([p["delta_D"] for p in pts], [p["delta_M"] for p in pts], s=14, label=f"step {step}")
-        ax.set_title(f"{method.upper()}: {run}", fontsize=8)
+        ax.set_title(f"{dict(ft='FT', lora='LoRA', dora='DoRA')[method]}: {run}", fontsize=8)
         ax.set_xlabel("ΔD (query matrices)")
         if k == 0:
             ax.set_ylabel("ΔM")

@@ -10,10 +10,12 @@ the part's recipe (below) at one seed. Its output folder is loaded with ``load_d
 bench_reach.py does: 8 trigger prompts over backgrounds (subjects) or objects (the style) that no instance image
 shows, seeds 100-107, and 4 class prompts, seeds 200-203; 20 Euler steps, guidance 4. Targets:
 
-- ``dotted_heart`` (a subject every method learns on ``attn``), ``wide_ring_star`` (a subject only the convolutions
-  learn: a wide white ring around a yellow star) and the style ``icon`` (a round framed badge under any object);
-- ``fidelity`` is subject fidelity (style fidelity for ``icon``), ``prompt_fidelity`` prompt fidelity (object
-  fidelity), ``preservation`` prior preservation (style preservation) on the class prompts.
+- ``dotted_heart`` (a subject every method learns on ``attn``), ``wide_ring_star`` (one yellow star in a wide white
+  ring, "a ohwx yellow star": a look only the convolutions learn) and the style ``icon`` (a round framed badge under
+  any object, "a tok icon of a red star");
+- ``fidelity`` is subject fidelity for ``dotted_heart`` and the style reader's fidelity to the look for the other two;
+  ``prompt_fidelity`` prompt fidelity (object fidelity: the named shape and colour kept); ``preservation`` prior
+  preservation (style preservation: the plain prompts stay plain) on the class prompts.
 
 Parts (each method x rank x target x seed; ``--seeds`` defaults to 0-4):
 
@@ -21,7 +23,7 @@ Parts (each method x rank x target x seed; ``--seeds`` defaults to 0-4):
   ranks 1, 2, 4, 8, checkpoints every 50 steps (for the analysis of item 4);
 - ``all``: the same recipe on ``--unet_targets all`` (attention, feed-forward and every convolution);
 - ``prior``: ``attn`` with ``--with_prior_preservation`` (12 class images from the base model, 20 steps each, weight 1),
-  the two subjects only: a style has no single class prompt;
+  on ``dotted_heart`` ("a pink heart") and ``wide_ring_star`` ("a yellow star"); ``icon`` has no single class prompt;
 - ``ft``: ``--adapter full`` (the same weights trained themselves) on ``attn`` at lr 5e-4 (the best FT learning rate of
   bench_quality.py's sweep), 150 steps, on ``attn`` (checkpoints every 50 steps) and on ``all``;
 - ``ft_low``: FT on ``attn`` at lr 1e-4 (checkpoints every 50 steps), for bench_decomposition.py.
@@ -70,13 +72,11 @@ METRICS = ("fidelity", "prompt_fidelity", "preservation")
 
 def jobs(parts: list[str], seeds: list[int]) -> list[dict]:
     """Every run the parts name: dicts with part, targets, target, method, rank, seed and the flags."""
-    from dora_diffusion.toyworld.styles import STYLES
-
     out = []
     for part in parts:
         for target in TARGETS:
-            if part == "prior" and target in STYLES:
-                continue
+            if part == "prior" and class_prompt(target) is None:
+                continue  # a style of many objects (icon) has no single class prompt
             if part in FT_PARTS:
                 for targets, flags in FT_PARTS[part].items():
                     out += [dict(part=part, targets=targets, target=target, method="ft", rank=0, seed=s,
@@ -88,6 +88,23 @@ def jobs(parts: list[str], seeds: list[int]) -> list[dict]:
                     out += [dict(part=part, targets=targets, target=target, method=method, rank=rank, seed=s,
                                  flags=("--adapter", method, "--rank", str(rank), *PARTS[part])) for s in seeds]  # fmt: skip
     return out
+
+
+def class_prompt(name: str) -> str | None:
+    """The prior-preservation class prompt of a target: a subject's (``a pink heart``), a one-object style's plain
+    object (``wide_ring_star``: ``a yellow star``); None for a style of several objects."""
+    from bench_reach import target_of
+
+    from dora_diffusion.toyworld.styles import Style
+
+    target = target_of(name)
+    if not isinstance(target, Style):
+        return target.class_prompt
+    objects = set(target.objects)
+    if len(objects) != 1:
+        return None
+    shape, colour = objects.pop()
+    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
 
 
 def run_name(job: dict) -> str:
@@ -126,7 +143,7 @@ def train(work: Path, job: dict) -> Path:
         return out
     extra = list(job["flags"])
     if "--with_prior_preservation" in extra:
-        extra += ["--class_prompt", target.class_prompt, "--class_data_dir", str(work / f"class-{target.name}")]
+        extra += ["--class_prompt", class_prompt(target.name), "--class_data_dir", str(work / f"class-{target.name}")]
     recipe = list(TRAIN_FLAGS)
     if job["method"] == "ft":  # full fine-tuning has no rank (the script refuses --rank with --adapter full)
         k = recipe.index("--rank")
