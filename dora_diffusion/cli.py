@@ -348,6 +348,10 @@ def run_parsed(args: argparse.Namespace) -> int:
         "convert": run_convert, "inspect": run_inspect, "analyze": run_analyze, "extract": run_extract,
         "resize": run_resize, "merge": run_merge, "bake": run_bake,
     }[args.command]  # fmt: skip
+    if args.command in ("extract", "resize", "merge", "bake"):  # whole models, one module at a time
+        from dora_diffusion.tools.weights import return_freed_memory
+
+        return_freed_memory()
     try:
         return func(args)
     except (AdapterFileError, MissingExtraError, ValueError, OSError) as err:

@@ -345,3 +345,36 @@ def test_other_lycoris_kinds_are_refused_by_name() -> None:
     with pytest.raises(AdapterFileError, match="unet.x is a lokr module; the toolbox reads low-rank"):
         check_low_rank("unet.x", lokr)
     check_low_rank("unet.y", ModuleAdapter(torch.ones(2, 4), torch.ones(3, 2), None, 2.0))  # low-rank passes
+
+
+def test_the_toolbox_commands_return_freed_memory_to_the_system(monkeypatch, tmp_path):
+    """glibc's mallopt is set to a fixed 128 KiB mmap and trim threshold before extract/resize/merge/bake run (their
+    peak resident memory on the full SDXL UNet fell from 4.5 GiB to 0.9 GiB: docs/tools.md); not where glibc is absent,
+    and not for the other commands."""
+    import ctypes
+
+    from dora_diffusion import cli
+    from dora_diffusion.tools import weights
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    assert weights.return_freed_memory() is True and calls == [(-3, 131072), (-1, 131072)]
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert weights.return_freed_memory() is False
+
+    seen = []
+    monkeypatch.setattr(weights, "return_freed_memory", lambda: seen.append(True) or True)
+    assert cli.main(["extract", str(tmp_path / "no-ft"), str(tmp_path / "no-base"), str(tmp_path / "o.safetensors"), "--rank", "2"]) == 1
+    assert seen == [True]
+    assert cli.main(["inspect", str(tmp_path / "nothing.safetensors")]) == 1
+    assert seen == [True]
