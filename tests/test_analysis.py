@@ -91,6 +91,24 @@ def test_rotation_in_the_plane_changes_direction_only():
     assert delta_d == pytest.approx(0.5, abs=1e-12)
 
 
+def test_layers_that_trade_magnitude_for_direction_give_a_negative_slope():
+    """The paper's FT pattern, built by hand: layer k rescales its rows by 1 + 0.1 (5 - k) / 5 and turns them by
+    k * 6 degrees, so the more a layer turns the less it rescales. The fit over the layers must read a negative
+    slope (docs/analysis.md: a positive FT slope on the toy world is not made by the method)."""
+    g = torch.Generator().manual_seed(0)
+    points = []
+    for k in range(6):
+        w0 = torch.randn(8, 2, generator=g, dtype=torch.float64)
+        theta = math.radians(6 * k)
+        rot = torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]], dtype=torch.float64)
+        w = (1 + 0.1 * (5 - k) / 5) * (w0 @ rot.T)
+        delta_m, delta_d = decompose(w0, w)
+        assert delta_d == pytest.approx(1 - math.cos(theta), abs=1e-12)
+        points.append((delta_d, delta_m))
+    fit = fit_line([d for d, _ in points], [m for _, m in points])
+    assert fit.slope < 0 and fit.r < -0.8
+
+
 @pytest.mark.parametrize("shape", [(6, 9), (5, 3, 3, 3)], ids=["linear", "conv2d"])
 def test_orthogonal_map_on_the_input_side_keeps_magnitudes(shape):
     w0 = torch.randn(shape, generator=_gen(2), dtype=torch.float64)
