@@ -70,11 +70,11 @@ FIELDS = ("part", "targets", "target", "method", "rank", "seed", "fidelity", "pr
 METRICS = ("fidelity", "prompt_fidelity", "preservation")
 
 
-def jobs(parts: list[str], seeds: list[int]) -> list[dict]:
+def jobs(parts: list[str], seeds: list[int], targets: tuple[str, ...] = TARGETS) -> list[dict]:
     """Every run the parts name: dicts with part, targets, target, method, rank, seed and the flags."""
     out = []
     for part in parts:
-        for target in TARGETS:
+        for target in targets:
             if part == "prior" and class_prompt(target) is None:
                 continue  # a style of many objects (icon) has no single class prompt
             if part in FT_PARTS:
@@ -177,10 +177,10 @@ def read_rows(path: Path) -> list[dict]:
                 for r in csv.DictReader(f)]  # fmt: skip
 
 
-def sweep(work: Path, parts: list[str], seeds: list[int], workers: int, threads: int) -> None:
+def sweep(work: Path, parts: list[str], seeds: list[int], workers: int, threads: int, targets: tuple[str, ...] = TARGETS) -> None:
     path = work / "runs.csv"
     done = {key(r) for r in read_rows(path)}
-    todo = [j for j in jobs(parts, seeds) if key(j) not in done]
+    todo = [j for j in jobs(parts, seeds, targets) if key(j) not in done]
     print(f"{len(todo)} runs to do ({len(done)} in {path})", flush=True)
     for job in todo:
         prepare(work, job)
@@ -315,6 +315,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="Work folder; its runs.csv makes a stopped sweep resume.")
     ap.add_argument("--part", default="", help=f"Comma-separated parts to run: {', '.join([*PARTS, *FT_PARTS])}.")
     ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="Comma-separated targets (default: all three).")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
     ap.add_argument("--threads", type=int, default=1, help="Torch threads per worker.")
     ap.add_argument("--report", action="store_true", help="Print the tables of every row in OUT/runs.csv.")
@@ -329,7 +330,10 @@ def main() -> None:
         ap.error(f"unknown part(s) {unknown}; choose from {', '.join([*PARTS, *FT_PARTS])}")
     if parts:
         start = time.perf_counter()
-        sweep(work, parts, [int(s) for s in args.seeds.split(",")], args.workers, args.threads)
+        targets = tuple(t for t in args.targets.split(",") if t)
+        if set(targets) - set(TARGETS):
+            ap.error(f"unknown target(s) {sorted(set(targets) - set(TARGETS))}; choose from {', '.join(TARGETS)}")
+        sweep(work, parts, [int(s) for s in args.seeds.split(",")], args.workers, args.threads, targets)
         print(f"parts {','.join(parts)}: {time.perf_counter() - start:.0f} s wall, {args.workers} workers x {args.threads} thread(s)")
     if args.report or args.markdown or args.figure:
         rows = read_rows(work / "runs.csv")
