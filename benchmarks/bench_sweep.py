@@ -31,7 +31,7 @@ Parts (each method x rank x target x seed; ``--seeds`` defaults to 0-4):
 Rows go to ``OUT/runs.csv`` as runs finish; a rerun skips the runs it holds, so a part can be stopped and resumed.
 ``--report`` reads every row there: per configuration the mean and sd over seeds, and DoRA - LoRA paired on (part,
 target, rank, seed) with a 95% t interval, per rank and pooled, written with ``--markdown``; ``--figure`` draws DoRA -
-LoRA against rank with those intervals.
+LoRA against rank with those intervals, per metric and target.
 """
 
 from __future__ import annotations
@@ -275,35 +275,38 @@ def report(rows: list[dict]) -> str:
 
 
 def figure(rows: list[dict], path: Path) -> Path:
-    """DoRA - LoRA against rank, one panel per metric, one line per part (pooled over targets), 95% intervals."""
+    """DoRA - LoRA against rank with 95% intervals: a row of panels per metric, a column per target, a line per part."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 3.8), dpi=110)
+    fig = Figure(figsize=(12, 9), dpi=100)
     FigureCanvasAgg(fig)
-    titles = {"fidelity": "subject / style fidelity", "prompt_fidelity": "prompt / object fidelity",
-              "preservation": "prior / style preservation"}  # fmt: skip
+    titles = {"fidelity": "fidelity", "prompt_fidelity": "prompt / object fidelity", "preservation": "preservation"}
     parts = [p for p in dict.fromkeys(r["part"] for r in rows) if p not in FT_PARTS]
-    for k, metric in enumerate(METRICS):
-        ax = fig.add_subplot(1, 3, k + 1)
-        ax.axhline(0, color="gray", lw=0.8)
-        for j, part in enumerate(parts):
-            xs, ys, hs = [], [], []
-            for rank in RANKS:
-                mean, half, n = interval(differences(rows, metric, part=part, rank=rank))
-                if n >= 2:
-                    xs.append(math.log2(rank) + (j - (len(parts) - 1) / 2) * 0.08)
-                    ys.append(mean)
-                    hs.append(half)
-            if xs:
-                n = len(differences(rows, metric, part=part))
-                ax.errorbar(xs, ys, yerr=hs, marker="o", capsize=3, label=f"{part} ({n} pairs)")
-        ax.set_xticks([math.log2(r) for r in RANKS], [str(r) for r in RANKS])
-        ax.set_xlabel("rank")
-        ax.set_title(f"DoRA − LoRA: {titles[metric]}", fontsize=10)
-        if k == 0:
-            ax.set_ylabel("paired difference (95% interval)")
-            ax.legend(fontsize=8)
+    for i, metric in enumerate(METRICS):
+        for j, target in enumerate(TARGETS):
+            ax = fig.add_subplot(len(METRICS), len(TARGETS), i * len(TARGETS) + j + 1)
+            ax.axhline(0, color="gray", lw=0.8)
+            for k, part in enumerate(parts):
+                xs, ys, hs = [], [], []
+                for rank in RANKS:
+                    mean, half, n = interval(differences(rows, metric, part=part, target=target, rank=rank))
+                    if n >= 2:
+                        xs.append(math.log2(rank) + (k - (len(parts) - 1) / 2) * 0.1)
+                        ys.append(mean)
+                        hs.append(half)
+                if xs:
+                    ax.errorbar(xs, ys, yerr=hs, marker="o", capsize=3, label=part)
+            ax.set_xticks([math.log2(r) for r in RANKS], [str(r) for r in RANKS])
+            if i == 0:
+                ax.set_title(target, fontsize=11)
+            if i == len(METRICS) - 1:
+                ax.set_xlabel("rank")
+            if j == 0:
+                ax.set_ylabel(f"DoRA − LoRA\n{titles[metric]}", fontsize=9)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=8, title="part", title_fontsize=8)
+    fig.suptitle("DoRA − LoRA, paired on target and seed (5 seeds), mean and 95% interval", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
