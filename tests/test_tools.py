@@ -349,7 +349,7 @@ def test_other_lycoris_kinds_are_refused_by_name() -> None:
 
 def test_the_toolbox_commands_return_freed_memory_to_the_system(monkeypatch, tmp_path):
     """glibc's mallopt is set to a fixed 128 KiB mmap and trim threshold before extract/resize/merge/bake run (their
-    peak resident memory on the full SDXL UNet fell from 4.5 GiB to 0.9 GiB: docs/tools.md); not where glibc is absent,
+    peak resident memory extracting from the full SDXL UNet fell from 4.5 GiB to 1.5 GiB: docs/tools.md); not where glibc is absent,
     and not for the other commands."""
     import ctypes
 
