@@ -584,7 +584,7 @@ def test_resuming_on_other_data_is_refused_unless_allowed(tmp_path):
     check_resume(path, ckpt.read_state(path), SETTINGS, recorded, False)  # the same data
 
 
-def test_a_signal_is_recorded_once_then_acts_as_usual():
+def test_a_signal_is_recorded_once_then_acts_as_usual(request):
     """stop_on_signals records the first SIGINT (the loop then saves and stops); a second Ctrl-C interrupts as
     usual; the handlers found before are put back."""
     import signal
@@ -592,11 +592,14 @@ def test_a_signal_is_recorded_once_then_acts_as_usual():
 
     from dora_diffusion.training.signals import stop_on_signals
 
+    # a process's usual Ctrl-C (a pytest-xdist worker ignores SIGINT, leaving it to the controller)
+    runner = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, runner))
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with stop_on_signals() as request:
+    with stop_on_signals() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)  # the handler runs between bytecodes of the main thread
-        assert request.signum == signal.SIGINT
+        assert stop.signum == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
