@@ -144,15 +144,31 @@ def save_adapter(
     models = {comp: uncompiled(model) for comp, model in models.items()}
     layers = {comp: adapted_layers(model) for comp, model in models.items()} if layers is None else layers
     modules = collect_adapter(models, adapter_name, layers)
-    info = {"library": "dora-diffusion", "version": __version__, "adapter_name": adapter_name, **(metadata or {})}
-    unet_sgm = base = None
-    if format != "diffusers" and "unet" in models:
-        from dora_diffusion.formats.kohya import sgm_names
-
-        unet_sgm = sgm_names(linear_conv_names(models["unet"]))
+    base = None
     if format == "comfyui":
         if any(layer.fused for comp in layers.values() for layer in comp.values()):
             raise RuntimeError("adapters are fused into the weights; call unfuse_dora() before saving format='comfyui'")
         base = {comp: {name: layers[comp][name].weight.detach() for name in mods} for comp, mods in modules.items()}
+    return write_modules(modules, save_directory, adapter_name, weight_name, format, metadata, models.get("unet"), base)
+
+
+def write_modules(
+    modules: dict[str, dict[str, ModuleAdapter]],
+    save_directory: str | os.PathLike,
+    adapter_name: str,
+    weight_name: str | None = None,
+    format: str = "diffusers",
+    metadata: dict | None = None,
+    unet: nn.Module | None = None,
+    base: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Write collected ``modules`` (component -> module -> ``ModuleAdapter``) as ``save_adapter`` does: ``unet`` gives
+    the SGM names of the kohya dialects, ``base`` the base weights ComfyUI's ``dora_scale`` is computed against."""
+    info = {"library": "dora-diffusion", "version": __version__, "adapter_name": adapter_name, **(metadata or {})}
+    unet_sgm = None
+    if format != "diffusers" and unet is not None:
+        from dora_diffusion.formats.kohya import sgm_names
+
+        unet_sgm = sgm_names(linear_conv_names(unet))
     state_dict, header = formats.write(modules, format, info, unet_sgm, base)
     return write_safetensors(state_dict, Path(save_directory) / (weight_name or DEFAULT_WEIGHT_NAME), header)

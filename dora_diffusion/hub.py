@@ -3,8 +3,10 @@ once into the Hub cache), and whether the Hub can be reached at all; ``from_pret
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -83,6 +85,15 @@ def hub_unreachable(timeout: float = HUB_CONNECT_TIMEOUT) -> str | None:
     except OSError as err:
         return f"no connection to {host}:{port} within {timeout:g} s ({err or type(err).__name__})"
     return None
+
+
+@contextlib.contextmanager
+def quiet_hub_deprecations():
+    """Hide huggingface_hub's warning about ``local_dir_use_symlinks``, an argument it deprecated that diffusers and
+    its own ``snapshot_download`` still pass (a warning per file, nothing the user can act on)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        yield
 
 
 def hub_file(repo_id: str, weight_name: str | None = None, **hub_kwargs) -> Path:

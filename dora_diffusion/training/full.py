@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dora_diffusion import formats
-from dora_diffusion._version import __version__
-from dora_diffusion.core.inject import find_targets, linear_conv_names
-from dora_diffusion.formats import DEFAULT_WEIGHT_NAME, ModuleAdapter, write_safetensors
+from dora_diffusion.core.inject import find_targets
+from dora_diffusion.formats import ModuleAdapter
 from dora_diffusion.training.errors import TrainingError
 from dora_diffusion.training.models import ADAPTER_NAME
 
@@ -127,14 +125,8 @@ class FullFineTune:
     ) -> Path:
         """Write the change as a LoRA file in ``directory`` (``format`` as ``adapter_io.save_adapter``), its
         metadata's ``method`` naming it ``FT``; returns the file's path."""
-        info = {"library": "dora-diffusion", "version": __version__, "adapter_name": ADAPTER_NAME, **(metadata or {})}
-        info["method"] = FT_METHOD
-        unet_sgm = base = None
-        if format != "diffusers":
-            from dora_diffusion.formats.kohya import sgm_names
+        from dora_diffusion.adapter_io import write_modules
 
-            unet_sgm = sgm_names(linear_conv_names(self.unet))
-        if format == "comfyui":
-            base = {"unet": dict(self.base)}
-        state_dict, header = formats.write(self.collect(), format, info, unet_sgm, base)
-        return write_safetensors(state_dict, Path(directory) / (weight_name or DEFAULT_WEIGHT_NAME), header)
+        base = {"unet": dict(self.base)} if format == "comfyui" else None
+        info = {**(metadata or {}), "method": FT_METHOD}
+        return write_modules(self.collect(), directory, ADAPTER_NAME, weight_name, format, info, self.unet, base)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -81,21 +80,18 @@ def native_resolution(args: argparse.Namespace) -> int:
     for the toy world), read from the UNet's and the VAE's ``config.json`` without loading any weights."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from dora_diffusion.hub import hub_unreachable
+    from dora_diffusion.hub import hub_unreachable, quiet_hub_deprecations
 
-    base = args.pretrained_model_name_or_path
+    base, vae_id = args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path
     hub = {"revision": args.revision, "cache_dir": args.cache_dir}
-    if not os.path.isdir(base) and hub_unreachable():  # the Hub cache only: its client retries a dead network ~25 s
-        hub["local_files_only"] = True
-    with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated (a warning per call)
-        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-        unet = UNet2DConditionModel.load_config(base, subfolder="unet", **hub)
-        if args.pretrained_vae_model_name_or_path is None:
-            vae = AutoencoderKL.load_config(base, subfolder="vae", **hub)
+    # the Hub cache only when the Hub is unreachable: its client retries a dead network for about 25 s
+    offline = any(not os.path.isdir(p) for p in (base, vae_id) if p is not None) and hub_unreachable() is not None
+    with quiet_hub_deprecations():
+        unet = UNet2DConditionModel.load_config(base, subfolder="unet", local_files_only=offline, **hub)
+        if vae_id is None:
+            vae = AutoencoderKL.load_config(base, subfolder="vae", local_files_only=offline, **hub)
         else:
-            vae_id = args.pretrained_vae_model_name_or_path
-            offline = {} if os.path.isdir(vae_id) or not hub_unreachable() else {"local_files_only": True}
-            vae = AutoencoderKL.load_config(vae_id, cache_dir=args.cache_dir, **offline)
+            vae = AutoencoderKL.load_config(vae_id, cache_dir=args.cache_dir, local_files_only=offline)
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 

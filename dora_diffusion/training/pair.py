@@ -46,6 +46,7 @@ from dora_diffusion.training.models import ADAPTER_NAME, Components, load_compon
 from dora_diffusion.training.output.checkpoint import list_checkpoints
 from dora_diffusion.training.output.rundir import (
     LOCK_FILE,
+    PAIR_FILE,
     SETTINGS_FILE,
     RunFiles,
     all_differences,
@@ -59,8 +60,6 @@ from dora_diffusion.training.run import train as train_one
 
 logger = logging.getLogger(__name__)
 
-PAIR_FILE = "pair.json"
-"""In the pair's folder: the halves that finished, each with the settings it finished with."""
 GRID_FILE = "pair_grid.png"
 """In the pair's folder: base | DoRA | LoRA at the validation seeds, with each column's scores."""
 

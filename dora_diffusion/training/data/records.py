@@ -31,7 +31,6 @@ import logging
 import os
 import stat
 import unicodedata
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -392,11 +391,12 @@ def hub_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | Non
     """
     require("train", f"--dataset {repo_id}", ("huggingface_hub",))
     from huggingface_hub import snapshot_download
+
+    from dora_diffusion.hub import quiet_hub_deprecations
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        with warnings.catch_warnings():  # huggingface_hub warns about an argument of its own (local_dir_use_symlinks)
-            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        with quiet_hub_deprecations():
             return snapshot_download(repo_id, repo_type="dataset", revision=revision, cache_dir=cache_dir)
     except RevisionNotFoundError:
         raise DatasetError(f"--dataset_revision {revision}: the Hub dataset {repo_id} has no such branch, tag or commit") from None

@@ -261,11 +261,16 @@ def check_resume(checkpoint: Path, state, settings: dict, fingerprint: dict, all
         )
 
 
+PAIR_FILE = "pair.json"
+"""In a pair's folder (``--adapter dora,lora``, ``training/pair.py``): the halves that finished, each with the settings
+it finished with."""
+
+
 def refuse_pair_folder(output_dir: Path) -> None:
     """Raise ``OutputDirError`` if ``output_dir`` holds a pair's halves (``--adapter dora,lora``): a single run there
     would write beside them (or, with ``--overwrite_output_dir``, delete the pair's own files)."""
     halves = [kind for kind in PAIR if holds_run(output_dir / kind) or (output_dir / kind / SETTINGS_FILE).is_file()]
-    record = ["pair.json"] if (output_dir / "pair.json").is_file() else []
+    record = [PAIR_FILE] if (output_dir / PAIR_FILE).is_file() else []
     if halves or record:
         raise OutputDirError(
             f"--output_dir {output_dir} holds a DoRA/LoRA pair (--adapter dora,lora: "
