@@ -1,8 +1,8 @@
 """Sweep v2 (issue 33 item 3): DoRA against LoRA at ranks 1, 2, 4 and 8, and full fine-tuning (FT, the paper's
 reference), every run through the training script itself, on the toy world's three targets.
 
+    python benchmarks/bench_sweep.py --out bench-sweep --part attn,all,all_long,prior,ft,ft_low --workers 2  # all of it
     python benchmarks/bench_sweep.py --out bench-sweep --part attn --workers 2     # one part (resumable)
-    python benchmarks/bench_sweep.py --out bench-sweep --part all,prior,ft --workers 2
     python benchmarks/bench_sweep.py --out bench-sweep --report --markdown sweep.md --figure docs/img/sweep.png
 
 A run is one call of ``dora_diffusion.training.main`` (train_dreambooth_dora.py) on the shipped toy-world model with
@@ -17,11 +17,14 @@ shows, seeds 100-107, and 4 class prompts, seeds 200-203; 20 Euler steps, guidan
   ``prompt_fidelity`` prompt fidelity (object fidelity: the named shape and colour kept); ``preservation`` prior
   preservation (style preservation: the plain prompts stay plain) on the class prompts.
 
-Parts (each method x rank x target x seed; ``--seeds`` defaults to 0-4):
+Parts (each method x rank x target x seed; seeds 0-4 unless ``PART_SEEDS`` or ``--seeds`` says otherwise; lowest
+seed first, so a sweep stopped early is balanced):
 
 - ``attn``: the demo's recipe (``--unet_targets attn``, AdamW 2e-3, 4 images a step, 150 steps), DoRA and LoRA at
-  ranks 1, 2, 4, 8, checkpoints every 50 steps (for the analysis of item 4);
+  ranks 1, 2, 4, 8, checkpoints every 50 steps (for the analysis of item 4); seeds 0-19;
 - ``all``: the same recipe on ``--unet_targets all`` (attention, feed-forward and every convolution);
+- ``all_long``: ``--unet_targets all`` at half the learning rate (1e-3) and 800 steps, the one recipe of bench_reach.py
+  that draws ``wide_ring_star``'s wide ring (run on that target only, ``PART_TARGETS``);
 - ``prior``: ``attn`` with ``--with_prior_preservation`` (12 class images from the base model, 20 steps each, weight 1),
   on ``dotted_heart`` ("a pink heart") and ``wide_ring_star`` ("a yellow star"); ``icon`` has no single class prompt;
 - ``ft``: ``--adapter full`` (the same weights trained themselves) on ``attn`` at lr 5e-4 (the best FT learning rate of
@@ -55,9 +58,10 @@ TARGETS = ("dotted_heart", "wide_ring_star", "icon")
 RANKS = (1, 2, 4, 8)
 ATTN = ("--unet_targets", "attn", "--learning_rate", "2e-3", "--max_train_steps", "150")
 ALL = ("--unet_targets", "all", "--learning_rate", "2e-3", "--max_train_steps", "150")
+ALL_LONG = ("--unet_targets", "all", "--learning_rate", "1e-3", "--max_train_steps", "800")
 PRIOR = ("--with_prior_preservation", "--num_class_images", "12", "--prior_generation_steps", "20")
 CHECKPOINTS = ("--checkpointing_steps", "50")
-PARTS: dict[str, tuple[str, ...]] = {"attn": ATTN + CHECKPOINTS, "all": ALL, "prior": ATTN + PRIOR}
+PARTS: dict[str, tuple[str, ...]] = {"attn": ATTN + CHECKPOINTS, "all": ALL, "all_long": ALL_LONG, "prior": ATTN + PRIOR}
 """Part -> flags on top of the demo's recipe (``demo.TRAIN_FLAGS``; a later flag wins)."""
 FT = {"attn": ("--unet_targets", "attn", "--learning_rate", "5e-4", "--max_train_steps", "150") + CHECKPOINTS,
       "all": ("--unet_targets", "all", "--learning_rate", "5e-4", "--max_train_steps", "150")}  # fmt: skip
@@ -66,28 +70,36 @@ FT_LOW = {"attn": ("--unet_targets", "attn", "--learning_rate", "1e-4", "--max_t
 """Part ``ft_low``: FT on ``attn`` at a fifth of the learning rate (for the analysis of item 4: does the sign of the
 ΔM-ΔD slope depend on how far a run moves the weights?)."""
 FT_PARTS = {"ft": FT, "ft_low": FT_LOW}
+PART_SEEDS = {"attn": tuple(range(20))}
+"""Seeds per part where 5 (0-4, the rest) leave the paired DoRA - LoRA interval on a learned target wider than
+±0.02 and runs are cheap enough to add more."""
+PART_TARGETS = {"all_long": ("wide_ring_star",)}
+"""Targets per part where not all three: ``all_long`` exists for the target the other recipes do not learn."""
 FIELDS = ("part", "targets", "target", "method", "rank", "seed", "fidelity", "prompt_fidelity", "preservation", "train_s")
 METRICS = ("fidelity", "prompt_fidelity", "preservation")
 
 
-def jobs(parts: list[str], seeds: list[int], targets: tuple[str, ...] = TARGETS) -> list[dict]:
-    """Every run the parts name: dicts with part, targets, target, method, rank, seed and the flags."""
+def jobs(parts: list[str], seeds: list[int] | None = None, targets: tuple[str, ...] | None = None) -> list[dict]:
+    """Every run the parts name: dicts with part, targets, target, method, rank, seed and the flags, lowest seed first
+    (a sweep stopped early holds every configuration at the same seeds). ``seeds`` / ``targets`` None: the part's own
+    (``PART_SEEDS``, ``PART_TARGETS``; else seeds 0-4 and the three targets)."""
     out = []
     for part in parts:
-        for target in targets:
+        for target in targets or PART_TARGETS.get(part, TARGETS):
+            seeds_here = seeds or PART_SEEDS.get(part, range(5))
             if part == "prior" and class_prompt(target) is None:
                 continue  # a style of many objects (icon) has no single class prompt
             if part in FT_PARTS:
-                for targets, flags in FT_PARTS[part].items():
-                    out += [dict(part=part, targets=targets, target=target, method="ft", rank=0, seed=s,
-                                 flags=("--adapter", "full", *flags)) for s in seeds]  # fmt: skip
+                for modules, flags in FT_PARTS[part].items():
+                    out += [dict(part=part, targets=modules, target=target, method="ft", rank=0, seed=s,
+                                 flags=("--adapter", "full", *flags)) for s in seeds_here]  # fmt: skip
                 continue
-            targets = "all" if part == "all" else "attn"
+            modules = "all" if part.startswith("all") else "attn"
             for rank in RANKS:
                 for method in ("dora", "lora"):
-                    out += [dict(part=part, targets=targets, target=target, method=method, rank=rank, seed=s,
-                                 flags=("--adapter", method, "--rank", str(rank), *PARTS[part])) for s in seeds]  # fmt: skip
-    return out
+                    out += [dict(part=part, targets=modules, target=target, method=method, rank=rank, seed=s,
+                                 flags=("--adapter", method, "--rank", str(rank), *PARTS[part])) for s in seeds_here]  # fmt: skip
+    return sorted(out, key=lambda j: j["seed"])
 
 
 def class_prompt(name: str) -> str | None:
@@ -177,7 +189,7 @@ def read_rows(path: Path) -> list[dict]:
                 for r in csv.DictReader(f)]  # fmt: skip
 
 
-def sweep(work: Path, parts: list[str], seeds: list[int], workers: int, threads: int, targets: tuple[str, ...] = TARGETS) -> None:
+def sweep(work: Path, parts: list[str], seeds: list[int] | None, workers: int, threads: int, targets: tuple[str, ...] | None = None) -> None:
     path = work / "runs.csv"
     done = {key(r) for r in read_rows(path)}
     todo = [j for j in jobs(parts, seeds, targets) if key(j) not in done]
@@ -257,7 +269,7 @@ def report(rows: list[dict]) -> str:
                 d = {m: differences(rows, m, **sel) for m in METRICS}
                 if not d["fidelity"]:
                     continue
-                label = "**all three**" if target is None else target
+                label = "**pooled**" if target is None else target
                 lines.append(f"| {part} | {'all' if rank is None else rank} | {label} | {len(d['fidelity'])} | "
                              + " | ".join(_signed(d[m]) for m in METRICS) + " |")  # fmt: skip
     lines += ["", "### Every configuration (mean ± sd over seeds)", "",
@@ -306,7 +318,9 @@ def figure(rows: list[dict], path: Path) -> Path:
                 ax.set_ylabel(f"DoRA − LoRA\n{titles[metric]}", fontsize=9)
             if i == 0 and j == 0:
                 ax.legend(fontsize=8, title="part", title_fontsize=8)
-    fig.suptitle("DoRA − LoRA, paired on target and seed (5 seeds), mean and 95% interval", fontsize=11)
+    pairs = sorted({len(differences(rows, "fidelity", part=p, target=t, rank=r)) for p in parts for t in TARGETS for r in RANKS} - {0})
+    fig.suptitle(f"DoRA − LoRA, paired on target and seed ({'-'.join(map(str, dict.fromkeys([pairs[0], pairs[-1]])))} "
+                 "seeds a point), mean and 95% interval", fontsize=11)  # fmt: skip
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -317,8 +331,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="Work folder; its runs.csv makes a stopped sweep resume.")
     ap.add_argument("--part", default="", help=f"Comma-separated parts to run: {', '.join([*PARTS, *FT_PARTS])}.")
-    ap.add_argument("--seeds", default="0,1,2,3,4")
-    ap.add_argument("--targets", default=",".join(TARGETS), help="Comma-separated targets (default: all three).")
+    ap.add_argument("--seeds", default="", help="Comma-separated seeds (default: the part's, 0-19 for attn, else 0-4).")
+    ap.add_argument("--targets", default="", help="Comma-separated targets (default: the part's, else all three).")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
     ap.add_argument("--threads", type=int, default=1, help="Torch threads per worker.")
     ap.add_argument("--report", action="store_true", help="Print the tables of every row in OUT/runs.csv.")
@@ -336,7 +350,8 @@ def main() -> None:
         targets = tuple(t for t in args.targets.split(",") if t)
         if set(targets) - set(TARGETS):
             ap.error(f"unknown target(s) {sorted(set(targets) - set(TARGETS))}; choose from {', '.join(TARGETS)}")
-        sweep(work, parts, [int(s) for s in args.seeds.split(",")], args.workers, args.threads, targets)
+        seeds = [int(s) for s in args.seeds.split(",") if s] or None
+        sweep(work, parts, seeds, args.workers, args.threads, targets or None)
         print(f"parts {','.join(parts)}: {time.perf_counter() - start:.0f} s wall, {args.workers} workers x {args.threads} thread(s)")
     if args.report or args.markdown or args.figure:
         rows = read_rows(work / "runs.csv")
