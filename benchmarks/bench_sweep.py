@@ -22,7 +22,8 @@ seed first, so a sweep stopped early is balanced):
 
 - ``attn``: the demo's recipe (``--unet_targets attn``, AdamW 2e-3, 4 images a step, 150 steps), DoRA and LoRA at
   ranks 1, 2, 4, 8, checkpoints every 50 steps (for the analysis of item 4); seeds 0-19;
-- ``all``: the same recipe on ``--unet_targets all`` (attention, feed-forward and every convolution);
+- ``all``: the same recipe on ``--unet_targets all`` (attention, feed-forward and every convolution); seeds 0-14 on
+  ``icon``, the target it learns;
 - ``all_long``: ``--unet_targets all`` at half the learning rate (1e-3) and 800 steps, the one recipe of bench_reach.py
   that draws ``wide_ring_star``'s wide ring (run on that target only, ``PART_TARGETS``);
 - ``prior``: ``attn`` with ``--with_prior_preservation`` (12 class images from the base model, 20 steps each, weight 1),
@@ -70,9 +71,9 @@ FT_LOW = {"attn": ("--unet_targets", "attn", "--learning_rate", "1e-4", "--max_t
 """Part ``ft_low``: FT on ``attn`` at a fifth of the learning rate (for the analysis of item 4: does the sign of the
 ΔM-ΔD slope depend on how far a run moves the weights?)."""
 FT_PARTS = {"ft": FT, "ft_low": FT_LOW}
-PART_SEEDS = {"attn": tuple(range(20))}
-"""Seeds per part where 5 (0-4, the rest) leave the paired DoRA - LoRA interval on a learned target wider than
-±0.02 and runs are cheap enough to add more."""
+PART_SEEDS = {"attn": tuple(range(20)), ("all", "icon"): tuple(range(15))}
+"""Seeds per part (or ``(part, target)``) where 5 (0-4, the rest) leave the paired DoRA - LoRA interval on a learned
+target wider than ±0.02 and runs are cheap enough to add more."""
 PART_TARGETS = {"all_long": ("wide_ring_star",)}
 """Targets per part where not all three: ``all_long`` exists for the target the other recipes do not learn."""
 FIELDS = ("part", "targets", "target", "method", "rank", "seed", "fidelity", "prompt_fidelity", "preservation", "train_s")
@@ -86,7 +87,7 @@ def jobs(parts: list[str], seeds: list[int] | None = None, targets: tuple[str, .
     out = []
     for part in parts:
         for target in targets or PART_TARGETS.get(part, TARGETS):
-            seeds_here = seeds or PART_SEEDS.get(part, range(5))
+            seeds_here = seeds or PART_SEEDS.get((part, target), PART_SEEDS.get(part, range(5)))
             if part == "prior" and class_prompt(target) is None:
                 continue  # a style of many objects (icon) has no single class prompt
             if part in FT_PARTS:
@@ -295,6 +296,8 @@ def figure(rows: list[dict], path: Path) -> Path:
     FigureCanvasAgg(fig)
     titles = {"fidelity": "fidelity", "prompt_fidelity": "prompt / object fidelity", "preservation": "preservation"}
     parts = [p for p in dict.fromkeys(r["part"] for r in rows) if p not in FT_PARTS]
+    colors = {p: f"C{k}" for k, p in enumerate(parts)}
+    handles = {}  # part -> a line of it, for one legend over every panel (a part may run on some targets only)
     for i, metric in enumerate(METRICS):
         for j, target in enumerate(TARGETS):
             ax = fig.add_subplot(len(METRICS), len(TARGETS), i * len(TARGETS) + j + 1)
@@ -308,7 +311,7 @@ def figure(rows: list[dict], path: Path) -> Path:
                         ys.append(mean)
                         hs.append(half)
                 if xs:
-                    ax.errorbar(xs, ys, yerr=hs, marker="o", capsize=3, label=part)
+                    handles[part] = ax.errorbar(xs, ys, yerr=hs, marker="o", capsize=3, color=colors[part], label=part)
             ax.set_xticks([math.log2(r) for r in RANKS], [str(r) for r in RANKS])
             if i == 0:
                 ax.set_title(target, fontsize=11)
@@ -316,12 +319,12 @@ def figure(rows: list[dict], path: Path) -> Path:
                 ax.set_xlabel("rank")
             if j == 0:
                 ax.set_ylabel(f"DoRA − LoRA\n{titles[metric]}", fontsize=9)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=8, title="part", title_fontsize=8)
-    pairs = sorted({len(differences(rows, "fidelity", part=p, target=t, rank=r)) for p in parts for t in TARGETS for r in RANKS} - {0})
+    pairs = sorted({len(differences(rows, "fidelity", part=p, target=t, rank=r)) for p in parts for t in TARGETS for r in RANKS} - {0, 1})
     fig.suptitle(f"DoRA − LoRA, paired on target and seed ({'-'.join(map(str, dict.fromkeys([pairs[0], pairs[-1]])))} "
                  "seeds a point), mean and 95% interval", fontsize=11)  # fmt: skip
-    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=9, title="part",
+               title_fontsize=9, frameon=False)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
@@ -331,7 +334,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="Work folder; its runs.csv makes a stopped sweep resume.")
     ap.add_argument("--part", default="", help=f"Comma-separated parts to run: {', '.join([*PARTS, *FT_PARTS])}.")
-    ap.add_argument("--seeds", default="", help="Comma-separated seeds (default: the part's, 0-19 for attn, else 0-4).")
+    ap.add_argument("--seeds", default="", help="Comma-separated seeds (default: the part's, PART_SEEDS, else 0-4).")
     ap.add_argument("--targets", default="", help="Comma-separated targets (default: the part's, else all three).")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
     ap.add_argument("--threads", type=int, default=1, help="Torch threads per worker.")
