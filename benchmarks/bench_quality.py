@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from common import t95
+
 FIELDS = ("subject", "method", "rank", "lr", "seed", "steps", "subject_fidelity", "prompt_fidelity",
           "prior_preservation", "train_s")  # fmt: skip
 METRICS = ("subject_fidelity", "prompt_fidelity", "prior_preservation")
@@ -171,13 +173,6 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 15: 2.13, 20: 2.09, 30: 2.04}
-
-
-def _t95(df: int) -> float:
-    return next((v for k, v in sorted(_T95.items()) if k >= df), 1.96)
-
-
 def paired(rows: list[dict], metric: str, steps: int, **where) -> tuple[float, float, int]:
     """Mean of DoRA - LoRA over runs paired on (subject, rank, lr, seed), and its 95% half-interval."""
     by = {}
@@ -187,7 +182,7 @@ def paired(rows: list[dict], metric: str, steps: int, **where) -> tuple[float, f
     diffs = [by[k[:4] + ("dora",)] - v for k, v in by.items() if k[4] == "lora" and k[:4] + ("dora",) in by]
     if len(diffs) < 2:
         return float("nan"), float("nan"), len(diffs)
-    half = _t95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    half = t95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return statistics.mean(diffs), half, len(diffs)
 
 

@@ -55,6 +55,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import mean_interval  # noqa: E402
+
 TARGETS = ("dotted_heart", "wide_ring_star", "icon")
 RANKS = (1, 2, 4, 8)
 ATTN = ("--unet_targets", "attn", "--learning_rate", "2e-3", "--max_train_steps", "150")
@@ -227,18 +229,9 @@ def sweep(work: Path, parts: list[str], seeds: list[int] | None, workers: int, t
                 write(fut.result(), count)
 
 
-def _t95(df: int) -> float:
-    table = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
-             14: 2.14, 16: 2.12, 20: 2.09, 25: 2.06, 30: 2.04, 40: 2.02, 60: 2.00}  # fmt: skip
-    return next((v for k, v in sorted(table.items()) if k >= df), 1.96)
-
-
 def interval(values: list[float]) -> tuple[float, float, int]:
-    """Mean and 95% t half-interval."""
-    n = len(values)
-    if n < 2:
-        return (values[0] if values else math.nan), math.nan, n
-    return statistics.mean(values), _t95(n - 1) * statistics.stdev(values) / math.sqrt(n), n
+    """Mean and 95% t half-interval (``common.mean_interval``)."""
+    return mean_interval(values)
 
 
 def differences(rows: list[dict], metric: str, **where) -> list[float]:

@@ -1,4 +1,4 @@
-"""Measurement helpers shared by the benchmark scripts: interleaved timing and peak resident memory."""
+"""Measurement helpers shared by the benchmark scripts: interleaved timing, peak resident memory, t intervals."""
 
 from __future__ import annotations
 
@@ -102,6 +102,27 @@ class PairedRatio:
             f"{self.median:.3f} [{self.low:.3f}, {self.high:.3f}] wall, {self.cpu_median:.3f} "
             f"[{self.cpu_low:.3f}, {self.cpu_high:.3f}] CPU, {self.pairs} pairs{'' if self.holds else '  (interval > +-3%: does not count)'}"
         )
+
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
+        21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042,
+        40: 2.021, 60: 2.000, 120: 1.980}  # fmt: skip
+"""Student's t 0.975 quantile by degrees of freedom."""
+
+
+def t95(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom; between two tabulated ``df`` the smaller one's
+    (the wider interval)."""
+    return T975[max(k for k in T975 if k <= df)] if df >= 1 else math.nan
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, int]:
+    """Mean, 95% t half-interval and count (half-interval nan below 2 values)."""
+    n = len(values)
+    if n < 2:
+        return (values[0] if values else math.nan), math.nan, n
+    return statistics.mean(values), t95(n - 1) * statistics.stdev(values) / math.sqrt(n), n
 
 
 def median_interval(values: list[float], z: float = 1.96) -> tuple[float, float, float]:
