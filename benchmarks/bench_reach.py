@@ -177,26 +177,22 @@ def run_folder(work: Path, target: str, config: str, seed: int) -> Path:
     return work / "images" / f"{target}-{config.replace(' ', '_').replace('+', 'p')}-{seed}"
 
 
-def picture_grid(work: Path, targets: list[str], configs: list[str], path: Path) -> Path:
-    """Per target: its instance images, then one row per configuration (seed 0): 8 trigger and 4 class images."""
-    from PIL import Image, ImageDraw
-
+def training_row(name: str) -> tuple[str, list]:
+    """A grid row of target ``name``'s training (instance) images."""
     from dora_diffusion.toyworld import instance_scenes, render
     from dora_diffusion.toyworld.styles import Style, render_look, style_instances
 
+    target = target_of(name)
+    if isinstance(target, Style):
+        return f"{name}\ntraining images", [render_look(s, target.look) for s in style_instances(target)]
+    return f"{name}\ntraining images", [render(s) for s in instance_scenes(target, 6)]
+
+
+def draw_rows(rows: list[tuple[str, list]], path: Path) -> Path:
+    """One row per (label, images): 8 trigger images, a gap, 4 class images (or a target's instance images)."""
+    from PIL import Image, ImageDraw
+
     cell, label = 64, 150
-    rows: list[tuple[str, list]] = []
-    for name in targets:
-        target = target_of(name)
-        if isinstance(target, Style):
-            instances = [render_look(s, target.look) for s in style_instances(target)]
-        else:
-            instances = [render(s) for s in instance_scenes(target, 6)]
-        rows.append((f"{name}\ntraining images", instances))
-        for config in configs:
-            folder = run_folder(work, name, config, 0)
-            if folder.is_dir():
-                rows.append((f"{name}\n{config}", [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]))
     grid = Image.new("RGB", (label + 12 * cell + 8, len(rows) * cell), "white")
     draw = ImageDraw.Draw(grid)
     for i, (text, images) in enumerate(rows):
@@ -206,6 +202,20 @@ def picture_grid(work: Path, targets: list[str], configs: list[str], path: Path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
+
+
+def picture_grid(work: Path, targets: list[str], configs: list[str], path: Path) -> Path:
+    """Per target: its instance images, then one row per configuration (seed 0): 8 trigger and 4 class images."""
+    from PIL import Image
+
+    rows: list[tuple[str, list]] = []
+    for name in targets:
+        rows.append(training_row(name))
+        for config in configs:
+            folder = run_folder(work, name, config, 0)
+            if folder.is_dir():
+                rows.append((f"{name}\n{config}", [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]))
+    return draw_rows(rows, path)
 
 
 def vae_ceiling(subject_name: str) -> str:

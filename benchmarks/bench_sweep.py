@@ -323,6 +323,28 @@ def figure(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def run_grid(work: Path, runs: list[str], path: Path) -> Path:
+    """A picture of finished runs (names as in ``OUT/runs``, one target): the target's training images, the base
+    model, then one row per run with its fidelity; 8 trigger prompts, a gap, 4 class prompts, the scorer's seeds."""
+    from bench_reach import draw_rows, evaluate, target_of, training_row
+    from PIL import Image
+
+    names = {run.split("-")[2] for run in runs}
+    if len(names) != 1:
+        raise SystemExit(f"--grid_runs must be runs of one target, got {sorted(names)}")
+    target = names.pop()
+    rows = [training_row(target)]
+    for run in ["base", *runs]:
+        folder = None if run == "base" else work / "runs" / run
+        if folder is not None and not (folder / "pytorch_lora_weights.safetensors").is_file():
+            raise SystemExit(f"{folder} holds no finished run")
+        images = work / "grid" / run
+        figures = evaluate(target_of(target), folder, images)
+        label = "base model" if run == "base" else run.replace(f"-{target}-", "\n", 1)
+        rows.append((f"{label}\nfidelity {figures['fidelity']:.2f}", [Image.open(images / f"{k:02d}.png") for k in range(12)]))
+    return draw_rows(rows, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="Work folder; its runs.csv makes a stopped sweep resume.")
@@ -334,6 +356,8 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="Print the tables of every row in OUT/runs.csv.")
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--figure", default=None)
+    ap.add_argument("--grid", default=None, help="Write a picture of --grid_runs (and the base model) here.")
+    ap.add_argument("--grid_runs", default="", help="Comma-separated run names (folders in OUT/runs) of one target.")
     args = ap.parse_args()
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -357,6 +381,11 @@ def main() -> None:
             Path(args.markdown).write_text(text + "\n")
         if args.figure:
             print(f"wrote {figure(rows, Path(args.figure))}")
+    if args.grid:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(f"wrote {run_grid(work, [r for r in args.grid_runs.split(',') if r], Path(args.grid))}")
 
 
 if __name__ == "__main__":
