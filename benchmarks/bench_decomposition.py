@@ -149,7 +149,9 @@ def main() -> None:
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--figure", default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seeds", default="0,1,2,3,4", help="Seeds of the runs to fit (the sweep's FT parts have 0-4).")
     args = ap.parse_args()
+    seeds = {int(s) for s in args.seeds.split(",") if s}
     import torch
 
     torch.set_num_threads(args.threads)
@@ -163,7 +165,7 @@ def main() -> None:
                     for r in csv.DictReader(f)]  # fmt: skip
     done = {r["run"] for r in rows}
     runs = [p for p in sorted((sweep / "runs").iterdir()) if RUN.match(p.name) and p.name not in done
-            and (p / "pytorch_lora_weights.safetensors").is_file()]  # fmt: skip
+            and int(RUN.match(p.name)["seed"]) in seeds and (p / "pytorch_lora_weights.safetensors").is_file()]  # fmt: skip
     new = measure(runs)
     if new:
         fresh = not cache.is_file()
@@ -173,6 +175,7 @@ def main() -> None:
                 w.writeheader()
             w.writerows(new)
         rows += new
+    rows = [r for r in rows if r["seed"] in seeds]
     text = table(fits(rows))
     print(text)
     if args.markdown:
