@@ -114,7 +114,7 @@ def train(subject, seed: int, work: Path, fp8: bool, steps: int) -> Path:
         make_subject_dataset(data, subject, n=6)
     out = work / f"{subject.name}-{'fp8' if fp8 else 'full'}-{seed}"
     argv = ["--pretrained_model_name_or_path", str(PIPELINE_DIR), "--dataset", str(data), "--output_dir", str(out),
-            "--overwrite_output_dir", "--max_train_steps", str(steps), *TRAIN_FLAGS, "--seed", str(seed),
+            "--overwrite_output_dir", "--max_train_steps", str(steps), *TRAIN_FLAGS, "--rank", "4", "--seed", str(seed),
             *(["--fp8_base"] if fp8 else [])]  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):
         main(argv)

@@ -6,8 +6,8 @@ layers can draw a detail of a given size.
     python benchmarks/bench_reach.py --out bench-reach --target icon --configs "attn r4 150" --seeds 0,1,2
 
 Every target x configuration x seed is one run of ``dora_diffusion.training.main`` (train_dreambooth_dora.py) on the
-shipped toy-world model: the demo's recipe (DoRA rank 4, AdamW 2e-3, 4 images per step, cached latents, ``attn``)
-with the configuration's flags on top, on the target's 6 instance images. The adapter folder is loaded with
+shipped toy-world model: the demo's recipe (DoRA, AdamW 2e-3, 4 images per step, cached latents, ``attn``) with
+the configuration's flags on top (each names its rank), on the target's 6 instance images. The adapter folder is loaded with
 ``load_dora_weights`` and scored by ``toyworld.score`` on 8 trigger prompts the instances never show (seeds 100-107)
 and 4 class prompts (seeds 200-203), 20 Euler steps, guidance 4:
 
@@ -38,12 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CONFIGS: dict[str, list[str]] = {
-    "attn r4 100": ["--max_train_steps", "100"],
-    "attn r4 200": ["--max_train_steps", "200"],
-    "attn r4 300": ["--max_train_steps", "300"],
-    "attn r4 150": ["--max_train_steps", "150"],  # the demo's recipe
-    "all r4 50": ["--unet_targets", "all", "--max_train_steps", "50"],
-    "all r4 100": ["--unet_targets", "all", "--max_train_steps", "100"],  # the style test's recipe
+    "attn r4 100": ["--rank", "4", "--max_train_steps", "100"],
+    "attn r4 200": ["--rank", "4", "--max_train_steps", "200"],
+    "attn r4 300": ["--rank", "4", "--max_train_steps", "300"],
+    "attn r4 150": ["--rank", "4", "--max_train_steps", "150"],  # the demo's recipe
+    "all r4 50": ["--unet_targets", "all", "--rank", "4", "--max_train_steps", "50"],
+    "all r4 100": ["--unet_targets", "all", "--rank", "4", "--max_train_steps", "100"],  # the style test's recipe
     "attn r8 400": ["--rank", "8", "--max_train_steps", "400"],
     "attn_ff r8 400": ["--unet_targets", "attn_ff", "--rank", "8", "--max_train_steps", "400"],
     "all r8 400": ["--unet_targets", "all", "--rank", "8", "--learning_rate", "1e-3", "--max_train_steps", "400"],

@@ -21,7 +21,7 @@ DIR --target icon --configs "base,all r4 100" --seeds 0,1,2`: base 0.0005, train
 so half the smallest rise. On the attention targets alone 100 steps give only 0.05-0.06, and `all` at 50 steps
 0.02-0.05 (docs/quality.md, "The style subject"): 100 steps of `all` is the cheapest recipe measured that learns it."""
 STYLE_STEPS = 100
-STYLE_FLAGS = ("--unet_targets", "all")
+STYLE_FLAGS = ("--unet_targets", "all", "--rank", "4")
 
 
 @pytest.fixture(scope="module")
