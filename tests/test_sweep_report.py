@@ -1,0 +1,64 @@
+"""docs/quality.md's sweep v2 figures are ``benchmarks/bench_sweep.py --report`` on the runs the sweep wrote
+(``benchmarks/data/sweep_v2/runs.csv``), and those runs are exactly the ones the sweep's one command names."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_sweep  # noqa: E402
+from common import t95  # noqa: E402
+
+RUNS = REPO / "benchmarks" / "data" / "sweep_v2" / "runs.csv"
+ALL_PARTS = ["attn", "all", "all_long", "prior", "ft", "ft_low"]
+
+
+def _t_cdf(x: float, df: int, steps: int = 20000) -> float:
+    """P(T <= x) for Student's t, by Simpson's rule on its density (independent of the table)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    f = lambda t: c * (1 + t * t / df) ** (-(df + 1) / 2)  # noqa: E731
+    h = x / steps
+    area = f(0) + f(x) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, steps))
+    return 0.5 + area * h / 3
+
+
+@pytest.mark.parametrize("df", [1, 2, 4, 9, 14, 19, 29, 30, 40, 60])
+def test_t95_is_the_975_quantile(df):
+    assert _t_cdf(t95(df), df) == pytest.approx(0.975, abs=2e-4)
+
+
+def test_t95_between_tabulated_degrees_is_the_wider_interval():
+    assert t95(35) == t95(30) > t95(40)
+    assert _t_cdf(t95(35), 35) > 0.975
+    assert math.isnan(t95(0))
+
+
+def test_differences_pair_dora_with_lora_of_the_same_run():
+    rows = [dict(part="attn", targets="attn", target="dotted_heart", method=m, rank=4, seed=s, fidelity=f,
+                 prompt_fidelity=0.0, preservation=0.0, train_s=1.0)
+            for m, s, f in [("dora", 0, 0.9), ("lora", 0, 0.7), ("dora", 1, 0.8), ("lora", 1, 0.75), ("dora", 2, 0.5)]]  # fmt: skip
+    d = bench_sweep.differences(rows, "fidelity", rank=4)
+    assert sorted(round(v, 6) for v in d) == [0.05, 0.2]  # seed 2 has no LoRA run: not paired
+    mean, half, n = bench_sweep.interval(d)
+    assert (round(mean, 6), n) == (0.125, 2)
+    assert half == pytest.approx(12.706 * 0.075)  # t(1) * sd 0.15/sqrt(2) / sqrt(2)
+
+
+def test_the_one_command_names_exactly_the_runs_reported():
+    rows = bench_sweep.read_rows(RUNS)
+    keys = [bench_sweep.key(r) for r in rows]
+    assert len(keys) == len(set(keys))
+    assert set(keys) == {bench_sweep.key(j) for j in bench_sweep.jobs(ALL_PARTS)}
+
+
+def test_docs_quality_holds_the_report_of_those_runs():
+    text = bench_sweep.report(bench_sweep.read_rows(RUNS))
+    docs = (REPO / "docs" / "quality.md").read_text()
+    assert text in docs
+    assert "python benchmarks/bench_sweep.py --out benchmarks/data/sweep_v2 --report" in docs
