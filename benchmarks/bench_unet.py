@@ -175,13 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights; bf16/fp16 also autocast")
     ap.add_argument("--latent", type=int, default=32, help="latent side (pixels / 8)")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--targets", choices=["attn", "attn_ff"], default="attn_ff")
+    ap.add_argument("--targets", choices=["attn", "attn_ff", "all"], default="attn_ff",
+                    help="all (every convolution too) times ours only: use it with --skip_peft")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--load_repeats", type=int, default=3)
     ap.add_argument("--skip_training", action="store_true")
     ap.add_argument("--skip_loading", action="store_true", help="skip the adapter-loading comparison")
     ap.add_argument("--skip_peft", action="store_true", help="time only ours (PEFT's fp32 phase needs ~20 GB on CPU)")
     args = ap.parse_args(argv)
+    if args.targets == "all" and not (args.skip_peft or args.skip_training):
+        ap.error("--targets all is timed for ours only (PEFT's target list here is attention and feed-forward): add --skip_peft")
     assert dora_diffusion  # the pipeline methods are installed on import
     print(machine_line())
     print(f"SDXL UNet (2.6 B params, random), {args.dtype} on {args.device}, latent {args.latent}x{args.latent}, "
