@@ -27,7 +27,8 @@ seed first, so a sweep stopped early is balanced):
 - ``all_long``: ``--unet_targets all`` at half the learning rate (1e-3) and 800 steps, the one recipe of bench_reach.py
   that draws ``wide_ring_star``'s wide ring (run on that target only, ``PART_TARGETS``);
 - ``prior``: ``attn`` with ``--with_prior_preservation`` (12 class images from the base model, 20 steps each, weight 1),
-  on ``dotted_heart`` ("a pink heart") and ``wide_ring_star`` ("a yellow star"); ``icon`` has no single class prompt;
+  on ``dotted_heart`` ("a pink heart", seeds 0-9) and ``wide_ring_star`` ("a yellow star"); ``icon`` has no single
+  class prompt;
 - ``ft``: ``--adapter full`` (the same weights trained themselves) on ``attn`` at lr 5e-4 (the best FT learning rate of
   bench_quality.py's sweep), 150 steps, on ``attn`` (checkpoints every 50 steps) and on ``all``;
 - ``ft_low``: FT on ``attn`` at lr 1e-4 (checkpoints every 50 steps), for bench_decomposition.py.
@@ -73,7 +74,7 @@ FT_LOW = {"attn": ("--unet_targets", "attn", "--learning_rate", "1e-4", "--max_t
 """Part ``ft_low``: FT on ``attn`` at a fifth of the learning rate (for the analysis of item 4: does the sign of the
 ΔM-ΔD slope depend on how far a run moves the weights?)."""
 FT_PARTS = {"ft": FT, "ft_low": FT_LOW}
-PART_SEEDS = {"attn": tuple(range(20)), ("all", "icon"): tuple(range(15))}
+PART_SEEDS = {"attn": tuple(range(20)), ("all", "icon"): tuple(range(15)), ("prior", "dotted_heart"): tuple(range(10))}
 """Seeds per part (or ``(part, target)``) where 5 (0-4, the rest) leave the paired DoRA - LoRA interval on a learned
 target wider than ±0.02 and runs are cheap enough to add more."""
 PART_TARGETS = {"all_long": ("wide_ring_star",)}
