@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_sweep import interval  # noqa: E402
+from common import mean_interval  # noqa: E402
 
 RUN = re.compile(r"^(?P<part>attn|ft|ft_low)-attn-(?P<target>[a-z_]+)-(?P<method>dora|lora|ft)-r(?P<rank>\d+)-s(?P<seed>\d+)$")
 FIELDS = ("run", "method", "rank", "target", "seed", "step", "module", "delta_M", "delta_D", "m0")
@@ -104,8 +104,8 @@ def table(result: dict[str, dict[str, list[tuple[float, float]]]]) -> str:
             vals = [v for v in result.get(method, {}).get(way, []) if not math.isnan(v[0])]
             if not vals:
                 continue
-            r, rh, n = interval([v[0] for v in vals])
-            s, sh, _ = interval([v[1] for v in vals])
+            r, rh, n = mean_interval([v[0] for v in vals])
+            s, sh, _ = mean_interval([v[1] for v in vals])
             neg = sum(v[1] < 0 for v in vals)
             rtxt = f"{r:+.2f} ± {rh:.2f}" if n > 1 else f"{r:+.2f}"
             stxt = f"{s:+.3g} ± {sh:.2g}" if n > 1 else f"{s:+.3g}"

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import csv
 import io
-import math
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_quality import eval_prompts  # noqa: E402
-from common import t95  # noqa: E402
+from common import mean_interval  # noqa: E402
 
 VARIANTS = {
     "dora": [],
@@ -110,7 +109,7 @@ def paired(rows: list[dict], variant: str, metric: str) -> tuple[float, float, i
     diffs = [v - by[(s, seed, "dora")] for (s, seed, name), v in by.items() if name == variant and (s, seed, "dora") in by]
     if len(diffs) < 2:
         return float("nan"), float("nan"), len(diffs)
-    return statistics.mean(diffs), t95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs)), len(diffs)
+    return mean_interval(diffs)
 
 
 def report(rows: list[dict]) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import statistics
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from common import t95
+from common import mean_interval
 
 FIELDS = ("subject", "method", "rank", "lr", "seed", "steps", "subject_fidelity", "prompt_fidelity",
           "prior_preservation", "train_s")  # fmt: skip
@@ -182,8 +181,7 @@ def paired(rows: list[dict], metric: str, steps: int, **where) -> tuple[float, f
     diffs = [by[k[:4] + ("dora",)] - v for k, v in by.items() if k[4] == "lora" and k[:4] + ("dora",) in by]
     if len(diffs) < 2:
         return float("nan"), float("nan"), len(diffs)
-    half = t95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return statistics.mean(diffs), half, len(diffs)
+    return mean_interval(diffs)
 
 
 def combined(r: dict) -> float:

@@ -230,11 +230,6 @@ def sweep(work: Path, parts: list[str], seeds: list[int] | None, workers: int, t
                 write(fut.result(), count)
 
 
-def interval(values: list[float]) -> tuple[float, float, int]:
-    """Mean and 95% t half-interval (``common.mean_interval``)."""
-    return mean_interval(values)
-
-
 def differences(rows: list[dict], metric: str, **where) -> list[float]:
     """DoRA - LoRA of ``metric`` over runs paired on (part, targets, target, rank, seed) that match ``where``."""
     by = {key(r): r[metric] for r in rows if all(r[k] == v for k, v in where.items())}
@@ -248,7 +243,7 @@ def _cell(values: list[float]) -> str:
 
 
 def _signed(values: list[float]) -> str:
-    mean, half, n = interval(values)
+    mean, half, n = mean_interval(values)
     return "-" if n < 2 else f"{mean:+.3f} ± {half:.3f}"
 
 
@@ -299,7 +294,7 @@ def figure(rows: list[dict], path: Path) -> Path:
             for k, part in enumerate(parts):
                 xs, ys, hs = [], [], []
                 for rank in RANKS:
-                    mean, half, n = interval(differences(rows, metric, part=part, target=target, rank=rank))
+                    mean, half, n = mean_interval(differences(rows, metric, part=part, target=target, rank=rank))
                     if n >= 2:
                         xs.append(math.log2(rank) + (k - (len(parts) - 1) / 2) * 0.1)
                         ys.append(mean)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import math
 import statistics
@@ -19,12 +18,9 @@ def pin_malloc() -> None:
     For memory measurements only, in a fresh process: it makes every large allocation a fresh mmap (page
     faults on each step), which would distort timings.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 131072)  # M_TRIM_THRESHOLD
-    except OSError:
-        pass
+    from dora_diffusion.tools.weights import return_freed_memory
+
+    return_freed_memory(mmap_threshold=65536)
 
 
 def _status(field: str) -> int:

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_sweep  # noqa: E402
-from common import t95  # noqa: E402
+from common import mean_interval, t95  # noqa: E402
 
 RUNS = REPO / "benchmarks" / "data" / "sweep_v2" / "runs.csv"
 ALL_PARTS = ["attn", "all", "all_long", "prior", "ft", "ft_low"]
@@ -45,7 +45,7 @@ def test_differences_pair_dora_with_lora_of_the_same_run():
             for m, s, f in [("dora", 0, 0.9), ("lora", 0, 0.7), ("dora", 1, 0.8), ("lora", 1, 0.75), ("dora", 2, 0.5)]]  # fmt: skip
     d = bench_sweep.differences(rows, "fidelity", rank=4)
     assert sorted(round(v, 6) for v in d) == [0.05, 0.2]  # seed 2 has no LoRA run: not paired
-    mean, half, n = bench_sweep.interval(d)
+    mean, half, n = mean_interval(d)
     assert (round(mean, 6), n) == (0.125, 2)
     assert half == pytest.approx(12.706 * 0.075)  # t(1) * sd 0.15/sqrt(2) / sqrt(2)
 

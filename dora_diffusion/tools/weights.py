@@ -97,9 +97,10 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-def return_freed_memory() -> bool:
-    """Make glibc hand every freed block of 128 KiB or more back to the system at once (``mallopt``: a fixed
-    ``M_MMAP_THRESHOLD``, and ``M_TRIM_THRESHOLD``), for a process that reads a model one module at a time.
+def return_freed_memory(mmap_threshold: int = 128 * 1024) -> bool:
+    """Make glibc hand every freed block of ``mmap_threshold`` bytes or more back to the system at once (``mallopt``: a
+    fixed ``M_MMAP_THRESHOLD``, and a 128 KiB ``M_TRIM_THRESHOLD``), for a process that reads a model one module at a
+    time.
 
     By default glibc raises its mmap threshold each time a large block is freed, so the next ones (a module's fp32
     copies, SVD workspaces: up to 32 MiB) come from its heap, which fragments and never shrinks: extracting from a
@@ -110,7 +111,7 @@ def return_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    return bool(libc.mallopt(-3, 128 * 1024)) and bool(libc.mallopt(-1, 128 * 1024))  # M_MMAP_ / M_TRIM_THRESHOLD
+    return bool(libc.mallopt(-3, mmap_threshold)) and bool(libc.mallopt(-1, 128 * 1024))  # M_MMAP_ / M_TRIM_THRESHOLD
 
 
 class WeightFile:

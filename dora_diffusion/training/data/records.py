@@ -391,9 +391,9 @@ def hub_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | Non
     """
     require("train", f"--dataset {repo_id}", ("huggingface_hub",))
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     from dora_diffusion.hub import quiet_hub_deprecations
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         with quiet_hub_deprecations():
