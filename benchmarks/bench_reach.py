@@ -41,7 +41,7 @@ CONFIGS: dict[str, list[str]] = {
     "attn r4 100": ["--rank", "4", "--max_train_steps", "100"],
     "attn r4 200": ["--rank", "4", "--max_train_steps", "200"],
     "attn r4 300": ["--rank", "4", "--max_train_steps", "300"],
-    "attn r4 150": ["--rank", "4", "--max_train_steps", "150"],  # the demo's recipe
+    "attn r4 150": ["--rank", "4", "--max_train_steps", "150"],  # the demo's recipe at rank 4 (the demo trains rank 8)
     "all r4 50": ["--unet_targets", "all", "--rank", "4", "--max_train_steps", "50"],
     "all r4 100": ["--unet_targets", "all", "--rank", "4", "--max_train_steps", "100"],  # the style test's recipe
     "attn r8 400": ["--rank", "8", "--max_train_steps", "400"],

@@ -62,3 +62,24 @@ def test_docs_quality_holds_the_report_of_those_runs():
     docs = (REPO / "docs" / "quality.md").read_text()
     assert text in docs
     assert "python benchmarks/bench_sweep.py --out benchmarks/data/sweep_v2 --report" in docs
+
+
+def test_the_demo_quotes_the_sweep_at_its_own_rank():
+    """The demo's paragraph quotes DoRA - LoRA at its recipe: the sweep's ``attn`` rows on its subject at its rank."""
+    from dora_diffusion import demo
+
+    flags = list(demo.TRAIN_FLAGS)
+    rank = int(flags[flags.index("--rank") + 1])
+    d = bench_sweep.differences(bench_sweep.read_rows(RUNS), "fidelity", part="attn", target=demo.SUBJECT.name, rank=rank)
+    assert len(d) == 20
+    mean, half, _ = mean_interval(d)
+    assert demo.SWEEP_GAP == f"{mean:+.3f} ± {half:.3f}"
+    assert f"over {len(d)} training seeds" in demo.explain_scores(_demo_scores())
+
+
+def _demo_scores():
+    from dora_diffusion.compare.plan import Column
+    from dora_diffusion.compare.scores import ColumnScore
+
+    values = {"subject fidelity": 0.5, "prompt fidelity": 0.5}
+    return [ColumnScore(Column(name, None if name is None else 1.0), 4, values) for name in (None, "dora", "lora")]
