@@ -22,13 +22,14 @@ seed first, so a sweep stopped early is balanced):
 
 - ``attn``: the demo's recipe (``--unet_targets attn``, AdamW 2e-3, 4 images a step, 150 steps), DoRA and LoRA at
   ranks 1, 2, 4, 8, checkpoints every 50 steps (for the analysis of item 4); seeds 0-19;
-- ``all``: the same recipe on ``--unet_targets all`` (attention, feed-forward and every convolution); seeds 0-14 on
-  ``icon``, the target it learns;
+- ``all``: the same recipe on ``--unet_targets all`` (attention, feed-forward and every convolution); on ``icon``, the
+  target it learns, seeds 0-59 at rank 1, 0-39 at rank 2 and 0-14 at ranks 4 and 8;
 - ``all_long``: ``--unet_targets all`` at half the learning rate (1e-3) and 800 steps, the one recipe of bench_reach.py
-  that draws ``wide_ring_star``'s wide ring (run on that target only, ``PART_TARGETS``);
+  that draws ``wide_ring_star``'s wide ring (run on that target only, ``PART_TARGETS``); seeds 0-14 at ranks 1 and 2,
+  0-9 at ranks 4 and 8;
 - ``prior``: ``attn`` with ``--with_prior_preservation`` (12 class images from the base model, 20 steps each, weight 1),
-  on ``dotted_heart`` ("a pink heart", seeds 0-9) and ``wide_ring_star`` ("a yellow star"); ``icon`` has no single
-  class prompt;
+  on ``dotted_heart`` ("a pink heart"; seeds 0-39 at rank 1, 0-9 at rank 2 and 4, 0-24 at rank 8) and
+  ``wide_ring_star`` ("a yellow star"); ``icon`` has no single class prompt;
 - ``ft``: ``--adapter full`` (the same weights trained themselves) on ``attn`` at lr 5e-4 (the best FT learning rate of
   bench_quality.py's sweep), 150 steps, on ``attn`` (checkpoints every 50 steps) and on ``all``;
 - ``ft_low``: FT on ``attn`` at lr 1e-4 (checkpoints every 50 steps), for bench_decomposition.py.
@@ -74,9 +75,14 @@ FT_LOW = {"attn": ("--unet_targets", "attn", "--learning_rate", "1e-4", "--max_t
 """Part ``ft_low``: FT on ``attn`` at a fifth of the learning rate (for the analysis of item 4: does the sign of the
 ΔM-ΔD slope depend on how far a run moves the weights?)."""
 FT_PARTS = {"ft": FT, "ft_low": FT_LOW}
-PART_SEEDS = {"attn": tuple(range(20)), ("all", "icon"): tuple(range(15)), ("prior", "dotted_heart"): tuple(range(10))}
-"""Seeds per part (or ``(part, target)``) where 5 (0-4, the rest) leave the paired DoRA - LoRA interval on a learned
-target wider than ±0.02 and runs are cheap enough to add more."""
+PART_SEEDS = {"attn": tuple(range(20)), ("all", "icon"): tuple(range(15)), ("prior", "dotted_heart"): tuple(range(10)),
+              ("all", "icon", 1): tuple(range(60)), ("all", "icon", 2): tuple(range(40)),
+              ("prior", "dotted_heart", 1): tuple(range(40)), ("prior", "dotted_heart", 8): tuple(range(25)),
+              ("all_long", "wide_ring_star"): tuple(range(10)),
+              ("all_long", "wide_ring_star", 1): tuple(range(15)), ("all_long", "wide_ring_star", 2): tuple(range(15))}  # fmt: skip
+"""Seeds per part, ``(part, target)`` or ``(part, target, rank)`` (the most specific wins) where 5 (0-4, the rest)
+leave the paired DoRA - LoRA interval on a learned target wider than ±0.02 and runs are cheap enough to add more:
+the rank-specific entries are the configurations whose spread over seeds is widest."""
 PART_TARGETS = {"all_long": ("wide_ring_star",)}
 """Targets per part where not all three: ``all_long`` exists for the target the other recipes do not learn."""
 FIELDS = ("part", "targets", "target", "method", "rank", "seed", "fidelity", "prompt_fidelity", "preservation", "train_s")
@@ -100,9 +106,10 @@ def jobs(parts: list[str], seeds: list[int] | None = None, targets: tuple[str, .
                 continue
             modules = "all" if part.startswith("all") else "attn"
             for rank in RANKS:
+                seeds_rank = seeds or PART_SEEDS.get((part, target, rank), seeds_here)
                 for method in ("dora", "lora"):
                     out += [dict(part=part, targets=modules, target=target, method=method, rank=rank, seed=s,
-                                 flags=("--adapter", method, "--rank", str(rank), *PARTS[part])) for s in seeds_here]  # fmt: skip
+                                 flags=("--adapter", method, "--rank", str(rank), *PARTS[part])) for s in seeds_rank]  # fmt: skip
     return sorted(out, key=lambda j: j["seed"])
 
 
