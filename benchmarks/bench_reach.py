@@ -105,29 +105,40 @@ def train(target, config: str, seed: int, work: Path) -> Path:
     return out
 
 
-def evaluate(target, adapter: Path | None, save_to: Path | None = None) -> dict[str, float]:
-    """Fidelity, prompt (object) fidelity and preservation of ``adapter`` (``None``: the base model); the 12 images
-    are saved in ``save_to`` (8 trigger prompts, then 4 class prompts)."""
+def eval_batch(target, repeats: int = 1) -> tuple[list[str], list[str], list[int], list[int]]:
+    """The trigger prompts, class prompts and their seeds a target is scored on: every prompt of ``prompts_of`` drawn
+    ``repeats`` times, trigger seeds 100 to 100 + 8 * repeats - 1, class seeds 200 to 200 + 4 * repeats - 1. The draws
+    of ``repeats=1`` are the first of any larger count: more repeats read the same run more finely, not another test."""
+    if not 1 <= repeats <= 12:
+        raise ValueError(f"repeats must be 1 to 12 (trigger seeds must stay below the class seeds 200+), got {repeats}")
+    trigger, klass = prompts_of(target)
+    trigger, klass = trigger * repeats, klass * repeats
+    return trigger, klass, list(range(100, 100 + len(trigger))), list(range(200, 200 + len(klass)))
+
+
+def evaluate(target, adapter: Path | None, save_to: Path | None = None, repeats: int = 1) -> dict[str, float]:
+    """Fidelity, prompt (object) fidelity and preservation of ``adapter`` (``None``: the base model) on
+    ``eval_batch(target, repeats)``; the images are saved in ``save_to`` (the trigger prompts, then the class prompts)."""
     from dora_diffusion import toyworld
     from dora_diffusion.toyworld.finetune import sample
     from dora_diffusion.toyworld.styles import Style
 
+    trigger, klass, trigger_seeds, class_seeds = eval_batch(target, repeats)
     pipe = toyworld.load_pipeline()
     if adapter is not None:
         pipe.load_dora_weights(adapter)
-    trigger, klass = prompts_of(target)
-    images = sample(pipe, pipe.unet, trigger + klass, list(range(100, 108)) + list(range(200, 204)))
+    images = sample(pipe, pipe.unet, trigger + klass, trigger_seeds + class_seeds)
     if save_to is not None:
         save_to.mkdir(parents=True, exist_ok=True)
         for k, image in enumerate(images):
             image.save(save_to / f"{k:02d}.png")
     if isinstance(target, Style):
-        on_trigger = toyworld.score(images[:8], trigger, style=target)
-        on_class = toyworld.score(images[8:], klass, style=target)
+        on_trigger = toyworld.score(images[: len(trigger)], trigger, style=target)
+        on_class = toyworld.score(images[len(trigger) :], klass, style=target)
         return {"fidelity": on_trigger["style_fidelity"], "prompt_fidelity": on_trigger["object_fidelity"],
                 "preservation": on_class["style_preservation"]}  # fmt: skip
-    on_trigger = toyworld.score(images[:8], trigger, target)
-    on_class = toyworld.score(images[8:], klass, target)
+    on_trigger = toyworld.score(images[: len(trigger)], trigger, target)
+    on_class = toyworld.score(images[len(trigger) :], klass, target)
     return {"fidelity": on_trigger["subject_fidelity"], "prompt_fidelity": on_trigger["prompt_fidelity"],
             "preservation": on_class["prior_preservation"]}  # fmt: skip
 

@@ -25,8 +25,8 @@ seed first, so a sweep stopped early is balanced):
 - ``all``: the same recipe on ``--unet_targets all`` (attention, feed-forward and every convolution); on ``icon``, the
   target it learns, seeds 0-59 at rank 1, 0-39 at rank 2 and 0-14 at ranks 4 and 8;
 - ``all_long``: ``--unet_targets all`` at half the learning rate (1e-3) and 800 steps, the one recipe of bench_reach.py
-  that draws ``wide_ring_star``'s wide ring (run on that target only, ``PART_TARGETS``); seeds 0-14 at ranks 1 and 2,
-  0-9 at ranks 4 and 8;
+  that draws ``wide_ring_star``'s wide ring (run on that target only, ``PART_TARGETS``); seeds 0-24 at ranks 1 and 2,
+  0-14 at ranks 4 and 8; scored on every evaluation prompt 8 times (``PART_REPEATS``);
 - ``prior``: ``attn`` with ``--with_prior_preservation`` (12 class images from the base model, 20 steps each, weight 1),
   on ``dotted_heart`` ("a pink heart"; seeds 0-39 at rank 1, 0-9 at rank 2 and 4, 0-24 at rank 8) and
   ``wide_ring_star`` ("a yellow star"); ``icon`` has no single class prompt;
@@ -35,6 +35,8 @@ seed first, so a sweep stopped early is balanced):
 - ``ft_low``: FT on ``attn`` at lr 1e-4 (checkpoints every 50 steps), for bench_decomposition.py.
 
 Rows go to ``OUT/runs.csv`` as runs finish; a rerun skips the runs it holds, so a part can be stopped and resumed.
+``--rescore`` scores a part's finished runs again from their folders where ``PART_REPEATS`` now asks for more draws
+than their rows were read at (the ``repeats`` column), keeping their training times.
 ``--report`` reads every row there: per configuration the mean and sd over seeds, and DoRA - LoRA paired on (part,
 target, rank, seed) with a 95% t interval, per rank and pooled, written with ``--markdown``; ``--figure`` draws DoRA -
 LoRA against rank with those intervals, per metric and target.
@@ -79,13 +81,19 @@ PART_SEEDS = {"attn": tuple(range(20)), ("all", "icon"): tuple(range(15)), ("pri
               ("all", "icon", 1): tuple(range(60)), ("all", "icon", 2): tuple(range(40)),
               ("prior", "dotted_heart", 1): tuple(range(40)), ("prior", "dotted_heart", 8): tuple(range(25)),
               ("all_long", "wide_ring_star"): tuple(range(10)),
-              ("all_long", "wide_ring_star", 1): tuple(range(15)), ("all_long", "wide_ring_star", 2): tuple(range(15))}  # fmt: skip
+              ("all_long", "wide_ring_star", 1): tuple(range(25)), ("all_long", "wide_ring_star", 2): tuple(range(25)),
+              ("all_long", "wide_ring_star", 4): tuple(range(15)), ("all_long", "wide_ring_star", 8): tuple(range(15))}  # fmt: skip
 """Seeds per part, ``(part, target)`` or ``(part, target, rank)`` (the most specific wins) where 5 (0-4, the rest)
 leave the paired DoRA - LoRA interval on a learned target wider than ±0.02 and runs are cheap enough to add more:
 the rank-specific entries are the configurations whose spread over seeds is widest."""
+PART_REPEATS = {"all_long": 8}
+"""Draws of each evaluation prompt per part where not 1 (``bench_reach.evaluate``'s ``repeats``): ``all_long``'s
+fidelity read on 8 images moves by about ±0.1 between seed sets on one adapter (the wide ring is drawn on some seeds,
+not others), as much as the training seed moves it, so its runs are read on 64 trigger and 32 class images."""
 PART_TARGETS = {"all_long": ("wide_ring_star",)}
 """Targets per part where not all three: ``all_long`` exists for the target the other recipes do not learn."""
-FIELDS = ("part", "targets", "target", "method", "rank", "seed", "fidelity", "prompt_fidelity", "preservation", "train_s")
+FIELDS = ("part", "targets", "target", "method", "rank", "seed", "fidelity", "prompt_fidelity", "preservation", "train_s",
+          "repeats")  # fmt: skip
 METRICS = ("fidelity", "prompt_fidelity", "preservation")
 
 
@@ -188,21 +196,71 @@ def run_one(work: str, job: dict, threads: int) -> dict:
     start = time.perf_counter()
     folder = train(Path(work), job)
     train_s = time.perf_counter() - start
-    figures = evaluate(target_of(job["target"]), folder)
-    return {**{k: job[k] for k in FIELDS[:6]}, **figures, "train_s": round(train_s, 1)}
+    figures = evaluate(target_of(job["target"]), folder, repeats=PART_REPEATS.get(job["part"], 1))
+    return {**{k: job[k] for k in FIELDS[:6]}, **figures, "train_s": round(train_s, 1),
+            "repeats": PART_REPEATS.get(job["part"], 1)}  # fmt: skip
+
+
+def rescore_one(work: str, row: dict, threads: int) -> dict:
+    """``row`` scored again from its run folder at its part's ``PART_REPEATS`` (its training time kept)."""
+    import torch
+
+    from bench_reach import evaluate, target_of
+
+    torch.set_num_threads(threads)
+    folder = Path(work) / "runs" / run_name(row)
+    if not (folder / "pytorch_lora_weights.safetensors").is_file():
+        raise FileNotFoundError(f"{folder} holds no adapter: train the run again (delete its row) to score it")
+    repeats = PART_REPEATS.get(row["part"], 1)
+    return {**row, **evaluate(target_of(row["target"]), folder, repeats=repeats), "repeats": repeats}
 
 
 def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [{**r, "rank": int(r["rank"]), "seed": int(r["seed"]), **{k: float(r[k]) for k in (*METRICS, "train_s")}}
-                for r in csv.DictReader(f)]  # fmt: skip
+        return [{**r, "rank": int(r["rank"]), "seed": int(r["seed"]), **{k: float(r[k]) for k in (*METRICS, "train_s")},
+                 "repeats": int(r.get("repeats") or 1)} for r in csv.DictReader(f)]  # fmt: skip
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Every row to ``path`` at once (a temporary file, then a rename: a stopped rewrite loses no row)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in FIELDS} for r in rows)
+    os.replace(tmp, path)
+
+
+def stale(rows: list[dict]) -> list[int]:
+    """Indices of the rows read at another number of draws than their part's ``PART_REPEATS``."""
+    return [k for k, r in enumerate(rows) if r["repeats"] != PART_REPEATS.get(r["part"], 1)]
+
+
+def rescore(work: Path, parts: list[str], workers: int, threads: int) -> None:
+    """Score again the rows of ``parts`` read at fewer draws than ``PART_REPEATS`` now asks (resumable: the file is
+    rewritten after each run)."""
+    path = work / "runs.csv"
+    rows = read_rows(path)
+    todo = [k for k in stale(rows) if rows[k]["part"] in parts]
+    print(f"{len(todo)} runs to score again in {path}", flush=True)
+    start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [(k, pool.submit(rescore_one, str(work), rows[k], threads)) for k in todo]
+        for n, (k, fut) in enumerate(futures, 1):
+            old, rows[k] = rows[k], fut.result()
+            write_rows(path, rows)
+            print(f"[{n}/{len(todo)} {time.perf_counter() - start:.0f} s] {run_name(old)}: fidelity {old['fidelity']:.2f} "
+                  f"-> {rows[k]['fidelity']:.2f} ({rows[k]['repeats']} draws)", flush=True)  # fmt: skip
 
 
 def sweep(work: Path, parts: list[str], seeds: list[int] | None, workers: int, threads: int, targets: tuple[str, ...] | None = None) -> None:
     path = work / "runs.csv"
-    done = {key(r) for r in read_rows(path)}
+    held = read_rows(path)
+    if held and open(path).readline().strip().split(",") != list(FIELDS):
+        write_rows(path, held)  # a file from before a column was added: its header and rows in today's columns
+    done = {key(r) for r in held}
     todo = [j for j in jobs(parts, seeds, targets) if key(j) not in done]
     print(f"{len(todo)} runs to do ({len(done)} in {path})", flush=True)
     for job in todo:
@@ -356,6 +414,7 @@ def main() -> None:
     ap.add_argument("--targets", default="", help="Comma-separated targets (default: the part's, else all three).")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
     ap.add_argument("--threads", type=int, default=1, help="Torch threads per worker.")
+    ap.add_argument("--rescore", action="store_true", help="Score --part's runs again where PART_REPEATS asks for more draws.")
     ap.add_argument("--report", action="store_true", help="Print the tables of every row in OUT/runs.csv.")
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--figure", default=None)
@@ -368,13 +427,18 @@ def main() -> None:
     unknown = [p for p in parts if p not in (*PARTS, *FT_PARTS)]
     if unknown:
         ap.error(f"unknown part(s) {unknown}; choose from {', '.join([*PARTS, *FT_PARTS])}")
+    if args.rescore and not parts:
+        ap.error("--rescore needs --part (the parts whose runs to score again)")
     if parts:
         start = time.perf_counter()
         targets = tuple(t for t in args.targets.split(",") if t)
         if set(targets) - set(TARGETS):
             ap.error(f"unknown target(s) {sorted(set(targets) - set(TARGETS))}; choose from {', '.join(TARGETS)}")
         seeds = [int(s) for s in args.seeds.split(",") if s] or None
-        sweep(work, parts, seeds, args.workers, args.threads, targets or None)
+        if args.rescore:
+            rescore(work, parts, args.workers, args.threads)
+        else:
+            sweep(work, parts, seeds, args.workers, args.threads, targets or None)
         print(f"parts {','.join(parts)}: {time.perf_counter() - start:.0f} s wall, {args.workers} workers x {args.threads} thread(s)")
     if args.report or args.markdown or args.figure:
         rows = read_rows(work / "runs.csv")

@@ -83,3 +83,39 @@ def _demo_scores():
 
     values = {"subject fidelity": 0.5, "prompt fidelity": 0.5}
     return [ColumnScore(Column(name, None if name is None else 1.0), 4, values) for name in (None, "dora", "lora")]
+
+
+def test_every_run_is_read_at_its_parts_draws():
+    """A part whose runs were scored again at more draws (``PART_REPEATS``) holds no row read at the old count."""
+    rows = bench_sweep.read_rows(RUNS)
+    assert bench_sweep.stale(rows) == []
+    assert {r["repeats"] for r in rows if r["part"] == "all_long"} == {8}
+    assert {r["repeats"] for r in rows if r["part"] != "all_long"} == {1}
+
+
+def test_more_draws_read_the_same_prompts_and_seeds_first():
+    import bench_reach
+
+    target = bench_reach.target_of("wide_ring_star")
+    trigger, klass, t_seeds, c_seeds = bench_reach.eval_batch(target)
+    assert (len(trigger), len(klass), t_seeds, c_seeds) == (8, 4, list(range(100, 108)), list(range(200, 204)))
+    more = bench_reach.eval_batch(target, repeats=8)
+    assert (len(more[0]), len(more[1])) == (64, 32)
+    assert (more[0][:8], more[1][:4], more[2][:8], more[3][:4]) == (trigger, klass, t_seeds, c_seeds)
+    assert more[2][-1] < 200 and len(set(more[2] + more[3])) == 96  # no seed drawn twice
+    with pytest.raises(ValueError, match="repeats must be 1 to 12"):
+        bench_reach.eval_batch(target, repeats=13)
+
+
+def test_a_runs_csv_from_before_the_repeats_column_reads_as_one_draw_and_is_upgraded(tmp_path):
+    path = tmp_path / "runs.csv"
+    old = [f"all_long,all,wide_ring_star,{m},{r},0,0.25,0.5,0.75,60.0" for r in bench_sweep.RANKS for m in ("dora", "lora")]
+    path.write_text(",".join(bench_sweep.FIELDS[:-1]) + "\n" + "\n".join(old) + "\n")
+    rows = bench_sweep.read_rows(path)
+    assert [r["repeats"] for r in rows] == [1] * 8 and rows[0]["fidelity"] == 0.25
+    assert bench_sweep.stale(rows) == list(range(8))  # all_long asks for 8 draws
+    bench_sweep.sweep(tmp_path, ["all_long"], [0], workers=1, threads=1)  # every run held: nothing trained
+    text = path.read_text().splitlines()
+    assert text[0] == ",".join(bench_sweep.FIELDS)
+    assert text[1:] == [line + ",1" for line in old]
+    assert not (tmp_path / "runs.csv.tmp").exists()
