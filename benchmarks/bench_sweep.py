@@ -86,10 +86,21 @@ PART_SEEDS = {"attn": tuple(range(20)), ("all", "icon"): tuple(range(15)), ("pri
 """Seeds per part, ``(part, target)`` or ``(part, target, rank)`` (the most specific wins) where 5 (0-4, the rest)
 leave the paired DoRA - LoRA interval on a learned target wider than ±0.02 and runs are cheap enough to add more:
 the rank-specific entries are the configurations whose spread over seeds is widest."""
-PART_REPEATS = {"all_long": 8}
-"""Draws of each evaluation prompt per part where not 1 (``bench_reach.evaluate``'s ``repeats``): ``all_long``'s
+PART_REPEATS: dict = {"all_long": 8}
+"""Draws of each evaluation prompt where not 1 (``bench_reach.evaluate``'s ``repeats``), per part, ``(part, target)``
+or ``(part, target, rank)`` (the most specific wins, as in ``PART_SEEDS``): ``all_long``'s
 fidelity read on 8 images moves by about ±0.1 between seed sets on one adapter (the wide ring is drawn on some seeds,
 not others), as much as the training seed moves it, so its runs are read on 64 trigger and 32 class images."""
+
+
+def repeats_of(run: dict) -> int:
+    """The draws per evaluation prompt a run (a job or a row) is read at: its ``PART_REPEATS`` entry, else 1."""
+    for k in ((run["part"], run["target"], int(run["rank"])), (run["part"], run["target"]), run["part"]):
+        if k in PART_REPEATS:
+            return PART_REPEATS[k]
+    return 1
+
+
 PART_TARGETS = {"all_long": ("wide_ring_star",)}
 """Targets per part where not all three: ``all_long`` exists for the target the other recipes do not learn."""
 FIELDS = ("part", "targets", "target", "method", "rank", "seed", "fidelity", "prompt_fidelity", "preservation", "train_s",
@@ -196,13 +207,12 @@ def run_one(work: str, job: dict, threads: int) -> dict:
     start = time.perf_counter()
     folder = train(Path(work), job)
     train_s = time.perf_counter() - start
-    figures = evaluate(target_of(job["target"]), folder, repeats=PART_REPEATS.get(job["part"], 1))
-    return {**{k: job[k] for k in FIELDS[:6]}, **figures, "train_s": round(train_s, 1),
-            "repeats": PART_REPEATS.get(job["part"], 1)}  # fmt: skip
+    figures = evaluate(target_of(job["target"]), folder, repeats=repeats_of(job))
+    return {**{k: job[k] for k in FIELDS[:6]}, **figures, "train_s": round(train_s, 1), "repeats": repeats_of(job)}
 
 
 def rescore_one(work: str, row: dict, threads: int) -> dict:
-    """``row`` scored again from its run folder at its part's ``PART_REPEATS`` (its training time kept)."""
+    """``row`` scored again from its run folder at its ``PART_REPEATS`` (its training time kept)."""
     import torch
 
     from bench_reach import evaluate, target_of
@@ -211,7 +221,7 @@ def rescore_one(work: str, row: dict, threads: int) -> dict:
     folder = Path(work) / "runs" / run_name(row)
     if not (folder / "pytorch_lora_weights.safetensors").is_file():
         raise FileNotFoundError(f"{folder} holds no adapter: train the run again (delete its row) to score it")
-    repeats = PART_REPEATS.get(row["part"], 1)
+    repeats = repeats_of(row)
     return {**row, **evaluate(target_of(row["target"]), folder, repeats=repeats), "repeats": repeats}
 
 
@@ -234,8 +244,8 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 
 def stale(rows: list[dict]) -> list[int]:
-    """Indices of the rows read at another number of draws than their part's ``PART_REPEATS``."""
-    return [k for k, r in enumerate(rows) if r["repeats"] != PART_REPEATS.get(r["part"], 1)]
+    """Indices of the rows read at another number of draws than their ``PART_REPEATS``."""
+    return [k for k, r in enumerate(rows) if r["repeats"] != repeats_of(r)]
 
 
 def rescore(work: Path, parts: list[str], workers: int, threads: int) -> None:

@@ -90,7 +90,16 @@ def test_every_run_is_read_at_its_parts_draws():
     rows = bench_sweep.read_rows(RUNS)
     assert bench_sweep.stale(rows) == []
     assert {r["repeats"] for r in rows if r["part"] == "all_long"} == {8}
-    assert {r["repeats"] for r in rows if r["part"] != "all_long"} == {1}
+    assert [r["repeats"] for r in rows] == [bench_sweep.repeats_of(r) for r in rows]
+
+
+def test_the_most_specific_repeats_entry_wins(monkeypatch):
+    monkeypatch.setattr(bench_sweep, "PART_REPEATS", {"all": 2, ("all", "icon"): 4, ("all", "icon", 1): 8})
+    run = dict(part="all", target="icon", rank=1)
+    assert bench_sweep.repeats_of(run) == 8
+    assert bench_sweep.repeats_of({**run, "rank": 2}) == 4
+    assert bench_sweep.repeats_of({**run, "target": "dotted_heart"}) == 2
+    assert bench_sweep.repeats_of({**run, "part": "attn"}) == 1
 
 
 def test_more_draws_read_the_same_prompts_and_seeds_first():
