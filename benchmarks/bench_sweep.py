@@ -95,12 +95,18 @@ not others), as much as the training seed moves it, so its runs are read on 64 t
 ``all`` on ``icon`` at rank 1's, the widest interval of the learned targets at 8 images (sd 0.113 over 60 pairs)."""
 
 
+def most_specific(table: dict, part: str, target: str, rank: int, default):
+    """``table``'s entry for a configuration, the most specific key first: ``(part, target, rank)``, ``(part,
+    target)``, ``part``; else ``default`` (how ``PART_SEEDS`` and ``PART_REPEATS`` are read)."""
+    for k in ((part, target, rank), (part, target), part):
+        if k in table:
+            return table[k]
+    return default
+
+
 def repeats_of(run: dict) -> int:
     """The draws per evaluation prompt a run (a job or a row) is read at: its ``PART_REPEATS`` entry, else 1."""
-    for k in ((run["part"], run["target"], int(run["rank"])), (run["part"], run["target"]), run["part"]):
-        if k in PART_REPEATS:
-            return PART_REPEATS[k]
-    return 1
+    return most_specific(PART_REPEATS, run["part"], run["target"], int(run["rank"]), 1)
 
 
 PART_TARGETS = {"all_long": ("wide_ring_star",)}
@@ -117,17 +123,17 @@ def jobs(parts: list[str], seeds: list[int] | None = None, targets: tuple[str, .
     out = []
     for part in parts:
         for target in targets or PART_TARGETS.get(part, TARGETS):
-            seeds_here = seeds or PART_SEEDS.get((part, target), PART_SEEDS.get(part, range(5)))
             if part == "prior" and class_prompt(target) is None:
                 continue  # a style of many objects (icon) has no single class prompt
             if part in FT_PARTS:
                 for modules, flags in FT_PARTS[part].items():
                     out += [dict(part=part, targets=modules, target=target, method="ft", rank=0, seed=s,
-                                 flags=("--adapter", "full", *flags)) for s in seeds_here]  # fmt: skip
+                                 flags=("--adapter", "full", *flags))
+                            for s in seeds or most_specific(PART_SEEDS, part, target, 0, range(5))]  # fmt: skip
                 continue
             modules = "all" if part.startswith("all") else "attn"
             for rank in RANKS:
-                seeds_rank = seeds or PART_SEEDS.get((part, target, rank), seeds_here)
+                seeds_rank = seeds or most_specific(PART_SEEDS, part, target, rank, range(5))
                 for method in ("dora", "lora"):
                     out += [dict(part=part, targets=modules, target=target, method=method, rank=rank, seed=s,
                                  flags=("--adapter", method, "--rank", str(rank), *PARTS[part])) for s in seeds_rank]  # fmt: skip
@@ -270,8 +276,11 @@ def rescore(work: Path, parts: list[str], workers: int, threads: int) -> None:
 def sweep(work: Path, parts: list[str], seeds: list[int] | None, workers: int, threads: int, targets: tuple[str, ...] | None = None) -> None:
     path = work / "runs.csv"
     held = read_rows(path)
-    if held and open(path).readline().strip().split(",") != list(FIELDS):
-        write_rows(path, held)  # a file from before a column was added: its header and rows in today's columns
+    if held:
+        with open(path) as f:
+            header = f.readline().strip().split(",")
+        if header != list(FIELDS):
+            write_rows(path, held)  # a file from before a column was added: its header and rows in today's columns
     done = {key(r) for r in held}
     todo = [j for j in jobs(parts, seeds, targets) if key(j) not in done]
     print(f"{len(todo)} runs to do ({len(done)} in {path})", flush=True)
