@@ -64,8 +64,8 @@ def run(args: list[str]) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def runs(work):
     """The pair, and the two separate runs it must equal."""
-    pair = run(argv(work, "pair", "dora,lora"))
-    single = {k: run(argv(work, f"single-{k}", k))[0] for k in ("dora", "lora")}
+    pair = run(argv(work, "pair", "dora,lora", "--export_kohya"))
+    single = {k: run(argv(work, f"single-{k}", k, "--export_kohya"))[0] for k in ("dora", "lora")}
     return pair, single
 
 
@@ -92,6 +92,10 @@ def test_each_half_is_the_separate_run_bit_for_bit(runs, work):
         settings = [json.loads((d / "training_args.json").read_text()) for d in (half, single[kind])]
         assert {k for k in settings[0] if settings[0][k] != settings[1][k]} == {"output_dir"}
         assert (half / "README.md").is_file()
+        # exports named after the pair and the half, not the half's folder (two pairs' dora_kohya would collide)
+        assert_same_tensors(half / f"pair-{kind}_kohya.safetensors", single[kind] / f"single-{kind}_kohya.safetensors")
+        assert not (half / f"{kind}_kohya.safetensors").exists()
+        assert f"- `pair-{kind}_kohya.safetensors`: kohya" in (half / "README.md").read_text()
     losses = {k: [r["loss"] for r in read_step_log(out / k)] for k in ("dora", "lora")}
     assert losses["dora"] != losses["lora"]
     grid = Image.open(out / "pair_grid.png")
@@ -236,6 +240,9 @@ def test_each_half_is_the_single_run_of_its_folder_and_hub_repo():
         ("dora", str(Path("dogs-sdxl-dora-lora") / "dora"), "dogs-sdxl-dora", True),
         ("lora", str(Path("dogs-sdxl-dora-lora") / "lora"), "dogs-sdxl-lora", False),
     ]
+    assert [pair_module.half_export_stem(Path(h.output_dir).parent, h.adapter) for h in halves.values()] == ["dogs-sdxl-dora", "dogs-sdxl-lora"]
+    assert pair_module.half_export_stem(Path("runs") / "mine", "lora") == "mine-lora"
+    assert pair_module.half_export_stem(Path("-dora-lora"), "dora") == "-dora-lora-dora"
     config = pair_module.TrainConfig.from_args(parse_args([*args, "--adapter", "dora,lora", "--push_to_hub", "--hub_model_id", "me/dogs"]))
     assert pair_module.half_config(config, "lora").hub_model_id == "me/dogs-lora"
     # latest continues the pair: once a half finished or holds a checkpoint, a half with no run yet starts
@@ -243,3 +250,17 @@ def test_each_half_is_the_single_run_of_its_folder_and_hub_repo():
         flags = ["--resume_from_checkpoint", value] if value else []
         config = pair_module.TrainConfig.from_args(parse_args([*args, "--adapter", "dora,lora", *flags]))
         assert pair_module.half_config(config, "lora", started).resume_from_checkpoint == half
+
+
+def test_a_pivotal_pairs_files_are_named_after_the_pair_and_the_half(work):
+    """Pivotal tuning in a pair: each half's embeddings are ``<pair>-<kind>_emb.safetensors`` (``dora_emb`` from two
+    pairs would overwrite each other in one embeddings folder), named so in its card, and loaded with its adapter."""
+    from dora_diffusion.pipeline.embeddings import find_embeddings
+
+    ti = ["--train_text_encoder_ti", "--text_encoder_lr", "1e-2", "--instance_prompt", PROMPT]
+    out, _ = run(argv(work, "ti-dora-lora", "dora,lora", *ti, validation=False))
+    for kind in ("dora", "lora"):
+        emb = out / kind / f"ti-{kind}_emb.safetensors"
+        assert find_embeddings(out / kind) == emb and load_file(emb)["clip_l"].shape == (2, 32)
+        assert f"`ti-{kind}_emb.safetensors`" in (out / kind / "README.md").read_text()
+        assert find_embeddings(out / kind / "checkpoint-1") == out / kind / "checkpoint-1" / emb.name

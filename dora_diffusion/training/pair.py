@@ -104,6 +104,19 @@ def half_config(config: TrainConfig, kind: str, started: bool = False) -> TrainC
     )  # fmt: skip
 
 
+def half_export_stem(output_dir: Path, kind: str) -> str:
+    """What the exports of the pair in ``output_dir``'s ``kind`` half are named after: the pair folder's name with its
+    ``-dora-lora`` (or ``-lora-dora``) replaced by ``-<kind>``, else with ``-<kind>`` added (``3d_icon-sdxl-dora-lora``
+    -> ``3d_icon-sdxl-dora_kohya.safetensors``, the name of the single run and of the half's Hub repo; ``mine`` ->
+    ``mine-lora_comfyui.safetensors``). Not the half's folder name: two pairs' ``dora_kohya.safetensors`` would
+    overwrite each other in ComfyUI's or kohya's one folder of LoRA files."""
+    name = output_dir.resolve().name
+    for both in ("-dora-lora", "-lora-dora"):
+        if name.endswith(both) and len(name) > len(both):
+            return f"{name[: -len(both)]}-{kind}"
+    return f"{name}-{kind}"
+
+
 def pair_started(output_dir: Path, record: dict) -> bool:
     """True if a half of the pair in ``output_dir`` finished (``pair.json``) or holds a checkpoint."""
     return bool(record["finished"]) or any(list_checkpoints(output_dir / kind) for kind in PAIR)
@@ -120,6 +133,10 @@ class PairHalf(TrainingRun):
         self.next_steps = False
         self.finished = False
         self.start_state: tuple | None = None
+
+    @property
+    def export_stem(self) -> str:
+        return half_export_stem(self.output_dir.parent, self.kind)
 
     def _components(self, weight_dtype: torch.dtype) -> Components:
         if self.shared.components is not None:
@@ -401,6 +418,6 @@ def grid_scorer(config: TrainConfig, device: torch.device):
 
 
 __all__ = [
-    "GRID_FILE", "PAIR_FILE", "PairHalf", "PairShared", "check_pair_folder", "half_config", "main", "pair_grid_image",
+    "GRID_FILE", "PAIR_FILE", "PairHalf", "PairShared", "check_pair_folder", "half_config", "half_export_stem", "main", "pair_grid_image",
     "train", "train_pair",
 ]  # fmt: skip

@@ -88,14 +88,15 @@ EXPORTS = {"export_kohya": "kohya", "export_comfyui": "comfyui"}
 """Flag -> format of the extra files a run writes beside ``pytorch_lora_weights.safetensors``."""
 
 
-def export_name(output_dir: Path, format: str) -> str:
-    """``<output folder name>_<format>.safetensors``: ``_kohya`` (``--export_kohya``), ``_comfyui`` (``--export_comfyui``)."""
-    return f"{output_dir.resolve().name}_{format}.safetensors"
+def export_name(stem: str, format: str) -> str:
+    """``<stem>_<format>.safetensors``: ``_kohya`` (``--export_kohya``), ``_comfyui`` (``--export_comfyui``). The stem
+    is the output folder's name (``TrainingRun.export_stem``; a pair's half: ``pair.half_export_stem``)."""
+    return f"{stem}_{format}.safetensors"
 
 
-def exports(config: TrainConfig, output_dir: Path) -> dict[str, str]:
-    """``{file name: format}`` of the exports this run writes."""
-    return {export_name(output_dir, fmt): fmt for flag, fmt in EXPORTS.items() if getattr(config, flag, False)}
+def exports(config: TrainConfig, stem: str) -> dict[str, str]:
+    """``{file name: format}`` of the exports this run writes, named ``<stem>_<format>.safetensors``."""
+    return {export_name(stem, fmt): fmt for flag, fmt in EXPORTS.items() if getattr(config, flag, False)}
 
 
 def inside_output(rel: str) -> bool:
@@ -103,9 +104,10 @@ def inside_output(rel: str) -> bool:
     return not Path(rel).is_absolute() and ".." not in Path(rel).parts and Path(rel).parts != ()
 
 
-def planned_outputs(config: TrainConfig, output_dir: Path) -> list[str]:
-    """Paths (relative to ``output_dir``) this run will write whose names are fixed in advance."""
-    outputs = list(exports(config, output_dir))
+def planned_outputs(config: TrainConfig, output_dir: Path, stem: str | None = None) -> list[str]:
+    """Paths (relative to ``output_dir``) this run will write whose names are fixed in advance (exports named after
+    ``stem``, None: the folder's name)."""
+    outputs = list(exports(config, stem or output_dir.resolve().name))
     if config.validation_prompt and (output_dir / "validation").is_dir():  # the existing validation/step-N that it will write
         every = config.validation_steps or config.max_train_steps
         for child in sorted((output_dir / "validation").iterdir()):

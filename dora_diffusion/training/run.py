@@ -184,6 +184,12 @@ class TrainingRun:
         self.next_steps = True
         """The final report ends with the next commands (a pair prints its own)."""
 
+    @property
+    def export_stem(self) -> str:
+        """What ``--export_kohya`` / ``--export_comfyui`` files and pivotal tuning's ``_emb.safetensors`` are named
+        after: the output folder's name."""
+        return self.output_dir.resolve().name
+
     def run(self) -> Path:
         """Train and write the outputs; returns the output folder."""
         self.setup()
@@ -320,7 +326,7 @@ class TrainingRun:
         c = self.config
         return check_output_dir(
             self.output_dir, self.settings, c.resume_from_checkpoint is not None, c.overwrite_output_dir,
-            planned_outputs(c, self.output_dir), self.keys,
+            planned_outputs(c, self.output_dir, self.export_stem), self.keys,
         )  # fmt: skip
 
     def _create_hub_repo(self) -> None:
@@ -501,7 +507,7 @@ class TrainingRun:
         if directory == out:
             self.run_files.claim(weight_name or DEFAULT_WEIGHT_NAME)
         if self.new_tokens and format == "diffusers":  # the new tokens' embeddings beside the adapter (also in checkpoints)
-            emb = directory / embeddings_name(out.resolve().name)
+            emb = directory / embeddings_name(self.export_stem)
             if directory == out:
                 self.run_files.claim(emb.name)
             abstraction = {w: "".join(ts) for w, ts in self.new_tokens.items()}
@@ -707,7 +713,7 @@ class TrainingRun:
         out = self.output_dir
         try:
             self.write_weights(out)
-            for name, fmt in exports(self.config, out).items():
+            for name, fmt in exports(self.config, self.export_stem).items():
                 self.write_weights(out, name, fmt)
         except OSError as err:
             kept = list_checkpoints(out)
@@ -727,5 +733,6 @@ class TrainingRun:
             return
         if card != CARD_NAMES[0]:
             logger.warning("%s/README.md was not written by a run, so it is kept; the model card is %s", out, card)
-        text = model_card(self.settings, self.repo_id, self.triggers, images, str(self.counted), list(exports(self.config, out)))
+        stem = self.export_stem
+        text = model_card(self.settings, self.repo_id, self.triggers, images, str(self.counted), list(exports(self.config, stem)), stem)
         write_model_card(self.run_files.claim(card), text)
