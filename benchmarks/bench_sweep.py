@@ -21,15 +21,16 @@ Parts (each method x rank x target x seed; seeds 0-4 unless ``PART_SEEDS`` or ``
 seed first, so a sweep stopped early is balanced):
 
 - ``attn``: the demo's recipe (``--unet_targets attn``, AdamW 2e-3, 4 images a step, 150 steps), DoRA and LoRA at
-  ranks 1, 2, 4, 8, checkpoints every 50 steps (for the analysis of item 4); seeds 0-19;
+  ranks 1, 2, 4, 8, checkpoints every 50 steps (for the analysis of item 4); seeds 0-19 (on ``dotted_heart`` 0-49
+  at rank 1 and 0-29 at rank 2);
 - ``all``: the same recipe on ``--unet_targets all`` (attention, feed-forward and every convolution); on ``icon``, the
-  target it learns, seeds 0-59 at rank 1 (read on 64 images, ``PART_REPEATS``), 0-39 at rank 2 and 0-14 at ranks 4
-  and 8;
+  target it learns, seeds 0-59 at rank 1, 0-39 at rank 2 and 0-14 at ranks 4 and 8, read on 64 images
+  (``PART_REPEATS``);
 - ``all_long``: ``--unet_targets all`` at half the learning rate (1e-3) and 800 steps, the one recipe of bench_reach.py
-  that draws ``wide_ring_star``'s wide ring (run on that target only, ``PART_TARGETS``); seeds 0-24 at ranks 1 and 2,
-  0-14 at ranks 4 and 8; scored on every evaluation prompt 8 times (``PART_REPEATS``);
+  that draws ``wide_ring_star``'s wide ring (run on that target only, ``PART_TARGETS``); seeds 0-24 at rank 1, 0-49
+  at rank 2, 0-14 at ranks 4 and 8; scored on every evaluation prompt 8 times (``PART_REPEATS``);
 - ``prior``: ``attn`` with ``--with_prior_preservation`` (12 class images from the base model, 20 steps each, weight 1),
-  on ``dotted_heart`` ("a pink heart"; seeds 0-39 at rank 1, 0-9 at rank 2 and 4, 0-24 at rank 8) and
+  on ``dotted_heart`` ("a pink heart"; seeds 0-54 at rank 1, 0-14 at rank 2, 0-9 at rank 4, 0-24 at rank 8) and
   ``wide_ring_star`` ("a yellow star"); ``icon`` has no single class prompt;
 - ``ft``: ``--adapter full`` (the same weights trained themselves) on ``attn`` at lr 5e-4 (the best FT learning rate of
   bench_quality.py's sweep), 150 steps, on ``attn`` (checkpoints every 50 steps) and on ``all``;
@@ -80,19 +81,24 @@ FT_LOW = {"attn": ("--unet_targets", "attn", "--learning_rate", "1e-4", "--max_t
 FT_PARTS = {"ft": FT, "ft_low": FT_LOW}
 PART_SEEDS = {"attn": tuple(range(20)), ("all", "icon"): tuple(range(15)), ("prior", "dotted_heart"): tuple(range(10)),
               ("all", "icon", 1): tuple(range(60)), ("all", "icon", 2): tuple(range(40)),
-              ("prior", "dotted_heart", 1): tuple(range(40)), ("prior", "dotted_heart", 8): tuple(range(25)),
+              ("attn", "dotted_heart", 1): tuple(range(50)), ("attn", "dotted_heart", 2): tuple(range(30)),
+              ("prior", "dotted_heart", 1): tuple(range(55)), ("prior", "dotted_heart", 2): tuple(range(15)),
+              ("prior", "dotted_heart", 8): tuple(range(25)),
               ("all_long", "wide_ring_star"): tuple(range(10)),
-              ("all_long", "wide_ring_star", 1): tuple(range(25)), ("all_long", "wide_ring_star", 2): tuple(range(25)),
+              ("all_long", "wide_ring_star", 1): tuple(range(25)), ("all_long", "wide_ring_star", 2): tuple(range(50)),
               ("all_long", "wide_ring_star", 4): tuple(range(15)), ("all_long", "wide_ring_star", 8): tuple(range(15))}  # fmt: skip
 """Seeds per part, ``(part, target)`` or ``(part, target, rank)`` (the most specific wins) where 5 (0-4, the rest)
 leave the paired DoRA - LoRA interval on a learned target wider than ±0.02 and runs are cheap enough to add more:
-the rank-specific entries are the configurations whose spread over seeds is widest."""
-PART_REPEATS: dict = {"all_long": 8, ("all", "icon", 1): 8}
+the rank-specific entries are the configurations whose spread over seeds is widest, each count fixed before its runs
+from the paired sd the configuration showed (docs/quality.md, "How the seed counts were chosen")."""
+PART_REPEATS: dict = {"all_long": 8, ("all", "icon"): 8}
 """Draws of each evaluation prompt where not 1 (``bench_reach.evaluate``'s ``repeats``), per part, ``(part, target)``
 or ``(part, target, rank)`` (the most specific wins, as in ``PART_SEEDS``): ``all_long``'s
 fidelity read on 8 images moves by about ±0.1 between seed sets on one adapter (the wide ring is drawn on some seeds,
 not others), as much as the training seed moves it, so its runs are read on 64 trigger and 32 class images; so are
-``all`` on ``icon`` at rank 1's, the widest interval of the learned targets at 8 images (sd 0.113 over 60 pairs)."""
+``all``'s on ``icon``, the other look that is learned (at rank 1 the widest interval of the learned targets at 8
+images, sd 0.113 over 60 pairs). The looks nobody learns on ``attn``, and the subject, are read on 8 trigger and 4
+class images."""
 
 
 def most_specific(table: dict, part: str, target: str, rank: int, default):
@@ -256,12 +262,12 @@ def stale(rows: list[dict]) -> list[int]:
     return [k for k, r in enumerate(rows) if r["repeats"] != repeats_of(r)]
 
 
-def rescore(work: Path, parts: list[str], workers: int, threads: int) -> None:
-    """Score again the rows of ``parts`` read at fewer draws than ``PART_REPEATS`` now asks (resumable: the file is
-    rewritten after each run)."""
+def rescore(work: Path, parts: list[str], workers: int, threads: int, targets: tuple[str, ...] | None = None) -> None:
+    """Score again the rows of ``parts`` (and ``targets``, None: every one) read at another number of draws than
+    ``PART_REPEATS`` now asks (resumable: the file is rewritten after each run)."""
     path = work / "runs.csv"
     rows = read_rows(path)
-    todo = [k for k in stale(rows) if rows[k]["part"] in parts]
+    todo = [k for k in stale(rows) if rows[k]["part"] in parts and (not targets or rows[k]["target"] in targets)]
     print(f"{len(todo)} runs to score again in {path}", flush=True)
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -435,7 +441,7 @@ def main() -> None:
     ap.add_argument("--targets", default="", help="Comma-separated targets (default: the part's, else all three).")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
     ap.add_argument("--threads", type=int, default=1, help="Torch threads per worker.")
-    ap.add_argument("--rescore", action="store_true", help="Score --part's runs again where PART_REPEATS asks for more draws.")
+    ap.add_argument("--rescore", action="store_true", help="Score --part's runs (of --targets) again where PART_REPEATS asks for another number of draws.")
     ap.add_argument("--report", action="store_true", help="Print the tables of every row in OUT/runs.csv.")
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--figure", default=None)
@@ -457,7 +463,7 @@ def main() -> None:
             ap.error(f"unknown target(s) {sorted(set(targets) - set(TARGETS))}; choose from {', '.join(TARGETS)}")
         seeds = [int(s) for s in args.seeds.split(",") if s] or None
         if args.rescore:
-            rescore(work, parts, args.workers, args.threads)
+            rescore(work, parts, args.workers, args.threads, targets or None)
         else:
             sweep(work, parts, seeds, args.workers, args.threads, targets or None)
         print(f"parts {','.join(parts)}: {time.perf_counter() - start:.0f} s wall, {args.workers} workers x {args.threads} thread(s)")

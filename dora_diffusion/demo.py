@@ -55,8 +55,8 @@ from dora_diffusion.toyworld import PIPELINE_DIR, RESOLUTION, SUBJECTS, make_sub
 
 SUBJECT = SUBJECTS["dotted_heart"]
 """The subject where DoRA and LoRA differ measurably in the toy world's sweep v2 (docs/quality.md): on ``attn`` at
-this recipe DoRA's subject fidelity is higher by +0.019 +- 0.011 over 80 pairs (20 seeds a rank), resolved at rank 8,
-the demo's rank (``SWEEP_GAP``); at rank 4 it is +0.008 +- 0.018."""
+this recipe DoRA's subject fidelity is higher by +0.028 +- 0.011 over 120 pairs (20-50 seeds a rank), resolved at
+rank 8, the demo's rank (``SWEEP_GAP``), and at rank 1; at rank 4 it is +0.008 +- 0.018."""
 SWEEP_GAP = "+0.024 ± 0.017"
 """DoRA - LoRA subject fidelity at the demo's recipe (rank 8) over 20 training seeds, 95% interval: sweep v2's row
 ``attn | 8 | dotted_heart`` (docs/quality.md; tests/test_sweep_report.py checks it against the committed rows)."""

@@ -128,3 +128,36 @@ def test_a_runs_csv_from_before_the_repeats_column_reads_as_one_draw_and_is_upgr
     assert text[0] == ",".join(bench_sweep.FIELDS)
     assert text[1:] == [line + ",1" for line in old]
     assert not (tmp_path / "runs.csv.tmp").exists()
+
+
+def test_rescore_reads_again_only_the_stale_rows_of_the_parts_and_targets_named(tmp_path, monkeypatch):
+    import concurrent.futures
+
+    class Inline(concurrent.futures.Executor):  # the pool, in this process (the fake scorer is not picklable)
+        def __init__(self, max_workers=None):
+            pass
+
+        def submit(self, fn, *args):
+            fut = concurrent.futures.Future()
+            fut.set_result(fn(*args))
+            return fut
+
+    def fake_rescore(work, row, threads):
+        return {**row, "fidelity": row["fidelity"] + 0.5, "repeats": bench_sweep.repeats_of(row)}
+
+    monkeypatch.setattr(bench_sweep, "ProcessPoolExecutor", Inline)
+    monkeypatch.setattr(bench_sweep, "rescore_one", fake_rescore)
+    monkeypatch.setattr(bench_sweep, "PART_REPEATS", {"all": 8})
+    rows = [dict(part=part, targets="all" if part == "all" else "attn", target=target, method=m, rank=2, seed=0,
+                 fidelity=0.25, prompt_fidelity=0.5, preservation=0.75, train_s=9.0, repeats=1)
+            for part in ("all", "attn") for target in ("icon", "dotted_heart") for m in ("dora", "lora")]  # fmt: skip
+    path = tmp_path / "runs.csv"
+    bench_sweep.write_rows(path, rows)
+    bench_sweep.rescore(tmp_path, ["all"], workers=1, threads=1, targets=("icon",))
+    after = bench_sweep.read_rows(path)
+    changed = [(r["part"], r["target"]) for r in after if r["fidelity"] != 0.25]
+    assert changed == [("all", "icon"), ("all", "icon")]
+    assert [r["repeats"] for r in after] == [8, 8] + [1] * 6 and [r["train_s"] for r in after] == [9.0] * 8
+    assert bench_sweep.stale(after) == [2, 3]  # all on dotted_heart is still read at 1 draw: another call's
+    bench_sweep.rescore(tmp_path, ["all"], workers=1, threads=1)
+    assert bench_sweep.stale(bench_sweep.read_rows(path)) == []
