@@ -418,6 +418,6 @@ def grid_scorer(config: TrainConfig, device: torch.device):
 
 
 __all__ = [
-    "GRID_FILE", "PAIR_FILE", "PairHalf", "PairShared", "check_pair_folder", "half_config", "half_export_stem", "main", "pair_grid_image",
-    "train", "train_pair",
+    "GRID_FILE", "PAIR_FILE", "PairHalf", "PairShared", "check_pair_folder", "half_config", "half_export_stem", "main",
+    "pair_grid_image", "train", "train_pair",
 ]  # fmt: skip
