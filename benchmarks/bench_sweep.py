@@ -211,32 +211,35 @@ def train(work: Path, job: dict) -> Path:
     return out
 
 
+def score(folder: Path, run: dict) -> dict:
+    """The figures of the adapter in ``folder`` for ``run`` (a job or a row), read at its ``PART_REPEATS``, with
+    that count as ``repeats``."""
+    from bench_reach import evaluate, target_of
+
+    repeats = repeats_of(run)
+    return {**evaluate(target_of(run["target"]), folder, repeats=repeats), "repeats": repeats}
+
+
 def run_one(work: str, job: dict, threads: int) -> dict:
     """Train and score one job (in a worker process)."""
     import torch
-
-    from bench_reach import evaluate, target_of
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
     folder = train(Path(work), job)
     train_s = time.perf_counter() - start
-    figures = evaluate(target_of(job["target"]), folder, repeats=repeats_of(job))
-    return {**{k: job[k] for k in FIELDS[:6]}, **figures, "train_s": round(train_s, 1), "repeats": repeats_of(job)}
+    return {**{k: job[k] for k in FIELDS[:6]}, **score(folder, job), "train_s": round(train_s, 1)}
 
 
 def rescore_one(work: str, row: dict, threads: int) -> dict:
     """``row`` scored again from its run folder at its ``PART_REPEATS`` (its training time kept)."""
     import torch
 
-    from bench_reach import evaluate, target_of
-
     torch.set_num_threads(threads)
     folder = Path(work) / "runs" / run_name(row)
     if not (folder / "pytorch_lora_weights.safetensors").is_file():
         raise FileNotFoundError(f"{folder} holds no adapter: train the run again (delete its row) to score it")
-    repeats = repeats_of(row)
-    return {**row, **evaluate(target_of(row["target"]), folder, repeats=repeats), "repeats": repeats}
+    return {**row, **score(folder, row)}
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -734,5 +734,6 @@ class TrainingRun:
         if card != CARD_NAMES[0]:
             logger.warning("%s/README.md was not written by a run, so it is kept; the model card is %s", out, card)
         stem = self.export_stem
-        text = model_card(self.settings, self.repo_id, self.triggers, images, str(self.counted), list(exports(self.config, stem)), stem)
+        text = model_card(self.settings, self.repo_id, self.triggers, images, str(self.counted), list(exports(self.config, stem)),
+                          embeddings_name(stem))  # fmt: skip
         write_model_card(self.run_files.claim(card), text)

@@ -97,16 +97,16 @@ def _front_matter(settings: dict, trigger_words: list[str], validation_images: l
     return front
 
 
-def _trigger_note(settings: dict, repo_id: str, trigger_words: list[str], stem: str | None = None) -> str:
-    """How to prompt: the trigger words, and where pivotal tuning's embeddings are (``<stem>_emb.safetensors``; None:
-    the output folder's name)."""
+def _trigger_note(settings: dict, repo_id: str, trigger_words: list[str], embeddings: str | None = None) -> str:
+    """How to prompt: the trigger words, and where pivotal tuning's embeddings are (the file ``embeddings``; None:
+    ``<output folder name>_emb.safetensors``)."""
     triggers = (
         "Trigger words: " + ", ".join(code(w) for w in trigger_words) + " (use them in the prompt)."
         if trigger_words
         else "No trigger word was detected in the captions; prompt as the training captions do."
     )
     if settings.get("train_text_encoder_ti"):
-        emb = f"{stem or Path(settings.get('output_dir') or repo_id).name}_emb.safetensors"
+        emb = embeddings or f"{Path(settings.get('output_dir') or repo_id).name}_emb.safetensors"
         triggers += (
             f"\n\nPivotal tuning: the trigger tokens are new; their embeddings are in `{emb}` (`clip_l`, `clip_g`), "
             "which `load_dora_weights` loads with the adapter. With diffusers alone: "
@@ -141,19 +141,19 @@ def model_card(
     validation_images: list[str],
     parameter_summary: str,
     exports: list[str] = (),
-    stem: str | None = None,
+    embeddings: str | None = None,
 ) -> str:
     """The card text. ``repo_id`` is what the snippet loads (a Hub id or the output folder);
     ``validation_images`` are paths relative to the card; ``exports`` the names of the ``_kohya`` / ``_comfyui``
-    files written beside the weights; ``stem`` what the run's files are named after (``TrainingRun.export_stem``; None:
-    the output folder's name)."""
+    files written beside the weights; ``embeddings`` the name of pivotal tuning's embeddings file (the run's
+    ``embeddings_name``; None: ``<output folder name>_emb.safetensors``)."""
     shown_base = public_value(settings["pretrained_model_name_or_path"])
     kind = settings["adapter"]
     label = {"dora": "DoRA", "full": "full fine-tuning (FT, written as an exact LoRA)"}.get(kind, "LoRA")
     prompt = settings.get("validation_prompt") or settings.get("instance_prompt") or " ".join(trigger_words) or "a photo"
     front = _front_matter(settings, trigger_words, validation_images, prompt)
     title = f"SDXL {label} adapter: {Path(repo_id).name}"
-    triggers = _trigger_note(settings, repo_id, trigger_words, stem)
+    triggers = _trigger_note(settings, repo_id, trigger_words, embeddings)
     te_note = (
         "The text encoders were trained too. diffusers' own `load_lora_weights` drops text-encoder DoRA "
         "magnitudes under transformers 5, so load it with dora-diffusion as above."
