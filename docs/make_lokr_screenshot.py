@@ -58,12 +58,12 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/lokr-screenshot")
     args = p.parse_args()
     import torch
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import sync_playwright
 
     from dora_diffusion import toyworld
     from dora_diffusion.demo import SUBJECT, prepare_demo
     from dora_diffusion.toyworld.finetune import encode_subject
-    from make_app_screenshots import open_page, shrink, start_app
+    from make_app_screenshots import generate, open_page, shrink, start_app
 
     torch.set_num_threads(2)
     work = Path(args.work)
@@ -79,8 +79,7 @@ def main() -> None:
         with sync_playwright() as pw:
             browser, page = open_page(pw, url)
             page.locator("#prompt textarea").fill(f"{SUBJECT.instance_prompt} on a striped background")
-            page.locator("#prompt textarea").press("Control+Enter")
-            expect(page.locator("#message")).to_contain_text("Done", timeout=300_000)
+            generate(page)
             page.wait_for_timeout(1000)
             page.screenshot(path=str(Path(args.out) / "app_lokr.png"), full_page=True)
             print(page.locator("#scores").inner_text())
