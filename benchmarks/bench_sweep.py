@@ -27,7 +27,7 @@ seed first, so a sweep stopped early is balanced):
   target it learns, seeds 0-59 at rank 1, 0-39 at rank 2 and 0-14 at ranks 4 and 8, read on 64 images
   (``PART_REPEATS``);
 - ``all_long``: ``--unet_targets all`` at half the learning rate (1e-3) and 800 steps, the one recipe of bench_reach.py
-  that draws ``wide_ring_star``'s wide ring (run on that target only, ``PART_TARGETS``); seeds 0-24 at rank 1, 0-49
+  that draws ``wide_ring_star``'s wide ring (run on that target only, ``PART_TARGETS``); seeds 0-72 at rank 1, 0-49
   at rank 2, 0-37 at ranks 4 and 8; scored on every evaluation prompt 8 times (``PART_REPEATS``);
 - ``prior``: ``attn`` with ``--with_prior_preservation`` (12 class images from the base model, 20 steps each, weight 1),
   on ``dotted_heart`` ("a pink heart"; seeds 0-54 at rank 1, 0-14 at rank 2, 0-9 at rank 4, 0-24 at rank 8) and
@@ -85,7 +85,7 @@ PART_SEEDS = {"attn": tuple(range(20)), ("all", "icon"): tuple(range(15)), ("pri
               ("prior", "dotted_heart", 1): tuple(range(55)), ("prior", "dotted_heart", 2): tuple(range(15)),
               ("prior", "dotted_heart", 8): tuple(range(25)),
               ("all_long", "wide_ring_star"): tuple(range(10)),
-              ("all_long", "wide_ring_star", 1): tuple(range(25)), ("all_long", "wide_ring_star", 2): tuple(range(50)),
+              ("all_long", "wide_ring_star", 1): tuple(range(73)), ("all_long", "wide_ring_star", 2): tuple(range(50)),
               ("all_long", "wide_ring_star", 4): tuple(range(38)), ("all_long", "wide_ring_star", 8): tuple(range(38))}  # fmt: skip
 """Seeds per part, ``(part, target)`` or ``(part, target, rank)`` (the most specific wins) where 5 (0-4, the rest)
 leave the paired DoRA - LoRA interval on a learned target wider than ±0.02 and runs are cheap enough to add more:
